@@ -1,0 +1,126 @@
+// Decode tokens/s at batch 1 on the CPU backend, next to the floor set by memory
+// bandwidth (weight bytes per token over the copy bandwidth measured in this run).
+//
+//   build/bench/decode_bench [--shared=../shared] [--steps=64] [--threads=0]
+//                            [--models=stories260k,llama-110m,llama-350m]
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_split.h"
+#include "bench/bench_util.h"
+#include "engine/cpu/cpu_backend.h"
+#include "engine/model/builtin.h"
+#include "engine/runtime/model_bundle.h"
+
+ABSL_FLAG(std::string, shared, "../shared", "Path of shared/ (for stories260k)");
+ABSL_FLAG(int32_t, steps, 64, "Decode steps to time per model");
+ABSL_FLAG(int32_t, threads, 0, "Backend threads (0: all cores)");
+ABSL_FLAG(std::string, models, "stories260k,llama-110m,llama-350m", "Models to run");
+ABSL_FLAG(std::string, workdir, "/tmp/superpose-bench", "Where generated models are written");
+
+namespace {
+
+using namespace superpose;  // NOLINT
+
+struct Row {
+  std::string model;
+  double params_m;
+  double weight_mb;
+  double tok_s;
+  double floor_tok_s;
+};
+
+absl::StatusOr<engine::ModelBundle> GetModel(const std::string& name) {
+  if (name == "stories260k") {
+    return engine::LoadModelBundle(absl::GetFlag(FLAGS_shared) + "/fixtures/stories260k");
+  }
+  engine::ModelConfig cfg;
+  if (name == "llama-110m") {
+    cfg = engine::LlamaShapedConfig(768, 12, 12, 4, 2048, 32000);
+  } else if (name == "llama-350m") {
+    cfg = engine::LlamaShapedConfig(1024, 24, 16, 8, 2816, 32000);
+  } else {
+    return absl::InvalidArgumentError("unknown model " + name);
+  }
+  const std::string dir = absl::GetFlag(FLAGS_workdir) + "/" + name;
+  if (!std::filesystem::exists(dir + "/model.safetensors")) {
+    std::filesystem::create_directories(dir);
+    const double t0 = bench::NowS();
+    if (absl::Status st = engine::WriteRandomModel(dir, cfg, engine::DType::kBF16, 42); !st.ok()) {
+      return st;
+    }
+    std::fprintf(stderr, "wrote %s in %.1fs\n", dir.c_str(), bench::NowS() - t0);
+  }
+  return engine::LoadModelBundle(dir);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  const double bw = bench::CopyBandwidth();
+  std::printf("copy bandwidth (read+write): %.2f GB/s\n\n", bw / 1e9);
+  std::vector<Row> rows;
+  for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_models), ',')) {
+    auto model = GetModel(std::string(name));
+    if (!model.ok()) {
+      std::fprintf(stderr, "%s: %s\n", std::string(name).c_str(), model.status().ToString().c_str());
+      return 1;
+    }
+    engine::BackendOptions opts;
+    opts.num_threads = absl::GetFlag(FLAGS_threads);
+    opts.kv_num_blocks = 64;
+    engine::cpu::CpuBackend backend(opts);
+    if (auto st = backend.Load(model->config, *model->weights, engine::Shard{}); !st.ok()) {
+      std::fprintf(stderr, "load: %s\n", st.ToString().c_str());
+      return 1;
+    }
+    const int32_t steps = absl::GetFlag(FLAGS_steps);
+    // Decode `steps` tokens after a 1-token prompt; the first 4 are warm-up.
+    engine::ForwardOutput out;
+    engine::BatchPlan plan;
+    plan.seqs.resize(1);
+    plan.seqs[0].num_tokens = 1;
+    plan.logits_for = {0};
+    plan.tokens = {1};
+    plan.positions = {0};
+    double t0 = 0;
+    const int warmup = 4;
+    for (int32_t s = 0; s < steps + warmup; ++s) {
+      if (s == warmup) t0 = bench::NowS();
+      plan.kv_slots = {{s / 16, s % 16}};
+      plan.positions = {static_cast<float>(s)};
+      if (auto st = backend.Forward(plan, &out); !st.ok()) {
+        std::fprintf(stderr, "forward: %s\n", st.ToString().c_str());
+        return 1;
+      }
+      // Context for the next step: everything computed so far.
+      plan.seqs[0].context.clear();
+      for (int32_t done = 0, b = 0; done < s + 1; ++b) {
+        const int32_t len = std::min(16, s + 1 - done);
+        plan.seqs[0].context.push_back({b, 0, len});
+        done += len;
+      }
+      plan.tokens = {static_cast<int32_t>(
+          std::max_element(out.logits.begin(), out.logits.end()) - out.logits.begin())};
+    }
+    const double dt = bench::NowS() - t0;
+    // The CPU backend computes in float32: weights are read as float32.
+    const double bytes = static_cast<double>(model->config.WeightBytes(engine::DType::kF32));
+    rows.push_back({std::string(name), model->config.NumParameters() / 1e6, bytes / 1e6,
+                    steps / dt, bw / bytes});
+  }
+  std::printf("| model | params (M) | fp32 weights (MB) | decode tok/s (batch 1) | floor tok/s | ratio |\n");
+  std::printf("|---|---:|---:|---:|---:|---:|\n");
+  for (const Row& r : rows) {
+    std::printf("| %s | %.1f | %.1f | %.1f | %.1f | %.0f%% |\n", r.model.c_str(), r.params_m,
+                r.weight_mb, r.tok_s, r.floor_tok_s, 100.0 * r.tok_s / r.floor_tok_s);
+  }
+  std::printf("\nfloor = copy bandwidth / fp32 weight bytes per token; ratio = measured / floor "
+              "(a model that fits in the caches can exceed 100%%)\n");
+  return 0;
+}

@@ -1,0 +1,137 @@
+// The seam between the device-agnostic engine and the compute backends (CPU, CUDA).
+// See docs/architecture.md: BatchPlan, KV segments, float positions.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/model/config.h"
+#include "engine/model/weights.h"
+
+namespace superpose::engine {
+
+using SeqId = int64_t;
+using BlockId = int32_t;
+
+// A run of cached tokens: slots [first_slot, first_slot + length) of one KV block.
+struct KvSegment {
+  BlockId block = 0;
+  int32_t first_slot = 0;
+  int32_t length = 0;
+};
+
+// Where one new token's key and value are written.
+struct KvSlot {
+  BlockId block = 0;
+  int32_t slot = 0;
+};
+
+// One sequence's part of a step. Its new tokens are tokens[token_begin,
+// token_begin + num_tokens) of the plan; each attends to every token of `context`
+// and to the new tokens of this sequence up to and including itself (causal).
+struct SeqPlan {
+  SeqId id = 0;
+  std::vector<KvSegment> context;
+  int32_t token_begin = 0;
+  int32_t num_tokens = 0;
+};
+
+// Asks for the log-probability of `target` at the distribution predicted after
+// plan token `token_index` (i.e. the next-token distribution there).
+struct LogprobRequest {
+  int32_t token_index = 0;
+  int32_t target = 0;
+};
+
+struct BatchPlan {
+  std::vector<int32_t> tokens;     // flattened new tokens of all sequences
+  std::vector<float> positions;    // RoPE position of each token (may be fractional)
+  std::vector<KvSlot> kv_slots;    // where each token's K/V goes
+  std::vector<SeqPlan> seqs;       // contiguous, in token order
+  std::vector<int32_t> logits_for;  // token indices whose full logits are returned
+  std::vector<LogprobRequest> logprobs;
+
+  int32_t num_tokens() const { return static_cast<int32_t>(tokens.size()); }
+};
+
+struct ForwardOutput {
+  // logits_for.size() rows of vocab_size floats, in the order of plan.logits_for.
+  std::vector<float> logits;
+  // One per plan.logprobs entry (natural log).
+  std::vector<float> logprobs;
+};
+
+// Device memory for keys and values: num_blocks blocks of block_size tokens each, for
+// every layer. Block ids are handed out by the engine's KvBlockManager.
+struct KvPoolInfo {
+  int32_t num_blocks = 0;
+  int32_t block_size = 0;
+  int64_t bytes_per_block = 0;  // all layers, K and V
+};
+
+// Tensor-parallel rank of a backend.
+struct Shard {
+  int32_t rank = 0;
+  int32_t size = 1;
+};
+
+// Collectives among the ranks of one node (NCCL on GPUs, threads on the CPU).
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int32_t rank() const = 0;
+  virtual int32_t size() const = 0;
+  virtual absl::Status AllReduceSum(float* data, int64_t count) = 0;
+  // Each rank contributes `count` floats; `out` receives size()*count in rank order.
+  virtual absl::Status AllGather(const float* in, int64_t count, float* out) = 0;
+  virtual absl::Status Broadcast(float* data, int64_t count, int32_t root) = 0;
+  virtual absl::Status Barrier() = 0;
+};
+
+struct BackendOptions {
+  int32_t num_threads = 0;        // 0: all cores
+  int32_t kv_block_size = 16;
+  int32_t kv_num_blocks = 0;      // 0: derive from kv_memory_bytes
+  int64_t kv_memory_bytes = 256ll << 20;
+  int32_t tensor_parallel = 1;    // ranks (a registry factory builds the group)
+  Communicator* comm = nullptr;   // set per rank by the group; null: tp = 1
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;           // "cpu", "cuda"
+  virtual std::string compute_dtype() const = 0;  // "float32", "bfloat16"
+  virtual absl::Status Load(const ModelConfig& config, const WeightSource& weights,
+                            const Shard& shard) = 0;
+  // Runs one step. Every rank of a tensor-parallel group gets the same plan.
+  virtual absl::Status Forward(const BatchPlan& plan, ForwardOutput* out) = 0;
+  virtual KvPoolInfo kv() const = 0;
+};
+
+// Explicit registration of backends (no static initializers).
+class BackendRegistry {
+ public:
+  using Factory = std::function<absl::StatusOr<std::unique_ptr<Backend>>(const BackendOptions&)>;
+  void Register(const std::string& name, Factory factory);
+  bool Has(const std::string& name) const;
+  std::vector<std::string> Names() const;
+  absl::StatusOr<std::unique_ptr<Backend>> Create(const std::string& name,
+                                                  const BackendOptions& options) const;
+
+ private:
+  std::map<std::string, Factory> factories_;
+};
+
+// Checks a plan against the pool and itself (ranges, slots, segment bounds) so that a
+// backend never reads or writes outside its memory. Used by backends in debug paths
+// and by tests.
+absl::Status ValidatePlan(const BatchPlan& plan, const KvPoolInfo& kv, int32_t vocab_size);
+
+}  // namespace superpose::engine

@@ -1,0 +1,433 @@
+#include "engine/cpu/cpu_backend.h"
+
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "engine/cpu/thread_communicator.h"
+#include "engine/tensor_parallel.h"
+#include "engine/util/status.h"
+
+namespace superpose::engine::cpu {
+namespace {
+
+void RmsNorm(const float* x, const float* w, int32_t n, float eps, float* y) {
+  double ss = 0.0;
+  for (int32_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+  const float inv = 1.0f / std::sqrt(static_cast<float>(ss / n) + eps);
+  for (int32_t i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
+}
+
+// rotate_half RoPE on one head vector of `dim` floats.
+void Rope(float* x, const float* cos, const float* sin, int32_t dim) {
+  const int32_t half = dim / 2;
+  for (int32_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + half] = b * cos[i] + a * sin[i];
+  }
+}
+
+}  // namespace
+
+CpuBackend::CpuBackend(const BackendOptions& options) : options_(options) {}
+
+absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& weights,
+                              const Shard& shard) {
+  config_ = config;
+  shard_ = shard;
+  const int32_t tp = shard.size, rank = shard.rank;
+  if (tp < 1 || rank < 0 || rank >= tp) return absl::InvalidArgumentError("bad shard");
+  if (tp > 1 && (options_.comm == nullptr || options_.comm->size() != tp)) {
+    return absl::InvalidArgumentError("tensor parallelism needs a communicator of the tp size");
+  }
+  const int32_t H = config.hidden_size, D = config.head_dim, nq = config.num_heads,
+                nkv = config.num_kv_heads, I = config.intermediate_size, V = config.vocab_size;
+  if (nq % tp != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tp=", tp, " does not divide num_attention_heads=", nq));
+  }
+  if (I % tp != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tp=", tp, " does not divide intermediate_size=", I));
+  }
+  q_heads_ = nq / tp;
+  if (nkv >= tp) {
+    if (nkv % tp != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tp=", tp, " does not divide num_key_value_heads=", nkv));
+    }
+    kv_heads_ = nkv / tp;
+    kv_head_begin_ = rank * kv_heads_;
+  } else {
+    if (tp % nkv != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("num_key_value_heads=", nkv, " does not divide tp=", tp));
+    }
+    kv_heads_ = 1;  // replicated: each rank keeps the one kv head its query heads use
+    kv_head_begin_ = rank * nkv / tp;
+  }
+  inter_ = I / tp;
+  const int32_t vocab_pad = (V + tp - 1) / tp;
+  vocab_begin_ = std::min(V, rank * vocab_pad);
+  vocab_local_ = std::min(V, vocab_begin_ + vocab_pad) - vocab_begin_;
+
+  const std::vector<int64_t> emb_shape = {V, H};
+  embed_.assign(static_cast<size_t>(vocab_pad) * H, 0.0f);
+  SP_RETURN_IF_ERROR(weights.ReadF32Block("model.embed_tokens.weight", emb_shape, vocab_begin_,
+                                          vocab_begin_ + vocab_local_, 0, H, embed_.data()));
+  lm_head_.clear();
+  if (!config.tie_word_embeddings && weights.Has("lm_head.weight")) {
+    lm_head_.assign(static_cast<size_t>(vocab_pad) * H, 0.0f);
+    SP_RETURN_IF_ERROR(weights.ReadF32Block("lm_head.weight", emb_shape, vocab_begin_,
+                                            vocab_begin_ + vocab_local_, 0, H, lm_head_.data()));
+  } else if (!config.tie_word_embeddings) {
+    return absl::NotFoundError("tensor 'lm_head.weight' missing and tie_word_embeddings is false");
+  }
+  final_norm_.resize(H);
+  SP_RETURN_IF_ERROR(weights.ReadF32("model.norm.weight", {H}, final_norm_.data()));
+
+  layers_.assign(config.num_layers, Layer{});
+  const int32_t qkv_rows = (q_heads_ + 2 * kv_heads_) * D;
+  for (int32_t l = 0; l < config.num_layers; ++l) {
+    Layer& L = layers_[l];
+    const std::string p = absl::StrCat("model.layers.", l, ".");
+    L.attn_norm.resize(H);
+    L.mlp_norm.resize(H);
+    SP_RETURN_IF_ERROR(weights.ReadF32(p + "input_layernorm.weight", {H}, L.attn_norm.data()));
+    SP_RETURN_IF_ERROR(
+        weights.ReadF32(p + "post_attention_layernorm.weight", {H}, L.mlp_norm.data()));
+    L.wqkv.resize(static_cast<size_t>(qkv_rows) * H);
+    const int64_t q0 = static_cast<int64_t>(rank) * q_heads_ * D, q1 = q0 + q_heads_ * D;
+    const int64_t k0 = static_cast<int64_t>(kv_head_begin_) * D, k1 = k0 + kv_heads_ * D;
+    float* dst = L.wqkv.data();
+    SP_RETURN_IF_ERROR(weights.ReadF32Block(p + "self_attn.q_proj.weight", {nq * D, H}, q0, q1,
+                                            0, H, dst));
+    dst += (q1 - q0) * H;
+    SP_RETURN_IF_ERROR(weights.ReadF32Block(p + "self_attn.k_proj.weight", {nkv * D, H}, k0, k1,
+                                            0, H, dst));
+    dst += (k1 - k0) * H;
+    SP_RETURN_IF_ERROR(weights.ReadF32Block(p + "self_attn.v_proj.weight", {nkv * D, H}, k0, k1,
+                                            0, H, dst));
+    if (config.attention_bias) {
+      L.bqkv.resize(qkv_rows);
+      std::vector<float> full(static_cast<size_t>(nq) * D);
+      SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.q_proj.bias", {nq * D}, full.data()));
+      std::copy(full.begin() + q0, full.begin() + q1, L.bqkv.begin());
+      full.resize(static_cast<size_t>(nkv) * D);
+      SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.k_proj.bias", {nkv * D}, full.data()));
+      std::copy(full.begin() + k0, full.begin() + k1, L.bqkv.begin() + (q1 - q0));
+      SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.v_proj.bias", {nkv * D}, full.data()));
+      std::copy(full.begin() + k0, full.begin() + k1, L.bqkv.begin() + (q1 - q0) + (k1 - k0));
+    }
+    if (config.qk_norm) {
+      L.q_norm.resize(D);
+      L.k_norm.resize(D);
+      SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.q_norm.weight", {D}, L.q_norm.data()));
+      SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.k_norm.weight", {D}, L.k_norm.data()));
+    }
+    L.wo.resize(static_cast<size_t>(H) * q_heads_ * D);
+    SP_RETURN_IF_ERROR(
+        weights.ReadF32Block(p + "self_attn.o_proj.weight", {H, nq * D}, 0, H, q0, q1, L.wo.data()));
+    L.wgate_up.resize(static_cast<size_t>(2) * inter_ * H);
+    const int64_t i0 = static_cast<int64_t>(rank) * inter_, i1 = i0 + inter_;
+    SP_RETURN_IF_ERROR(weights.ReadF32Block(p + "mlp.gate_proj.weight", {I, H}, i0, i1, 0, H,
+                                            L.wgate_up.data()));
+    SP_RETURN_IF_ERROR(weights.ReadF32Block(p + "mlp.up_proj.weight", {I, H}, i0, i1, 0, H,
+                                            L.wgate_up.data() + static_cast<size_t>(inter_) * H));
+    L.wdown.resize(static_cast<size_t>(H) * inter_);
+    SP_RETURN_IF_ERROR(
+        weights.ReadF32Block(p + "mlp.down_proj.weight", {H, I}, 0, H, i0, i1, L.wdown.data()));
+  }
+  inv_freq_ = RopeInvFreq(config);
+
+  // KV pool.
+  const int32_t bs = options_.kv_block_size > 0 ? options_.kv_block_size : 16;
+  const int64_t per_block = static_cast<int64_t>(config.num_layers) * bs * kv_heads_ * D * 2 *
+                            static_cast<int64_t>(sizeof(float));
+  int32_t blocks = options_.kv_num_blocks;
+  if (blocks <= 0) blocks = static_cast<int32_t>(std::max<int64_t>(1, options_.kv_memory_bytes / per_block));
+  kv_info_ = KvPoolInfo{blocks, bs, per_block};
+  const size_t kv_floats = static_cast<size_t>(config.num_layers) * blocks * bs * kv_heads_ * D;
+  k_cache_.assign(kv_floats, 0.0f);
+  v_cache_.assign(kv_floats, 0.0f);
+
+  if (options_.num_threads > 0) {
+    omp_set_num_threads(options_.num_threads);
+    openblas_set_num_threads(options_.num_threads);
+  }
+  return absl::OkStatus();
+}
+
+void CpuBackend::Linear(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
+                        float* y) const {
+  if (rows == 1) {
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, w, in, x, 1, 0.0f, y, 1);
+  } else {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, out, in, 1.0f, x, in, w, in, 0.0f,
+                y, out);
+  }
+}
+
+absl::Status CpuBackend::AllReduce(float* data, int64_t count) {
+  if (shard_.size == 1) return absl::OkStatus();
+  return options_.comm->AllReduceSum(data, count);
+}
+
+// q: [T, q_heads, D] (after RoPE). out: [T, q_heads, D]. Keys/values of this layer are
+// already in the pool for every new token.
+void CpuBackend::Attention(const BatchPlan& plan, int32_t layer, const float* q,
+                           float* out) const {
+  const int32_t D = config_.head_dim, bs = kv_info_.block_size;
+  const int32_t group = config_.num_heads / config_.num_kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const size_t layer_off = static_cast<size_t>(layer) * kv_info_.num_blocks * bs * kv_heads_ * D;
+  const float* kl = k_cache_.data() + layer_off;
+  const float* vl = v_cache_.data() + layer_off;
+
+  // Key locations of each sequence (offsets in units of kv_heads * D floats): context
+  // first, then its new tokens.
+  const int32_t S = static_cast<int32_t>(plan.seqs.size());
+  std::vector<std::vector<int64_t>> keys(S);
+  std::vector<int32_t> ctx_len(S), seq_of(plan.num_tokens());
+  for (int32_t si = 0; si < S; ++si) {
+    const SeqPlan& seq = plan.seqs[si];
+    for (const KvSegment& g : seq.context) {
+      for (int32_t s = 0; s < g.length; ++s) {
+        keys[si].push_back(static_cast<int64_t>(g.block) * bs + g.first_slot + s);
+      }
+    }
+    ctx_len[si] = static_cast<int32_t>(keys[si].size());
+    for (int32_t j = 0; j < seq.num_tokens; ++j) {
+      const KvSlot& s = plan.kv_slots[seq.token_begin + j];
+      keys[si].push_back(static_cast<int64_t>(s.block) * bs + s.slot);
+      seq_of[seq.token_begin + j] = si;
+    }
+  }
+  const int32_t T = plan.num_tokens(), heads = q_heads_;
+#pragma omp parallel if (static_cast<int64_t>(T) * heads > 1)
+  {
+    std::vector<float> scores;
+    std::vector<float> acc(D);
+#pragma omp for collapse(2) schedule(dynamic, 4)
+    for (int32_t t = 0; t < T; ++t) {
+      for (int32_t h = 0; h < heads; ++h) {
+        const int32_t si = seq_of[t];
+        const SeqPlan& seq = plan.seqs[si];
+        const std::vector<int64_t>& kk = keys[si];
+        const int32_t global_q = shard_.rank * q_heads_ + h;
+        const int32_t kvh = global_q / group - kv_head_begin_;
+        const float* qv = q + (static_cast<size_t>(t) * heads + h) * D;
+        const int32_t nk = ctx_len[si] + (t - seq.token_begin) + 1;
+        if (static_cast<int32_t>(scores.size()) < nk) scores.resize(nk);
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int32_t k = 0; k < nk; ++k) {
+          const float* kv = kl + (kk[k] * kv_heads_ + kvh) * D;
+          float dot = 0.0f;
+          for (int32_t d = 0; d < D; ++d) dot += qv[d] * kv[d];
+          scores[k] = dot * scale;
+          mx = std::max(mx, scores[k]);
+        }
+        float sum = 0.0f;
+        for (int32_t k = 0; k < nk; ++k) {
+          scores[k] = std::exp(scores[k] - mx);
+          sum += scores[k];
+        }
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int32_t k = 0; k < nk; ++k) {
+          const float* vv = vl + (kk[k] * kv_heads_ + kvh) * D;
+          const float p = scores[k];
+          for (int32_t d = 0; d < D; ++d) acc[d] += p * vv[d];
+        }
+        float* o = out + (static_cast<size_t>(t) * heads + h) * D;
+        const float inv = 1.0f / sum;
+        for (int32_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
+      }
+    }
+  }
+}
+
+absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
+  SP_RETURN_IF_ERROR(ValidatePlan(plan, kv_info_, config_.vocab_size));
+  const int32_t T = plan.num_tokens();
+  out->logits.clear();
+  out->logprobs.clear();
+  if (T == 0) return absl::OkStatus();
+  const int32_t H = config_.hidden_size, D = config_.head_dim, bs = kv_info_.block_size;
+  const int32_t qd = q_heads_ * D, kvd = kv_heads_ * D, qkv_w = qd + 2 * kvd;
+  const float eps = config_.rms_norm_eps;
+
+  // Embedding (vocabulary-parallel: rows outside this rank's range stay zero).
+  std::vector<float> x(static_cast<size_t>(T) * H, 0.0f);
+  for (int32_t t = 0; t < T; ++t) {
+    const int32_t id = plan.tokens[t] - vocab_begin_;
+    if (id >= 0 && id < vocab_local_) {
+      std::memcpy(&x[static_cast<size_t>(t) * H], &embed_[static_cast<size_t>(id) * H],
+                  sizeof(float) * H);
+    }
+  }
+  SP_RETURN_IF_ERROR(AllReduce(x.data(), x.size()));
+
+  // RoPE tables from the float positions.
+  const int32_t half = D / 2;
+  std::vector<float> cos_t(static_cast<size_t>(T) * half), sin_t(static_cast<size_t>(T) * half);
+  for (int32_t t = 0; t < T; ++t) {
+    for (int32_t i = 0; i < half; ++i) {
+      const float a = plan.positions[t] * inv_freq_[i];
+      cos_t[static_cast<size_t>(t) * half + i] = std::cos(a);
+      sin_t[static_cast<size_t>(t) * half + i] = std::sin(a);
+    }
+  }
+
+  std::vector<float> h(static_cast<size_t>(T) * H);
+  std::vector<float> qkv(static_cast<size_t>(T) * qkv_w);
+  std::vector<float> q(static_cast<size_t>(T) * qd);
+  std::vector<float> attn(static_cast<size_t>(T) * qd);
+  std::vector<float> proj(static_cast<size_t>(T) * H);
+  std::vector<float> gu(static_cast<size_t>(T) * 2 * inter_);
+  std::vector<float> act(static_cast<size_t>(T) * inter_);
+
+  for (int32_t l = 0; l < config_.num_layers; ++l) {
+    const Layer& L = layers_[l];
+#pragma omp parallel for if (T > 4)
+    for (int32_t t = 0; t < T; ++t) {
+      RmsNorm(&x[static_cast<size_t>(t) * H], L.attn_norm.data(), H, eps,
+              &h[static_cast<size_t>(t) * H]);
+    }
+    Linear(h.data(), T, H, L.wqkv.data(), qkv_w, qkv.data());
+    const size_t layer_off = static_cast<size_t>(l) * kv_info_.num_blocks * bs * kvd;
+#pragma omp parallel for if (T > 4)
+    for (int32_t t = 0; t < T; ++t) {
+      float* row = &qkv[static_cast<size_t>(t) * qkv_w];
+      if (!L.bqkv.empty()) {
+        for (int32_t i = 0; i < qkv_w; ++i) row[i] += L.bqkv[i];
+      }
+      const float* c = &cos_t[static_cast<size_t>(t) * half];
+      const float* s = &sin_t[static_cast<size_t>(t) * half];
+      for (int32_t hh = 0; hh < q_heads_; ++hh) {
+        float* qh = &q[(static_cast<size_t>(t) * q_heads_ + hh) * D];
+        std::memcpy(qh, row + hh * D, sizeof(float) * D);
+        if (!L.q_norm.empty()) RmsNorm(qh, L.q_norm.data(), D, eps, qh);
+        Rope(qh, c, s, D);
+      }
+      const KvSlot& slot = plan.kv_slots[t];
+      const size_t off = layer_off + (static_cast<size_t>(slot.block) * bs + slot.slot) * kvd;
+      float* kdst = &k_cache_[off];
+      float* vdst = &v_cache_[off];
+      std::memcpy(kdst, row + qd, sizeof(float) * kvd);
+      std::memcpy(vdst, row + qd + kvd, sizeof(float) * kvd);
+      for (int32_t hh = 0; hh < kv_heads_; ++hh) {
+        float* kh = kdst + hh * D;
+        if (!L.k_norm.empty()) RmsNorm(kh, L.k_norm.data(), D, eps, kh);
+        Rope(kh, c, s, D);
+      }
+    }
+    Attention(plan, l, q.data(), attn.data());
+    Linear(attn.data(), T, qd, L.wo.data(), H, proj.data());
+    SP_RETURN_IF_ERROR(AllReduce(proj.data(), proj.size()));
+    for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
+
+#pragma omp parallel for if (T > 4)
+    for (int32_t t = 0; t < T; ++t) {
+      RmsNorm(&x[static_cast<size_t>(t) * H], L.mlp_norm.data(), H, eps,
+              &h[static_cast<size_t>(t) * H]);
+    }
+    Linear(h.data(), T, H, L.wgate_up.data(), 2 * inter_, gu.data());
+#pragma omp parallel for if (T > 4)
+    for (int32_t t = 0; t < T; ++t) {
+      const float* g = &gu[static_cast<size_t>(t) * 2 * inter_];
+      const float* u = g + inter_;
+      float* a = &act[static_cast<size_t>(t) * inter_];
+      for (int32_t i = 0; i < inter_; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    }
+    Linear(act.data(), T, inter_, L.wdown.data(), H, proj.data());
+    SP_RETURN_IF_ERROR(AllReduce(proj.data(), proj.size()));
+    for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
+  }
+
+  // Rows that need logits: logits_for first, then those of logprob requests.
+  std::vector<int32_t> rows = plan.logits_for;
+  std::vector<int32_t> lp_row(plan.logprobs.size());
+  for (size_t i = 0; i < plan.logprobs.size(); ++i) {
+    const int32_t t = plan.logprobs[i].token_index;
+    auto it = std::find(rows.begin(), rows.end(), t);
+    if (it == rows.end()) {
+      rows.push_back(t);
+      it = rows.end() - 1;
+    }
+    lp_row[i] = static_cast<int32_t>(it - rows.begin());
+  }
+  if (rows.empty()) return absl::OkStatus();
+  const int32_t R = static_cast<int32_t>(rows.size());
+  std::vector<float> hn(static_cast<size_t>(R) * H);
+  for (int32_t r = 0; r < R; ++r) {
+    RmsNorm(&x[static_cast<size_t>(rows[r]) * H], final_norm_.data(), H, eps,
+            &hn[static_cast<size_t>(r) * H]);
+  }
+  const int32_t V = config_.vocab_size, tp = shard_.size;
+  const int32_t vocab_pad = (V + tp - 1) / tp;
+  const float* head = lm_head_.empty() ? embed_.data() : lm_head_.data();
+  std::vector<float> local(static_cast<size_t>(R) * vocab_pad);
+  Linear(hn.data(), R, H, head, vocab_pad, local.data());
+  std::vector<float> logits(static_cast<size_t>(R) * V);
+  if (tp == 1) {
+    logits.swap(local);
+  } else {
+    std::vector<float> gathered(static_cast<size_t>(tp) * R * vocab_pad);
+    SP_RETURN_IF_ERROR(options_.comm->AllGather(local.data(), local.size(), gathered.data()));
+    for (int32_t rk = 0; rk < tp; ++rk) {
+      const int32_t v0 = std::min(V, rk * vocab_pad), v1 = std::min(V, v0 + vocab_pad);
+      for (int32_t r = 0; r < R; ++r) {
+        std::memcpy(&logits[static_cast<size_t>(r) * V + v0],
+                    &gathered[(static_cast<size_t>(rk) * R + r) * vocab_pad],
+                    sizeof(float) * (v1 - v0));
+      }
+    }
+  }
+  const size_t nl = plan.logits_for.size();
+  out->logits.assign(logits.begin(), logits.begin() + nl * V);
+  out->logprobs.resize(plan.logprobs.size());
+  std::vector<float> lse(R, std::numeric_limits<float>::quiet_NaN());
+  for (size_t i = 0; i < plan.logprobs.size(); ++i) {
+    const int32_t r = lp_row[i];
+    const float* row = &logits[static_cast<size_t>(r) * V];
+    if (std::isnan(lse[r])) {
+      const float mx = *std::max_element(row, row + V);
+      double sum = 0.0;
+      for (int32_t v = 0; v < V; ++v) sum += std::exp(static_cast<double>(row[v] - mx));
+      lse[r] = mx + static_cast<float>(std::log(sum));
+    }
+    out->logprobs[i] = row[plan.logprobs[i].target] - lse[r];
+  }
+  return absl::OkStatus();
+}
+
+std::unique_ptr<Backend> MakeCpuBackend(const BackendOptions& options, int32_t tp) {
+  if (tp <= 1) return std::make_unique<CpuBackend>(options);
+  auto group = std::make_shared<ThreadGroup>(tp);
+  std::vector<std::unique_ptr<Backend>> ranks;
+  std::vector<std::unique_ptr<Communicator>> comms;
+  for (int32_t r = 0; r < tp; ++r) {
+    comms.push_back(group->Rank(r));
+    BackendOptions o = options;
+    o.comm = comms.back().get();
+    // Threads are shared among the ranks.
+    if (o.num_threads > 0) o.num_threads = std::max(1, o.num_threads / tp);
+    ranks.push_back(std::make_unique<CpuBackend>(o));
+  }
+  return std::make_unique<TensorParallelBackend>(std::move(ranks), std::move(comms), group);
+}
+
+void RegisterBackend(BackendRegistry& registry) {
+  registry.Register("cpu", [](const BackendOptions& options)
+                               -> absl::StatusOr<std::unique_ptr<Backend>> {
+    return MakeCpuBackend(options, options.tensor_parallel);
+  });
+}
+
+}  // namespace superpose::engine::cpu

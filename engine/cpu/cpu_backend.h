@@ -1,0 +1,69 @@
+// The CPU backend: float32 math, GEMMs through OpenBLAS, attention and element-wise
+// work on OpenMP threads. It is the numerical reference for every other backend.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "engine/backend.h"
+
+namespace superpose::engine::cpu {
+
+class CpuBackend : public Backend {
+ public:
+  explicit CpuBackend(const BackendOptions& options);
+  std::string name() const override { return "cpu"; }
+  std::string compute_dtype() const override { return "float32"; }
+  absl::Status Load(const ModelConfig& config, const WeightSource& weights,
+                    const Shard& shard) override;
+  absl::Status Forward(const BatchPlan& plan, ForwardOutput* out) override;
+  KvPoolInfo kv() const override { return kv_info_; }
+
+ private:
+  struct Layer {
+    std::vector<float> attn_norm;  // [hidden]
+    std::vector<float> wqkv;       // [(q_local + 2 * kv_local) * head_dim, hidden]
+    std::vector<float> bqkv;       // same rows, empty without attention bias
+    std::vector<float> q_norm;     // [head_dim], empty without qk norm
+    std::vector<float> k_norm;
+    std::vector<float> wo;         // [hidden, q_local * head_dim]
+    std::vector<float> mlp_norm;   // [hidden]
+    std::vector<float> wgate_up;   // [2 * inter_local, hidden]: gate rows then up rows
+    std::vector<float> wdown;      // [hidden, inter_local]
+  };
+
+  // y[T, out] = x[T, in] * W[out, in]^T
+  void Linear(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
+              float* y) const;
+  void Attention(const BatchPlan& plan, int32_t layer, const float* q, float* out) const;
+  absl::Status AllReduce(float* data, int64_t count);
+
+  BackendOptions options_;
+  ModelConfig config_;
+  Shard shard_;
+  // Per-rank sizes (tensor parallelism splits heads, MLP columns and the vocabulary).
+  int32_t q_heads_ = 0;     // query heads of this rank
+  int32_t kv_heads_ = 0;    // kv heads stored by this rank
+  int32_t kv_head_begin_ = 0;
+  int32_t inter_ = 0;       // intermediate columns of this rank
+  int32_t vocab_begin_ = 0;
+  int32_t vocab_local_ = 0;
+
+  std::vector<float> embed_;    // [vocab_local, hidden]
+  std::vector<float> lm_head_;  // [vocab_local, hidden]; empty when tied to embed_
+  std::vector<float> final_norm_;
+  std::vector<Layer> layers_;
+  std::vector<float> inv_freq_;
+
+  KvPoolInfo kv_info_;
+  // [layer][block][slot][kv_head][head_dim]
+  std::vector<float> k_cache_;
+  std::vector<float> v_cache_;
+};
+
+void RegisterBackend(BackendRegistry& registry);
+
+// A CPU backend split `tp` ways over threads (tp = 1: a plain CpuBackend).
+std::unique_ptr<Backend> MakeCpuBackend(const BackendOptions& options, int32_t tp);
+
+}  // namespace superpose::engine::cpu

@@ -1,0 +1,120 @@
+// The engine: one loop thread that owns the scheduler, the KV block manager and the
+// backend. Each iteration it builds a BatchPlan from running sequences (one decode
+// token each) and waiting ones (prefill chunks) under a token budget, runs the
+// backend, samples, checks stop conditions and streams deltas back.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "engine/backend.h"
+#include "engine/model/config.h"
+#include "engine/model/tokenizer.h"
+#include "engine/runtime/kv_block_manager.h"
+#include "engine/runtime/request.h"
+
+namespace superpose::engine {
+
+struct EngineOptions {
+  int32_t max_batch_tokens = 512;  // new tokens per step (decode + prefill chunks)
+  int32_t max_running = 64;        // sequences in the running batch
+  int32_t max_waiting = 256;       // queued requests beyond which Submit fails
+  int32_t max_context = 0;         // 0: the model's max_position_embeddings
+  bool prefix_caching = true;
+};
+
+// Observes the engine for metrics; called on the engine thread.
+class EngineObserver {
+ public:
+  virtual ~EngineObserver() = default;
+  virtual void OnFinished(const Usage& usage, FinishReason reason, const absl::Status& status) {}
+  virtual void OnFirstToken(double queue_time_ms, double ttft_ms) {}
+  virtual void OnToken(double inter_token_ms) {}
+  virtual void OnPreempted() {}
+  virtual void OnStep(int32_t running, int32_t waiting, int32_t batch_tokens) {}
+};
+
+struct EngineStats {
+  int32_t running = 0;
+  int32_t waiting = 0;
+  int32_t kv_blocks_total = 0;
+  int32_t kv_blocks_free = 0;
+  int32_t kv_blocks_cached = 0;
+  int64_t preemptions = 0;
+  int64_t steps = 0;
+};
+
+class Engine {
+ public:
+  Engine(const EngineOptions& options, const ModelConfig& config, const Tokenizer* tokenizer,
+         Backend* backend);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  void SetObserver(EngineObserver* observer) { observer_ = observer; }
+  void Start();
+  // Queues a request. RESOURCE_EXHAUSTED when the waiting queue is full,
+  // UNAVAILABLE after Shutdown. The callback gets every event, the last with
+  // finished = true, on the engine thread; it is never called after that.
+  absl::StatusOr<uint64_t> Submit(Request request, StreamCallback callback);
+  // Cancels a request (client cancel). Its final event carries CANCELLED status.
+  void Cancel(uint64_t handle);
+  // Stops accepting, lets running requests finish up to `grace`, then cancels the
+  // rest and joins the loop thread.
+  void Shutdown(absl::Duration grace);
+
+  EngineStats stats() const;
+  int32_t context_length() const { return max_context_; }
+  const KvBlockManager& blocks() const { return *blocks_; }
+
+ private:
+  struct Sequence;
+  void Loop();
+  bool Step();  // false when idle
+  void FinishSeq(Sequence* seq, FinishReason reason, absl::Status status);
+  void FreeBlocks(Sequence* seq);
+  void Preempt(Sequence* seq);
+  bool EnsureBlocks(Sequence* seq, int32_t upto_tokens);
+  void MatchPrefix(Sequence* seq);
+  void PublishBlocks(Sequence* seq);
+  void EmitToken(Sequence* seq, int32_t token, const float* logits);
+
+  EngineOptions options_;
+  ModelConfig config_;
+  const Tokenizer* tokenizer_;
+  Backend* backend_;
+  int32_t block_size_;
+  int32_t max_context_;
+  std::unique_ptr<KvBlockManager> blocks_;
+  EngineObserver* observer_ = nullptr;
+
+  absl::Mutex mu_;
+  absl::CondVar cv_;
+  std::vector<std::unique_ptr<Sequence>> inbox_ ABSL_GUARDED_BY(mu_);
+  std::vector<uint64_t> cancels_ ABSL_GUARDED_BY(mu_);
+  bool accepting_ ABSL_GUARDED_BY(mu_) = true;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Time drain_deadline_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
+  int32_t queued_ ABSL_GUARDED_BY(mu_) = 0;  // inbox + waiting
+  uint64_t next_handle_ ABSL_GUARDED_BY(mu_) = 1;
+
+  // Engine-thread state.
+  std::deque<std::unique_ptr<Sequence>> waiting_;
+  std::vector<std::unique_ptr<Sequence>> running_;
+  std::thread thread_;
+  std::atomic<int32_t> stat_running_{0};
+  std::atomic<int32_t> stat_waiting_{0};
+  std::atomic<int64_t> stat_preemptions_{0};
+  std::atomic<int64_t> stat_steps_{0};
+};
+
+}  // namespace superpose::engine

@@ -1,0 +1,77 @@
+// Plain C++ request / response types of the engine (the proto types stop at server/).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+
+namespace superpose::engine {
+
+struct SamplingOptions {
+  int32_t max_new_tokens = 256;
+  float temperature = 1.0f;  // 0: greedy
+  int32_t top_k = 0;         // 0: off
+  float top_p = 1.0f;
+  float min_p = 0.0f;
+  float repetition_penalty = 1.0f;
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  uint64_t seed = 0;
+};
+
+struct Request {
+  std::string request_id;
+  std::string tenant = "default";
+  std::vector<int32_t> prompt_ids;
+  SamplingOptions sampling;
+  std::vector<std::string> stop;
+  std::vector<int32_t> stop_token_ids;
+  bool ignore_eos = false;
+  bool logprobs = false;
+  int32_t top_logprobs = 0;
+  bool skip_special_tokens = true;
+  int32_t priority = 0;  // higher runs first among waiting requests
+  absl::Time deadline = absl::InfiniteFuture();
+};
+
+enum class FinishReason { kNone, kLength, kStop, kEos, kCancelled };
+const char* FinishReasonName(FinishReason f);
+
+struct TokenLogprob {
+  int32_t token_id = 0;
+  float logprob = 0.0f;
+};
+
+struct TokenLogprobs {
+  TokenLogprob chosen;
+  std::vector<TokenLogprob> top;
+};
+
+struct Usage {
+  int32_t prompt_tokens = 0;
+  int32_t generated_tokens = 0;
+  int32_t cached_prompt_tokens = 0;
+  double queue_time_ms = 0;
+  double ttft_ms = 0;
+  double total_time_ms = 0;
+};
+
+// What the engine streams back. Events of one request arrive in order, on the engine
+// thread: handlers must not block (they queue and return).
+struct StreamEvent {
+  std::string text;  // newly final text
+  std::vector<int32_t> token_ids;
+  std::vector<TokenLogprobs> logprobs;
+  bool finished = false;
+  FinishReason finish_reason = FinishReason::kNone;
+  Usage usage;          // set when finished
+  absl::Status status;  // non-OK: the request failed (finished is true)
+};
+
+using StreamCallback = std::function<void(StreamEvent&&)>;
+
+}  // namespace superpose::engine

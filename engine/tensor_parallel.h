@@ -1,0 +1,50 @@
+// Runs one Backend per tensor-parallel rank in lockstep, one thread per rank, behind
+// the Backend interface: the engine sees a single backend. Rank 0's output is
+// returned (every rank computes the same logits after the final all-gather).
+#pragma once
+
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "absl/synchronization/mutex.h"
+#include "engine/backend.h"
+
+namespace superpose::engine {
+
+class TensorParallelBackend : public Backend {
+ public:
+  // `ranks[i]` is constructed with a communicator of rank i; `comms` keeps them alive.
+  TensorParallelBackend(std::vector<std::unique_ptr<Backend>> ranks,
+                        std::vector<std::unique_ptr<Communicator>> comms,
+                        std::shared_ptr<void> group);
+  ~TensorParallelBackend() override;
+
+  std::string name() const override { return ranks_[0]->name(); }
+  std::string compute_dtype() const override { return ranks_[0]->compute_dtype(); }
+  absl::Status Load(const ModelConfig& config, const WeightSource& weights,
+                    const Shard& shard) override;
+  absl::Status Forward(const BatchPlan& plan, ForwardOutput* out) override;
+  KvPoolInfo kv() const override;
+  int32_t size() const { return static_cast<int32_t>(ranks_.size()); }
+
+ private:
+  // Runs fn(rank) on every rank's thread (rank 0 on the caller) and joins.
+  absl::Status RunAll(const std::function<absl::Status(int32_t)>& fn);
+  void Worker(int32_t rank);
+
+  std::vector<std::unique_ptr<Backend>> ranks_;
+  std::vector<std::unique_ptr<Communicator>> comms_;
+  std::shared_ptr<void> group_;
+  std::vector<std::thread> threads_;
+
+  absl::Mutex mu_;
+  absl::CondVar cv_;
+  const std::function<absl::Status(int32_t)>* job_ ABSL_GUARDED_BY(mu_) = nullptr;
+  int64_t job_id_ ABSL_GUARDED_BY(mu_) = 0;
+  int32_t pending_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<absl::Status> results_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace superpose::engine

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs the build and test dependencies of superpose from Debian 12 packages.
+set -euo pipefail
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends \
+  cmake ninja-build pkg-config g++ git ca-certificates \
+  libgtest-dev libgmock-dev \
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto \
+  libspdlog-dev libfmt-dev libabsl-dev libopenblas-dev \
+  nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcpp-httplib-dev >/dev/null
+echo "setup: dependencies installed"

@@ -1,0 +1,218 @@
+#include "server/convert.h"
+
+#include <cmath>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "engine/util/status.h"
+
+namespace superpose::server {
+namespace {
+
+absl::Status Invalid(const std::string& msg) { return absl::InvalidArgumentError(msg); }
+
+bool IsValidUtf8(const std::string& s) {
+  size_t i = 0;
+  const size_t n = s.size();
+  while (i < n) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    int len;
+    uint32_t cp;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    } else if ((c & 0xE0) == 0xC0) {
+      len = 2;
+      cp = c & 0x1F;
+    } else if ((c & 0xF0) == 0xE0) {
+      len = 3;
+      cp = c & 0x0F;
+    } else if ((c & 0xF8) == 0xF0) {
+      len = 4;
+      cp = c & 0x07;
+    } else {
+      return false;
+    }
+    if (i + len > n) return false;
+    for (int k = 1; k < len; ++k) {
+      const unsigned char cc = static_cast<unsigned char>(s[i + k]);
+      if ((cc & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (cc & 0x3F);
+    }
+    if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
+        cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
+      return false;
+    }
+    i += len;
+  }
+  return true;
+}
+
+}  // namespace
+
+absl::Status ValidateUtf8(const std::string& text, const std::string& field) {
+  if (!IsValidUtf8(text)) return Invalid(absl::StrCat(field, " is not valid UTF-8"));
+  return absl::OkStatus();
+}
+
+absl::Status ValidateTokenIds(const google::protobuf::RepeatedField<uint32_t>& ids,
+                              int32_t vocab_size, const char* field) {
+  for (int i = 0; i < ids.size(); ++i) {
+    if (ids[i] >= static_cast<uint32_t>(vocab_size)) {
+      return Invalid(absl::StrCat(field, "[", i, "] = ", ids[i],
+                                  " is not a token id (vocabulary size ", vocab_size, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<engine::Request> ToEngineRequest(const v1::GenerateRequest& req,
+                                                const engine::Tokenizer& tokenizer,
+                                                const Limits& limits) {
+  engine::Request out;
+  // Prompt.
+  const bool add_special = !req.has_add_special_tokens() || req.add_special_tokens();
+  switch (req.prompt_case()) {
+    case v1::GenerateRequest::kText:
+      SP_RETURN_IF_ERROR(ValidateUtf8(req.text(), "text"));
+      out.prompt_ids = tokenizer.Encode(req.text(), add_special);
+      if (out.prompt_ids.empty()) return Invalid("text encodes to no tokens");
+      break;
+    case v1::GenerateRequest::kTokenIds:
+      if (req.token_ids().ids().empty()) return Invalid("token_ids.ids is empty");
+      SP_RETURN_IF_ERROR(
+          ValidateTokenIds(req.token_ids().ids(), limits.vocab_size, "token_ids.ids"));
+      out.prompt_ids.assign(req.token_ids().ids().begin(), req.token_ids().ids().end());
+      break;
+    default:
+      return Invalid("prompt: one of text or token_ids is required");
+  }
+  const int32_t prompt_len = static_cast<int32_t>(out.prompt_ids.size());
+  if (prompt_len >= limits.context_length) {
+    return Invalid(absl::StrCat("prompt has ", prompt_len,
+                                " tokens; the context window is ", limits.context_length,
+                                " (at least one token must fit after it)"));
+  }
+
+  // Sampling.
+  const v1::SamplingParams& sp = req.sampling();
+  engine::SamplingOptions& s = out.sampling;
+  if (sp.has_max_new_tokens()) {
+    if (sp.max_new_tokens() == 0) return Invalid("sampling.max_new_tokens must be >= 1, got 0");
+    if (sp.max_new_tokens() > static_cast<uint32_t>(limits.context_length - prompt_len)) {
+      return Invalid(absl::StrCat("sampling.max_new_tokens = ", sp.max_new_tokens(),
+                                  " does not fit the context window: ", prompt_len,
+                                  " prompt tokens + max_new_tokens must be <= ",
+                                  limits.context_length));
+    }
+    s.max_new_tokens = static_cast<int32_t>(sp.max_new_tokens());
+  } else {
+    s.max_new_tokens = std::min(limits.default_max_new_tokens, limits.context_length - prompt_len);
+  }
+  if (sp.has_temperature()) {
+    if (!std::isfinite(sp.temperature()) || sp.temperature() < 0.0f) {
+      return Invalid(absl::StrCat("sampling.temperature must be finite and >= 0, got ",
+                                  sp.temperature()));
+    }
+    s.temperature = sp.temperature();
+  }
+  s.top_k = static_cast<int32_t>(std::min<uint32_t>(sp.top_k(), 1u << 30));
+  if (sp.has_top_p()) {
+    if (!(sp.top_p() > 0.0f && sp.top_p() <= 1.0f)) {
+      return Invalid(absl::StrCat("sampling.top_p must be in (0, 1], got ", sp.top_p()));
+    }
+    s.top_p = sp.top_p();
+  }
+  if (!(sp.min_p() >= 0.0f && sp.min_p() <= 1.0f)) {
+    return Invalid(absl::StrCat("sampling.min_p must be in [0, 1], got ", sp.min_p()));
+  }
+  s.min_p = sp.min_p();
+  if (sp.has_repetition_penalty()) {
+    if (!(std::isfinite(sp.repetition_penalty()) && sp.repetition_penalty() > 0.0f)) {
+      return Invalid(absl::StrCat("sampling.repetition_penalty must be > 0, got ",
+                                  sp.repetition_penalty()));
+    }
+    s.repetition_penalty = sp.repetition_penalty();
+  }
+  if (!(sp.presence_penalty() >= -2.0f && sp.presence_penalty() <= 2.0f)) {
+    return Invalid(absl::StrCat("sampling.presence_penalty must be in [-2, 2], got ",
+                                sp.presence_penalty()));
+  }
+  if (!(sp.frequency_penalty() >= -2.0f && sp.frequency_penalty() <= 2.0f)) {
+    return Invalid(absl::StrCat("sampling.frequency_penalty must be in [-2, 2], got ",
+                                sp.frequency_penalty()));
+  }
+  s.presence_penalty = sp.presence_penalty();
+  s.frequency_penalty = sp.frequency_penalty();
+  if (sp.has_seed()) {
+    s.seed = sp.seed();
+  } else {
+    std::random_device rd;
+    s.seed = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+  }
+
+  // Stopping.
+  if (req.stop_size() > limits.max_stop_strings) {
+    return Invalid(absl::StrCat("stop has ", req.stop_size(), " strings; at most ",
+                                limits.max_stop_strings));
+  }
+  for (int i = 0; i < req.stop_size(); ++i) {
+    const std::string field = absl::StrCat("stop[", i, "]");
+    if (req.stop(i).empty()) return Invalid(field + " is empty");
+    if (static_cast<int32_t>(req.stop(i).size()) > limits.max_stop_string_bytes) {
+      return Invalid(absl::StrCat(field, " is longer than ", limits.max_stop_string_bytes,
+                                  " bytes"));
+    }
+    SP_RETURN_IF_ERROR(ValidateUtf8(req.stop(i), field));
+    out.stop.push_back(req.stop(i));
+  }
+  SP_RETURN_IF_ERROR(ValidateTokenIds(req.stop_token_ids(), limits.vocab_size, "stop_token_ids"));
+  out.stop_token_ids.assign(req.stop_token_ids().begin(), req.stop_token_ids().end());
+  out.ignore_eos = req.ignore_eos();
+  out.logprobs = req.logprobs();
+  if (req.top_logprobs() > static_cast<uint32_t>(limits.max_top_logprobs)) {
+    return Invalid(absl::StrCat("top_logprobs must be in [0, ", limits.max_top_logprobs,
+                                "], got ", req.top_logprobs()));
+  }
+  if (req.top_logprobs() > 0 && !req.logprobs()) {
+    return Invalid("top_logprobs needs logprobs = true");
+  }
+  out.top_logprobs = static_cast<int32_t>(req.top_logprobs());
+  out.skip_special_tokens = !req.has_skip_special_tokens() || req.skip_special_tokens();
+  if (req.request_id().size() > 128) return Invalid("request_id is longer than 128 bytes");
+  SP_RETURN_IF_ERROR(ValidateUtf8(req.request_id(), "request_id"));
+  out.request_id = req.request_id();
+  return out;
+}
+
+v1::FinishReason ToProto(engine::FinishReason reason) {
+  switch (reason) {
+    case engine::FinishReason::kLength: return v1::FINISH_REASON_LENGTH;
+    case engine::FinishReason::kStop: return v1::FINISH_REASON_STOP;
+    case engine::FinishReason::kEos: return v1::FINISH_REASON_EOS;
+    case engine::FinishReason::kCancelled: return v1::FINISH_REASON_CANCELLED;
+    default: return v1::FINISH_REASON_UNSPECIFIED;
+  }
+}
+
+void ToProto(const engine::Usage& u, v1::Usage* out) {
+  out->set_prompt_tokens(u.prompt_tokens);
+  out->set_generated_tokens(u.generated_tokens);
+  out->set_cached_prompt_tokens(u.cached_prompt_tokens);
+  out->set_queue_time_ms(u.queue_time_ms);
+  out->set_time_to_first_token_ms(u.ttft_ms);
+  out->set_total_time_ms(u.total_time_ms);
+}
+
+void ToProto(const engine::TokenLogprobs& lp, const engine::Tokenizer& tokenizer,
+             v1::TokenLogprobs* out) {
+  auto fill = [&](const engine::TokenLogprob& t, v1::TokenLogprob* o) {
+    o->set_token_id(t.token_id);
+    o->set_logprob(t.logprob);
+    o->set_token(tokenizer.IdToToken(t.token_id));
+  };
+  fill(lp.chosen, out->mutable_chosen());
+  for (const auto& t : lp.top) fill(t, out->add_top());
+}
+
+}  // namespace superpose::server

@@ -1,0 +1,39 @@
+// Validation of API requests and conversion between proto and engine types.
+#pragma once
+
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "engine/model/tokenizer.h"
+#include "engine/runtime/request.h"
+#include "superpose/v1/superpose.pb.h"
+
+namespace superpose::server {
+
+struct Limits {
+  int32_t context_length = 0;       // the engine's context window
+  int32_t vocab_size = 0;           // model vocabulary (valid token ids)
+  int32_t default_max_new_tokens = 256;
+  int32_t max_stop_strings = 16;
+  int32_t max_stop_string_bytes = 256;
+  int32_t max_top_logprobs = 20;
+};
+
+// Checks every field of `req` and builds the engine request. INVALID_ARGUMENT with a
+// message naming the field; messages may carry numbers, never user text.
+absl::StatusOr<engine::Request> ToEngineRequest(const v1::GenerateRequest& req,
+                                                const engine::Tokenizer& tokenizer,
+                                                const Limits& limits);
+
+// Token ids given by a client: each must be in [0, vocab_size).
+absl::Status ValidateTokenIds(const google::protobuf::RepeatedField<uint32_t>& ids,
+                              int32_t vocab_size, const char* field);
+// Text must be valid UTF-8.
+absl::Status ValidateUtf8(const std::string& text, const std::string& field);
+
+v1::FinishReason ToProto(engine::FinishReason reason);
+void ToProto(const engine::Usage& usage, v1::Usage* out);
+void ToProto(const engine::TokenLogprobs& lp, const engine::Tokenizer& tokenizer,
+             v1::TokenLogprobs* out);
+
+}  // namespace superpose::server

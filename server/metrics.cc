@@ -1,0 +1,190 @@
+#include "server/metrics.h"
+
+#include <httplib.h>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "spdlog/spdlog.h"
+
+namespace superpose::server {
+namespace {
+
+std::vector<double> LatencyBounds() {
+  return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120};
+}
+
+void Counter(const std::string& name, const std::string& help, uint64_t v, std::string* out) {
+  absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " counter\n", name, " ", v,
+                  "\n");
+}
+
+void Gauge(const std::string& name, const std::string& help, int64_t v, std::string* out) {
+  absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " gauge\n", name, " ", v,
+                  "\n");
+}
+
+}  // namespace
+
+Histogram::Histogram(std::vector<double> bounds)
+    : bounds_(std::move(bounds)), counts_(bounds_.size() + 1, 0) {}
+
+void Histogram::Observe(double v) {
+  size_t i = 0;
+  while (i < bounds_.size() && v > bounds_[i]) ++i;
+  ++counts_[i];
+  sum_ += v;
+  ++count_;
+}
+
+void Histogram::Render(const std::string& name, std::string* out) const {
+  uint64_t cum = 0;
+  for (size_t i = 0; i < bounds_.size(); ++i) {
+    cum += counts_[i];
+    absl::StrAppend(out, name, "_bucket{le=\"", bounds_[i], "\"} ", cum, "\n");
+  }
+  cum += counts_.back();
+  absl::StrAppend(out, name, "_bucket{le=\"+Inf\"} ", cum, "\n");
+  absl::StrAppend(out, name, "_sum ", absl::StrFormat("%.6f", sum_), "\n");
+  absl::StrAppend(out, name, "_count ", count_, "\n");
+}
+
+Metrics::Metrics()
+    : queue_time_s_(LatencyBounds()),
+      ttft_s_(LatencyBounds()),
+      itl_s_({0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56}),
+      e2e_s_(LatencyBounds()),
+      batch_tokens_({1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096}) {
+  for (const char* r : {"length", "stop", "eos", "cancelled", "error"}) finished_[r] = 0;
+}
+
+void Metrics::OnFinished(const engine::Usage& usage, engine::FinishReason reason,
+                         const absl::Status& status) {
+  absl::MutexLock lock(&mu_);
+  std::string label;
+  if (!status.ok()) {
+    label = status.code() == absl::StatusCode::kCancelled ||
+                    status.code() == absl::StatusCode::kDeadlineExceeded
+                ? "cancelled"
+                : "error";
+  } else {
+    label = engine::FinishReasonName(reason);
+  }
+  ++finished_[label];
+  prompt_tokens_ += usage.prompt_tokens;
+  generated_tokens_ += usage.generated_tokens;
+  cached_tokens_ += usage.cached_prompt_tokens;
+  e2e_s_.Observe(usage.total_time_ms / 1000.0);
+}
+
+void Metrics::OnFirstToken(double queue_time_ms, double ttft_ms) {
+  absl::MutexLock lock(&mu_);
+  queue_time_s_.Observe(queue_time_ms / 1000.0);
+  ttft_s_.Observe(ttft_ms / 1000.0);
+}
+
+void Metrics::OnToken(double inter_token_ms) {
+  absl::MutexLock lock(&mu_);
+  itl_s_.Observe(inter_token_ms / 1000.0);
+}
+
+void Metrics::OnPreempted() {
+  absl::MutexLock lock(&mu_);
+  ++preemptions_;
+}
+
+void Metrics::OnStep(int32_t, int32_t, int32_t batch_tokens) {
+  absl::MutexLock lock(&mu_);
+  ++steps_;
+  batch_tokens_.Observe(batch_tokens);
+}
+
+void Metrics::OnRejected(const std::string& code) {
+  absl::MutexLock lock(&mu_);
+  ++rejected_[code];
+}
+
+std::string Metrics::Render() const {
+  std::string out;
+  absl::MutexLock lock(&mu_);
+  auto hist = [&](const std::string& name, const std::string& help, const Histogram& h) {
+    absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " histogram\n");
+    h.Render(name, &out);
+  };
+  hist("superpose_queue_time_seconds", "Time from arrival to first scheduling.", queue_time_s_);
+  hist("superpose_time_to_first_token_seconds", "Time from arrival to the first token.",
+       ttft_s_);
+  hist("superpose_inter_token_latency_seconds", "Time between consecutive tokens of a stream.",
+       itl_s_);
+  hist("superpose_e2e_latency_seconds", "Time from arrival to the end of a request.", e2e_s_);
+  hist("superpose_batch_tokens", "New tokens per engine step.", batch_tokens_);
+  absl::StrAppend(&out,
+                  "# HELP superpose_requests_finished_total Requests that reached the engine, "
+                  "by finish reason.\n# TYPE superpose_requests_finished_total counter\n");
+  for (const auto& [reason, n] : finished_) {
+    absl::StrAppend(&out, "superpose_requests_finished_total{reason=\"", reason, "\"} ", n, "\n");
+  }
+  absl::StrAppend(&out,
+                  "# HELP superpose_requests_rejected_total Requests refused before the "
+                  "engine, by gRPC status code.\n"
+                  "# TYPE superpose_requests_rejected_total counter\n");
+  for (const auto& [code, n] : rejected_) {
+    absl::StrAppend(&out, "superpose_requests_rejected_total{code=\"", code, "\"} ", n, "\n");
+  }
+  Counter("superpose_prompt_tokens_total", "Prompt tokens of finished requests.", prompt_tokens_,
+          &out);
+  Counter("superpose_generated_tokens_total", "Generated tokens.", generated_tokens_, &out);
+  Counter("superpose_cached_prompt_tokens_total", "Prompt tokens served from the prefix cache.",
+          cached_tokens_, &out);
+  Counter("superpose_preemptions_total", "Sequences preempted when KV blocks ran out.",
+          preemptions_, &out);
+  Counter("superpose_engine_steps_total", "Engine iterations that ran the backend.", steps_, &out);
+  if (engine_ != nullptr) {
+    const engine::EngineStats s = engine_->stats();
+    Gauge("superpose_running_sequences", "Sequences in the running batch.", s.running, &out);
+    Gauge("superpose_waiting_sequences", "Sequences waiting to be scheduled.", s.waiting, &out);
+    Gauge("superpose_kv_blocks_total", "KV cache blocks in the pool.", s.kv_blocks_total, &out);
+    Gauge("superpose_kv_blocks_used", "KV cache blocks referenced by sequences.",
+          s.kv_blocks_total - s.kv_blocks_free, &out);
+    Gauge("superpose_kv_blocks_free", "KV cache blocks not referenced (incl. evictable cached).",
+          s.kv_blocks_free, &out);
+    Gauge("superpose_kv_blocks_cached", "KV cache blocks holding reusable prefix content.",
+          s.kv_blocks_cached, &out);
+  }
+  return out;
+}
+
+MetricsServer::MetricsServer(const Metrics* metrics)
+    : metrics_(metrics), http_(std::make_unique<httplib::Server>()) {}
+
+MetricsServer::~MetricsServer() { Stop(); }
+
+int MetricsServer::Start(const std::string& listen) {
+  const size_t colon = listen.rfind(':');
+  int port = 0;
+  if (colon == std::string::npos || !absl::SimpleAtoi(listen.substr(colon + 1), &port)) return -1;
+  const std::string host = listen.substr(0, colon);
+  http_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content(metrics_->Render(), "text/plain; version=0.0.4; charset=utf-8");
+  });
+  http_->Get("/healthz", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content("ok\n", "text/plain");
+  });
+  if (port == 0) {
+    port = http_->bind_to_any_port(host);
+  } else if (!http_->bind_to_port(host, port)) {
+    port = -1;
+  }
+  if (port <= 0) return -1;
+  thread_ = std::thread([this] { http_->listen_after_bind(); });
+  return port;
+}
+
+void MetricsServer::Stop() {
+  if (thread_.joinable()) {
+    http_->stop();
+    thread_.join();
+  }
+}
+
+}  // namespace superpose::server

@@ -1,0 +1,83 @@
+// Prometheus metrics: the engine reports through EngineObserver; an HTTP endpoint on
+// its own port serves them in the text exposition format (/metrics).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/synchronization/mutex.h"
+#include "engine/runtime/engine.h"
+
+namespace httplib {
+class Server;
+}
+
+namespace superpose::server {
+
+class Histogram {
+ public:
+  explicit Histogram(std::vector<double> bounds);
+  void Observe(double v);
+  // Appends the _bucket/_sum/_count lines of `name`.
+  void Render(const std::string& name, std::string* out) const;
+
+ private:
+  std::vector<double> bounds_;
+  std::vector<uint64_t> counts_;  // per bucket (not cumulative), last = +Inf
+  double sum_ = 0;
+  uint64_t count_ = 0;
+};
+
+class Metrics : public engine::EngineObserver {
+ public:
+  Metrics();
+  void SetEngine(const engine::Engine* engine) { engine_ = engine; }
+
+  void OnFinished(const engine::Usage& usage, engine::FinishReason reason,
+                  const absl::Status& status) override;
+  void OnFirstToken(double queue_time_ms, double ttft_ms) override;
+  void OnToken(double inter_token_ms) override;
+  void OnPreempted() override;
+  void OnStep(int32_t running, int32_t waiting, int32_t batch_tokens) override;
+  // Requests refused before reaching the engine (validation, full queue).
+  void OnRejected(const std::string& code);
+
+  std::string Render() const;
+
+ private:
+  mutable absl::Mutex mu_;
+  const engine::Engine* engine_ = nullptr;
+  Histogram queue_time_s_ ABSL_GUARDED_BY(mu_);
+  Histogram ttft_s_ ABSL_GUARDED_BY(mu_);
+  Histogram itl_s_ ABSL_GUARDED_BY(mu_);
+  Histogram e2e_s_ ABSL_GUARDED_BY(mu_);
+  Histogram batch_tokens_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, uint64_t> finished_ ABSL_GUARDED_BY(mu_);  // by finish reason
+  std::map<std::string, uint64_t> rejected_ ABSL_GUARDED_BY(mu_);  // by gRPC code
+  uint64_t prompt_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t generated_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t cached_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t preemptions_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t steps_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+// Serves GET /metrics (and /healthz) on `listen` (host:port; port 0 picks one).
+class MetricsServer {
+ public:
+  explicit MetricsServer(const Metrics* metrics);
+  ~MetricsServer();
+  // Returns the bound port, or -1.
+  int Start(const std::string& listen);
+  void Stop();
+
+ private:
+  const Metrics* metrics_;
+  std::unique_ptr<httplib::Server> http_;
+  std::thread thread_;
+};
+
+}  // namespace superpose::server

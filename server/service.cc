@@ -1,0 +1,259 @@
+#include "server/service.h"
+
+#include <atomic>
+#include <deque>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "spdlog/spdlog.h"
+
+namespace superpose::server {
+
+grpc::Status ToGrpc(const absl::Status& s) {
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+namespace {
+
+std::string NewRequestId() {
+  static std::atomic<uint64_t> counter{0};
+  static const uint64_t boot = static_cast<uint64_t>(absl::ToUnixMicros(absl::Now()));
+  return absl::StrCat(absl::Hex(boot & 0xffffff), "-", counter.fetch_add(1) + 1);
+}
+
+// Streams one generation. Engine events arrive on the engine thread and are queued;
+// at most one write is in flight. When the client reads slowly, new events are merged
+// into the last queued response, so the per-stream buffer stays bounded in count and
+// the engine never waits for a client.
+class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+  struct Action {
+    const v1::GenerateResponse* write = nullptr;
+    bool finish = false;
+    grpc::Status status;
+  };
+
+ public:
+  GenerateReactor(grpc::CallbackServerContext* context, engine::Engine* engine,
+                  const engine::Tokenizer* tokenizer, Metrics* metrics,
+                  absl::StatusOr<engine::Request> request)
+      : engine_(engine), tokenizer_(tokenizer) {
+    if (!request.ok()) {
+      if (metrics != nullptr) metrics->OnRejected(absl::StatusCodeToString(request.status().code()));
+      spdlog::info("req=- rejected: {}", absl::StatusCodeToString(request.status().code()));
+      Finish(ToGrpc(request.status()));
+      return;
+    }
+    if (request->request_id.empty()) request->request_id = NewRequestId();
+    request_id_ = request->request_id;
+    if (context->deadline() != std::chrono::system_clock::time_point::max()) {
+      request->deadline = absl::FromChrono(context->deadline());
+    }
+    spdlog::info("req={} prompt_tokens={} max_new_tokens={}", request_id_,
+                 request->prompt_ids.size(), request->sampling.max_new_tokens);
+    absl::StatusOr<uint64_t> handle = engine_->Submit(
+        *std::move(request), [this](engine::StreamEvent&& ev) { OnEvent(std::move(ev)); });
+    if (!handle.ok()) {
+      spdlog::warn("req={} not queued: {}", request_id_, std::string(handle.status().message()));
+      if (metrics != nullptr) metrics->OnRejected(absl::StatusCodeToString(handle.status().code()));
+      Finish(ToGrpc(handle.status()));
+      return;
+    }
+    bool cancel;
+    {
+      absl::MutexLock lock(&mu_);
+      handle_ = *handle;
+      submitted_ = true;
+      cancel = cancelled_ && !final_;
+    }
+    if (cancel) engine_->Cancel(*handle);
+  }
+
+  void OnCancel() override {
+    bool submitted;
+    {
+      absl::MutexLock lock(&mu_);
+      cancelled_ = true;
+      submitted = submitted_ && !final_;
+    }
+    if (submitted) engine_->Cancel(handle_);
+  }
+
+  void OnWriteDone(bool ok) override {
+    Action action;
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      if (!pending_.empty()) pending_.pop_front();
+      if (!ok) {
+        broken_ = true;
+        pending_.clear();
+      }
+      action = Pump();
+    }
+    Run(action);
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  void OnEvent(engine::StreamEvent&& ev) {
+    Action action;
+    {
+      absl::MutexLock lock(&mu_);
+      action = Merge(std::move(ev));
+    }
+    Run(action);
+  }
+
+  Action Merge(engine::StreamEvent&& ev) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (ev.finished) {
+      final_ = true;
+      if (!ev.status.ok()) {
+        final_status_ = ToGrpc(ev.status);
+      } else if (cancelled_) {
+        final_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
+      }
+    }
+    if (broken_ || cancelled_) return Pump();
+    // The head of pending_ may be in flight: merge only into a later one.
+    v1::GenerateResponse* r;
+    if (pending_.size() >= 2 || (pending_.size() == 1 && !writing_)) {
+      r = &pending_.back();
+    } else {
+      pending_.emplace_back();
+      r = &pending_.back();
+      r->set_request_id(request_id_);
+    }
+    r->mutable_text()->append(ev.text);
+    for (int32_t id : ev.token_ids) r->add_token_ids(static_cast<uint32_t>(id));
+    for (const auto& lp : ev.logprobs) ToProto(lp, *tokenizer_, r->add_logprobs());
+    if (ev.finished && ev.status.ok()) {
+      r->set_finish_reason(ToProto(ev.finish_reason));
+      ToProto(ev.usage, r->mutable_usage());
+    }
+    return Pump();
+  }
+
+  // Decides the next write, or the finish once everything is written. The gRPC call
+  // itself is made by Run() outside the lock.
+  Action Pump() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    Action a;
+    if (writing_ || finished_) return a;
+    if (!pending_.empty() && !broken_) {
+      writing_ = true;
+      a.write = &pending_.front();  // stable: the front is popped only after the write
+      return a;
+    }
+    if (final_) {
+      finished_ = true;
+      a.finish = true;
+      a.status = broken_ && final_status_.ok()
+                     ? grpc::Status(grpc::StatusCode::CANCELLED, "stream closed")
+                     : final_status_;
+    }
+    return a;
+  }
+
+  void Run(const Action& a) {
+    if (a.write != nullptr) {
+      StartWrite(a.write);
+    } else if (a.finish) {
+      Finish(a.status);
+    }
+  }
+
+  engine::Engine* engine_;
+  const engine::Tokenizer* tokenizer_;
+  std::string request_id_;
+  absl::Mutex mu_;
+  std::deque<v1::GenerateResponse> pending_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool final_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  bool broken_ ABSL_GUARDED_BY(mu_) = false;
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  bool submitted_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t handle_ = 0;
+  grpc::Status final_status_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace
+
+SuperposeService::SuperposeService(const engine::ModelBundle* model, engine::Engine* engine,
+                                   const std::string& backend_name,
+                                   const std::string& compute_dtype, int32_t tensor_parallel,
+                                   Limits limits, Metrics* metrics)
+    : model_(model), engine_(engine), limits_(limits), metrics_(metrics) {
+  const engine::ModelConfig& c = model->config;
+  info_.set_model_name(model->name);
+  info_.set_architecture(c.architecture);
+  info_.set_model_type(c.model_type);
+  info_.set_vocab_size(c.vocab_size);
+  info_.set_hidden_size(c.hidden_size);
+  info_.set_intermediate_size(c.intermediate_size);
+  info_.set_num_layers(c.num_layers);
+  info_.set_num_attention_heads(c.num_heads);
+  info_.set_num_kv_heads(c.num_kv_heads);
+  info_.set_head_dim(c.head_dim);
+  info_.set_context_length(limits.context_length);
+  info_.set_dtype(engine::DTypeName(c.dtype));
+  info_.set_compute_dtype(compute_dtype);
+  info_.set_tokenizer(model->tokenizer->kind());
+  info_.set_num_parameters(static_cast<uint64_t>(c.NumParameters()));
+  info_.set_backend(backend_name);
+  for (int32_t id : c.eos_token_ids) info_.add_eos_token_ids(static_cast<uint32_t>(id));
+  if (c.bos_token_id >= 0) info_.set_bos_token_id(static_cast<uint32_t>(c.bos_token_id));
+  info_.set_builtin(model->builtin);
+  info_.set_tensor_parallel(tensor_parallel);
+}
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* SuperposeService::Generate(
+    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  return new GenerateReactor(context, engine_, model_->tokenizer.get(), metrics_,
+                             ToEngineRequest(*request, *model_->tokenizer, limits_));
+}
+
+grpc::ServerUnaryReactor* SuperposeService::Tokenize(grpc::CallbackServerContext* context,
+                                                     const v1::TokenizeRequest* request,
+                                                     v1::TokenizeResponse* response) {
+  auto* reactor = context->DefaultReactor();
+  absl::Status st = ValidateUtf8(request->text(), "text");
+  if (!st.ok()) {
+    reactor->Finish(ToGrpc(st));
+    return reactor;
+  }
+  const bool add_special = !request->has_add_special_tokens() || request->add_special_tokens();
+  for (int32_t id : model_->tokenizer->Encode(request->text(), add_special)) {
+    response->add_token_ids(static_cast<uint32_t>(id));
+    response->add_tokens(model_->tokenizer->IdToToken(id));
+  }
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* SuperposeService::Detokenize(grpc::CallbackServerContext* context,
+                                                       const v1::DetokenizeRequest* request,
+                                                       v1::DetokenizeResponse* response) {
+  auto* reactor = context->DefaultReactor();
+  absl::Status st = ValidateTokenIds(request->token_ids(), limits_.vocab_size, "token_ids");
+  if (!st.ok()) {
+    reactor->Finish(ToGrpc(st));
+    return reactor;
+  }
+  std::vector<int32_t> ids(request->token_ids().begin(), request->token_ids().end());
+  const bool skip = !request->has_skip_special_tokens() || request->skip_special_tokens();
+  response->set_text(model_->tokenizer->Decode(ids, skip));
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* SuperposeService::GetModelInfo(grpc::CallbackServerContext* context,
+                                                         const v1::GetModelInfoRequest*,
+                                                         v1::ModelInfo* response) {
+  *response = info_;
+  auto* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace superpose::server

@@ -1,0 +1,43 @@
+// The gRPC front end: validates requests, submits them to the engine and streams the
+// answers back through callback reactors that respect flow control.
+#pragma once
+
+#include <string>
+
+#include "engine/runtime/engine.h"
+#include "engine/runtime/model_bundle.h"
+#include "server/convert.h"
+#include "server/metrics.h"
+#include "superpose/v1/superpose.grpc.pb.h"
+
+namespace superpose::server {
+
+class SuperposeService final : public v1::Superpose::CallbackService {
+ public:
+  SuperposeService(const engine::ModelBundle* model, engine::Engine* engine,
+                   const std::string& backend_name, const std::string& compute_dtype,
+                   int32_t tensor_parallel, Limits limits, Metrics* metrics = nullptr);
+
+  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
+      grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
+                                     const v1::TokenizeRequest* request,
+                                     v1::TokenizeResponse* response) override;
+  grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* context,
+                                       const v1::DetokenizeRequest* request,
+                                       v1::DetokenizeResponse* response) override;
+  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
+                                         const v1::GetModelInfoRequest* request,
+                                         v1::ModelInfo* response) override;
+
+ private:
+  const engine::ModelBundle* model_;
+  engine::Engine* engine_;
+  v1::ModelInfo info_;
+  Limits limits_;
+  Metrics* metrics_;
+};
+
+grpc::Status ToGrpc(const absl::Status& s);
+
+}  // namespace superpose::server

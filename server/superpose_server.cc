@@ -1,0 +1,190 @@
+// superpose-server: serves one model over gRPC. See docs/operations.md for the flags.
+#include <signal.h>
+
+#include <fstream>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/grpcpp.h>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "engine/backend.h"
+#include "engine/cpu/cpu_backend.h"
+#include "engine/runtime/engine.h"
+#include "engine/runtime/model_bundle.h"
+#include "server/metrics.h"
+#include "server/service.h"
+#include "spdlog/spdlog.h"
+
+ABSL_FLAG(std::string, model, "",
+          "Hugging Face model directory (config.json, *.safetensors, tokenizer.json). "
+          "Empty: the small built-in demo model, whose text is meaningless.");
+ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
+          "gRPC listen address host:port (port 0 picks a free one; see --port_file)");
+ABSL_FLAG(std::string, port_file, "", "If set, write the bound gRPC port to this file");
+ABSL_FLAG(std::string, backend, "cpu", "Compute backend: cpu");
+ABSL_FLAG(int32_t, tp, 1, "Tensor-parallel ranks (CPU: threads with a shared-memory all-reduce)");
+ABSL_FLAG(int32_t, threads, 0, "CPU threads for the backend (0: all cores)");
+ABSL_FLAG(int32_t, max_batch_tokens, 512, "New tokens per engine step (decode + prefill chunks)");
+ABSL_FLAG(int32_t, max_running, 64, "Sequences in the running batch");
+ABSL_FLAG(int32_t, max_waiting, 256,
+          "Queued requests; beyond it new requests get RESOURCE_EXHAUSTED at once");
+ABSL_FLAG(int32_t, max_context, 0, "Context window in tokens (0: the model's maximum)");
+ABSL_FLAG(int32_t, default_max_new_tokens, 256, "max_new_tokens when a request sets none");
+ABSL_FLAG(int32_t, kv_block_size, 16, "Tokens per KV cache block");
+ABSL_FLAG(int64_t, kv_cache_mb, 512, "Memory for the KV cache, in MiB");
+ABSL_FLAG(int32_t, kv_blocks, 0, "KV cache blocks (overrides --kv_cache_mb when > 0)");
+ABSL_FLAG(bool, prefix_caching, true, "Reuse KV blocks of identical prompt prefixes");
+ABSL_FLAG(double, shutdown_grace_s, 10.0,
+          "On SIGTERM/SIGINT: seconds running requests may take to finish");
+ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9090",
+          "Prometheus /metrics HTTP address host:port (empty: off; port 0 picks one)");
+ABSL_FLAG(std::string, metrics_port_file, "", "If set, write the bound metrics port here");
+ABSL_FLAG(std::string, log_level, "info", "trace|debug|info|warn|error");
+
+namespace {
+
+using namespace superpose;  // NOLINT
+
+void WritePortFile(const std::string& path, int port) {
+  if (path.empty()) return;
+  std::ofstream(path + ".tmp") << port << "\n";
+  std::rename((path + ".tmp").c_str(), path.c_str());
+}
+
+int Run() {
+  spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
+  const std::string model_dir = absl::GetFlag(FLAGS_model);
+  absl::StatusOr<engine::ModelBundle> model = engine::LoadModelBundle(model_dir);
+  if (!model.ok()) {
+    spdlog::critical("cannot load model: {}", model.status().ToString());
+    return 2;
+  }
+  if (model->builtin) {
+    spdlog::warn("no --model given: serving the built-in demo model (random weights, "
+                 "byte-level tokenizer); its text is meaningless");
+  }
+  const engine::ModelConfig& cfg = model->config;
+  spdlog::info("model={} arch={} layers={} hidden={} heads={}/{} vocab={} params={} dtype={}",
+               model->name, cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_heads,
+               cfg.num_kv_heads, cfg.vocab_size, cfg.NumParameters(),
+               engine::DTypeName(cfg.dtype));
+
+  engine::BackendRegistry registry;
+  engine::cpu::RegisterBackend(registry);
+  engine::BackendOptions bopts;
+  bopts.num_threads = absl::GetFlag(FLAGS_threads);
+  bopts.tensor_parallel = absl::GetFlag(FLAGS_tp);
+  bopts.kv_block_size = absl::GetFlag(FLAGS_kv_block_size);
+  bopts.kv_num_blocks = absl::GetFlag(FLAGS_kv_blocks);
+  bopts.kv_memory_bytes = absl::GetFlag(FLAGS_kv_cache_mb) << 20;
+  absl::StatusOr<std::unique_ptr<engine::Backend>> backend =
+      registry.Create(absl::GetFlag(FLAGS_backend), bopts);
+  if (!backend.ok()) {
+    spdlog::critical("--backend: {}", backend.status().ToString());
+    return 2;
+  }
+  if (absl::Status st = (*backend)->Load(cfg, *model->weights, engine::Shard{}); !st.ok()) {
+    spdlog::critical("cannot load weights: {}", st.ToString());
+    return 2;
+  }
+  const engine::KvPoolInfo kv = (*backend)->kv();
+  spdlog::info("backend={} tp={} kv_blocks={} block_size={} kv_mib={:.1f}", (*backend)->name(),
+               bopts.tensor_parallel, kv.num_blocks, kv.block_size, kv.num_blocks * kv.bytes_per_block / 1048576.0);
+
+  engine::EngineOptions eopts;
+  eopts.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
+  eopts.max_running = absl::GetFlag(FLAGS_max_running);
+  eopts.max_waiting = absl::GetFlag(FLAGS_max_waiting);
+  eopts.max_context = absl::GetFlag(FLAGS_max_context);
+  eopts.prefix_caching = absl::GetFlag(FLAGS_prefix_caching);
+  engine::Engine eng(eopts, cfg, model->tokenizer.get(), backend->get());
+  server::Metrics metrics;
+  metrics.SetEngine(&eng);
+  eng.SetObserver(&metrics);
+  eng.Start();
+  server::MetricsServer metrics_server(&metrics);
+  if (const std::string ml = absl::GetFlag(FLAGS_metrics_listen); !ml.empty()) {
+    const int mport = metrics_server.Start(ml);
+    if (mport <= 0) {
+      spdlog::critical("--metrics_listen: cannot listen on {}", ml);
+      return 2;
+    }
+    spdlog::info("metrics on http://{}/metrics (port {})", ml, mport);
+    WritePortFile(absl::GetFlag(FLAGS_metrics_port_file), mport);
+  }
+
+  server::Limits limits;
+  limits.context_length = eng.context_length();
+  limits.vocab_size = cfg.vocab_size;
+  limits.default_max_new_tokens = absl::GetFlag(FLAGS_default_max_new_tokens);
+  server::SuperposeService service(&*model, &eng, (*backend)->name(),
+                                   (*backend)->compute_dtype(), bopts.tensor_parallel, limits,
+                                   &metrics);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  builder.SetMaxReceiveMessageSize(64 << 20);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    spdlog::critical("--listen: cannot listen on {}", absl::GetFlag(FLAGS_listen));
+    return 2;
+  }
+  server->GetHealthCheckService()->SetServingStatus("", true);
+  server->GetHealthCheckService()->SetServingStatus("superpose.v1.Superpose", true);
+  spdlog::info("listening on {} (port {})", absl::GetFlag(FLAGS_listen), port);
+  WritePortFile(absl::GetFlag(FLAGS_port_file), port);
+
+  // Wait for SIGTERM / SIGINT (blocked in every thread; see main).
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  int sig = 0;
+  sigwait(&set, &sig);
+  const double grace = absl::GetFlag(FLAGS_shutdown_grace_s);
+  spdlog::info("signal {}: draining for up to {:.1f}s", sig, grace);
+  server->GetHealthCheckService()->SetServingStatus("", false);
+  server->GetHealthCheckService()->SetServingStatus("superpose.v1.Superpose", false);
+  // Stops accepting calls, lets running ones finish until the deadline, then cancels.
+  server->Shutdown(std::chrono::system_clock::now() +
+                   std::chrono::milliseconds(static_cast<int64_t>(grace * 1000)));
+  eng.Shutdown(absl::ZeroDuration());
+  metrics_server.Stop();
+  spdlog::info("stopped");
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::FlagsUsageConfig usage;
+  usage.contains_help_flags = [](absl::string_view file) {
+    return absl::StrContains(file, "superpose_server");
+  };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage);
+  absl::SetProgramUsageMessage(
+      "superpose-server: serves a Llama-family model over gRPC (superpose.v1.Superpose).\n"
+      "Usage: superpose-server [--model=DIR] [--listen=HOST:PORT] [flags]");
+  absl::ParseCommandLine(argc, argv);
+  // Block the shutdown signals before any thread starts; Run() waits for them.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  return Run();
+}

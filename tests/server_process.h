@@ -1,0 +1,75 @@
+// Starts superpose-server as a child process on a free loopback port for integration
+// tests, and stops it with SIGTERM.
+#pragma once
+
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+extern char** environ;
+
+namespace superpose::testing {
+
+class ServerProcess {
+ public:
+  // `args`: extra flags for superpose-server.
+  explicit ServerProcess(std::vector<std::string> args) {
+    static int counter = 0;
+    port_file_ = "/tmp/superpose-test-port-" + std::to_string(getpid()) + "-" +
+                 std::to_string(counter++);
+    std::remove(port_file_.c_str());
+    std::vector<std::string> argv = {std::string(SP_BINARY_DIR) + "/superpose-server",
+                                      "--listen=127.0.0.1:0", "--port_file=" + port_file_,
+                                      "--log_level=warn"};
+    for (auto& a : args) argv.push_back(a);
+    std::vector<char*> cargv;
+    for (auto& a : argv) cargv.push_back(a.data());
+    cargv.push_back(nullptr);
+    if (posix_spawn(&pid_, cargv[0], nullptr, nullptr, cargv.data(), environ) != 0) pid_ = -1;
+    for (int i = 0; i < 600 && pid_ > 0; ++i) {  // up to 60 s
+      std::ifstream in(port_file_);
+      if (in >> port_) break;
+      int status;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  }
+  ~ServerProcess() { Stop(); }
+
+  bool ok() const { return pid_ > 0 && port_ > 0; }
+  int port() const { return port_; }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  std::shared_ptr<grpc::Channel> Channel() const {
+    return grpc::CreateChannel(address(), grpc::InsecureChannelCredentials());
+  }
+  // SIGTERM and wait; returns the exit status (or -1).
+  int Stop() {
+    if (pid_ <= 0) return -1;
+    kill(pid_, SIGTERM);
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    pid_ = -1;
+    std::remove(port_file_.c_str());
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+
+ private:
+  pid_t pid_ = -1;
+  int port_ = 0;
+  std::string port_file_;
+};
+
+}  // namespace superpose::testing
