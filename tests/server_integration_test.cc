@@ -1,4 +1,5 @@
 // A real superpose-server on a loopback port, driven through real gRPC clients.
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <grpcpp/generic/generic_stub.h>

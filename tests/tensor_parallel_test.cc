@@ -1,5 +1,6 @@
 // Tensor parallelism on the CPU (thread communicator): tp = 2 and 4 give the logits of
 // tp = 1 within 1e-5 relative (to the row's largest |logit|) and the same greedy tokens.
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <cmath>

@@ -15,10 +15,12 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -35,9 +37,7 @@ namespace {
 using json = nlohmann::json;
 
 std::string FixturesDir() { return std::string(SP_SHARED_DIR) + "/fixtures"; }
-std::string TokenizerDir(const std::string& name) {
-  return FixturesDir() + "/tokenizers/" + name;
-}
+std::string TokenizerDir(const std::string& name) { return FixturesDir() + "/tokenizers/" + name; }
 std::string StoriesDir() { return FixturesDir() + "/stories260k"; }
 
 std::string ReadFile(const std::string& path) {
@@ -217,7 +217,8 @@ TEST_P(FixtureTokenizerTest, DecodeStreamMatchesDecode) {
         std::string streamed;
         for (size_t k = cut; k < ids.size(); ++k) {
           std::string piece = stream.Step(ids[k]);
-          EXPECT_TRUE(tok::IsValidUtf8(piece)) << name << " case " << i << " piece " << Quote(piece);
+          EXPECT_TRUE(tok::IsValidUtf8(piece))
+              << name << " case " << i << " piece " << Quote(piece);
           streamed += piece;
         }
         std::string rest = stream.Flush();
@@ -307,14 +308,15 @@ TEST(Stories260kTokenizer, GoldenPromptsAndFullText) {
     const std::string prompt = gen[i]["prompt"].get<std::string>();
     const auto prompt_ids = Ids(gen[i]["prompt_ids"]);
     const auto completion = Ids(gen[i]["completion_ids"]);
-    bool good = CheckIds(t, "stories260k golden prompt", i, prompt, prompt_ids, t.Encode(prompt, true));
+    bool good =
+        CheckIds(t, "stories260k golden prompt", i, prompt, prompt_ids, t.Encode(prompt, true));
     std::vector<int32_t> all = prompt_ids;
     all.insert(all.end(), completion.begin(), completion.end());
     good &= CheckText("stories260k full_text", i, gen[i]["full_text"].get<std::string>(),
                       t.Decode(all, true));
-    good &= CheckText("stories260k completion_text", i,
-                      gen[i]["completion_text"].get<std::string>(),
-                      t.Decode(all, true).substr(t.Decode(prompt_ids, true).size()));
+    good &=
+        CheckText("stories260k completion_text", i, gen[i]["completion_text"].get<std::string>(),
+                  t.Decode(all, true).substr(t.Decode(prompt_ids, true).size()));
     ok += good;
   }
   // Tokenizer cases, if the golden file carries any ({text, ids} with BOS).
@@ -397,9 +399,16 @@ TEST(Stories260kTokenizer, ByteFallbackInvalidSequences) {
 TEST(Stories260kTokenizer, InvalidUtf8InputIsReplacedLikeFromUtf8Lossy) {
   const Tokenizer& t = Cached(StoriesDir());
   // 0xFF is invalid; "\xF0\x9F" is a truncated 4-byte sequence: one U+FFFD each.
-  EXPECT_EQ(t.Encode("a\xFF" "b\xF0\x9F", false),
-            t.Encode("a\xEF\xBF\xBD" "b\xEF\xBF\xBD", false));
-  EXPECT_EQ(tok::Utf8Lossy("a\xFF" "b\xF0\x9F"), "a\xEF\xBF\xBD" "b\xEF\xBF\xBD");
+  EXPECT_EQ(t.Encode("a\xFF"
+                     "b\xF0\x9F",
+                     false),
+            t.Encode("a\xEF\xBF\xBD"
+                     "b\xEF\xBF\xBD",
+                     false));
+  EXPECT_EQ(tok::Utf8Lossy("a\xFF"
+                           "b\xF0\x9F"),
+            "a\xEF\xBF\xBD"
+            "b\xEF\xBF\xBD");
   EXPECT_EQ(tok::Utf8Lossy("\xE0\x80"), "\xEF\xBF\xBD\xEF\xBF\xBD");  // E0 needs A0..BF next
   EXPECT_EQ(tok::Utf8Lossy("\xED\xA0\x80"), "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");  // surrogate
 }
@@ -518,10 +527,13 @@ TEST(TokenizerSpeed, Encode100KB) {
     auto t2 = std::chrono::steady_clock::now();
     std::string back = t.Decode(ids, false);
     auto t3 = std::chrono::steady_clock::now();
-    auto ms = [](auto a, auto b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
-    std::printf("[ %-9s ] encode %zu bytes -> %zu tokens: %.1f ms (warm cache %.1f ms), "
-                "decode %.1f ms\n",
-                name.c_str(), text.size(), ids.size(), ms(t0, t1), ms(t1, t2), ms(t2, t3));
+    auto ms = [](auto a, auto b) {
+      return std::chrono::duration<double, std::milli>(b - a).count();
+    };
+    std::printf(
+        "[ %-9s ] encode %zu bytes -> %zu tokens: %.1f ms (warm cache %.1f ms), "
+        "decode %.1f ms\n",
+        name.c_str(), text.size(), ids.size(), ms(t0, t1), ms(t1, t2), ms(t2, t3));
     EXPECT_EQ(ids, again);
     EXPECT_EQ(back, text) << name;  // round-trip (no added tokens in the text)
     EXPECT_GT(ids.size(), text.size() / 8);
@@ -559,8 +571,7 @@ TEST(TokenizerThreads, ConcurrentEncodeIsConsistent) {
 TEST(TokenizerErrors, MalformedJsonNamesTheFile) {
   auto t = Tokenizer::FromJson("{\"model\": ", "", "/models/x/tokenizer.json");
   ASSERT_FALSE(t.ok());
-  EXPECT_NE(t.status().message().find("/models/x/tokenizer.json"), std::string::npos)
-      << t.status();
+  EXPECT_NE(t.status().message().find("/models/x/tokenizer.json"), std::string::npos) << t.status();
   EXPECT_NE(t.status().message().find("invalid JSON"), std::string::npos) << t.status();
 }
 
@@ -568,8 +579,7 @@ TEST(TokenizerErrors, MalformedConfigNamesTheConfigFile) {
   std::string good = ReadFile(StoriesDir() + "/tokenizer.json");
   auto t = Tokenizer::FromJson(good, "{oops", "/m/tokenizer.json");
   ASSERT_FALSE(t.ok());
-  EXPECT_NE(t.status().message().find("/m/tokenizer_config.json"), std::string::npos)
-      << t.status();
+  EXPECT_NE(t.status().message().find("/m/tokenizer_config.json"), std::string::npos) << t.status();
   auto t2 = Tokenizer::FromJson(good, R"({"add_bos_token": "yes"})", "/m/tokenizer.json");
   ASSERT_FALSE(t2.ok());
   EXPECT_NE(t2.status().message().find("add_bos_token"), std::string::npos) << t2.status();
@@ -601,15 +611,17 @@ TEST(TokenizerErrors, UnsupportedComponentsNameTheField) {
   ExpectErrorNames(StoriesWith("/pre_tokenizer", json{{"type", "BertPreTokenizer"}}),
                    "pre_tokenizer.type");
   ExpectErrorNames(
-      StoriesWith("/pre_tokenizer", json{{"type", "Sequence"},
-                                         {"pretokenizers", json::array({json{{"type", "Digits"}},
-                                                                        json{{"type", "Nope"}}})}}),
+      StoriesWith(
+          "/pre_tokenizer",
+          json{{"type", "Sequence"},
+               {"pretokenizers", json::array({json{{"type", "Digits"}}, json{{"type", "Nope"}}})}}),
       "pre_tokenizer.pretokenizers[1].type");
   ExpectErrorNames(StoriesWith("/pre_tokenizer", json{{"type", "Split"},
                                                       {"pattern", json{{"Regex", "(unclosed"}}},
                                                       {"behavior", "Isolated"}}),
                    "pre_tokenizer.pattern.Regex");
-  ExpectErrorNames(StoriesWith("/decoder/decoders/0/type", "WordPiece"), "decoder.decoders[0].type");
+  ExpectErrorNames(StoriesWith("/decoder/decoders/0/type", "WordPiece"),
+                   "decoder.decoders[0].type");
   ExpectErrorNames(StoriesWith("/post_processor/type", "Magic"), "post_processor.type");
   ExpectErrorNames(StoriesWith("/added_tokens/0/id", "zero"), "added_tokens[0].id");
   json no_model = ReadJson(StoriesDir() + "/tokenizer.json");
@@ -629,17 +641,37 @@ TEST(TokenizerErrors, MissingDirectory) {
 std::unique_ptr<Tokenizer> Synthetic(const json& extra, const std::string& config = "") {
   json vocab = json::object();
   int id = 0;
-  for (const char* tok : {"<s>", "</s>", "a", "b", "c", "ab", "bc", "abc", "ba", "\xE2\x96\x81",
-                          "\xE2\x96\x81" "a", "\xE2\x96\x81" "ab", "f", "i", "fi", " ", "x", "1",
-                          "2", "12", "xx"}) {
+  for (const char* tok : {"<s>",
+                          "</s>",
+                          "a",
+                          "b",
+                          "c",
+                          "ab",
+                          "bc",
+                          "abc",
+                          "ba",
+                          "\xE2\x96\x81",
+                          "\xE2\x96\x81"
+                          "a",
+                          "\xE2\x96\x81"
+                          "ab",
+                          "f",
+                          "i",
+                          "fi",
+                          " ",
+                          "x",
+                          "1",
+                          "2",
+                          "12",
+                          "xx"}) {
     vocab[tok] = id++;
   }
   json j = {
       {"version", "1.0"},
-      {"added_tokens", json::array({json{{"id", 0}, {"content", "<s>"}, {"special", true},
-                                         {"normalized", false}},
-                                    json{{"id", 1}, {"content", "</s>"}, {"special", true},
-                                         {"normalized", false}}})},
+      {"added_tokens",
+       json::array(
+           {json{{"id", 0}, {"content", "<s>"}, {"special", true}, {"normalized", false}},
+            json{{"id", 1}, {"content", "</s>"}, {"special", true}, {"normalized", false}}})},
       {"normalizer", nullptr},
       {"pre_tokenizer", nullptr},
       {"post_processor", nullptr},
@@ -648,8 +680,9 @@ std::unique_ptr<Tokenizer> Synthetic(const json& extra, const std::string& confi
        {{"type", "BPE"},
         {"vocab", vocab},
         {"merges", json::array({json::array({"a", "b"}), "b c", "ab c", "b a", "\xE2\x96\x81 a",
-                                "\xE2\x96\x81" "a b", "f i", "1 2",
-                                "\xE2\x96\x81 ab"})},
+                                "\xE2\x96\x81"
+                                "a b",
+                                "f i", "1 2", "\xE2\x96\x81 ab"})},
         {"unk_token", nullptr}}}};
   if (extra.is_object()) j.merge_patch(extra);
   auto t = Tokenizer::FromJson(j.dump(), config, "synthetic/tokenizer.json");
@@ -673,7 +706,7 @@ TEST(SyntheticTokenizer, BpeMergesByRank) {
   EXPECT_EQ(t->vocab_size(), 21);
   // Unknown characters without unk/byte fallback are dropped, like HF, and the
   // neighbours merge.
-  EXPECT_EQ(t->Encode("aZb", false), V({5}));  // a and b become adjacent
+  EXPECT_EQ(t->Encode("aZb", false), V({5}));      // a and b become adjacent
   EXPECT_EQ(t->Encode("xx", false), V({16, 16}));  // "xx" is in the vocab but has no merge
 
   auto unk = Synthetic({{"model", {{"unk_token", "x"}, {"fuse_unk", true}}}});
@@ -687,10 +720,11 @@ TEST(SyntheticTokenizer, BpeMergesByRank) {
 
 TEST(SyntheticTokenizer, SplitBehaviors) {
   auto with = [](const std::string& behavior, bool invert) {
-    return Synthetic({{"pre_tokenizer", {{"type", "Split"},
-                                         {"pattern", {{"String", "b"}}},
-                                         {"behavior", behavior},
-                                         {"invert", invert}}}});
+    return Synthetic({{"pre_tokenizer",
+                       {{"type", "Split"},
+                        {"pattern", {{"String", "b"}}},
+                        {"behavior", behavior},
+                        {"invert", invert}}}});
   };
   EXPECT_EQ(with("Removed", false)->Encode("abab", false), V({2, 2}));
   EXPECT_EQ(with("Isolated", false)->Encode("abab", false), V({2, 3, 2, 3}));
@@ -698,24 +732,32 @@ TEST(SyntheticTokenizer, SplitBehaviors) {
   EXPECT_EQ(with("MergedWithNext", false)->Encode("abab", false), V({2, 8, 3}));
   EXPECT_EQ(with("Contiguous", false)->Encode("abbab", false), V({2, 3, 3, 2, 3}));
   EXPECT_EQ(with("Removed", true)->Encode("abab", false), V({3, 3}));
-  auto regex = Synthetic({{"pre_tokenizer", {{"type", "Split"},
-                                             {"pattern", {{"Regex", "[0-9]"}}},
-                                             {"behavior", "Isolated"},
-                                             {"invert", false}}}});
+  auto regex = Synthetic({{"pre_tokenizer",
+                           {{"type", "Split"},
+                            {"pattern", {{"Regex", "[0-9]"}}},
+                            {"behavior", "Isolated"},
+                            {"invert", false}}}});
   EXPECT_EQ(regex->Encode("a12", false), V({2, 17, 18}));
   auto digits = Synthetic({{"pre_tokenizer", {{"type", "Digits"}, {"individual_digits", false}}}});
   EXPECT_EQ(digits->Encode("a12", false), V({2, 19}));
-  auto individual = Synthetic({{"pre_tokenizer", {{"type", "Digits"}, {"individual_digits", true}}}});
+  auto individual =
+      Synthetic({{"pre_tokenizer", {{"type", "Digits"}, {"individual_digits", true}}}});
   EXPECT_EQ(individual->Encode("a12", false), V({2, 17, 18}));
 }
 
 TEST(SyntheticTokenizer, MetaspacePreTokenizerAndDecoder) {
   const std::string ws = "\xE2\x96\x81";
   auto make = [&](const std::string& scheme) {
-    return Synthetic({{"pre_tokenizer", {{"type", "Metaspace"}, {"replacement", ws},
-                                         {"prepend_scheme", scheme}, {"split", true}}},
-                      {"decoder", {{"type", "Metaspace"}, {"replacement", ws},
-                                   {"prepend_scheme", scheme}, {"split", true}}}});
+    return Synthetic({{"pre_tokenizer",
+                       {{"type", "Metaspace"},
+                        {"replacement", ws},
+                        {"prepend_scheme", scheme},
+                        {"split", true}}},
+                      {"decoder",
+                       {{"type", "Metaspace"},
+                        {"replacement", ws},
+                        {"prepend_scheme", scheme},
+                        {"split", true}}}});
   };
   auto first = make("first");
   // "ab ab" -> "▁ab▁ab" -> [▁ab, ▁ab]
@@ -734,10 +776,17 @@ TEST(SyntheticTokenizer, NormalizersAndAddedTokenStripping) {
   auto lower = Synthetic({{"normalizer", {{"type", "Lowercase"}}}});
   EXPECT_EQ(lower->Encode("ABC", false), V({7}));
 
-  json added = json::array({json{{"id", 0}, {"content", "<s>"}, {"special", true},
-                                 {"normalized", false}, {"lstrip", true}, {"rstrip", true}},
-                            json{{"id", 1}, {"content", "</s>"}, {"special", true},
-                                 {"normalized", false}, {"single_word", true}}});
+  json added = json::array({json{{"id", 0},
+                                 {"content", "<s>"},
+                                 {"special", true},
+                                 {"normalized", false},
+                                 {"lstrip", true},
+                                 {"rstrip", true}},
+                            json{{"id", 1},
+                                 {"content", "</s>"},
+                                 {"special", true},
+                                 {"normalized", false},
+                                 {"single_word", true}}});
   auto strip = Synthetic({{"added_tokens", added}});
   // lstrip/rstrip swallow the spaces around "<s>".
   EXPECT_EQ(strip->Encode("a  <s>  b", false), V({2, 0, 3}));
@@ -754,16 +803,20 @@ TEST(SyntheticTokenizer, MoreNormalizersAndPreTokenizers) {
   EXPECT_EQ(ws->Encode("ab,c a", false), V({5, 4, 2}));  // "," is not in the vocab
   auto punct = Synthetic({{"pre_tokenizer", {{"type", "Punctuation"}, {"behavior", "Removed"}}}});
   EXPECT_EQ(punct->Encode("a!b", false), V({2, 3}));  // split apart: no "ab" merge
-  auto strip = Synthetic({{"normalizer", {{"type", "Strip"}, {"strip_left", true},
-                                          {"strip_right", true}}}});
+  auto strip =
+      Synthetic({{"normalizer", {{"type", "Strip"}, {"strip_left", true}, {"strip_right", true}}}});
   EXPECT_EQ(strip->Encode(" \u3000abc\n ", false), V({7}));
-  auto accents = Synthetic({{"normalizer", {{"type", "Sequence"},
-                                            {"normalizers", json::array({json{{"type", "NFD"}},
-                                                                         json{{"type", "StripAccents"}}})}}}});
-  EXPECT_EQ(accents->Encode("\xC3\xA1" "b", false), V({5}));  // "áb" -> "ab"
-  auto replace = Synthetic({{"normalizer", {{"type", "Replace"},
-                                            {"pattern", {{"Regex", "[0-9]+"}}},
-                                            {"content", "x"}}}});
+  auto accents = Synthetic(
+      {{"normalizer",
+        {{"type", "Sequence"},
+         {"normalizers", json::array({json{{"type", "NFD"}}, json{{"type", "StripAccents"}}})}}}});
+  EXPECT_EQ(accents->Encode("\xC3\xA1"
+                            "b",
+                            false),
+            V({5}));  // "áb" -> "ab"
+  auto replace =
+      Synthetic({{"normalizer",
+                  {{"type", "Replace"}, {"pattern", {{"Regex", "[0-9]+"}}}, {"content", "x"}}}});
   EXPECT_EQ(replace->Encode("a12b", false), V({2, 16, 3}));
   auto prepend = Synthetic({{"normalizer", {{"type", "Prepend"}, {"prepend", "\xE2\x96\x81"}}}});
   EXPECT_EQ(prepend->Encode("ab", false), V({11}));
@@ -775,8 +828,9 @@ TEST(SyntheticTokenizer, TemplateAndConfigOverrides) {
                {"single", json::array({json{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}},
                                        json{{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
                                        json{{"SpecialToken", {{"id", "</s>"}, {"type_id", 0}}}}})},
-               {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {0}}, {"tokens", {"<s>"}}}},
-                                   {"</s>", {{"id", "</s>"}, {"ids", {1}}, {"tokens", {"</s>"}}}}}}};
+               {"special_tokens",
+                {{"<s>", {{"id", "<s>"}, {"ids", {0}}, {"tokens", {"<s>"}}}},
+                 {"</s>", {{"id", "</s>"}, {"ids", {1}}, {"tokens", {"</s>"}}}}}}};
   auto t = Synthetic({{"post_processor", post}});
   EXPECT_EQ(t->Encode("ab", true), V({0, 5, 1}));
   EXPECT_EQ(t->Encode("ab", false), V({5}));

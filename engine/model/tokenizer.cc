@@ -68,8 +68,7 @@ class LiteralMatcher {
     size_t best_len = 0;
     for (size_t k : by_first_[static_cast<unsigned char>(s[pos])]) {
       const std::string& p = patterns_[k].first;
-      if (p.size() > best_len && s.size() - pos >= p.size() &&
-          s.compare(pos, p.size(), p) == 0) {
+      if (p.size() > best_len && s.size() - pos >= p.size() && s.compare(pos, p.size(), p) == 0) {
         best = patterns_[k].second;
         best_len = p.size();
       }
@@ -203,8 +202,8 @@ absl::Status ParsePostProcessor(const json& j, const std::string& field, const P
     const json& items = j.at("processors");
     for (size_t i = 0; i < items.size(); ++i) {
       std::vector<int32_t> p, s;
-      SP_RETURN_IF_ERROR(ParsePostProcessor(items[i], absl::StrCat(field, ".processors[", i, "]"),
-                                            ctx, &p, &s));
+      SP_RETURN_IF_ERROR(
+          ParsePostProcessor(items[i], absl::StrCat(field, ".processors[", i, "]"), ctx, &p, &s));
       prefix->insert(prefix->begin(), p.begin(), p.end());
       suffix->insert(suffix->end(), s.begin(), s.end());
     }
@@ -307,7 +306,8 @@ absl::StatusOr<std::unique_ptr<HfTokenizer>> HfTokenizer::Parse(const json& j, c
       std::string f = absl::StrCat("added_tokens[", i, "]");
       const json& a = added[i];
       if (!a.is_object() || !a.contains("id") || !a.at("id").is_number_integer() ||
-          a.at("id").get<int64_t>() < 0 || a.at("id").get<int64_t>() >= tok::BpeModel::kMaxTokenId) {
+          a.at("id").get<int64_t>() < 0 ||
+          a.at("id").get<int64_t>() >= tok::BpeModel::kMaxTokenId) {
         return ctx.Error(f + ".id", "expected an integer in [0, 2^24)");
       }
       AddedToken tk;
@@ -504,9 +504,9 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view tokenizer_json,
-                                                               std::string_view tokenizer_config_json,
-                                                               const std::string& source) {
+absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
+    std::string_view tokenizer_json, std::string_view tokenizer_config_json,
+    const std::string& source) {
   ParseContext ctx{source};
   ParseContext config_ctx{ConfigSource(source)};
   json j, config;
@@ -527,12 +527,13 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view 
     has_config = true;
   }
   try {
-    SP_ASSIGN_OR_RETURN(auto t, HfTokenizer::Parse(j, has_config ? &config : nullptr, ctx,
-                                                   config_ctx));
+    SP_ASSIGN_OR_RETURN(auto t,
+                        HfTokenizer::Parse(j, has_config ? &config : nullptr, ctx, config_ctx));
     return std::unique_ptr<Tokenizer>(std::move(t));
   } catch (const json::exception& e) {
     // Defensive: the parsers check types before reading, so this should not happen.
-    return absl::InvalidArgumentError(absl::StrCat(source, ": unexpected JSON content: ", e.what()));
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": unexpected JSON content: ", e.what()));
   }
 }
 

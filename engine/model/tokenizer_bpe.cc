@@ -86,7 +86,8 @@ absl::StatusOr<std::unique_ptr<BpeModel>> BpeModel::Parse(const json& j, const P
   SP_ASSIGN_OR_RETURN(m->ignore_merges_, GetBool(j, "ignore_merges", false, "model", ctx));
   auto opt_string = [&](const char* key, std::string* out) -> absl::Status {
     if (!j.contains(key) || j.at(key).is_null()) return absl::OkStatus();
-    if (!j.at(key).is_string()) return ctx.Error(absl::StrCat("model.", key), "expected a string or null");
+    if (!j.at(key).is_string())
+      return ctx.Error(absl::StrCat("model.", key), "expected a string or null");
     *out = j.at(key).get<std::string>();
     return absl::OkStatus();
   };
@@ -131,7 +132,8 @@ absl::StatusOr<std::unique_ptr<BpeModel>> BpeModel::Parse(const json& j, const P
     auto ida = m->Lookup(a);
     auto idb = m->Lookup(b);
     if (!ida || !idb) return ctx.Error(field, "merge token is not in the vocabulary");
-    if (b.size() < prefix_len) return ctx.Error(field, "merge token shorter than the subword prefix");
+    if (b.size() < prefix_len)
+      return ctx.Error(field, "merge token shorter than the subword prefix");
     auto idn = m->Lookup(a + b.substr(prefix_len));
     if (!idn) return ctx.Error(field, "merged token is not in the vocabulary");
     // Later duplicates win, as when HF collects the merges into a map.

@@ -48,7 +48,8 @@ absl::StatusOr<int64_t> GetInt(const json& j, const char* key, int64_t default_v
                                const std::string& field, const ParseContext& ctx) {
   if (!j.is_object() || !j.contains(key) || j.at(key).is_null()) return default_value;
   const json& v = j.at(key);
-  if (!v.is_number_integer()) return ctx.Error(absl::StrCat(field, ".", key), "expected an integer");
+  if (!v.is_number_integer())
+    return ctx.Error(absl::StrCat(field, ".", key), "expected an integer");
   return v.get<int64_t>();
 }
 
@@ -91,7 +92,8 @@ absl::StatusOr<Pattern> ParsePattern(const json& j, const std::string& field,
 }
 
 // Non-overlapping occurrences of a pattern, left to right.
-void FindPattern(const Pattern& p, std::string_view s, std::vector<std::pair<size_t, size_t>>* out) {
+void FindPattern(const Pattern& p, std::string_view s,
+                 std::vector<std::pair<size_t, size_t>>* out) {
   if (p.regex) {
     p.regex->FindAll(s, out);
     return;
@@ -127,14 +129,13 @@ std::string ReplaceAll(const Pattern& p, const std::string& content, std::string
 absl::StatusOr<std::unique_ptr<Regex>> Regex::Compile(const std::string& pattern) {
   int err = 0;
   PCRE2_SIZE offset = 0;
-  pcre2_code* code =
-      pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
-                    PCRE2_UTF | PCRE2_UCP, &err, &offset, nullptr);
+  pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
+                                   PCRE2_UTF | PCRE2_UCP, &err, &offset, nullptr);
   if (code == nullptr) {
     PCRE2_UCHAR buf[256];
     pcre2_get_error_message(err, buf, sizeof(buf));
-    return absl::InvalidArgumentError(absl::StrCat("invalid regex at offset ", offset, ": ",
-                                                   reinterpret_cast<const char*>(buf)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("invalid regex at offset ", offset, ": ", reinterpret_cast<const char*>(buf)));
   }
   pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);  // falls back to the interpreter if unavailable
   std::unique_ptr<Regex> re(new Regex());
@@ -273,8 +274,7 @@ class ByteLevelNormalizer : public Normalizer {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Normalizer>> ParseNormalizer(const json& j,
-                                                            const std::string& field,
+absl::StatusOr<std::unique_ptr<Normalizer>> ParseNormalizer(const json& j, const std::string& field,
                                                             const ParseContext& ctx) {
   if (j.is_null()) return std::unique_ptr<Normalizer>();
   SP_ASSIGN_OR_RETURN(std::string type, GetType(j, field, ctx));
@@ -285,8 +285,8 @@ absl::StatusOr<std::unique_ptr<Normalizer>> ParseNormalizer(const json& j,
     }
     const json& items = j.at("normalizers");
     for (size_t i = 0; i < items.size(); ++i) {
-      SP_ASSIGN_OR_RETURN(auto n, ParseNormalizer(items[i],
-                                                  absl::StrCat(field, ".normalizers[", i, "]"), ctx));
+      SP_ASSIGN_OR_RETURN(
+          auto n, ParseNormalizer(items[i], absl::StrCat(field, ".normalizers[", i, "]"), ctx));
       if (n) seq->items.push_back(std::move(n));
     }
     return std::unique_ptr<Normalizer>(std::move(seq));
@@ -399,7 +399,8 @@ void ApplyBehavior(const Piece& piece, std::vector<Seg>& segs, Behavior behavior
   }
   for (const Seg& s : acc) {
     if (s.match || s.end <= s.begin) continue;
-    out->push_back(Piece{piece.text.substr(s.begin, s.end - s.begin), piece.at_origin && s.begin == 0});
+    out->push_back(
+        Piece{piece.text.substr(s.begin, s.end - s.begin), piece.at_origin && s.begin == 0});
   }
 }
 
@@ -581,8 +582,8 @@ class MetaspacePreTokenizer : public SplittingPreTokenizer {
       }
     }
     bool starts = s.compare(0, replacement.size(), replacement) == 0;
-    if (!starts && (scheme == PrependScheme::kAlways ||
-                    (scheme == PrependScheme::kFirst && p->at_origin))) {
+    if (!starts &&
+        (scheme == PrependScheme::kAlways || (scheme == PrependScheme::kFirst && p->at_origin))) {
       s.insert(0, replacement);
     }
     p->text = std::move(s);
@@ -590,7 +591,8 @@ class MetaspacePreTokenizer : public SplittingPreTokenizer {
   void SplitOne(Piece* p, std::vector<Seg>* segs) const override {
     Rewrite(p);
     char32_t r = replacement_cp;
-    SegsFromChars(p->text, [r](char32_t c) { return c == r; }, false, segs);
+    SegsFromChars(
+        p->text, [r](char32_t c) { return c == r; }, false, segs);
   }
 };
 
@@ -669,7 +671,8 @@ absl::StatusOr<std::unique_ptr<PreTokenizer>> ParsePreTokenizer(const json& j,
       } else if (scheme == "never") {
         p->scheme = PrependScheme::kNever;
       } else {
-        return ctx.Error(field + ".prepend_scheme", absl::StrCat("unsupported value \"", scheme, "\""));
+        return ctx.Error(field + ".prepend_scheme",
+                         absl::StrCat("unsupported value \"", scheme, "\""));
       }
     } else {
       SP_ASSIGN_OR_RETURN(bool add, GetBool(j, "add_prefix_space", true, field, ctx));
@@ -906,7 +909,8 @@ absl::StatusOr<std::unique_ptr<Decoder>> ParseDecoder(const json& j, const std::
     if (j.contains("prepend_scheme") && !j.at("prepend_scheme").is_null()) {
       SP_ASSIGN_OR_RETURN(std::string scheme, GetString(j, "prepend_scheme", field, ctx));
       if (scheme != "first" && scheme != "always" && scheme != "never") {
-        return ctx.Error(field + ".prepend_scheme", absl::StrCat("unsupported value \"", scheme, "\""));
+        return ctx.Error(field + ".prepend_scheme",
+                         absl::StrCat("unsupported value \"", scheme, "\""));
       }
       d->prepend = scheme != "never";
     } else {
