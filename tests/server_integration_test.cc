@@ -278,8 +278,6 @@ TEST_F(ServerTest, InvalidUtf8IsInvalidArgument) {
     cq.Next(&tag, &ok);
     call->Write(request, grpc::WriteOptions().set_last_message(), reinterpret_cast<void*>(2));
     cq.Next(&tag, &ok);
-    call->WritesDone(reinterpret_cast<void*>(3));
-    cq.Next(&tag, &ok);
     grpc::ByteBuffer response;
     call->Read(&response, reinterpret_cast<void*>(4));
     cq.Next(&tag, &ok);
