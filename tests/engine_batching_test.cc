@@ -91,7 +91,8 @@ TEST_F(BatchingTest, ConcurrentGreedyEqualsSolo) {
 TEST_F(BatchingTest, SharedThreeBlockPrefixIsCached) {
   std::vector<int32_t> prefix = model_.tokenizer->Encode(
       "Once upon a time, there was a little girl named Lily. She loved to play outside in "
-      "the park with her friends.",
+      "the park with her friends. One day, she saw a big red ball under a tree. She ran to "
+      "get it and showed it to her mom.",
       true);
   ASSERT_GE(prefix.size(), 48u);
   prefix.resize(48);  // exactly three blocks of 16
@@ -119,7 +120,7 @@ TEST_F(BatchingTest, SharedThreeBlockPrefixIsCached) {
 }
 
 TEST_F(BatchingTest, NoBlockLeakAfterCancelsDeadlinesAndErrors) {
-  auto eng = MakeEngine(64);
+  auto eng = MakeEngine(24);  // 384 slots: the 500-token prompt below can never fit
   const int32_t free0 = eng->blocks().free_blocks();
   const auto prompts = Prompts(12);
   std::vector<Collector> cs(prompts.size());
@@ -148,7 +149,11 @@ TEST_F(BatchingTest, NoBlockLeakAfterCancelsDeadlinesAndErrors) {
   EXPECT_GT(cancelled, 0);
   EXPECT_GT(expired, 0);
   EXPECT_GT(finished, 0);
-  // Every block is free again (cached ones are free, just findable).
+  // Every block is free again (cached ones are free, just findable). The gauges are
+  // refreshed by the engine loop after the last callback: wait for it to go idle.
+  for (int i = 0; i < 500 && (eng->stats().running != 0 || eng->stats().waiting != 0); ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
   EXPECT_EQ(eng->blocks().free_blocks(), free0);
   EXPECT_EQ(eng->stats().running, 0);
   EXPECT_EQ(eng->stats().waiting, 0);

@@ -2,6 +2,10 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <httplib.h>
+
+#include <sstream>
+
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
@@ -293,6 +297,57 @@ TEST_F(ServerTest, InvalidUtf8IsInvalidArgument) {
   }
   Streamed s = Stream(GoldenRequest(0));
   EXPECT_TRUE(s.status.ok());
+}
+
+// Reads one unlabelled sample from /metrics, or -1.
+double MetricValue(int port, const std::string& name) {
+  httplib::Client cli("127.0.0.1", port);
+  auto res = cli.Get("/metrics");
+  if (!res || res->status != 200) return -1;
+  std::istringstream in(res->body);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(name + " ", 0) == 0) return std::stod(line.substr(name.size() + 1));
+  }
+  return -1;
+}
+
+TEST_F(ServerTest, MetricsShowNoLeakAfterCancelsDeadlinesAndErrors) {
+  const int mport = server_->metrics_port();
+  ASSERT_GT(mport, 0);
+  const double total = MetricValue(mport, "superpose_kv_blocks_total");
+  ASSERT_GT(total, 0);
+  // A mix: completions, client cancels, expired deadlines, bad requests, concurrently.
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 8; ++i) {
+    threads.emplace_back([this, i] {
+      v1::GenerateRequest req = GoldenRequest(i % 2);
+      req.mutable_sampling()->set_max_new_tokens(i % 4 == 3 ? 0 : 300);  // 0 is invalid
+      grpc::ClientContext ctx;
+      if (i % 4 == 1) {
+        ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(30));
+      }
+      auto reader = stub_->Generate(&ctx, req);
+      v1::GenerateResponse r;
+      int n = 0;
+      while (reader->Read(&r)) {
+        if (i % 4 == 2 && ++n == 3) ctx.TryCancel();
+      }
+      reader->Finish();
+    });
+  }
+  for (auto& t : threads) t.join();
+  double used = -1, running = -1;
+  for (int i = 0; i < 200; ++i) {
+    used = MetricValue(mport, "superpose_kv_blocks_used");
+    running = MetricValue(mport, "superpose_running_sequences");
+    if (used == 0 && running == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(used, 0);
+  EXPECT_EQ(running, 0);
+  EXPECT_EQ(MetricValue(mport, "superpose_kv_blocks_free"), total);
+  EXPECT_GT(MetricValue(mport, "superpose_generated_tokens_total"), 0);
 }
 
 }  // namespace

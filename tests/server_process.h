@@ -27,9 +27,13 @@ class ServerProcess {
     static int counter = 0;
     port_file_ = "/tmp/superpose-test-port-" + std::to_string(getpid()) + "-" +
                  std::to_string(counter++);
+    metrics_port_file_ = port_file_ + "-metrics";
     std::remove(port_file_.c_str());
+    std::remove(metrics_port_file_.c_str());
     std::vector<std::string> argv = {std::string(SP_BINARY_DIR) + "/superpose-server",
                                       "--listen=127.0.0.1:0", "--port_file=" + port_file_,
+                                      "--metrics_listen=127.0.0.1:0",
+                                      "--metrics_port_file=" + metrics_port_file_,
                                       "--log_level=warn"};
     for (auto& a : args) argv.push_back(a);
     std::vector<char*> cargv;
@@ -38,7 +42,10 @@ class ServerProcess {
     if (posix_spawn(&pid_, cargv[0], nullptr, nullptr, cargv.data(), environ) != 0) pid_ = -1;
     for (int i = 0; i < 600 && pid_ > 0; ++i) {  // up to 60 s
       std::ifstream in(port_file_);
-      if (in >> port_) break;
+      if (in >> port_) {
+        std::ifstream(metrics_port_file_) >> metrics_port_;
+        break;
+      }
       int status;
       if (waitpid(pid_, &status, WNOHANG) == pid_) {
         pid_ = -1;
@@ -51,6 +58,7 @@ class ServerProcess {
 
   bool ok() const { return pid_ > 0 && port_ > 0; }
   int port() const { return port_; }
+  int metrics_port() const { return metrics_port_; }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   std::shared_ptr<grpc::Channel> Channel() const {
     return grpc::CreateChannel(address(), grpc::InsecureChannelCredentials());
@@ -63,13 +71,16 @@ class ServerProcess {
     waitpid(pid_, &status, 0);
     pid_ = -1;
     std::remove(port_file_.c_str());
+    std::remove(metrics_port_file_.c_str());
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   }
 
  private:
   pid_t pid_ = -1;
   int port_ = 0;
+  int metrics_port_ = 0;
   std::string port_file_;
+  std::string metrics_port_file_;
 };
 
 }  // namespace superpose::testing

@@ -159,6 +159,8 @@ void Engine::Loop() {
       absl::MutexLock lock(&mu_);
       queued_ -= static_cast<int32_t>(before - waiting_.size());
     }
+    stat_running_ = static_cast<int32_t>(running_.size());
+    stat_waiting_ = static_cast<int32_t>(waiting_.size());
     if (stopping && running_.empty() && waiting_.empty()) {
       absl::MutexLock lock(&mu_);
       if (inbox_.empty()) break;
@@ -316,6 +318,10 @@ bool Engine::Step() {
     const int32_t remaining = static_cast<int32_t>(seq->tokens.size()) - seq->computed;
     const int32_t n = std::min(remaining, budget);
     if (!EnsureBlocks(seq, seq->computed + n)) {
+      // A waiting sequence holds no blocks (nor prefix-cache references) while it waits.
+      FreeBlocks(seq);
+      seq->prefix_checked = false;
+      seq->cached_prompt_tokens = 0;
       if (!running_.empty()) break;  // FCFS: wait for blocks to be freed
       std::unique_ptr<Sequence> dead = std::move(waiting_.front());
       waiting_.pop_front();
@@ -402,6 +408,7 @@ bool Engine::Step() {
                                 [](auto& s) { return s->callback == nullptr; }),
                  running_.end());
   stat_running_ = static_cast<int32_t>(running_.size());
+  stat_waiting_ = static_cast<int32_t>(waiting_.size());
   return true;
 }
 
