@@ -157,10 +157,6 @@ absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& wei
   k_cache_.assign(kv_floats, 0.0f);
   v_cache_.assign(kv_floats, 0.0f);
 
-  if (options_.num_threads > 0) {
-    omp_set_num_threads(options_.num_threads);
-    openblas_set_num_threads(options_.num_threads);
-  }
   return absl::OkStatus();
 }
 
@@ -254,6 +250,8 @@ void CpuBackend::Attention(const BatchPlan& plan, int32_t layer, const float* q,
 
 absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
   SP_RETURN_IF_ERROR(ValidatePlan(plan, kv_info_, config_.vocab_size));
+  // OpenMP's thread count is per calling thread: set it on the thread that runs us.
+  if (options_.num_threads > 0) omp_set_num_threads(options_.num_threads);
   const int32_t T = plan.num_tokens();
   out->logits.clear();
   out->logprobs.clear();

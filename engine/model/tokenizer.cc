@@ -13,7 +13,7 @@
 //   token the post-processor puts before the sequence, else none.
 //   eos_id(): tokenizer_config `eos_token` if known, else the special token the
 //   post-processor puts after the sequence, else the first known of `</s>`,
-//   `<|endoftext|>`, `<|end_of_text|>`, `<eos>`.
+//   `<|endoftext|>`, `<|im_end|>`, `<|end_of_text|>`, `<eos>`.
 // - truncation / padding / BPE dropout in tokenizer.json are ignored (the server
 //   controls lengths; encoding is deterministic).
 // - Input text that is not valid UTF-8 is first converted like
@@ -355,7 +355,8 @@ absl::StatusOr<std::unique_ptr<HfTokenizer>> HfTokenizer::Parse(const json& j, c
   t->bos_id_ = cfg_bos ? cfg_bos : template_bos;
   t->eos_id_ = cfg_eos ? cfg_eos : template_eos;
   if (!t->eos_id_) {
-    for (const char* name : {"</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>"}) {
+    for (const char* name :
+         {"</s>", "<|endoftext|>", "<|im_end|>", "<|end_of_text|>", "<eos>"}) {
       if (auto id = t->TokenToId(name)) {
         t->eos_id_ = id;
         break;
@@ -564,10 +565,16 @@ DecodeStream::DecodeStream(const Tokenizer* tokenizer, absl::Span<const int32_t>
     : tokenizer_(tokenizer), skip_special_(skip_special_tokens) {
   ids_.assign(prompt_ids.begin(), prompt_ids.end());
   read_offset_ = ids_.size();
-  prefix_offset_ = read_offset_ > kInitialWindow ? read_offset_ - kInitialWindow : 0;
-  // Widen the context window until it starts on a character boundary and contains
-  // visible text (a window of only skipped special tokens would lose the space that a
-  // Strip/Metaspace decoder removes from the first token).
+  // The context window is the last kInitialWindow prompt tokens that are not skipped
+  // special tokens (a window of only skipped special tokens would decode to "" and lose
+  // the space that a Strip/Metaspace decoder removes from the first token).
+  size_t visible_end = read_offset_;
+  if (skip_special_) {
+    while (visible_end > 0 && tokenizer_->IsSpecial(ids_[visible_end - 1])) --visible_end;
+  }
+  prefix_offset_ = visible_end > kInitialWindow ? visible_end - kInitialWindow : 0;
+  // Widen it until it starts on a character boundary and contains visible text (e.g.
+  // not in the middle of a multi-token byte-fallback character).
   for (size_t k = 0; k < kMaxWindowWidening && prefix_offset_ > 0; ++k) {
     std::string text = tokenizer_->Decode(
         absl::MakeConstSpan(ids_).subspan(prefix_offset_, read_offset_ - prefix_offset_),

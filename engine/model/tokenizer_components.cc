@@ -4,6 +4,7 @@
 #include <pcre2.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #include "absl/strings/str_cat.h"
 #include "engine/model/tokenizer_unicode.h"
@@ -151,7 +152,13 @@ void Regex::FindAll(std::string_view subject, std::vector<std::pair<size_t, size
   if (md == nullptr) return;
   const auto* s = reinterpret_cast<PCRE2_SPTR>(subject.data());
   const size_t n = subject.size();
+  auto next_char = [&](size_t k) {
+    ++k;
+    while (k < n && (static_cast<unsigned char>(subject[k]) & 0xC0) == 0x80) ++k;
+    return k;
+  };
   size_t start = 0;
+  size_t last_match_end = SIZE_MAX;
   uint32_t options = PCRE2_NO_UTF_CHECK;  // callers pass valid UTF-8
   while (start <= n) {
     int rc = pcre2_match(code, s, n, start, options, md, nullptr);
@@ -163,14 +170,20 @@ void Regex::FindAll(std::string_view subject, std::vector<std::pair<size_t, size
     if (rc < 0) break;
     PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
     size_t a = ov[0], b = ov[1];
+    // Like the onig crate's find_iter (HF SysRegex): an empty match right where the
+    // previous match ended is skipped.
+    if (a == b && a == last_match_end) {
+      if (a >= n) break;
+      start = next_char(a);
+      continue;
+    }
     out->emplace_back(a, b);
+    last_match_end = b;
     if (b > a) {
       start = b;
     } else {
       if (b >= n) break;
-      size_t k = b + 1;
-      while (k < n && (static_cast<unsigned char>(subject[k]) & 0xC0) == 0x80) ++k;
-      start = k;
+      start = next_char(b);
     }
   }
   pcre2_match_data_free(md);
@@ -721,8 +734,11 @@ int ParseByteToken(std::string_view t) {
     if (c >= 'A' && c <= 'F') return c - 'A' + 10;
     return -1;
   };
-  int hi = hex(t[3]), lo = hex(t[4]);
-  if (hi < 0 || lo < 0) return -1;
+  int lo = hex(t[4]);
+  if (lo < 0) return -1;
+  if (t[3] == '+') return lo;  // Rust's u8::from_str_radix accepts a leading '+'
+  int hi = hex(t[3]);
+  if (hi < 0) return -1;
   return hi * 16 + lo;
 }
 
