@@ -182,6 +182,10 @@ absl::StatusOr<engine::Request> ToEngineRequest(const v1::GenerateRequest& req,
   if (req.request_id().size() > 128) return Invalid("request_id is longer than 128 bytes");
   SP_RETURN_IF_ERROR(ValidateUtf8(req.request_id(), "request_id"));
   out.request_id = req.request_id();
+  if (req.priority() < -100 || req.priority() > 100) {
+    return Invalid(absl::StrCat("priority must be in [-100, 100], got ", req.priority()));
+  }
+  out.priority = req.priority();
   return out;
 }
 

@@ -182,8 +182,12 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
 SuperposeService::SuperposeService(const engine::ModelBundle* model, engine::Engine* engine,
                                    const std::string& backend_name,
                                    const std::string& compute_dtype, int32_t tensor_parallel,
-                                   Limits limits, Metrics* metrics)
-    : model_(model), engine_(engine), limits_(limits), metrics_(metrics) {
+                                   Limits limits, Metrics* metrics, const Authenticator* auth)
+    : model_(model),
+      engine_(engine),
+      limits_(limits),
+      metrics_(metrics),
+      auth_(auth != nullptr ? auth : &open_auth_) {
   const engine::ModelConfig& c = model->config;
   info_.set_model_name(model->name);
   info_.set_architecture(c.architecture);
@@ -209,15 +213,20 @@ SuperposeService::SuperposeService(const engine::ModelBundle* model, engine::Eng
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* SuperposeService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  absl::StatusOr<std::string> tenant = auth_->Tenant(*context);
+  absl::StatusOr<engine::Request> req =
+      tenant.ok() ? ToEngineRequest(*request, *model_->tokenizer, limits_) : tenant.status();
+  if (req.ok()) req->tenant = *tenant;
   return new GenerateReactor(context, engine_, model_->tokenizer.get(), metrics_,
-                             ToEngineRequest(*request, *model_->tokenizer, limits_));
+                             std::move(req));
 }
 
 grpc::ServerUnaryReactor* SuperposeService::Tokenize(grpc::CallbackServerContext* context,
                                                      const v1::TokenizeRequest* request,
                                                      v1::TokenizeResponse* response) {
   auto* reactor = context->DefaultReactor();
-  absl::Status st = ValidateUtf8(request->text(), "text");
+  absl::Status st = auth_->Tenant(*context).status();
+  if (st.ok()) st = ValidateUtf8(request->text(), "text");
   if (!st.ok()) {
     reactor->Finish(ToGrpc(st));
     return reactor;
@@ -235,7 +244,8 @@ grpc::ServerUnaryReactor* SuperposeService::Detokenize(grpc::CallbackServerConte
                                                        const v1::DetokenizeRequest* request,
                                                        v1::DetokenizeResponse* response) {
   auto* reactor = context->DefaultReactor();
-  absl::Status st = ValidateTokenIds(request->token_ids(), limits_.vocab_size, "token_ids");
+  absl::Status st = auth_->Tenant(*context).status();
+  if (st.ok()) st = ValidateTokenIds(request->token_ids(), limits_.vocab_size, "token_ids");
   if (!st.ok()) {
     reactor->Finish(ToGrpc(st));
     return reactor;
@@ -250,9 +260,10 @@ grpc::ServerUnaryReactor* SuperposeService::Detokenize(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* SuperposeService::GetModelInfo(grpc::CallbackServerContext* context,
                                                          const v1::GetModelInfoRequest*,
                                                          v1::ModelInfo* response) {
-  *response = info_;
   auto* reactor = context->DefaultReactor();
-  reactor->Finish(grpc::Status::OK);
+  absl::Status st = auth_->Tenant(*context).status();
+  if (st.ok()) *response = info_;
+  reactor->Finish(ToGrpc(st));
   return reactor;
 }
 

@@ -6,6 +6,7 @@
 
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
+#include "server/auth.h"
 #include "server/convert.h"
 #include "server/metrics.h"
 #include "superpose/v1/superpose.grpc.pb.h"
@@ -16,7 +17,8 @@ class SuperposeService final : public v1::Superpose::CallbackService {
  public:
   SuperposeService(const engine::ModelBundle* model, engine::Engine* engine,
                    const std::string& backend_name, const std::string& compute_dtype,
-                   int32_t tensor_parallel, Limits limits, Metrics* metrics = nullptr);
+                   int32_t tensor_parallel, Limits limits, Metrics* metrics = nullptr,
+                   const Authenticator* auth = nullptr);
 
   grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
       grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
@@ -36,6 +38,8 @@ class SuperposeService final : public v1::Superpose::CallbackService {
   v1::ModelInfo info_;
   Limits limits_;
   Metrics* metrics_;
+  Authenticator open_auth_;  // used when no authenticator is given
+  const Authenticator* auth_;
 };
 
 grpc::Status ToGrpc(const absl::Status& s);

@@ -48,6 +48,9 @@ ABSL_FLAG(double, shutdown_grace_s, 10.0,
 ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9090",
           "Prometheus /metrics HTTP address host:port (empty: off; port 0 picks one)");
 ABSL_FLAG(std::string, metrics_port_file, "", "If set, write the bound metrics port here");
+ABSL_FLAG(std::string, api_keys_file, "",
+          "File of '<key> <tenant>' lines: clients must send 'authorization: Bearer <key>'; "
+          "the tenant scopes the prefix cache. Empty: no auth, tenant \"default\"");
 ABSL_FLAG(std::string, log_level, "info", "trace|debug|info|warn|error");
 
 namespace {
@@ -122,13 +125,22 @@ int Run() {
     WritePortFile(absl::GetFlag(FLAGS_metrics_port_file), mport);
   }
 
+  server::Authenticator auth;
+  if (const std::string f = absl::GetFlag(FLAGS_api_keys_file); !f.empty()) {
+    absl::StatusOr<server::Authenticator> a = server::Authenticator::FromFile(f);
+    if (!a.ok()) {
+      spdlog::critical("--api_keys_file: {}", a.status().ToString());
+      return 2;
+    }
+    auth = *std::move(a);
+  }
   server::Limits limits;
   limits.context_length = eng.context_length();
   limits.vocab_size = cfg.vocab_size;
   limits.default_max_new_tokens = absl::GetFlag(FLAGS_default_max_new_tokens);
   server::SuperposeService service(&*model, &eng, (*backend)->name(),
                                    (*backend)->compute_dtype(), bopts.tensor_parallel, limits,
-                                   &metrics);
+                                   &metrics, &auth);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

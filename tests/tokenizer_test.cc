@@ -12,13 +12,18 @@
 //   space of the whole output only. So decode(ids) == text, except that every run of text
 //   that follows an added token (e.g. "</s>" inside the text) gains one leading space.
 // - stories260k golden: decode(prompt_ids + completion_ids, skip) == full_text.
+//
+// TokenizerDifferential compares with a file of HF results on random text when
+// SP_TOKENIZER_DIFF_FILE is set (skipped otherwise; see the test for the format).
 
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <sstream>
@@ -29,6 +34,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/model/tokenizer.h"
+#include "engine/model/tokenizer_components.h"
 #include "engine/model/tokenizer_unicode.h"
 
 namespace superpose::engine {
@@ -290,6 +296,71 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, FixtureTokenizerTest, ::testing::ValuesIn(kFi
                            }
                            return n;
                          });
+
+// Opt-in differential check against the real HF `tokenizers` library: set
+// SP_TOKENIZER_DIFF_FILE to a JSON file {name: {dir, cases: [{text, ids,
+// ids_with_special, decoded, decoded_noskip}], decodes: [{ids, skip, noskip}]}} made with
+// HF (e.g. the npm package `tokenizers`: Tokenizer.fromFile(dir + "/tokenizer.json"),
+// encode(text, null, {addSpecialTokens}), decode(ids, skip)) on random text. The
+// tokenizer_config.json is not applied, like in HF's library itself.
+TEST(TokenizerDifferential, MatchesHfOnFile) {
+  const char* path = std::getenv("SP_TOKENIZER_DIFF_FILE");
+  if (path == nullptr || *path == 0) GTEST_SKIP() << "SP_TOKENIZER_DIFF_FILE not set";
+  json all = ReadJson(path);
+  for (auto it = all.begin(); it != all.end(); ++it) {
+    const std::string name = it.key();
+    const std::string dir = it.value()["dir"].get<std::string>();
+    auto loaded = Tokenizer::FromJson(ReadFile(dir + "/tokenizer.json"), "", dir);
+    ASSERT_TRUE(loaded.ok()) << loaded.status();
+    const Tokenizer& t = **loaded;
+    size_t ok = 0, total = 0, failures = 0;
+    auto check = [&](bool good, const std::function<std::string()>& what) {
+      ++total;
+      if (good) {
+        ++ok;
+      } else if (++failures <= 10) {
+        ADD_FAILURE() << name << ": " << what();
+      }
+    };
+    const json& cases = it.value()["cases"];
+    for (size_t i = 0; i < cases.size(); ++i) {
+      const json& c = cases[i];
+      const std::string text = c["text"].get<std::string>();
+      for (bool special : {false, true}) {
+        const auto expected = Ids(c[special ? "ids_with_special" : "ids"]);
+        const auto actual = t.Encode(text, special);
+        check(expected == actual, [&] {
+          return "case " + std::to_string(i) + (special ? " (special)" : "") + " " + Quote(text) +
+                 "\n  expected: " + Describe(t, expected, FirstDiff(expected, actual)) +
+                 "\n  actual:   " + Describe(t, actual, FirstDiff(expected, actual));
+        });
+      }
+      const auto ids = Ids(c["ids_with_special"]);
+      for (bool skip : {true, false}) {
+        const std::string expected = c[skip ? "decoded" : "decoded_noskip"].get<std::string>();
+        const std::string actual = t.Decode(ids, skip);
+        check(expected == actual, [&] {
+          return "decode case " + std::to_string(i) + " skip=" + std::to_string(skip) +
+                 "\n  expected: " + Quote(expected) + "\n  actual:   " + Quote(actual);
+        });
+      }
+    }
+    const json& decodes = it.value()["decodes"];
+    for (size_t i = 0; i < decodes.size(); ++i) {
+      const auto ids = Ids(decodes[i]["ids"]);
+      for (bool skip : {true, false}) {
+        const std::string expected = decodes[i][skip ? "skip" : "noskip"].get<std::string>();
+        const std::string actual = t.Decode(ids, skip);
+        check(expected == actual, [&] {
+          return "decode ids " + Describe(t, ids) + " skip=" + std::to_string(skip) +
+                 "\n  expected: " + Quote(expected) + "\n  actual:   " + Quote(actual);
+        });
+      }
+    }
+    std::printf("[ %-11s ] differential: %zu/%zu match HF\n", name.c_str(), ok, total);
+    EXPECT_EQ(ok, total) << name;
+  }
+}
 
 // ---------------------------------------------------------------- stories260k
 
@@ -869,6 +940,9 @@ TEST(SyntheticTokenizer, MoreNormalizersAndPreTokenizers) {
   EXPECT_EQ(ws_split->Encode("ab \t ab", false), V({5, 5}));
   auto ws = Synthetic({{"pre_tokenizer", {{"type", "Whitespace"}}}});
   EXPECT_EQ(ws->Encode("ab,c a", false), V({5, 4, 2}));  // "," is not in the vocab
+  // Rust's \w includes marks: "a\u0301b" is one word (the unknown mark is dropped and
+  // a+b merge); splitting at the mark would give a, b.
+  EXPECT_EQ(ws->Encode("a\xCC\x81" "b", false), V({5}));
   auto punct = Synthetic({{"pre_tokenizer", {{"type", "Punctuation"}, {"behavior", "Removed"}}}});
   EXPECT_EQ(punct->Encode("a!b", false), V({2, 3}));  // split apart: no "ab" merge
   auto strip =
@@ -915,6 +989,88 @@ TEST(SyntheticTokenizer, TemplateAndConfigOverrides) {
   auto both = Synthetic({}, R"({"add_bos_token": true, "add_eos_token": true,
                                "bos_token": "<s>", "eos_token": "</s>"})");
   EXPECT_EQ(both->Encode("ab", true), V({0, 5, 1}));
+}
+
+TEST(TokenizerRegex, OnigurumaEscapesAreRewritten) {
+  using tok::OnigToPcre2;
+  EXPECT_EQ(OnigToPcre2(R"(\s+(?!\S))"), R"(\p{White_Space}+(?!\P{White_Space}))");
+  EXPECT_EQ(OnigToPcre2(R"([^\s\p{L}\p{N}]+)"), R"([^\p{White_Space}\p{L}\p{N}]+)");
+  const std::string word = R"(\p{Alphabetic}\p{M}\p{Nd}\p{Pc})";
+  const std::string latin1 = R"(\x{B2}\x{B3}\x{B9}\x{BC}-\x{BE})";
+  EXPECT_EQ(OnigToPcre2(R"(\w+|[^\w\s]+)"),
+            "[" + word + latin1 + "]+|[^" + word + R"(\p{White_Space}]+)");
+  EXPECT_EQ(OnigToPcre2(R"(\W\h\H)"),
+            "[^" + word + latin1 + R"(][0-9a-fA-F][^0-9a-fA-F])");
+  // Escaped backslashes, \Q...\E, a leading ']' and POSIX classes are left alone.
+  EXPECT_EQ(OnigToPcre2(R"(\\s\Q\s\E[]\s][[:alpha:]\s])"),
+            R"(\\s\Q\s\E[]\p{White_Space}][[:alpha:]\p{White_Space}])");
+  EXPECT_EQ(OnigToPcre2(R"('s|'t| ?\p{L}+| ?\p{N}+|\x{2581})"), R"('s|'t| ?\p{L}+| ?\p{N}+|\x{2581})");
+
+  auto spans = [](const std::string& pattern, const std::string& text) {
+    auto re = tok::Regex::Compile(pattern);
+    EXPECT_TRUE(re.ok()) << re.status();
+    std::vector<std::pair<size_t, size_t>> out;
+    if (re.ok()) (*re)->FindAll(text, &out);
+    return out;
+  };
+  using Spans = std::vector<std::pair<size_t, size_t>>;
+  // U+180E (3 bytes) is not whitespace for Oniguruma (PCRE2's \s matches it).
+  EXPECT_EQ(spans(R"(\s+)", "a\xE1\xA0\x8E b"), Spans({{4, 5}}));
+  // A combining mark (U+0301, 2 bytes) is part of an Oniguruma \w run.
+  EXPECT_EQ(spans(R"(\w+)", "e\xCC\x81t x"), Spans({{0, 4}, {5, 6}}));
+  EXPECT_EQ(spans(R"(\h+)", "zz0fA9g"), Spans({{2, 6}}));
+  // Measured through HF: Oniguruma's \w has Alphabetic (Ⅻ, Ⓐ) but not other numbers
+  // (①), and ² only outside a class.
+  EXPECT_EQ(spans(R"(\w)", "\xE2\x85\xAB \xE2\x92\xB6 \xE2\x91\xA0 \xC2\xB2"),
+            Spans({{0, 3}, {4, 7}, {12, 14}}));
+  EXPECT_EQ(spans(R"([\w])", "\xE2\x85\xAB \xE2\x92\xB6 \xE2\x91\xA0 \xC2\xB2"),
+            Spans({{0, 3}, {4, 7}}));
+}
+
+TEST(SyntheticTokenizer, NormalizedAddedTokenDecodesFromItsNormalizedForm) {
+  // HF 0.23 keeps the normalizer's output for a `normalized` added token whose content
+  // it changes and hands that to the decoder (and id_to_token); token_to_id still takes
+  // the content.
+  json added = json::array({json{{"id", 0}, {"content", "<s>"}, {"special", true}},
+                            json{{"id", 1}, {"content", "</s>"}, {"special", true}},
+                            json{{"id", 21}, {"content", " ab"}, {"normalized", true}}});
+  auto t = Synthetic({{"added_tokens", added},
+                      {"normalizer",
+                       {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", "\xE2\x96\x81"}}}});
+  ASSERT_TRUE(t);
+  EXPECT_EQ(t->Encode("c ab", false), V({4, 21}));
+  EXPECT_EQ(t->IdToToken(21), "\xE2\x96\x81" "ab");
+  EXPECT_EQ(t->TokenToId(" ab"), 21);
+  EXPECT_EQ(t->Decode(V({4, 21}), false), "c \xE2\x96\x81" "ab");  // no decoder: joined by spaces
+}
+
+TEST(SyntheticTokenizer, StripAccentsRemovesAllCombiningMarks) {
+  // unicode-normalization's is_combining_mark: Mn, Mc and Me (U+093F is Mc). A mark that
+  // survived would be its own piece (Split on \p{M}) and keep "a" and "b" apart.
+  const json split_marks = {
+      {"type", "Split"}, {"pattern", {{"Regex", "\\p{M}"}}}, {"behavior", "Isolated"}};
+  const json strip = {
+      {"type", "Sequence"},
+      {"normalizers", json::array({json{{"type", "NFD"}}, json{{"type", "StripAccents"}}})}};
+  auto accents = Synthetic({{"normalizer", strip}, {"pre_tokenizer", split_marks}});
+  EXPECT_EQ(accents->Encode("a\xE0\xA4\xBF" "b", false), V({5}));
+  EXPECT_EQ(accents->Encode("a\xCC\x81" "b", false), V({5}));  // Mn too
+  auto keep = Synthetic({{"pre_tokenizer", split_marks}});
+  EXPECT_EQ(keep->Encode("a\xE0\xA4\xBF" "b", false), V({2, 3}));
+}
+
+TEST(TokenizerRegex, RustWordCharForSingleWord) {
+  // HF's single_word check uses the Rust regex crate's \w.
+  EXPECT_TRUE(tok::IsWordChar('a'));
+  EXPECT_TRUE(tok::IsWordChar('_'));
+  EXPECT_FALSE(tok::IsWordChar('-'));
+  EXPECT_TRUE(tok::IsWordChar(0x24B6));   // Ⓐ: So but Other_Alphabetic
+  EXPECT_TRUE(tok::IsWordChar(0x216B));   // Ⅻ: Nl
+  EXPECT_TRUE(tok::IsWordChar(0x0301));   // combining acute
+  EXPECT_TRUE(tok::IsWordChar(0x200D));   // ZWJ (Join_Control)
+  EXPECT_TRUE(tok::IsWordChar(0x0663));   // Arabic-Indic 3 (Nd)
+  EXPECT_FALSE(tok::IsWordChar(0x2460));  // ①: No
+  EXPECT_FALSE(tok::IsWordChar(0x00B2));  // ²: No
 }
 
 TEST(SyntheticTokenizer, ByteFallbackDecoderTokenParsing) {

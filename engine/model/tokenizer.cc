@@ -18,6 +18,18 @@
 //   controls lengths; encoding is deterministic).
 // - Input text that is not valid UTF-8 is first converted like
 //   String::from_utf8_lossy (each invalid subpart becomes U+FFFD).
+// - The reference is HF `tokenizers` 0.23 (the version the fixtures were made with),
+//   checked differentially on random text (tests/tokenizer_test.cc,
+//   TokenizerDifferential). Version-specific: an added token with normalized=true whose
+//   content the normalizer changes is decoded (and returned by IdToToken) in its
+//   normalized form, and skip_special_tokens compares that form with the special
+//   contents, as 0.23 does.
+// - Regexes in tokenizer.json are Oniguruma patterns (HF SysRegex); they run on PCRE2
+//   after tok::OnigToPcre2 rewrites the escapes whose meaning differs, and matches are
+//   iterated like the onig crate (an empty match right after a match is skipped).
+// - HF ignores the ids in added_tokens when they disagree with the vocab (a content in
+//   the vocab takes its vocab id); real files are consistent, so the ids are used as
+//   written.
 #include "engine/model/tokenizer.h"
 
 #include <algorithm>
@@ -50,6 +62,10 @@ struct AddedToken {
   bool lstrip = false;
   bool rstrip = false;
   bool normalized = true;
+  // What Decode / IdToToken use: HF (0.23) keeps the normalizer's output for a
+  // `normalized` token whose content the normalizer changes, so that the decoder can
+  // invert it (e.g. " x" under Prepend("▁")+Replace(" ", "▁") decodes from "▁▁x").
+  std::string decode_form;
 };
 
 // Leftmost-longest matching of a set of literal patterns (HF uses Aho-Corasick with
@@ -164,7 +180,7 @@ class HfTokenizer : public Tokenizer {
  private:
   const std::string* TokenString(int32_t id) const {
     auto it = added_by_id_.find(id);
-    if (it != added_by_id_.end()) return &added_[it->second].content;
+    if (it != added_by_id_.end()) return &added_[it->second].decode_form;
     return model_->IdToToken(id);
   }
   // HF AddedVocabulary::find_matches: splits `s` into plain text and added tokens.
@@ -330,10 +346,12 @@ absl::StatusOr<std::unique_ptr<HfTokenizer>> HfTokenizer::Parse(const json& j, c
     }
   }
   for (size_t i = 0; i < t->added_.size(); ++i) {
-    const AddedToken& tk = t->added_[i];
+    AddedToken& tk = t->added_[i];
+    tk.decode_form = tk.content;
     if (tk.normalized) {
       std::string pattern = tk.content;
       if (t->normalizer_) t->normalizer_->Normalize(&pattern);
+      tk.decode_form = pattern;
       t->normalized_matcher_.Add(std::move(pattern), static_cast<int>(i));
     } else {
       t->raw_matcher_.Add(tk.content, static_cast<int>(i));
@@ -554,6 +572,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromDir(const std::string&
 // vLLM/TGI-style: ids_[prefix_offset_, read_offset_) is text already emitted (kept as
 // context so that decoders that look at the first token, like Strip or Metaspace, and
 // multi-token characters decode the same way), ids_[read_offset_, end) is pending.
+// The initial context is the last 5 prompt tokens, not counting trailing special tokens
+// when they are skipped, widened until it starts on a character boundary.
 
 namespace {
 constexpr size_t kInitialWindow = 5;

@@ -127,7 +127,98 @@ std::string ReplaceAll(const Pattern& p, const std::string& content, std::string
 
 // ---------------------------------------------------------------- Regex
 
+std::string OnigToPcre2(std::string_view p) {
+  // Oniguruma's \w (as measured through HF): Alphabetic, marks, Nd and Pc; outside a
+  // character class its Latin-1 table also counts ² ³ ¹ ¼ ½ ¾ as word characters.
+  static constexpr std::string_view kWord = "\\p{Alphabetic}\\p{M}\\p{Nd}\\p{Pc}";
+  static constexpr std::string_view kWordOutside =
+      "\\p{Alphabetic}\\p{M}\\p{Nd}\\p{Pc}\\x{B2}\\x{B3}\\x{B9}\\x{BC}-\\x{BE}";
+  static constexpr std::string_view kHex = "0-9a-fA-F";
+  std::string out;
+  out.reserve(p.size() + 32);
+  bool in_class = false;
+  size_t i = 0;
+  auto set = [&](std::string_view members, bool negated) {
+    if (in_class) {
+      out.append(members);
+    } else {
+      out.append(negated ? "[^" : "[");
+      out.append(members);
+      out.push_back(']');
+    }
+  };
+  while (i < p.size()) {
+    const char c = p[i];
+    if (c == '\\' && i + 1 < p.size()) {
+      const char e = p[i + 1];
+      if (e == 'Q') {  // literal text up to \E
+        size_t end = p.find("\\E", i + 2);
+        size_t stop = end == std::string_view::npos ? p.size() : end + 2;
+        out.append(p.substr(i, stop - i));
+        i = stop;
+        continue;
+      }
+      switch (e) {
+        case 's':
+          out.append("\\p{White_Space}");
+          break;
+        case 'S':
+          out.append("\\P{White_Space}");
+          break;
+        case 'w':
+          set(in_class ? kWord : kWordOutside, false);
+          break;
+        case 'W':
+          if (in_class) {
+            out.append("\\W");
+          } else {
+            set(kWordOutside, true);
+          }
+          break;
+        case 'h':
+          set(kHex, false);
+          break;
+        case 'H':
+          if (in_class) {
+            out.append("\\H");
+          } else {
+            set(kHex, true);
+          }
+          break;
+        default:
+          out.append(p.substr(i, 2));
+      }
+      i += 2;
+      continue;
+    }
+    if (!in_class && c == '[') {
+      in_class = true;
+      out.push_back(c);
+      ++i;
+      if (i < p.size() && p[i] == '^') out.push_back(p[i++]);
+      if (i < p.size() && p[i] == ']') out.push_back(p[i++]);  // a leading ']' is literal
+      continue;
+    }
+    if (in_class && c == '[' && i + 1 < p.size() && p[i + 1] == ':') {  // [:alpha:]
+      size_t end = p.find(":]", i + 2);
+      if (end != std::string_view::npos) {
+        out.append(p.substr(i, end + 2 - i));
+        i = end + 2;
+        continue;
+      }
+    }
+    if (in_class && c == ']') in_class = false;
+    out.push_back(c);
+    ++i;
+  }
+  return out;
+}
+
 absl::StatusOr<std::unique_ptr<Regex>> Regex::Compile(const std::string& pattern) {
+  return CompilePcre2(OnigToPcre2(pattern));
+}
+
+absl::StatusOr<std::unique_ptr<Regex>> Regex::CompilePcre2(const std::string& pattern) {
   int err = 0;
   PCRE2_SIZE offset = 0;
   pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
@@ -269,7 +360,7 @@ class StripAccentsNormalizer : public Normalizer {
       size_t at = i;
       char32_t c;
       NextCodePoint(*s, &i, &c);
-      if (!IsNonspacingMark(c)) out.append(*s, at, i - at);
+      if (!IsCombiningMark(c)) out.append(*s, at, i - at);
     }
     *s = std::move(out);
   }
@@ -663,9 +754,13 @@ absl::StatusOr<std::unique_ptr<PreTokenizer>> ParsePreTokenizer(const json& j,
     return std::unique_ptr<PreTokenizer>(std::move(p));
   }
   if (type == "Whitespace") {
-    // HF: split on \w+|[^\w\s]+ keeping the matches (inverted pattern, Removed).
+    // HF: split on \w+|[^\w\s]+ keeping the matches (inverted pattern, Removed). That
+    // regex is the Rust regex crate's: \w is Alphabetic|Mark|Nd|Pc|Join_Control.
     auto p = std::make_unique<RegexSplitPreTokenizer>();
-    p->pattern.regex = Regex::Compile(R"(\w+|[^\w\s]+)").value();
+    static constexpr char kWord[] = R"(\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\p{Join_Control})";
+    p->pattern.regex =
+        Regex::CompilePcre2(absl::StrCat("[", kWord, "]+|[^", kWord, R"(\p{White_Space}]+)"))
+            .value();
     p->invert = true;
     p->behavior_ = Behavior::kRemoved;
     return std::unique_ptr<PreTokenizer>(std::move(p));

@@ -22,11 +22,22 @@ struct ParseContext {
   absl::Status Error(const std::string& field, const std::string& message) const;
 };
 
+// Rewrites the escapes whose meaning differs between Oniguruma (what HF's SysRegex uses
+// for Split / Replace / ByteLevel patterns) and PCRE2 in UCP mode: \s \S become
+// White_Space (PCRE2's \s also matches U+180E), \w \W become Alphabetic|Mark|Nd|Pc
+// (PCRE2 10.42's \w is L|N|_), \h \H become hex digits
+// (PCRE2: horizontal space). \Q...\E is kept verbatim. Inside a character class \W and
+// \H cannot be expressed and are left as PCRE2 reads them.
+std::string OnigToPcre2(std::string_view pattern);
+
 // A compiled PCRE2 regex (UTF + Unicode properties, JIT when available). Thread-safe:
 // matching allocates its own match data.
 class Regex {
  public:
+  // `pattern` in Oniguruma syntax (rewritten with OnigToPcre2).
   static absl::StatusOr<std::unique_ptr<Regex>> Compile(const std::string& pattern);
+  // `pattern` in PCRE2 syntax, used as is.
+  static absl::StatusOr<std::unique_ptr<Regex>> CompilePcre2(const std::string& pattern);
   ~Regex();
   Regex(const Regex&) = delete;
   Regex& operator=(const Regex&) = delete;

@@ -213,7 +213,12 @@ bool IsWordChar(char32_t c) {
   if (c < 0x80) {
     return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
   }
-  if (c == 0x200C || c == 0x200D) return true;
+  if (c == 0x200C || c == 0x200D) return true;  // Join_Control
+  // Other_Alphabetic symbols (So): circled / parenthesized / squared Latin letters.
+  if ((c >= 0x24B6 && c <= 0x24E9) || (c >= 0x1F130 && c <= 0x1F149) ||
+      (c >= 0x1F150 && c <= 0x1F169) || (c >= 0x1F170 && c <= 0x1F189)) {
+    return true;
+  }
   switch (Category(c)) {
     case UTF8PROC_CATEGORY_LU:
     case UTF8PROC_CATEGORY_LL:
@@ -232,7 +237,11 @@ bool IsWordChar(char32_t c) {
   }
 }
 
-bool IsNonspacingMark(char32_t c) { return c >= 0x80 && Category(c) == UTF8PROC_CATEGORY_MN; }
+bool IsCombiningMark(char32_t c) {
+  if (c < 0x80) return false;
+  auto cat = Category(c);
+  return cat == UTF8PROC_CATEGORY_MN || cat == UTF8PROC_CATEGORY_MC || cat == UTF8PROC_CATEGORY_ME;
+}
 
 std::string UnicodeNormalize(std::string_view s, NormalForm form) {
   if (s.empty()) return std::string();

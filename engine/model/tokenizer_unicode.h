@@ -26,10 +26,11 @@ bool IsWhitespace(char32_t c);
 bool IsNumeric(char32_t c);
 // HF Punctuation pre-tokenizer: ASCII punctuation or a Unicode P* category.
 bool IsPunctuation(char32_t c);
-// Regex `\w` (Unicode): alphabetic, marks, decimal digits, connector punctuation.
+// The Rust regex crate's `\w` (HF single_word): Alphabetic, marks, Nd, Pc, Join_Control.
 bool IsWordChar(char32_t c);
-// Nonspacing mark (Mn), for StripAccents.
-bool IsNonspacingMark(char32_t c);
+// General category Mark (Mn, Mc, Me): unicode-normalization's is_combining_mark, which
+// HF's StripAccents removes.
+bool IsCombiningMark(char32_t c);
 
 enum class NormalForm { kNFC, kNFD, kNFKC, kNFKD };
 // Returns `s` in the given normalization form (s must be valid UTF-8).

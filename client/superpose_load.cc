@@ -1,0 +1,150 @@
+// superpose-load: a load-testing client. Runs `--concurrency` streams (one thread each)
+// against a server, each sending `--requests_per_stream` Generate calls back to back,
+// and prints aggregate generated tokens/s, TTFT and inter-token latency percentiles.
+//   superpose-load --server=127.0.0.1:50051 --concurrency=1,4,16,64 --max_new_tokens=64
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "superpose/v1/superpose.grpc.pb.h"
+
+ABSL_FLAG(std::string, server, "127.0.0.1:50051", "superpose-server address");
+ABSL_FLAG(std::string, concurrency, "1,4,16,64", "Comma-separated numbers of concurrent streams");
+ABSL_FLAG(int32_t, requests_per_stream, 2, "Requests each stream sends, back to back");
+ABSL_FLAG(int32_t, prompt_tokens, 16, "Prompt length in tokens (random ids)");
+ABSL_FLAG(int32_t, max_new_tokens, 64, "Tokens generated per request (EOS ignored)");
+ABSL_FLAG(int32_t, vocab, 256, "Prompt ids are drawn from [0, vocab)");
+ABSL_FLAG(bool, markdown, true, "Print a markdown table");
+
+namespace v1 = superpose::v1;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+double Pct(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(p / 100.0 * (v.size() - 1) + 0.5))];
+}
+
+struct Result {
+  int concurrency;
+  int requests = 0;
+  int errors = 0;
+  int64_t tokens = 0;
+  double seconds = 0;
+  std::vector<double> ttft_ms, itl_ms;
+};
+
+Result RunLevel(const std::shared_ptr<grpc::Channel>& channel, int n) {
+  Result res;
+  res.concurrency = n;
+  std::mutex mu;
+  const auto t0 = Clock::now();
+  std::vector<std::thread> threads;
+  for (int s = 0; s < n; ++s) {
+    threads.emplace_back([&, s] {
+      auto stub = v1::Superpose::NewStub(channel);
+      for (int r = 0; r < absl::GetFlag(FLAGS_requests_per_stream); ++r) {
+        v1::GenerateRequest req;
+        uint32_t x = 2654435761u * static_cast<uint32_t>(s * 977 + r * 131 + 1);
+        for (int i = 0; i < absl::GetFlag(FLAGS_prompt_tokens); ++i) {
+          x = x * 1664525u + 1013904223u;
+          req.mutable_token_ids()->add_ids((x >> 8) % absl::GetFlag(FLAGS_vocab));
+        }
+        req.mutable_sampling()->set_max_new_tokens(absl::GetFlag(FLAGS_max_new_tokens));
+        req.mutable_sampling()->set_temperature(0.0f);
+        req.set_ignore_eos(true);
+        grpc::ClientContext ctx;
+        const auto start = Clock::now();
+        auto reader = stub->Generate(&ctx, req);
+        v1::GenerateResponse resp;
+        std::vector<double> itl;
+        double ttft = -1;
+        auto last = start;
+        int64_t toks = 0;
+        while (reader->Read(&resp)) {
+          const auto now = Clock::now();
+          const int k = resp.token_ids_size();
+          if (k == 0) continue;
+          if (ttft < 0) {
+            ttft = std::chrono::duration<double, std::milli>(now - start).count();
+            // Further tokens merged into the first response arrived at the same time.
+            for (int i = 1; i < k; ++i) itl.push_back(0);
+          } else {
+            const double gap = std::chrono::duration<double, std::milli>(now - last).count();
+            for (int i = 0; i < k; ++i) itl.push_back(gap / k);
+          }
+          last = now;
+          toks += k;
+        }
+        grpc::Status st = reader->Finish();
+        std::lock_guard<std::mutex> lock(mu);
+        ++res.requests;
+        if (!st.ok()) {
+          ++res.errors;
+          continue;
+        }
+        res.tokens += toks;
+        res.ttft_ms.push_back(ttft);
+        res.itl_ms.insert(res.itl_ms.end(), itl.begin(), itl.end());
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  res.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  return res;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::FlagsUsageConfig usage;
+  usage.contains_help_flags = [](absl::string_view f) { return absl::StrContains(f, "superpose_load"); };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage);
+  absl::SetProgramUsageMessage("superpose-load: load-test a superpose-server");
+  absl::ParseCommandLine(argc, argv);
+  grpc::ChannelArguments args;  // one HTTP/2 connection shared by all streams
+  auto channel = grpc::CreateCustomChannel(absl::GetFlag(FLAGS_server),
+                                           grpc::InsecureChannelCredentials(), args);
+  std::vector<Result> results;
+  for (absl::string_view c : absl::StrSplit(absl::GetFlag(FLAGS_concurrency), ',')) {
+    int n;
+    if (!absl::SimpleAtoi(c, &n) || n <= 0) {
+      std::fprintf(stderr, "--concurrency: bad value\n");
+      return 2;
+    }
+    results.push_back(RunLevel(channel, n));
+    const Result& r = results.back();
+    std::fprintf(stderr, "concurrency %d: %d requests, %d errors, %.1fs\n", n, r.requests,
+                 r.errors, r.seconds);
+  }
+  const double base = results.empty() ? 0 : results[0].tokens / results[0].seconds;
+  std::printf("| streams | requests | errors | generated tok/s | vs %d stream(s) | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |\n",
+              results.empty() ? 0 : results[0].concurrency);
+  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  for (const Result& r : results) {
+    const double tps = r.tokens / r.seconds;
+    std::printf("| %d | %d | %d | %.1f | %.2fx | %.1f | %.1f | %.1f | %.1f |\n", r.concurrency,
+                r.requests, r.errors, tps, base > 0 ? tps / base : 0, Pct(r.ttft_ms, 50),
+                Pct(r.ttft_ms, 99), Pct(r.itl_ms, 50), Pct(r.itl_ms, 99));
+  }
+  int errors = 0;
+  for (const Result& r : results) errors += r.errors;
+  return errors == 0 ? 0 : 1;
+}
