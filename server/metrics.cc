@@ -177,6 +177,10 @@ int MetricsServer::Start(const std::string& listen) {
   }
   if (port <= 0) return -1;
   thread_ = std::thread([this] { http_->listen_after_bind(); });
+  // Stop() is only reliable once the server runs: wait for it (bounded).
+  for (int i = 0; i < 5000 && !http_->is_running(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
   return port;
 }
 

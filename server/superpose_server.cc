@@ -81,6 +81,15 @@ int Run() {
                cfg.num_kv_heads, cfg.vocab_size, cfg.NumParameters(),
                engine::DTypeName(cfg.dtype));
 
+  server::Authenticator auth;
+  if (const std::string f = absl::GetFlag(FLAGS_api_keys_file); !f.empty()) {
+    absl::StatusOr<server::Authenticator> a = server::Authenticator::FromFile(f);
+    if (!a.ok()) {
+      spdlog::critical("--api_keys_file: {}", a.status().ToString());
+      return 2;
+    }
+    auth = *std::move(a);
+  }
   engine::BackendRegistry registry;
   engine::cpu::RegisterBackend(registry);
   engine::BackendOptions bopts;
@@ -125,15 +134,6 @@ int Run() {
     WritePortFile(absl::GetFlag(FLAGS_metrics_port_file), mport);
   }
 
-  server::Authenticator auth;
-  if (const std::string f = absl::GetFlag(FLAGS_api_keys_file); !f.empty()) {
-    absl::StatusOr<server::Authenticator> a = server::Authenticator::FromFile(f);
-    if (!a.ok()) {
-      spdlog::critical("--api_keys_file: {}", a.status().ToString());
-      return 2;
-    }
-    auth = *std::move(a);
-  }
   server::Limits limits;
   limits.context_length = eng.context_length();
   limits.vocab_size = cfg.vocab_size;

@@ -9,7 +9,9 @@
 
 #include <nlohmann/json.hpp>
 
-#include "absl/synchronization/notification.h"
+#include <memory>
+
+#include "absl/synchronization/mutex.h"
 #include "engine/runtime/engine.h"
 
 namespace superpose::testing {
@@ -34,32 +36,45 @@ struct Completion {
   std::vector<engine::TokenLogprobs> logprobs;
 };
 
-// Collects the events of one request; Wait() blocks until the final event.
+// Collects the events of one request; Wait() blocks until the final event. The state
+// is shared with the callback, so the Collector may be destroyed as soon as Wait()
+// returns even while the engine thread is still leaving the callback.
 class Collector {
  public:
+  Collector() : state_(std::make_shared<State>()) {}
   engine::StreamCallback Callback() {
-    return [this](engine::StreamEvent&& ev) {
-      for (int32_t t : ev.token_ids) result_.tokens.push_back(t);
-      result_.text += ev.text;
-      if (!ev.text.empty()) result_.deltas.push_back(ev.text);
-      for (auto& lp : ev.logprobs) result_.logprobs.push_back(lp);
+    return [state = state_](engine::StreamEvent&& ev) {
+      absl::MutexLock lock(&state->mu);
+      Completion& r = state->result;
+      for (int32_t t : ev.token_ids) r.tokens.push_back(t);
+      r.text += ev.text;
+      if (!ev.text.empty()) r.deltas.push_back(ev.text);
+      for (auto& lp : ev.logprobs) r.logprobs.push_back(lp);
       if (ev.finished) {
-        result_.finish = ev.finish_reason;
-        result_.usage = ev.usage;
-        result_.status = ev.status;
-        done_.Notify();
+        r.finish = ev.finish_reason;
+        r.usage = ev.usage;
+        r.status = ev.status;
+        state->done = true;
       }
     };
   }
   const Completion& Wait() {
-    done_.WaitForNotification();
-    return result_;
+    absl::MutexLock lock(&state_->mu);
+    state_->mu.Await(absl::Condition(&state_->done));
+    return state_->result;
   }
-  bool WaitFor(absl::Duration d) { return done_.WaitForNotificationWithTimeout(d); }
+  bool WaitFor(absl::Duration d) {
+    absl::MutexLock lock(&state_->mu);
+    return state_->mu.AwaitWithTimeout(absl::Condition(&state_->done), d);
+  }
 
  private:
-  Completion result_;
-  absl::Notification done_;
+  struct State {
+    absl::Mutex mu;
+    bool done = false;
+    Completion result;
+  };
+  std::shared_ptr<State> state_;
 };
 
 inline Completion RunRequest(engine::Engine& engine, engine::Request req) {
