@@ -17,6 +17,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "engine/backend.h"
+#include "engine/cpu/blas_setup.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
@@ -109,8 +110,8 @@ int Run() {
     return 2;
   }
   const engine::KvPoolInfo kv = (*backend)->kv();
-  spdlog::info("backend={} tp={} kv_blocks={} block_size={} kv_mib={:.1f}", (*backend)->name(),
-               bopts.tensor_parallel, kv.num_blocks, kv.block_size, kv.num_blocks * kv.bytes_per_block / 1048576.0);
+  spdlog::info("backend={} blas_core={} tp={} kv_blocks={} block_size={} kv_mib={:.1f}", (*backend)->name(),
+               engine::cpu::BlasCoreName(), bopts.tensor_parallel, kv.num_blocks, kv.block_size, kv.num_blocks * kv.bytes_per_block / 1048576.0);
 
   engine::EngineOptions eopts;
   eopts.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
@@ -184,6 +185,7 @@ int Run() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  superpose::engine::cpu::EnsureBlasCoreType(argv);
   absl::FlagsUsageConfig usage;
   usage.contains_help_flags = [](absl::string_view file) {
     return absl::StrContains(file, "superpose_server");

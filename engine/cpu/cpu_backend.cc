@@ -33,6 +33,26 @@ void Rope(float* x, const float* cos, const float* sin, int32_t dim) {
   }
 }
 
+// y[T, out] = x[T, in] * W[out, in]^T for a few rows: streams W once, computing all T
+// dot products of a weight row while it is in L1. Decode steps are memory-bound, and
+// OpenBLAS's sgemm would first pack (copy) the whole weight matrix. Every output element
+// is computed the same way whatever T is, so a sequence's logits do not depend on what
+// else is in its batch.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void SmallBatchGemm(
+    const float* x, int32_t rows, int32_t in, const float* w, int32_t out, float* y) {
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(out) * in > 16384)
+  for (int32_t o = 0; o < out; ++o) {
+    const float* wr = w + static_cast<size_t>(o) * in;
+    for (int32_t t = 0; t < rows; ++t) {
+      const float* xr = x + static_cast<size_t>(t) * in;
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int32_t k = 0; k < in; ++k) acc += wr[k] * xr[k];
+      y[static_cast<size_t>(t) * out + o] = acc;
+    }
+  }
+}
+
 }  // namespace
 
 CpuBackend::CpuBackend(const BackendOptions& options) : options_(options) {}
@@ -162,8 +182,8 @@ absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& wei
 
 void CpuBackend::Linear(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
                         float* y) const {
-  if (rows == 1) {
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, w, in, x, 1, 0.0f, y, 1);
+  if (rows <= kSmallBatchRows) {
+    SmallBatchGemm(x, rows, in, w, out, y);
   } else {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, out, in, 1.0f, x, in, w, in, 0.0f,
                 y, out);
