@@ -308,7 +308,7 @@ bool Engine::Step() {
     }
     // Retry the same index (it now holds the same sequence unless it was the victim).
   }
-  // Budget already counted for unscheduled victims is not returned: conservative.
+  // The budget of a victim that was already scheduled is not returned this step.
 
   // 2. Admit waiting sequences while the budget, the batch size and the blocks last.
   while (!waiting_.empty() && budget > 0 &&
@@ -396,13 +396,12 @@ bool Engine::Step() {
 
   // 5. Sample and stream.
   const int32_t V = config_.vocab_size;
-  std::vector<Sequence*> finished;
   for (size_t k = 0; k < sched.size(); ++k) {
     Sequence* seq = sched[k].seq;
     seq->computed += sched[k].num_tokens;
     PublishBlocks(seq);
     if (logits_row[k] < 0) continue;
-    EmitToken(seq, 0, out.logits.data() + static_cast<size_t>(logits_row[k]) * V);
+    EmitToken(seq, out.logits.data() + static_cast<size_t>(logits_row[k]) * V);
   }
   running_.erase(std::remove_if(running_.begin(), running_.end(),
                                 [](auto& s) { return s->callback == nullptr; }),
@@ -414,7 +413,7 @@ bool Engine::Step() {
 
 // Samples the next token of `seq` from its logits and streams it; finishes the
 // sequence when a stop condition holds.
-void Engine::EmitToken(Sequence* seq, int32_t, const float* logits_in) {
+void Engine::EmitToken(Sequence* seq, const float* logits_in) {
   const int32_t V = config_.vocab_size;
   std::vector<float> logits(logits_in, logits_in + V);
   if (!seq->sampler) {
@@ -426,9 +425,6 @@ void Engine::EmitToken(Sequence* seq, int32_t, const float* logits_in) {
   // A recomputed (preempted) sequence has already streamed its tokens: the logits of
   // its last token give the next one as usual.
   StreamEvent ev;
-  if (seq->req.logprobs) {
-    // Computed below from the raw logits once the token is known.
-  }
   const int32_t token = seq->sampler->Sample(absl::MakeSpan(logits));
   if (seq->req.logprobs) {
     ev.logprobs.push_back(ComputeLogprobs(absl::MakeConstSpan(logits_in, V), token,

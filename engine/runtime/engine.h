@@ -86,7 +86,7 @@ class Engine {
   bool EnsureBlocks(Sequence* seq, int32_t upto_tokens);
   void MatchPrefix(Sequence* seq);
   void PublishBlocks(Sequence* seq);
-  void EmitToken(Sequence* seq, int32_t token, const float* logits);
+  void EmitToken(Sequence* seq, const float* logits);
 
   EngineOptions options_;
   ModelConfig config_;
