@@ -33,6 +33,8 @@ void Rope(float* x, const float* cos, const float* sin, int32_t dim) {
   }
 }
 
+}  // namespace
+
 // y[T, out] = x[T, in] * W[out, in]^T for a few rows: streams W once, computing all T
 // dot products of a weight row while it is in L1. Decode steps are memory-bound, and
 // OpenBLAS's sgemm would first pack (copy) the whole weight matrix. Every output element
@@ -43,17 +45,30 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void SmallBatchGemm
 #pragma omp parallel for schedule(static) if (static_cast<int64_t>(out) * in > 16384)
   for (int32_t o = 0; o < out; ++o) {
     const float* wr = w + static_cast<size_t>(o) * in;
-    for (int32_t t = 0; t < rows; ++t) {
-      const float* xr = x + static_cast<size_t>(t) * in;
-      float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-      for (int32_t k = 0; k < in; ++k) acc += wr[k] * xr[k];
-      y[static_cast<size_t>(t) * out + o] = acc;
+    // Four rows at a time: each weight element is loaded once for four products. A
+    // last partial group repeats its final row, so every row runs the same code.
+    for (int32_t t = 0; t < rows; t += 4) {
+      const float* xr[4];
+      for (int32_t j = 0; j < 4; ++j) {
+        xr[j] = x + static_cast<size_t>(std::min(t + j, rows - 1)) * in;
+      }
+      const float *x0 = xr[0], *x1 = xr[1], *x2 = xr[2], *x3 = xr[3];
+      float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int32_t k = 0; k < in; ++k) {
+        const float wk = wr[k];
+        a0 += wk * x0[k];
+        a1 += wk * x1[k];
+        a2 += wk * x2[k];
+        a3 += wk * x3[k];
+      }
+      const float acc[4] = {a0, a1, a2, a3};
+      for (int32_t j = 0; j < 4 && t + j < rows; ++j) {
+        y[static_cast<size_t>(t + j) * out + o] = acc[j];
+      }
     }
   }
 }
-
-}  // namespace
 
 CpuBackend::CpuBackend(const BackendOptions& options) : options_(options) {}
 
