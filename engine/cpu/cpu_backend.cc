@@ -35,37 +35,54 @@ void Rope(float* x, const float* cos, const float* sin, int32_t dim) {
 
 }  // namespace
 
-// y[T, out] = x[T, in] * W[out, in]^T for a few rows: streams W once, computing all T
-// dot products of a weight row while it is in L1. Decode steps are memory-bound, and
-// OpenBLAS's sgemm would first pack (copy) the whole weight matrix. Every output element
-// is computed the same way whatever T is, so a sequence's logits do not depend on what
-// else is in its batch.
+namespace {
+
+// Dot products of one weight row with R input rows. The summation order is spelled out
+// (16 lane-wise partial sums, then a fixed tree) so that a row's result is the same
+// whatever R it is computed with.
+template <int R>
+inline void DotRows(const float* wr, const float* const* xs, int32_t in, float* out) {
+  constexpr int kLanes = 16;
+  float lanes[R][kLanes] = {};
+  int32_t k = 0;
+  for (; k + kLanes <= in; k += kLanes) {
+    for (int r = 0; r < R; ++r) {
+      const float* xr = xs[r] + k;
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) lanes[r][l] += wr[k + l] * xr[l];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int32_t kk = k; kk < in; ++kk) lanes[r][kk - k] += wr[kk] * xs[r][kk];
+    for (int width = kLanes / 2; width > 0; width /= 2) {
+      for (int l = 0; l < width; ++l) lanes[r][l] += lanes[r][l + width];
+    }
+    out[r] = lanes[r][0];
+  }
+}
+
+}  // namespace
+
+// y[T, out] = x[T, in] * W[out, in]^T for a few rows: streams W once, computing the T
+// dot products of a weight row while it is in L1, four rows per pass. Decode steps are
+// memory-bound, and OpenBLAS's sgemm would first pack (copy) the weight panels.
 __attribute__((target_clones("avx512f", "avx2", "default"))) void SmallBatchGemm(
     const float* x, int32_t rows, int32_t in, const float* w, int32_t out, float* y) {
 #pragma omp parallel for schedule(static) if (static_cast<int64_t>(out) * in > 16384)
   for (int32_t o = 0; o < out; ++o) {
     const float* wr = w + static_cast<size_t>(o) * in;
-    // Four rows at a time: each weight element is loaded once for four products. A
-    // last partial group repeats its final row, so every row runs the same code.
-    for (int32_t t = 0; t < rows; t += 4) {
-      const float* xr[4];
-      for (int32_t j = 0; j < 4; ++j) {
-        xr[j] = x + static_cast<size_t>(std::min(t + j, rows - 1)) * in;
-      }
-      const float *x0 = xr[0], *x1 = xr[1], *x2 = xr[2], *x3 = xr[3];
-      float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-      for (int32_t k = 0; k < in; ++k) {
-        const float wk = wr[k];
-        a0 += wk * x0[k];
-        a1 += wk * x1[k];
-        a2 += wk * x2[k];
-        a3 += wk * x3[k];
-      }
-      const float acc[4] = {a0, a1, a2, a3};
-      for (int32_t j = 0; j < 4 && t + j < rows; ++j) {
-        y[static_cast<size_t>(t + j) * out + o] = acc[j];
-      }
+    float acc[4];
+    int32_t t = 0;
+    for (; t + 4 <= rows; t += 4) {
+      const float* xs[4];
+      for (int j = 0; j < 4; ++j) xs[j] = x + static_cast<size_t>(t + j) * in;
+      DotRows<4>(wr, xs, in, acc);
+      for (int j = 0; j < 4; ++j) y[static_cast<size_t>(t + j) * out + o] = acc[j];
+    }
+    for (; t < rows; ++t) {
+      const float* xs[1] = {x + static_cast<size_t>(t) * in};
+      DotRows<1>(wr, xs, in, acc);
+      y[static_cast<size_t>(t) * out + o] = acc[0];
     }
   }
 }

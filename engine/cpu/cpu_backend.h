@@ -12,7 +12,7 @@ namespace superpose::engine::cpu {
 class CpuBackend : public Backend {
  public:
   // Steps with at most this many tokens use the weight-streaming kernel, more use sgemm.
-  static constexpr int32_t kSmallBatchRows = 32;
+  static constexpr int32_t kSmallBatchRows = 4;
   explicit CpuBackend(const BackendOptions& options);
   std::string name() const override { return "cpu"; }
   std::string compute_dtype() const override { return "float32"; }
