@@ -227,36 +227,43 @@ absl::Status CpuBackend::AllReduce(float* data, int64_t count) {
   return options_.comm->AllReduceSum(data, count);
 }
 
+CpuBackend::KeyIndex CpuBackend::BuildKeyIndex(const BatchPlan& plan) const {
+  const int32_t bs = kv_info_.block_size;
+  const int32_t S = static_cast<int32_t>(plan.seqs.size());
+  KeyIndex ix;
+  ix.keys.resize(S);
+  ix.ctx_len.resize(S);
+  ix.seq_of.resize(plan.num_tokens());
+  for (int32_t si = 0; si < S; ++si) {
+    const SeqPlan& seq = plan.seqs[si];
+    for (const KvSegment& g : seq.context) {
+      for (int32_t s = 0; s < g.length; ++s) {
+        ix.keys[si].push_back(static_cast<int64_t>(g.block) * bs + g.first_slot + s);
+      }
+    }
+    ix.ctx_len[si] = static_cast<int32_t>(ix.keys[si].size());
+    for (int32_t j = 0; j < seq.num_tokens; ++j) {
+      const KvSlot& s = plan.kv_slots[seq.token_begin + j];
+      ix.keys[si].push_back(static_cast<int64_t>(s.block) * bs + s.slot);
+      ix.seq_of[seq.token_begin + j] = si;
+    }
+  }
+  return ix;
+}
+
 // q: [T, q_heads, D] (after RoPE). out: [T, q_heads, D]. Keys/values of this layer are
 // already in the pool for every new token.
-void CpuBackend::Attention(const BatchPlan& plan, int32_t layer, const float* q,
-                           float* out) const {
+void CpuBackend::Attention(const BatchPlan& plan, const KeyIndex& ix, int32_t layer,
+                           const float* q, float* out) const {
   const int32_t D = config_.head_dim, bs = kv_info_.block_size;
   const int32_t group = config_.num_heads / config_.num_kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const size_t layer_off = static_cast<size_t>(layer) * kv_info_.num_blocks * bs * kv_heads_ * D;
   const float* kl = k_cache_.data() + layer_off;
   const float* vl = v_cache_.data() + layer_off;
-
-  // Key locations of each sequence (offsets in units of kv_heads * D floats): context
-  // first, then its new tokens.
-  const int32_t S = static_cast<int32_t>(plan.seqs.size());
-  std::vector<std::vector<int64_t>> keys(S);
-  std::vector<int32_t> ctx_len(S), seq_of(plan.num_tokens());
-  for (int32_t si = 0; si < S; ++si) {
-    const SeqPlan& seq = plan.seqs[si];
-    for (const KvSegment& g : seq.context) {
-      for (int32_t s = 0; s < g.length; ++s) {
-        keys[si].push_back(static_cast<int64_t>(g.block) * bs + g.first_slot + s);
-      }
-    }
-    ctx_len[si] = static_cast<int32_t>(keys[si].size());
-    for (int32_t j = 0; j < seq.num_tokens; ++j) {
-      const KvSlot& s = plan.kv_slots[seq.token_begin + j];
-      keys[si].push_back(static_cast<int64_t>(s.block) * bs + s.slot);
-      seq_of[seq.token_begin + j] = si;
-    }
-  }
+  const auto& keys = ix.keys;
+  const auto& ctx_len = ix.ctx_len;
+  const auto& seq_of = ix.seq_of;
   const int32_t T = plan.num_tokens(), heads = q_heads_;
 #pragma omp parallel if (static_cast<int64_t>(T) * heads > 1)
   {
@@ -323,6 +330,9 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
   }
   SP_RETURN_IF_ERROR(AllReduce(x.data(), x.size()));
 
+  // Where each sequence's keys live: the same for every layer.
+  const KeyIndex key_index = BuildKeyIndex(plan);
+
   // RoPE tables from the float positions.
   const int32_t half = D / 2;
   std::vector<float> cos_t(static_cast<size_t>(T) * half), sin_t(static_cast<size_t>(T) * half);
@@ -377,7 +387,7 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
         Rope(kh, c, s, D);
       }
     }
-    Attention(plan, l, q.data(), attn.data());
+    Attention(plan, key_index, l, q.data(), attn.data());
     Linear(attn.data(), T, qd, L.wo.data(), H, proj.data());
     SP_RETURN_IF_ERROR(AllReduce(proj.data(), proj.size()));
     for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];

@@ -37,7 +37,16 @@ class CpuBackend : public Backend {
   // y[T, out] = x[T, in] * W[out, in]^T
   void Linear(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
               float* y) const;
-  void Attention(const BatchPlan& plan, int32_t layer, const float* q, float* out) const;
+  // Key locations per sequence (offsets in units of kv_heads * head_dim floats within a
+  // layer): context first, then its new tokens. Built once per step for all layers.
+  struct KeyIndex {
+    std::vector<std::vector<int64_t>> keys;
+    std::vector<int32_t> ctx_len;  // context keys of each sequence
+    std::vector<int32_t> seq_of;   // sequence of each plan token
+  };
+  KeyIndex BuildKeyIndex(const BatchPlan& plan) const;
+  void Attention(const BatchPlan& plan, const KeyIndex& ix, int32_t layer, const float* q,
+                 float* out) const;
   absl::Status AllReduce(float* data, int64_t count);
 
   BackendOptions options_;

@@ -21,14 +21,14 @@ Sampler::Sampler(const SamplingOptions& options, absl::Span<const int32_t> promp
     : options_(options), rng_(options.seed) {
   if (options_.repetition_penalty != 1.0f) {
     for (int32_t id : prompt_ids) {
-      if (seen_set_.emplace(id, true).second) seen_.push_back(id);
+      if (seen_set_.insert(id).second) seen_.push_back(id);
     }
   }
 }
 
 void Sampler::Accept(int32_t token) {
   ++output_counts_[token];
-  if (options_.repetition_penalty != 1.0f && seen_set_.emplace(token, true).second) {
+  if (options_.repetition_penalty != 1.0f && seen_set_.insert(token).second) {
     seen_.push_back(token);
   }
 }

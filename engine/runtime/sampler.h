@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/types/span.h"
 #include "engine/runtime/request.h"
 
@@ -25,7 +26,7 @@ class Sampler {
   std::mt19937_64 rng_;
   absl::flat_hash_map<int32_t, int32_t> output_counts_;
   std::vector<int32_t> seen_;  // distinct tokens of prompt and output
-  absl::flat_hash_map<int32_t, bool> seen_set_;
+  absl::flat_hash_set<int32_t> seen_set_;
   std::vector<std::pair<float, int32_t>> scratch_;
 };
 
