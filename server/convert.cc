@@ -48,6 +48,10 @@ bool IsValidUtf8(const std::string& s) {
   return true;
 }
 
+template <typename Req>
+absl::Status FillCommon(const Req& req, int32_t prompt_len, const Limits& limits,
+                        engine::Request* out);
+
 }  // namespace
 
 absl::Status ValidateUtf8(const std::string& text, const std::string& field) {
@@ -89,21 +93,39 @@ absl::StatusOr<engine::Request> ToEngineRequest(const v1::GenerateRequest& req,
   }
   const int32_t prompt_len = static_cast<int32_t>(out.prompt_ids.size());
   if (prompt_len >= limits.context_length) {
-    return Invalid(absl::StrCat("prompt has ", prompt_len,
-                                " tokens; the context window is ", limits.context_length,
-                                " (at least one token must fit after it)"));
+    return Invalid(absl::StrCat("prompt has ", prompt_len, " tokens; the context window is ",
+                                limits.context_length, " (at least one token must fit after it)"));
   }
+  SP_RETURN_IF_ERROR(FillCommon(req, prompt_len, limits, &out));
+  out.logprobs = req.logprobs();
+  if (req.top_logprobs() > static_cast<uint32_t>(limits.max_top_logprobs)) {
+    return Invalid(absl::StrCat("top_logprobs must be in [0, ", limits.max_top_logprobs, "], got ",
+                                req.top_logprobs()));
+  }
+  if (req.top_logprobs() > 0 && !req.logprobs()) {
+    return Invalid("top_logprobs needs logprobs = true");
+  }
+  out.top_logprobs = static_cast<int32_t>(req.top_logprobs());
+  return out;
+}
 
+namespace {
+
+// Sampling, stopping and bookkeeping fields, shared by Generate and GenerateRag.
+// `prompt_len`: the position the output starts at.
+template <typename Req>
+absl::Status FillCommon(const Req& req, int32_t prompt_len, const Limits& limits,
+                        engine::Request* out_ptr) {
+  engine::Request& out = *out_ptr;
   // Sampling.
   const v1::SamplingParams& sp = req.sampling();
   engine::SamplingOptions& s = out.sampling;
   if (sp.has_max_new_tokens()) {
     if (sp.max_new_tokens() == 0) return Invalid("sampling.max_new_tokens must be >= 1, got 0");
     if (sp.max_new_tokens() > static_cast<uint32_t>(limits.context_length - prompt_len)) {
-      return Invalid(absl::StrCat("sampling.max_new_tokens = ", sp.max_new_tokens(),
-                                  " does not fit the context window: ", prompt_len,
-                                  " prompt tokens + max_new_tokens must be <= ",
-                                  limits.context_length));
+      return Invalid(absl::StrCat(
+          "sampling.max_new_tokens = ", sp.max_new_tokens(), " does not fit the context window: ",
+          prompt_len, " prompt tokens + max_new_tokens must be <= ", limits.context_length));
     }
     s.max_new_tokens = static_cast<int32_t>(sp.max_new_tokens());
   } else {
@@ -111,8 +133,8 @@ absl::StatusOr<engine::Request> ToEngineRequest(const v1::GenerateRequest& req,
   }
   if (sp.has_temperature()) {
     if (!std::isfinite(sp.temperature()) || sp.temperature() < 0.0f) {
-      return Invalid(absl::StrCat("sampling.temperature must be finite and >= 0, got ",
-                                  sp.temperature()));
+      return Invalid(
+          absl::StrCat("sampling.temperature must be finite and >= 0, got ", sp.temperature()));
     }
     s.temperature = sp.temperature();
   }
@@ -129,14 +151,14 @@ absl::StatusOr<engine::Request> ToEngineRequest(const v1::GenerateRequest& req,
   s.min_p = sp.min_p();
   if (sp.has_repetition_penalty()) {
     if (!(std::isfinite(sp.repetition_penalty()) && sp.repetition_penalty() > 0.0f)) {
-      return Invalid(absl::StrCat("sampling.repetition_penalty must be > 0, got ",
-                                  sp.repetition_penalty()));
+      return Invalid(
+          absl::StrCat("sampling.repetition_penalty must be > 0, got ", sp.repetition_penalty()));
     }
     s.repetition_penalty = sp.repetition_penalty();
   }
   if (!(sp.presence_penalty() >= -2.0f && sp.presence_penalty() <= 2.0f)) {
-    return Invalid(absl::StrCat("sampling.presence_penalty must be in [-2, 2], got ",
-                                sp.presence_penalty()));
+    return Invalid(
+        absl::StrCat("sampling.presence_penalty must be in [-2, 2], got ", sp.presence_penalty()));
   }
   if (!(sp.frequency_penalty() >= -2.0f && sp.frequency_penalty() <= 2.0f)) {
     return Invalid(absl::StrCat("sampling.frequency_penalty must be in [-2, 2], got ",
@@ -153,15 +175,15 @@ absl::StatusOr<engine::Request> ToEngineRequest(const v1::GenerateRequest& req,
 
   // Stopping.
   if (req.stop_size() > limits.max_stop_strings) {
-    return Invalid(absl::StrCat("stop has ", req.stop_size(), " strings; at most ",
-                                limits.max_stop_strings));
+    return Invalid(
+        absl::StrCat("stop has ", req.stop_size(), " strings; at most ", limits.max_stop_strings));
   }
   for (int i = 0; i < req.stop_size(); ++i) {
     const std::string field = absl::StrCat("stop[", i, "]");
     if (req.stop(i).empty()) return Invalid(field + " is empty");
     if (static_cast<int32_t>(req.stop(i).size()) > limits.max_stop_string_bytes) {
-      return Invalid(absl::StrCat(field, " is longer than ", limits.max_stop_string_bytes,
-                                  " bytes"));
+      return Invalid(
+          absl::StrCat(field, " is longer than ", limits.max_stop_string_bytes, " bytes"));
     }
     SP_RETURN_IF_ERROR(ValidateUtf8(req.stop(i), field));
     out.stop.push_back(req.stop(i));
@@ -169,15 +191,6 @@ absl::StatusOr<engine::Request> ToEngineRequest(const v1::GenerateRequest& req,
   SP_RETURN_IF_ERROR(ValidateTokenIds(req.stop_token_ids(), limits.vocab_size, "stop_token_ids"));
   out.stop_token_ids.assign(req.stop_token_ids().begin(), req.stop_token_ids().end());
   out.ignore_eos = req.ignore_eos();
-  out.logprobs = req.logprobs();
-  if (req.top_logprobs() > static_cast<uint32_t>(limits.max_top_logprobs)) {
-    return Invalid(absl::StrCat("top_logprobs must be in [0, ", limits.max_top_logprobs,
-                                "], got ", req.top_logprobs()));
-  }
-  if (req.top_logprobs() > 0 && !req.logprobs()) {
-    return Invalid("top_logprobs needs logprobs = true");
-  }
-  out.top_logprobs = static_cast<int32_t>(req.top_logprobs());
   out.skip_special_tokens = !req.has_skip_special_tokens() || req.skip_special_tokens();
   if (req.request_id().size() > 128) return Invalid("request_id is longer than 128 bytes");
   SP_RETURN_IF_ERROR(ValidateUtf8(req.request_id(), "request_id"));
@@ -186,16 +199,160 @@ absl::StatusOr<engine::Request> ToEngineRequest(const v1::GenerateRequest& req,
     return Invalid(absl::StrCat("priority must be in [-100, 100], got ", req.priority()));
   }
   out.priority = req.priority();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<engine::Request> ToEngineRagRequest(const v1::GenerateRagRequest& req,
+                                                   const engine::Tokenizer& tokenizer,
+                                                   const Limits& limits) {
+  auto spec = std::make_shared<engine::rag::Spec>();
+  SP_RETURN_IF_ERROR(ValidateUtf8(req.preamble(), "preamble"));
+  SP_RETURN_IF_ERROR(ValidateUtf8(req.query(), "query"));
+  SP_RETURN_IF_ERROR(ValidateUtf8(req.postamble(), "postamble"));
+  if (req.documents_size() == 0) return Invalid("documents: at least one document is required");
+  if (req.documents_size() > limits.max_rag_documents) {
+    return Invalid(absl::StrCat("documents has ", req.documents_size(), " entries; the limit is ",
+                                limits.max_rag_documents));
+  }
+  spec->preamble = tokenizer.Encode(req.preamble(), true);
+  spec->query = tokenizer.Encode(req.query(), false);
+  if (spec->query.empty()) return Invalid("query is empty (encodes to no tokens)");
+  spec->postamble = tokenizer.Encode(req.postamble(), false);
+  const int64_t fixed = spec->preamble.size() + spec->query.size() + spec->postamble.size();
+  if (fixed >= limits.context_length) {
+    return Invalid(absl::StrCat("preamble, query and postamble have ", fixed,
+                                " tokens; the context window is ", limits.context_length));
+  }
+  for (int i = 0; i < req.documents_size(); ++i) {
+    const v1::RagDocument& d = req.documents(i);
+    const std::string field = absl::StrCat("documents[", i, "].text");
+    SP_RETURN_IF_ERROR(ValidateUtf8(d.text(), field));
+    SP_RETURN_IF_ERROR(ValidateUtf8(d.id(), absl::StrCat("documents[", i, "].id")));
+    if (d.id().size() > 256) return Invalid(absl::StrCat("documents[", i, "].id is too long"));
+    if (d.text().empty()) return Invalid(field + " is empty");
+    std::string text = d.text();
+    if (text.back() != '\n') text.push_back('\n');
+    spec->documents.push_back(tokenizer.Encode(text, false));
+    const int64_t path = fixed + static_cast<int64_t>(spec->documents.back().size());
+    if (path >= limits.context_length) {
+      return Invalid(absl::StrCat(field, " has ", spec->documents.back().size(),
+                                  " tokens; with the preamble, query and postamble (", fixed,
+                                  " tokens) it exceeds the context window of ",
+                                  limits.context_length));
+    }
+  }
+  // Options.
+  const v1::RagOptions& o = req.rag();
+  engine::rag::Options& opt = spec->options;
+  switch (o.mode()) {
+    case v1::RAG_MODE_UNSPECIFIED:
+    case v1::RAG_MODE_SUPERPOSITION:
+      opt.mode = engine::rag::Mode::kSuperposition;
+      break;
+    case v1::RAG_MODE_NAIVE:
+      opt.mode = engine::rag::Mode::kNaive;
+      break;
+    default:
+      return Invalid(absl::StrCat("rag.mode: unknown value ", o.mode()));
+  }
+  switch (o.positions()) {
+    case v1::RAG_POSITIONS_UNSPECIFIED:
+    case v1::RAG_POSITIONS_EQUILIBRIUM:
+      opt.positions = engine::rag::PositionMode::kEquilibrium;
+      break;
+    case v1::RAG_POSITIONS_LEFT_ALIGNED:
+      opt.positions = engine::rag::PositionMode::kLeftAligned;
+      break;
+    default:
+      return Invalid(absl::StrCat("rag.positions: unknown value ", o.positions()));
+  }
+  const uint32_t n = static_cast<uint32_t>(req.documents_size());
+  if (o.has_top_k() && (o.top_k() < 1 || o.top_k() > n)) {
+    return Invalid(absl::StrCat("rag.top_k must be in [1, ", n, "] (the number of documents), got ",
+                                o.top_k()));
+  }
+  opt.top_k = o.has_top_k() ? static_cast<int32_t>(o.top_k()) : 1;
+  if (o.has_doc_weight()) {
+    if (!(std::isfinite(o.doc_weight()) && o.doc_weight() >= 0.0f && o.doc_weight() <= 10.0f)) {
+      return Invalid(absl::StrCat("rag.doc_weight must be in [0, 10], got ", o.doc_weight()));
+    }
+    opt.doc_weight = o.doc_weight();
+  }
+  opt.path_cache = !o.has_path_cache() || o.path_cache();
+  if (o.has_canonical_span()) {
+    if (!(std::isfinite(o.canonical_span()) && o.canonical_span() >= 0.0f &&
+          o.canonical_span() < static_cast<float>(limits.context_length))) {
+      return Invalid(absl::StrCat("rag.canonical_span must be in [0, ", limits.context_length,
+                                  "), got ", o.canonical_span()));
+    }
+    opt.canonical_span = o.canonical_span();
+  }
+  // Where the answer starts.
+  int64_t answer_start;
+  if (opt.mode == engine::rag::Mode::kNaive) {
+    answer_start = static_cast<int64_t>(engine::rag::Flatten(*spec).size());
+    if (answer_start >= limits.context_length) {
+      return Invalid(absl::StrCat("documents: the concatenated prompt (rag.mode = NAIVE) has ",
+                                  answer_start, " tokens; the context window is ",
+                                  limits.context_length));
+    }
+  } else {
+    answer_start = static_cast<int64_t>(std::ceil(engine::rag::ComputeLayout(*spec).answer_start));
+    if (answer_start >= limits.context_length) {
+      return Invalid(absl::StrCat("rag.canonical_span: the answer would start at position ",
+                                  answer_start, "; the context window is ", limits.context_length));
+    }
+  }
+  engine::Request out;
+  SP_RETURN_IF_ERROR(FillCommon(req, static_cast<int32_t>(answer_start), limits, &out));
+  out.rag = std::move(spec);
   return out;
+}
+
+void ToProto(const engine::rag::Result& r, const std::vector<std::string>& ids,
+             const engine::rag::Spec& spec, v1::RagReport* out) {
+  out->set_mode(r.mode == engine::rag::Mode::kNaive ? v1::RAG_MODE_NAIVE
+                                                    : v1::RAG_MODE_SUPERPOSITION);
+  for (size_t i = 0; i < r.docs.size(); ++i) {
+    const engine::rag::DocResult& d = r.docs[i];
+    v1::RagDocumentReport* o = out->add_documents();
+    o->set_index(static_cast<uint32_t>(i));
+    if (i < ids.size() && !ids[i].empty()) o->set_id(ids[i]);
+    if (r.mode == engine::rag::Mode::kSuperposition) {
+      o->set_score(d.score);
+      o->set_query_logprob(d.query_ll);
+      o->set_document_logprob(d.doc_ll);
+    }
+    o->set_kept(d.kept);
+    o->set_cached(d.cached);
+    if (i < spec.documents.size()) o->set_tokens(static_cast<uint32_t>(spec.documents[i].size()));
+  }
+  out->set_computed_tokens(r.computed_tokens);
+  out->set_path_cache_tokens(r.path_cache_tokens);
+  out->set_prefix_cache_tokens(r.prefix_cache_tokens);
+  out->set_pruned_tokens(r.pruned_tokens);
+  out->set_flops(r.flops.total);
+  out->set_critical_path_flops(r.flops.critical_path);
+  out->set_naive_flops(r.naive_flops.total);
+  if (r.mode == engine::rag::Mode::kSuperposition) {
+    out->set_span(engine::rag::ComputeLayout(spec).span);
+  }
 }
 
 v1::FinishReason ToProto(engine::FinishReason reason) {
   switch (reason) {
-    case engine::FinishReason::kLength: return v1::FINISH_REASON_LENGTH;
-    case engine::FinishReason::kStop: return v1::FINISH_REASON_STOP;
-    case engine::FinishReason::kEos: return v1::FINISH_REASON_EOS;
-    case engine::FinishReason::kCancelled: return v1::FINISH_REASON_CANCELLED;
-    default: return v1::FINISH_REASON_UNSPECIFIED;
+    case engine::FinishReason::kLength:
+      return v1::FINISH_REASON_LENGTH;
+    case engine::FinishReason::kStop:
+      return v1::FINISH_REASON_STOP;
+    case engine::FinishReason::kEos:
+      return v1::FINISH_REASON_EOS;
+    case engine::FinishReason::kCancelled:
+      return v1::FINISH_REASON_CANCELLED;
+    default:
+      return v1::FINISH_REASON_UNSPECIFIED;
   }
 }
 

@@ -17,6 +17,7 @@ struct Limits {
   int32_t max_stop_strings = 16;
   int32_t max_stop_string_bytes = 256;
   int32_t max_top_logprobs = 20;
+  int32_t max_rag_documents = 64;
 };
 
 // Checks every field of `req` and builds the engine request. INVALID_ARGUMENT with a
@@ -24,6 +25,16 @@ struct Limits {
 absl::StatusOr<engine::Request> ToEngineRequest(const v1::GenerateRequest& req,
                                                 const engine::Tokenizer& tokenizer,
                                                 const Limits& limits);
+
+// GenerateRag: every segment tokenized on its own (BOS only on the preamble; each
+// document ends with a newline), options checked, naive or superposition layout
+// checked against the context window.
+absl::StatusOr<engine::Request> ToEngineRagRequest(const v1::GenerateRagRequest& req,
+                                                   const engine::Tokenizer& tokenizer,
+                                                   const Limits& limits);
+// `ids`: the callers' document ids (may be empty).
+void ToProto(const engine::rag::Result& result, const std::vector<std::string>& ids,
+             const engine::rag::Spec& spec, v1::RagReport* out);
 
 // Token ids given by a client: each must be in [0, vocab_size).
 absl::Status ValidateTokenIds(const google::protobuf::RepeatedField<uint32_t>& ids,

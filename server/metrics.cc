@@ -19,6 +19,11 @@ void Counter(const std::string& name, const std::string& help, uint64_t v, std::
                   "\n");
 }
 
+void FloatCounter(const std::string& name, const std::string& help, double v, std::string* out) {
+  absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " counter\n", name, " ",
+                  absl::StrFormat("%.6e", v), "\n");
+}
+
 void Gauge(const std::string& name, const std::string& help, int64_t v, std::string* out) {
   absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " gauge\n", name, " ", v,
                   "\n");
@@ -56,6 +61,21 @@ Metrics::Metrics()
       e2e_s_(LatencyBounds()),
       batch_tokens_({1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096}) {
   for (const char* r : {"length", "stop", "eos", "cancelled", "error"}) finished_[r] = 0;
+  for (const char* m : {"superposition", "naive"}) rag_requests_[m] = 0;
+}
+
+void Metrics::OnRagFinished(const engine::rag::Result& r) {
+  absl::MutexLock lock(&mu_);
+  ++rag_requests_[r.mode == engine::rag::Mode::kNaive ? "naive" : "superposition"];
+  if (r.mode == engine::rag::Mode::kSuperposition) {
+    rag_paths_ += r.docs.size();
+    for (const auto& d : r.docs) rag_paths_pruned_ += d.kept ? 0 : 1;
+  }
+  rag_path_cache_tokens_ += r.path_cache_tokens;
+  rag_pruned_tokens_ += r.pruned_tokens;
+  rag_flops_ += r.flops.total;
+  rag_critical_flops_ += r.flops.critical_path;
+  rag_naive_flops_ += r.naive_flops.total;
 }
 
 void Metrics::OnFinished(const engine::Usage& usage, engine::FinishReason reason,
@@ -112,8 +132,7 @@ std::string Metrics::Render() const {
     h.Render(name, &out);
   };
   hist("superpose_queue_time_seconds", "Time from arrival to first scheduling.", queue_time_s_);
-  hist("superpose_time_to_first_token_seconds", "Time from arrival to the first token.",
-       ttft_s_);
+  hist("superpose_time_to_first_token_seconds", "Time from arrival to the first token.", ttft_s_);
   hist("superpose_inter_token_latency_seconds", "Time between consecutive tokens of a stream.",
        itl_s_);
   hist("superpose_e2e_latency_seconds", "Time from arrival to the end of a request.", e2e_s_);
@@ -139,6 +158,27 @@ std::string Metrics::Render() const {
   Counter("superpose_preemptions_total", "Sequences preempted when KV blocks ran out.",
           preemptions_, &out);
   Counter("superpose_engine_steps_total", "Engine iterations that ran the backend.", steps_, &out);
+  absl::StrAppend(&out,
+                  "# HELP superpose_rag_requests_total GenerateRag requests finished, by "
+                  "mode.\n# TYPE superpose_rag_requests_total counter\n");
+  for (const auto& [mode, n] : rag_requests_) {
+    absl::StrAppend(&out, "superpose_rag_requests_total{mode=\"", mode, "\"} ", n, "\n");
+  }
+  Counter("superpose_rag_paths_total", "Document paths of superposition requests.", rag_paths_,
+          &out);
+  Counter("superpose_rag_paths_pruned_total", "Paths dropped by top-k pruning.", rag_paths_pruned_,
+          &out);
+  Counter("superpose_rag_pruned_tokens_total", "Document + query tokens of pruned paths.",
+          rag_pruned_tokens_, &out);
+  Counter("superpose_rag_path_cache_tokens_total",
+          "Document tokens whose KV came from the path cache.", rag_path_cache_tokens_, &out);
+  FloatCounter("superpose_rag_flops_total", "FLOPs spent on RAG requests.", rag_flops_, &out);
+  FloatCounter("superpose_rag_critical_path_flops_total",
+               "FLOPs of RAG requests with parallel paths counted once.", rag_critical_flops_,
+               &out);
+  FloatCounter("superpose_rag_naive_flops_total",
+               "FLOPs the same RAG requests would cost as flat (naive) prompts.", rag_naive_flops_,
+               &out);
   if (engine_ != nullptr) {
     const engine::EngineStats s = engine_->stats();
     Gauge("superpose_running_sequences", "Sequences in the running batch.", s.running, &out);
@@ -148,6 +188,10 @@ std::string Metrics::Render() const {
           s.kv_blocks_total - s.kv_blocks_free, &out);
     Gauge("superpose_kv_blocks_free", "KV cache blocks not referenced (incl. evictable cached).",
           s.kv_blocks_free, &out);
+    Counter("superpose_rag_path_cache_hits_total", "Path-cache lookups that found the document.",
+            static_cast<uint64_t>(s.path_cache_hits), &out);
+    Counter("superpose_rag_path_cache_misses_total", "Path-cache lookups that computed it.",
+            static_cast<uint64_t>(s.path_cache_misses), &out);
     Gauge("superpose_kv_blocks_cached", "KV cache blocks holding reusable prefix content.",
           s.kv_blocks_cached, &out);
   }

@@ -43,6 +43,7 @@ class Metrics : public engine::EngineObserver {
   void OnToken(double inter_token_ms) override;
   void OnPreempted() override;
   void OnStep(int32_t running, int32_t waiting, int32_t batch_tokens) override;
+  void OnRagFinished(const engine::rag::Result& result) override;
   // Requests refused before reaching the engine (validation, full queue).
   void OnRejected(const std::string& code);
 
@@ -63,6 +64,15 @@ class Metrics : public engine::EngineObserver {
   uint64_t cached_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t preemptions_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t steps_ ABSL_GUARDED_BY(mu_) = 0;
+  // RAG requests.
+  std::map<std::string, uint64_t> rag_requests_ ABSL_GUARDED_BY(mu_);  // by mode
+  uint64_t rag_paths_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t rag_paths_pruned_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t rag_path_cache_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t rag_pruned_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  double rag_flops_ ABSL_GUARDED_BY(mu_) = 0;
+  double rag_critical_flops_ ABSL_GUARDED_BY(mu_) = 0;
+  double rag_naive_flops_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // Serves GET /metrics (and /healthz) on `listen` (host:port; port 0 picks one).

@@ -35,10 +35,11 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
  public:
   GenerateReactor(grpc::CallbackServerContext* context, engine::Engine* engine,
                   const engine::Tokenizer* tokenizer, Metrics* metrics,
-                  absl::StatusOr<engine::Request> request)
-      : engine_(engine), tokenizer_(tokenizer) {
+                  absl::StatusOr<engine::Request> request, std::vector<std::string> doc_ids = {})
+      : engine_(engine), tokenizer_(tokenizer), doc_ids_(std::move(doc_ids)) {
     if (!request.ok()) {
-      if (metrics != nullptr) metrics->OnRejected(absl::StatusCodeToString(request.status().code()));
+      if (metrics != nullptr)
+        metrics->OnRejected(absl::StatusCodeToString(request.status().code()));
       spdlog::info("req=- rejected: {}", absl::StatusCodeToString(request.status().code()));
       Finish(ToGrpc(request.status()));
       return;
@@ -48,8 +49,14 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     if (context->deadline() != std::chrono::system_clock::time_point::max()) {
       request->deadline = absl::FromChrono(context->deadline());
     }
-    spdlog::info("req={} prompt_tokens={} max_new_tokens={}", request_id_,
-                 request->prompt_ids.size(), request->sampling.max_new_tokens);
+    spec_ = request->rag;
+    if (spec_ == nullptr) {
+      spdlog::info("req={} prompt_tokens={} max_new_tokens={}", request_id_,
+                   request->prompt_ids.size(), request->sampling.max_new_tokens);
+    } else {
+      spdlog::info("req={} rag documents={} max_new_tokens={}", request_id_,
+                   spec_->documents.size(), request->sampling.max_new_tokens);
+    }
     absl::StatusOr<uint64_t> handle = engine_->Submit(
         *std::move(request), [this](engine::StreamEvent&& ev) { OnEvent(std::move(ev)); });
     if (!handle.ok()) {
@@ -130,6 +137,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     if (ev.finished && ev.status.ok()) {
       r->set_finish_reason(ToProto(ev.finish_reason));
       ToProto(ev.usage, r->mutable_usage());
+      if (ev.rag != nullptr && spec_ != nullptr)
+        ToProto(*ev.rag, doc_ids_, *spec_, r->mutable_rag());
     }
     return Pump();
   }
@@ -164,6 +173,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
 
   engine::Engine* engine_;
   const engine::Tokenizer* tokenizer_;
+  std::vector<std::string> doc_ids_;               // GenerateRag: the callers' document ids
+  std::shared_ptr<const engine::rag::Spec> spec_;  // GenerateRag
   std::string request_id_;
   absl::Mutex mu_;
   std::deque<v1::GenerateResponse> pending_ ABSL_GUARDED_BY(mu_);
@@ -217,8 +228,21 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* SuperposeService::Generate(
   absl::StatusOr<engine::Request> req =
       tenant.ok() ? ToEngineRequest(*request, *model_->tokenizer, limits_) : tenant.status();
   if (req.ok()) req->tenant = *tenant;
-  return new GenerateReactor(context, engine_, model_->tokenizer.get(), metrics_,
-                             std::move(req));
+  return new GenerateReactor(context, engine_, model_->tokenizer.get(), metrics_, std::move(req));
+}
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* SuperposeService::GenerateRag(
+    grpc::CallbackServerContext* context, const v1::GenerateRagRequest* request) {
+  absl::StatusOr<std::string> tenant = auth_->Tenant(*context);
+  absl::StatusOr<engine::Request> req =
+      tenant.ok() ? ToEngineRagRequest(*request, *model_->tokenizer, limits_) : tenant.status();
+  std::vector<std::string> ids;
+  if (req.ok()) {
+    req->tenant = *tenant;
+    for (const auto& d : request->documents()) ids.push_back(d.id());
+  }
+  return new GenerateReactor(context, engine_, model_->tokenizer.get(), metrics_, std::move(req),
+                             std::move(ids));
 }
 
 grpc::ServerUnaryReactor* SuperposeService::Tokenize(grpc::CallbackServerContext* context,

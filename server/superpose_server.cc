@@ -44,6 +44,7 @@ ABSL_FLAG(int32_t, kv_block_size, 16, "Tokens per KV cache block");
 ABSL_FLAG(int64_t, kv_cache_mb, 512, "Memory for the KV cache, in MiB");
 ABSL_FLAG(int32_t, kv_blocks, 0, "KV cache blocks (overrides --kv_cache_mb when > 0)");
 ABSL_FLAG(bool, prefix_caching, true, "Reuse KV blocks of identical prompt prefixes");
+ABSL_FLAG(int32_t, rag_max_documents, 64, "Most documents one GenerateRag request may carry");
 ABSL_FLAG(double, shutdown_grace_s, 10.0,
           "On SIGTERM/SIGINT: seconds running requests may take to finish");
 ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9090",
@@ -119,6 +120,7 @@ int Run() {
   eopts.max_waiting = absl::GetFlag(FLAGS_max_waiting);
   eopts.max_context = absl::GetFlag(FLAGS_max_context);
   eopts.prefix_caching = absl::GetFlag(FLAGS_prefix_caching);
+  eopts.rag_max_documents = absl::GetFlag(FLAGS_rag_max_documents);
   engine::Engine eng(eopts, cfg, model->tokenizer.get(), backend->get());
   server::Metrics metrics;
   metrics.SetEngine(&eng);
@@ -139,6 +141,7 @@ int Run() {
   limits.context_length = eng.context_length();
   limits.vocab_size = cfg.vocab_size;
   limits.default_max_new_tokens = absl::GetFlag(FLAGS_default_max_new_tokens);
+  limits.max_rag_documents = absl::GetFlag(FLAGS_rag_max_documents);
   server::SuperposeService service(&*model, &eng, (*backend)->name(),
                                    (*backend)->compute_dtype(), bopts.tensor_parallel, limits,
                                    &metrics, &auth);

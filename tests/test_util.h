@@ -34,6 +34,7 @@ struct Completion {
   engine::Usage usage;
   absl::Status status;
   std::vector<engine::TokenLogprobs> logprobs;
+  std::shared_ptr<const engine::rag::Result> rag;
 };
 
 // Collects the events of one request; Wait() blocks until the final event. The state
@@ -54,6 +55,7 @@ class Collector {
         r.finish = ev.finish_reason;
         r.usage = ev.usage;
         r.status = ev.status;
+        r.rag = ev.rag;
         state->done = true;
       }
     };

@@ -4,33 +4,10 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
-#include "engine/runtime/sampler.h"
-#include "engine/runtime/stop_checker.h"
+#include "engine/runtime/engine_internal.h"
 #include "spdlog/spdlog.h"
 
 namespace superpose::engine {
-
-struct Engine::Sequence {
-  uint64_t handle = 0;
-  Request req;
-  StreamCallback callback;
-  std::vector<int32_t> tokens;  // prompt, then generated tokens
-  int32_t prompt_len = 0;
-  int32_t computed = 0;         // tokens whose K/V are in `blocks`
-  int32_t generated = 0;
-  int32_t cached_prompt_tokens = 0;
-  std::vector<BlockId> blocks;
-  std::vector<uint64_t> block_hashes;  // chained hashes of the full blocks published so far
-  bool prefix_checked = false;
-  std::unique_ptr<Sampler> sampler;
-  std::unique_ptr<DecodeStream> decoder;
-  std::unique_ptr<StopChecker> stop;
-  absl::Time arrival;
-  absl::Time scheduled = absl::InfinitePast();
-  absl::Time first_token = absl::InfinitePast();
-  absl::Time last_token = absl::InfinitePast();
-  bool cancelled = false;
-};
 
 namespace {
 double Ms(absl::Duration d) { return absl::ToDoubleMilliseconds(d); }
@@ -38,10 +15,15 @@ double Ms(absl::Duration d) { return absl::ToDoubleMilliseconds(d); }
 
 Engine::Engine(const EngineOptions& options, const ModelConfig& config, const Tokenizer* tokenizer,
                Backend* backend)
-    : options_(options), config_(config), tokenizer_(tokenizer), backend_(backend) {
+    : options_(options),
+      config_(config),
+      tokenizer_(tokenizer),
+      backend_(backend),
+      flop_model_(config) {
   const KvPoolInfo kv = backend_->kv();
   block_size_ = kv.block_size;
   blocks_ = std::make_unique<KvBlockManager>(kv.num_blocks);
+  path_cache_ = std::make_unique<rag::PathCache>(blocks_.get());
   max_context_ = config.max_position_embeddings;
   if (options_.max_context > 0) max_context_ = std::min(max_context_, options_.max_context);
   options_.max_batch_tokens = std::max(1, options_.max_batch_tokens);
@@ -50,9 +32,35 @@ Engine::Engine(const EngineOptions& options, const ModelConfig& config, const To
 
 Engine::~Engine() { Shutdown(absl::ZeroDuration()); }
 
-void Engine::Start() { thread_ = std::thread([this] { Loop(); }); }
+void Engine::Start() {
+  thread_ = std::thread([this] { Loop(); });
+}
 
 absl::StatusOr<uint64_t> Engine::Submit(Request request, StreamCallback callback) {
+  if (request.rag != nullptr) {
+    if (absl::Status st = ValidateRag(*request.rag); !st.ok()) return st;
+    if (request.rag->options.mode == rag::Mode::kNaive) {
+      request.prompt_ids = rag::Flatten(*request.rag);
+    } else {
+      auto g = std::make_unique<RagGroup>();
+      g->arrival = absl::Now();
+      g->layout = rag::ComputeLayout(*request.rag);
+      g->req = std::move(request);
+      g->callback = std::move(callback);
+      absl::MutexLock lock(&mu_);
+      if (!accepting_) return absl::UnavailableError("server is shutting down");
+      if (static_cast<int32_t>(inbox_.size() + group_inbox_.size()) + waiting_requests_ >=
+          options_.max_waiting) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("waiting queue is full (", options_.max_waiting, " requests)"));
+      }
+      g->handle = next_handle_++;
+      const uint64_t handle = g->handle;
+      group_inbox_.push_back(std::move(g));
+      cv_.Signal();
+      return handle;
+    }
+  }
   auto seq = std::make_unique<Sequence>();
   seq->arrival = absl::Now();
   seq->tokens = request.prompt_ids;
@@ -61,19 +69,18 @@ absl::StatusOr<uint64_t> Engine::Submit(Request request, StreamCallback callback
   seq->callback = std::move(callback);
   if (seq->prompt_len == 0) return absl::InvalidArgumentError("prompt is empty");
   if (seq->prompt_len >= max_context_) {
-    return absl::InvalidArgumentError(absl::StrCat("prompt has ", seq->prompt_len,
-                                                   " tokens; the context window is ",
-                                                   max_context_));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt has ", seq->prompt_len, " tokens; the context window is ", max_context_));
   }
   absl::MutexLock lock(&mu_);
   if (!accepting_) return absl::UnavailableError("server is shutting down");
-  if (queued_ >= options_.max_waiting) {
+  if (static_cast<int32_t>(inbox_.size() + group_inbox_.size()) + waiting_requests_ >=
+      options_.max_waiting) {
     return absl::ResourceExhaustedError(
         absl::StrCat("waiting queue is full (", options_.max_waiting, " requests)"));
   }
   seq->handle = next_handle_++;
   const uint64_t handle = seq->handle;
-  ++queued_;
   inbox_.push_back(std::move(seq));
   cv_.Signal();
   return handle;
@@ -105,36 +112,138 @@ EngineStats Engine::stats() const {
   s.kv_blocks_cached = blocks_->cached_blocks();
   s.preemptions = stat_preemptions_.load();
   s.steps = stat_steps_.load();
+  s.path_cache_hits = stat_path_hits_.load();
+  s.path_cache_misses = stat_path_misses_.load();
   return s;
+}
+
+absl::Status Engine::ValidateRag(const rag::Spec& spec) const {
+  const int32_t n = static_cast<int32_t>(spec.documents.size());
+  if (n == 0) return absl::InvalidArgumentError("documents: at least one document is required");
+  if (n > options_.rag_max_documents) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("documents: ", n, " documents; the limit is ", options_.rag_max_documents));
+  }
+  if (spec.query.empty()) return absl::InvalidArgumentError("query is empty");
+  if (spec.options.top_k < 1 || spec.options.top_k > n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rag.top_k must be in [1, ", n, "], got ", spec.options.top_k));
+  }
+  const int64_t fixed = spec.preamble.size() + spec.query.size() + spec.postamble.size();
+  for (int32_t i = 0; i < n; ++i) {
+    if (spec.documents[i].empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("documents[", i, "] is empty"));
+    }
+    if (fixed + static_cast<int64_t>(spec.documents[i].size()) >= max_context_) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("documents[", i, "] has ", spec.documents[i].size(),
+                       " tokens; with the preamble, query and postamble it exceeds the context "
+                       "window of ",
+                       max_context_));
+    }
+  }
+  if (spec.options.mode == rag::Mode::kNaive) {
+    const int64_t total = static_cast<int64_t>(rag::Flatten(spec).size());
+    if (total >= max_context_) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the concatenated prompt has ", total, " tokens; the context window is ", max_context_));
+    }
+  } else if (rag::ComputeLayout(spec).answer_start >= static_cast<float>(max_context_)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rag.canonical_span: the answer would start at position ",
+        rag::ComputeLayout(spec).answer_start, ", beyond the context window of ", max_context_));
+  }
+  return absl::OkStatus();
+}
+
+void Engine::PublishCounts() {
+  int32_t requests = 0;
+  for (const auto& s : waiting_)
+    requests += s->role == SeqRole::kGenerate || s->role == SeqRole::kPreamble;
+  stat_running_ = static_cast<int32_t>(running_.size());
+  stat_waiting_ = static_cast<int32_t>(waiting_.size());
+  absl::MutexLock lock(&mu_);
+  waiting_requests_ = requests;
+}
+
+// Drops finished sequences from the lists and finished groups nobody references.
+void Engine::Sweep() {
+  auto gone = [](const std::unique_ptr<Sequence>& s) { return s->finished; };
+  running_.erase(std::remove_if(running_.begin(), running_.end(), gone), running_.end());
+  waiting_.erase(std::remove_if(waiting_.begin(), waiting_.end(), gone), waiting_.end());
+  groups_.erase(std::remove_if(groups_.begin(), groups_.end(),
+                               [&](const std::unique_ptr<RagGroup>& g) {
+                                 if (!g->done) return false;
+                                 for (const auto& s : running_) {
+                                   if (s->group == g.get()) return false;
+                                 }
+                                 for (const auto& s : waiting_) {
+                                   if (s->group == g.get()) return false;
+                                 }
+                                 return true;
+                               }),
+                groups_.end());
+  PublishCounts();
+}
+
+void Engine::InsertWaitingFront(std::vector<std::unique_ptr<Sequence>> seqs) {
+  waiting_.insert(waiting_.begin(), std::make_move_iterator(seqs.begin()),
+                  std::make_move_iterator(seqs.end()));
+}
+
+// Own token i is stored at slot index Storage(i) of the sequence's blocks: in order,
+// except that tokens from gap_at on start on a fresh block (a path's query after its
+// document, so that the document's blocks hold nothing else and can be cached).
+int32_t Engine::Storage(const Sequence& seq, int32_t i) const {
+  if (seq.gap_at < 0 || i < seq.gap_at) return i;
+  const int32_t fresh = (seq.gap_at + block_size_ - 1) / block_size_ * block_size_;
+  return fresh + (i - seq.gap_at);
+}
+
+void Engine::AppendOwnSegments(const Sequence& seq, int32_t n, std::vector<KvSegment>* out) const {
+  for (int32_t i = 0; i < n;) {
+    const int32_t st = Storage(seq, i);
+    const int32_t slot = st % block_size_;
+    int32_t len = std::min(block_size_ - slot, n - i);
+    if (seq.gap_at >= 0 && i < seq.gap_at) len = std::min(len, seq.gap_at - i);
+    out->push_back({seq.blocks[st / block_size_], slot, len});
+    i += len;
+  }
 }
 
 void Engine::Loop() {
   while (true) {
     std::vector<std::unique_ptr<Sequence>> incoming;
+    std::vector<std::unique_ptr<RagGroup>> incoming_groups;
     std::vector<uint64_t> cancels;
     bool stopping;
     absl::Time drain_deadline;
     {
       absl::MutexLock lock(&mu_);
-      while (inbox_.empty() && cancels_.empty() && !stop_ && running_.empty() &&
-             waiting_.empty()) {
+      while (inbox_.empty() && group_inbox_.empty() && cancels_.empty() && !stop_ &&
+             running_.empty() && waiting_.empty()) {
         cv_.Wait(&mu_);
       }
       incoming.swap(inbox_);
+      incoming_groups.swap(group_inbox_);
       cancels.swap(cancels_);
       stopping = stop_;
       drain_deadline = drain_deadline_;
     }
     for (auto& seq : incoming) {
       // Priority order among waiting requests; FCFS within a priority.
-      auto it = std::find_if(waiting_.begin(), waiting_.end(), [&](const auto& w) {
-        return w->req.priority < seq->req.priority;
-      });
+      auto it = std::find_if(waiting_.begin(), waiting_.end(),
+                             [&](const auto& w) { return w->req.priority < seq->req.priority; });
       waiting_.insert(it, std::move(seq));
+    }
+    for (auto& g : incoming_groups) {
+      groups_.push_back(std::move(g));
+      StartGroup(groups_.back().get());
     }
     const absl::Time now = absl::Now();
     auto should_drop = [&](Sequence* s) {
-      if (std::find(cancels.begin(), cancels.end(), s->handle) != cancels.end()) {
+      if (s->finished) return true;
+      if (std::find(cancels.begin(), cancels.end(), s->client_handle()) != cancels.end()) {
         FinishSeq(s, FinishReason::kCancelled, absl::CancelledError("cancelled by the client"));
         return true;
       }
@@ -148,29 +257,24 @@ void Engine::Loop() {
       }
       return false;
     };
-    running_.erase(std::remove_if(running_.begin(), running_.end(),
-                                  [&](auto& s) { return should_drop(s.get()); }),
-                   running_.end());
-    const size_t before = waiting_.size();
-    waiting_.erase(std::remove_if(waiting_.begin(), waiting_.end(),
-                                  [&](auto& s) { return should_drop(s.get()); }),
-                   waiting_.end());
-    if (waiting_.size() != before) {
-      absl::MutexLock lock(&mu_);
-      queued_ -= static_cast<int32_t>(before - waiting_.size());
-    }
-    stat_running_ = static_cast<int32_t>(running_.size());
-    stat_waiting_ = static_cast<int32_t>(waiting_.size());
+    // Marking first and sweeping after: finishing one sequence of a RAG group
+    // finishes its siblings too.
+    for (auto& s : running_) should_drop(s.get());
+    for (auto& s : waiting_) should_drop(s.get());
+    Sweep();
     if (stopping && running_.empty() && waiting_.empty()) {
       absl::MutexLock lock(&mu_);
-      if (inbox_.empty()) break;
+      if (inbox_.empty() && group_inbox_.empty()) break;
       continue;
     }
-    if (!Step() && stopping) {
+    const bool stepped = Step();
+    Sweep();
+    if (!stepped && stopping) {
       // Nothing could be scheduled while draining: wait for the deadline.
       absl::SleepFor(absl::Milliseconds(1));
     }
   }
+  groups_.clear();
   stat_running_ = 0;
   stat_waiting_ = 0;
 }
@@ -180,10 +284,17 @@ void Engine::FreeBlocks(Sequence* seq) {
   seq->blocks.clear();
   seq->block_hashes.clear();
   seq->computed = 0;
+  seq->ll = rag::PathLikelihood();
 }
 
 void Engine::FinishSeq(Sequence* seq, FinishReason reason, absl::Status status) {
+  if (seq->finished) return;
+  seq->finished = true;
   FreeBlocks(seq);
+  if (seq->internal() || (seq->group != nullptr && !status.ok())) {
+    FailGroup(seq->group, reason, std::move(status));
+    return;
+  }
   StreamEvent ev;
   ev.finished = true;
   ev.finish_reason = reason;
@@ -204,11 +315,33 @@ void Engine::FinishSeq(Sequence* seq, FinishReason reason, absl::Status status) 
                                                            : Ms(seq->scheduled - seq->arrival);
   u.ttft_ms = seq->first_token == absl::InfinitePast() ? 0 : Ms(seq->first_token - seq->arrival);
   u.total_time_ms = Ms(now - seq->arrival);
-  spdlog::info("req={} finish={} status={} prompt_tokens={} cached_tokens={} new_tokens={} "
-               "queue_ms={:.1f} ttft_ms={:.1f} total_ms={:.1f}",
-               seq->req.request_id, FinishReasonName(reason),
-               absl::StatusCodeToString(status.code()), u.prompt_tokens, u.cached_prompt_tokens,
-               u.generated_tokens, u.queue_time_ms, u.ttft_ms, u.total_time_ms);
+  if (seq->group != nullptr) {
+    FillRagResult(seq->group, seq);
+    const rag::Result& r = *seq->group->result;
+    u.prompt_tokens = static_cast<int32_t>(rag::Flatten(seq->group->spec()).size());
+    u.cached_prompt_tokens = static_cast<int32_t>(r.prefix_cache_tokens + r.path_cache_tokens);
+    u.queue_time_ms = Ms(seq->group->scheduled - seq->group->arrival);
+    ev.rag = seq->group->result;
+    ReleaseGroupBlocks(seq->group);
+    seq->group->done = true;
+  } else if (seq->req.rag != nullptr) {
+    // A naive-mode RAG request: one flat prompt.
+    auto r = std::make_shared<rag::Result>();
+    r->mode = rag::Mode::kNaive;
+    r->docs.resize(seq->req.rag->documents.size());
+    r->prefix_cache_tokens = seq->cached_prompt_tokens;
+    r->computed_tokens = seq->prompt_len - seq->cached_prompt_tokens;
+    r->flops = {seq->flops, seq->flops};
+    r->naive_flops = rag::NaiveFlops(flop_model_, seq->prompt_len, 0, seq->generated);
+    ev.rag = r;
+  }
+  if (ev.rag != nullptr && status.ok() && observer_ != nullptr) observer_->OnRagFinished(*ev.rag);
+  spdlog::info(
+      "req={} finish={} status={} prompt_tokens={} cached_tokens={} new_tokens={} "
+      "queue_ms={:.1f} ttft_ms={:.1f} total_ms={:.1f}",
+      seq->req.request_id, FinishReasonName(reason), absl::StatusCodeToString(status.code()),
+      u.prompt_tokens, u.cached_prompt_tokens, u.generated_tokens, u.queue_time_ms, u.ttft_ms,
+      u.total_time_ms);
   if (observer_ != nullptr) observer_->OnFinished(u, reason, status);
   seq->callback(std::move(ev));
   seq->callback = nullptr;
@@ -223,7 +356,7 @@ void Engine::Preempt(Sequence* seq) {
 }
 
 bool Engine::EnsureBlocks(Sequence* seq, int32_t upto_tokens) {
-  const int32_t need = (upto_tokens + block_size_ - 1) / block_size_;
+  const int32_t need = upto_tokens == 0 ? 0 : Storage(*seq, upto_tokens - 1) / block_size_ + 1;
   while (static_cast<int32_t>(seq->blocks.size()) < need) {
     std::optional<BlockId> b = blocks_->Allocate();
     if (!b) return false;
@@ -236,6 +369,8 @@ bool Engine::EnsureBlocks(Sequence* seq, int32_t upto_tokens) {
 // least one prompt token is always computed, so that its logits exist.
 void Engine::MatchPrefix(Sequence* seq) {
   seq->prefix_checked = true;
+  // Only plain prompts (and RAG preambles) start at position 0 with no ancestors.
+  if (seq->role != SeqRole::kGenerate && seq->role != SeqRole::kPreamble) return;
   if (!options_.prefix_caching || seq->computed != 0 || !seq->blocks.empty()) return;
   uint64_t h = HashString(0x5eed, seq->req.tenant);
   const int32_t n = static_cast<int32_t>(seq->tokens.size());
@@ -254,11 +389,11 @@ void Engine::MatchPrefix(Sequence* seq) {
 
 void Engine::PublishBlocks(Sequence* seq) {
   if (!options_.prefix_caching) return;
+  if (seq->role != SeqRole::kGenerate && seq->role != SeqRole::kPreamble) return;
   const int32_t full = seq->computed / block_size_;
   while (static_cast<int32_t>(seq->block_hashes.size()) < full) {
     const int32_t i = static_cast<int32_t>(seq->block_hashes.size());
-    const uint64_t parent =
-        i == 0 ? HashString(0x5eed, seq->req.tenant) : seq->block_hashes[i - 1];
+    const uint64_t parent = i == 0 ? HashString(0x5eed, seq->req.tenant) : seq->block_hashes[i - 1];
     const uint64_t h = HashBlock(parent, seq->tokens.data() + i * block_size_, block_size_);
     blocks_->Publish(seq->blocks[i], h);
     seq->block_hashes.push_back(h);
@@ -302,10 +437,6 @@ bool Engine::Step() {
     }
     Preempt(victim.get());
     waiting_.push_front(std::move(victim));
-    {
-      absl::MutexLock lock(&mu_);
-      ++queued_;
-    }
     // Retry the same index (it now holds the same sequence unless it was the victim).
   }
   // The budget of a victim that was already scheduled is not returned this step.
@@ -314,6 +445,10 @@ bool Engine::Step() {
   while (!waiting_.empty() && budget > 0 &&
          static_cast<int32_t>(running_.size()) < options_.max_running) {
     Sequence* seq = waiting_.front().get();
+    if (seq->finished) {  // a sibling of a failed RAG group
+      waiting_.pop_front();
+      continue;
+    }
     if (!seq->prefix_checked) MatchPrefix(seq);
     const int32_t remaining = static_cast<int32_t>(seq->tokens.size()) - seq->computed;
     const int32_t n = std::min(remaining, budget);
@@ -325,89 +460,116 @@ bool Engine::Step() {
       if (!running_.empty()) break;  // FCFS: wait for blocks to be freed
       std::unique_ptr<Sequence> dead = std::move(waiting_.front());
       waiting_.pop_front();
-      {
-        absl::MutexLock lock(&mu_);
-        --queued_;
-      }
       FinishSeq(dead.get(), FinishReason::kNone,
                 absl::ResourceExhaustedError("the KV cache cannot hold this prompt"));
       continue;
     }
     if (seq->scheduled == absl::InfinitePast()) seq->scheduled = absl::Now();
+    if (seq->group != nullptr && seq->group->scheduled == absl::InfinitePast()) {
+      seq->group->scheduled = seq->scheduled;
+    }
     sched.push_back({seq, n});
     budget -= n;
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
-    absl::MutexLock lock(&mu_);
-    --queued_;
   }
-  stat_running_ = static_cast<int32_t>(running_.size());
-  stat_waiting_ = static_cast<int32_t>(waiting_.size());
+  PublishCounts();
   if (sched.empty()) return false;
 
   // 3. Build the plan.
   BatchPlan plan;
   std::vector<int32_t> logits_row(sched.size(), -1);
+  std::vector<int32_t> lp_begin(sched.size() + 1, 0);
   for (size_t k = 0; k < sched.size(); ++k) {
     Sequence* seq = sched[k].seq;
     SeqPlan sp;
     sp.id = static_cast<SeqId>(seq->handle);
-    for (int32_t b = 0, done = 0; done < seq->computed; ++b) {
-      const int32_t len = std::min(block_size_, seq->computed - done);
-      sp.context.push_back({seq->blocks[b], 0, len});
-      done += len;
-    }
+    sp.context = seq->ctx;
+    AppendOwnSegments(*seq, seq->computed, &sp.context);
     sp.token_begin = plan.num_tokens();
     sp.num_tokens = sched[k].num_tokens;
+    const int32_t total = static_cast<int32_t>(seq->tokens.size());
+    lp_begin[k] = static_cast<int32_t>(plan.logprobs.size());
     for (int32_t j = 0; j < sched[k].num_tokens; ++j) {
-      const int32_t pos = seq->computed + j;
-      plan.tokens.push_back(seq->tokens[pos]);
-      plan.positions.push_back(static_cast<float>(pos));
-      plan.kv_slots.push_back({seq->blocks[pos / block_size_], pos % block_size_});
+      const int32_t i = seq->computed + j;
+      const int32_t st = Storage(*seq, i);
+      plan.tokens.push_back(seq->tokens[i]);
+      plan.positions.push_back(seq->PositionOf(i));
+      plan.kv_slots.push_back({seq->blocks[st / block_size_], st % block_size_});
+      // A path scores every within-segment next-token prediction of its document and
+      // query (a segment's first token is not predicted from the segment).
+      if (seq->role == SeqRole::kPath && i + 1 < total && i + 1 != seq->doc_len) {
+        plan.logprobs.push_back({plan.num_tokens() - 1, seq->tokens[i + 1]});
+      }
     }
-    if (seq->computed + sched[k].num_tokens == static_cast<int32_t>(seq->tokens.size())) {
+    const bool complete = seq->computed + sched[k].num_tokens == total;
+    const bool wants_logits = seq->role == SeqRole::kGenerate || seq->role == SeqRole::kAnswer ||
+                              (seq->role == SeqRole::kPath && seq->group->spec().postamble.empty());
+    if (complete && wants_logits) {
       logits_row[k] = static_cast<int32_t>(plan.logits_for.size());
       plan.logits_for.push_back(plan.num_tokens() - 1);
     }
+    // FLOPs of this step for this sequence: rows with logits or log-probabilities pay
+    // for the LM head.
+    const int32_t lm_rows =
+        static_cast<int32_t>(plan.logprobs.size()) - lp_begin[k] + (logits_row[k] >= 0 ? 1 : 0);
+    seq->flops +=
+        flop_model_.Segment(seq->ctx_tokens + seq->computed, sched[k].num_tokens, lm_rows);
     plan.seqs.push_back(std::move(sp));
   }
+  lp_begin[sched.size()] = static_cast<int32_t>(plan.logprobs.size());
 
   // 4. Run it.
   ForwardOutput out;
   absl::Status st = backend_->Forward(plan, &out);
   stat_steps_.fetch_add(1);
   if (observer_ != nullptr) {
-    observer_->OnStep(static_cast<int32_t>(running_.size()),
-                      static_cast<int32_t>(waiting_.size()), plan.num_tokens());
+    observer_->OnStep(static_cast<int32_t>(running_.size()), static_cast<int32_t>(waiting_.size()),
+                      plan.num_tokens());
   }
   if (!st.ok()) {
     spdlog::error("forward failed: {}", st.ToString());
-    for (const Scheduled& s : sched) s.seq->cancelled = true;
     const absl::Status err = absl::InternalError(absl::StrCat("backend failure: ", st.message()));
-    running_.erase(std::remove_if(running_.begin(), running_.end(),
-                                  [&](auto& s) {
-                                    if (!s->cancelled) return false;
-                                    FinishSeq(s.get(), FinishReason::kNone, err);
-                                    return true;
-                                  }),
-                   running_.end());
+    for (const Scheduled& s : sched) FinishSeq(s.seq, FinishReason::kNone, err);
     return true;
   }
 
-  // 5. Sample and stream.
+  // 5. Sample and stream; advance RAG groups.
   const int32_t V = config_.vocab_size;
   for (size_t k = 0; k < sched.size(); ++k) {
     Sequence* seq = sched[k].seq;
+    if (seq->finished) continue;  // its RAG group failed earlier in this loop
+    const int32_t first = seq->computed;
     seq->computed += sched[k].num_tokens;
     PublishBlocks(seq);
-    if (logits_row[k] < 0) continue;
-    EmitToken(seq, out.logits.data() + static_cast<size_t>(logits_row[k]) * V);
+    if (seq->role == SeqRole::kPath) {
+      for (int32_t r = lp_begin[k]; r < lp_begin[k + 1]; ++r) {
+        const int32_t i = first + (plan.logprobs[r].token_index - plan.seqs[k].token_begin);
+        if (i + 1 < seq->doc_len) {
+          seq->ll.doc_sum += out.logprobs[r];
+          ++seq->ll.doc_count;
+        } else {
+          seq->ll.query_sum += out.logprobs[r];
+          ++seq->ll.query_count;
+        }
+      }
+    }
+    if (seq->computed < static_cast<int32_t>(seq->tokens.size())) continue;
+    const float* logits =
+        logits_row[k] >= 0 ? out.logits.data() + static_cast<size_t>(logits_row[k]) * V : nullptr;
+    switch (seq->role) {
+      case SeqRole::kGenerate:
+      case SeqRole::kAnswer:
+        EmitToken(seq, logits);
+        break;
+      case SeqRole::kPreamble:
+        OnPreambleDone(seq);
+        break;
+      case SeqRole::kPath:
+        OnPathDone(seq, logits);
+        break;
+    }
   }
-  running_.erase(std::remove_if(running_.begin(), running_.end(),
-                                [](auto& s) { return s->callback == nullptr; }),
-                 running_.end());
-  stat_running_ = static_cast<int32_t>(running_.size());
-  stat_waiting_ = static_cast<int32_t>(waiting_.size());
   return true;
 }
 
@@ -427,8 +589,8 @@ void Engine::EmitToken(Sequence* seq, const float* logits_in) {
   StreamEvent ev;
   const int32_t token = seq->sampler->Sample(absl::MakeSpan(logits));
   if (seq->req.logprobs) {
-    ev.logprobs.push_back(ComputeLogprobs(absl::MakeConstSpan(logits_in, V), token,
-                                          seq->req.top_logprobs));
+    ev.logprobs.push_back(
+        ComputeLogprobs(absl::MakeConstSpan(logits_in, V), token, seq->req.top_logprobs));
   }
   seq->sampler->Accept(token);
   seq->tokens.push_back(token);
@@ -458,7 +620,7 @@ void Engine::EmitToken(Sequence* seq, const float* logits_in) {
   } else if (is_eos && !seq->req.ignore_eos) {
     reason = FinishReason::kEos;
   } else if (seq->generated >= seq->req.sampling.max_new_tokens ||
-             static_cast<int32_t>(seq->tokens.size()) >= max_context_) {
+             seq->PositionOf(static_cast<int32_t>(seq->tokens.size())) >= max_context_) {
     reason = FinishReason::kLength;
   }
   if (reason == FinishReason::kNone) {

@@ -18,6 +18,8 @@
 #include "engine/backend.h"
 #include "engine/model/config.h"
 #include "engine/model/tokenizer.h"
+#include "engine/rag/path_cache.h"
+#include "engine/rag/rag.h"
 #include "engine/runtime/kv_block_manager.h"
 #include "engine/runtime/request.h"
 
@@ -29,6 +31,7 @@ struct EngineOptions {
   int32_t max_waiting = 256;       // queued requests beyond which Submit fails
   int32_t max_context = 0;         // 0: the model's max_position_embeddings
   bool prefix_caching = true;
+  int32_t rag_max_documents = 64;  // documents per RAG request
 };
 
 // Observes the engine for metrics; called on the engine thread.
@@ -40,6 +43,8 @@ class EngineObserver {
   virtual void OnToken(double inter_token_ms) {}
   virtual void OnPreempted() {}
   virtual void OnStep(int32_t running, int32_t waiting, int32_t batch_tokens) {}
+  // A RAG request finished successfully (before its final event is sent).
+  virtual void OnRagFinished(const rag::Result& result) {}
 };
 
 struct EngineStats {
@@ -50,6 +55,8 @@ struct EngineStats {
   int32_t kv_blocks_cached = 0;
   int64_t preemptions = 0;
   int64_t steps = 0;
+  int64_t path_cache_hits = 0;
+  int64_t path_cache_misses = 0;
 };
 
 class Engine {
@@ -62,8 +69,8 @@ class Engine {
 
   void SetObserver(EngineObserver* observer) { observer_ = observer; }
   void Start();
-  // Queues a request. RESOURCE_EXHAUSTED when the waiting queue is full,
-  // UNAVAILABLE after Shutdown. The callback gets every event, the last with
+  // Queues a request (a RAG request when request.rag is set). RESOURCE_EXHAUSTED when the waiting
+  // queue is full, UNAVAILABLE after Shutdown. The callback gets every event, the last with
   // finished = true, on the engine thread; it is never called after that.
   absl::StatusOr<uint64_t> Submit(Request request, StreamCallback callback);
   // Cancels a request (client cancel). Its final event carries CANCELLED status.
@@ -73,12 +80,29 @@ class Engine {
   void Shutdown(absl::Duration grace);
 
   EngineStats stats() const;
+  // Engine-private (engine_internal.h); named here so that helpers can use them.
+  struct Sequence;
+  struct RagGroup;
   int32_t context_length() const { return max_context_; }
   const KvBlockManager& blocks() const { return *blocks_; }
 
  private:
-  struct Sequence;
+  absl::Status ValidateRag(const rag::Spec& spec) const;
   void Loop();
+  void Sweep();
+  void PublishCounts();
+  int32_t Storage(const Sequence& seq, int32_t i) const;
+  void AppendOwnSegments(const Sequence& seq, int32_t n, std::vector<KvSegment>* out) const;
+  void InsertWaitingFront(std::vector<std::unique_ptr<Sequence>> seqs);
+  // RAG request groups (engine_rag.cc).
+  void StartGroup(RagGroup* g);
+  void StartPaths(RagGroup* g);
+  void OnPreambleDone(Sequence* seq);
+  void OnPathDone(Sequence* seq, const float* logits);
+  void Join(RagGroup* g);
+  void FailGroup(RagGroup* g, FinishReason reason, absl::Status status);
+  void ReleaseGroupBlocks(RagGroup* g);
+  void FillRagResult(RagGroup* g, Sequence* answer);
   bool Step();  // false when idle
   void FinishSeq(Sequence* seq, FinishReason reason, absl::Status status);
   void FreeBlocks(Sequence* seq);
@@ -100,16 +124,23 @@ class Engine {
   absl::Mutex mu_;
   absl::CondVar cv_;
   std::vector<std::unique_ptr<Sequence>> inbox_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::unique_ptr<RagGroup>> group_inbox_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> cancels_ ABSL_GUARDED_BY(mu_);
   bool accepting_ ABSL_GUARDED_BY(mu_) = true;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   absl::Time drain_deadline_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
-  int32_t queued_ ABSL_GUARDED_BY(mu_) = 0;  // inbox + waiting
+  int32_t waiting_requests_ ABSL_GUARDED_BY(mu_) = 0;  // client requests in waiting_
   uint64_t next_handle_ ABSL_GUARDED_BY(mu_) = 1;
 
   // Engine-thread state.
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;
+  std::vector<std::unique_ptr<RagGroup>> groups_;
+  std::unique_ptr<rag::PathCache> path_cache_;
+  uint64_t next_internal_id_ = uint64_t{1} << 62;  // ids of RAG-internal sequences
+  rag::FlopModel flop_model_;
+  std::atomic<int64_t> stat_path_hits_{0};
+  std::atomic<int64_t> stat_path_misses_{0};
   std::thread thread_;
   std::atomic<int32_t> stat_running_{0};
   std::atomic<int32_t> stat_waiting_{0};

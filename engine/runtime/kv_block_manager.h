@@ -29,6 +29,7 @@ class KvBlockManager {
 
   // Prefix cache. Lookup retains the block on a hit.
   std::optional<BlockId> Lookup(uint64_t hash);
+  bool Contains(uint64_t hash) const { return index_.contains(hash); }
   // Marks a full block as holding the content identified by `hash`.
   void Publish(BlockId block, uint64_t hash);
 

@@ -3,11 +3,13 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "engine/rag/rag.h"
 
 namespace superpose::engine {
 
@@ -36,6 +38,8 @@ struct Request {
   bool skip_special_tokens = true;
   int32_t priority = 0;  // higher runs first among waiting requests
   absl::Time deadline = absl::InfiniteFuture();
+  // Set for a RAG request (GenerateRag): prompt_ids is then ignored.
+  std::shared_ptr<const rag::Spec> rag;
 };
 
 enum class FinishReason { kNone, kLength, kStop, kEos, kCancelled };
@@ -70,6 +74,7 @@ struct StreamEvent {
   FinishReason finish_reason = FinishReason::kNone;
   Usage usage;          // set when finished
   absl::Status status;  // non-OK: the request failed (finished is true)
+  std::shared_ptr<const rag::Result> rag;  // RAG requests, on the final event
 };
 
 using StreamCallback = std::function<void(StreamEvent&&)>;
