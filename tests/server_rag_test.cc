@@ -1,0 +1,253 @@
+// GenerateRag end to end: a real superpose-server on loopback, real gRPC clients, the
+// real stories260k model.
+#include <gtest/gtest.h>
+
+#include <httplib.h>
+
+#include <cmath>
+#include <sstream>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+
+#include "superpose/v1/superpose.grpc.pb.h"
+#include "tests/server_process.h"
+#include "tests/test_util.h"
+
+namespace superpose {
+namespace {
+
+namespace v1 = superpose::v1;
+
+double MetricValue(int port, const std::string& name) {
+  httplib::Client cli("127.0.0.1", port);
+  auto res = cli.Get("/metrics");
+  if (!res || res->status != 200) return -1;
+  std::istringstream in(res->body);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(name + " ", 0) == 0) return std::stod(line.substr(name.size() + 1));
+  }
+  return -1;
+}
+
+class RagServerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    server_ = new testing::ServerProcess(
+        {"--model=" + testing::Stories260kDir(), "--rag_max_documents=6"});
+    ASSERT_TRUE(server_->ok()) << "superpose-server did not start";
+  }
+  static void TearDownTestSuite() {
+    EXPECT_EQ(server_->Stop(), 0);
+    delete server_;
+    server_ = nullptr;
+  }
+  void SetUp() override {
+    ASSERT_NE(server_, nullptr);
+    stub_ = v1::Superpose::NewStub(server_->Channel());
+  }
+
+  struct Streamed {
+    std::vector<uint32_t> ids;
+    std::string text;
+    v1::GenerateResponse last;
+    grpc::Status status;
+  };
+  template <typename Req, typename Call>
+  Streamed Run(const Req& req, Call call) {
+    Streamed s;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    auto reader = call(&ctx, req);
+    v1::GenerateResponse r;
+    while (reader->Read(&r)) {
+      s.ids.insert(s.ids.end(), r.token_ids().begin(), r.token_ids().end());
+      s.text += r.text();
+      s.last = r;
+    }
+    s.status = reader->Finish();
+    return s;
+  }
+  Streamed Rag(const v1::GenerateRagRequest& req) {
+    return Run(req, [&](grpc::ClientContext* c, const v1::GenerateRagRequest& r) {
+      return stub_->GenerateRag(c, r);
+    });
+  }
+  Streamed Generate(const v1::GenerateRequest& req) {
+    return Run(req, [&](grpc::ClientContext* c, const v1::GenerateRequest& r) {
+      return stub_->Generate(c, r);
+    });
+  }
+  std::vector<uint32_t> Tokenize(const std::string& text, bool special) {
+    grpc::ClientContext ctx;
+    v1::TokenizeRequest req;
+    req.set_text(text);
+    req.set_add_special_tokens(special);
+    v1::TokenizeResponse resp;
+    EXPECT_TRUE(stub_->Tokenize(&ctx, req, &resp).ok());
+    return {resp.token_ids().begin(), resp.token_ids().end()};
+  }
+
+  static v1::GenerateRagRequest Request(int docs) {
+    v1::GenerateRagRequest req;
+    req.set_preamble("Read the stories and answer the question.");
+    const char* texts[] = {
+        "Lily went to the park with her mom. She saw a big red ball.",
+        "Tom had a little dog named Max. Max liked to run and jump in the garden.",
+        "The sun was shining and the birds were singing.",
+        "Once upon a time there was a cat who loved fish.",
+        "Sam found a shiny stone by the river and gave it to his sister.",
+        "Mia baked a cake with her dad and it was yummy."};
+    for (int i = 0; i < docs; ++i) {
+      v1::RagDocument* d = req.add_documents();
+      d->set_text(texts[i % 6]);
+      d->set_id("doc-" + std::to_string(i));
+    }
+    req.set_query("What did Lily see at the park?");
+    req.set_postamble(" Answer:");
+    req.mutable_sampling()->set_temperature(0.0f);
+    req.mutable_sampling()->set_max_new_tokens(8);
+    req.set_ignore_eos(true);
+    return req;
+  }
+
+  static testing::ServerProcess* server_;
+  std::unique_ptr<v1::Superpose::Stub> stub_;
+};
+testing::ServerProcess* RagServerTest::server_ = nullptr;
+
+TEST_F(RagServerTest, SuperpositionReportsScoresAndKeepsTopK) {
+  v1::GenerateRagRequest req = Request(5);
+  req.mutable_rag()->set_top_k(2);
+  req.mutable_rag()->set_path_cache(false);
+  const Streamed s = Rag(req);
+  ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  EXPECT_EQ(s.ids.size(), 8u);
+  ASSERT_TRUE(s.last.has_rag());
+  const v1::RagReport& r = s.last.rag();
+  EXPECT_EQ(r.mode(), v1::RAG_MODE_SUPERPOSITION);
+  ASSERT_EQ(r.documents_size(), 5);
+  std::vector<double> scores;
+  int kept = 0;
+  for (const auto& d : r.documents()) {
+    EXPECT_TRUE(std::isfinite(d.score()));
+    EXPECT_LT(d.score(), 0.0);
+    EXPECT_FALSE(d.cached());
+    EXPECT_EQ(d.id(), "doc-" + std::to_string(d.index()));
+    scores.push_back(d.score());
+    kept += d.kept();
+  }
+  EXPECT_EQ(kept, 2);
+  // Exactly the two highest scores are kept.
+  std::vector<double> sorted = scores;
+  std::sort(sorted.rbegin(), sorted.rend());
+  for (const auto& d : r.documents()) EXPECT_EQ(d.kept(), d.score() >= sorted[1]) << d.index();
+  EXPECT_GT(r.pruned_tokens(), 0u);
+  EXPECT_GT(r.flops(), 0);
+  EXPECT_LT(r.critical_path_flops(), r.flops());
+  EXPECT_GT(r.naive_flops(), 0);
+  EXPECT_GT(r.span(), 0);
+  EXPECT_GT(s.last.usage().prompt_tokens(), 0u);
+}
+
+TEST_F(RagServerTest, NaiveModeEqualsGenerateOnTheConcatenatedPrompt) {
+  v1::GenerateRagRequest req = Request(4);
+  req.mutable_rag()->set_mode(v1::RAG_MODE_NAIVE);
+  const Streamed naive = Rag(req);
+  ASSERT_TRUE(naive.status.ok()) << naive.status.error_message();
+  // The same segments tokenized one by one (BOS on the preamble only; each document
+  // ends with a newline), concatenated.
+  std::vector<uint32_t> ids = Tokenize(req.preamble(), true);
+  for (const auto& d : req.documents()) {
+    for (uint32_t t : Tokenize(d.text() + "\n", false)) ids.push_back(t);
+  }
+  for (uint32_t t : Tokenize(req.query(), false)) ids.push_back(t);
+  for (uint32_t t : Tokenize(req.postamble(), false)) ids.push_back(t);
+  v1::GenerateRequest g;
+  for (uint32_t t : ids) g.mutable_token_ids()->add_ids(t);
+  *g.mutable_sampling() = req.sampling();
+  g.set_ignore_eos(true);
+  const Streamed flat = Generate(g);
+  ASSERT_TRUE(flat.status.ok());
+  EXPECT_EQ(naive.ids, flat.ids);
+  EXPECT_EQ(naive.text, flat.text);
+  EXPECT_EQ(naive.last.rag().mode(), v1::RAG_MODE_NAIVE);
+  EXPECT_EQ(naive.last.usage().prompt_tokens(), ids.size());
+}
+
+TEST_F(RagServerTest, PathCacheHitOverGrpcAndMetrics) {
+  const int mport = server_->metrics_port();
+  ASSERT_GT(mport, 0);
+  const double hits_before = MetricValue(mport, "superpose_rag_path_cache_hits_total");
+  v1::GenerateRagRequest req = Request(3);
+  req.set_preamble("A different preamble for the cache test.");
+  const Streamed cold = Rag(req);
+  const Streamed warm = Rag(req);
+  ASSERT_TRUE(cold.status.ok() && warm.status.ok());
+  EXPECT_EQ(cold.ids, warm.ids);
+  uint64_t doc_tokens = 0;
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_FALSE(cold.last.rag().documents(i).cached());
+    EXPECT_TRUE(warm.last.rag().documents(i).cached());
+    EXPECT_NEAR(cold.last.rag().documents(i).score(), warm.last.rag().documents(i).score(), 1e-5);
+    doc_tokens += warm.last.rag().documents(i).tokens();
+  }
+  EXPECT_EQ(warm.last.rag().path_cache_tokens(), doc_tokens);
+  EXPECT_LT(warm.last.rag().computed_tokens(), cold.last.rag().computed_tokens());
+  EXPECT_EQ(MetricValue(mport, "superpose_rag_path_cache_hits_total"), hits_before + 3);
+  EXPECT_GT(MetricValue(mport, "superpose_rag_flops_total"), 0);
+  EXPECT_GT(MetricValue(mport, "superpose_rag_naive_flops_total"), 0);
+  double used = -1;
+  for (int i = 0; i < 100 && used != 0; ++i) {
+    used = MetricValue(mport, "superpose_kv_blocks_used");
+    if (used != 0) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(used, 0);
+}
+
+TEST_F(RagServerTest, BadInputIsInvalidArgumentNamingTheField) {
+  struct Case {
+    std::string name;
+    std::function<void(v1::GenerateRagRequest*)> mutate;
+    std::string field;
+  };
+  const std::vector<Case> cases = {
+      {"no documents", [](auto* r) { r->clear_documents(); }, "documents"},
+      {"too many documents",
+       [](auto* r) {
+         for (int i = 0; i < 4; ++i) r->add_documents()->set_text("More text.");
+       },
+       "documents"},
+      {"document longer than the context",
+       [](auto* r) {
+         std::string big;
+         for (int i = 0; i < 400; ++i) big += "the cat sat. ";
+         r->mutable_documents(1)->set_text(big);
+       },
+       "documents[1].text"},
+      {"empty document", [](auto* r) { r->mutable_documents(2)->clear_text(); },
+       "documents[2].text"},
+      {"k < 1", [](auto* r) { r->mutable_rag()->set_top_k(0); }, "rag.top_k"},
+      {"k > documents", [](auto* r) { r->mutable_rag()->set_top_k(4); }, "rag.top_k"},
+      {"no query", [](auto* r) { r->clear_query(); }, "query"},
+      {"doc weight NaN", [](auto* r) { r->mutable_rag()->set_doc_weight(NAN); }, "rag.doc_weight"},
+      {"bad span", [](auto* r) { r->mutable_rag()->set_canonical_span(-1); }, "rag.canonical_span"},
+      {"bad utf-8", [](auto* r) { r->mutable_documents(0)->set_text("ok \xff"); },
+       "documents[0].text"},
+      {"bad sampling", [](auto* r) { r->mutable_sampling()->set_top_p(2); }, "sampling.top_p"},
+  };
+  for (const Case& c : cases) {
+    v1::GenerateRagRequest req = Request(3);
+    c.mutate(&req);
+    const Streamed s = Rag(req);
+    EXPECT_EQ(s.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << c.name;
+    EXPECT_NE(s.status.error_message().find(c.field), std::string::npos)
+        << c.name << ": " << s.status.error_message();
+  }
+  // The server keeps serving.
+  EXPECT_TRUE(Rag(Request(2)).status.ok());
+}
+
+}  // namespace
+}  // namespace superpose
