@@ -1,7 +1,9 @@
 // superpose-cli: a small command-line client for superpose-server.
 //   superpose-cli generate --prompt "Once upon a time" [--max_new_tokens 64]
 //   superpose-cli tokenize --prompt "text" | detokenize --ids 1,2,3 | info | health
+//   superpose-cli rag --preamble "..." --docs_file docs.txt --query "..." [--top_k_paths 2]
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <memory>
 #include <string>
@@ -22,7 +24,8 @@
 
 ABSL_FLAG(std::string, server, "127.0.0.1:50051", "superpose-server address");
 ABSL_FLAG(std::string, prompt, "", "Prompt text (generate, tokenize)");
-ABSL_FLAG(std::string, ids, "", "Comma-separated token ids (detokenize; generate instead of --prompt)");
+ABSL_FLAG(std::string, ids, "",
+          "Comma-separated token ids (detokenize; generate instead of --prompt)");
 ABSL_FLAG(int32_t, max_new_tokens, 64, "Tokens to generate");
 ABSL_FLAG(double, temperature, 0.0, "Sampling temperature (0: greedy)");
 ABSL_FLAG(int32_t, top_k, 0, "top-k (0: off)");
@@ -31,6 +34,14 @@ ABSL_FLAG(int64_t, seed, -1, "Sampling seed (-1: random)");
 ABSL_FLAG(std::vector<std::string>, stop, {}, "Stop strings (comma-separated)");
 ABSL_FLAG(bool, usage, true, "Print usage statistics after generation (to stderr)");
 ABSL_FLAG(double, timeout_s, 300, "Deadline of the call in seconds");
+ABSL_FLAG(std::string, preamble, "", "rag: system prompt / instruction");
+ABSL_FLAG(std::string, docs_file, "", "rag: file with one document per line");
+ABSL_FLAG(std::string, query, "", "rag: the question");
+ABSL_FLAG(std::string, postamble, "", "rag: answer header of the instruct template");
+ABSL_FLAG(std::string, rag_mode, "superposition", "rag: superposition | naive");
+ABSL_FLAG(int32_t, top_k_paths, 1, "rag: paths kept after scoring");
+ABSL_FLAG(bool, path_cache, true, "rag: reuse document KV across requests");
+ABSL_FLAG(double, canonical_span, 0, "rag: fixed equilibrium span S (0: per request)");
 
 namespace v1 = superpose::v1;
 
@@ -50,9 +61,9 @@ std::vector<uint32_t> ParseIds(const std::string& s) {
 }
 
 void SetDeadline(grpc::ClientContext* ctx) {
-  ctx->set_deadline(std::chrono::system_clock::now() +
-                    std::chrono::milliseconds(
-                        static_cast<int64_t>(absl::GetFlag(FLAGS_timeout_s) * 1000)));
+  ctx->set_deadline(
+      std::chrono::system_clock::now() +
+      std::chrono::milliseconds(static_cast<int64_t>(absl::GetFlag(FLAGS_timeout_s) * 1000)));
 }
 
 int Fail(const grpc::Status& st) {
@@ -62,11 +73,16 @@ int Fail(const grpc::Status& st) {
 
 const char* FinishName(v1::FinishReason r) {
   switch (r) {
-    case v1::FINISH_REASON_LENGTH: return "length";
-    case v1::FINISH_REASON_STOP: return "stop";
-    case v1::FINISH_REASON_EOS: return "eos";
-    case v1::FINISH_REASON_CANCELLED: return "cancelled";
-    default: return "unspecified";
+    case v1::FINISH_REASON_LENGTH:
+      return "length";
+    case v1::FINISH_REASON_STOP:
+      return "stop";
+    case v1::FINISH_REASON_EOS:
+      return "eos";
+    case v1::FINISH_REASON_CANCELLED:
+      return "cancelled";
+    default:
+      return "unspecified";
   }
 }
 
@@ -100,15 +116,68 @@ int Generate(v1::Superpose::Stub& stub) {
   if (absl::GetFlag(FLAGS_usage)) {
     const v1::Usage& u = last.usage();
     const double decode_ms = u.total_time_ms() - u.time_to_first_token_ms();
+    std::fprintf(
+        stderr,
+        "[finish=%s prompt_tokens=%u generated_tokens=%u cached=%u queue=%.1fms "
+        "ttft=%.1fms total=%.1fms decode=%.1f tok/s]\n",
+        FinishName(last.finish_reason()), u.prompt_tokens(), u.generated_tokens(),
+        u.cached_prompt_tokens(), u.queue_time_ms(), u.time_to_first_token_ms(), u.total_time_ms(),
+        u.generated_tokens() > 1 && decode_ms > 0 ? (u.generated_tokens() - 1) * 1000.0 / decode_ms
+                                                  : 0.0);
+  }
+  return 0;
+}
+
+int Rag(v1::Superpose::Stub& stub) {
+  v1::GenerateRagRequest req;
+  req.set_preamble(absl::GetFlag(FLAGS_preamble));
+  std::ifstream in(absl::GetFlag(FLAGS_docs_file));
+  if (!in) {
+    std::cerr << "--docs_file: cannot read '" << absl::GetFlag(FLAGS_docs_file) << "'\n";
+    return 2;
+  }
+  for (std::string line; std::getline(in, line);) {
+    if (!line.empty()) req.add_documents()->set_text(line);
+  }
+  req.set_query(absl::GetFlag(FLAGS_query));
+  req.set_postamble(absl::GetFlag(FLAGS_postamble));
+  auto* o = req.mutable_rag();
+  o->set_mode(absl::GetFlag(FLAGS_rag_mode) == "naive" ? v1::RAG_MODE_NAIVE
+                                                       : v1::RAG_MODE_SUPERPOSITION);
+  o->set_top_k(absl::GetFlag(FLAGS_top_k_paths));
+  o->set_path_cache(absl::GetFlag(FLAGS_path_cache));
+  o->set_canonical_span(static_cast<float>(absl::GetFlag(FLAGS_canonical_span)));
+  auto* s = req.mutable_sampling();
+  s->set_max_new_tokens(absl::GetFlag(FLAGS_max_new_tokens));
+  s->set_temperature(static_cast<float>(absl::GetFlag(FLAGS_temperature)));
+  if (absl::GetFlag(FLAGS_seed) >= 0) s->set_seed(absl::GetFlag(FLAGS_seed));
+  for (const auto& stop : absl::GetFlag(FLAGS_stop)) req.add_stop(stop);
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  auto reader = stub.GenerateRag(&ctx, req);
+  v1::GenerateResponse resp, last;
+  while (reader->Read(&resp)) {
+    std::cout << resp.text() << std::flush;
+    if (resp.has_rag()) last = resp;
+  }
+  std::cout << "\n";
+  grpc::Status st = reader->Finish();
+  if (!st.ok()) return Fail(st);
+  if (absl::GetFlag(FLAGS_usage)) {
+    const v1::RagReport& r = last.rag();
+    for (const auto& d : r.documents()) {
+      std::fprintf(stderr, "[doc %u%s%s tokens=%u score=%.4f %s%s]\n", d.index(),
+                   d.id().empty() ? "" : " id=", d.id().c_str(), d.tokens(), d.score(),
+                   d.kept() ? "kept" : "pruned", d.cached() ? " cached" : "");
+    }
     std::fprintf(stderr,
-                 "[finish=%s prompt_tokens=%u generated_tokens=%u cached=%u queue=%.1fms "
-                 "ttft=%.1fms total=%.1fms decode=%.1f tok/s]\n",
-                 FinishName(last.finish_reason()), u.prompt_tokens(), u.generated_tokens(),
-                 u.cached_prompt_tokens(), u.queue_time_ms(), u.time_to_first_token_ms(),
-                 u.total_time_ms(),
-                 u.generated_tokens() > 1 && decode_ms > 0
-                     ? (u.generated_tokens() - 1) * 1000.0 / decode_ms
-                     : 0.0);
+                 "[computed_tokens=%llu path_cache_tokens=%llu pruned_tokens=%llu "
+                 "ttft=%.1fms flops=%.3g critical_path=%.3g naive=%.3g]\n",
+                 static_cast<unsigned long long>(r.computed_tokens()),
+                 static_cast<unsigned long long>(r.path_cache_tokens()),
+                 static_cast<unsigned long long>(r.pruned_tokens()),
+                 last.usage().time_to_first_token_ms(), r.flops(), r.critical_path_flops(),
+                 r.naive_flops());
   }
   return 0;
 }
@@ -170,7 +239,7 @@ int main(int argc, char** argv) {
   absl::SetFlagsUsageConfig(usage);
   absl::SetProgramUsageMessage(
       "superpose-cli COMMAND [flags]\n"
-      "COMMAND: generate | tokenize | detokenize | info | health");
+      "COMMAND: generate | rag | tokenize | detokenize | info | health");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() != 2) {
     std::cerr << absl::ProgramUsageMessage() << "\n";
@@ -181,6 +250,7 @@ int main(int argc, char** argv) {
       grpc::CreateChannel(absl::GetFlag(FLAGS_server), grpc::InsecureChannelCredentials());
   auto stub = v1::Superpose::NewStub(channel);
   if (cmd == "generate") return Generate(*stub);
+  if (cmd == "rag") return Rag(*stub);
   if (cmd == "tokenize") return Tokenize(*stub);
   if (cmd == "detokenize") return Detokenize(*stub);
   if (cmd == "info") return Info(*stub);

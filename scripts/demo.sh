@@ -23,3 +23,12 @@ addr=127.0.0.1:$(cat "$port_file")
 build/superpose-cli info --server="$addr" | grep -E "model_name|architecture|num_parameters|context_length|backend"
 build/superpose-cli generate --server="$addr" --prompt="$prompt" --max_new_tokens=64 \
   --temperature=0.8 --top_p=0.95 --seed=1
+# A superposition RAG request: three documents, the best path kept.
+docs=$(mktemp)
+printf '%s\n' "Lily went to the park with her mom. She saw a big red ball." \
+  "Tom had a little dog named Max. Max liked to run in the garden." \
+  "The sun was shining and the birds were singing." > "$docs"
+build/superpose-cli rag --server="$addr" --preamble="Read the stories." --docs_file="$docs" \
+  --query="What did Lily see at the park?" --postamble=" Answer:" --top_k_paths=1 \
+  --max_new_tokens=24
+rm -f "$docs"
