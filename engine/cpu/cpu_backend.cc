@@ -68,7 +68,7 @@ inline void DotRows(const float* wr, const float* const* xs, int32_t in, float* 
 // memory-bound, and OpenBLAS's sgemm would first pack (copy) the weight panels.
 __attribute__((target_clones("avx512f", "avx2", "default"))) void SmallBatchGemm(
     const float* x, int32_t rows, int32_t in, const float* w, int32_t out, float* y) {
-#pragma omp parallel for schedule(static) if (static_cast<int64_t>(out) * in > 16384)
+#pragma omp parallel for schedule(static) if (static_cast <int64_t>(out) * in > 16384)
   for (int32_t o = 0; o < out; ++o) {
     const float* wr = w + static_cast<size_t>(o) * in;
     float acc[4];
@@ -158,14 +158,14 @@ absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& wei
     const int64_t q0 = static_cast<int64_t>(rank) * q_heads_ * D, q1 = q0 + q_heads_ * D;
     const int64_t k0 = static_cast<int64_t>(kv_head_begin_) * D, k1 = k0 + kv_heads_ * D;
     float* dst = L.wqkv.data();
-    SP_RETURN_IF_ERROR(weights.ReadF32Block(p + "self_attn.q_proj.weight", {nq * D, H}, q0, q1,
-                                            0, H, dst));
+    SP_RETURN_IF_ERROR(
+        weights.ReadF32Block(p + "self_attn.q_proj.weight", {nq * D, H}, q0, q1, 0, H, dst));
     dst += (q1 - q0) * H;
-    SP_RETURN_IF_ERROR(weights.ReadF32Block(p + "self_attn.k_proj.weight", {nkv * D, H}, k0, k1,
-                                            0, H, dst));
+    SP_RETURN_IF_ERROR(
+        weights.ReadF32Block(p + "self_attn.k_proj.weight", {nkv * D, H}, k0, k1, 0, H, dst));
     dst += (k1 - k0) * H;
-    SP_RETURN_IF_ERROR(weights.ReadF32Block(p + "self_attn.v_proj.weight", {nkv * D, H}, k0, k1,
-                                            0, H, dst));
+    SP_RETURN_IF_ERROR(
+        weights.ReadF32Block(p + "self_attn.v_proj.weight", {nkv * D, H}, k0, k1, 0, H, dst));
     if (config.attention_bias) {
       L.bqkv.resize(qkv_rows);
       std::vector<float> full(static_cast<size_t>(nq) * D);
@@ -184,12 +184,12 @@ absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& wei
       SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.k_norm.weight", {D}, L.k_norm.data()));
     }
     L.wo.resize(static_cast<size_t>(H) * q_heads_ * D);
-    SP_RETURN_IF_ERROR(
-        weights.ReadF32Block(p + "self_attn.o_proj.weight", {H, nq * D}, 0, H, q0, q1, L.wo.data()));
+    SP_RETURN_IF_ERROR(weights.ReadF32Block(p + "self_attn.o_proj.weight", {H, nq * D}, 0, H, q0,
+                                            q1, L.wo.data()));
     L.wgate_up.resize(static_cast<size_t>(2) * inter_ * H);
     const int64_t i0 = static_cast<int64_t>(rank) * inter_, i1 = i0 + inter_;
-    SP_RETURN_IF_ERROR(weights.ReadF32Block(p + "mlp.gate_proj.weight", {I, H}, i0, i1, 0, H,
-                                            L.wgate_up.data()));
+    SP_RETURN_IF_ERROR(
+        weights.ReadF32Block(p + "mlp.gate_proj.weight", {I, H}, i0, i1, 0, H, L.wgate_up.data()));
     SP_RETURN_IF_ERROR(weights.ReadF32Block(p + "mlp.up_proj.weight", {I, H}, i0, i1, 0, H,
                                             L.wgate_up.data() + static_cast<size_t>(inter_) * H));
     L.wdown.resize(static_cast<size_t>(H) * inter_);
@@ -203,7 +203,8 @@ absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& wei
   const int64_t per_block = static_cast<int64_t>(config.num_layers) * bs * kv_heads_ * D * 2 *
                             static_cast<int64_t>(sizeof(float));
   int32_t blocks = options_.kv_num_blocks;
-  if (blocks <= 0) blocks = static_cast<int32_t>(std::max<int64_t>(1, options_.kv_memory_bytes / per_block));
+  if (blocks <= 0)
+    blocks = static_cast<int32_t>(std::max<int64_t>(1, options_.kv_memory_bytes / per_block));
   kv_info_ = KvPoolInfo{blocks, bs, per_block};
   const size_t kv_floats = static_cast<size_t>(config.num_layers) * blocks * bs * kv_heads_ * D;
   k_cache_.assign(kv_floats, 0.0f);
@@ -217,8 +218,8 @@ void CpuBackend::Linear(const float* x, int32_t rows, int32_t in, const float* w
   if (rows <= kSmallBatchRows) {
     SmallBatchGemm(x, rows, in, w, out, y);
   } else {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, out, in, 1.0f, x, in, w, in, 0.0f,
-                y, out);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, out, in, 1.0f, x, in, w, in, 0.0f, y,
+                out);
   }
 }
 
@@ -253,8 +254,8 @@ CpuBackend::KeyIndex CpuBackend::BuildKeyIndex(const BatchPlan& plan) const {
 
 // q: [T, q_heads, D] (after RoPE). out: [T, q_heads, D]. Keys/values of this layer are
 // already in the pool for every new token.
-void CpuBackend::Attention(const BatchPlan& plan, const KeyIndex& ix, int32_t layer,
-                           const float* q, float* out) const {
+void CpuBackend::Attention(const BatchPlan& plan, const KeyIndex& ix, int32_t layer, const float* q,
+                           float* out) const {
   const int32_t D = config_.head_dim, bs = kv_info_.block_size;
   const int32_t group = config_.num_heads / config_.num_kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -265,13 +266,90 @@ void CpuBackend::Attention(const BatchPlan& plan, const KeyIndex& ix, int32_t la
   const auto& ctx_len = ix.ctx_len;
   const auto& seq_of = ix.seq_of;
   const int32_t T = plan.num_tokens(), heads = q_heads_;
-#pragma omp parallel if (static_cast<int64_t>(T) * heads > 1)
+
+  // Sequences with many new tokens (prefill chunks): blocked attention through sgemm,
+  // per (sequence, head, tile of kPrefillTile queries): S = Q K^T over the gathered
+  // keys, causal mask, softmax, O = P V.
+  constexpr int32_t kPrefillMin = 32, kPrefillTile = 128;
+  struct Task {
+    int32_t seq, head, row0, rows;
+  };
+  std::vector<Task> tasks;
+  std::vector<bool> blocked(T, false);
+  for (int32_t si = 0; si < static_cast<int32_t>(plan.seqs.size()); ++si) {
+    const SeqPlan& seq = plan.seqs[si];
+    if (seq.num_tokens < kPrefillMin) continue;
+    for (int32_t t = 0; t < seq.num_tokens; ++t) blocked[seq.token_begin + t] = true;
+    for (int32_t h = 0; h < heads; ++h) {
+      for (int32_t r = 0; r < seq.num_tokens; r += kPrefillTile) {
+        tasks.push_back({si, h, r, std::min(kPrefillTile, seq.num_tokens - r)});
+      }
+    }
+  }
+  if (!tasks.empty()) {
+#pragma omp parallel
+    {
+      std::vector<float> kbuf, vbuf, sbuf, obuf, qbuf;
+#pragma omp for schedule(dynamic, 1)
+      for (size_t ti = 0; ti < tasks.size(); ++ti) {
+        const Task& task = tasks[ti];
+        const SeqPlan& seq = plan.seqs[task.seq];
+        const std::vector<int64_t>& kk = keys[task.seq];
+        const int32_t global_q = shard_.rank * q_heads_ + task.head;
+        const int32_t kvh = global_q / group - kv_head_begin_;
+        // Keys visible to the last row of the tile.
+        const int32_t nk = ctx_len[task.seq] + task.row0 + task.rows;
+        kbuf.resize(static_cast<size_t>(nk) * D);
+        vbuf.resize(static_cast<size_t>(nk) * D);
+        for (int32_t k = 0; k < nk; ++k) {
+          const size_t off = (kk[k] * kv_heads_ + kvh) * D;
+          std::memcpy(&kbuf[static_cast<size_t>(k) * D], kl + off, sizeof(float) * D);
+          std::memcpy(&vbuf[static_cast<size_t>(k) * D], vl + off, sizeof(float) * D);
+        }
+        qbuf.resize(static_cast<size_t>(task.rows) * D);
+        for (int32_t r = 0; r < task.rows; ++r) {
+          const int32_t t = seq.token_begin + task.row0 + r;
+          std::memcpy(&qbuf[static_cast<size_t>(r) * D],
+                      q + (static_cast<size_t>(t) * heads + task.head) * D, sizeof(float) * D);
+        }
+        sbuf.resize(static_cast<size_t>(task.rows) * nk);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, task.rows, nk, D, scale, qbuf.data(),
+                    D, kbuf.data(), D, 0.0f, sbuf.data(), nk);
+        for (int32_t r = 0; r < task.rows; ++r) {
+          float* row = &sbuf[static_cast<size_t>(r) * nk];
+          const int32_t visible = ctx_len[task.seq] + task.row0 + r + 1;
+          float mx = -std::numeric_limits<float>::infinity();
+          for (int32_t k = 0; k < visible; ++k) mx = std::max(mx, row[k]);
+          float sum = 0.0f;
+          for (int32_t k = 0; k < visible; ++k) {
+            row[k] = std::exp(row[k] - mx);
+            sum += row[k];
+          }
+          const float inv = 1.0f / sum;
+          for (int32_t k = 0; k < visible; ++k) row[k] *= inv;
+          std::fill(row + visible, row + nk, 0.0f);
+        }
+        obuf.resize(static_cast<size_t>(task.rows) * D);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, task.rows, D, nk, 1.0f, sbuf.data(),
+                    nk, vbuf.data(), D, 0.0f, obuf.data(), D);
+        for (int32_t r = 0; r < task.rows; ++r) {
+          const int32_t t = seq.token_begin + task.row0 + r;
+          std::memcpy(out + (static_cast<size_t>(t) * heads + task.head) * D,
+                      &obuf[static_cast<size_t>(r) * D], sizeof(float) * D);
+        }
+      }
+    }
+  }
+
+  // Everything else (decode tokens, short chunks): one query at a time.
+#pragma omp parallel if (static_cast <int64_t>(T) * heads > 1)
   {
     std::vector<float> scores;
     std::vector<float> acc(D);
 #pragma omp for collapse(2) schedule(dynamic, 4)
     for (int32_t t = 0; t < T; ++t) {
       for (int32_t h = 0; h < heads; ++h) {
+        if (blocked[t]) continue;
         const int32_t si = seq_of[t];
         const SeqPlan& seq = plan.seqs[si];
         const std::vector<int64_t>& kk = keys[si];
@@ -484,10 +562,10 @@ std::unique_ptr<Backend> MakeCpuBackend(const BackendOptions& options, int32_t t
 }
 
 void RegisterBackend(BackendRegistry& registry) {
-  registry.Register("cpu", [](const BackendOptions& options)
-                               -> absl::StatusOr<std::unique_ptr<Backend>> {
-    return MakeCpuBackend(options, options.tensor_parallel);
-  });
+  registry.Register("cpu",
+                    [](const BackendOptions& options) -> absl::StatusOr<std::unique_ptr<Backend>> {
+                      return MakeCpuBackend(options, options.tensor_parallel);
+                    });
 }
 
 }  // namespace superpose::engine::cpu
