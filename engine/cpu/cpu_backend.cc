@@ -491,14 +491,15 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
   // Rows that need logits: logits_for first, then those of logprob requests.
   std::vector<int32_t> rows = plan.logits_for;
   std::vector<int32_t> lp_row(plan.logprobs.size());
+  std::vector<int32_t> row_of(T, -1);
+  for (size_t r = 0; r < rows.size(); ++r) row_of[rows[r]] = static_cast<int32_t>(r);
   for (size_t i = 0; i < plan.logprobs.size(); ++i) {
     const int32_t t = plan.logprobs[i].token_index;
-    auto it = std::find(rows.begin(), rows.end(), t);
-    if (it == rows.end()) {
+    if (row_of[t] < 0) {
+      row_of[t] = static_cast<int32_t>(rows.size());
       rows.push_back(t);
-      it = rows.end() - 1;
     }
-    lp_row[i] = static_cast<int32_t>(it - rows.begin());
+    lp_row[i] = row_of[t];
   }
   if (rows.empty()) return absl::OkStatus();
   const int32_t R = static_cast<int32_t>(rows.size());
@@ -530,17 +531,32 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
   const size_t nl = plan.logits_for.size();
   out->logits.assign(logits.begin(), logits.begin() + nl * V);
   out->logprobs.resize(plan.logprobs.size());
-  std::vector<float> lse(R, std::numeric_limits<float>::quiet_NaN());
+  // Log-sum-exp of every row that has a log-probability request (rows past the
+  // logits_for ones all do), in parallel; float exponentials, double sums.
+  std::vector<float> lse(R, 0.0f);
+  const int32_t lp_first = plan.logprobs.empty() ? R : static_cast<int32_t>(nl);
+#pragma omp parallel for schedule(static) if (R - lp_first > 1)
+  for (int32_t r = 0; r < R; ++r) {
+    bool needed = r >= lp_first;
+    if (!needed) {
+      for (int32_t row_index : lp_row) needed |= row_index == r;
+    }
+    if (!needed) continue;
+    const float* row = &logits[static_cast<size_t>(r) * V];
+    const float mx = *std::max_element(row, row + V);
+    double sum = 0.0;
+    constexpr int32_t kChunk = 256;
+    for (int32_t v0 = 0; v0 < V; v0 += kChunk) {
+      float part = 0.0f;
+      const int32_t v1 = std::min(V, v0 + kChunk);
+      for (int32_t v = v0; v < v1; ++v) part += std::exp(row[v] - mx);
+      sum += part;
+    }
+    lse[r] = mx + static_cast<float>(std::log(sum));
+  }
   for (size_t i = 0; i < plan.logprobs.size(); ++i) {
     const int32_t r = lp_row[i];
-    const float* row = &logits[static_cast<size_t>(r) * V];
-    if (std::isnan(lse[r])) {
-      const float mx = *std::max_element(row, row + V);
-      double sum = 0.0;
-      for (int32_t v = 0; v < V; ++v) sum += std::exp(static_cast<double>(row[v] - mx));
-      lse[r] = mx + static_cast<float>(std::log(sum));
-    }
-    out->logprobs[i] = row[plan.logprobs[i].target] - lse[r];
+    out->logprobs[i] = logits[static_cast<size_t>(r) * V + plan.logprobs[i].target] - lse[r];
   }
   return absl::OkStatus();
 }

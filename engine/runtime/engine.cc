@@ -11,6 +11,13 @@ namespace superpose::engine {
 
 namespace {
 double Ms(absl::Duration d) { return absl::ToDoubleMilliseconds(d); }
+
+// Plain prompts start at position 0 with no ancestors, and so do RAG preambles, which
+// use the prefix cache unless the path cache holds them whole.
+bool UsesPrefixCache(const Engine::Sequence& seq) {
+  return seq.role == SeqRole::kGenerate ||
+         (seq.role == SeqRole::kPreamble && !seq.group->spec().options.path_cache);
+}
 }  // namespace
 
 Engine::Engine(const EngineOptions& options, const ModelConfig& config, const Tokenizer* tokenizer,
@@ -369,8 +376,7 @@ bool Engine::EnsureBlocks(Sequence* seq, int32_t upto_tokens) {
 // least one prompt token is always computed, so that its logits exist.
 void Engine::MatchPrefix(Sequence* seq) {
   seq->prefix_checked = true;
-  // Only plain prompts (and RAG preambles) start at position 0 with no ancestors.
-  if (seq->role != SeqRole::kGenerate && seq->role != SeqRole::kPreamble) return;
+  if (!UsesPrefixCache(*seq)) return;
   if (!options_.prefix_caching || seq->computed != 0 || !seq->blocks.empty()) return;
   uint64_t h = HashString(0x5eed, seq->req.tenant);
   const int32_t n = static_cast<int32_t>(seq->tokens.size());
@@ -389,7 +395,7 @@ void Engine::MatchPrefix(Sequence* seq) {
 
 void Engine::PublishBlocks(Sequence* seq) {
   if (!options_.prefix_caching) return;
-  if (seq->role != SeqRole::kGenerate && seq->role != SeqRole::kPreamble) return;
+  if (!UsesPrefixCache(*seq)) return;
   const int32_t full = seq->computed / block_size_;
   while (static_cast<int32_t>(seq->block_hashes.size()) < full) {
     const int32_t i = static_cast<int32_t>(seq->block_hashes.size());

@@ -95,6 +95,7 @@ class Engine {
   void AppendOwnSegments(const Sequence& seq, int32_t n, std::vector<KvSegment>* out) const;
   void InsertWaitingFront(std::vector<std::unique_ptr<Sequence>> seqs);
   // RAG request groups (engine_rag.cc).
+  static uint64_t PreambleKey(const RagGroup& g);
   void StartGroup(RagGroup* g);
   void StartPaths(RagGroup* g);
   void OnPreambleDone(Sequence* seq);

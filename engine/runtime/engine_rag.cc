@@ -40,6 +40,10 @@ std::unique_ptr<Engine::Sequence> NewInternal(uint64_t handle, const Request& re
 
 }  // namespace
 
+uint64_t Engine::PreambleKey(const RagGroup& g) {
+  return rag::PathCache::Key(g.req.tenant, g.spec().preamble, {}, -1.0f, 0.0f);
+}
+
 void Engine::StartGroup(RagGroup* g) {
   const rag::Spec& spec = g->spec();
   g->paths.resize(spec.documents.size());
@@ -51,6 +55,18 @@ void Engine::StartGroup(RagGroup* g) {
   if (spec.preamble.empty()) {
     StartPaths(g);
     return;
+  }
+  // With the path cache on, the whole preamble (its partial last block too) is a
+  // cache entry of its own: the ancestor of every document entry.
+  if (spec.options.path_cache) {
+    const int32_t nb = (static_cast<int32_t>(spec.preamble.size()) + block_size_ - 1) / block_size_;
+    if (auto hit = path_cache_->Lookup(PreambleKey(*g), nb)) {
+      g->preamble_blocks = std::move(hit->blocks);
+      g->preamble_len = static_cast<int32_t>(spec.preamble.size());
+      g->prefix_cached = g->preamble_len;
+      StartPaths(g);
+      return;
+    }
   }
   auto seq = NewInternal(next_internal_id_++, g->req, g->arrival);
   seq->role = SeqRole::kPreamble;
@@ -71,6 +87,7 @@ void Engine::OnPreambleDone(Sequence* seq) {
   g->preamble_len = seq->computed;
   g->prefix_cached = seq->cached_prompt_tokens;
   g->preamble_flops = seq->flops;
+  if (g->spec().options.path_cache) path_cache_->Insert(PreambleKey(*g), g->preamble_blocks, 0, 0);
   seq->finished = true;
   StartPaths(g);
 }

@@ -44,7 +44,7 @@ class KvBlockManager {
   void Unpublish(BlockId block);
 
   std::vector<int32_t> refs_;
-  std::vector<uint64_t> hash_of_;   // 0: not published
+  std::vector<uint64_t> hash_of_;  // 0: not published
   std::vector<bool> has_hash_;
   // Unreferenced blocks: never-used / unpublished ones first (front), then cached
   // ones in LRU order; allocation takes from the front.

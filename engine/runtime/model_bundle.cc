@@ -29,9 +29,9 @@ absl::StatusOr<ModelBundle> LoadModelBundle(const std::string& dir) {
     bundle.config.eos_token_ids.push_back(*bundle.tokenizer->eos_id());
   }
   if (bundle.tokenizer->vocab_size() > bundle.config.vocab_size) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        dir, "/tokenizer.json: the tokenizer has ", bundle.tokenizer->vocab_size(),
-        " tokens but config.json vocab_size is ", bundle.config.vocab_size));
+    return absl::InvalidArgumentError(
+        absl::StrCat(dir, "/tokenizer.json: the tokenizer has ", bundle.tokenizer->vocab_size(),
+                     " tokens but config.json vocab_size is ", bundle.config.vocab_size));
   }
   return bundle;
 }

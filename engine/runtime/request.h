@@ -72,8 +72,8 @@ struct StreamEvent {
   std::vector<TokenLogprobs> logprobs;
   bool finished = false;
   FinishReason finish_reason = FinishReason::kNone;
-  Usage usage;          // set when finished
-  absl::Status status;  // non-OK: the request failed (finished is true)
+  Usage usage;                             // set when finished
+  absl::Status status;                     // non-OK: the request failed (finished is true)
   std::shared_ptr<const rag::Result> rag;  // RAG requests, on the final event
 };
 

@@ -8,11 +8,16 @@ namespace superpose::engine {
 
 const char* FinishReasonName(FinishReason f) {
   switch (f) {
-    case FinishReason::kNone: return "none";
-    case FinishReason::kLength: return "length";
-    case FinishReason::kStop: return "stop";
-    case FinishReason::kEos: return "eos";
-    case FinishReason::kCancelled: return "cancelled";
+    case FinishReason::kNone:
+      return "none";
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kStop:
+      return "stop";
+    case FinishReason::kEos:
+      return "eos";
+    case FinishReason::kCancelled:
+      return "cancelled";
   }
   return "unknown";
 }
@@ -71,7 +76,8 @@ int32_t Sampler::Sample(absl::Span<float> logits) {
     scratch_[i].first = std::exp(scratch_[i].first - mx);
     sum += scratch_[i].first;
   }
-  for (int32_t i = 0; i < keep; ++i) scratch_[i].first = static_cast<float>(scratch_[i].first / sum);
+  for (int32_t i = 0; i < keep; ++i)
+    scratch_[i].first = static_cast<float>(scratch_[i].first / sum);
   if (options_.min_p > 0.0f) {
     const float threshold = options_.min_p * scratch_[0].first;
     int32_t k = 1;
