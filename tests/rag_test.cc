@@ -492,6 +492,36 @@ TEST_F(RagEngineTest, PathCacheHitReusesDocumentsAndGivesTheSameAnswer) {
   EXPECT_EQ(eng->blocks().free_blocks(), eng->blocks().num_blocks());
 }
 
+TEST_F(RagEngineTest, PathCacheEntriesAreEvictedLruWithOtherBlocks) {
+  auto cpu = MakeBackend(/*blocks=*/36);
+  auto eng = MakeEngine(cpu.get());
+  Spec spec = MakeSpec(3, /*postamble=*/true);
+  const Completion first = testing::RunRequest(*eng, RagRequest(spec, 6));
+  ASSERT_TRUE(first.status.ok()) << first.status;
+  EXPECT_GT(eng->blocks().cached_blocks(), 0);
+  // Plain traffic that needs nearly the whole pool evicts the cached documents.
+  std::vector<int32_t> long_prompt;
+  while (long_prompt.size() < 560) {
+    for (int32_t t : Enc("The little dog ran to the big tree and the cat sat on the mat. ")) {
+      long_prompt.push_back(t);
+    }
+  }
+  long_prompt.resize(560);
+  const Completion plain = testing::RunRequest(*eng, testing::GreedyRequest(long_prompt, 40));
+  EXPECT_EQ(plain.status.code(), absl::StatusCode::kInvalidArgument);  // > 512 context
+  long_prompt.resize(500);
+  const Completion fits = testing::RunRequest(*eng, testing::GreedyRequest(long_prompt, 8));
+  ASSERT_TRUE(fits.status.ok()) << fits.status;
+  EXPECT_GT(eng->blocks().evictions(), 0);
+  const Completion again = testing::RunRequest(*eng, RagRequest(spec, 6));
+  ASSERT_TRUE(again.status.ok()) << again.status;
+  int cached = 0;
+  for (const auto& d : again.rag->docs) cached += d.cached;
+  EXPECT_LT(cached, 3);  // at least one document was evicted and recomputed
+  EXPECT_EQ(again.tokens, first.tokens);
+  EXPECT_EQ(eng->blocks().free_blocks(), eng->blocks().num_blocks());
+}
+
 TEST_F(RagEngineTest, CancelAndTinyPoolReleaseEveryBlock) {
   auto cpu = MakeBackend(/*blocks=*/12);
   auto eng = MakeEngine(cpu.get());
