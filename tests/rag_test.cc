@@ -547,6 +547,29 @@ TEST_F(RagEngineTest, CancelAndTinyPoolReleaseEveryBlock) {
   EXPECT_EQ(eng->blocks().free_blocks(), eng->blocks().num_blocks());
 }
 
+TEST_F(RagEngineTest, TensorParallelGivesTheSameScoresAndAnswer) {
+  Spec spec = MakeSpec(4, /*postamble=*/true);
+  spec.options.top_k = 2;
+  spec.options.path_cache = false;
+  std::vector<Completion> runs;
+  for (int32_t tp : {1, 2}) {
+    engine::BackendOptions opts;
+    opts.kv_num_blocks = 128;
+    opts.kv_block_size = 16;
+    auto backend = engine::cpu::MakeCpuBackend(opts, tp);
+    ASSERT_TRUE(backend->Load(model_.config, *model_.weights, engine::Shard{}).ok());
+    auto eng = MakeEngine(backend.get());
+    runs.push_back(testing::RunRequest(*eng, RagRequest(spec, 8)));
+    ASSERT_TRUE(runs.back().status.ok()) << runs.back().status;
+    eng->Shutdown(absl::ZeroDuration());
+  }
+  EXPECT_EQ(runs[0].tokens, runs[1].tokens);
+  for (size_t i = 0; i < spec.documents.size(); ++i) {
+    EXPECT_NEAR(runs[0].rag->docs[i].score, runs[1].rag->docs[i].score, 1e-4);
+    EXPECT_EQ(runs[0].rag->docs[i].kept, runs[1].rag->docs[i].kept);
+  }
+}
+
 TEST_F(RagEngineTest, BadInputIsRejected) {
   auto cpu = MakeBackend();
   auto eng = MakeEngine(cpu.get());
