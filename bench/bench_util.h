@@ -13,8 +13,7 @@
 namespace superpose::bench {
 
 inline double NowS() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 // Copy bandwidth in bytes copied per second (each byte is read once and written once),

@@ -6,17 +6,16 @@
 #include <omp.h>
 
 #include <cstdio>
-#include <filesystem>
 #include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_split.h"
+#include "bench/bench_models.h"
 #include "bench/bench_util.h"
 #include "engine/cpu/blas_setup.h"
 #include "engine/cpu/cpu_backend.h"
-#include "engine/model/builtin.h"
 #include "engine/runtime/model_bundle.h"
 
 ABSL_FLAG(std::string, shared, "../shared", "Path of shared/ (for stories260k)");
@@ -41,24 +40,7 @@ absl::StatusOr<engine::ModelBundle> GetModel(const std::string& name) {
   if (name == "stories260k") {
     return engine::LoadModelBundle(absl::GetFlag(FLAGS_shared) + "/fixtures/stories260k");
   }
-  engine::ModelConfig cfg;
-  if (name == "llama-110m") {
-    cfg = engine::LlamaShapedConfig(768, 12, 12, 4, 2048, 32000);
-  } else if (name == "llama-350m") {
-    cfg = engine::LlamaShapedConfig(1024, 24, 16, 8, 2816, 32000);
-  } else {
-    return absl::InvalidArgumentError("unknown model " + name);
-  }
-  const std::string dir = absl::GetFlag(FLAGS_workdir) + "/" + name;
-  if (!std::filesystem::exists(dir + "/model.safetensors")) {
-    std::filesystem::create_directories(dir);
-    const double t0 = bench::NowS();
-    if (absl::Status st = engine::WriteRandomModel(dir, cfg, engine::DType::kBF16, 42); !st.ok()) {
-      return st;
-    }
-    std::fprintf(stderr, "wrote %s in %.1fs\n", dir.c_str(), bench::NowS() - t0);
-  }
-  return engine::LoadModelBundle(dir);
+  return bench::GeneratedModel(name, absl::GetFlag(FLAGS_workdir));
 }
 
 }  // namespace
@@ -74,7 +56,8 @@ int main(int argc, char** argv) {
   for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_models), ',')) {
     auto model = GetModel(std::string(name));
     if (!model.ok()) {
-      std::fprintf(stderr, "%s: %s\n", std::string(name).c_str(), model.status().ToString().c_str());
+      std::fprintf(stderr, "%s: %s\n", std::string(name).c_str(),
+                   model.status().ToString().c_str());
       return 1;
     }
     engine::BackendOptions opts;
@@ -111,22 +94,25 @@ int main(int argc, char** argv) {
         plan.seqs[0].context.push_back({b, 0, len});
         done += len;
       }
-      plan.tokens = {static_cast<int32_t>(
-          std::max_element(out.logits.begin(), out.logits.end()) - out.logits.begin())};
+      plan.tokens = {static_cast<int32_t>(std::max_element(out.logits.begin(), out.logits.end()) -
+                                          out.logits.begin())};
     }
     const double dt = bench::NowS() - t0;
     // The CPU backend computes in float32: weights are read as float32.
     const double bytes = static_cast<double>(model->config.WeightBytes(engine::DType::kF32));
-    rows.push_back({std::string(name), model->config.NumParameters() / 1e6, bytes / 1e6,
-                    steps / dt, bw / bytes});
+    rows.push_back({std::string(name), model->config.NumParameters() / 1e6, bytes / 1e6, steps / dt,
+                    bw / bytes});
   }
-  std::printf("| model | params (M) | fp32 weights (MB) | decode tok/s (batch 1) | floor tok/s | vs floor |\n");
+  std::printf(
+      "| model | params (M) | fp32 weights (MB) | decode tok/s (batch 1) | floor tok/s | vs floor "
+      "|\n");
   std::printf("|---|---:|---:|---:|---:|---:|\n");
   for (const Row& r : rows) {
     std::printf("| %s | %.1f | %.1f | %.1f | %.1f | %.0f%% |\n", r.model.c_str(), r.params_m,
                 r.weight_mb, r.tok_s, r.floor_tok_s, 100.0 * r.tok_s / r.floor_tok_s);
   }
-  std::printf("\nfloor = bandwidth / fp32 weight bytes read per token (the CPU backend computes "
-              "in float32); a model that fits in the caches can exceed 100%%\n");
+  std::printf(
+      "\nfloor = bandwidth / fp32 weight bytes read per token (the CPU backend computes "
+      "in float32); a model that fits in the caches can exceed 100%%\n");
   return 0;
 }

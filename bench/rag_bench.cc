@@ -8,7 +8,6 @@
 #include <cblas.h>
 
 #include <cstdio>
-#include <filesystem>
 #include <random>
 #include <string>
 #include <vector>
@@ -17,13 +16,14 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
+#include "bench/bench_models.h"
 #include "bench/bench_util.h"
 #include "engine/cpu/blas_setup.h"
 #include "engine/cpu/cpu_backend.h"
-#include "engine/model/builtin.h"
 #include "engine/rag/rag.h"
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
+#include "spdlog/spdlog.h"
 
 ABSL_FLAG(std::string, model, "llama-110m", "llama-110m | llama-350m (generated, random bf16)");
 ABSL_FLAG(std::string, workdir, "/tmp/superpose-bench", "Where generated models are kept");
@@ -40,26 +40,6 @@ namespace superpose {
 namespace {
 
 namespace rag = engine::rag;
-
-absl::StatusOr<engine::ModelBundle> GetModel(const std::string& name) {
-  engine::ModelConfig cfg;
-  if (name == "llama-110m") {
-    cfg = engine::LlamaShapedConfig(768, 12, 12, 4, 2048, 32000);
-  } else if (name == "llama-350m") {
-    cfg = engine::LlamaShapedConfig(1024, 24, 16, 8, 2816, 32000);
-  } else {
-    return absl::InvalidArgumentError("unknown model " + name);
-  }
-  cfg.max_position_embeddings = 16384;  // room for 50 documents laid out flat
-  const std::string dir = absl::GetFlag(FLAGS_workdir) + "/rag-" + name;
-  if (!std::filesystem::exists(dir + "/model.safetensors")) {
-    std::filesystem::create_directories(dir);
-    if (absl::Status st = engine::WriteRandomModel(dir, cfg, engine::DType::kBF16, 42); !st.ok()) {
-      return st;
-    }
-  }
-  return engine::LoadModelBundle(dir);
-}
 
 struct Sample {
   double ttft_s = 0;
@@ -144,7 +124,9 @@ double SgemmRate() {
 }
 
 int Main() {
-  auto model = GetModel(absl::GetFlag(FLAGS_model));
+  // Room for 50 documents laid out flat (naive mode).
+  auto model =
+      bench::GeneratedModel(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_workdir), 16384);
   if (!model.ok()) {
     std::fprintf(stderr, "%s\n", model.status().ToString().c_str());
     return 1;
@@ -229,5 +211,6 @@ int Main() {
 int main(int argc, char** argv) {
   superpose::engine::cpu::EnsureBlasCoreType(argv);
   absl::ParseCommandLine(argc, argv);
+  spdlog::set_level(spdlog::level::warn);
   return superpose::Main();
 }

@@ -268,9 +268,13 @@ TEST_F(ServerTest, BadInputIsInvalidArgumentNamingTheField) {
 // Invalid UTF-8 cannot be built with the generated classes, so this sends raw bytes.
 TEST_F(ServerTest, InvalidUtf8IsInvalidArgument) {
   // field 1 (text), wire type 2, length 3: "a\xff\xfe".
-  const std::string wire = std::string("\x0a\x03" "a\xff\xfe", 5);
+  const std::string wire = std::string(
+      "\x0a\x03"
+      "a\xff\xfe",
+      5);
   grpc::GenericStub generic(channel_);
-  for (const char* method : {"/superpose.v1.Superpose/Generate", "/superpose.v1.Superpose/Tokenize"}) {
+  for (const char* method :
+       {"/superpose.v1.Superpose/Generate", "/superpose.v1.Superpose/Tokenize"}) {
     grpc::ClientContext ctx;
     grpc::Slice slice(wire);
     grpc::ByteBuffer request(&slice, 1);
@@ -288,8 +292,8 @@ TEST_F(ServerTest, InvalidUtf8IsInvalidArgument) {
     grpc::Status st;
     call->Finish(&st, reinterpret_cast<void*>(5));
     cq.Next(&tag, &ok);
-    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << method << ": "
-                                                                   << st.error_message();
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+        << method << ": " << st.error_message();
     EXPECT_THAT(st.error_message(), HasSubstr("text")) << method;
     cq.Shutdown();
     while (cq.Next(&tag, &ok)) {
@@ -300,22 +304,11 @@ TEST_F(ServerTest, InvalidUtf8IsInvalidArgument) {
 }
 
 // Reads one unlabelled sample from /metrics, or -1.
-double MetricValue(int port, const std::string& name) {
-  httplib::Client cli("127.0.0.1", port);
-  auto res = cli.Get("/metrics");
-  if (!res || res->status != 200) return -1;
-  std::istringstream in(res->body);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind(name + " ", 0) == 0) return std::stod(line.substr(name.size() + 1));
-  }
-  return -1;
-}
 
 TEST_F(ServerTest, MetricsShowNoLeakAfterCancelsDeadlinesAndErrors) {
   const int mport = server_->metrics_port();
   ASSERT_GT(mport, 0);
-  const double total = MetricValue(mport, "superpose_kv_blocks_total");
+  const double total = testing::MetricValue(mport, "superpose_kv_blocks_total");
   ASSERT_GT(total, 0);
   // A mix: completions, client cancels, expired deadlines, bad requests, concurrently.
   std::vector<std::thread> threads;
@@ -339,15 +332,15 @@ TEST_F(ServerTest, MetricsShowNoLeakAfterCancelsDeadlinesAndErrors) {
   for (auto& t : threads) t.join();
   double used = -1, running = -1;
   for (int i = 0; i < 200; ++i) {
-    used = MetricValue(mport, "superpose_kv_blocks_used");
-    running = MetricValue(mport, "superpose_running_sequences");
+    used = testing::MetricValue(mport, "superpose_kv_blocks_used");
+    running = testing::MetricValue(mport, "superpose_running_sequences");
     if (used == 0 && running == 0) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   EXPECT_EQ(used, 0);
   EXPECT_EQ(running, 0);
-  EXPECT_EQ(MetricValue(mport, "superpose_kv_blocks_free"), total);
-  EXPECT_GT(MetricValue(mport, "superpose_generated_tokens_total"), 0);
+  EXPECT_EQ(testing::MetricValue(mport, "superpose_kv_blocks_free"), total);
+  EXPECT_GT(testing::MetricValue(mport, "superpose_generated_tokens_total"), 0);
 }
 
 }  // namespace

@@ -15,26 +15,43 @@
 #include <vector>
 
 #include <grpcpp/grpcpp.h>
+#include <httplib.h>
+
+#include <sstream>
 
 extern char** environ;
 
 namespace superpose::testing {
+
+// The value of an unlabelled metric from a server's /metrics, or -1.
+inline double MetricValue(int port, const std::string& name) {
+  httplib::Client cli("127.0.0.1", port);
+  auto res = cli.Get("/metrics");
+  if (!res || res->status != 200) return -1;
+  std::istringstream in(res->body);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(name + " ", 0) == 0) return std::stod(line.substr(name.size() + 1));
+  }
+  return -1;
+}
 
 class ServerProcess {
  public:
   // `args`: extra flags for superpose-server.
   explicit ServerProcess(std::vector<std::string> args) {
     static int counter = 0;
-    port_file_ = "/tmp/superpose-test-port-" + std::to_string(getpid()) + "-" +
-                 std::to_string(counter++);
+    port_file_ =
+        "/tmp/superpose-test-port-" + std::to_string(getpid()) + "-" + std::to_string(counter++);
     metrics_port_file_ = port_file_ + "-metrics";
     std::remove(port_file_.c_str());
     std::remove(metrics_port_file_.c_str());
     std::vector<std::string> argv = {std::string(SP_BINARY_DIR) + "/superpose-server",
-                                      "--listen=127.0.0.1:0", "--port_file=" + port_file_,
-                                      "--metrics_listen=127.0.0.1:0",
-                                      "--metrics_port_file=" + metrics_port_file_,
-                                      "--log_level=warn"};
+                                     "--listen=127.0.0.1:0",
+                                     "--port_file=" + port_file_,
+                                     "--metrics_listen=127.0.0.1:0",
+                                     "--metrics_port_file=" + metrics_port_file_,
+                                     "--log_level=warn"};
     for (auto& a : args) argv.push_back(a);
     std::vector<char*> cargv;
     for (auto& a : argv) cargv.push_back(a.data());

@@ -19,18 +19,6 @@ namespace {
 
 namespace v1 = superpose::v1;
 
-double MetricValue(int port, const std::string& name) {
-  httplib::Client cli("127.0.0.1", port);
-  auto res = cli.Get("/metrics");
-  if (!res || res->status != 200) return -1;
-  std::istringstream in(res->body);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind(name + " ", 0) == 0) return std::stod(line.substr(name.size() + 1));
-  }
-  return -1;
-}
-
 class RagServerTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -179,7 +167,7 @@ TEST_F(RagServerTest, NaiveModeEqualsGenerateOnTheConcatenatedPrompt) {
 TEST_F(RagServerTest, PathCacheHitOverGrpcAndMetrics) {
   const int mport = server_->metrics_port();
   ASSERT_GT(mport, 0);
-  const double hits_before = MetricValue(mport, "superpose_rag_path_cache_hits_total");
+  const double hits_before = testing::MetricValue(mport, "superpose_rag_path_cache_hits_total");
   v1::GenerateRagRequest req = Request(3);
   req.set_preamble("A different preamble for the cache test.");
   const Streamed cold = Rag(req);
@@ -195,12 +183,12 @@ TEST_F(RagServerTest, PathCacheHitOverGrpcAndMetrics) {
   }
   EXPECT_EQ(warm.last.rag().path_cache_tokens(), doc_tokens);
   EXPECT_LT(warm.last.rag().computed_tokens(), cold.last.rag().computed_tokens());
-  EXPECT_EQ(MetricValue(mport, "superpose_rag_path_cache_hits_total"), hits_before + 3);
-  EXPECT_GT(MetricValue(mport, "superpose_rag_flops_total"), 0);
-  EXPECT_GT(MetricValue(mport, "superpose_rag_naive_flops_total"), 0);
+  EXPECT_EQ(testing::MetricValue(mport, "superpose_rag_path_cache_hits_total"), hits_before + 3);
+  EXPECT_GT(testing::MetricValue(mport, "superpose_rag_flops_total"), 0);
+  EXPECT_GT(testing::MetricValue(mport, "superpose_rag_naive_flops_total"), 0);
   double used = -1;
   for (int i = 0; i < 100 && used != 0; ++i) {
-    used = MetricValue(mport, "superpose_kv_blocks_used");
+    used = testing::MetricValue(mport, "superpose_kv_blocks_used");
     if (used != 0) std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   EXPECT_EQ(used, 0);

@@ -55,12 +55,7 @@ absl::StatusOr<uint64_t> Engine::Submit(Request request, StreamCallback callback
       g->req = std::move(request);
       g->callback = std::move(callback);
       absl::MutexLock lock(&mu_);
-      if (!accepting_) return absl::UnavailableError("server is shutting down");
-      if (static_cast<int32_t>(inbox_.size() + group_inbox_.size()) + waiting_requests_ >=
-          options_.max_waiting) {
-        return absl::ResourceExhaustedError(
-            absl::StrCat("waiting queue is full (", options_.max_waiting, " requests)"));
-      }
+      if (absl::Status st = CanQueue(); !st.ok()) return st;
       g->handle = next_handle_++;
       const uint64_t handle = g->handle;
       group_inbox_.push_back(std::move(g));
@@ -80,17 +75,22 @@ absl::StatusOr<uint64_t> Engine::Submit(Request request, StreamCallback callback
         "prompt has ", seq->prompt_len, " tokens; the context window is ", max_context_));
   }
   absl::MutexLock lock(&mu_);
+  if (absl::Status st = CanQueue(); !st.ok()) return st;
+  seq->handle = next_handle_++;
+  const uint64_t handle = seq->handle;
+  inbox_.push_back(std::move(seq));
+  cv_.Signal();
+  return handle;
+}
+
+absl::Status Engine::CanQueue() const {
   if (!accepting_) return absl::UnavailableError("server is shutting down");
   if (static_cast<int32_t>(inbox_.size() + group_inbox_.size()) + waiting_requests_ >=
       options_.max_waiting) {
     return absl::ResourceExhaustedError(
         absl::StrCat("waiting queue is full (", options_.max_waiting, " requests)"));
   }
-  seq->handle = next_handle_++;
-  const uint64_t handle = seq->handle;
-  inbox_.push_back(std::move(seq));
-  cv_.Signal();
-  return handle;
+  return absl::OkStatus();
 }
 
 void Engine::Cancel(uint64_t handle) {

@@ -88,6 +88,8 @@ class Engine {
 
  private:
   absl::Status ValidateRag(const rag::Spec& spec) const;
+  // UNAVAILABLE when shutting down, RESOURCE_EXHAUSTED when the queue is full.
+  absl::Status CanQueue() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Loop();
   void Sweep();
   void PublishCounts();
