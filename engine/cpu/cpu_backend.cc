@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "engine/cpu/small_gemm.h"
 #include "engine/cpu/thread_communicator.h"
 #include "engine/tensor_parallel.h"
 #include "engine/util/status.h"
@@ -34,58 +35,6 @@ void Rope(float* x, const float* cos, const float* sin, int32_t dim) {
 }
 
 }  // namespace
-
-namespace {
-
-// Dot products of one weight row with R input rows. The summation order is spelled out
-// (16 lane-wise partial sums, then a fixed tree) so that a row's result is the same
-// whatever R it is computed with.
-template <int R>
-inline void DotRows(const float* wr, const float* const* xs, int32_t in, float* out) {
-  constexpr int kLanes = 16;
-  float lanes[R][kLanes] = {};
-  int32_t k = 0;
-  for (; k + kLanes <= in; k += kLanes) {
-    for (int r = 0; r < R; ++r) {
-      const float* xr = xs[r] + k;
-#pragma omp simd
-      for (int l = 0; l < kLanes; ++l) lanes[r][l] += wr[k + l] * xr[l];
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int32_t kk = k; kk < in; ++kk) lanes[r][kk - k] += wr[kk] * xs[r][kk];
-    for (int width = kLanes / 2; width > 0; width /= 2) {
-      for (int l = 0; l < width; ++l) lanes[r][l] += lanes[r][l + width];
-    }
-    out[r] = lanes[r][0];
-  }
-}
-
-}  // namespace
-
-// y[T, out] = x[T, in] * W[out, in]^T for a few rows: streams W once, computing the T
-// dot products of a weight row while it is in L1, four rows per pass. Decode steps are
-// memory-bound, and OpenBLAS's sgemm would first pack (copy) the weight panels.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void SmallBatchGemm(
-    const float* x, int32_t rows, int32_t in, const float* w, int32_t out, float* y) {
-#pragma omp parallel for schedule(static) if (static_cast<int64_t>(out) * in > 16384)
-  for (int32_t o = 0; o < out; ++o) {
-    const float* wr = w + static_cast<size_t>(o) * in;
-    float acc[4];
-    int32_t t = 0;
-    for (; t + 4 <= rows; t += 4) {
-      const float* xs[4];
-      for (int j = 0; j < 4; ++j) xs[j] = x + static_cast<size_t>(t + j) * in;
-      DotRows<4>(wr, xs, in, acc);
-      for (int j = 0; j < 4; ++j) y[static_cast<size_t>(t + j) * out + o] = acc[j];
-    }
-    for (; t < rows; ++t) {
-      const float* xs[1] = {x + static_cast<size_t>(t) * in};
-      DotRows<1>(wr, xs, in, acc);
-      y[static_cast<size_t>(t) * out + o] = acc[0];
-    }
-  }
-}
 
 CpuBackend::CpuBackend(const BackendOptions& options) : options_(options) {}
 
