@@ -34,6 +34,45 @@ void Rope(float* x, const float* cos, const float* sin, int32_t dim) {
   }
 }
 
+// Attention of one query head vector over nk keys at `keys` (in units of kv_heads * D
+// floats) of head kvh: softmax(q.k * scale) weighted sum of the values into o. The dot
+// products use 16 lane-wise partial sums (vectorizable; a fixed order).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void AttendOne(
+    const float* qv, const float* kl, const float* vl, const int64_t* keys, int32_t nk,
+    int32_t kv_heads, int32_t kvh, int32_t D, float scale, float* scores, float* acc, float* o) {
+  constexpr int kLanes = 16;
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int32_t k = 0; k < nk; ++k) {
+    const float* kv = kl + (keys[k] * kv_heads + kvh) * D;
+    float lanes[kLanes] = {};
+    int32_t d = 0;
+    for (; d + kLanes <= D; d += kLanes) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) lanes[l] += qv[d + l] * kv[d + l];
+    }
+    for (; d < D; ++d) lanes[d % kLanes] += qv[d] * kv[d];
+    for (int width = kLanes / 2; width > 0; width /= 2) {
+      for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+    }
+    scores[k] = lanes[0] * scale;
+    mx = std::max(mx, scores[k]);
+  }
+  float sum = 0.0f;
+  for (int32_t k = 0; k < nk; ++k) {
+    scores[k] = std::exp(scores[k] - mx);
+    sum += scores[k];
+  }
+  std::fill(acc, acc + D, 0.0f);
+  for (int32_t k = 0; k < nk; ++k) {
+    const float* vv = vl + (keys[k] * kv_heads + kvh) * D;
+    const float p = scores[k];
+#pragma omp simd
+    for (int32_t d = 0; d < D; ++d) acc[d] += p * vv[d];
+  }
+  const float inv = 1.0f / sum;
+  for (int32_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
+}
+
 }  // namespace
 
 CpuBackend::CpuBackend(const BackendOptions& options) : options_(options) {}
@@ -229,28 +268,8 @@ void CpuBackend::Attention(const BatchPlan& plan, const KeyIndex& ix, int32_t la
         const float* qv = q + (static_cast<size_t>(t) * heads + h) * D;
         const int32_t nk = ctx_len[si] + (t - seq.token_begin) + 1;
         if (static_cast<int32_t>(scores.size()) < nk) scores.resize(nk);
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int32_t k = 0; k < nk; ++k) {
-          const float* kv = kl + (kk[k] * kv_heads_ + kvh) * D;
-          float dot = 0.0f;
-          for (int32_t d = 0; d < D; ++d) dot += qv[d] * kv[d];
-          scores[k] = dot * scale;
-          mx = std::max(mx, scores[k]);
-        }
-        float sum = 0.0f;
-        for (int32_t k = 0; k < nk; ++k) {
-          scores[k] = std::exp(scores[k] - mx);
-          sum += scores[k];
-        }
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int32_t k = 0; k < nk; ++k) {
-          const float* vv = vl + (kk[k] * kv_heads_ + kvh) * D;
-          const float p = scores[k];
-          for (int32_t d = 0; d < D; ++d) acc[d] += p * vv[d];
-        }
-        float* o = out + (static_cast<size_t>(t) * heads + h) * D;
-        const float inv = 1.0f / sum;
-        for (int32_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
+        AttendOne(qv, kl, vl, kk.data(), nk, kv_heads_, kvh, D, scale, scores.data(), acc.data(),
+                  out + (static_cast<size_t>(t) * heads + h) * D);
       }
     }
   }
