@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "engine/cpu/small_gemm.h"
 #include "engine/cpu/thread_communicator.h"
 #include "engine/tensor_parallel.h"
 #include "engine/util/status.h"
@@ -33,59 +34,46 @@ void Rope(float* x, const float* cos, const float* sin, int32_t dim) {
   }
 }
 
-}  // namespace
-
-namespace {
-
-// Dot products of one weight row with R input rows. The summation order is spelled out
-// (16 lane-wise partial sums, then a fixed tree) so that a row's result is the same
-// whatever R it is computed with.
-template <int R>
-inline void DotRows(const float* wr, const float* const* xs, int32_t in, float* out) {
+// Attention of one query head vector over nk keys at `keys` (in units of kv_heads * D
+// floats) of head kvh: softmax(q.k * scale) weighted sum of the values into o. The dot
+// products use 16 lane-wise partial sums (vectorizable; a fixed order).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void AttendOne(
+    const float* qv, const float* kl, const float* vl, const int64_t* keys, int32_t nk,
+    int32_t kv_heads, int32_t kvh, int32_t D, float scale, float* scores, float* acc, float* o) {
   constexpr int kLanes = 16;
-  float lanes[R][kLanes] = {};
-  int32_t k = 0;
-  for (; k + kLanes <= in; k += kLanes) {
-    for (int r = 0; r < R; ++r) {
-      const float* xr = xs[r] + k;
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int32_t k = 0; k < nk; ++k) {
+    const float* kv = kl + (keys[k] * kv_heads + kvh) * D;
+    float lanes[kLanes] = {};
+    int32_t d = 0;
+    for (; d + kLanes <= D; d += kLanes) {
 #pragma omp simd
-      for (int l = 0; l < kLanes; ++l) lanes[r][l] += wr[k + l] * xr[l];
+      for (int l = 0; l < kLanes; ++l) lanes[l] += qv[d + l] * kv[d + l];
     }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int32_t kk = k; kk < in; ++kk) lanes[r][kk - k] += wr[kk] * xs[r][kk];
+    for (; d < D; ++d) lanes[d % kLanes] += qv[d] * kv[d];
     for (int width = kLanes / 2; width > 0; width /= 2) {
-      for (int l = 0; l < width; ++l) lanes[r][l] += lanes[r][l + width];
+      for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
     }
-    out[r] = lanes[r][0];
+    scores[k] = lanes[0] * scale;
+    mx = std::max(mx, scores[k]);
   }
+  float sum = 0.0f;
+  for (int32_t k = 0; k < nk; ++k) {
+    scores[k] = std::exp(scores[k] - mx);
+    sum += scores[k];
+  }
+  std::fill(acc, acc + D, 0.0f);
+  for (int32_t k = 0; k < nk; ++k) {
+    const float* vv = vl + (keys[k] * kv_heads + kvh) * D;
+    const float p = scores[k];
+#pragma omp simd
+    for (int32_t d = 0; d < D; ++d) acc[d] += p * vv[d];
+  }
+  const float inv = 1.0f / sum;
+  for (int32_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
 }
 
 }  // namespace
-
-// y[T, out] = x[T, in] * W[out, in]^T for a few rows: streams W once, computing the T
-// dot products of a weight row while it is in L1, four rows per pass. Decode steps are
-// memory-bound, and OpenBLAS's sgemm would first pack (copy) the weight panels.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void SmallBatchGemm(
-    const float* x, int32_t rows, int32_t in, const float* w, int32_t out, float* y) {
-#pragma omp parallel for schedule(static) if (static_cast <int64_t>(out) * in > 16384)
-  for (int32_t o = 0; o < out; ++o) {
-    const float* wr = w + static_cast<size_t>(o) * in;
-    float acc[4];
-    int32_t t = 0;
-    for (; t + 4 <= rows; t += 4) {
-      const float* xs[4];
-      for (int j = 0; j < 4; ++j) xs[j] = x + static_cast<size_t>(t + j) * in;
-      DotRows<4>(wr, xs, in, acc);
-      for (int j = 0; j < 4; ++j) y[static_cast<size_t>(t + j) * out + o] = acc[j];
-    }
-    for (; t < rows; ++t) {
-      const float* xs[1] = {x + static_cast<size_t>(t) * in};
-      DotRows<1>(wr, xs, in, acc);
-      y[static_cast<size_t>(t) * out + o] = acc[0];
-    }
-  }
-}
 
 CpuBackend::CpuBackend(const BackendOptions& options) : options_(options) {}
 
@@ -358,28 +346,8 @@ void CpuBackend::Attention(const BatchPlan& plan, const KeyIndex& ix, int32_t la
         const float* qv = q + (static_cast<size_t>(t) * heads + h) * D;
         const int32_t nk = ctx_len[si] + (t - seq.token_begin) + 1;
         if (static_cast<int32_t>(scores.size()) < nk) scores.resize(nk);
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int32_t k = 0; k < nk; ++k) {
-          const float* kv = kl + (kk[k] * kv_heads_ + kvh) * D;
-          float dot = 0.0f;
-          for (int32_t d = 0; d < D; ++d) dot += qv[d] * kv[d];
-          scores[k] = dot * scale;
-          mx = std::max(mx, scores[k]);
-        }
-        float sum = 0.0f;
-        for (int32_t k = 0; k < nk; ++k) {
-          scores[k] = std::exp(scores[k] - mx);
-          sum += scores[k];
-        }
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int32_t k = 0; k < nk; ++k) {
-          const float* vv = vl + (kk[k] * kv_heads_ + kvh) * D;
-          const float p = scores[k];
-          for (int32_t d = 0; d < D; ++d) acc[d] += p * vv[d];
-        }
-        float* o = out + (static_cast<size_t>(t) * heads + h) * D;
-        const float inv = 1.0f / sum;
-        for (int32_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
+        AttendOne(qv, kl, vl, kk.data(), nk, kv_heads_, kvh, D, scale, scores.data(), acc.data(),
+                  out + (static_cast<size_t>(t) * heads + h) * D);
       }
     }
   }

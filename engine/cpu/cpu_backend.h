@@ -6,13 +6,14 @@
 #include <vector>
 
 #include "engine/backend.h"
+#include "engine/cpu/small_gemm.h"
 
 namespace superpose::engine::cpu {
 
 class CpuBackend : public Backend {
  public:
   // Steps with at most this many tokens use the weight-streaming kernel, more use sgemm.
-  static constexpr int32_t kSmallBatchRows = 4;
+  static constexpr int32_t kSmallBatchRows = 64;
   explicit CpuBackend(const BackendOptions& options);
   std::string name() const override { return "cpu"; }
   std::string compute_dtype() const override { return "float32"; }
@@ -73,11 +74,6 @@ class CpuBackend : public Backend {
 };
 
 void RegisterBackend(BackendRegistry& registry);
-
-// y[rows, out] = x[rows, in] * W[out, in]^T, streaming W once (for small `rows`). Each
-// output element is computed the same way whatever `rows` is.
-void SmallBatchGemm(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
-                    float* y);
 
 // A CPU backend split `tp` ways over threads (tp = 1: a plain CpuBackend).
 std::unique_ptr<Backend> MakeCpuBackend(const BackendOptions& options, int32_t tp);

@@ -1,0 +1,221 @@
+#include "engine/cpu/small_gemm.h"
+
+// GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own undefined vectors.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+
+#include <algorithm>
+#include <cstddef>
+
+namespace superpose::engine::cpu {
+namespace {
+
+// Register tile of the AVX-512 kernel: kR activation rows x kC weight rows, one zmm
+// accumulator each (24 of the 32 registers; the other 8 hold weight and input vectors).
+constexpr int kR = 4;
+constexpr int kC = 6;
+
+// Run on threads only when the call has enough work to pay for waking them.
+constexpr int64_t kParallelMinWork = 16384;
+
+// ---- Portable kernel ----
+
+// Dot products of one weight row with R input rows. The summation order is spelled out
+// (16 lane-wise partial sums, then a fixed tree) so that a row's result is the same
+// whatever R it is computed with.
+template <int R>
+inline void DotRows(const float* wr, const float* const* xs, int32_t in, float* out) {
+  constexpr int kLanes = 16;
+  float lanes[R][kLanes] = {};
+  int32_t k = 0;
+  for (; k + kLanes <= in; k += kLanes) {
+    for (int r = 0; r < R; ++r) {
+      const float* xr = xs[r] + k;
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) lanes[r][l] += wr[k + l] * xr[l];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int32_t kk = k; kk < in; ++kk) lanes[r][kk - k] += wr[kk] * xs[r][kk];
+    for (int width = kLanes / 2; width > 0; width /= 2) {
+      for (int l = 0; l < width; ++l) lanes[r][l] += lanes[r][l + width];
+    }
+    out[r] = lanes[r][0];
+  }
+}
+
+__attribute__((target_clones("avx2", "default"))) void PortableGemm(const float* x, int32_t rows,
+                                                                    int32_t in, const float* w,
+                                                                    int32_t out, float* y) {
+  const bool parallel = static_cast<int64_t>(out) * in > kParallelMinWork;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int32_t o = 0; o < out; ++o) {
+    const float* wr = w + static_cast<size_t>(o) * in;
+    float acc[4];
+    int32_t t = 0;
+    for (; t + 4 <= rows; t += 4) {
+      const float* xs[4];
+      for (int j = 0; j < 4; ++j) xs[j] = x + static_cast<size_t>(t + j) * in;
+      DotRows<4>(wr, xs, in, acc);
+      for (int j = 0; j < 4; ++j) y[static_cast<size_t>(t + j) * out + o] = acc[j];
+    }
+    for (; t < rows; ++t) {
+      const float* xs[1] = {x + static_cast<size_t>(t) * in};
+      DotRows<1>(wr, xs, in, acc);
+      y[static_cast<size_t>(t) * out + o] = acc[0];
+    }
+  }
+}
+
+// ---- AVX-512 kernel ----
+
+#define SP_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma")))
+
+// Sum of the 16 lanes by a fixed tree: lane i + lane i+8, then i + i+4, i + i+2, i + i+1.
+SP_AVX512 inline float Reduce16(__m512 v) {
+  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
+}
+
+// y[r * ldy + c] = dot(x[r * in ...], w[c * in ...]) for r < R, c < C. Every output is
+// the same computation whatever R and C are: lane l accumulates the products k = l mod 16
+// in increasing k with fused multiply-adds (the tail of `in` is masked, zero-filled),
+// then Reduce16.
+//
+// While it runs it prefetches `pf_per_iter` cache lines per step of 16 into L2, from pf
+// up to pf_end (the next tile's weights), so that DRAM keeps streaming while the tile
+// computes from cache.
+template <int R, int C>
+SP_AVX512 inline void Tile(const float* x, const float* w, int32_t in, float* y, int32_t ldy,
+                           const char*& pf, const char* pf_end, int pf_per_iter) {
+  __m512 acc[R][C];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  }
+  int32_t k = 0;
+  for (; k + 16 <= in; k += 16) {
+    for (int i = 0; i < pf_per_iter; ++i) {
+      if (pf < pf_end) _mm_prefetch(pf, _MM_HINT_T1);
+      pf += 64;
+    }
+    __m512 wv[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) wv[c] = _mm512_loadu_ps(w + static_cast<size_t>(c) * in + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_loadu_ps(x + static_cast<size_t>(r) * in + k);
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+    }
+  }
+  if (k < in) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (in - k)) - 1);
+    __m512 wv[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      wv[c] = _mm512_maskz_loadu_ps(m, w + static_cast<size_t>(c) * in + k);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + static_cast<size_t>(r) * in + k);
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) y[static_cast<size_t>(r) * ldy + c] = Reduce16(acc[r][c]);
+  }
+}
+
+// All `rows` activation rows against the C weight rows at w, kR rows at a time: the C
+// weight rows are read from memory once and stay in cache for the later row groups.
+template <int C>
+SP_AVX512 void Column(const float* x, int32_t rows, int32_t in, const float* w, float* y,
+                      int32_t ldy, const float* next, int32_t next_rows) {
+  // Prefetch the next tile (next_rows weight rows at `next`) spread over this one's steps.
+  const char* pf = reinterpret_cast<const char*>(next);
+  const char* pf_end = pf + static_cast<size_t>(next_rows) * in * sizeof(float);
+  const int32_t groups = (rows + kR - 1) / kR;
+  const int64_t lines = (static_cast<int64_t>(next_rows) * in + 15) / 16;
+  const int64_t steps = std::max<int64_t>(1, static_cast<int64_t>(groups) * (in / 16));
+  const int pf_per_iter = static_cast<int>((lines + steps - 1) / steps);
+  int32_t t = 0;
+  for (; t + kR <= rows; t += kR) {
+    Tile<kR, C>(x + static_cast<size_t>(t) * in, w, in, y + static_cast<size_t>(t) * ldy, ldy, pf,
+                pf_end, pf_per_iter);
+  }
+  const float* xt = x + static_cast<size_t>(t) * in;
+  float* yt = y + static_cast<size_t>(t) * ldy;
+  switch (rows - t) {
+    case 0:
+      break;
+    case 1:
+      Tile<1, C>(xt, w, in, yt, ldy, pf, pf_end, pf_per_iter);
+      break;
+    case 2:
+      Tile<2, C>(xt, w, in, yt, ldy, pf, pf_end, pf_per_iter);
+      break;
+    case 3:
+      Tile<3, C>(xt, w, in, yt, ldy, pf, pf_end, pf_per_iter);
+      break;
+  }
+}
+
+using ColumnFn = void (*)(const float*, int32_t, int32_t, const float*, float*, int32_t,
+                          const float*, int32_t);
+
+template <int... Cs>
+constexpr ColumnFn kColumns[] = {nullptr, &Column<Cs>...};
+
+void Avx512Gemm(const float* x, int32_t rows, int32_t in, const float* w, int32_t out, float* y) {
+  constexpr const ColumnFn* columns = kColumns<1, 2, 3, 4, 5, 6>;
+  static_assert(kC == 6 && kR == 4);
+  const int32_t tiles = (out + kC - 1) / kC;
+  const bool parallel = static_cast<int64_t>(out) * in > kParallelMinWork;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int32_t i = 0; i < tiles; ++i) {
+    const int32_t o = i * kC;
+    const int32_t next = std::min(out, o + kC);
+    columns[std::min(kC, out - o)](x, rows, in, w + static_cast<size_t>(o) * in, y + o, out,
+                                   w + static_cast<size_t>(next) * in, std::min(kC, out - next));
+  }
+}
+
+bool HasAvx512() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  }();
+  return has;
+}
+
+}  // namespace
+
+void SmallBatchGemm(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
+                    float* y) {
+  if (rows <= 0 || out <= 0) return;
+  if (HasAvx512()) {
+    Avx512Gemm(x, rows, in, w, out, y);
+  } else {
+    PortableGemm(x, rows, in, w, out, y);
+  }
+}
+
+void SmallBatchGemmPortable(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
+                            float* y) {
+  PortableGemm(x, rows, in, w, out, y);
+}
+
+const char* SmallGemmKernelName() { return HasAvx512() ? "avx512" : "portable"; }
+
+}  // namespace superpose::engine::cpu

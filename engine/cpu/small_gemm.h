@@ -1,0 +1,25 @@
+// The CPU backend's weight-streaming GEMM for decode-sized steps: y = x * W^T with W
+// read from memory once per call, whatever the number of activation rows.
+#pragma once
+
+#include <cstdint>
+
+namespace superpose::engine::cpu {
+
+// y[rows, out] = x[rows, in] * W[out, in]^T, streaming W once (for `rows` up to a few
+// dozen). Each output element is computed the same way whatever `rows` is (and whatever
+// other rows are in the call), so a sequence's results do not depend on its batch. On
+// CPUs with AVX-512 the dot products use 16 lane-wise fused multiply-add partial sums
+// over `in` and a fixed reduction tree; elsewhere a portable kernel is used (the same
+// invariance, different rounding).
+void SmallBatchGemm(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
+                    float* y);
+
+// The portable kernel, whatever the CPU (for tests and comparisons).
+void SmallBatchGemmPortable(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
+                            float* y);
+
+// "avx512" or "portable": the kernel SmallBatchGemm uses on this CPU.
+const char* SmallGemmKernelName();
+
+}  // namespace superpose::engine::cpu
