@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# GPU check: builds the CUDA backend for Hopper only (sm_90a, fast), runs the GPU tests
+# and the GPU benchmark, and writes full logs plus a short summary (printed last) to
+# $OUT, or to build-gpu/gpu-check/ when OUT is unset. Needs an NVIDIA GPU with its
+# driver and the CUDA 13 toolkit (nvcc, cuBLAS, NCCL); budget: under 8 minutes on one
+# H200 with 16 cores.
+#   scripts/gpu-check.sh                 build + tests + benchmark
+#   GPU_CHECK_SANITIZE=1 scripts/...     also compute-sanitizer memcheck on the kernel tests
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-$PWD/build-gpu/gpu-check}
+mkdir -p "$out"
+summary="$out/summary.md"
+: >"$summary"
+start=$(date +%s)
+note() { echo "- [$(($(date +%s) - start))s] $*" | tee -a "$summary"; }
+finish() {
+  echo
+  echo "==================== gpu-check summary ===================="
+  cat "$summary"
+  exit "$1"
+}
+echo "# gpu-check $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null)" >"$summary"
+
+nvidia-smi >"$out/nvidia-smi.txt" 2>&1 && note "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)" \
+  || note "nvidia-smi failed (see nvidia-smi.txt)"
+export PATH=/usr/local/cuda/bin:$PATH
+command -v nvcc >/dev/null || { note "FAIL: nvcc not found"; finish 1; }
+
+# Build dependencies: install (Debian packages, scripts/setup.sh) only when missing.
+missing=""
+for pc in grpc++ protobuf libpcre2-8 libutf8proc cpp-httplib; do
+  pkg-config --exists "$pc" 2>/dev/null || missing="$missing $pc"
+done
+[ -f /usr/include/nlohmann/json.hpp ] || missing="$missing nlohmann-json"
+[ -f /usr/lib/x86_64-linux-gnu/openblas-openmp/libopenblas.so ] || missing="$missing openblas-openmp"
+command -v ninja >/dev/null || missing="$missing ninja"
+if [ -n "$missing" ]; then
+  note "missing build dependencies:$missing; running scripts/setup.sh"
+  if ! bash scripts/setup.sh >"$out/setup.log" 2>&1; then
+    note "FAIL: scripts/setup.sh failed (no network or not Debian?); see setup.log"
+    finish 1
+  fi
+fi
+
+jobs=$(nproc)
+{
+  cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSUPERPOSE_CUDA=ON \
+    -DCMAKE_CUDA_ARCHITECTURES=90a &&
+    ninja -C build-gpu -j"$jobs" cuda_backend_test tensor_parallel_test golden_test cuda_bench \
+      superpose-server
+} >"$out/build.log" 2>&1
+if [ $? -ne 0 ]; then
+  note "FAIL: build (see build.log)"
+  tail -30 "$out/build.log"
+  finish 1
+fi
+note "built (sm_90a) in $(($(date +%s) - start))s"
+
+status=0
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+run_test() {  # name, timeout
+  timeout "$2" "./build-gpu/$1" --gtest_color=no >"$out/$1.log" 2>&1
+  local rc=$?
+  local line
+  line=$(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$out/$1.log" | tr '\n' ' ')
+  if [ $rc -eq 0 ]; then note "$1: ok: $line"; else note "$1: FAIL (rc $rc): $line"; status=1; fi
+}
+run_test cuda_backend_test 240
+grep -E 'teacher-forced' "$out/cuda_backend_test.log" | sed 's/^/    /' | tee -a "$summary"
+grep -E '^\[  FAILED  \]|Failure|Expected|Which is|error' "$out/cuda_backend_test.log" | head -20 |
+  sed 's/^/    /' | tee -a "$summary"
+run_test tensor_parallel_test 120
+run_test golden_test 120
+
+timeout 200 ./build-gpu/bench/cuda_bench >"$out/cuda_bench.log" 2>&1
+rc=$?
+if [ $rc -eq 0 ]; then
+  note "cuda_bench: ok"
+  sed -n '/^## cuda_bench summary/,$p' "$out/cuda_bench.log" >>"$summary"
+else
+  note "cuda_bench: FAIL (rc $rc), last lines:"
+  tail -5 "$out/cuda_bench.log" | sed 's/^/    /' | tee -a "$summary"
+  status=1
+fi
+
+if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ] && command -v compute-sanitizer >/dev/null; then
+  left=$((440 - ($(date +%s) - start)))
+  if [ $left -gt 30 ]; then
+    timeout "$left" compute-sanitizer --tool memcheck --error-exitcode 9 \
+      ./build-gpu/cuda_backend_test --gtest_filter='*Attention*:*QkvPost*:*ForwardMatches*' \
+      >"$out/sanitizer.log" 2>&1
+    rc=$?
+    if [ $rc -eq 0 ]; then note "compute-sanitizer memcheck: clean"; else note "compute-sanitizer: rc $rc (see sanitizer.log)"; status=1; fi
+  fi
+fi
+note "done in $(($(date +%s) - start))s, status $status"
+finish $status
