@@ -270,7 +270,11 @@ absl::Status CudaBackend::Impl::AllocateWeights() {
     SP_RETURN_IF_ERROR(L.wgate_up.Allocate(static_cast<size_t>(2) * inter * H));
     SP_RETURN_IF_ERROR(L.wdown.Allocate(static_cast<size_t>(H) * inter));
   }
-  return UploadF32(engine::RopeInvFreq(config), &inv_freq);
+  SP_RETURN_IF_ERROR(UploadF32(engine::RopeInvFreq(config), &inv_freq));
+  // The memsets and copies above ran on the legacy default stream (asynchronously for
+  // device memory); later work runs on `stream`, which does not wait for it.
+  SP_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+  return absl::OkStatus();
 }
 
 absl::Status CudaBackend::Impl::ReadWeights(const WeightSource& weights) {
@@ -339,6 +343,8 @@ absl::Status CudaBackend::Impl::ReadWeights(const WeightSource& weights) {
                              L.wgate_up.get() + static_cast<size_t>(inter) * H));
     SP_RETURN_IF_ERROR(block(p + "mlp.down_proj.weight", {H, I}, 0, H, i0, i1, L.wdown.get()));
   }
+  // Pageable cudaMemcpy may return before its DMA is done: finish before `stream` work.
+  SP_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
   return absl::OkStatus();
 }
 
@@ -377,6 +383,7 @@ absl::Status CudaBackend::Impl::FillRandom(uint64_t seed, float scale) {
 // KV pool (the same number of blocks on every rank).
 absl::Status CudaBackend::Impl::Finish() {
   const int32_t D = config.head_dim;
+  SP_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
   const int32_t bs = options.kv_block_size > 0 ? options.kv_block_size : 16;
   const int64_t per_block = static_cast<int64_t>(config.num_layers) * bs * kv_heads * D * 2 *
                             static_cast<int64_t>(sizeof(bf16));
@@ -531,6 +538,17 @@ absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* ou
   SP_RETURN_IF_ERROR(proj.Reserve(Ts * H));
   SP_RETURN_IF_ERROR(gu.Reserve(Ts * 2 * inter));
   SP_RETURN_IF_ERROR(act.Reserve(Ts * inter));
+  // Logits buffers too: no cudaMalloc/cudaFree once this step's collectives are queued
+  // (a device-synchronizing call between NCCL launches of different ranks can hang).
+  const size_t Rs = static_cast<size_t>(R);
+  const int32_t tp = shard.size;
+  if (R > 0) {
+    SP_RETURN_IF_ERROR(hn.Reserve(Rs * H));
+    SP_RETURN_IF_ERROR(local.Reserve(Rs * vocab_pad));
+    SP_RETURN_IF_ERROR(logits.Reserve(Rs * V));
+    if (tp > 1) SP_RETURN_IF_ERROR(gathered.Reserve(static_cast<size_t>(tp) * Rs * vocab_pad));
+    if (NL > 0) SP_RETURN_IF_ERROR(lp_out.Reserve(NL));
+  }
 
   // ---- Layers. ----
   SP_CUDA_RETURN_IF_ERROR(
@@ -574,19 +592,13 @@ absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* ou
   }
 
   // ---- Logits: gather rows, lm_head (vocabulary-parallel), all-gather, log-softmax. ----
-  const size_t Rs = static_cast<size_t>(R);
-  SP_RETURN_IF_ERROR(hn.Reserve(Rs * H));
-  SP_RETURN_IF_ERROR(local.Reserve(Rs * vocab_pad));
-  SP_RETURN_IF_ERROR(logits.Reserve(Rs * V));
   SP_CUDA_RETURN_IF_ERROR(LaunchGatherRows(h.get(), d_rows, R, H, hn.get(), stream));
   const bf16* head = lm_head.empty() ? embed.get() : lm_head.get();
   SP_RETURN_IF_ERROR(GemmBf16(cublas, hn.get(), R, H, head, vocab_pad, local.get()));
-  const int32_t tp = shard.size;
   if (tp == 1) {
     SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(logits.get(), local.get(), Rs * V * sizeof(float),
                                             cudaMemcpyDeviceToDevice, stream));
   } else {
-    SP_RETURN_IF_ERROR(gathered.Reserve(static_cast<size_t>(tp) * Rs * vocab_pad));
     SP_RETURN_IF_ERROR(
         nccl->AllGather(local.get(), static_cast<int64_t>(Rs) * vocab_pad, gathered.get()));
     for (int32_t rk = 0; rk < tp; ++rk) {
@@ -606,7 +618,6 @@ absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* ou
   }
   out->logprobs.resize(NL);
   if (NL > 0) {
-    SP_RETURN_IF_ERROR(lp_out.Reserve(NL));
     SP_CUDA_RETURN_IF_ERROR(
         LaunchLogprobs(logits.get(), V, d_lp_row, d_lp_target, NL, lp_out.get(), stream));
     SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->logprobs.data(), lp_out.get(), NL * sizeof(float),

@@ -1,6 +1,8 @@
 // The CUDA backend's own kernels (see kernels.h for what each computes). Everything
 // here is written for correctness first: float32 math, plain loads, no fast-math.
 #include <cmath>
+#include <map>
+#include <mutex>
 
 #include "cuda/kernels.h"
 
@@ -345,8 +347,19 @@ size_t AttentionSharedBytes(int32_t rows, int32_t D) {
 }
 
 cudaError_t PrepareAttention(size_t bytes) {
-  return cudaFuncSetAttribute(AttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
+  // Only ever raised, per device: backends of different head dims may share a device.
+  static std::mutex mu;
+  static std::map<int, size_t> prepared;
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  std::lock_guard<std::mutex> lock(mu);
+  size_t& have = prepared[dev];
+  if (bytes <= have) return cudaSuccess;
+  e = cudaFuncSetAttribute(AttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(bytes));
+  if (e == cudaSuccess) have = bytes;
+  return e;
 }
 
 cudaError_t LaunchAttention(const float* q, const bf16* k_layer, const bf16* v_layer,

@@ -51,7 +51,8 @@ struct AttnTile {
 
 // Shared memory (bytes) of the attention kernel for `rows` query rows (tokens x group).
 size_t AttentionSharedBytes(int32_t rows, int32_t D);
-// Raises the kernel's dynamic shared-memory limit to `bytes` (once per device).
+// Raises the kernel's dynamic shared-memory limit on the current device to at least
+// `bytes` (never lowers it).
 cudaError_t PrepareAttention(size_t bytes);
 
 // Paged causal attention with GQA. For each tile and local kv head g, the query rows are

@@ -50,6 +50,8 @@ class CudaTest : public ::testing::Test {
   }
 };
 
+#if SUPERPOSE_HAVE_CUDA
+
 // Non-zero values in [-hi, -lo] U [lo, hi].
 std::vector<float> RandomNonZero(size_t n, uint32_t seed, float lo = 0.05f, float hi = 1.0f) {
   std::mt19937 rng(seed);
@@ -61,8 +63,6 @@ std::vector<float> RandomNonZero(size_t n, uint32_t seed, float lo = 0.05f, floa
 }
 
 constexpr float kBf16Rel = 1.0f / 256.0f;  // 2^-8: one rounding plus float noise
-
-#if SUPERPOSE_HAVE_CUDA
 
 std::vector<float> Rounded(std::vector<float> v) {
   for (float& x : v) x = cuda::check::RoundBf16(x);
