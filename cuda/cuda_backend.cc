@@ -13,6 +13,7 @@
 #include "cuda/cuda_util.h"
 #include "cuda/kernels.h"
 #include "cuda/nccl_communicator.h"
+#include "cuda/step_meta.h"
 #include "engine/model/weights.h"
 #include "engine/tensor_parallel.h"
 #include "engine/util/status.h"
@@ -22,10 +23,7 @@ namespace superpose::cuda {
 using engine::BatchPlan;
 using engine::ForwardOutput;
 using engine::KvPoolInfo;
-using engine::KvSegment;
-using engine::KvSlot;
 using engine::ModelConfig;
-using engine::SeqPlan;
 using engine::Shard;
 using engine::WeightSource;
 
@@ -77,6 +75,8 @@ absl::Status UploadF32(const std::vector<float>& src, DeviceArray<float>* dst) {
 
 // Workspace kept free of the KV pool when it is sized by a memory fraction.
 constexpr int64_t kWorkspaceReserve = int64_t{1} << 30;
+// cuBLAS workspace (NVIDIA recommends 32 MiB on Hopper).
+constexpr size_t kCublasWorkspace = size_t{32} << 20;
 
 }  // namespace
 
@@ -103,6 +103,7 @@ struct CudaBackend::Impl {
 
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
+  DeviceArray<char> cublas_workspace;
   NcclCommunicator* nccl = nullptr;
 
   // Per-step buffers (grown on demand).
@@ -129,6 +130,7 @@ struct CudaBackend::Impl {
     meta.Reset();
     meta_host.Reset();
     if (cublas != nullptr) cublasDestroy(cublas);
+    cublas_workspace.Reset();
     if (stream != nullptr) cudaStreamDestroy(stream);
     if (prev >= 0) cudaSetDevice(prev);
   }
@@ -220,7 +222,12 @@ absl::Status CudaBackend::Impl::Setup(const ModelConfig& cfg, const Shard& sh) {
   if (cublas == nullptr) {
     SP_CUBLAS_RETURN_IF_ERROR(cublasCreate(&cublas));
     SP_CUBLAS_RETURN_IF_ERROR(cublasSetStream(cublas, stream));
+    // A workspace of our own, so that cuBLAS never allocates in the middle of a step.
+    SP_RETURN_IF_ERROR(cublas_workspace.Allocate(kCublasWorkspace));
+    SP_CUBLAS_RETURN_IF_ERROR(
+        cublasSetWorkspace(cublas, cublas_workspace.get(), cublas_workspace.size()));
   }
+  SP_CUDA_RETURN_IF_ERROR(LoadKernels());
   if (nccl != nullptr) nccl->set_stream(stream);
 
   // Attention tile: as many query tokens per block as keep tokens x group <= 64 rows
@@ -446,68 +453,15 @@ absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* ou
   const float eps = config.rms_norm_eps;
 
   // ---- Step metadata, one upload: tokens, positions, slots, keys, tiles, rows. ----
-  std::vector<int32_t> host;
-  host.reserve(static_cast<size_t>(T) * 4 + 64);
-  host.insert(host.end(), plan.tokens.begin(), plan.tokens.end());
-  const size_t off_pos = host.size();
-  host.resize(host.size() + T);
-  static_assert(sizeof(float) == sizeof(int32_t));
-  std::memcpy(host.data() + off_pos, plan.positions.data(), sizeof(float) * T);
-  const size_t off_slots = host.size();
-  for (const KvSlot& s : plan.kv_slots) host.push_back(s.block * bs + s.slot);
-  // Keys of each sequence: its context segments, then its new tokens' slots.
-  const size_t off_keys = host.size();
-  std::vector<AttnTile> tiles;
-  bool all_single = true;
-  for (const SeqPlan& seq : plan.seqs) all_single = all_single && seq.num_tokens <= 1;
-  const int32_t tile_tokens = all_single ? 1 : attn_tile;
-  for (const SeqPlan& seq : plan.seqs) {
-    if (seq.num_tokens == 0) continue;
-    const int64_t key_off = static_cast<int64_t>(host.size() - off_keys);
-    for (const KvSegment& g : seq.context) {
-      for (int32_t s = 0; s < g.length; ++s) host.push_back(g.block * bs + g.first_slot + s);
-    }
-    const int64_t ctx_len = static_cast<int64_t>(host.size() - off_keys) - key_off;
-    for (int32_t j = 0; j < seq.num_tokens; ++j) {
-      const KvSlot& s = plan.kv_slots[seq.token_begin + j];
-      host.push_back(s.block * bs + s.slot);
-    }
-    if (key_off + ctx_len + seq.num_tokens > std::numeric_limits<int32_t>::max()) {
-      return absl::InvalidArgumentError("plan: too many keys in one step");
-    }
-    for (int32_t i0 = 0; i0 < seq.num_tokens; i0 += tile_tokens) {
-      tiles.push_back(AttnTile{static_cast<int32_t>(key_off), static_cast<int32_t>(ctx_len),
-                               seq.token_begin + i0, i0,
-                               std::min(tile_tokens, seq.num_tokens - i0)});
-    }
-  }
-  const size_t off_tiles = host.size();
-  static_assert(sizeof(AttnTile) == 5 * sizeof(int32_t));
-  host.resize(host.size() + tiles.size() * 5);
-  if (!tiles.empty()) {
-    std::memcpy(host.data() + off_tiles, tiles.data(), tiles.size() * sizeof(AttnTile));
-  }
-  // Rows that need logits: logits_for first, then those of logprob requests.
-  std::vector<int32_t> rows = plan.logits_for;
-  std::vector<int32_t> lp_row(plan.logprobs.size()), lp_target(plan.logprobs.size());
-  for (size_t i = 0; i < plan.logprobs.size(); ++i) {
-    const int32_t t = plan.logprobs[i].token_index;
-    auto it = std::find(rows.begin(), rows.end(), t);
-    if (it == rows.end()) {
-      rows.push_back(t);
-      it = rows.end() - 1;
-    }
-    lp_row[i] = static_cast<int32_t>(it - rows.begin());
-    lp_target[i] = plan.logprobs[i].target;
-  }
-  const int32_t R = static_cast<int32_t>(rows.size());
-  const int32_t NL = static_cast<int32_t>(lp_row.size());
-  const size_t off_rows = host.size();
-  host.insert(host.end(), rows.begin(), rows.end());
-  const size_t off_lp_row = host.size();
-  host.insert(host.end(), lp_row.begin(), lp_row.end());
-  const size_t off_lp_target = host.size();
-  host.insert(host.end(), lp_target.begin(), lp_target.end());
+  absl::StatusOr<StepMeta> sm = BuildStepMeta(plan, bs, attn_tile);
+  if (!sm.ok()) return sm.status();
+  const std::vector<int32_t>& host = sm->words;
+  const int32_t R = static_cast<int32_t>(sm->rows.size());
+  const int32_t NL = sm->num_logprobs;
+  const int32_t tile_tokens = sm->tile_tokens;
+  const size_t off_pos = sm->off_pos, off_slots = sm->off_slots, off_keys = sm->off_keys,
+               off_tiles = sm->off_tiles, off_rows = sm->off_rows, off_lp_row = sm->off_lp_row,
+               off_lp_target = sm->off_lp_target;
 
   // The pinned buffer is reused by the next step: every path below ends in a sync.
   SP_RETURN_IF_ERROR(meta_host.Reserve(host.size()));
@@ -569,9 +523,9 @@ absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* ou
         qkv.get(), L.bqkv.empty() ? nullptr : L.bqkv.get(),
         L.q_norm.empty() ? nullptr : L.q_norm.get(), L.k_norm.empty() ? nullptr : L.k_norm.get(),
         d_pos, inv_freq.get(), d_slots, T, q_heads, kv_heads, D, eps, q.get(), kl, vl, stream));
-    SP_CUDA_RETURN_IF_ERROR(LaunchAttention(q.get(), kl, vl, d_keys, d_tiles,
-                                            static_cast<int32_t>(tiles.size()), tile_tokens,
-                                            q_heads, kv_heads, D, scale, attn.get(), stream));
+    SP_CUDA_RETURN_IF_ERROR(LaunchAttention(q.get(), kl, vl, d_keys, d_tiles, sm->num_tiles,
+                                            tile_tokens, q_heads, kv_heads, D, scale, attn.get(),
+                                            stream));
     SP_RETURN_IF_ERROR(GemmBf16(cublas, attn.get(), T, qd, L.wo.get(), H, proj.get()));
     SP_RETURN_IF_ERROR(AllReduce(proj.get(), static_cast<int64_t>(Ts) * H));
     SP_CUDA_RETURN_IF_ERROR(

@@ -398,6 +398,24 @@ cudaError_t LaunchFillRandom(bf16* p, int64_t n, uint64_t seed, float scale, cud
   return cudaGetLastError();
 }
 
+cudaError_t LoadKernels() {
+  const void* kernels[] = {reinterpret_cast<const void*>(EmbeddingKernel),
+                           reinterpret_cast<const void*>(AddRmsNormKernel),
+                           reinterpret_cast<const void*>(GatherRowsKernel),
+                           reinterpret_cast<const void*>(QkvPostKernel),
+                           reinterpret_cast<const void*>(AttentionKernel),
+                           reinterpret_cast<const void*>(SwiGluKernel),
+                           reinterpret_cast<const void*>(LogprobsKernel),
+                           reinterpret_cast<const void*>(FillRandomKernel),
+                           reinterpret_cast<const void*>(FillF32Kernel)};
+  for (const void* k : kernels) {
+    cudaFuncAttributes attr;
+    const cudaError_t e = cudaFuncGetAttributes(&attr, k);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
 cudaError_t LaunchFillF32(float* p, int64_t n, float value, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   FillF32Kernel<<<GridFor(n, 256), 256, 0, stream>>>(p, n, value);

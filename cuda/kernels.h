@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "cuda/attn_tile.h"
+
 namespace superpose::cuda {
 
 using bf16 = __nv_bfloat16;
@@ -40,15 +42,6 @@ cudaError_t LaunchQkvPost(const float* qkv, const float* bias, const float* q_no
                           float eps, float* q_out, bf16* k_layer, bf16* v_layer,
                           cudaStream_t stream);
 
-// One work item of attention: `ntok` consecutive new tokens of one sequence.
-struct AttnTile {
-  int32_t key_off;  // first entry of the sequence's key list in `keys`
-  int32_t ctx_len;  // cached (context) keys of the sequence, before its new tokens
-  int32_t tok0;     // plan index of the tile's first token
-  int32_t i0;       // index of that token among the sequence's new tokens
-  int32_t ntok;     // tokens in the tile, 1..max_tile_tokens
-};
-
 // Shared memory (bytes) of the attention kernel for `rows` query rows (tokens x group).
 size_t AttentionSharedBytes(int32_t rows, int32_t D);
 // Raises the kernel's dynamic shared-memory limit on the current device to at least
@@ -78,6 +71,10 @@ cudaError_t LaunchLogprobs(const float* logits, int32_t V, const int32_t* rows,
 // Fills n bf16 values with uniform(-scale, scale) from a counter-based hash of
 // (seed, index): deterministic, generated on the device (benchmarks, tests).
 cudaError_t LaunchFillRandom(bf16* p, int64_t n, uint64_t seed, float scale, cudaStream_t stream);
+// Loads every kernel of this file on the current device now (with CUDA's lazy module
+// loading the first launch would otherwise load it, in the middle of a step).
+cudaError_t LoadKernels();
+
 // Fills n floats with `value`.
 cudaError_t LaunchFillF32(float* p, int64_t n, float value, cudaStream_t stream);
 
