@@ -499,8 +499,10 @@ absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* ou
   if (R > 0) {
     SP_RETURN_IF_ERROR(hn.Reserve(Rs * H));
     SP_RETURN_IF_ERROR(local.Reserve(Rs * vocab_pad));
-    SP_RETURN_IF_ERROR(logits.Reserve(Rs * V));
-    if (tp > 1) SP_RETURN_IF_ERROR(gathered.Reserve(static_cast<size_t>(tp) * Rs * vocab_pad));
+    if (tp > 1) {
+      SP_RETURN_IF_ERROR(logits.Reserve(Rs * V));
+      SP_RETURN_IF_ERROR(gathered.Reserve(static_cast<size_t>(tp) * Rs * vocab_pad));
+    }
     if (NL > 0) SP_RETURN_IF_ERROR(lp_out.Reserve(NL));
   }
 
@@ -549,10 +551,9 @@ absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* ou
   SP_CUDA_RETURN_IF_ERROR(LaunchGatherRows(h.get(), d_rows, R, H, hn.get(), stream));
   const bf16* head = lm_head.empty() ? embed.get() : lm_head.get();
   SP_RETURN_IF_ERROR(GemmBf16(cublas, hn.get(), R, H, head, vocab_pad, local.get()));
-  if (tp == 1) {
-    SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(logits.get(), local.get(), Rs * V * sizeof(float),
-                                            cudaMemcpyDeviceToDevice, stream));
-  } else {
+  // [R, V] logits: this rank's own when tp = 1 (vocab_pad == V), else reassembled.
+  const float* all_logits = tp == 1 ? local.get() : logits.get();
+  if (tp > 1) {
     SP_RETURN_IF_ERROR(
         nccl->AllGather(local.get(), static_cast<int64_t>(Rs) * vocab_pad, gathered.get()));
     for (int32_t rk = 0; rk < tp; ++rk) {
@@ -567,13 +568,13 @@ absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* ou
   const size_t nl = plan.logits_for.size();
   out->logits.resize(nl * V);
   if (nl > 0) {
-    SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
-        out->logits.data(), logits.get(), nl * V * sizeof(float), cudaMemcpyDeviceToHost, stream));
+    SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->logits.data(), all_logits, nl * V * sizeof(float),
+                                            cudaMemcpyDeviceToHost, stream));
   }
   out->logprobs.resize(NL);
   if (NL > 0) {
     SP_CUDA_RETURN_IF_ERROR(
-        LaunchLogprobs(logits.get(), V, d_lp_row, d_lp_target, NL, lp_out.get(), stream));
+        LaunchLogprobs(all_logits, V, d_lp_row, d_lp_target, NL, lp_out.get(), stream));
     SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->logprobs.data(), lp_out.get(), NL * sizeof(float),
                                             cudaMemcpyDeviceToHost, stream));
   }
