@@ -11,8 +11,15 @@
 //   SwiGLU               within 2^-8 |ref| + 1e-6
 //   GEMM (cuBLAS)        within 1e-4 * sum_k |x_k w_k| + 1e-6 (float accumulation)
 //   log-softmax gather   within 1e-4 absolute
-//   whole Forward        bf16 weights vs the float32 CpuBackend: every logit within
-//                        0.05 * max|logit| of its row, the mean within 0.01 * max|logit|
+//   whole Forward        vs the float32 CpuBackend loaded with the same weights rounded
+//                        to bf16 (so what differs is bf16 activations, K/V and summation
+//                        order): stories260k every logit within 0.05 * max|logit| of its
+//                        row and the mean within 0.01 * max|logit|; the built-in random
+//                        model, which is far less well-conditioned, 3x that. (Measured
+//                        on the CPU: rounding the weights alone moves stories260k's
+//                        logits by at most 0.010 * max|logit|, the built-in model's by
+//                        0.051, and keeps stories260k's golden greedy tokens.)
+//   logprobs             within k * (0.05 |ref| + 0.05), k = 1 resp. 3 as above
 //   golden greedy        teacher-forced: the golden token is the argmax or within
 //                        0.05 * max|logit| of it at every step; free-running greedy
 //                        through the engine: the same 64 tokens
@@ -20,12 +27,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <vector>
 
 #include "engine/cpu/cpu_backend.h"
 #include "engine/model/config.h"
+#include "engine/model/weights.h"
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
 #include "tests/test_util.h"
@@ -335,12 +344,21 @@ TEST_F(CudaTest, LogprobsMatchReference) {
 
 // ---- Whole steps against the CPU backend. ----
 
-struct Logits {
-  std::vector<float> logits;
-  std::vector<float> logprobs;
-};
+// A copy of `src` with every tensor rounded to bf16 (as the GPU stores it).
+std::unique_ptr<engine::InMemoryWeights> RoundedWeights(const engine::WeightSource& src) {
+  auto w = std::make_unique<engine::InMemoryWeights>();
+  for (const std::string& name : src.Names()) {
+    absl::StatusOr<engine::TensorView> tv = src.Get(name);
+    EXPECT_TRUE(tv.ok()) << name;
+    if (!tv.ok()) continue;
+    std::vector<float> f(static_cast<size_t>(tv->numel()));
+    EXPECT_TRUE(src.ReadF32(name, tv->shape, f.data()).ok()) << name;
+    w->Add(name, tv->shape, Rounded(std::move(f)));
+  }
+  return w;
+}
 
-void ExpectClose(const std::vector<float>& got, const std::vector<float>& want, int32_t V,
+void ExpectClose(const std::vector<float>& got, const std::vector<float>& want, int32_t V, float k,
                  const std::string& what) {
   ASSERT_EQ(got.size(), want.size()) << what;
   for (size_t r = 0; r * V < want.size(); ++r) {
@@ -350,9 +368,9 @@ void ExpectClose(const std::vector<float>& got, const std::vector<float>& want, 
     for (int32_t v = 0; v < V; ++v) {
       const float d = std::abs(got[r * V + v] - want[r * V + v]);
       sum += d;
-      ASSERT_LE(d, 0.05f * mx) << what << " row " << r << " id " << v;
+      ASSERT_LE(d, k * 0.05f * mx) << what << " row " << r << " id " << v;
     }
-    EXPECT_LE(sum / V, 0.01 * mx) << what << " row " << r << " mean difference";
+    EXPECT_LE(sum / V, k * 0.01 * mx) << what << " row " << r << " mean difference";
   }
 }
 
@@ -360,7 +378,7 @@ void ExpectClose(const std::vector<float>& got, const std::vector<float>& want, 
 // block 0, resp. its first 8 slots) with new tokens at fractional positions, while A
 // decodes. Steps 3..: all three decode. Both backends see the same plans (the CPU's
 // greedy tokens), and every step's logits and logprobs are compared.
-void CompareWithCpu(engine::Backend& gpu, engine::Backend& cpu, int32_t vocab) {
+void CompareWithCpu(engine::Backend& gpu, engine::Backend& cpu, int32_t vocab, float k) {
   auto run = [&](const engine::BatchPlan& plan, const std::string& what,
                  engine::ForwardOutput* want) {
     engine::ForwardOutput got;
@@ -368,10 +386,11 @@ void CompareWithCpu(engine::Backend& gpu, engine::Backend& cpu, int32_t vocab) {
     ASSERT_TRUE(st.ok()) << st;
     st = gpu.Forward(plan, &got);
     ASSERT_TRUE(st.ok()) << st;
-    ExpectClose(got.logits, want->logits, vocab, what);
+    ExpectClose(got.logits, want->logits, vocab, k, what);
     ASSERT_EQ(got.logprobs.size(), want->logprobs.size());
     for (size_t i = 0; i < got.logprobs.size(); ++i) {
-      EXPECT_NEAR(got.logprobs[i], want->logprobs[i], 0.05 * std::abs(want->logprobs[i]) + 0.05)
+      EXPECT_NEAR(got.logprobs[i], want->logprobs[i],
+                  k * (0.05 * std::abs(want->logprobs[i]) + 0.05))
           << what << " logprob " << i;
     }
   };
@@ -468,7 +487,8 @@ TEST_F(CudaTest, ForwardMatchesCpuBackend) {
     engine::BackendOptions opts;
     opts.kv_num_blocks = 32;
     engine::cpu::CpuBackend cpu(opts);
-    ASSERT_TRUE(cpu.Load(model->config, *model->weights, engine::Shard{}).ok());
+    const auto rounded = RoundedWeights(*model->weights);
+    ASSERT_TRUE(cpu.Load(model->config, *rounded, engine::Shard{}).ok());
     cuda::CudaBackend gpu(opts, 0);
     absl::Status st = gpu.Load(model->config, *model->weights, engine::Shard{});
     ASSERT_TRUE(st.ok()) << st;
@@ -476,7 +496,7 @@ TEST_F(CudaTest, ForwardMatchesCpuBackend) {
     EXPECT_EQ(gpu.compute_dtype(), "bfloat16");
     EXPECT_EQ(gpu.kv().num_blocks, 32);
     SCOPED_TRACE(dir.empty() ? "built-in model" : "stories260k");
-    CompareWithCpu(gpu, cpu, model->config.vocab_size);
+    CompareWithCpu(gpu, cpu, model->config.vocab_size, dir.empty() ? 3.0f : 1.0f);
   }
 }
 
@@ -572,7 +592,8 @@ TEST_F(CudaTest, TensorParallelMatchesSingleGpu) {
   engine::BackendOptions opts;
   opts.kv_num_blocks = 32;
   engine::cpu::CpuBackend cpu(opts);
-  ASSERT_TRUE(cpu.Load(model->config, *model->weights, engine::Shard{}).ok());
+  const auto rounded = RoundedWeights(*model->weights);
+  ASSERT_TRUE(cpu.Load(model->config, *rounded, engine::Shard{}).ok());
   for (int32_t tp : {2, 4}) {
     if (cuda::CudaDeviceCount() < tp) continue;
     auto gpu = cuda::MakeCudaBackend(opts, tp);
@@ -580,7 +601,7 @@ TEST_F(CudaTest, TensorParallelMatchesSingleGpu) {
     absl::Status st = (*gpu)->Load(model->config, *model->weights, engine::Shard{});
     ASSERT_TRUE(st.ok()) << "tp=" << tp << ": " << st;
     SCOPED_TRACE("tp=" + std::to_string(tp));
-    CompareWithCpu(**gpu, cpu, model->config.vocab_size);
+    CompareWithCpu(**gpu, cpu, model->config.vocab_size, 1.0f);
   }
 }
 
