@@ -6,6 +6,11 @@
 # H200 with 16 cores.
 #   scripts/gpu-check.sh                 build + tests + benchmark
 #   GPU_CHECK_SANITIZE=1 scripts/...     also compute-sanitizer memcheck on the kernel tests
+#   GPU_CHECK_BUILD=1 scripts/...        build here even when .gpu-prebuilt/ exists
+#   GPU_CHECK_PREBUILT=1 scripts/...     use .gpu-prebuilt/ even when this machine could build
+# Without the Debian build dependencies and no network to install them (e.g. the
+# project's device machines), run scripts/gpu-prebuild.sh first on a Debian 12 machine
+# and carry .gpu-prebuilt/ along.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$PWD/build-gpu/gpu-check}
@@ -27,7 +32,9 @@ nvidia-smi >"$out/nvidia-smi.txt" 2>&1 && note "GPU: $(nvidia-smi --query-gpu=na
 export PATH=/usr/local/cuda/bin:$PATH
 command -v nvcc >/dev/null || { note "FAIL: nvcc not found"; finish 1; }
 
-# Build dependencies: install (Debian packages, scripts/setup.sh) only when missing.
+# Build here when the dependencies are present (or can be installed with
+# scripts/setup.sh); else use .gpu-prebuilt/ from scripts/gpu-prebuild.sh (built on a
+# Debian 12 machine and carried along), with this machine's CUDA libraries.
 missing=""
 for pc in grpc++ protobuf libpcre2-8 libutf8proc cpp-httplib; do
   pkg-config --exists "$pc" 2>/dev/null || missing="$missing $pc"
@@ -35,37 +42,63 @@ done
 [ -f /usr/include/nlohmann/json.hpp ] || missing="$missing nlohmann-json"
 [ -f /usr/lib/x86_64-linux-gnu/openblas-openmp/libopenblas.so ] || missing="$missing openblas-openmp"
 command -v ninja >/dev/null || missing="$missing ninja"
-if [ -n "$missing" ]; then
-  note "missing build dependencies:$missing; running scripts/setup.sh"
-  if ! bash scripts/setup.sh >"$out/setup.log" 2>&1; then
-    note "FAIL: scripts/setup.sh failed (no network or not Debian?); see setup.log"
+bin=build-gpu
+bench=build-gpu/bench/cuda_bench
+if [ -x .gpu-prebuilt/bin/cuda_backend_test ] && [ "${GPU_CHECK_BUILD:-0}" != 1 ] &&
+  { [ -n "$missing" ] || [ "${GPU_CHECK_PREBUILT:-0}" = 1 ]; }; then
+  note "missing build dependencies:${missing:- none}; using .gpu-prebuilt (commit $(cat .gpu-prebuilt/COMMIT 2>/dev/null))"
+  bin=.gpu-prebuilt/bin
+  bench=.gpu-prebuilt/bin/cuda_bench
+  libs=$PWD/.gpu-prebuilt/lib
+  for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libnccl.so.2; do
+    ldconfig -p 2>/dev/null | grep -q "$lib" && continue
+    found=$(find /usr/local /opt /usr/lib -name "$lib" -print -quit 2>/dev/null)
+    if [ -n "$found" ]; then libs="$libs:$(dirname "$found")"; else note "WARNING: $lib not found"; fi
+  done
+  export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export SUPERPOSE_SHARED_DIR=$PWD/.gpu-prebuilt/shared
+  ldd "$bin/cuda_backend_test" >"$out/build.log" 2>&1
+  if grep -q "not found" "$out/build.log"; then
+    note "FAIL: prebuilt binaries miss libraries: $(grep 'not found' "$out/build.log" | tr -s ' \t\n' ' ')"
     finish 1
   fi
+else
+  if [ -n "$missing" ]; then
+    note "missing build dependencies:$missing; running scripts/setup.sh"
+    if ! bash scripts/setup.sh >"$out/setup.log" 2>&1; then
+      note "FAIL: scripts/setup.sh failed (no network or not Debian?); see setup.log." \
+        "Run scripts/gpu-prebuild.sh on a Debian 12 machine and carry .gpu-prebuilt along."
+      finish 1
+    fi
+  fi
+  jobs=$(nproc)
+  if [ ! -d ../shared/fixtures ] && [ -d .gpu-prebuilt/shared ]; then
+    export SUPERPOSE_SHARED_DIR=$PWD/.gpu-prebuilt/shared
+  fi
+  {
+    cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSUPERPOSE_CUDA=ON \
+      -DCMAKE_CUDA_ARCHITECTURES=90a &&
+      ninja -C build-gpu -j"$jobs" cuda_backend_test cuda_step_meta_test tensor_parallel_test \
+        golden_test cuda_bench superpose-server
+  } >"$out/build.log" 2>&1
+  if [ $? -ne 0 ]; then
+    note "FAIL: build (see build.log)"
+    tail -30 "$out/build.log"
+    finish 1
+  fi
+  note "built (sm_90a) in $(($(date +%s) - start))s"
 fi
-
-jobs=$(nproc)
-{
-  cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSUPERPOSE_CUDA=ON \
-    -DCMAKE_CUDA_ARCHITECTURES=90a &&
-    ninja -C build-gpu -j"$jobs" cuda_backend_test tensor_parallel_test golden_test cuda_bench \
-      superpose-server
-} >"$out/build.log" 2>&1
-if [ $? -ne 0 ]; then
-  note "FAIL: build (see build.log)"
-  tail -30 "$out/build.log"
-  finish 1
-fi
-note "built (sm_90a) in $(($(date +%s) - start))s"
 
 status=0
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 run_test() {  # name, timeout
-  timeout "$2" "./build-gpu/$1" --gtest_color=no >"$out/$1.log" 2>&1
+  timeout "$2" "$bin/$1" --gtest_color=no >"$out/$1.log" 2>&1
   local rc=$?
   local line
   line=$(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$out/$1.log" | tr '\n' ' ')
   if [ $rc -eq 0 ]; then note "$1: ok: $line"; else note "$1: FAIL (rc $rc): $line"; status=1; fi
 }
+run_test cuda_step_meta_test 30
 run_test cuda_backend_test 240
 grep -E 'teacher-forced' "$out/cuda_backend_test.log" | sed 's/^/    /' | tee -a "$summary"
 grep -E '^\[  FAILED  \]|Failure|Expected|Which is|error' "$out/cuda_backend_test.log" | head -20 |
@@ -73,7 +106,7 @@ grep -E '^\[  FAILED  \]|Failure|Expected|Which is|error' "$out/cuda_backend_tes
 run_test tensor_parallel_test 120
 run_test golden_test 120
 
-timeout 200 ./build-gpu/bench/cuda_bench >"$out/cuda_bench.log" 2>&1
+timeout 200 "$bench" >"$out/cuda_bench.log" 2>&1
 rc=$?
 if [ $rc -eq 0 ]; then
   note "cuda_bench: ok"
@@ -88,7 +121,7 @@ if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ] && command -v compute-sanitizer >/dev/null
   left=$((440 - ($(date +%s) - start)))
   if [ $left -gt 30 ]; then
     timeout "$left" compute-sanitizer --tool memcheck --error-exitcode 9 \
-      ./build-gpu/cuda_backend_test --gtest_filter='*Attention*:*QkvPost*:*ForwardMatches*' \
+      "$bin/cuda_backend_test" --gtest_filter='*Attention*:*QkvPost*:*ForwardMatches*' \
       >"$out/sanitizer.log" 2>&1
     rc=$?
     if [ $rc -eq 0 ]; then note "compute-sanitizer memcheck: clean"; else note "compute-sanitizer: rc $rc (see sanitizer.log)"; status=1; fi
