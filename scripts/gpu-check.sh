@@ -27,8 +27,10 @@ finish() {
 }
 echo "# gpu-check $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null)" >"$summary"
 
-nvidia-smi >"$out/nvidia-smi.txt" 2>&1 && note "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)" \
-  || note "nvidia-smi failed (see nvidia-smi.txt)"
+# At most 8 files come back from a device machine: summary.md, build.log (nvidia-smi,
+# setup, build), cuda_backend_test.log, other_tests.log, cuda_bench.log, sanitizer.log.
+nvidia-smi >"$out/build.log" 2>&1 && note "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)" \
+  || note "nvidia-smi failed (see build.log)"
 export PATH=/usr/local/cuda/bin:$PATH
 command -v nvcc >/dev/null || { note "FAIL: nvcc not found"; finish 1; }
 
@@ -57,16 +59,20 @@ if [ -x .gpu-prebuilt/bin/cuda_backend_test ] && [ "${GPU_CHECK_BUILD:-0}" != 1 
   done
   export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export SUPERPOSE_SHARED_DIR=$PWD/.gpu-prebuilt/shared
-  ldd "$bin/cuda_backend_test" >"$out/build.log" 2>&1
-  if grep -q "not found" "$out/build.log"; then
-    note "FAIL: prebuilt binaries miss libraries: $(grep 'not found' "$out/build.log" | tr -s ' \t\n' ' ')"
+  if [ "$(cat .gpu-prebuilt/COMMIT 2>/dev/null)" != "$(git rev-parse HEAD 2>/dev/null)" ]; then
+    note "WARNING: .gpu-prebuilt was built from another commit than this checkout's HEAD"
+  fi
+  deps=$(ldd "$bin/cuda_backend_test" "$bin/cuda_bench" 2>&1)
+  echo "$deps" >>"$out/build.log"
+  if echo "$deps" | grep -q "not found"; then
+    note "FAIL: prebuilt binaries miss libraries: $(echo "$deps" | grep 'not found' | sort -u | tr -s ' \t\n' ' ')"
     finish 1
   fi
 else
   if [ -n "$missing" ]; then
     note "missing build dependencies:$missing; running scripts/setup.sh"
-    if ! bash scripts/setup.sh >"$out/setup.log" 2>&1; then
-      note "FAIL: scripts/setup.sh failed (no network or not Debian?); see setup.log." \
+    if ! bash scripts/setup.sh >>"$out/build.log" 2>&1; then
+      note "FAIL: scripts/setup.sh failed (no network or not Debian?); see build.log." \
         "Run scripts/gpu-prebuild.sh on a Debian 12 machine and carry .gpu-prebuilt along."
       finish 1
     fi
@@ -80,7 +86,7 @@ else
       -DCMAKE_CUDA_ARCHITECTURES=90a &&
       ninja -C build-gpu -j"$jobs" cuda_backend_test cuda_step_meta_test tensor_parallel_test \
         golden_test cuda_bench superpose-server
-  } >"$out/build.log" 2>&1
+  } >>"$out/build.log" 2>&1
   if [ $? -ne 0 ]; then
     note "FAIL: build (see build.log)"
     tail -30 "$out/build.log"
@@ -91,20 +97,23 @@ fi
 
 status=0
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
-run_test() {  # name, timeout
-  timeout "$2" "$bin/$1" --gtest_color=no >"$out/$1.log" 2>&1
+run_test() {  # name, timeout, log file
+  echo "==== $1" >>"$out/$3"
+  timeout "$2" "$bin/$1" --gtest_color=no >"$out/$1.tmp" 2>&1
   local rc=$?
   local line
-  line=$(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$out/$1.log" | tr '\n' ' ')
+  line=$(grep -E '^\[  (PASSED|FAILED|SKIPPED) +\] [0-9]+ tests?' "$out/$1.tmp" | tr '\n' ' ')
+  cat "$out/$1.tmp" >>"$out/$3"
+  rm -f "$out/$1.tmp"
   if [ $rc -eq 0 ]; then note "$1: ok: $line"; else note "$1: FAIL (rc $rc): $line"; status=1; fi
 }
-run_test cuda_step_meta_test 30
-run_test cuda_backend_test 240
+run_test cuda_step_meta_test 30 other_tests.log
+run_test cuda_backend_test 240 cuda_backend_test.log
 grep -E 'teacher-forced' "$out/cuda_backend_test.log" | sed 's/^/    /' | tee -a "$summary"
 grep -E '^\[  FAILED  \]|Failure|Expected|Which is|error' "$out/cuda_backend_test.log" | head -20 |
   sed 's/^/    /' | tee -a "$summary"
-run_test tensor_parallel_test 120
-run_test golden_test 120
+run_test tensor_parallel_test 120 other_tests.log
+run_test golden_test 120 other_tests.log
 
 timeout 200 "$bench" >"$out/cuda_bench.log" 2>&1
 rc=$?
