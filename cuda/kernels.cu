@@ -4,6 +4,7 @@
 #include <map>
 #include <mutex>
 
+#include "cuda/attention_body.h"
 #include "cuda/kernels.h"
 
 namespace superpose::cuda {
@@ -148,104 +149,24 @@ __global__ void QkvPostKernel(const float* __restrict__ qkv, const float* __rest
   }
 }
 
-constexpr int kAttnThreads = 128;
-constexpr int kKeyTile = 32;
+struct DeviceCtx {
+  __device__ int tid() const { return threadIdx.x; }
+  __device__ int nthreads() const { return blockDim.x; }
+  __device__ void sync() const { __syncthreads(); }
+  __device__ float load(const bf16* p, int64_t i) const { return __bfloat162float(p[i]); }
+  __device__ void store(bf16* p, int64_t i, float v) const { p[i] = __float2bfloat16(v); }
+};
 
-// grid (num_tiles, kvh). Online softmax over key tiles of kKeyTile keys; K/V tiles,
-// the queries (pre-scaled), accumulators and scores live in shared memory (float32);
-// K/V rows are padded to D + 1 floats so that a warp reading 32 keys at one d hits 32
-// different banks.
+// grid (num_tiles, kvh); the body is cuda/attention_body.h.
 __global__ void __launch_bounds__(kAttnThreads)
     AttentionKernel(const float* __restrict__ q, const bf16* __restrict__ kc,
                     const bf16* __restrict__ vc, const int32_t* __restrict__ keys,
                     const AttnTile* __restrict__ tiles, int32_t qh, int32_t kvh, int32_t D,
                     int32_t G, float scale, bf16* __restrict__ out) {
   extern __shared__ float smem[];
-  const AttnTile tile = tiles[blockIdx.x];
-  const int32_t g = blockIdx.y;
-  const int32_t rows = tile.ntok * G;
-  const int32_t Dp = D + 1;
-  float* qs = smem;                    // [rows][D]
-  float* acc = qs + rows * D;          // [rows][D]
-  float* ks = acc + rows * D;          // [kKeyTile][Dp]
-  float* vs = ks + kKeyTile * Dp;      // [kKeyTile][Dp]
-  float* sc = vs + kKeyTile * Dp;      // [rows][kKeyTile]
-  float* mrow = sc + rows * kKeyTile;  // running max
-  float* lrow = mrow + rows;           // running sum
-  float* arow = lrow + rows;           // rescale factor of the current tile
-  const int tid = threadIdx.x;
-
-  for (int32_t idx = tid; idx < rows * D; idx += blockDim.x) {
-    const int32_t r = idx / D, d = idx - r * D;
-    const int32_t tok = r / G, gg = r - tok * G;
-    const int64_t t = static_cast<int64_t>(tile.tok0) + tok;
-    qs[idx] = q[(t * qh + g * G + gg) * D + d] * scale;
-    acc[idx] = 0.0f;
-  }
-  for (int32_t r = tid; r < rows; r += blockDim.x) {
-    mrow[r] = -INFINITY;
-    lrow[r] = 0.0f;
-    arow[r] = 0.0f;
-  }
-  const int32_t nk = tile.ctx_len + tile.i0 + tile.ntok;  // keys the last token sees
-  const int32_t* seq_keys = keys + tile.key_off;
-  for (int32_t kb = 0; kb < nk; kb += kKeyTile) {
-    const int32_t kn = min(kKeyTile, nk - kb);
-    __syncthreads();  // the previous tile's readers are done
-    for (int32_t idx = tid; idx < kn * D; idx += blockDim.x) {
-      const int32_t j = idx / D, d = idx - j * D;
-      const int64_t off = (static_cast<int64_t>(seq_keys[kb + j]) * kvh + g) * D + d;
-      ks[j * Dp + d] = __bfloat162float(kc[off]);
-      vs[j * Dp + d] = __bfloat162float(vc[off]);
-    }
-    __syncthreads();
-    for (int32_t idx = tid; idx < rows * kKeyTile; idx += blockDim.x) {
-      const int32_t r = idx / kKeyTile, j = idx - r * kKeyTile;
-      const int32_t visible = tile.ctx_len + tile.i0 + r / G + 1;  // causal limit
-      float s = -INFINITY;
-      if (j < kn && kb + j < visible) {
-        const float* qr = qs + r * D;
-        const float* kr = ks + j * Dp;
-        float dot = 0.0f;
-        for (int32_t d = 0; d < D; ++d) dot += qr[d] * kr[d];
-        s = dot;
-      }
-      sc[idx] = s;
-    }
-    __syncthreads();
-    for (int32_t r = tid; r < rows; r += blockDim.x) {
-      float* sr = sc + r * kKeyTile;
-      const float m_old = mrow[r];
-      float mx = m_old;
-      for (int32_t j = 0; j < kKeyTile; ++j) mx = fmaxf(mx, sr[j]);
-      const float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - mx);
-      float sum = 0.0f;
-      for (int32_t j = 0; j < kKeyTile; ++j) {
-        const float p = sr[j] == -INFINITY ? 0.0f : expf(sr[j] - mx);
-        sr[j] = p;
-        sum += p;
-      }
-      lrow[r] = lrow[r] * alpha + sum;
-      mrow[r] = mx;
-      arow[r] = alpha;
-    }
-    __syncthreads();
-    for (int32_t idx = tid; idx < rows * D; idx += blockDim.x) {
-      const int32_t r = idx / D, d = idx - r * D;
-      const float* pr = sc + r * kKeyTile;
-      float a = acc[idx] * arow[r];
-      for (int32_t j = 0; j < kn; ++j) a += pr[j] * vs[j * Dp + d];
-      acc[idx] = a;
-    }
-  }
-  __syncthreads();
-  for (int32_t idx = tid; idx < rows * D; idx += blockDim.x) {
-    const int32_t r = idx / D, d = idx - r * D;
-    const int32_t tok = r / G, gg = r - tok * G;
-    const int64_t t = static_cast<int64_t>(tile.tok0) + tok;
-    const float l = lrow[r];
-    out[(t * qh + g * G + gg) * D + d] = __float2bfloat16(l > 0.0f ? acc[idx] / l : 0.0f);
-  }
+  DeviceCtx c;
+  AttentionBlock(c, tiles[blockIdx.x], static_cast<int32_t>(blockIdx.y), smem, q, kc, vc, keys, qh,
+                 kvh, D, G, scale, out);
 }
 
 __global__ void SwiGluKernel(const float* __restrict__ gu, int64_t T, int32_t I,
@@ -342,8 +263,7 @@ cudaError_t LaunchQkvPost(const float* qkv, const float* bias, const float* q_no
 }
 
 size_t AttentionSharedBytes(int32_t rows, int32_t D) {
-  const size_t r = static_cast<size_t>(rows), d = static_cast<size_t>(D);
-  return sizeof(float) * (2 * r * d + 2 * kKeyTile * (d + 1) + r * kKeyTile + 3 * r);
+  return sizeof(float) * AttentionSharedFloats(rows, D);
 }
 
 cudaError_t PrepareAttention(size_t bytes) {
