@@ -99,6 +99,9 @@ struct BackendOptions {
   int32_t kv_block_size = 16;
   int32_t kv_num_blocks = 0;      // 0: derive from kv_memory_bytes
   int64_t kv_memory_bytes = 256ll << 20;
+  // GPU backends: when > 0 and kv_num_blocks is 0, the KV pool takes what is left of
+  // this fraction of device memory after the weights and a workspace reserve.
+  double device_memory_fraction = 0.0;
   int32_t tensor_parallel = 1;    // ranks (a registry factory builds the group)
   Communicator* comm = nullptr;   // set per rank by the group; null: tp = 1
 };

@@ -21,6 +21,9 @@
 #include "engine/cpu/cpu_backend.h"
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
+#if SUPERPOSE_HAVE_CUDA
+#include "cuda/cuda_backend.h"
+#endif
 #include "server/metrics.h"
 #include "server/service.h"
 #include "spdlog/spdlog.h"
@@ -31,8 +34,14 @@ ABSL_FLAG(std::string, model, "",
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
           "gRPC listen address host:port (port 0 picks a free one; see --port_file)");
 ABSL_FLAG(std::string, port_file, "", "If set, write the bound gRPC port to this file");
-ABSL_FLAG(std::string, backend, "cpu", "Compute backend: cpu");
-ABSL_FLAG(int32_t, tp, 1, "Tensor-parallel ranks (CPU: threads with a shared-memory all-reduce)");
+ABSL_FLAG(std::string, backend, "auto",
+          "Compute backend: auto (cuda when a GPU is usable, else cpu), cpu, cuda");
+ABSL_FLAG(int32_t, tp, 1,
+          "Tensor-parallel ranks (CPU: threads with a shared-memory all-reduce; CUDA: GPUs "
+          "0..tp-1 with NCCL)");
+ABSL_FLAG(double, gpu_memory_fraction, 0.0,
+          "CUDA: fraction of GPU memory for weights + KV cache; when > 0 (and --kv_blocks is "
+          "0) the KV cache takes the rest of it instead of --kv_cache_mb");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads for the backend (0: all cores)");
 ABSL_FLAG(int32_t, max_batch_tokens, 512, "New tokens per engine step (decode + prefill chunks)");
 ABSL_FLAG(int32_t, max_running, 64, "Sequences in the running batch");
@@ -94,14 +103,32 @@ int Run() {
   }
   engine::BackendRegistry registry;
   engine::cpu::RegisterBackend(registry);
+  std::string backend_name = absl::GetFlag(FLAGS_backend);
+#if SUPERPOSE_HAVE_CUDA
+  cuda::RegisterBackend(registry);
+  std::string no_gpu;
+  if (backend_name == "auto") backend_name = cuda::CudaAvailable(&no_gpu) ? "cuda" : "cpu";
+  if (!no_gpu.empty()) spdlog::info("--backend=auto: no usable GPU ({}), using cpu", no_gpu);
+#else
+  if (backend_name == "auto") backend_name = "cpu";
+  if (backend_name == "cuda") {
+    spdlog::critical("--backend=cuda: this build has no CUDA backend (built without nvcc)");
+    return 2;
+  }
+#endif
   engine::BackendOptions bopts;
   bopts.num_threads = absl::GetFlag(FLAGS_threads);
   bopts.tensor_parallel = absl::GetFlag(FLAGS_tp);
   bopts.kv_block_size = absl::GetFlag(FLAGS_kv_block_size);
   bopts.kv_num_blocks = absl::GetFlag(FLAGS_kv_blocks);
   bopts.kv_memory_bytes = absl::GetFlag(FLAGS_kv_cache_mb) << 20;
+  bopts.device_memory_fraction = absl::GetFlag(FLAGS_gpu_memory_fraction);
+  if (bopts.device_memory_fraction < 0 || bopts.device_memory_fraction > 1) {
+    spdlog::critical("--gpu_memory_fraction must be in [0, 1]");
+    return 2;
+  }
   absl::StatusOr<std::unique_ptr<engine::Backend>> backend =
-      registry.Create(absl::GetFlag(FLAGS_backend), bopts);
+      registry.Create(backend_name, bopts);
   if (!backend.ok()) {
     spdlog::critical("--backend: {}", backend.status().ToString());
     return 2;

@@ -47,11 +47,14 @@ class ServerProcess {
     std::remove(port_file_.c_str());
     std::remove(metrics_port_file_.c_str());
     std::vector<std::string> argv = {std::string(SP_BINARY_DIR) + "/superpose-server",
-                                     "--listen=127.0.0.1:0",
-                                     "--port_file=" + port_file_,
-                                     "--metrics_listen=127.0.0.1:0",
-                                     "--metrics_port_file=" + metrics_port_file_,
-                                     "--log_level=warn"};
+                                      "--listen=127.0.0.1:0", "--port_file=" + port_file_,
+                                      "--metrics_listen=127.0.0.1:0",
+                                      "--metrics_port_file=" + metrics_port_file_,
+                                      "--log_level=warn",
+                                      // The tests expect the CPU reference backend, also on
+                                      // GPU machines (--backend defaults to auto); a later
+                                      // --backend in `args` wins.
+                                      "--backend=cpu"};
     for (auto& a : args) argv.push_back(a);
     std::vector<char*> cargv;
     for (auto& a : argv) cargv.push_back(a.data());

@@ -67,7 +67,8 @@ void CompareTp(const engine::ModelBundle& model, const std::vector<int32_t>& pro
       float mx = 0;
       for (float v : want[s]) mx = std::max(mx, std::abs(v));
       for (size_t i = 0; i < want[s].size(); ++i) {
-        ASSERT_NEAR(got[s][i], want[s][i], 1e-5f * mx) << "tp=" << tp << " step " << s << " id " << i;
+        ASSERT_NEAR(got[s][i], want[s][i], 1e-5f * mx)
+            << "tp=" << tp << " step " << s << " id " << i;
       }
     }
   }
@@ -86,23 +87,25 @@ TEST(TensorParallelTest, BuiltinWithReplicatedKvHeadsMatchesSingleRank) {
   CompareTp(*model, {256, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100});
 }
 
-TEST(TensorParallelTest, GoldenGreedyThroughTheEngineAtTp2) {
+TEST(TensorParallelTest, GoldenGreedyThroughTheEngineAtTp2And4) {
   auto model = engine::LoadModelBundle(testing::Stories260kDir());
   ASSERT_TRUE(model.ok());
-  engine::BackendOptions opts;
-  opts.kv_num_blocks = 64;
-  auto b = engine::cpu::MakeCpuBackend(opts, 2);
-  ASSERT_TRUE(b->Load(model->config, *model->weights, engine::Shard{}).ok());
-  engine::Engine eng(engine::EngineOptions{}, model->config, model->tokenizer.get(), b.get());
-  eng.Start();
   auto golden = testing::ReadJson(testing::Stories260kDir() + "/golden.json");
-  for (const auto& c : golden["generation"]) {
-    auto r = testing::RunRequest(
-        eng, testing::GreedyRequest(c["prompt_ids"].get<std::vector<int32_t>>(), 64));
-    ASSERT_TRUE(r.status.ok());
-    EXPECT_EQ(r.tokens, c["completion_ids"].get<std::vector<int32_t>>());
+  for (int tp : {2, 4}) {
+    engine::BackendOptions opts;
+    opts.kv_num_blocks = 64;
+    auto b = engine::cpu::MakeCpuBackend(opts, tp);
+    ASSERT_TRUE(b->Load(model->config, *model->weights, engine::Shard{}).ok());
+    engine::Engine eng(engine::EngineOptions{}, model->config, model->tokenizer.get(), b.get());
+    eng.Start();
+    for (const auto& c : golden["generation"]) {
+      auto r = testing::RunRequest(
+          eng, testing::GreedyRequest(c["prompt_ids"].get<std::vector<int32_t>>(), 64));
+      ASSERT_TRUE(r.status.ok());
+      EXPECT_EQ(r.tokens, c["completion_ids"].get<std::vector<int32_t>>()) << "tp=" << tp;
+    }
+    eng.Shutdown(absl::Seconds(1));
   }
-  eng.Shutdown(absl::Seconds(1));
 }
 
 TEST(TensorParallelTest, IndivisibleShapesAreRejected) {

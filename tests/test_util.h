@@ -2,6 +2,7 @@
 // completion.
 #pragma once
 
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -16,7 +17,12 @@
 
 namespace superpose::testing {
 
-inline std::string SharedDir() { return SP_SHARED_DIR; }
+// SUPERPOSE_SHARED_DIR overrides the build-time path (binaries run on another machine,
+// e.g. scripts/gpu-check.sh with prebuilt tests).
+inline std::string SharedDir() {
+  const char* env = std::getenv("SUPERPOSE_SHARED_DIR");
+  return env != nullptr && env[0] != '\0' ? env : SP_SHARED_DIR;
+}
 inline std::string Stories260kDir() { return SharedDir() + "/fixtures/stories260k"; }
 
 inline nlohmann::json ReadJson(const std::string& path) {

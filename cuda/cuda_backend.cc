@@ -1,0 +1,654 @@
+#include "cuda/cuda_backend.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "cuda/cuda_util.h"
+#include "cuda/kernels.h"
+#include "cuda/nccl_communicator.h"
+#include "cuda/step_meta.h"
+#include "engine/model/weights.h"
+#include "engine/tensor_parallel.h"
+#include "engine/util/status.h"
+
+namespace superpose::cuda {
+
+using engine::BatchPlan;
+using engine::ForwardOutput;
+using engine::KvPoolInfo;
+using engine::ModelConfig;
+using engine::Shard;
+using engine::WeightSource;
+
+int32_t CudaDeviceCount(std::string* error) {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    if (error != nullptr) *error = cudaGetErrorString(e);
+    return 0;
+  }
+  if (n == 0 && error != nullptr) *error = "no CUDA device";
+  return n;
+}
+
+absl::Status GemmBf16(cublasHandle_t handle, const bf16* x, int32_t rows, int32_t in, const bf16* w,
+                      int32_t out, float* y) {
+  if (rows <= 0 || out <= 0) return absl::OkStatus();
+  const float alpha = 1.0f, beta = 0.0f;
+  // Column-major view: Y^T [out, rows] = W [in, out]^T * X^T [in, rows].
+  SP_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, &alpha, w,
+                                         CUDA_R_16BF, in, x, CUDA_R_16BF, in, &beta, y, CUDA_R_32F,
+                                         out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  return absl::OkStatus();
+}
+
+absl::Status UploadBf16(const float* src, size_t n, bf16* dst) {
+  if (n == 0) return absl::OkStatus();
+  constexpr size_t kChunk = size_t{1} << 24;
+  std::vector<uint16_t> tmp(std::min(n, kChunk));
+  for (size_t off = 0; off < n; off += kChunk) {
+    const size_t m = std::min(kChunk, n - off);
+    for (size_t i = 0; i < m; ++i) tmp[i] = engine::F32ToBf16(src[off + i]);
+    SP_CUDA_RETURN_IF_ERROR(
+        cudaMemcpy(dst + off, tmp.data(), m * sizeof(uint16_t), cudaMemcpyHostToDevice));
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+absl::Status UploadF32(const std::vector<float>& src, DeviceArray<float>* dst) {
+  SP_RETURN_IF_ERROR(dst->Allocate(src.size()));
+  if (src.empty()) return absl::OkStatus();
+  SP_CUDA_RETURN_IF_ERROR(
+      cudaMemcpy(dst->get(), src.data(), src.size() * sizeof(float), cudaMemcpyHostToDevice));
+  return absl::OkStatus();
+}
+
+// Workspace kept free of the KV pool when it is sized by a memory fraction.
+constexpr int64_t kWorkspaceReserve = int64_t{1} << 30;
+// cuBLAS workspace (NVIDIA recommends 32 MiB on Hopper).
+constexpr size_t kCublasWorkspace = size_t{32} << 20;
+
+}  // namespace
+
+struct CudaBackend::Impl {
+  struct Layer {
+    DeviceArray<float> attn_norm, mlp_norm, bqkv, q_norm, k_norm;
+    DeviceArray<bf16> wqkv, wo, wgate_up, wdown;
+  };
+
+  engine::BackendOptions options;
+  int32_t device = 0;
+  ModelConfig config;
+  Shard shard;
+  int32_t q_heads = 0, kv_heads = 0, kv_head_begin = 0, inter = 0;
+  int32_t vocab_begin = 0, vocab_local = 0, vocab_pad = 0;
+  int32_t attn_tile = 1;
+  bool loaded = false;
+
+  DeviceArray<bf16> embed, lm_head;  // [vocab_pad, H]; lm_head empty when tied
+  DeviceArray<float> final_norm, inv_freq;
+  std::vector<Layer> layers;
+  KvPoolInfo kv_info;
+  DeviceArray<bf16> k_cache, v_cache;  // [layer][block][slot][kv_head][D]
+
+  cudaStream_t stream = nullptr;
+  cublasHandle_t cublas = nullptr;
+  DeviceArray<char> cublas_workspace;
+  NcclCommunicator* nccl = nullptr;
+
+  // Per-step buffers (grown on demand).
+  DeviceArray<float> x, qkv, q, proj, gu, local, gathered, logits, lp_out;
+  DeviceArray<bf16> h, attn, act, hn;
+  DeviceArray<int32_t> meta;
+  PinnedArray<int32_t> meta_host;
+
+  ~Impl() {
+    int prev = -1;
+    cudaGetDevice(&prev);
+    cudaSetDevice(device);
+    if (stream != nullptr) cudaStreamSynchronize(stream);
+    // Free device memory with this device current, then the handles.
+    layers.clear();
+    embed.Reset();
+    lm_head.Reset();
+    final_norm.Reset();
+    inv_freq.Reset();
+    k_cache.Reset();
+    v_cache.Reset();
+    for (auto* a : {&x, &qkv, &q, &proj, &gu, &local, &gathered, &logits, &lp_out}) a->Reset();
+    for (auto* a : {&h, &attn, &act, &hn}) a->Reset();
+    meta.Reset();
+    meta_host.Reset();
+    if (cublas != nullptr) cublasDestroy(cublas);
+    cublas_workspace.Reset();
+    if (stream != nullptr) cudaStreamDestroy(stream);
+    if (prev >= 0) cudaSetDevice(prev);
+  }
+
+  absl::Status Setup(const ModelConfig& cfg, const Shard& sh);
+  absl::Status AllocateWeights();
+  absl::Status ReadWeights(const WeightSource& w);
+  absl::Status FillRandom(uint64_t seed, float scale);
+  absl::Status Finish();
+  absl::Status AllReduce(float* data, int64_t count) {
+    if (shard.size == 1) return absl::OkStatus();
+    return nccl->AllReduceSum(data, count);
+  }
+  absl::Status Forward(const BatchPlan& plan, ForwardOutput* out);
+  int64_t WeightBytes() const {
+    int64_t n = static_cast<int64_t>(embed.size() + lm_head.size()) * 2 +
+                static_cast<int64_t>(final_norm.size()) * 4;
+    for (const Layer& L : layers) {
+      n += static_cast<int64_t>(L.wqkv.size() + L.wo.size() + L.wgate_up.size() + L.wdown.size()) *
+           2;
+      n += static_cast<int64_t>(L.attn_norm.size() + L.mlp_norm.size() + L.bqkv.size() +
+                                L.q_norm.size() + L.k_norm.size()) *
+           4;
+    }
+    return n;
+  }
+};
+
+// Shard sizes (the CPU backend's Megatron split), stream, cuBLAS, communicator.
+absl::Status CudaBackend::Impl::Setup(const ModelConfig& cfg, const Shard& sh) {
+  config = cfg;
+  shard = sh;
+  loaded = false;
+  const int32_t tp = sh.size, rank = sh.rank;
+  if (tp < 1 || rank < 0 || rank >= tp) return absl::InvalidArgumentError("bad shard");
+  const int32_t D = cfg.head_dim, nq = cfg.num_heads, nkv = cfg.num_kv_heads,
+                I = cfg.intermediate_size, V = cfg.vocab_size;
+  if (cfg.hidden_size <= 0 || D <= 0 || nq <= 0 || nkv <= 0 || I <= 0 || V <= 0 ||
+      cfg.num_layers <= 0) {
+    return absl::InvalidArgumentError("model config has non-positive sizes");
+  }
+  if (D % 2 != 0) return absl::InvalidArgumentError("head_dim must be even (RoPE)");
+  if (nq % nkv != 0) {
+    return absl::InvalidArgumentError("num_key_value_heads does not divide num_attention_heads");
+  }
+  if (nq % tp != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tp=", tp, " does not divide num_attention_heads=", nq));
+  }
+  if (I % tp != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tp=", tp, " does not divide intermediate_size=", I));
+  }
+  q_heads = nq / tp;
+  if (nkv >= tp) {
+    if (nkv % tp != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tp=", tp, " does not divide num_key_value_heads=", nkv));
+    }
+    kv_heads = nkv / tp;
+    kv_head_begin = rank * kv_heads;
+  } else {
+    if (tp % nkv != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("num_key_value_heads=", nkv, " does not divide tp=", tp));
+    }
+    kv_heads = 1;
+    kv_head_begin = rank * nkv / tp;
+  }
+  inter = I / tp;
+  vocab_pad = (V + tp - 1) / tp;
+  vocab_begin = std::min(V, rank * vocab_pad);
+  vocab_local = std::min(V, vocab_begin + vocab_pad) - vocab_begin;
+
+  if (tp > 1) {
+    nccl = dynamic_cast<NcclCommunicator*>(options.comm);
+    if (nccl == nullptr || nccl->size() != tp || nccl->rank() != rank) {
+      return absl::InvalidArgumentError(
+          "the CUDA backend with tensor parallelism needs the rank's NcclCommunicator");
+    }
+    if (nccl->device() != device) {
+      return absl::InvalidArgumentError("NCCL communicator is on another device");
+    }
+  }
+  SP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  if (stream == nullptr) {
+    SP_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  }
+  if (cublas == nullptr) {
+    SP_CUBLAS_RETURN_IF_ERROR(cublasCreate(&cublas));
+    SP_CUBLAS_RETURN_IF_ERROR(cublasSetStream(cublas, stream));
+    // A workspace of our own, so that cuBLAS never allocates in the middle of a step.
+    SP_RETURN_IF_ERROR(cublas_workspace.Allocate(kCublasWorkspace));
+    SP_CUBLAS_RETURN_IF_ERROR(
+        cublasSetWorkspace(cublas, cublas_workspace.get(), cublas_workspace.size()));
+  }
+  SP_CUDA_RETURN_IF_ERROR(LoadKernels());
+  if (nccl != nullptr) nccl->set_stream(stream);
+
+  // Attention tile: as many query tokens per block as keep tokens x group <= 64 rows
+  // and fit the device's shared memory.
+  int smem_optin = 0;
+  SP_CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int32_t G = q_heads / kv_heads;
+  attn_tile = std::max(1, std::min(16, 64 / G));
+  while (attn_tile > 1 &&
+         AttentionSharedBytes(attn_tile * G, D) > static_cast<size_t>(smem_optin)) {
+    attn_tile /= 2;
+  }
+  const size_t smem = AttentionSharedBytes(attn_tile * G, D);
+  if (smem > static_cast<size_t>(smem_optin)) {
+    return absl::InvalidArgumentError(absl::StrCat("attention needs ", smem,
+                                                   " bytes of shared memory for head_dim ", D,
+                                                   ", the device has ", smem_optin));
+  }
+  SP_CUDA_RETURN_IF_ERROR(PrepareAttention(smem));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Impl::AllocateWeights() {
+  const int32_t H = config.hidden_size, D = config.head_dim;
+  const size_t qkv_rows = static_cast<size_t>(q_heads + 2 * kv_heads) * D;
+  SP_RETURN_IF_ERROR(embed.Allocate(static_cast<size_t>(vocab_pad) * H));
+  SP_CUDA_RETURN_IF_ERROR(cudaMemset(embed.get(), 0, embed.size() * sizeof(bf16)));
+  lm_head.Reset();
+  if (!config.tie_word_embeddings) {
+    SP_RETURN_IF_ERROR(lm_head.Allocate(static_cast<size_t>(vocab_pad) * H));
+    SP_CUDA_RETURN_IF_ERROR(cudaMemset(lm_head.get(), 0, lm_head.size() * sizeof(bf16)));
+  }
+  SP_RETURN_IF_ERROR(final_norm.Allocate(H));
+  layers.clear();
+  layers.resize(config.num_layers);
+  for (Layer& L : layers) {
+    SP_RETURN_IF_ERROR(L.attn_norm.Allocate(H));
+    SP_RETURN_IF_ERROR(L.mlp_norm.Allocate(H));
+    SP_RETURN_IF_ERROR(L.wqkv.Allocate(qkv_rows * H));
+    if (config.attention_bias) SP_RETURN_IF_ERROR(L.bqkv.Allocate(qkv_rows));
+    if (config.qk_norm) {
+      SP_RETURN_IF_ERROR(L.q_norm.Allocate(D));
+      SP_RETURN_IF_ERROR(L.k_norm.Allocate(D));
+    }
+    SP_RETURN_IF_ERROR(L.wo.Allocate(static_cast<size_t>(H) * q_heads * D));
+    SP_RETURN_IF_ERROR(L.wgate_up.Allocate(static_cast<size_t>(2) * inter * H));
+    SP_RETURN_IF_ERROR(L.wdown.Allocate(static_cast<size_t>(H) * inter));
+  }
+  SP_RETURN_IF_ERROR(UploadF32(engine::RopeInvFreq(config), &inv_freq));
+  // The memsets and copies above ran on the legacy default stream (asynchronously for
+  // device memory); later work runs on `stream`, which does not wait for it.
+  SP_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Impl::ReadWeights(const WeightSource& weights) {
+  const int32_t H = config.hidden_size, D = config.head_dim, nq = config.num_heads,
+                nkv = config.num_kv_heads, I = config.intermediate_size, V = config.vocab_size;
+  const int32_t rank = shard.rank;
+  std::vector<float> buf;
+  // Reads block [r0, r1) x [c0, c1) of a 2-D tensor and uploads it as bf16 at dst.
+  auto block = [&](const std::string& name, std::vector<int64_t> shape, int64_t r0, int64_t r1,
+                   int64_t c0, int64_t c1, bf16* dst) -> absl::Status {
+    buf.resize(static_cast<size_t>((r1 - r0) * (c1 - c0)));
+    SP_RETURN_IF_ERROR(weights.ReadF32Block(name, shape, r0, r1, c0, c1, buf.data()));
+    return UploadBf16(buf.data(), buf.size(), dst);
+  };
+  auto vec = [&](const std::string& name, int64_t n, DeviceArray<float>* dst) -> absl::Status {
+    std::vector<float> v(static_cast<size_t>(n));
+    SP_RETURN_IF_ERROR(weights.ReadF32(name, {n}, v.data()));
+    return UploadF32(v, dst);
+  };
+
+  const std::vector<int64_t> emb_shape = {V, H};
+  SP_RETURN_IF_ERROR(block("model.embed_tokens.weight", emb_shape, vocab_begin,
+                           vocab_begin + vocab_local, 0, H, embed.get()));
+  if (!config.tie_word_embeddings) {
+    if (!weights.Has("lm_head.weight")) {
+      return absl::NotFoundError(
+          "tensor 'lm_head.weight' missing and tie_word_embeddings is false");
+    }
+    SP_RETURN_IF_ERROR(block("lm_head.weight", emb_shape, vocab_begin, vocab_begin + vocab_local, 0,
+                             H, lm_head.get()));
+  }
+  SP_RETURN_IF_ERROR(vec("model.norm.weight", H, &final_norm));
+  for (int32_t l = 0; l < config.num_layers; ++l) {
+    Layer& L = layers[l];
+    const std::string p = absl::StrCat("model.layers.", l, ".");
+    SP_RETURN_IF_ERROR(vec(p + "input_layernorm.weight", H, &L.attn_norm));
+    SP_RETURN_IF_ERROR(vec(p + "post_attention_layernorm.weight", H, &L.mlp_norm));
+    const int64_t q0 = static_cast<int64_t>(rank) * q_heads * D, q1 = q0 + q_heads * D;
+    const int64_t k0 = static_cast<int64_t>(kv_head_begin) * D, k1 = k0 + kv_heads * D;
+    bf16* dst = L.wqkv.get();
+    SP_RETURN_IF_ERROR(block(p + "self_attn.q_proj.weight", {nq * D, H}, q0, q1, 0, H, dst));
+    dst += (q1 - q0) * H;
+    SP_RETURN_IF_ERROR(block(p + "self_attn.k_proj.weight", {nkv * D, H}, k0, k1, 0, H, dst));
+    dst += (k1 - k0) * H;
+    SP_RETURN_IF_ERROR(block(p + "self_attn.v_proj.weight", {nkv * D, H}, k0, k1, 0, H, dst));
+    if (config.attention_bias) {
+      std::vector<float> b(static_cast<size_t>(q1 - q0 + 2 * (k1 - k0)));
+      std::vector<float> full(static_cast<size_t>(nq) * D);
+      SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.q_proj.bias", {nq * D}, full.data()));
+      std::copy(full.begin() + q0, full.begin() + q1, b.begin());
+      full.resize(static_cast<size_t>(nkv) * D);
+      SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.k_proj.bias", {nkv * D}, full.data()));
+      std::copy(full.begin() + k0, full.begin() + k1, b.begin() + (q1 - q0));
+      SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.v_proj.bias", {nkv * D}, full.data()));
+      std::copy(full.begin() + k0, full.begin() + k1, b.begin() + (q1 - q0) + (k1 - k0));
+      SP_RETURN_IF_ERROR(UploadF32(b, &L.bqkv));
+    }
+    if (config.qk_norm) {
+      SP_RETURN_IF_ERROR(vec(p + "self_attn.q_norm.weight", D, &L.q_norm));
+      SP_RETURN_IF_ERROR(vec(p + "self_attn.k_norm.weight", D, &L.k_norm));
+    }
+    SP_RETURN_IF_ERROR(block(p + "self_attn.o_proj.weight", {H, nq * D}, 0, H, q0, q1, L.wo.get()));
+    const int64_t i0 = static_cast<int64_t>(rank) * inter, i1 = i0 + inter;
+    SP_RETURN_IF_ERROR(block(p + "mlp.gate_proj.weight", {I, H}, i0, i1, 0, H, L.wgate_up.get()));
+    SP_RETURN_IF_ERROR(block(p + "mlp.up_proj.weight", {I, H}, i0, i1, 0, H,
+                             L.wgate_up.get() + static_cast<size_t>(inter) * H));
+    SP_RETURN_IF_ERROR(block(p + "mlp.down_proj.weight", {H, I}, 0, H, i0, i1, L.wdown.get()));
+  }
+  // Pageable cudaMemcpy may return before its DMA is done: finish before `stream` work.
+  SP_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Impl::FillRandom(uint64_t seed, float scale) {
+  uint64_t n = 0;
+  auto rnd = [&](DeviceArray<bf16>& a) -> absl::Status {
+    SP_CUDA_RETURN_IF_ERROR(LaunchFillRandom(a.get(), static_cast<int64_t>(a.size()),
+                                             seed * 1000003 + ++n, scale, stream));
+    return absl::OkStatus();
+  };
+  auto one = [&](DeviceArray<float>& a) -> absl::Status {
+    SP_CUDA_RETURN_IF_ERROR(LaunchFillF32(a.get(), static_cast<int64_t>(a.size()), 1.0f, stream));
+    return absl::OkStatus();
+  };
+  SP_RETURN_IF_ERROR(rnd(embed));
+  if (!lm_head.empty()) SP_RETURN_IF_ERROR(rnd(lm_head));
+  SP_RETURN_IF_ERROR(one(final_norm));
+  for (Layer& L : layers) {
+    SP_RETURN_IF_ERROR(one(L.attn_norm));
+    SP_RETURN_IF_ERROR(one(L.mlp_norm));
+    SP_RETURN_IF_ERROR(rnd(L.wqkv));
+    if (!L.bqkv.empty()) {
+      SP_CUDA_RETURN_IF_ERROR(
+          LaunchFillF32(L.bqkv.get(), static_cast<int64_t>(L.bqkv.size()), 0.0f, stream));
+    }
+    if (!L.q_norm.empty()) SP_RETURN_IF_ERROR(one(L.q_norm));
+    if (!L.k_norm.empty()) SP_RETURN_IF_ERROR(one(L.k_norm));
+    SP_RETURN_IF_ERROR(rnd(L.wo));
+    SP_RETURN_IF_ERROR(rnd(L.wgate_up));
+    SP_RETURN_IF_ERROR(rnd(L.wdown));
+  }
+  SP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  return absl::OkStatus();
+}
+
+// KV pool (the same number of blocks on every rank).
+absl::Status CudaBackend::Impl::Finish() {
+  const int32_t D = config.head_dim;
+  SP_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+  const int32_t bs = options.kv_block_size > 0 ? options.kv_block_size : 16;
+  const int64_t per_block = static_cast<int64_t>(config.num_layers) * bs * kv_heads * D * 2 *
+                            static_cast<int64_t>(sizeof(bf16));
+  int64_t blocks = options.kv_num_blocks;
+  if (blocks <= 0 && options.device_memory_fraction > 0.0) {
+    size_t free_b = 0, total_b = 0;
+    SP_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_b, &total_b));
+    const double budget = options.device_memory_fraction * static_cast<double>(total_b) -
+                          static_cast<double>(total_b - free_b) -
+                          static_cast<double>(kWorkspaceReserve);
+    blocks = budget > 0 ? static_cast<int64_t>(budget / static_cast<double>(per_block)) : 0;
+    if (blocks < 1) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "device_memory_fraction ", options.device_memory_fraction, " leaves no room for the KV ",
+          "cache (", free_b >> 20, " MiB free of ", total_b >> 20, " MiB after the weights)"));
+    }
+    if (shard.size > 1) {
+      // Every rank must agree: take the smallest count (exact in float below 2^24).
+      blocks = std::min<int64_t>(blocks, int64_t{1} << 24);
+      std::vector<float> all(shard.size);
+      DeviceArray<float> d;
+      SP_RETURN_IF_ERROR(d.Allocate(1 + shard.size));
+      const float mine = static_cast<float>(blocks);
+      SP_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(d.get(), &mine, sizeof(float), cudaMemcpyHostToDevice, stream));
+      SP_RETURN_IF_ERROR(nccl->AllGather(d.get(), 1, d.get() + 1));
+      SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(all.data(), d.get() + 1, sizeof(float) * shard.size,
+                                              cudaMemcpyDeviceToHost, stream));
+      SP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+      for (float f : all) blocks = std::min(blocks, static_cast<int64_t>(f));
+    }
+  } else if (blocks <= 0) {
+    blocks = std::max<int64_t>(1, options.kv_memory_bytes / per_block);
+  }
+  blocks = std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max() / bs);
+  kv_info = KvPoolInfo{static_cast<int32_t>(blocks), bs, per_block};
+  const size_t elems =
+      static_cast<size_t>(config.num_layers) * static_cast<size_t>(blocks) * bs * kv_heads * D;
+  SP_RETURN_IF_ERROR(k_cache.Allocate(elems));
+  SP_RETURN_IF_ERROR(v_cache.Allocate(elems));
+  // Zeroed so that a bug reading unwritten slots shows as zeros, never as NaN garbage.
+  SP_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(k_cache.get(), 0, elems * sizeof(bf16), stream));
+  SP_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(v_cache.get(), 0, elems * sizeof(bf16), stream));
+  SP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  loaded = true;
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* out) {
+  if (!loaded) return absl::FailedPreconditionError("cuda backend: Forward before Load");
+  const int32_t V = config.vocab_size;
+  SP_RETURN_IF_ERROR(engine::ValidatePlan(plan, kv_info, V));
+  out->logits.clear();
+  out->logprobs.clear();
+  const int32_t T = plan.num_tokens();
+  if (T == 0) return absl::OkStatus();
+  SP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  const int32_t H = config.hidden_size, D = config.head_dim, bs = kv_info.block_size;
+  const int32_t qd = q_heads * D, kvd = kv_heads * D, qkv_w = qd + 2 * kvd;
+  const float eps = config.rms_norm_eps;
+
+  // ---- Step metadata, one upload: tokens, positions, slots, keys, tiles, rows. ----
+  absl::StatusOr<StepMeta> sm = BuildStepMeta(plan, bs, attn_tile);
+  if (!sm.ok()) return sm.status();
+  const std::vector<int32_t>& host = sm->words;
+  const int32_t R = static_cast<int32_t>(sm->rows.size());
+  const int32_t NL = sm->num_logprobs;
+  const int32_t tile_tokens = sm->tile_tokens;
+  const size_t off_pos = sm->off_pos, off_slots = sm->off_slots, off_keys = sm->off_keys,
+               off_tiles = sm->off_tiles, off_rows = sm->off_rows, off_lp_row = sm->off_lp_row,
+               off_lp_target = sm->off_lp_target;
+
+  // The pinned buffer is reused by the next step: every path below ends in a sync.
+  SP_RETURN_IF_ERROR(meta_host.Reserve(host.size()));
+  SP_RETURN_IF_ERROR(meta.Reserve(host.size()));
+  std::memcpy(meta_host.get(), host.data(), host.size() * sizeof(int32_t));
+  struct SyncOnExit {
+    cudaStream_t s;
+    ~SyncOnExit() { cudaStreamSynchronize(s); }
+  } sync_on_exit{stream};
+  SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
+      meta.get(), meta_host.get(), host.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
+  const int32_t* d_tokens = meta.get();
+  const float* d_pos = reinterpret_cast<const float*>(meta.get() + off_pos);
+  const int32_t* d_slots = meta.get() + off_slots;
+  const int32_t* d_keys = meta.get() + off_keys;
+  const AttnTile* d_tiles = reinterpret_cast<const AttnTile*>(meta.get() + off_tiles);
+  const int32_t* d_rows = meta.get() + off_rows;
+  const int32_t* d_lp_row = meta.get() + off_lp_row;
+  const int32_t* d_lp_target = meta.get() + off_lp_target;
+
+  // ---- Buffers. ----
+  const size_t Ts = static_cast<size_t>(T);
+  SP_RETURN_IF_ERROR(x.Reserve(Ts * H));
+  SP_RETURN_IF_ERROR(h.Reserve(Ts * H));
+  SP_RETURN_IF_ERROR(qkv.Reserve(Ts * qkv_w));
+  SP_RETURN_IF_ERROR(q.Reserve(Ts * qd));
+  SP_RETURN_IF_ERROR(attn.Reserve(Ts * qd));
+  SP_RETURN_IF_ERROR(proj.Reserve(Ts * H));
+  SP_RETURN_IF_ERROR(gu.Reserve(Ts * 2 * inter));
+  SP_RETURN_IF_ERROR(act.Reserve(Ts * inter));
+  // Logits buffers too: no cudaMalloc/cudaFree once this step's collectives are queued
+  // (a device-synchronizing call between NCCL launches of different ranks can hang).
+  const size_t Rs = static_cast<size_t>(R);
+  const int32_t tp = shard.size;
+  if (R > 0) {
+    SP_RETURN_IF_ERROR(hn.Reserve(Rs * H));
+    SP_RETURN_IF_ERROR(local.Reserve(Rs * vocab_pad));
+    if (tp > 1) {
+      SP_RETURN_IF_ERROR(logits.Reserve(Rs * V));
+      SP_RETURN_IF_ERROR(gathered.Reserve(static_cast<size_t>(tp) * Rs * vocab_pad));
+    }
+    if (NL > 0) SP_RETURN_IF_ERROR(lp_out.Reserve(NL));
+  }
+
+  // ---- Layers. ----
+  SP_CUDA_RETURN_IF_ERROR(
+      LaunchEmbedding(d_tokens, T, embed.get(), vocab_begin, vocab_local, H, x.get(), stream));
+  SP_RETURN_IF_ERROR(AllReduce(x.get(), static_cast<int64_t>(Ts) * H));
+  const size_t layer_elems = static_cast<size_t>(kv_info.num_blocks) * bs * kvd;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  for (int32_t l = 0; l < config.num_layers; ++l) {
+    const Layer& L = layers[l];
+    if (l == 0) {
+      SP_CUDA_RETURN_IF_ERROR(
+          LaunchAddRmsNorm(x.get(), nullptr, L.attn_norm.get(), T, H, eps, h.get(), stream));
+    }
+    SP_RETURN_IF_ERROR(GemmBf16(cublas, h.get(), T, H, L.wqkv.get(), qkv_w, qkv.get()));
+    bf16* kl = k_cache.get() + static_cast<size_t>(l) * layer_elems;
+    bf16* vl = v_cache.get() + static_cast<size_t>(l) * layer_elems;
+    SP_CUDA_RETURN_IF_ERROR(LaunchQkvPost(
+        qkv.get(), L.bqkv.empty() ? nullptr : L.bqkv.get(),
+        L.q_norm.empty() ? nullptr : L.q_norm.get(), L.k_norm.empty() ? nullptr : L.k_norm.get(),
+        d_pos, inv_freq.get(), d_slots, T, q_heads, kv_heads, D, eps, q.get(), kl, vl, stream));
+    SP_CUDA_RETURN_IF_ERROR(LaunchAttention(q.get(), kl, vl, d_keys, d_tiles, sm->num_tiles,
+                                            tile_tokens, q_heads, kv_heads, D, scale, attn.get(),
+                                            stream));
+    SP_RETURN_IF_ERROR(GemmBf16(cublas, attn.get(), T, qd, L.wo.get(), H, proj.get()));
+    SP_RETURN_IF_ERROR(AllReduce(proj.get(), static_cast<int64_t>(Ts) * H));
+    SP_CUDA_RETURN_IF_ERROR(
+        LaunchAddRmsNorm(x.get(), proj.get(), L.mlp_norm.get(), T, H, eps, h.get(), stream));
+    SP_RETURN_IF_ERROR(GemmBf16(cublas, h.get(), T, H, L.wgate_up.get(), 2 * inter, gu.get()));
+    SP_CUDA_RETURN_IF_ERROR(LaunchSwiGlu(gu.get(), T, inter, act.get(), stream));
+    SP_RETURN_IF_ERROR(GemmBf16(cublas, act.get(), T, inter, L.wdown.get(), H, proj.get()));
+    SP_RETURN_IF_ERROR(AllReduce(proj.get(), static_cast<int64_t>(Ts) * H));
+    // Residual add fused with the next norm (the final norm after the last layer).
+    const float* next_norm =
+        l + 1 < config.num_layers ? layers[l + 1].attn_norm.get() : final_norm.get();
+    SP_CUDA_RETURN_IF_ERROR(
+        LaunchAddRmsNorm(x.get(), proj.get(), next_norm, T, H, eps, h.get(), stream));
+  }
+  if (R == 0) {
+    SP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+    return absl::OkStatus();
+  }
+
+  // ---- Logits: gather rows, lm_head (vocabulary-parallel), all-gather, log-softmax. ----
+  SP_CUDA_RETURN_IF_ERROR(LaunchGatherRows(h.get(), d_rows, R, H, hn.get(), stream));
+  const bf16* head = lm_head.empty() ? embed.get() : lm_head.get();
+  SP_RETURN_IF_ERROR(GemmBf16(cublas, hn.get(), R, H, head, vocab_pad, local.get()));
+  // [R, V] logits: this rank's own when tp = 1 (vocab_pad == V), else reassembled.
+  const float* all_logits = tp == 1 ? local.get() : logits.get();
+  if (tp > 1) {
+    SP_RETURN_IF_ERROR(
+        nccl->AllGather(local.get(), static_cast<int64_t>(Rs) * vocab_pad, gathered.get()));
+    for (int32_t rk = 0; rk < tp; ++rk) {
+      const int32_t v0 = std::min(V, rk * vocab_pad), v1 = std::min(V, v0 + vocab_pad);
+      if (v1 <= v0) continue;
+      SP_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(
+          logits.get() + v0, sizeof(float) * V,
+          gathered.get() + static_cast<size_t>(rk) * Rs * vocab_pad, sizeof(float) * vocab_pad,
+          sizeof(float) * (v1 - v0), Rs, cudaMemcpyDeviceToDevice, stream));
+    }
+  }
+  const size_t nl = plan.logits_for.size();
+  out->logits.resize(nl * V);
+  if (nl > 0) {
+    SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->logits.data(), all_logits, nl * V * sizeof(float),
+                                            cudaMemcpyDeviceToHost, stream));
+  }
+  out->logprobs.resize(NL);
+  if (NL > 0) {
+    SP_CUDA_RETURN_IF_ERROR(
+        LaunchLogprobs(all_logits, V, d_lp_row, d_lp_target, NL, lp_out.get(), stream));
+    SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->logprobs.data(), lp_out.get(), NL * sizeof(float),
+                                            cudaMemcpyDeviceToHost, stream));
+  }
+  SP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  return absl::OkStatus();
+}
+
+CudaBackend::CudaBackend(const engine::BackendOptions& options, int32_t device)
+    : impl_(std::make_unique<Impl>()) {
+  impl_->options = options;
+  impl_->device = device;
+}
+
+CudaBackend::~CudaBackend() = default;
+
+absl::Status CudaBackend::Load(const ModelConfig& config, const WeightSource& weights,
+                               const Shard& shard) {
+  SP_RETURN_IF_ERROR(impl_->Setup(config, shard));
+  SP_RETURN_IF_ERROR(impl_->AllocateWeights());
+  SP_RETURN_IF_ERROR(impl_->ReadWeights(weights));
+  return impl_->Finish();
+}
+
+absl::Status CudaBackend::LoadRandom(const ModelConfig& config, const Shard& shard, uint64_t seed,
+                                     float scale) {
+  SP_RETURN_IF_ERROR(impl_->Setup(config, shard));
+  SP_RETURN_IF_ERROR(impl_->AllocateWeights());
+  SP_RETURN_IF_ERROR(impl_->FillRandom(seed, scale));
+  return impl_->Finish();
+}
+
+absl::Status CudaBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
+  return impl_->Forward(plan, out);
+}
+
+KvPoolInfo CudaBackend::kv() const { return impl_->kv_info; }
+int64_t CudaBackend::weight_bytes() const { return impl_->WeightBytes(); }
+int32_t CudaBackend::attention_tile_tokens() const { return impl_->attn_tile; }
+
+absl::StatusOr<std::unique_ptr<engine::Backend>> MakeCudaBackend(
+    const engine::BackendOptions& options, int32_t tp) {
+  std::string why;
+  const int32_t n = CudaDeviceCount(&why);
+  if (n == 0) return absl::FailedPreconditionError("no usable CUDA device: " + why);
+  if (tp <= 1) {
+    engine::BackendOptions o = options;
+    o.comm = nullptr;
+    return std::unique_ptr<engine::Backend>(std::make_unique<CudaBackend>(o, 0));
+  }
+  if (tp > n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tp=", tp, " needs ", tp, " GPUs, this node has ", n));
+  }
+  std::vector<int> devices(tp);
+  for (int32_t r = 0; r < tp; ++r) devices[r] = r;
+  auto group = NcclCommunicator::CreateGroup(devices);
+  if (!group.ok()) return group.status();
+  std::vector<std::unique_ptr<engine::Backend>> ranks;
+  std::vector<std::unique_ptr<engine::Communicator>> comms;
+  for (int32_t r = 0; r < tp; ++r) {
+    engine::BackendOptions o = options;
+    o.comm = (*group)[r].get();
+    o.tensor_parallel = tp;
+    ranks.push_back(std::make_unique<CudaBackend>(o, r));
+    comms.push_back(std::move((*group)[r]));
+  }
+  return std::unique_ptr<engine::Backend>(
+      std::make_unique<engine::TensorParallelBackend>(std::move(ranks), std::move(comms), nullptr));
+}
+
+void RegisterBackend(engine::BackendRegistry& registry) {
+  registry.Register("cuda", [](const engine::BackendOptions& options) {
+    return MakeCudaBackend(options, options.tensor_parallel);
+  });
+}
+
+}  // namespace superpose::cuda

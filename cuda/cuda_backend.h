@@ -1,0 +1,59 @@
+// The CUDA backend: bf16 weights and KV cache, float32 accumulation and activations,
+// cuBLAS GEMMs and the kernels of cuda/kernels.cu; tensor parallelism over the GPUs of
+// one node through NCCL (one thread per GPU, TensorParallelBackend). This header has no
+// CUDA includes, so the server and tools include it like any other.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "engine/backend.h"
+
+namespace superpose::cuda {
+
+// Usable CUDA devices; 0 when cudaGetDeviceCount fails (no driver, no device), with
+// the reason in *error when given.
+int32_t CudaDeviceCount(std::string* error = nullptr);
+inline bool CudaAvailable(std::string* error = nullptr) { return CudaDeviceCount(error) > 0; }
+
+class CudaBackend : public engine::Backend {
+ public:
+  // One rank on GPU `device`. With tensor parallelism options.comm must be the rank's
+  // NcclCommunicator (its pointers are device pointers).
+  CudaBackend(const engine::BackendOptions& options, int32_t device);
+  ~CudaBackend() override;
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  std::string name() const override { return "cuda"; }
+  std::string compute_dtype() const override { return "bfloat16"; }
+  absl::Status Load(const engine::ModelConfig& config, const engine::WeightSource& weights,
+                    const engine::Shard& shard) override;
+  absl::Status Forward(const engine::BatchPlan& plan, engine::ForwardOutput* out) override;
+  engine::KvPoolInfo kv() const override;
+
+  // Benchmarks and tests: allocates the weights of `config` for `shard` and fills them
+  // on the device (no host copy): matrices, embeddings and biases uniform(-scale,
+  // scale) from `seed`, norm weights 1.
+  absl::Status LoadRandom(const engine::ModelConfig& config, const engine::Shard& shard,
+                          uint64_t seed, float scale = 0.03f);
+  // Device bytes held for weights (this rank).
+  int64_t weight_bytes() const;
+  // Query tokens per attention block in prefill steps (set at load from shared memory).
+  int32_t attention_tile_tokens() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// One CudaBackend on GPU 0 (tp <= 1) or `tp` ranks on GPUs 0..tp-1 joined by NCCL.
+absl::StatusOr<std::unique_ptr<engine::Backend>> MakeCudaBackend(
+    const engine::BackendOptions& options, int32_t tp);
+
+// Registers "cuda" (options.tensor_parallel ranks).
+void RegisterBackend(engine::BackendRegistry& registry);
+
+}  // namespace superpose::cuda

@@ -1,0 +1,345 @@
+// The CUDA backend's own kernels (see kernels.h for what each computes). Everything
+// here is written for correctness first: float32 math, plain loads, no fast-math.
+#include <cmath>
+#include <map>
+#include <mutex>
+
+#include "cuda/attention_body.h"
+#include "cuda/kernels.h"
+
+namespace superpose::cuda {
+namespace {
+
+constexpr int kWarp = 32;
+
+__device__ __forceinline__ float WarpSum(float v) {
+  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float WarpMax(float v) {
+  for (int o = kWarp / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum (or max) over the block; `sh` holds 32 floats. Every thread gets the result.
+template <bool kMax>
+__device__ float BlockReduce(float v, float* sh) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int nwarps = (blockDim.x + kWarp - 1) / kWarp;
+  v = kMax ? WarpMax(v) : WarpSum(v);
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    float r = lane < nwarps ? sh[lane] : (kMax ? -INFINITY : 0.0f);
+    r = kMax ? WarpMax(r) : WarpSum(r);
+    if (lane == 0) sh[0] = r;
+  }
+  __syncthreads();
+  const float r = sh[0];
+  __syncthreads();
+  return r;
+}
+
+__global__ void EmbeddingKernel(const int32_t* __restrict__ tokens, const bf16* __restrict__ embed,
+                                int32_t vocab_begin, int32_t vocab_local, int32_t H,
+                                float* __restrict__ x) {
+  const int64_t t = blockIdx.x;
+  const int32_t id = tokens[t] - vocab_begin;
+  float* dst = x + t * H;
+  if (id >= 0 && id < vocab_local) {
+    const bf16* src = embed + static_cast<int64_t>(id) * H;
+    for (int32_t i = threadIdx.x; i < H; i += blockDim.x) dst[i] = __bfloat162float(src[i]);
+  } else {
+    for (int32_t i = threadIdx.x; i < H; i += blockDim.x) dst[i] = 0.0f;
+  }
+}
+
+__global__ void AddRmsNormKernel(float* __restrict__ x, const float* __restrict__ add,
+                                 const float* __restrict__ w, int32_t H, float eps,
+                                 bf16* __restrict__ h) {
+  __shared__ float sh[kWarp];
+  const int64_t t = blockIdx.x;
+  float* xr = x + t * H;
+  const float* ar = add != nullptr ? add + t * H : nullptr;
+  float ss = 0.0f;
+  for (int32_t i = threadIdx.x; i < H; i += blockDim.x) {
+    float v = xr[i];
+    if (ar != nullptr) {
+      v += ar[i];
+      xr[i] = v;
+    }
+    ss += v * v;
+  }
+  ss = BlockReduce<false>(ss, sh);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(H) + eps);
+  bf16* hr = h + t * H;
+  // Each thread reads back only the elements it wrote above.
+  for (int32_t i = threadIdx.x; i < H; i += blockDim.x)
+    hr[i] = __float2bfloat16(xr[i] * inv * w[i]);
+}
+
+__global__ void GatherRowsKernel(const bf16* __restrict__ in, const int32_t* __restrict__ rows,
+                                 int32_t cols, bf16* __restrict__ out) {
+  const int64_t r = blockIdx.x;
+  const bf16* src = in + static_cast<int64_t>(rows[r]) * cols;
+  bf16* dst = out + r * cols;
+  for (int32_t i = threadIdx.x; i < cols; i += blockDim.x) dst[i] = src[i];
+}
+
+// One block per token; each warp takes whole heads (q heads, then k heads, then v heads).
+__global__ void QkvPostKernel(const float* __restrict__ qkv, const float* __restrict__ bias,
+                              const float* __restrict__ q_norm, const float* __restrict__ k_norm,
+                              const float* __restrict__ positions,
+                              const float* __restrict__ inv_freq, const int32_t* __restrict__ slots,
+                              int32_t qh, int32_t kvh, int32_t D, float eps,
+                              float* __restrict__ q_out, bf16* __restrict__ kc,
+                              bf16* __restrict__ vc) {
+  const int64_t t = blockIdx.x;
+  const int32_t heads = qh + 2 * kvh;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int nwarps = blockDim.x / kWarp;
+  const float* row = qkv + t * heads * D;
+  const float pos = positions[t];
+  const int32_t half = D / 2;
+  const int64_t slot = slots[t];
+  for (int32_t hd = warp; hd < heads; hd += nwarps) {  // warp-uniform loop
+    const float* src = row + static_cast<int64_t>(hd) * D;
+    const float* b = bias != nullptr ? bias + static_cast<int64_t>(hd) * D : nullptr;
+    if (hd >= qh + kvh) {
+      bf16* dst = vc + (slot * kvh + (hd - qh - kvh)) * D;
+      for (int32_t d = lane; d < D; d += kWarp) {
+        dst[d] = __float2bfloat16(src[d] + (b != nullptr ? b[d] : 0.0f));
+      }
+      continue;
+    }
+    const bool is_q = hd < qh;
+    const float* nw = is_q ? q_norm : k_norm;
+    float inv = 1.0f;
+    if (nw != nullptr) {
+      float ss = 0.0f;
+      for (int32_t d = lane; d < D; d += kWarp) {
+        const float v = src[d] + (b != nullptr ? b[d] : 0.0f);
+        ss += v * v;
+      }
+      ss = WarpSum(ss);
+      inv = 1.0f / sqrtf(ss / static_cast<float>(D) + eps);
+    }
+    for (int32_t i = lane; i < half; i += kWarp) {
+      float a = src[i] + (b != nullptr ? b[i] : 0.0f);
+      float c2 = src[i + half] + (b != nullptr ? b[i + half] : 0.0f);
+      if (nw != nullptr) {
+        a = a * inv * nw[i];
+        c2 = c2 * inv * nw[i + half];
+      }
+      float sn, cs;
+      sincosf(pos * inv_freq[i], &sn, &cs);
+      const float ra = a * cs - c2 * sn;
+      const float rb = c2 * cs + a * sn;
+      if (is_q) {
+        float* dst = q_out + (t * qh + hd) * D;
+        dst[i] = ra;
+        dst[i + half] = rb;
+      } else {
+        bf16* dst = kc + (slot * kvh + (hd - qh)) * D;
+        dst[i] = __float2bfloat16(ra);
+        dst[i + half] = __float2bfloat16(rb);
+      }
+    }
+  }
+}
+
+struct DeviceCtx {
+  __device__ int tid() const { return threadIdx.x; }
+  __device__ int nthreads() const { return blockDim.x; }
+  __device__ void sync() const { __syncthreads(); }
+  __device__ float load(const bf16* p, int64_t i) const { return __bfloat162float(p[i]); }
+  __device__ void store(bf16* p, int64_t i, float v) const { p[i] = __float2bfloat16(v); }
+};
+
+// grid (num_tiles, kvh); the body is cuda/attention_body.h.
+__global__ void __launch_bounds__(kAttnThreads)
+    AttentionKernel(const float* __restrict__ q, const bf16* __restrict__ kc,
+                    const bf16* __restrict__ vc, const int32_t* __restrict__ keys,
+                    const AttnTile* __restrict__ tiles, int32_t qh, int32_t kvh, int32_t D,
+                    int32_t G, float scale, bf16* __restrict__ out) {
+  extern __shared__ float smem[];
+  DeviceCtx c;
+  AttentionBlock(c, tiles[blockIdx.x], static_cast<int32_t>(blockIdx.y), smem, q, kc, vc, keys, qh,
+                 kvh, D, G, scale, out);
+}
+
+__global__ void SwiGluKernel(const float* __restrict__ gu, int64_t T, int32_t I,
+                             bf16* __restrict__ act) {
+  const int64_t n = T * I;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = idx / I, i = idx - t * I;
+    const float g = gu[t * 2 * I + i];
+    const float u = gu[t * 2 * I + I + i];
+    act[idx] = __float2bfloat16(g / (1.0f + expf(-g)) * u);
+  }
+}
+
+__global__ void LogprobsKernel(const float* __restrict__ logits, int32_t V,
+                               const int32_t* __restrict__ rows,
+                               const int32_t* __restrict__ targets, float* __restrict__ out) {
+  __shared__ float sh[kWarp];
+  const int32_t i = blockIdx.x;
+  const float* row = logits + static_cast<int64_t>(rows[i]) * V;
+  float mx = -INFINITY;
+  for (int32_t v = threadIdx.x; v < V; v += blockDim.x) mx = fmaxf(mx, row[v]);
+  mx = BlockReduce<true>(mx, sh);
+  float sum = 0.0f;
+  for (int32_t v = threadIdx.x; v < V; v += blockDim.x) sum += expf(row[v] - mx);
+  sum = BlockReduce<false>(sum, sh);
+  if (threadIdx.x == 0) out[i] = row[targets[i]] - (mx + logf(sum));
+}
+
+__device__ __forceinline__ uint64_t SplitMix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+__global__ void FillRandomKernel(bf16* __restrict__ p, int64_t n, uint64_t seed, float scale) {
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint64_t h = SplitMix64(seed * 0x632be59bd9b4e019ull + static_cast<uint64_t>(idx));
+    // 24 random bits -> [-1, 1).
+    const float u = static_cast<float>(h >> 40) * (2.0f / 16777216.0f) - 1.0f;
+    p[idx] = __float2bfloat16(u * scale);
+  }
+}
+
+__global__ void FillF32Kernel(float* __restrict__ p, int64_t n, float value) {
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    p[idx] = value;
+  }
+}
+
+int GridFor(int64_t n, int threads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return static_cast<int>(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
+}
+
+}  // namespace
+
+cudaError_t LaunchEmbedding(const int32_t* tokens, int32_t T, const bf16* embed,
+                            int32_t vocab_begin, int32_t vocab_local, int32_t H, float* x,
+                            cudaStream_t stream) {
+  if (T <= 0) return cudaSuccess;
+  EmbeddingKernel<<<T, 256, 0, stream>>>(tokens, embed, vocab_begin, vocab_local, H, x);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchAddRmsNorm(float* x, const float* add, const float* w, int32_t T, int32_t H,
+                             float eps, bf16* h, cudaStream_t stream) {
+  if (T <= 0) return cudaSuccess;
+  const int threads = H >= 4096 ? 1024 : (H >= 1024 ? 512 : 256);
+  AddRmsNormKernel<<<T, threads, 0, stream>>>(x, add, w, H, eps, h);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchGatherRows(const bf16* in, const int32_t* rows, int32_t R, int32_t cols,
+                             bf16* out, cudaStream_t stream) {
+  if (R <= 0) return cudaSuccess;
+  GatherRowsKernel<<<R, 256, 0, stream>>>(in, rows, cols, out);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchQkvPost(const float* qkv, const float* bias, const float* q_norm,
+                          const float* k_norm, const float* positions, const float* inv_freq,
+                          const int32_t* slots, int32_t T, int32_t qh, int32_t kvh, int32_t D,
+                          float eps, float* q_out, bf16* k_layer, bf16* v_layer,
+                          cudaStream_t stream) {
+  if (T <= 0) return cudaSuccess;
+  if (D % 2 != 0) return cudaErrorInvalidValue;
+  QkvPostKernel<<<T, 128, 0, stream>>>(qkv, bias, q_norm, k_norm, positions, inv_freq, slots, qh,
+                                       kvh, D, eps, q_out, k_layer, v_layer);
+  return cudaGetLastError();
+}
+
+size_t AttentionSharedBytes(int32_t rows, int32_t D) {
+  return sizeof(float) * AttentionSharedFloats(rows, D);
+}
+
+cudaError_t PrepareAttention(size_t bytes) {
+  // Only ever raised, per device: backends of different head dims may share a device.
+  static std::mutex mu;
+  static std::map<int, size_t> prepared;
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  std::lock_guard<std::mutex> lock(mu);
+  size_t& have = prepared[dev];
+  if (bytes <= have) return cudaSuccess;
+  e = cudaFuncSetAttribute(AttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(bytes));
+  if (e == cudaSuccess) have = bytes;
+  return e;
+}
+
+cudaError_t LaunchAttention(const float* q, const bf16* k_layer, const bf16* v_layer,
+                            const int32_t* keys, const AttnTile* tiles, int32_t num_tiles,
+                            int32_t max_tile_tokens, int32_t qh, int32_t kvh, int32_t D,
+                            float scale, bf16* out, cudaStream_t stream) {
+  if (num_tiles <= 0) return cudaSuccess;
+  if (kvh <= 0 || qh % kvh != 0 || max_tile_tokens <= 0 || kvh > 65535) {
+    return cudaErrorInvalidValue;
+  }
+  const int32_t G = qh / kvh;
+  const size_t smem = AttentionSharedBytes(max_tile_tokens * G, D);
+  dim3 grid(static_cast<unsigned>(num_tiles), static_cast<unsigned>(kvh));
+  AttentionKernel<<<grid, kAttnThreads, smem, stream>>>(q, k_layer, v_layer, keys, tiles, qh, kvh,
+                                                        D, G, scale, out);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSwiGlu(const float* gu, int32_t T, int32_t I, bf16* act, cudaStream_t stream) {
+  const int64_t n = static_cast<int64_t>(T) * I;
+  if (n <= 0) return cudaSuccess;
+  SwiGluKernel<<<GridFor(n, 256), 256, 0, stream>>>(gu, T, I, act);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchLogprobs(const float* logits, int32_t V, const int32_t* rows,
+                           const int32_t* targets, int32_t n, float* out, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  LogprobsKernel<<<n, 256, 0, stream>>>(logits, V, rows, targets, out);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchFillRandom(bf16* p, int64_t n, uint64_t seed, float scale, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  FillRandomKernel<<<GridFor(n, 256), 256, 0, stream>>>(p, n, seed, scale);
+  return cudaGetLastError();
+}
+
+cudaError_t LoadKernels() {
+  const void* kernels[] = {reinterpret_cast<const void*>(EmbeddingKernel),
+                           reinterpret_cast<const void*>(AddRmsNormKernel),
+                           reinterpret_cast<const void*>(GatherRowsKernel),
+                           reinterpret_cast<const void*>(QkvPostKernel),
+                           reinterpret_cast<const void*>(AttentionKernel),
+                           reinterpret_cast<const void*>(SwiGluKernel),
+                           reinterpret_cast<const void*>(LogprobsKernel),
+                           reinterpret_cast<const void*>(FillRandomKernel),
+                           reinterpret_cast<const void*>(FillF32Kernel)};
+  for (const void* k : kernels) {
+    cudaFuncAttributes attr;
+    const cudaError_t e = cudaFuncGetAttributes(&attr, k);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t LaunchFillF32(float* p, int64_t n, float value, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  FillF32Kernel<<<GridFor(n, 256), 256, 0, stream>>>(p, n, value);
+  return cudaGetLastError();
+}
+
+}  // namespace superpose::cuda

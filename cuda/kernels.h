@@ -1,0 +1,81 @@
+// Launchers of the CUDA backend's own kernels (cuda/kernels.cu). Every pointer is a
+// device pointer; every launcher enqueues on `stream` and returns the launch error
+// (cudaGetLastError) without synchronizing. Activations between kernels are float32;
+// weights, the KV pool and GEMM inputs are bfloat16.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/attn_tile.h"
+
+namespace superpose::cuda {
+
+using bf16 = __nv_bfloat16;
+
+// x[t, :] = embed[tokens[t] - vocab_begin, :] (as float), or 0 when the token is not in
+// [vocab_begin, vocab_begin + vocab_local) (vocabulary-parallel embedding).
+cudaError_t LaunchEmbedding(const int32_t* tokens, int32_t T, const bf16* embed,
+                            int32_t vocab_begin, int32_t vocab_local, int32_t H, float* x,
+                            cudaStream_t stream);
+
+// Per row t: if `add`, x[t] += add[t] (x is updated in place); then
+// h[t] = bf16(x[t] / sqrt(mean(x[t]^2) + eps) * w). `add` may be null.
+cudaError_t LaunchAddRmsNorm(float* x, const float* add, const float* w, int32_t T, int32_t H,
+                             float eps, bf16* h, cudaStream_t stream);
+
+// out[r, :] = in[rows[r], :] for r < R (bf16 rows of `cols` elements).
+cudaError_t LaunchGatherRows(const bf16* in, const int32_t* rows, int32_t R, int32_t cols,
+                             bf16* out, cudaStream_t stream);
+
+// After the QKV projection. qkv: [T, (qh + 2 * kvh) * D] float (q heads, k heads, v
+// heads). Per token: adds `bias` (may be null; same layout as a qkv row), applies the
+// per-head RMSNorm q_norm / k_norm (may be null; [D] each), RoPE (rotate_half, angle =
+// positions[t] * inv_freq[i] in float32) to q and k; writes q to q_out [T, qh, D] float
+// and k, v as bf16 into the pool at k_layer/v_layer + (slots[t] * kvh + head) * D, where
+// slots[t] = block * block_size + slot.
+cudaError_t LaunchQkvPost(const float* qkv, const float* bias, const float* q_norm,
+                          const float* k_norm, const float* positions, const float* inv_freq,
+                          const int32_t* slots, int32_t T, int32_t qh, int32_t kvh, int32_t D,
+                          float eps, float* q_out, bf16* k_layer, bf16* v_layer,
+                          cudaStream_t stream);
+
+// Shared memory (bytes) of the attention kernel for `rows` query rows (tokens x group).
+size_t AttentionSharedBytes(int32_t rows, int32_t D);
+// Raises the kernel's dynamic shared-memory limit on the current device to at least
+// `bytes` (never lowers it).
+cudaError_t PrepareAttention(size_t bytes);
+
+// Paged causal attention with GQA. For each tile and local kv head g, the query rows are
+// the tile's tokens x the group's G = qh / kvh query heads (local heads g*G .. g*G+G-1).
+// A token with index i among its sequence's new tokens sees keys[key_off ..
+// key_off + ctx_len + i] (inclusive), each key an index block * block_size + slot into
+// the layer's pool [slot][kvh][D]. q: [T, qh, D] float; out: [T, qh, D] bf16.
+// `max_tile_tokens` bounds every tile's ntok and sizes the shared memory; 1 is the
+// decode variant (one block per sequence and kv head), larger tiles are the prefill
+// variant (each K/V tile is loaded once for all of the tile's tokens).
+cudaError_t LaunchAttention(const float* q, const bf16* k_layer, const bf16* v_layer,
+                            const int32_t* keys, const AttnTile* tiles, int32_t num_tiles,
+                            int32_t max_tile_tokens, int32_t qh, int32_t kvh, int32_t D,
+                            float scale, bf16* out, cudaStream_t stream);
+
+// act[t, i] = bf16(silu(gu[t, i]) * gu[t, I + i]) for gu [T, 2I] float.
+cudaError_t LaunchSwiGlu(const float* gu, int32_t T, int32_t I, bf16* act, cudaStream_t stream);
+
+// out[i] = logits[rows[i], targets[i]] - logsumexp(logits[rows[i], :]), logits [*, V].
+cudaError_t LaunchLogprobs(const float* logits, int32_t V, const int32_t* rows,
+                           const int32_t* targets, int32_t n, float* out, cudaStream_t stream);
+
+// Fills n bf16 values with uniform(-scale, scale) from a counter-based hash of
+// (seed, index): deterministic, generated on the device (benchmarks, tests).
+cudaError_t LaunchFillRandom(bf16* p, int64_t n, uint64_t seed, float scale, cudaStream_t stream);
+// Loads every kernel of this file on the current device now (with CUDA's lazy module
+// loading the first launch would otherwise load it, in the middle of a step).
+cudaError_t LoadKernels();
+
+// Fills n floats with `value`.
+cudaError_t LaunchFillF32(float* p, int64_t n, float value, cudaStream_t stream);
+
+}  // namespace superpose::cuda

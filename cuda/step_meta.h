@@ -1,0 +1,35 @@
+// The host side of a CUDA step: everything the kernels need to know about a BatchPlan,
+// packed into one int32 array that is uploaded with a single copy. No CUDA includes,
+// so it is unit-tested on any machine.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "cuda/attn_tile.h"
+#include "engine/backend.h"
+
+namespace superpose::cuda {
+
+struct StepMeta {
+  // tokens [T] | positions [T] (float bits) | slots [T] (block * block_size + slot) |
+  // keys (per sequence with new tokens: its context segments' slots, then its new
+  // tokens' slots) | tiles | logits rows [R] | logprob rows [NL] | logprob targets [NL]
+  std::vector<int32_t> words;
+  size_t off_pos = 0, off_slots = 0, off_keys = 0, off_tiles = 0, off_rows = 0, off_lp_row = 0,
+         off_lp_target = 0;
+  int32_t num_tiles = 0;
+  int32_t tile_tokens = 1;  // 1 when every sequence has at most one new token (decode)
+  // Rows of the logits matrix: plan.logits_for, then the extra rows logprobs need.
+  std::vector<int32_t> rows;
+  int32_t num_logprobs = 0;
+};
+
+// `plan` must have passed engine::ValidatePlan. Sequences with more than one new token
+// are cut into tiles of up to `max_tile_tokens` tokens.
+absl::StatusOr<StepMeta> BuildStepMeta(const engine::BatchPlan& plan, int32_t block_size,
+                                       int32_t max_tile_tokens);
+
+}  // namespace superpose::cuda
