@@ -35,6 +35,7 @@ ABSL_FLAG(int32_t, preamble_tokens, 30, "Preamble length");
 ABSL_FLAG(int32_t, postamble_tokens, 4, "Postamble length");
 ABSL_FLAG(int32_t, new_tokens, 5, "Generated tokens");
 ABSL_FLAG(int32_t, max_batch_tokens, 2048, "Engine step budget");
+ABSL_FLAG(bool, warm_only, false, "Only the warm path-cache runs (for profiling)");
 
 namespace superpose {
 namespace {
@@ -180,6 +181,11 @@ int Main() {
       last.ttft_s = bench::Percentile(ttft, 50);
       return last;
     };
+    if (absl::GetFlag(FLAGS_warm_only)) {
+      const Sample warm = measure(rag::Mode::kSuperposition, true, true);
+      std::printf("| %d | warm | %.1f |\n", n, warm.ttft_s * 1e3);
+      continue;
+    }
     const Sample naive = measure(rag::Mode::kNaive, false, false);
     const Sample cold = measure(rag::Mode::kSuperposition, false, false);
     const Sample warm = measure(rag::Mode::kSuperposition, true, true);

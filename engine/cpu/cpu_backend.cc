@@ -258,7 +258,7 @@ void CpuBackend::Attention(const BatchPlan& plan, const KeyIndex& ix, int32_t la
   // Sequences with many new tokens (prefill chunks): blocked attention through sgemm,
   // per (sequence, head, tile of kPrefillTile queries): S = Q K^T over the gathered
   // keys, causal mask, softmax, O = P V.
-  constexpr int32_t kPrefillMin = 32, kPrefillTile = 128;
+  constexpr int32_t kPrefillMin = 8, kPrefillTile = 128;
   struct Task {
     int32_t seq, head, row0, rows;
   };
@@ -479,12 +479,14 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
   const int32_t V = config_.vocab_size, tp = shard_.size;
   const int32_t vocab_pad = (V + tp - 1) / tp;
   const float* head = lm_head_.empty() ? embed_.data() : lm_head_.data();
-  std::vector<float> local(static_cast<size_t>(R) * vocab_pad);
+  // Scratch kept across steps: scoring steps ask for thousands of rows, and fresh
+  // allocations of that size are page-faulted in again every step.
+  std::vector<float>& local = lm_local_;
+  local.resize(static_cast<size_t>(R) * vocab_pad);
   Linear(hn.data(), R, H, head, vocab_pad, local.data());
-  std::vector<float> logits(static_cast<size_t>(R) * V);
-  if (tp == 1) {
-    logits.swap(local);
-  } else {
+  std::vector<float>& logits = tp == 1 ? lm_local_ : lm_full_;
+  if (tp > 1) {
+    logits.resize(static_cast<size_t>(R) * V);
     std::vector<float> gathered(static_cast<size_t>(tp) * R * vocab_pad);
     SP_RETURN_IF_ERROR(options_.comm->AllGather(local.data(), local.size(), gathered.data()));
     for (int32_t rk = 0; rk < tp; ++rk) {

@@ -29,10 +29,10 @@ class CpuBackend : public Backend {
     std::vector<float> bqkv;       // same rows, empty without attention bias
     std::vector<float> q_norm;     // [head_dim], empty without qk norm
     std::vector<float> k_norm;
-    std::vector<float> wo;         // [hidden, q_local * head_dim]
-    std::vector<float> mlp_norm;   // [hidden]
-    std::vector<float> wgate_up;   // [2 * inter_local, hidden]: gate rows then up rows
-    std::vector<float> wdown;      // [hidden, inter_local]
+    std::vector<float> wo;        // [hidden, q_local * head_dim]
+    std::vector<float> mlp_norm;  // [hidden]
+    std::vector<float> wgate_up;  // [2 * inter_local, hidden]: gate rows then up rows
+    std::vector<float> wdown;     // [hidden, inter_local]
   };
 
   // y[T, out] = x[T, in] * W[out, in]^T
@@ -54,10 +54,10 @@ class CpuBackend : public Backend {
   ModelConfig config_;
   Shard shard_;
   // Per-rank sizes (tensor parallelism splits heads, MLP columns and the vocabulary).
-  int32_t q_heads_ = 0;     // query heads of this rank
-  int32_t kv_heads_ = 0;    // kv heads stored by this rank
+  int32_t q_heads_ = 0;   // query heads of this rank
+  int32_t kv_heads_ = 0;  // kv heads stored by this rank
   int32_t kv_head_begin_ = 0;
-  int32_t inter_ = 0;       // intermediate columns of this rank
+  int32_t inter_ = 0;  // intermediate columns of this rank
   int32_t vocab_begin_ = 0;
   int32_t vocab_local_ = 0;
 
@@ -71,6 +71,8 @@ class CpuBackend : public Backend {
   // [layer][block][slot][kv_head][head_dim]
   std::vector<float> k_cache_;
   std::vector<float> v_cache_;
+  std::vector<float> lm_local_;  // LM-head output scratch [rows, vocab_local]
+  std::vector<float> lm_full_;   // gathered logits scratch (tensor parallel)
 };
 
 void RegisterBackend(BackendRegistry& registry);
