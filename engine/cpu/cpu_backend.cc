@@ -34,43 +34,63 @@ void Rope(float* x, const float* cos, const float* sin, int32_t dim) {
   }
 }
 
-// Attention of one query head vector over nk keys at `keys` (in units of kv_heads * D
-// floats) of head kvh: softmax(q.k * scale) weighted sum of the values into o. The dot
-// products use 16 lane-wise partial sums (vectorizable; a fixed order).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void AttendOne(
-    const float* qv, const float* kl, const float* vl, const int64_t* keys, int32_t nk,
-    int32_t kv_heads, int32_t kvh, int32_t D, float scale, float* scores, float* acc, float* o) {
+constexpr int32_t kMaxAttendGroup = 16;
+
+// Attention of the g (<= kMaxAttendGroup) query heads that share kv head `kvh`, over nk keys at
+// `keys` (in units of kv_heads * D floats): each key and value vector is loaded once for all g
+// heads. Per head, softmax(q.k * scale) weighted sum of the values into outs[i]. The
+// dot products use 16 lane-wise partial sums (vectorizable; a fixed order, so a head's
+// result does not depend on g or on the batch).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void AttendGroup(
+    const float* const* qs, int32_t g, const float* kl, const float* vl, const int64_t* keys,
+    int32_t nk, int32_t kv_heads, int32_t kvh, int32_t D, float scale, float* scores, float* acc,
+    float* const* outs) {
   constexpr int kLanes = 16;
-  float mx = -std::numeric_limits<float>::infinity();
+  float mx[kMaxAttendGroup];
+  for (int32_t i = 0; i < g; ++i) mx[i] = -std::numeric_limits<float>::infinity();
   for (int32_t k = 0; k < nk; ++k) {
     const float* kv = kl + (keys[k] * kv_heads + kvh) * D;
-    float lanes[kLanes] = {};
-    int32_t d = 0;
-    for (; d + kLanes <= D; d += kLanes) {
+    for (int32_t i = 0; i < g; ++i) {
+      const float* qv = qs[i];
+      float lanes[kLanes] = {};
+      int32_t d = 0;
+      for (; d + kLanes <= D; d += kLanes) {
 #pragma omp simd
-      for (int l = 0; l < kLanes; ++l) lanes[l] += qv[d + l] * kv[d + l];
+        for (int l = 0; l < kLanes; ++l) lanes[l] += qv[d + l] * kv[d + l];
+      }
+      for (; d < D; ++d) lanes[d % kLanes] += qv[d] * kv[d];
+      for (int width = kLanes / 2; width > 0; width /= 2) {
+        for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+      }
+      const float sc = lanes[0] * scale;
+      scores[static_cast<size_t>(i) * nk + k] = sc;
+      mx[i] = std::max(mx[i], sc);
     }
-    for (; d < D; ++d) lanes[d % kLanes] += qv[d] * kv[d];
-    for (int width = kLanes / 2; width > 0; width /= 2) {
-      for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  }
+  float sum[kMaxAttendGroup];
+  for (int32_t i = 0; i < g; ++i) {
+    float* sc = scores + static_cast<size_t>(i) * nk;
+    sum[i] = 0.0f;
+    for (int32_t k = 0; k < nk; ++k) {
+      sc[k] = std::exp(sc[k] - mx[i]);
+      sum[i] += sc[k];
     }
-    scores[k] = lanes[0] * scale;
-    mx = std::max(mx, scores[k]);
   }
-  float sum = 0.0f;
-  for (int32_t k = 0; k < nk; ++k) {
-    scores[k] = std::exp(scores[k] - mx);
-    sum += scores[k];
-  }
-  std::fill(acc, acc + D, 0.0f);
+  std::fill(acc, acc + static_cast<size_t>(g) * D, 0.0f);
   for (int32_t k = 0; k < nk; ++k) {
     const float* vv = vl + (keys[k] * kv_heads + kvh) * D;
-    const float p = scores[k];
+    for (int32_t i = 0; i < g; ++i) {
+      const float p = scores[static_cast<size_t>(i) * nk + k];
+      float* a = acc + static_cast<size_t>(i) * D;
 #pragma omp simd
-    for (int32_t d = 0; d < D; ++d) acc[d] += p * vv[d];
+      for (int32_t d = 0; d < D; ++d) a[d] += p * vv[d];
+    }
   }
-  const float inv = 1.0f / sum;
-  for (int32_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
+  for (int32_t i = 0; i < g; ++i) {
+    const float inv = 1.0f / sum[i];
+    const float* a = acc + static_cast<size_t>(i) * D;
+    for (int32_t d = 0; d < D; ++d) outs[i][d] = a[d] * inv;
+  }
 }
 
 }  // namespace
@@ -329,25 +349,40 @@ void CpuBackend::Attention(const BatchPlan& plan, const KeyIndex& ix, int32_t la
     }
   }
 
-  // Everything else (decode tokens, short chunks): one query at a time.
-#pragma omp parallel if (static_cast <int64_t>(T) * heads > 1)
+  // Everything else (decode tokens, short chunks): one query token at a time, the
+  // query heads of each kv head together.
+  std::vector<std::vector<int32_t>> heads_of(kv_heads_);
+  for (int32_t h = 0; h < heads; ++h) {
+    heads_of[(shard_.rank * q_heads_ + h) / group - kv_head_begin_].push_back(h);
+  }
+  const int32_t kvn = kv_heads_;
+#pragma omp parallel if (static_cast <int64_t>(T) * kvn > 1)
   {
     std::vector<float> scores;
-    std::vector<float> acc(D);
+    std::vector<float> acc;
+    std::vector<const float*> qs;
+    std::vector<float*> outs;
 #pragma omp for collapse(2) schedule(dynamic, 4)
     for (int32_t t = 0; t < T; ++t) {
-      for (int32_t h = 0; h < heads; ++h) {
-        if (blocked[t]) continue;
+      for (int32_t kvh = 0; kvh < kvn; ++kvh) {
+        if (blocked[t] || heads_of[kvh].empty()) continue;
         const int32_t si = seq_of[t];
         const SeqPlan& seq = plan.seqs[si];
         const std::vector<int64_t>& kk = keys[si];
-        const int32_t global_q = shard_.rank * q_heads_ + h;
-        const int32_t kvh = global_q / group - kv_head_begin_;
-        const float* qv = q + (static_cast<size_t>(t) * heads + h) * D;
+        const int32_t g = static_cast<int32_t>(heads_of[kvh].size());
         const int32_t nk = ctx_len[si] + (t - seq.token_begin) + 1;
-        if (static_cast<int32_t>(scores.size()) < nk) scores.resize(nk);
-        AttendOne(qv, kl, vl, kk.data(), nk, kv_heads_, kvh, D, scale, scores.data(), acc.data(),
-                  out + (static_cast<size_t>(t) * heads + h) * D);
+        if (scores.size() < static_cast<size_t>(g) * nk) scores.resize(static_cast<size_t>(g) * nk);
+        acc.resize(static_cast<size_t>(g) * D);
+        qs.clear();
+        outs.clear();
+        for (int32_t h : heads_of[kvh]) {
+          qs.push_back(q + (static_cast<size_t>(t) * heads + h) * D);
+          outs.push_back(out + (static_cast<size_t>(t) * heads + h) * D);
+        }
+        for (int32_t c = 0; c < g; c += kMaxAttendGroup) {  // MQA: more heads than that
+          AttendGroup(qs.data() + c, std::min(kMaxAttendGroup, g - c), kl, vl, kk.data(), nk,
+                      kv_heads_, kvh, D, scale, scores.data(), acc.data(), outs.data() + c);
+        }
       }
     }
   }
