@@ -176,34 +176,15 @@ absl::Status CudaBackend::Impl::Setup(const ModelConfig& cfg, const Shard& sh) {
   if (nq % nkv != 0) {
     return absl::InvalidArgumentError("num_key_value_heads does not divide num_attention_heads");
   }
-  if (nq % tp != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("tp=", tp, " does not divide num_attention_heads=", nq));
-  }
-  if (I % tp != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("tp=", tp, " does not divide intermediate_size=", I));
-  }
-  q_heads = nq / tp;
-  if (nkv >= tp) {
-    if (nkv % tp != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("tp=", tp, " does not divide num_key_value_heads=", nkv));
-    }
-    kv_heads = nkv / tp;
-    kv_head_begin = rank * kv_heads;
-  } else {
-    if (tp % nkv != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("num_key_value_heads=", nkv, " does not divide tp=", tp));
-    }
-    kv_heads = 1;
-    kv_head_begin = rank * nkv / tp;
-  }
-  inter = I / tp;
-  vocab_pad = (V + tp - 1) / tp;
-  vocab_begin = std::min(V, rank * vocab_pad);
-  vocab_local = std::min(V, vocab_begin + vocab_pad) - vocab_begin;
+  absl::StatusOr<engine::ShardLayout> layout = engine::ComputeShardLayout(cfg, sh);
+  if (!layout.ok()) return layout.status();
+  q_heads = layout->q_heads;
+  kv_heads = layout->kv_heads;
+  kv_head_begin = layout->kv_head_begin;
+  inter = layout->inter;
+  vocab_pad = layout->vocab_pad;
+  vocab_begin = layout->vocab_begin;
+  vocab_local = layout->vocab_local;
 
   if (tp > 1) {
     nccl = dynamic_cast<NcclCommunicator*>(options.comm);

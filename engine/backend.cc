@@ -1,5 +1,7 @@
 #include "engine/backend.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
 namespace superpose::engine {
@@ -63,6 +65,46 @@ absl::Status ValidatePlan(const BatchPlan& plan, const KvPoolInfo& kv, int32_t v
     }
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<ShardLayout> ComputeShardLayout(const ModelConfig& config, const Shard& shard) {
+  const int32_t tp = shard.size, rank = shard.rank;
+  if (tp < 1 || rank < 0 || rank >= tp) return absl::InvalidArgumentError("bad shard");
+  const int32_t nq = config.num_heads, nkv = config.num_kv_heads, I = config.intermediate_size,
+                V = config.vocab_size;
+  if (nq <= 0 || nkv <= 0 || I <= 0 || V <= 0) {
+    return absl::InvalidArgumentError("model config has non-positive sizes");
+  }
+  if (nq % tp != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tp=", tp, " does not divide num_attention_heads=", nq));
+  }
+  if (I % tp != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tp=", tp, " does not divide intermediate_size=", I));
+  }
+  ShardLayout l;
+  l.q_heads = nq / tp;
+  if (nkv >= tp) {
+    if (nkv % tp != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tp=", tp, " does not divide num_key_value_heads=", nkv));
+    }
+    l.kv_heads = nkv / tp;
+    l.kv_head_begin = rank * l.kv_heads;
+  } else {
+    if (tp % nkv != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("num_key_value_heads=", nkv, " does not divide tp=", tp));
+    }
+    l.kv_heads = 1;  // replicated: each rank keeps the one kv head its query heads use
+    l.kv_head_begin = rank * nkv / tp;
+  }
+  l.inter = I / tp;
+  l.vocab_pad = (V + tp - 1) / tp;
+  l.vocab_begin = std::min(V, rank * l.vocab_pad);
+  l.vocab_local = std::min(V, l.vocab_begin + l.vocab_pad) - l.vocab_begin;
+  return l;
 }
 
 }  // namespace superpose::engine

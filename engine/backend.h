@@ -50,10 +50,10 @@ struct LogprobRequest {
 };
 
 struct BatchPlan {
-  std::vector<int32_t> tokens;     // flattened new tokens of all sequences
-  std::vector<float> positions;    // RoPE position of each token (may be fractional)
-  std::vector<KvSlot> kv_slots;    // where each token's K/V goes
-  std::vector<SeqPlan> seqs;       // contiguous, in token order
+  std::vector<int32_t> tokens;      // flattened new tokens of all sequences
+  std::vector<float> positions;     // RoPE position of each token (may be fractional)
+  std::vector<KvSlot> kv_slots;     // where each token's K/V goes
+  std::vector<SeqPlan> seqs;        // contiguous, in token order
   std::vector<int32_t> logits_for;  // token indices whose full logits are returned
   std::vector<LogprobRequest> logprobs;
 
@@ -95,15 +95,15 @@ class Communicator {
 };
 
 struct BackendOptions {
-  int32_t num_threads = 0;        // 0: all cores
+  int32_t num_threads = 0;  // 0: all cores
   int32_t kv_block_size = 16;
-  int32_t kv_num_blocks = 0;      // 0: derive from kv_memory_bytes
+  int32_t kv_num_blocks = 0;  // 0: derive from kv_memory_bytes
   int64_t kv_memory_bytes = 256ll << 20;
   // GPU backends: when > 0 and kv_num_blocks is 0, the KV pool takes what is left of
   // this fraction of device memory after the weights and a workspace reserve.
   double device_memory_fraction = 0.0;
-  int32_t tensor_parallel = 1;    // ranks (a registry factory builds the group)
-  Communicator* comm = nullptr;   // set per rank by the group; null: tp = 1
+  int32_t tensor_parallel = 1;   // ranks (a registry factory builds the group)
+  Communicator* comm = nullptr;  // set per rank by the group; null: tp = 1
 };
 
 class Backend {
@@ -131,6 +131,21 @@ class BackendRegistry {
  private:
   std::map<std::string, Factory> factories_;
 };
+
+// Megatron-style split of one model over `shard.size` ranks: query heads, MLP columns
+// and the vocabulary are divided; kv heads are divided, or replicated (one per rank)
+// when there are fewer kv heads than ranks. Shared by every backend.
+struct ShardLayout {
+  int32_t q_heads = 0;        // query heads of this rank
+  int32_t kv_heads = 0;       // kv heads stored by this rank
+  int32_t kv_head_begin = 0;  // first global kv head of this rank
+  int32_t inter = 0;          // MLP columns of this rank
+  int32_t vocab_pad = 0;      // vocabulary rows per rank (the last rank may use fewer)
+  int32_t vocab_begin = 0;
+  int32_t vocab_local = 0;
+};
+// INVALID_ARGUMENT naming the size that tp does not divide.
+absl::StatusOr<ShardLayout> ComputeShardLayout(const ModelConfig& config, const Shard& shard);
 
 // Checks a plan against the pool and itself (ranges, slots, segment bounds) so that a
 // backend never reads or writes outside its memory. Used by backends in debug paths

@@ -37,6 +37,7 @@
 #include "engine/model/weights.h"
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
+#include "tests/attention_case.h"
 #include "tests/test_util.h"
 
 #if SUPERPOSE_HAVE_CUDA
@@ -198,86 +199,17 @@ TEST_F(CudaTest, QkvPostMatchesReference) {
   }
 }
 
-// Attention over a paged pool: two sequences sharing a prefix block, one with a partial
-// segment, prefill tiles and decode tiles, GQA.
+// Attention over a paged pool (tests/attention_case.h): sequences sharing a prefix
+// block, a partial segment, prefill and decode tiles, GQA.
 void CheckAttention(int32_t qh, int32_t kvh, int32_t D, int32_t tile_tokens) {
-  const int32_t bs = 16, num_blocks = 12, G = qh / kvh;
-  const auto kpool = Rounded(RandomNonZero(static_cast<size_t>(num_blocks) * bs * kvh * D, 11));
-  const auto vpool = Rounded(RandomNonZero(kpool.size(), 12));
-  struct Seq {
-    std::vector<std::pair<int32_t, int32_t>> context;  // (block, length) from slot 0
-    int32_t first_slot = 0;                            // of the first context segment
-    std::vector<int32_t> new_slots;
-  };
-  // seq 0: context block 0 (16) + block 1 (14), 5 new tokens in block 1 slots 14, 15 and
-  // block 2 slots 0..2. seq 1: shares block 0, context 3 + segment of block 5 slots 4..9,
-  // 1 new token. seq 2: no context, 40 new tokens in blocks 6..8.
-  std::vector<std::vector<int32_t>> keys(3);
-  std::vector<int32_t> ctx_len(3);
-  std::vector<std::vector<int32_t>> news(3);
-  for (int32_t s = 0; s < 16; ++s) keys[0].push_back(0 * bs + s);
-  for (int32_t s = 0; s < 14; ++s) keys[0].push_back(1 * bs + s);
-  news[0] = {1 * bs + 14, 1 * bs + 15, 2 * bs + 0, 2 * bs + 1, 2 * bs + 2};
-  for (int32_t s = 0; s < 16; ++s) keys[1].push_back(0 * bs + s);
-  for (int32_t s = 4; s < 10; ++s) keys[1].push_back(5 * bs + s);
-  news[1] = {9 * bs + 3};
-  for (int32_t i = 0; i < 40; ++i) news[2].push_back(6 * bs + i);
-  std::vector<int32_t> flat;
-  std::vector<cuda::AttnTile> tiles;
-  int32_t tok = 0;
-  std::vector<int32_t> seq_of_tok, idx_in_seq;
-  std::vector<int32_t> key_off(3);
-  for (int32_t s = 0; s < 3; ++s) {
-    ctx_len[s] = static_cast<int32_t>(keys[s].size());
-    keys[s].insert(keys[s].end(), news[s].begin(), news[s].end());
-    key_off[s] = static_cast<int32_t>(flat.size());
-    flat.insert(flat.end(), keys[s].begin(), keys[s].end());
-    const int32_t n = static_cast<int32_t>(news[s].size());
-    for (int32_t i0 = 0; i0 < n; i0 += tile_tokens) {
-      tiles.push_back({key_off[s], ctx_len[s], tok + i0, i0, std::min(tile_tokens, n - i0)});
-    }
-    for (int32_t i = 0; i < n; ++i) {
-      seq_of_tok.push_back(s);
-      idx_in_seq.push_back(i);
-    }
-    tok += n;
-  }
-  const int32_t T = tok;
-  const auto q = RandomNonZero(static_cast<size_t>(T) * qh * D, 13);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const testing::AttentionCase c = testing::MakeAttentionCase(
+      qh, kvh, D, tile_tokens,
+      [](size_t n, uint32_t seed) { return Rounded(RandomNonZero(n, 10 + seed)); });
   std::vector<float> out;
-  ASSERT_TRUE(
-      cuda::check::Attention(q, kpool, vpool, flat, tiles, tile_tokens, T, qh, kvh, D, scale, &out)
-          .ok());
-  for (int32_t t = 0; t < T; ++t) {
-    const int32_t s = seq_of_tok[t];
-    const int32_t nk = ctx_len[s] + idx_in_seq[t] + 1;
-    for (int32_t h = 0; h < qh; ++h) {
-      const int32_t g = h / G;
-      std::vector<double> sc(nk);
-      double mx = -1e300;
-      for (int32_t k = 0; k < nk; ++k) {
-        double dot = 0;
-        for (int32_t d = 0; d < D; ++d) {
-          dot += static_cast<double>(q[(static_cast<size_t>(t) * qh + h) * D + d]) *
-                 kpool[(static_cast<size_t>(keys[s][k]) * kvh + g) * D + d];
-        }
-        sc[k] = dot * scale;
-        mx = std::max(mx, sc[k]);
-      }
-      double sum = 0;
-      for (double& v : sc) sum += (v = std::exp(v - mx));
-      for (int32_t d = 0; d < D; ++d) {
-        double acc = 0;
-        for (int32_t k = 0; k < nk; ++k) {
-          acc += sc[k] * vpool[(static_cast<size_t>(keys[s][k]) * kvh + g) * D + d];
-        }
-        ASSERT_NEAR(out[(static_cast<size_t>(t) * qh + h) * D + d], acc / sum, 8e-3)
-            << "qh " << qh << " kvh " << kvh << " D " << D << " tile " << tile_tokens << " t " << t
-            << " h " << h << " d " << d;
-      }
-    }
-  }
+  ASSERT_TRUE(cuda::check::Attention(c.q, c.kpool, c.vpool, c.flat, c.tiles, tile_tokens, c.T, qh,
+                                     kvh, D, c.scale, &out)
+                  .ok());
+  testing::ExpectMatchesReference(c, out, 8e-3, "tile " + std::to_string(tile_tokens));
 }
 
 TEST_F(CudaTest, AttentionMatchesReference) {

@@ -108,34 +108,15 @@ absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& wei
   }
   const int32_t H = config.hidden_size, D = config.head_dim, nq = config.num_heads,
                 nkv = config.num_kv_heads, I = config.intermediate_size, V = config.vocab_size;
-  if (nq % tp != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("tp=", tp, " does not divide num_attention_heads=", nq));
-  }
-  if (I % tp != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("tp=", tp, " does not divide intermediate_size=", I));
-  }
-  q_heads_ = nq / tp;
-  if (nkv >= tp) {
-    if (nkv % tp != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("tp=", tp, " does not divide num_key_value_heads=", nkv));
-    }
-    kv_heads_ = nkv / tp;
-    kv_head_begin_ = rank * kv_heads_;
-  } else {
-    if (tp % nkv != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("num_key_value_heads=", nkv, " does not divide tp=", tp));
-    }
-    kv_heads_ = 1;  // replicated: each rank keeps the one kv head its query heads use
-    kv_head_begin_ = rank * nkv / tp;
-  }
-  inter_ = I / tp;
-  const int32_t vocab_pad = (V + tp - 1) / tp;
-  vocab_begin_ = std::min(V, rank * vocab_pad);
-  vocab_local_ = std::min(V, vocab_begin_ + vocab_pad) - vocab_begin_;
+  absl::StatusOr<ShardLayout> layout = ComputeShardLayout(config, shard);
+  if (!layout.ok()) return layout.status();
+  q_heads_ = layout->q_heads;
+  kv_heads_ = layout->kv_heads;
+  kv_head_begin_ = layout->kv_head_begin;
+  inter_ = layout->inter;
+  const int32_t vocab_pad = layout->vocab_pad;
+  vocab_begin_ = layout->vocab_begin;
+  vocab_local_ = layout->vocab_local;
 
   const std::vector<int64_t> emb_shape = {V, H};
   embed_.assign(static_cast<size_t>(vocab_pad) * H, 0.0f);
