@@ -233,6 +233,8 @@ void Engine::Loop() {
       }
       incoming.swap(inbox_);
       incoming_groups.swap(group_inbox_);
+      // They count as waiting until the next PublishCounts() recounts.
+      waiting_requests_ += static_cast<int32_t>(incoming.size() + incoming_groups.size());
       cancels.swap(cancels_);
       stopping = stop_;
       drain_deadline = drain_deadline_;
