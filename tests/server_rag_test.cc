@@ -223,6 +223,8 @@ TEST_F(RagServerTest, BadInputIsInvalidArgumentNamingTheField) {
       {"bad span", [](auto* r) { r->mutable_rag()->set_canonical_span(-1); }, "rag.canonical_span"},
       {"bad utf-8", [](auto* r) { r->mutable_documents(0)->set_text("ok \xff"); },
        "documents[0].text"},
+      {"request_id carrying text", [](auto* r) { r->set_request_id("patient John Doe has"); },
+       "request_id"},
       {"bad sampling", [](auto* r) { r->mutable_sampling()->set_top_p(2); }, "sampling.top_p"},
   };
   for (const Case& c : cases) {

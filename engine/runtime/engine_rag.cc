@@ -266,9 +266,10 @@ void Engine::FailGroup(RagGroup* g, FinishReason reason, absl::Status status) {
   ev.usage.queue_time_ms =
       Ms((g->scheduled == absl::InfinitePast() ? now : g->scheduled) - g->arrival);
   ev.usage.total_time_ms = Ms(now - g->arrival);
-  spdlog::info("req={} rag finish={} status={} documents={} total_ms={:.1f}", g->req.request_id,
-               FinishReasonName(reason), absl::StatusCodeToString(status.code()), g->paths.size(),
-               ev.usage.total_time_ms);
+  // Ids, counts and timings only (request_id is validated to be an id).
+  spdlog::info("req={} handle={} rag finish={} status={} documents={} total_ms={:.1f}",
+               g->req.request_id, g->handle, FinishReasonName(reason),
+               absl::StatusCodeToString(status.code()), g->paths.size(), ev.usage.total_time_ms);
   if (observer_ != nullptr) observer_->OnFinished(ev.usage, reason, status);
   if (g->callback) g->callback(std::move(ev));
   g->callback = nullptr;
