@@ -300,7 +300,7 @@ absl::StatusOr<engine::Request> ToEngineRagRequest(const v1::GenerateRagRequest&
   // Where the answer starts.
   int64_t answer_start;
   if (opt.mode == engine::rag::Mode::kNaive) {
-    answer_start = static_cast<int64_t>(engine::rag::Flatten(*spec).size());
+    answer_start = engine::rag::FlatSize(*spec);
     if (answer_start >= limits.context_length) {
       return Invalid(absl::StrCat("documents: the concatenated prompt (rag.mode = NAIVE) has ",
                                   answer_start, " tokens; the context window is ",

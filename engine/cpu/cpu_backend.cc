@@ -117,6 +117,10 @@ absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& wei
   const int32_t vocab_pad = layout->vocab_pad;
   vocab_begin_ = layout->vocab_begin;
   vocab_local_ = layout->vocab_local;
+  heads_of_.assign(kv_heads_, {});
+  for (int32_t h = 0; h < q_heads_; ++h) {
+    heads_of_[(rank * q_heads_ + h) / (nq / nkv) - kv_head_begin_].push_back(h);
+  }
 
   const std::vector<int64_t> emb_shape = {V, H};
   embed_.assign(static_cast<size_t>(vocab_pad) * H, 0.0f);
@@ -238,6 +242,20 @@ CpuBackend::KeyIndex CpuBackend::BuildKeyIndex(const BatchPlan& plan) const {
       ix.seq_of[seq.token_begin + j] = si;
     }
   }
+  // Sequences with many new tokens (prefill chunks) go through blocked attention, per
+  // (sequence, head, tile of kPrefillTile queries).
+  constexpr int32_t kPrefillMin = 8, kPrefillTile = 128;
+  ix.blocked.assign(plan.num_tokens(), false);
+  for (int32_t si = 0; si < S; ++si) {
+    const SeqPlan& seq = plan.seqs[si];
+    if (seq.num_tokens < kPrefillMin) continue;
+    for (int32_t t = 0; t < seq.num_tokens; ++t) ix.blocked[seq.token_begin + t] = true;
+    for (int32_t h = 0; h < q_heads_; ++h) {
+      for (int32_t r = 0; r < seq.num_tokens; r += kPrefillTile) {
+        ix.tiles.push_back({si, h, r, std::min(kPrefillTile, seq.num_tokens - r)});
+      }
+    }
+  }
   return ix;
 }
 
@@ -256,32 +274,17 @@ void CpuBackend::Attention(const BatchPlan& plan, const KeyIndex& ix, int32_t la
   const auto& seq_of = ix.seq_of;
   const int32_t T = plan.num_tokens(), heads = q_heads_;
 
-  // Sequences with many new tokens (prefill chunks): blocked attention through sgemm,
-  // per (sequence, head, tile of kPrefillTile queries): S = Q K^T over the gathered
-  // keys, causal mask, softmax, O = P V.
-  constexpr int32_t kPrefillMin = 8, kPrefillTile = 128;
-  struct Task {
-    int32_t seq, head, row0, rows;
-  };
-  std::vector<Task> tasks;
-  std::vector<bool> blocked(T, false);
-  for (int32_t si = 0; si < static_cast<int32_t>(plan.seqs.size()); ++si) {
-    const SeqPlan& seq = plan.seqs[si];
-    if (seq.num_tokens < kPrefillMin) continue;
-    for (int32_t t = 0; t < seq.num_tokens; ++t) blocked[seq.token_begin + t] = true;
-    for (int32_t h = 0; h < heads; ++h) {
-      for (int32_t r = 0; r < seq.num_tokens; r += kPrefillTile) {
-        tasks.push_back({si, h, r, std::min(kPrefillTile, seq.num_tokens - r)});
-      }
-    }
-  }
+  // Prefill tiles (BuildKeyIndex): S = Q K^T over the gathered keys through sgemm,
+  // causal mask, softmax, O = P V.
+  const std::vector<PrefillTile>& tasks = ix.tiles;
+  const std::vector<bool>& blocked = ix.blocked;
   if (!tasks.empty()) {
 #pragma omp parallel
     {
       std::vector<float> kbuf, vbuf, sbuf, obuf, qbuf;
 #pragma omp for schedule(dynamic, 1)
       for (size_t ti = 0; ti < tasks.size(); ++ti) {
-        const Task& task = tasks[ti];
+        const PrefillTile& task = tasks[ti];
         const SeqPlan& seq = plan.seqs[task.seq];
         const std::vector<int64_t>& kk = keys[task.seq];
         const int32_t global_q = shard_.rank * q_heads_ + task.head;
@@ -332,10 +335,7 @@ void CpuBackend::Attention(const BatchPlan& plan, const KeyIndex& ix, int32_t la
 
   // Everything else (decode tokens, short chunks): one query token at a time, the
   // query heads of each kv head together.
-  std::vector<std::vector<int32_t>> heads_of(kv_heads_);
-  for (int32_t h = 0; h < heads; ++h) {
-    heads_of[(shard_.rank * q_heads_ + h) / group - kv_head_begin_].push_back(h);
-  }
+  const std::vector<std::vector<int32_t>>& heads_of = heads_of_;
   const int32_t kvn = kv_heads_;
 #pragma omp parallel if (static_cast <int64_t>(T) * kvn > 1)
   {
@@ -517,17 +517,14 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
   const size_t nl = plan.logits_for.size();
   out->logits.assign(logits.begin(), logits.begin() + nl * V);
   out->logprobs.resize(plan.logprobs.size());
-  // Log-sum-exp of every row that has a log-probability request (rows past the
-  // logits_for ones all do), in parallel; float exponentials, double sums.
+  // Log-sum-exp of every row that has a log-probability request, in parallel; float
+  // exponentials, double sums.
   std::vector<float> lse(R, 0.0f);
-  const int32_t lp_first = plan.logprobs.empty() ? R : static_cast<int32_t>(nl);
-#pragma omp parallel for schedule(static) if (R - lp_first > 1)
+  std::vector<char> needs_lse(R, 0);
+  for (int32_t r : lp_row) needs_lse[r] = 1;
+#pragma omp parallel for schedule(static) if (plan.logprobs.size() > 1)
   for (int32_t r = 0; r < R; ++r) {
-    bool needed = r >= lp_first;
-    if (!needed) {
-      for (int32_t row_index : lp_row) needed |= row_index == r;
-    }
-    if (!needed) continue;
+    if (!needs_lse[r]) continue;
     const float* row = &logits[static_cast<size_t>(r) * V];
     const float mx = *std::max_element(row, row + V);
     double sum = 0.0;

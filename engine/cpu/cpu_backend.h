@@ -40,10 +40,17 @@ class CpuBackend : public Backend {
               float* y) const;
   // Key locations per sequence (offsets in units of kv_heads * head_dim floats within a
   // layer): context first, then its new tokens. Built once per step for all layers.
+  // Also the step's split of attention work: tiles of long chunks for the blocked
+  // (sgemm) path, and which tokens they cover.
+  struct PrefillTile {
+    int32_t seq, head, row0, rows;
+  };
   struct KeyIndex {
     std::vector<std::vector<int64_t>> keys;
     std::vector<int32_t> ctx_len;  // context keys of each sequence
     std::vector<int32_t> seq_of;   // sequence of each plan token
+    std::vector<PrefillTile> tiles;
+    std::vector<bool> blocked;  // token handled by a prefill tile
   };
   KeyIndex BuildKeyIndex(const BatchPlan& plan) const;
   void Attention(const BatchPlan& plan, const KeyIndex& ix, int32_t layer, const float* q,
@@ -60,6 +67,7 @@ class CpuBackend : public Backend {
   int32_t inter_ = 0;  // intermediate columns of this rank
   int32_t vocab_begin_ = 0;
   int32_t vocab_local_ = 0;
+  std::vector<std::vector<int32_t>> heads_of_;  // local query heads of each local kv head
 
   std::vector<float> embed_;    // [vocab_local, hidden]
   std::vector<float> lm_head_;  // [vocab_local, hidden]; empty when tied to embed_

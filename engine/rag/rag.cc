@@ -72,6 +72,12 @@ std::vector<int32_t> Flatten(const Spec& spec) {
   return out;
 }
 
+int64_t FlatSize(const Spec& spec) {
+  int64_t n = spec.preamble.size() + spec.query.size() + spec.postamble.size();
+  for (const auto& d : spec.documents) n += d.size();
+  return n;
+}
+
 Flops NaiveFlops(const FlopModel& m, int64_t prompt, int64_t cached, int64_t generated) {
   double f = m.Segment(cached, prompt - cached, 1);
   // Generated token k (k < generated - 1) is fed back and attends prompt + k keys.

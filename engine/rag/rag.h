@@ -99,8 +99,9 @@ struct Result {
   Flops naive_flops;          // what the same request costs as one flat prompt
 };
 
-// The naive (flattened) prompt: p, d_1 .. d_n, q, t.
+// The naive (flattened) prompt: p, d_1 .. d_n, q, t; and its length.
 std::vector<int32_t> Flatten(const Spec& spec);
+int64_t FlatSize(const Spec& spec);
 // FLOPs of a flat prompt of `prompt` tokens, `cached` of them from the prefix cache,
 // followed by `generated` decode steps (a step per generated token but the last).
 Flops NaiveFlops(const FlopModel& m, int64_t prompt, int64_t cached, int64_t generated);

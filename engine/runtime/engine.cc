@@ -150,15 +150,16 @@ absl::Status Engine::ValidateRag(const rag::Spec& spec) const {
     }
   }
   if (spec.options.mode == rag::Mode::kNaive) {
-    const int64_t total = static_cast<int64_t>(rag::Flatten(spec).size());
+    const int64_t total = rag::FlatSize(spec);
     if (total >= max_context_) {
       return absl::InvalidArgumentError(absl::StrCat(
           "the concatenated prompt has ", total, " tokens; the context window is ", max_context_));
     }
-  } else if (rag::ComputeLayout(spec).answer_start >= static_cast<float>(max_context_)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "rag.canonical_span: the answer would start at position ",
-        rag::ComputeLayout(spec).answer_start, ", beyond the context window of ", max_context_));
+  } else if (const float start = rag::ComputeLayout(spec).answer_start;
+             start >= static_cast<float>(max_context_)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rag.canonical_span: the answer would start at position ", start,
+                     ", beyond the context window of ", max_context_));
   }
   return absl::OkStatus();
 }
@@ -327,7 +328,7 @@ void Engine::FinishSeq(Sequence* seq, FinishReason reason, absl::Status status) 
   if (seq->group != nullptr) {
     FillRagResult(seq->group, seq);
     const rag::Result& r = *seq->group->result;
-    u.prompt_tokens = static_cast<int32_t>(rag::Flatten(seq->group->spec()).size());
+    u.prompt_tokens = static_cast<int32_t>(rag::FlatSize(seq->group->spec()));
     u.cached_prompt_tokens = static_cast<int32_t>(r.prefix_cache_tokens + r.path_cache_tokens);
     u.queue_time_ms = Ms(seq->group->scheduled - seq->group->arrival);
     ev.rag = seq->group->result;

@@ -37,7 +37,6 @@ struct Engine::Sequence {
   absl::Time scheduled = absl::InfinitePast();
   absl::Time first_token = absl::InfinitePast();
   absl::Time last_token = absl::InfinitePast();
-  bool cancelled = false;
   bool finished = false;  // done: removed from the lists at the next sweep
 
   // RAG.

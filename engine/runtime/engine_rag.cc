@@ -191,7 +191,10 @@ void Engine::Join(RagGroup* g) {
     path.last_logits.clear();
   }
 
-  auto answer = NewInternal(next_internal_id_++, g->req, g->arrival);
+  // The answer carries the whole request (sampling, stops) and the client's callback.
+  auto answer = std::make_unique<Sequence>();
+  answer->handle = next_internal_id_++;
+  answer->arrival = g->arrival;
   answer->role = SeqRole::kAnswer;
   answer->group = g;
   answer->req = g->req;
@@ -262,7 +265,7 @@ void Engine::FailGroup(RagGroup* g, FinishReason reason, absl::Status status) {
   ev.finish_reason = reason;
   ev.status = status;
   const absl::Time now = absl::Now();
-  ev.usage.prompt_tokens = static_cast<int32_t>(rag::Flatten(g->spec()).size());
+  ev.usage.prompt_tokens = static_cast<int32_t>(rag::FlatSize(g->spec()));
   ev.usage.queue_time_ms =
       Ms((g->scheduled == absl::InfinitePast() ? now : g->scheduled) - g->arrival);
   ev.usage.total_time_ms = Ms(now - g->arrival);
@@ -302,8 +305,7 @@ void Engine::FillRagResult(RagGroup* g, Sequence* answer) {
   }
   r->flops.total = g->preamble_flops + paths_total + answer->flops;
   r->flops.critical_path = g->preamble_flops + longest_path + answer->flops;
-  r->naive_flops = rag::NaiveFlops(flop_model_, static_cast<int64_t>(rag::Flatten(spec).size()), 0,
-                                   answer->generated);
+  r->naive_flops = rag::NaiveFlops(flop_model_, rag::FlatSize(spec), 0, answer->generated);
   g->result = std::move(r);
 }
 
