@@ -55,20 +55,17 @@ void CheckOk(const absl::Status& st, const char* what) {
   }
 }
 
-// Device copy bandwidth, bytes read + written per second (best of 5, 2 GiB).
-double CopyBandwidth() {
-  const size_t bytes = size_t{2} << 30;
-  cuda::DeviceArray<char> a, b;
-  CheckOk(a.Allocate(bytes), "alloc");
-  CheckOk(b.Allocate(bytes), "alloc");
-  CHECK_CUDA(cudaMemset(a.get(), 1, bytes));
+// Best time in ms of 5 runs of `fn` (after one warm-up run), timed with CUDA events on
+// the legacy stream.
+template <typename Fn>
+float BestEventMs(Fn fn) {
   cudaEvent_t e0, e1;
   CHECK_CUDA(cudaEventCreate(&e0));
   CHECK_CUDA(cudaEventCreate(&e1));
   float best = 1e30f;
   for (int r = 0; r < 6; ++r) {
     CHECK_CUDA(cudaEventRecord(e0));
-    CHECK_CUDA(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice));
+    fn();
     CHECK_CUDA(cudaEventRecord(e1));
     CHECK_CUDA(cudaEventSynchronize(e1));
     float ms = 0;
@@ -77,6 +74,18 @@ double CopyBandwidth() {
   }
   CHECK_CUDA(cudaEventDestroy(e0));
   CHECK_CUDA(cudaEventDestroy(e1));
+  return best;
+}
+
+// Device copy bandwidth, bytes read + written per second (best of 5, 2 GiB).
+double CopyBandwidth() {
+  const size_t bytes = size_t{2} << 30;
+  cuda::DeviceArray<char> a, b;
+  CheckOk(a.Allocate(bytes), "alloc");
+  CheckOk(b.Allocate(bytes), "alloc");
+  CHECK_CUDA(cudaMemset(a.get(), 1, bytes));
+  const float best = BestEventMs(
+      [&] { CHECK_CUDA(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice)); });
   return 2.0 * static_cast<double>(bytes) / (best * 1e-3);
 }
 
@@ -93,22 +102,9 @@ double GemmRate() {
   CHECK_CUDA(cuda::LaunchFillRandom(w.get(), nn, 2, 1.0f, nullptr));
   cublasHandle_t h;
   if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) std::exit(1);
-  cudaEvent_t e0, e1;
-  CHECK_CUDA(cudaEventCreate(&e0));
-  CHECK_CUDA(cudaEventCreate(&e1));
-  float best = 1e30f;
-  for (int r = 0; r < 6; ++r) {
-    CHECK_CUDA(cudaEventRecord(e0));
-    CheckOk(cuda::GemmBf16(h, x.get(), n, n, w.get(), n, y.get()), "gemm");
-    CHECK_CUDA(cudaEventRecord(e1));
-    CHECK_CUDA(cudaEventSynchronize(e1));
-    float ms = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-    if (r > 0) best = std::min(best, ms);
-  }
+  const float best =
+      BestEventMs([&] { CheckOk(cuda::GemmBf16(h, x.get(), n, n, w.get(), n, y.get()), "gemm"); });
   cublasDestroy(h);
-  CHECK_CUDA(cudaEventDestroy(e0));
-  CHECK_CUDA(cudaEventDestroy(e1));
   return 2.0 * n * static_cast<double>(n) * n / (best * 1e-3);
 }
 

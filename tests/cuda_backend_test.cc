@@ -432,13 +432,22 @@ TEST_F(CudaTest, ForwardMatchesCpuBackend) {
   }
 }
 
+// A CUDA backend on device 0 with `blocks` KV blocks, loaded with `model`; null on error.
+std::unique_ptr<cuda::CudaBackend> LoadedGpu(const engine::ModelBundle& model, int32_t blocks) {
+  engine::BackendOptions opts;
+  opts.kv_num_blocks = blocks;
+  auto gpu = std::make_unique<cuda::CudaBackend>(opts, 0);
+  absl::Status st = gpu->Load(model.config, *model.weights, engine::Shard{});
+  EXPECT_TRUE(st.ok()) << st;
+  return st.ok() ? std::move(gpu) : nullptr;
+}
+
 TEST_F(CudaTest, BadPlansAreRejected) {
   auto model = engine::LoadModelBundle(testing::Stories260kDir());
   ASSERT_TRUE(model.ok());
-  engine::BackendOptions opts;
-  opts.kv_num_blocks = 4;
-  cuda::CudaBackend gpu(opts, 0);
-  ASSERT_TRUE(gpu.Load(model->config, *model->weights, engine::Shard{}).ok());
+  auto gpu_ptr = LoadedGpu(*model, 4);
+  ASSERT_NE(gpu_ptr, nullptr);
+  cuda::CudaBackend& gpu = *gpu_ptr;
   engine::BatchPlan plan;
   plan.tokens = {1};
   plan.positions = {0};
@@ -451,10 +460,9 @@ TEST_F(CudaTest, BadPlansAreRejected) {
 TEST_F(CudaTest, GoldenTeacherForcedAndFirstStep) {
   auto model = engine::LoadModelBundle(testing::Stories260kDir());
   ASSERT_TRUE(model.ok());
-  engine::BackendOptions opts;
-  opts.kv_num_blocks = 64;
-  cuda::CudaBackend gpu(opts, 0);
-  ASSERT_TRUE(gpu.Load(model->config, *model->weights, engine::Shard{}).ok());
+  auto gpu_ptr = LoadedGpu(*model, 64);
+  ASSERT_NE(gpu_ptr, nullptr);
+  cuda::CudaBackend& gpu = *gpu_ptr;
   const int32_t V = model->config.vocab_size;
   auto golden = testing::ReadJson(testing::Stories260kDir() + "/golden.json");
   for (const auto& c : golden["generation"]) {
@@ -500,10 +508,9 @@ TEST_F(CudaTest, GoldenTeacherForcedAndFirstStep) {
 TEST_F(CudaTest, GoldenGreedyThroughTheEngine) {
   auto model = engine::LoadModelBundle(testing::Stories260kDir());
   ASSERT_TRUE(model.ok());
-  engine::BackendOptions opts;
-  opts.kv_num_blocks = 64;
-  cuda::CudaBackend gpu(opts, 0);
-  ASSERT_TRUE(gpu.Load(model->config, *model->weights, engine::Shard{}).ok());
+  auto gpu_ptr = LoadedGpu(*model, 64);
+  ASSERT_NE(gpu_ptr, nullptr);
+  cuda::CudaBackend& gpu = *gpu_ptr;
   engine::Engine eng(engine::EngineOptions{}, model->config, model->tokenizer.get(), &gpu);
   eng.Start();
   auto golden = testing::ReadJson(testing::Stories260kDir() + "/golden.json");
