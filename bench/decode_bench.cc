@@ -3,6 +3,9 @@
 //
 //   build/bench/decode_bench [--shared=../shared] [--steps=64] [--threads=0]
 //                            [--models=stories260k,llama-110m,llama-350m]
+//                            [--dtypes=float32,bfloat16]
+// Each model runs once per weight type (--cpu_dtype of the server); the floor counts the
+// bytes of that type.
 #include <omp.h>
 
 #include <cstdio>
@@ -22,6 +25,7 @@ ABSL_FLAG(std::string, shared, "../shared", "Path of shared/ (for stories260k)")
 ABSL_FLAG(int32_t, steps, 64, "Decode steps to time per model");
 ABSL_FLAG(int32_t, threads, 0, "Backend threads (0: all cores)");
 ABSL_FLAG(std::string, models, "stories260k,llama-110m,llama-350m", "Models to run");
+ABSL_FLAG(std::string, dtypes, "float32,bfloat16", "CPU weight types to run (float32, bfloat16)");
 ABSL_FLAG(std::string, workdir, "/tmp/superpose-bench", "Where generated models are written");
 
 namespace {
@@ -30,6 +34,7 @@ using namespace superpose;  // NOLINT
 
 struct Row {
   std::string model;
+  std::string dtype;
   double params_m;
   double weight_mb;
   double tok_s;
@@ -60,59 +65,66 @@ int main(int argc, char** argv) {
                    model.status().ToString().c_str());
       return 1;
     }
-    engine::BackendOptions opts;
-    opts.num_threads = absl::GetFlag(FLAGS_threads);
-    opts.kv_num_blocks = 64;
-    engine::cpu::CpuBackend backend(opts);
-    if (auto st = backend.Load(model->config, *model->weights, engine::Shard{}); !st.ok()) {
-      std::fprintf(stderr, "load: %s\n", st.ToString().c_str());
-      return 1;
-    }
-    const int32_t steps = absl::GetFlag(FLAGS_steps);
-    // Decode `steps` tokens after a 1-token prompt; the first 4 are warm-up.
-    engine::ForwardOutput out;
-    engine::BatchPlan plan;
-    plan.seqs.resize(1);
-    plan.seqs[0].num_tokens = 1;
-    plan.logits_for = {0};
-    plan.tokens = {1};
-    plan.positions = {0};
-    double t0 = 0;
-    const int warmup = 4;
-    for (int32_t s = 0; s < steps + warmup; ++s) {
-      if (s == warmup) t0 = bench::NowS();
-      plan.kv_slots = {{s / 16, s % 16}};
-      plan.positions = {static_cast<float>(s)};
-      if (auto st = backend.Forward(plan, &out); !st.ok()) {
-        std::fprintf(stderr, "forward: %s\n", st.ToString().c_str());
+    for (absl::string_view dtype : absl::StrSplit(absl::GetFlag(FLAGS_dtypes), ',')) {
+      engine::BackendOptions opts;
+      opts.cpu_dtype = std::string(dtype);
+      opts.num_threads = absl::GetFlag(FLAGS_threads);
+      opts.kv_num_blocks = 64;
+      engine::cpu::CpuBackend backend(opts);
+      if (auto st = backend.Load(model->config, *model->weights, engine::Shard{}); !st.ok()) {
+        std::fprintf(stderr, "load: %s\n", st.ToString().c_str());
         return 1;
       }
-      // Context for the next step: everything computed so far.
-      plan.seqs[0].context.clear();
-      for (int32_t done = 0, b = 0; done < s + 1; ++b) {
-        const int32_t len = std::min(16, s + 1 - done);
-        plan.seqs[0].context.push_back({b, 0, len});
-        done += len;
+      const int32_t steps = absl::GetFlag(FLAGS_steps);
+      // Decode `steps` tokens after a 1-token prompt; the first 4 are warm-up.
+      engine::ForwardOutput out;
+      engine::BatchPlan plan;
+      plan.seqs.resize(1);
+      plan.seqs[0].num_tokens = 1;
+      plan.logits_for = {0};
+      plan.tokens = {1};
+      plan.positions = {0};
+      double t0 = 0;
+      const int warmup = 4;
+      for (int32_t s = 0; s < steps + warmup; ++s) {
+        if (s == warmup) t0 = bench::NowS();
+        plan.kv_slots = {{s / 16, s % 16}};
+        plan.positions = {static_cast<float>(s)};
+        if (auto st = backend.Forward(plan, &out); !st.ok()) {
+          std::fprintf(stderr, "forward: %s\n", st.ToString().c_str());
+          return 1;
+        }
+        // Context for the next step: everything computed so far.
+        plan.seqs[0].context.clear();
+        for (int32_t done = 0, b = 0; done < s + 1; ++b) {
+          const int32_t len = std::min(16, s + 1 - done);
+          plan.seqs[0].context.push_back({b, 0, len});
+          done += len;
+        }
+        plan.tokens = {static_cast<int32_t>(std::max_element(out.logits.begin(), out.logits.end()) -
+                                            out.logits.begin())};
       }
-      plan.tokens = {static_cast<int32_t>(std::max_element(out.logits.begin(), out.logits.end()) -
-                                          out.logits.begin())};
+      const double dt = bench::NowS() - t0;
+      // Every weight is read once per token, in the backend's weight type.
+      const bool bf16 = backend.compute_dtype() == "bfloat16";
+      const double bytes = static_cast<double>(
+          model->config.WeightBytes(bf16 ? engine::DType::kBF16 : engine::DType::kF32));
+      rows.push_back({std::string(name), backend.compute_dtype(),
+                      model->config.NumParameters() / 1e6, bytes / 1e6, steps / dt, bw / bytes});
     }
-    const double dt = bench::NowS() - t0;
-    // The CPU backend computes in float32: weights are read as float32.
-    const double bytes = static_cast<double>(model->config.WeightBytes(engine::DType::kF32));
-    rows.push_back({std::string(name), model->config.NumParameters() / 1e6, bytes / 1e6, steps / dt,
-                    bw / bytes});
   }
   std::printf(
-      "| model | params (M) | fp32 weights (MB) | decode tok/s (batch 1) | floor tok/s | vs floor "
-      "|\n");
-  std::printf("|---|---:|---:|---:|---:|---:|\n");
+      "| model | weights | params (M) | weight MB | decode tok/s (batch 1) | floor tok/s | vs "
+      "floor |\n");
+  std::printf("|---|---|---:|---:|---:|---:|---:|\n");
   for (const Row& r : rows) {
-    std::printf("| %s | %.1f | %.1f | %.1f | %.1f | %.0f%% |\n", r.model.c_str(), r.params_m,
-                r.weight_mb, r.tok_s, r.floor_tok_s, 100.0 * r.tok_s / r.floor_tok_s);
+    std::printf("| %s | %s | %.1f | %.1f | %.1f | %.1f | %.0f%% |\n", r.model.c_str(),
+                r.dtype.c_str(), r.params_m, r.weight_mb, r.tok_s, r.floor_tok_s,
+                100.0 * r.tok_s / r.floor_tok_s);
   }
   std::printf(
-      "\nfloor = bandwidth / fp32 weight bytes read per token (the CPU backend computes "
-      "in float32); a model that fits in the caches can exceed 100%%\n");
+      "\nfloor = copy bandwidth / weight bytes read per token (in the weight type; bf16 kernel: "
+      "%s); a model that fits in the caches can exceed 100%%\n",
+      engine::cpu::Bf16GemmKernelName());
   return 0;
 }

@@ -7,8 +7,8 @@
 #include <thread>
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
-#include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -42,6 +42,9 @@ ABSL_FLAG(int32_t, tp, 1,
 ABSL_FLAG(double, gpu_memory_fraction, 0.0,
           "CUDA: fraction of GPU memory for weights + KV cache; when > 0 (and --kv_blocks is "
           "0) the KV cache takes the rest of it instead of --kv_cache_mb");
+ABSL_FLAG(std::string, cpu_dtype, "auto",
+          "CPU backend weight type: auto (bfloat16 for bf16 checkpoints on CPUs with AMX, "
+          "else float32) | float32 | bfloat16");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads for the backend (0: all cores)");
 ABSL_FLAG(int32_t, max_batch_tokens, 512, "New tokens per engine step (decode + prefill chunks)");
 ABSL_FLAG(int32_t, max_running, 64, "Sequences in the running batch");
@@ -83,14 +86,14 @@ int Run() {
     return 2;
   }
   if (model->builtin) {
-    spdlog::warn("no --model given: serving the built-in demo model (random weights, "
-                 "byte-level tokenizer); its text is meaningless");
+    spdlog::warn(
+        "no --model given: serving the built-in demo model (random weights, "
+        "byte-level tokenizer); its text is meaningless");
   }
   const engine::ModelConfig& cfg = model->config;
   spdlog::info("model={} arch={} layers={} hidden={} heads={}/{} vocab={} params={} dtype={}",
                model->name, cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_heads,
-               cfg.num_kv_heads, cfg.vocab_size, cfg.NumParameters(),
-               engine::DTypeName(cfg.dtype));
+               cfg.num_kv_heads, cfg.vocab_size, cfg.NumParameters(), engine::DTypeName(cfg.dtype));
 
   server::Authenticator auth;
   if (const std::string f = absl::GetFlag(FLAGS_api_keys_file); !f.empty()) {
@@ -118,6 +121,7 @@ int Run() {
 #endif
   engine::BackendOptions bopts;
   bopts.num_threads = absl::GetFlag(FLAGS_threads);
+  bopts.cpu_dtype = absl::GetFlag(FLAGS_cpu_dtype);
   bopts.tensor_parallel = absl::GetFlag(FLAGS_tp);
   bopts.kv_block_size = absl::GetFlag(FLAGS_kv_block_size);
   bopts.kv_num_blocks = absl::GetFlag(FLAGS_kv_blocks);
@@ -127,8 +131,7 @@ int Run() {
     spdlog::critical("--gpu_memory_fraction must be in [0, 1]");
     return 2;
   }
-  absl::StatusOr<std::unique_ptr<engine::Backend>> backend =
-      registry.Create(backend_name, bopts);
+  absl::StatusOr<std::unique_ptr<engine::Backend>> backend = registry.Create(backend_name, bopts);
   if (!backend.ok()) {
     spdlog::critical("--backend: {}", backend.status().ToString());
     return 2;
@@ -138,8 +141,12 @@ int Run() {
     return 2;
   }
   const engine::KvPoolInfo kv = (*backend)->kv();
-  spdlog::info("backend={} blas_core={} tp={} kv_blocks={} block_size={} kv_mib={:.1f}", (*backend)->name(),
-               engine::cpu::BlasCoreName(), bopts.tensor_parallel, kv.num_blocks, kv.block_size, kv.num_blocks * kv.bytes_per_block / 1048576.0);
+  spdlog::info(
+      "backend={} compute_dtype={} blas_core={} bf16_kernel={} tp={} kv_blocks={} block_size={} "
+      "kv_mib={:.1f}",
+      (*backend)->name(), (*backend)->compute_dtype(), engine::cpu::BlasCoreName(),
+      engine::cpu::Bf16GemmKernelName(), bopts.tensor_parallel, kv.num_blocks, kv.block_size,
+      kv.num_blocks * kv.bytes_per_block / 1048576.0);
 
   engine::EngineOptions eopts;
   eopts.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
@@ -169,9 +176,8 @@ int Run() {
   limits.vocab_size = cfg.vocab_size;
   limits.default_max_new_tokens = absl::GetFlag(FLAGS_default_max_new_tokens);
   limits.max_rag_documents = absl::GetFlag(FLAGS_rag_max_documents);
-  server::SuperposeService service(&*model, &eng, (*backend)->name(),
-                                   (*backend)->compute_dtype(), bopts.tensor_parallel, limits,
-                                   &metrics, &auth);
+  server::SuperposeService service(&*model, &eng, (*backend)->name(), (*backend)->compute_dtype(),
+                                   bopts.tensor_parallel, limits, &metrics, &auth);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

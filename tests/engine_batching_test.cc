@@ -27,6 +27,7 @@ class BatchingTest : public ::testing::Test {
     engine::BackendOptions opts;
     opts.kv_num_blocks = blocks;
     opts.kv_block_size = 16;
+    opts.cpu_dtype = dtype_;
     backends_.push_back(std::make_unique<engine::cpu::CpuBackend>(opts));
     EXPECT_TRUE(backends_.back()->Load(model_.config, *model_.weights, engine::Shard{}).ok());
     auto e = std::make_unique<engine::Engine>(eo, model_.config, model_.tokenizer.get(),
@@ -48,11 +49,13 @@ class BatchingTest : public ::testing::Test {
     }
     return out;
   }
+  void ExpectConcurrentGreedyEqualsSolo();
   engine::ModelBundle model_;
+  std::string dtype_ = "auto";
   std::vector<std::unique_ptr<engine::Backend>> backends_;
 };
 
-TEST_F(BatchingTest, ConcurrentGreedyEqualsSolo) {
+void BatchingTest::ExpectConcurrentGreedyEqualsSolo() {
   const auto prompts = Prompts(32);
   std::vector<std::vector<int32_t>> solo;
   {
@@ -86,6 +89,16 @@ TEST_F(BatchingTest, ConcurrentGreedyEqualsSolo) {
   EXPECT_GT(cached, 0) << "the test should exercise the prefix cache";
   eng->Shutdown(absl::Seconds(1));
   EXPECT_EQ(eng->blocks().free_blocks(), free0);
+}
+
+TEST_F(BatchingTest, ConcurrentGreedyEqualsSolo) { ExpectConcurrentGreedyEqualsSolo(); }
+
+// bf16 weights (AMX tiles where present): every output element is computed the same
+// way whatever the batch, so batching stays token-for-token equal here too.
+TEST_F(BatchingTest, ConcurrentGreedyEqualsSoloWithBf16Weights) {
+  dtype_ = "bfloat16";
+  ExpectConcurrentGreedyEqualsSolo();
+  EXPECT_EQ(backends_.back()->compute_dtype(), "bfloat16");
 }
 
 TEST_F(BatchingTest, SharedThreeBlockPrefixIsCached) {
@@ -168,7 +181,12 @@ TEST_F(BatchingTest, FullQueueIsRejectedAtOnceWhileStreamsContinue) {
   std::vector<Collector> cs(4);
   for (int i = 0; i < 4; ++i) {
     ASSERT_TRUE(eng->Submit(GreedyRequest(prompts[i], 300), cs[i].Callback()).ok()) << i;
-    if (i == 1) absl::SleepFor(absl::Milliseconds(50));  // let the first two start running
+    if (i == 1) {  // let the first two start running (however loaded the machine is)
+      for (int k = 0; k < 2000 && eng->stats().running < 2; ++k) {
+        absl::SleepFor(absl::Milliseconds(5));
+      }
+      ASSERT_EQ(eng->stats().running, 2);
+    }
   }
   Collector extra;
   const absl::Time t0 = absl::Now();

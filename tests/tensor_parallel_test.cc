@@ -14,53 +14,17 @@
 namespace superpose {
 namespace {
 
-// A prefill of `prompt` followed by `steps` greedy decode steps; returns every logits row.
-std::vector<std::vector<float>> RunSteps(engine::Backend& b, const std::vector<int32_t>& prompt,
-                                         int steps) {
-  std::vector<std::vector<float>> rows;
-  engine::BatchPlan plan;
-  plan.seqs.resize(1);
-  for (size_t i = 0; i < prompt.size(); ++i) {
-    plan.tokens.push_back(prompt[i]);
-    plan.positions.push_back(static_cast<float>(i));
-    plan.kv_slots.push_back({static_cast<int32_t>(i / 16), static_cast<int32_t>(i % 16)});
-  }
-  plan.seqs[0].num_tokens = static_cast<int32_t>(prompt.size());
-  plan.logits_for = {plan.seqs[0].num_tokens - 1};
-  int32_t pos = static_cast<int32_t>(prompt.size());
-  for (int s = 0; s <= steps; ++s) {
-    engine::ForwardOutput out;
-    EXPECT_TRUE(b.Forward(plan, &out).ok());
-    rows.push_back(out.logits);
-    const int32_t next = static_cast<int32_t>(
-        std::max_element(out.logits.begin(), out.logits.end()) - out.logits.begin());
-    plan.seqs[0].context.clear();
-    for (int32_t done = 0, blk = 0; done < pos; ++blk) {
-      const int32_t len = std::min(16, pos - done);
-      plan.seqs[0].context.push_back({blk, 0, len});
-      done += len;
-    }
-    plan.tokens = {next};
-    plan.positions = {static_cast<float>(pos)};
-    plan.kv_slots = {{pos / 16, pos % 16}};
-    plan.seqs[0].num_tokens = 1;
-    plan.logits_for = {0};
-    ++pos;
-  }
-  return rows;
-}
-
 void CompareTp(const engine::ModelBundle& model, const std::vector<int32_t>& prompt) {
   engine::BackendOptions opts;
   opts.kv_num_blocks = 32;
   auto ref = engine::cpu::MakeCpuBackend(opts, 1);
   ASSERT_TRUE(ref->Load(model.config, *model.weights, engine::Shard{}).ok());
-  const auto want = RunSteps(*ref, prompt, 12);
+  const auto want = testing::RunSteps(*ref, prompt, 12);
   for (int tp : {2, 4}) {
     auto b = engine::cpu::MakeCpuBackend(opts, tp);
     absl::Status st = b->Load(model.config, *model.weights, engine::Shard{});
     ASSERT_TRUE(st.ok()) << "tp=" << tp << ": " << st;
-    const auto got = RunSteps(*b, prompt, 12);
+    const auto got = testing::RunSteps(*b, prompt, 12);
     ASSERT_EQ(got.size(), want.size());
     for (size_t s = 0; s < want.size(); ++s) {
       ASSERT_EQ(got[s].size(), want[s].size());

@@ -2,17 +2,20 @@
 // completion.
 #pragma once
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
 #include <memory>
 
 #include "absl/synchronization/mutex.h"
+#include "engine/backend.h"
 #include "engine/runtime/engine.h"
 
 namespace superpose::testing {
@@ -24,6 +27,53 @@ inline std::string SharedDir() {
   return env != nullptr && env[0] != '\0' ? env : SP_SHARED_DIR;
 }
 inline std::string Stories260kDir() { return SharedDir() + "/fixtures/stories260k"; }
+
+// Straight through a backend: a prefill of `prompt` (KV blocks 0, 1, ... of 16 slots),
+// then `steps` decode steps of one token: the argmax of the previous logits, or
+// forced[s] when `forced` is given (teacher forcing, so that backends with slightly
+// different numerics see the same tokens). Returns every logits row.
+inline std::vector<std::vector<float>> RunSteps(engine::Backend& b,
+                                                const std::vector<int32_t>& prompt, int steps,
+                                                const std::vector<int32_t>* forced = nullptr) {
+  std::vector<std::vector<float>> rows;
+  engine::BatchPlan plan;
+  plan.seqs.resize(1);
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    plan.tokens.push_back(prompt[i]);
+    plan.positions.push_back(static_cast<float>(i));
+    plan.kv_slots.push_back({static_cast<int32_t>(i / 16), static_cast<int32_t>(i % 16)});
+  }
+  plan.seqs[0].num_tokens = static_cast<int32_t>(prompt.size());
+  plan.logits_for = {plan.seqs[0].num_tokens - 1};
+  int32_t pos = static_cast<int32_t>(prompt.size());
+  for (int s = 0; s <= steps; ++s) {
+    engine::ForwardOutput out;
+    const absl::Status st = b.Forward(plan, &out);
+    if (!st.ok()) {
+      ADD_FAILURE() << "step " << s << ": " << st;
+      return rows;
+    }
+    rows.push_back(out.logits);
+    const int32_t next =
+        forced != nullptr
+            ? (*forced)[s]
+            : static_cast<int32_t>(std::max_element(out.logits.begin(), out.logits.end()) -
+                                   out.logits.begin());
+    plan.seqs[0].context.clear();
+    for (int32_t done = 0, blk = 0; done < pos; ++blk) {
+      const int32_t len = std::min(16, pos - done);
+      plan.seqs[0].context.push_back({blk, 0, len});
+      done += len;
+    }
+    plan.tokens = {next};
+    plan.positions = {static_cast<float>(pos)};
+    plan.kv_slots = {{pos / 16, pos % 16}};
+    plan.seqs[0].num_tokens = 1;
+    plan.logits_for = {0};
+    ++pos;
+  }
+  return rows;
+}
 
 inline nlohmann::json ReadJson(const std::string& path) {
   std::ifstream in(path);

@@ -122,22 +122,42 @@ absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& wei
     heads_of_[(rank * q_heads_ + h) / (nq / nkv) - kv_head_begin_].push_back(h);
   }
 
+  // Weight type: bf16 when asked, or (auto) when the checkpoint stores bf16 and this CPU
+  // has AMX; float32 otherwise.
+  const std::string& want = options_.cpu_dtype;
+  if (want == "bfloat16") {
+    bf16_ = true;
+  } else if (want == "float32") {
+    bf16_ = false;
+  } else if (want == "auto" || want.empty()) {
+    absl::StatusOr<TensorView> probe = weights.Get("model.layers.0.mlp.down_proj.weight");
+    bf16_ = probe.ok() && probe->dtype == DType::kBF16 && HasAmxBf16();
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cpu dtype must be auto, float32 or bfloat16, got '", want, "'"));
+  }
   const std::vector<int64_t> emb_shape = {V, H};
   embed_.assign(static_cast<size_t>(vocab_pad) * H, 0.0f);
   SP_RETURN_IF_ERROR(weights.ReadF32Block("model.embed_tokens.weight", emb_shape, vocab_begin_,
                                           vocab_begin_ + vocab_local_, 0, H, embed_.data()));
-  lm_head_.clear();
+  lm_head_ = Matrix{};
   if (!config.tie_word_embeddings && weights.Has("lm_head.weight")) {
-    lm_head_.assign(static_cast<size_t>(vocab_pad) * H, 0.0f);
     SP_RETURN_IF_ERROR(weights.ReadF32Block("lm_head.weight", emb_shape, vocab_begin_,
-                                            vocab_begin_ + vocab_local_, 0, H, lm_head_.data()));
+                                            vocab_begin_ + vocab_local_, 0, H,
+                                            Shape(lm_head_, vocab_pad, H)));
+    Finish(lm_head_);
   } else if (!config.tie_word_embeddings) {
     return absl::NotFoundError("tensor 'lm_head.weight' missing and tie_word_embeddings is false");
+  } else if (bf16_) {
+    lm_head_.out = vocab_pad;
+    lm_head_.in = H;
+    lm_head_.bf16.Pack(embed_.data(), vocab_pad, H);
   }
   final_norm_.resize(H);
   SP_RETURN_IF_ERROR(weights.ReadF32("model.norm.weight", {H}, final_norm_.data()));
 
-  layers_.assign(config.num_layers, Layer{});
+  layers_.clear();
+  layers_.resize(config.num_layers);
   const int32_t qkv_rows = (q_heads_ + 2 * kv_heads_) * D;
   for (int32_t l = 0; l < config.num_layers; ++l) {
     Layer& L = layers_[l];
@@ -147,10 +167,10 @@ absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& wei
     SP_RETURN_IF_ERROR(weights.ReadF32(p + "input_layernorm.weight", {H}, L.attn_norm.data()));
     SP_RETURN_IF_ERROR(
         weights.ReadF32(p + "post_attention_layernorm.weight", {H}, L.mlp_norm.data()));
-    L.wqkv.resize(static_cast<size_t>(qkv_rows) * H);
+
     const int64_t q0 = static_cast<int64_t>(rank) * q_heads_ * D, q1 = q0 + q_heads_ * D;
     const int64_t k0 = static_cast<int64_t>(kv_head_begin_) * D, k1 = k0 + kv_heads_ * D;
-    float* dst = L.wqkv.data();
+    float* dst = Shape(L.wqkv, qkv_rows, H);
     SP_RETURN_IF_ERROR(
         weights.ReadF32Block(p + "self_attn.q_proj.weight", {nq * D, H}, q0, q1, 0, H, dst));
     dst += (q1 - q0) * H;
@@ -159,6 +179,7 @@ absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& wei
     dst += (k1 - k0) * H;
     SP_RETURN_IF_ERROR(
         weights.ReadF32Block(p + "self_attn.v_proj.weight", {nkv * D, H}, k0, k1, 0, H, dst));
+    Finish(L.wqkv);
     if (config.attention_bias) {
       L.bqkv.resize(qkv_rows);
       std::vector<float> full(static_cast<size_t>(nq) * D);
@@ -176,18 +197,19 @@ absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& wei
       SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.q_norm.weight", {D}, L.q_norm.data()));
       SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.k_norm.weight", {D}, L.k_norm.data()));
     }
-    L.wo.resize(static_cast<size_t>(H) * q_heads_ * D);
     SP_RETURN_IF_ERROR(weights.ReadF32Block(p + "self_attn.o_proj.weight", {H, nq * D}, 0, H, q0,
-                                            q1, L.wo.data()));
-    L.wgate_up.resize(static_cast<size_t>(2) * inter_ * H);
+                                            q1, Shape(L.wo, H, q_heads_ * D)));
+    Finish(L.wo);
     const int64_t i0 = static_cast<int64_t>(rank) * inter_, i1 = i0 + inter_;
+    float* gate_up = Shape(L.wgate_up, 2 * inter_, H);
     SP_RETURN_IF_ERROR(
-        weights.ReadF32Block(p + "mlp.gate_proj.weight", {I, H}, i0, i1, 0, H, L.wgate_up.data()));
+        weights.ReadF32Block(p + "mlp.gate_proj.weight", {I, H}, i0, i1, 0, H, gate_up));
     SP_RETURN_IF_ERROR(weights.ReadF32Block(p + "mlp.up_proj.weight", {I, H}, i0, i1, 0, H,
-                                            L.wgate_up.data() + static_cast<size_t>(inter_) * H));
-    L.wdown.resize(static_cast<size_t>(H) * inter_);
-    SP_RETURN_IF_ERROR(
-        weights.ReadF32Block(p + "mlp.down_proj.weight", {H, I}, 0, H, i0, i1, L.wdown.data()));
+                                            gate_up + static_cast<size_t>(inter_) * H));
+    Finish(L.wgate_up);
+    SP_RETURN_IF_ERROR(weights.ReadF32Block(p + "mlp.down_proj.weight", {H, I}, 0, H, i0, i1,
+                                            Shape(L.wdown, H, inter_)));
+    Finish(L.wdown);
   }
   inv_freq_ = RopeInvFreq(config);
 
@@ -206,8 +228,29 @@ absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& wei
   return absl::OkStatus();
 }
 
-void CpuBackend::Linear(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
-                        float* y) const {
+float* CpuBackend::Shape(Matrix& m, int32_t out, int32_t in) {
+  m.out = out;
+  m.in = in;
+  m.f32.assign(static_cast<size_t>(out) * in, 0.0f);
+  return m.f32.data();
+}
+
+void CpuBackend::Finish(Matrix& m) const {
+  if (!bf16_) return;
+  m.bf16.Pack(m.f32.data(), m.out, m.in);
+  std::vector<float>().swap(m.f32);
+}
+
+void CpuBackend::Linear(const float* x, int32_t rows, const Matrix& m, float* y) const {
+  if (m.bf16.empty()) {
+    LinearF32(x, rows, m.in, m.f32.data(), m.out, y);
+  } else {
+    Bf16Gemm(x, rows, m.bf16, y);
+  }
+}
+
+void CpuBackend::LinearF32(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
+                           float* y) const {
   if (rows <= kSmallBatchRows) {
     SmallBatchGemm(x, rows, in, w, out, y);
   } else {
@@ -421,7 +464,7 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
       RmsNorm(&x[static_cast<size_t>(t) * H], L.attn_norm.data(), H, eps,
               &h[static_cast<size_t>(t) * H]);
     }
-    Linear(h.data(), T, H, L.wqkv.data(), qkv_w, qkv.data());
+    Linear(h.data(), T, L.wqkv, qkv.data());
     const size_t layer_off = static_cast<size_t>(l) * kv_info_.num_blocks * bs * kvd;
 #pragma omp parallel for if (T > 4)
     for (int32_t t = 0; t < T; ++t) {
@@ -450,7 +493,7 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
       }
     }
     Attention(plan, key_index, l, q.data(), attn.data());
-    Linear(attn.data(), T, qd, L.wo.data(), H, proj.data());
+    Linear(attn.data(), T, L.wo, proj.data());
     SP_RETURN_IF_ERROR(AllReduce(proj.data(), proj.size()));
     for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
 
@@ -459,7 +502,7 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
       RmsNorm(&x[static_cast<size_t>(t) * H], L.mlp_norm.data(), H, eps,
               &h[static_cast<size_t>(t) * H]);
     }
-    Linear(h.data(), T, H, L.wgate_up.data(), 2 * inter_, gu.data());
+    Linear(h.data(), T, L.wgate_up, gu.data());
 #pragma omp parallel for if (T > 4)
     for (int32_t t = 0; t < T; ++t) {
       const float* g = &gu[static_cast<size_t>(t) * 2 * inter_];
@@ -467,7 +510,7 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
       float* a = &act[static_cast<size_t>(t) * inter_];
       for (int32_t i = 0; i < inter_; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
     }
-    Linear(act.data(), T, inter_, L.wdown.data(), H, proj.data());
+    Linear(act.data(), T, L.wdown, proj.data());
     SP_RETURN_IF_ERROR(AllReduce(proj.data(), proj.size()));
     for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
   }
@@ -494,12 +537,15 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
   }
   const int32_t V = config_.vocab_size, tp = shard_.size;
   const int32_t vocab_pad = (V + tp - 1) / tp;
-  const float* head = lm_head_.empty() ? embed_.data() : lm_head_.data();
   // Scratch kept across steps: scoring steps ask for thousands of rows, and fresh
   // allocations of that size are page-faulted in again every step.
   std::vector<float>& local = lm_local_;
   local.resize(static_cast<size_t>(R) * vocab_pad);
-  Linear(hn.data(), R, H, head, vocab_pad, local.data());
+  if (lm_head_.out == 0) {  // tied, float32: the embedding table is the head
+    LinearF32(hn.data(), R, H, embed_.data(), vocab_pad, local.data());
+  } else {
+    Linear(hn.data(), R, lm_head_, local.data());
+  }
   std::vector<float>& logits = tp == 1 ? lm_local_ : lm_full_;
   if (tp > 1) {
     logits.resize(static_cast<size_t>(R) * V);

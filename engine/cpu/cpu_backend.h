@@ -1,11 +1,14 @@
-// The CPU backend: float32 math, GEMMs through OpenBLAS, attention and element-wise
-// work on OpenMP threads. It is the numerical reference for every other backend.
+// The CPU backend: float32 activations, attention and KV cache; weights in float32
+// (GEMMs through our weight-streaming kernel and OpenBLAS; the numerical reference for
+// every other backend) or in bfloat16 (AMX tile kernel, half the weight bytes: the fast
+// choice for bf16 checkpoints on CPUs that have AMX). Element-wise work on OpenMP threads.
 #pragma once
 
 #include <memory>
 #include <vector>
 
 #include "engine/backend.h"
+#include "engine/cpu/bf16_gemm.h"
 #include "engine/cpu/small_gemm.h"
 
 namespace superpose::engine::cpu {
@@ -16,28 +19,40 @@ class CpuBackend : public Backend {
   static constexpr int32_t kSmallBatchRows = 64;
   explicit CpuBackend(const BackendOptions& options);
   std::string name() const override { return "cpu"; }
-  std::string compute_dtype() const override { return "float32"; }
+  // "float32" or "bfloat16": the weights' type (activations, KV cache are float32).
+  std::string compute_dtype() const override { return bf16_ ? "bfloat16" : "float32"; }
   absl::Status Load(const ModelConfig& config, const WeightSource& weights,
                     const Shard& shard) override;
   absl::Status Forward(const BatchPlan& plan, ForwardOutput* out) override;
   KvPoolInfo kv() const override { return kv_info_; }
 
  private:
+  // A weight W[out, in]: float32 row-major, or packed bf16 (then f32 is empty).
+  struct Matrix {
+    std::vector<float> f32;
+    PackedBf16 bf16;
+    int32_t out = 0, in = 0;
+  };
   struct Layer {
     std::vector<float> attn_norm;  // [hidden]
-    std::vector<float> wqkv;       // [(q_local + 2 * kv_local) * head_dim, hidden]
+    Matrix wqkv;                   // [(q_local + 2 * kv_local) * head_dim, hidden]
     std::vector<float> bqkv;       // same rows, empty without attention bias
     std::vector<float> q_norm;     // [head_dim], empty without qk norm
     std::vector<float> k_norm;
-    std::vector<float> wo;        // [hidden, q_local * head_dim]
+    Matrix wo;                    // [hidden, q_local * head_dim]
     std::vector<float> mlp_norm;  // [hidden]
-    std::vector<float> wgate_up;  // [2 * inter_local, hidden]: gate rows then up rows
-    std::vector<float> wdown;     // [hidden, inter_local]
+    Matrix wgate_up;              // [2 * inter_local, hidden]: gate rows then up rows
+    Matrix wdown;                 // [hidden, inter_local]
   };
 
+  // Sizes m for W[out, in] and returns the float buffer to read it into.
+  static float* Shape(Matrix& m, int32_t out, int32_t in);
+  // After reading: packs to bf16 (and frees the floats) when the backend runs bf16.
+  void Finish(Matrix& m) const;
   // y[T, out] = x[T, in] * W[out, in]^T
-  void Linear(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
-              float* y) const;
+  void Linear(const float* x, int32_t rows, const Matrix& w, float* y) const;
+  void LinearF32(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
+                 float* y) const;
   // Key locations per sequence (offsets in units of kv_heads * head_dim floats within a
   // layer): context first, then its new tokens. Built once per step for all layers.
   // Also the step's split of attention work: tiles of long chunks for the blocked
@@ -69,8 +84,9 @@ class CpuBackend : public Backend {
   int32_t vocab_local_ = 0;
   std::vector<std::vector<int32_t>> heads_of_;  // local query heads of each local kv head
 
-  std::vector<float> embed_;    // [vocab_local, hidden]
-  std::vector<float> lm_head_;  // [vocab_local, hidden]; empty when tied to embed_
+  bool bf16_ = false;         // weights in bf16 (Matrix::bf16)
+  std::vector<float> embed_;  // [vocab_local, hidden] (float32 always: a lookup table)
+  Matrix lm_head_;            // [vocab_pad, hidden]; f32 empty when tied to embed_ in f32
   std::vector<float> final_norm_;
   std::vector<Layer> layers_;
   std::vector<float> inv_freq_;

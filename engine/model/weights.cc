@@ -68,17 +68,8 @@ inline uint16_t FloatToHalf(float f) {
   return static_cast<uint16_t>(sign | (ax >> 13));
 }
 
-inline uint16_t FloatToBf16(float f) {
-  const uint32_t x = FloatBits(f);
-  const uint32_t rounded = (x + 0x7FFFu + ((x >> 16) & 1u)) >> 16;
-  const uint32_t nan = (x >> 16) | 0x40u;  // quiet NaN, sign kept
-  return static_cast<uint16_t>((x & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded);
-}
-
 }  // namespace
 
-float Bf16ToF32(uint16_t v) { return BitsFloat(static_cast<uint32_t>(v) << 16); }
-uint16_t F32ToBf16(float v) { return FloatToBf16(v); }
 float F16ToF32(uint16_t v) { return HalfToFloat(v); }
 uint16_t F32ToF16(float v) { return FloatToHalf(v); }
 
@@ -115,7 +106,7 @@ void ConvertFromF32(DType dtype, const float* src, int64_t n, void* dst) {
       return;
     case DType::kBF16:
       for (int64_t i = 0; i < n; ++i) {
-        const uint16_t h = FloatToBf16(src[i]);
+        const uint16_t h = F32ToBf16(src[i]);
         std::memcpy(p + 2 * i, &h, 2);
       }
       return;

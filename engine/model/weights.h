@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <map>
 #include <memory>
@@ -92,8 +93,20 @@ void ConvertToF32(DType dtype, const void* src, int64_t n, float* out);
 void ConvertFromF32(DType dtype, const float* src, int64_t n, void* dst);
 
 // bf16 / fp16 <-> float32.
-float Bf16ToF32(uint16_t v);
-uint16_t F32ToBf16(float v);  // round to nearest even
+inline float Bf16ToF32(uint16_t v) {
+  const uint32_t x = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &x, sizeof(f));
+  return f;
+}
+// Round to nearest even; NaN stays a (quiet) NaN with its sign.
+inline uint16_t F32ToBf16(float v) {
+  uint32_t x;
+  std::memcpy(&x, &v, sizeof(x));
+  const uint32_t rounded = (x + 0x7FFFu + ((x >> 16) & 1u)) >> 16;
+  const uint32_t nan = (x >> 16) | 0x40u;
+  return static_cast<uint16_t>((x & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded);
+}
 float F16ToF32(uint16_t v);
 uint16_t F32ToF16(float v);
 

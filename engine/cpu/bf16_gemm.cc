@@ -1,0 +1,254 @@
+#include "engine/cpu/bf16_gemm.h"
+
+#include <cpuid.h>
+#include <immintrin.h>
+#include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <vector>
+
+#include "engine/model/weights.h"
+
+namespace superpose::engine::cpu {
+namespace {
+
+constexpr int32_t kR = PackedBf16::kRows;  // 32 output rows per block
+constexpr int32_t kK = PackedBf16::kK;     // 32 inputs per block
+constexpr int32_t kM = 16;                 // activation rows per tile
+constexpr int32_t kTile = 16 * kK;         // bf16 elements of one weight tile (1 KiB)
+// Below this many multiply-adds the call runs on one thread.
+constexpr int64_t kParallelMinWork = 1 << 16;
+// Weight bytes prefetched ahead of the tiles being multiplied.
+constexpr int32_t kPrefetchBlocks = 4;
+
+// Activations as bf16, rows padded to a multiple of 16 and inputs to k_blocks * 32
+// (zeros), row-major: the A tiles load straight from it.
+void PackX(const float* x, int32_t rows, int32_t in, int32_t ld, int32_t row, uint16_t* dst) {
+  uint16_t* d = dst + static_cast<size_t>(row) * ld;
+  if (row >= rows) {
+    std::fill(d, d + ld, 0);
+    return;
+  }
+  const float* xr = x + static_cast<size_t>(row) * in;
+  for (int32_t k = 0; k < in; ++k) d[k] = F32ToBf16(xr[k]);
+  std::fill(d + in, d + ld, 0);
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every tile register 16 rows x 64 bytes: C tiles 0-3 (16 x 16 float), activation
+// tiles 4-5 (16 rows x 32 bf16), weight tiles 6-7 (16 input pairs x 16 columns x 2 bf16).
+__attribute__((target("amx-tile"))) void ConfigureTiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  // GCC does not know ldtilecfg reads all 64 bytes and drops the zeroing of the unused
+  // entries (garbage there faults); force every store out first.
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile"))) void ReleaseTiles() { _tile_release(); }
+
+// Copies the valid part of a 16 x 16 float tile at (m0, n0) into y.
+void StoreEdge(const float* c, int32_t m0, int32_t n0, int32_t rows, int32_t out, float* y) {
+  const int32_t mm = std::min(kM, rows - m0), nn = std::min(16, out - n0);
+  if (nn <= 0) return;  // the second half of the last row block can be all padding
+  for (int32_t m = 0; m < mm; ++m) {
+    std::memcpy(y + static_cast<size_t>(m0 + m) * out + n0, c + m * 16, nn * sizeof(float));
+  }
+}
+
+// Weight row block rb (32 columns of y) times activation row tiles mb and mb+1 (`two`).
+__attribute__((target("amx-tile,amx-bf16"))) void AmxBlock(const PackedBf16& w, int32_t rb,
+                                                           const uint16_t* xb, int32_t ld,
+                                                           int32_t mb, bool two, int32_t rows,
+                                                           float* y) {
+  const int32_t kbs = w.k_blocks();
+  const int64_t stride = static_cast<int64_t>(ld) * sizeof(uint16_t);
+  const uint16_t* x0 = xb + static_cast<size_t>(mb) * kM * ld;
+  const uint16_t* x1 = x0 + static_cast<size_t>(kM) * ld;
+  const char* pf = reinterpret_cast<const char*>(w.block(rb, 0)) +
+                   kPrefetchBlocks * 2 * kTile * sizeof(uint16_t);
+  const char* pf_end = reinterpret_cast<const char*>(w.block(rb, 0)) +
+                       static_cast<size_t>(kbs) * 2 * kTile * sizeof(uint16_t);
+  _tile_zero(0);
+  _tile_zero(1);
+  if (two) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int32_t kb = 0; kb < kbs; ++kb) {
+    const uint16_t* b = w.block(rb, kb);
+    if (pf < pf_end) {
+      for (int32_t l = 0; l < 2 * kTile * 2; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
+      pf += 2 * kTile * sizeof(uint16_t);
+    }
+    _tile_loadd(6, b, 64);
+    _tile_loadd(7, b + kTile, 64);
+    _tile_loadd(4, x0 + static_cast<size_t>(kb) * kK, stride);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (two) {
+      _tile_loadd(5, x1 + static_cast<size_t>(kb) * kK, stride);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  const int32_t n0 = rb * kR, out = w.out(), m0 = mb * kM;
+  const int64_t ystride = static_cast<int64_t>(out) * sizeof(float);
+  const bool full_n = n0 + kR <= out;
+  alignas(64) float c[16 * 16];
+  if (full_n && m0 + kM <= rows) {
+    float* yt = y + static_cast<size_t>(m0) * out + n0;
+    _tile_stored(0, yt, ystride);
+    _tile_stored(1, yt + 16, ystride);
+  } else {
+    _tile_stored(0, c, 64);
+    StoreEdge(c, m0, n0, rows, out, y);
+    _tile_stored(1, c, 64);
+    StoreEdge(c, m0, n0 + 16, rows, out, y);
+  }
+  if (!two) return;
+  if (full_n && m0 + 2 * kM <= rows) {
+    float* yt = y + static_cast<size_t>(m0 + kM) * out + n0;
+    _tile_stored(2, yt, ystride);
+    _tile_stored(3, yt + 16, ystride);
+  } else {
+    _tile_stored(2, c, 64);
+    StoreEdge(c, m0 + kM, n0, rows, out, y);
+    _tile_stored(3, c, 64);
+    StoreEdge(c, m0 + kM, n0 + 16, rows, out, y);
+  }
+}
+
+// The same products in plain C++: per output element, per 32-input block, per input pair,
+// += even product then += odd product, in float.
+void PortableBlock(const PackedBf16& w, int32_t rb, const uint16_t* xb, int32_t ld, int32_t mb,
+                   int32_t rows, float* y) {
+  const int32_t kbs = w.k_blocks();
+  float c[16 * 16];
+  for (int32_t half = 0; half < 2; ++half) {
+    std::fill(c, c + 16 * 16, 0.0f);
+    for (int32_t kb = 0; kb < kbs; ++kb) {
+      const uint16_t* b = w.block(rb, kb) + half * kTile;
+      for (int32_t m = 0; m < kM; ++m) {
+        const uint16_t* a = xb + static_cast<size_t>(mb * kM + m) * ld + kb * kK;
+        for (int32_t n = 0; n < 16; ++n) {
+          float acc = c[m * 16 + n];
+          for (int32_t r = 0; r < kK / 2; ++r) {
+            acc += Bf16ToF32(a[2 * r]) * Bf16ToF32(b[(r * 16 + n) * 2]);
+            acc += Bf16ToF32(a[2 * r + 1]) * Bf16ToF32(b[(r * 16 + n) * 2 + 1]);
+          }
+          c[m * 16 + n] = acc;
+        }
+      }
+    }
+    StoreEdge(c, mb * kM, rb * kR + half * 16, rows, w.out(), y);
+  }
+}
+
+void Gemm(const float* x, int32_t rows, const PackedBf16& w, float* y, bool amx) {
+  if (rows <= 0 || w.empty()) return;
+  const int32_t kbs = w.k_blocks(), rbs = w.row_blocks();
+  const int32_t mbs = (rows + kM - 1) / kM, ld = kbs * kK;
+  thread_local std::vector<uint16_t> xbuf;
+  xbuf.resize(static_cast<size_t>(mbs) * kM * ld);
+  uint16_t* xb = xbuf.data();
+  const bool parallel =
+      static_cast<int64_t>(w.out()) * w.in() * std::max(rows, 4) / 4 > kParallelMinWork;
+#pragma omp parallel if (parallel)
+  {
+#pragma omp for schedule(static)
+    for (int32_t row = 0; row < mbs * kM; ++row) PackX(x, rows, w.in(), ld, row, xb);
+    // (implicit barrier: every activation row is written before any tile reads it)
+    asm volatile("" ::: "memory");
+    if (amx) ConfigureTiles();
+#pragma omp for schedule(static)
+    for (int32_t rb = 0; rb < rbs; ++rb) {
+      for (int32_t mb = 0; mb < mbs; mb += 2) {
+        if (amx) {
+          AmxBlock(w, rb, xb, ld, mb, mb + 1 < mbs, rows, y);
+        } else {
+          PortableBlock(w, rb, xb, ld, mb, rows, y);
+          if (mb + 1 < mbs) PortableBlock(w, rb, xb, ld, mb + 1, rows, y);
+        }
+      }
+    }
+    if (amx) ReleaseTiles();
+  }
+}
+
+}  // namespace
+
+void PackedBf16::Free::operator()(uint16_t* p) const { std::free(p); }
+
+void PackedBf16::Pack(const float* w, int32_t out, int32_t in) {
+  out_ = out;
+  in_ = in;
+  const int32_t rbs = row_blocks(), kbs = k_blocks();
+  size_ = static_cast<size_t>(rbs) * kbs * kR * kK;
+  const size_t bytes = (size_ * sizeof(uint16_t) + 63) / 64 * 64;
+  data_.reset(static_cast<uint16_t*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64))));
+  if (!data_) throw std::bad_alloc();
+#pragma omp parallel for schedule(static)
+  for (int32_t rb = 0; rb < rbs; ++rb) {
+    for (int32_t kb = 0; kb < kbs; ++kb) {
+      uint16_t* blk = data_.get() + (static_cast<size_t>(rb) * kbs + kb) * kR * kK;
+      for (int32_t r = 0; r < kR; ++r) {
+        for (int32_t k = 0; k < kK; ++k) {
+          const int32_t n = rb * kR + r, c = kb * kK + k;
+          blk[Offset(r, k)] = n < out && c < in ? F32ToBf16(w[static_cast<size_t>(n) * in + c]) : 0;
+        }
+      }
+    }
+  }
+}
+
+void PackedBf16::Unpack(float* w) const {
+  for (int32_t n = 0; n < out_; ++n) {
+    for (int32_t c = 0; c < in_; ++c) {
+      w[static_cast<size_t>(n) * in_ + c] =
+          Bf16ToF32(block(n / kR, c / kK)[Offset(n % kR, c % kK)]);
+    }
+  }
+}
+
+bool HasAmxBf16() {
+  static const bool has = [] {
+    // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return false;
+    if ((d & (1u << 22)) == 0 || (d & (1u << 24)) == 0) return false;
+    // Linux hands out the tile state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA);
+    // the permission covers every thread of the process.
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return has;
+}
+
+void Bf16Gemm(const float* x, int32_t rows, const PackedBf16& w, float* y) {
+  Gemm(x, rows, w, y, HasAmxBf16());
+}
+
+void Bf16GemmPortable(const float* x, int32_t rows, const PackedBf16& w, float* y) {
+  Gemm(x, rows, w, y, false);
+}
+
+const char* Bf16GemmKernelName() { return HasAmxBf16() ? "amx" : "portable"; }
+
+}  // namespace superpose::engine::cpu

@@ -1,0 +1,69 @@
+// bfloat16-weight GEMM for the CPU backend: y = x * W^T with W stored as bf16 (half the
+// bytes of float32, so decode, which streams every weight once per step, runs up to
+// twice as fast) and the products accumulated in float32. On CPUs with AMX (Intel
+// Sapphire Rapids and later) the tiles run on the matrix unit, whose throughput makes a
+// step of 16-64 rows cost about what a single row costs: weight streaming, not
+// arithmetic, is the limit. Elsewhere a portable kernel gives the same results' shape
+// (different rounding; it is slow, meant for tests and odd machines).
+//
+// Activations are rounded to bf16 (round to nearest even) on the way in, as GPU bf16
+// inference does. Each output element is computed by the same instruction sequence
+// whatever the number of rows in the call, so a sequence's results never depend on its
+// batch (continuous batching stays token-for-token equal to running alone).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+namespace superpose::engine::cpu {
+
+// W[out, in] packed for the kernels: bf16, zero-padded to multiples of 32 in both
+// dimensions, in blocks of 32 output rows x 32 inputs (2 KiB contiguous; a row block's
+// blocks follow each other, so a row block streams sequentially). A block is two AMX B
+// tiles (output rows 0-15, then 16-31), each in the pair-interleaved layout: element
+// (input pair p, output row n) = {W[n][2p], W[n][2p + 1]}.
+class PackedBf16 {
+ public:
+  static constexpr int32_t kRows = 32;  // output rows per block
+  static constexpr int32_t kK = 32;     // inputs per block
+  PackedBf16() = default;
+  // Packs float32 W[out, in], rounding to bf16.
+  void Pack(const float* w, int32_t out, int32_t in);
+  int32_t out() const { return out_; }
+  int32_t in() const { return in_; }
+  int32_t row_blocks() const { return (out_ + kRows - 1) / kRows; }
+  int32_t k_blocks() const { return (in_ + kK - 1) / kK; }
+  bool empty() const { return out_ == 0; }
+  size_t bytes() const { return size_ * sizeof(uint16_t); }
+  // Position of W[row r][input k] of a block within it.
+  static constexpr int32_t Offset(int32_t r, int32_t k) {
+    return (r / 16) * 16 * kK + ((k / 2) * 16 + r % 16) * 2 + k % 2;
+  }
+  // Block (row block rb, k block kb).
+  const uint16_t* block(int32_t rb, int32_t kb) const {
+    return data_.get() + (static_cast<size_t>(rb) * k_blocks() + kb) * kRows * kK;
+  }
+  // The weight as float (bf16 widened), row-major [out, in]: tests and references.
+  void Unpack(float* w) const;
+
+ private:
+  struct Free {
+    void operator()(uint16_t* p) const;
+  };
+  std::unique_ptr<uint16_t[], Free> data_;
+  size_t size_ = 0;
+  int32_t out_ = 0, in_ = 0;
+};
+
+// y[rows, w.out()] = bf16(x[rows, w.in()]) * W^T. Threads (OpenMP) split the output rows.
+void Bf16Gemm(const float* x, int32_t rows, const PackedBf16& w, float* y);
+// The portable kernel whatever the CPU (tests).
+void Bf16GemmPortable(const float* x, int32_t rows, const PackedBf16& w, float* y);
+
+// True when this CPU and OS run AMX bf16 tiles (the fast path).
+bool HasAmxBf16();
+// "amx" or "portable": the kernel Bf16Gemm uses here.
+const char* Bf16GemmKernelName();
+
+}  // namespace superpose::engine::cpu
