@@ -177,7 +177,7 @@ void Gemm(const float* x, int32_t rows, const PackedBf16& w, float* y, bool amx)
     // (implicit barrier: every activation row is written before any tile reads it)
     asm volatile("" ::: "memory");
     if (amx) ConfigureTiles();
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided)
     for (int32_t rb = 0; rb < rbs; ++rb) {
       for (int32_t mb = 0; mb < mbs; mb += 2) {
         if (amx) {
