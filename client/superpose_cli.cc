@@ -3,6 +3,7 @@
 //   superpose-cli tokenize --prompt "text" | detokenize --ids 1,2,3 | info | health
 //   superpose-cli rag --preamble "..." --docs_file docs.txt --query "..." [--top_k_paths 2]
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -34,6 +35,9 @@ ABSL_FLAG(int64_t, seed, -1, "Sampling seed (-1: random)");
 ABSL_FLAG(std::vector<std::string>, stop, {}, "Stop strings (comma-separated)");
 ABSL_FLAG(bool, usage, true, "Print usage statistics after generation (to stderr)");
 ABSL_FLAG(double, timeout_s, 300, "Deadline of the call in seconds");
+ABSL_FLAG(std::string, api_key, "",
+          "API key sent as 'authorization: Bearer <key>' (default: $SUPERPOSE_API_KEY; the "
+          "environment keeps it out of the process list)");
 ABSL_FLAG(std::string, preamble, "", "rag: system prompt / instruction");
 ABSL_FLAG(std::string, docs_file, "", "rag: file with one document per line");
 ABSL_FLAG(std::string, query, "", "rag: the question");
@@ -60,10 +64,17 @@ std::vector<uint32_t> ParseIds(const std::string& s) {
   return ids;
 }
 
-void SetDeadline(grpc::ClientContext* ctx) {
+// Deadline and credentials of every call.
+void Prepare(grpc::ClientContext* ctx) {
   ctx->set_deadline(
       std::chrono::system_clock::now() +
       std::chrono::milliseconds(static_cast<int64_t>(absl::GetFlag(FLAGS_timeout_s) * 1000)));
+  std::string key = absl::GetFlag(FLAGS_api_key);
+  if (key.empty()) {
+    const char* env = std::getenv("SUPERPOSE_API_KEY");
+    if (env != nullptr) key = env;
+  }
+  if (!key.empty()) ctx->AddMetadata("authorization", "Bearer " + key);
 }
 
 int Fail(const grpc::Status& st) {
@@ -101,7 +112,7 @@ int Generate(v1::Superpose::Stub& stub) {
   if (absl::GetFlag(FLAGS_seed) >= 0) s->set_seed(absl::GetFlag(FLAGS_seed));
   for (const auto& stop : absl::GetFlag(FLAGS_stop)) req.add_stop(stop);
   grpc::ClientContext ctx;
-  SetDeadline(&ctx);
+  Prepare(&ctx);
   auto reader = stub.Generate(&ctx, req);
   v1::GenerateResponse resp;
   v1::GenerateResponse last;
@@ -153,7 +164,7 @@ int Rag(v1::Superpose::Stub& stub) {
   if (absl::GetFlag(FLAGS_seed) >= 0) s->set_seed(absl::GetFlag(FLAGS_seed));
   for (const auto& stop : absl::GetFlag(FLAGS_stop)) req.add_stop(stop);
   grpc::ClientContext ctx;
-  SetDeadline(&ctx);
+  Prepare(&ctx);
   auto reader = stub.GenerateRag(&ctx, req);
   v1::GenerateResponse resp, last;
   while (reader->Read(&resp)) {
@@ -187,7 +198,7 @@ int Tokenize(v1::Superpose::Stub& stub) {
   req.set_text(absl::GetFlag(FLAGS_prompt));
   v1::TokenizeResponse resp;
   grpc::ClientContext ctx;
-  SetDeadline(&ctx);
+  Prepare(&ctx);
   grpc::Status st = stub.Tokenize(&ctx, req, &resp);
   if (!st.ok()) return Fail(st);
   std::cout << absl::StrJoin(resp.token_ids(), ",") << "\n";
@@ -199,7 +210,7 @@ int Detokenize(v1::Superpose::Stub& stub) {
   for (uint32_t id : ParseIds(absl::GetFlag(FLAGS_ids))) req.add_token_ids(id);
   v1::DetokenizeResponse resp;
   grpc::ClientContext ctx;
-  SetDeadline(&ctx);
+  Prepare(&ctx);
   grpc::Status st = stub.Detokenize(&ctx, req, &resp);
   if (!st.ok()) return Fail(st);
   std::cout << resp.text() << "\n";
@@ -209,7 +220,7 @@ int Detokenize(v1::Superpose::Stub& stub) {
 int Info(v1::Superpose::Stub& stub) {
   v1::ModelInfo resp;
   grpc::ClientContext ctx;
-  SetDeadline(&ctx);
+  Prepare(&ctx);
   grpc::Status st = stub.GetModelInfo(&ctx, v1::GetModelInfoRequest(), &resp);
   if (!st.ok()) return Fail(st);
   std::cout << resp.DebugString();
@@ -221,7 +232,7 @@ int Health(const std::shared_ptr<grpc::Channel>& channel) {
   grpc::health::v1::HealthCheckRequest req;
   grpc::health::v1::HealthCheckResponse resp;
   grpc::ClientContext ctx;
-  SetDeadline(&ctx);
+  Prepare(&ctx);
   grpc::Status st = stub->Check(&ctx, req, &resp);
   if (!st.ok()) return Fail(st);
   std::cout << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(resp.status()) << "\n";

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -24,6 +25,8 @@
 
 ABSL_FLAG(std::string, server, "127.0.0.1:50051", "superpose-server address");
 ABSL_FLAG(std::string, concurrency, "1,4,16,64", "Comma-separated numbers of concurrent streams");
+ABSL_FLAG(std::string, api_key, "",
+          "API key sent as 'authorization: Bearer <key>' (default: $SUPERPOSE_API_KEY)");
 ABSL_FLAG(int32_t, requests_per_stream, 2, "Requests each stream sends, back to back");
 ABSL_FLAG(int32_t, prompt_tokens, 16, "Prompt length in tokens (random ids)");
 ABSL_FLAG(int32_t, max_new_tokens, 64, "Tokens generated per request (EOS ignored)");
@@ -55,6 +58,10 @@ Result RunLevel(const std::shared_ptr<grpc::Channel>& channel, int n) {
   res.concurrency = n;
   std::mutex mu;
   const auto t0 = Clock::now();
+  std::string api_key = absl::GetFlag(FLAGS_api_key);
+  if (const char* env = std::getenv("SUPERPOSE_API_KEY"); api_key.empty() && env != nullptr) {
+    api_key = env;
+  }
   std::vector<std::thread> threads;
   for (int s = 0; s < n; ++s) {
     threads.emplace_back([&, s] {
@@ -70,6 +77,7 @@ Result RunLevel(const std::shared_ptr<grpc::Channel>& channel, int n) {
         req.mutable_sampling()->set_temperature(0.0f);
         req.set_ignore_eos(true);
         grpc::ClientContext ctx;
+        if (!api_key.empty()) ctx.AddMetadata("authorization", "Bearer " + api_key);
         const auto start = Clock::now();
         auto reader = stub->Generate(&ctx, req);
         v1::GenerateResponse resp;
@@ -114,7 +122,9 @@ Result RunLevel(const std::shared_ptr<grpc::Channel>& channel, int n) {
 
 int main(int argc, char** argv) {
   absl::FlagsUsageConfig usage;
-  usage.contains_help_flags = [](absl::string_view f) { return absl::StrContains(f, "superpose_load"); };
+  usage.contains_help_flags = [](absl::string_view f) {
+    return absl::StrContains(f, "superpose_load");
+  };
   usage.contains_helpshort_flags = usage.contains_help_flags;
   absl::SetFlagsUsageConfig(usage);
   absl::SetProgramUsageMessage("superpose-load: load-test a superpose-server");
@@ -131,12 +141,14 @@ int main(int argc, char** argv) {
     }
     results.push_back(RunLevel(channel, n));
     const Result& r = results.back();
-    std::fprintf(stderr, "concurrency %d: %d requests, %d errors, %.1fs\n", n, r.requests,
-                 r.errors, r.seconds);
+    std::fprintf(stderr, "concurrency %d: %d requests, %d errors, %.1fs\n", n, r.requests, r.errors,
+                 r.seconds);
   }
   const double base = results.empty() ? 0 : results[0].tokens / results[0].seconds;
-  std::printf("| streams | requests | errors | generated tok/s | vs %d stream(s) | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |\n",
-              results.empty() ? 0 : results[0].concurrency);
+  std::printf(
+      "| streams | requests | errors | generated tok/s | vs %d stream(s) | TTFT p50 ms | TTFT p99 "
+      "ms | ITL p50 ms | ITL p99 ms |\n",
+      results.empty() ? 0 : results[0].concurrency);
   std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const Result& r : results) {
     const double tps = r.tokens / r.seconds;

@@ -3,6 +3,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
+
+#include <cstdlib>
 #include <fstream>
 
 #include "superpose/v1/superpose.grpc.pb.h"
@@ -59,6 +62,25 @@ TEST(ServerAuthTest, KeysAndTenantScopedPrefixCache) {
   auto other_tenant = Last(*stub, "key-b", req, &st);
   ASSERT_TRUE(st.ok());
   EXPECT_EQ(other_tenant.usage().cached_prompt_tokens(), 0u);
+  std::remove(keys.c_str());
+}
+
+// The command-line client sends its key from --api_key or $SUPERPOSE_API_KEY.
+TEST(ServerAuthTest, CliSendsItsKey) {
+  const std::string keys = "/tmp/superpose-test-clikeys-" + std::to_string(getpid());
+  std::ofstream(keys) << "key-c tenant-c\n";
+  testing::ServerProcess server({"--api_keys_file=" + keys});
+  ASSERT_TRUE(server.ok());
+  const std::string cli = std::string(SP_BINARY_DIR) + "/superpose-cli --server=" +
+                          server.address() + " --timeout_s=30 info >/dev/null 2>&1";
+  auto run = [](const std::string& cmd) {
+    const int rc = std::system(cmd.c_str());
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+  };
+  EXPECT_NE(run("env -u SUPERPOSE_API_KEY " + cli), 0);
+  EXPECT_NE(run("env SUPERPOSE_API_KEY=wrong " + cli), 0);
+  EXPECT_EQ(run("env SUPERPOSE_API_KEY=key-c " + cli), 0);
+  EXPECT_EQ(run("env -u SUPERPOSE_API_KEY " + cli + " --api_key=key-c"), 0);
   std::remove(keys.c_str());
 }
 
