@@ -104,8 +104,8 @@ TEST_F(CpuBf16Test, AutoFollowsTheCheckpoint) {
   auto f32 = Load(model_, *model_.weights, "auto");
   ASSERT_TRUE(f32);
   EXPECT_EQ(f32->compute_dtype(), "float32");
-  // The same model stored as bf16: bf16 weights where AMX runs them fast, float32
-  // (widened, exact) elsewhere.
+  // The same model stored as bf16: bf16 weights where AMX or AVX512-BF16 run them fast,
+  // float32 (widened, exact) elsewhere.
   const std::string dir = ::testing::TempDir() + "/stories260k-bf16";
   std::filesystem::create_directories(dir);
   std::vector<std::vector<float>> data;
@@ -128,8 +128,9 @@ TEST_F(CpuBf16Test, AutoFollowsTheCheckpoint) {
   ASSERT_TRUE(weights.ok()) << weights.status();
   auto autob = Load(model_, **weights, "auto");
   ASSERT_TRUE(autob);
-  EXPECT_EQ(autob->compute_dtype(),
-            engine::cpu::HasAmxBf16() ? std::string("bfloat16") : std::string("float32"));
+  EXPECT_EQ(autob->compute_dtype(), engine::cpu::HasAmxBf16() || engine::cpu::HasAvx512Bf16()
+                                        ? std::string("bfloat16")
+                                        : std::string("float32"));
   // A bf16 backend on the bf16 checkpoint (where the norms and the embedding are
   // rounded too) tracks the float32 backend like one on the float32 checkpoint.
   auto from_bf16 = Load(model_, **weights, "bfloat16");

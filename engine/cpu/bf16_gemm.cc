@@ -161,13 +161,88 @@ void PortableBlock(const PackedBf16& w, int32_t rb, const uint16_t* xb, int32_t 
   }
 }
 
-void Gemm(const float* x, int32_t rows, const PackedBf16& w, float* y, bool amx) {
+// AVX512-BF16 (no AMX: e.g. AMD Zen 4/5, Intel Cooper Lake): the same packed blocks,
+// one zmm of weights = one input pair for 16 output rows; per activation row a
+// broadcast pair and one vdpbf16ps. Up to kVecRows activation rows per pass over the
+// row block (re-read from L1/L2 for further passes).
+constexpr int32_t kVecRows = 8;
+
+// R activation rows (at row m0) times row block rb; accumulators stay in registers.
+template <int R>
+__attribute__((target("avx512f,avx512bf16"), always_inline)) inline void Avx512Bf16Rows(
+    const PackedBf16& w, int32_t rb, const uint16_t* xb, int32_t ld, int32_t m0, __mmask16 lo,
+    __mmask16 hi, float* y) {
+  const int32_t kbs = w.k_blocks(), n0 = rb * kR, out = w.out();
+  __m512 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  const uint16_t* xr = xb + static_cast<size_t>(m0) * ld;
+  for (int32_t kb = 0; kb < kbs; ++kb) {
+    const uint16_t* b = w.block(rb, kb);
+    const uint16_t* xk = xr + kb * kK;
+    for (int32_t p = 0; p < kK / 2; ++p) {
+      const __m512bh w0 = (__m512bh)_mm512_load_si512(b + p * 32);
+      const __m512bh w1 = (__m512bh)_mm512_load_si512(b + kTile + p * 32);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(
+            *reinterpret_cast<const int32_t*>(xk + static_cast<size_t>(r) * ld + 2 * p));
+        acc0[r] = _mm512_dpbf16_ps(acc0[r], xv, w0);
+        acc1[r] = _mm512_dpbf16_ps(acc1[r], xv, w1);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* yr = y + static_cast<size_t>(m0 + r) * out + n0;
+    _mm512_mask_storeu_ps(yr, lo, acc0[r]);
+    if (hi != 0) _mm512_mask_storeu_ps(yr + 16, hi, acc1[r]);
+  }
+}
+
+__attribute__((target("avx512f,avx512bf16"))) void Avx512Bf16Block(const PackedBf16& w, int32_t rb,
+                                                                   const uint16_t* xb, int32_t ld,
+                                                                   int32_t rows, float* y) {
+  const int32_t n0 = rb * kR, out = w.out();
+  const int32_t n_lo = std::min(16, out - n0), n_hi = std::min(16, out - n0 - 16);
+  const __mmask16 lo = static_cast<__mmask16>((1u << n_lo) - 1);
+  const __mmask16 hi = n_hi <= 0 ? 0 : static_cast<__mmask16>((1u << n_hi) - 1);
+  int32_t m0 = 0;
+  for (; m0 + kVecRows <= rows; m0 += kVecRows) {
+    Avx512Bf16Rows<kVecRows>(w, rb, xb, ld, m0, lo, hi, y);
+  }
+  switch (rows - m0) {
+    case 0:
+      break;
+    case 1:
+      Avx512Bf16Rows<1>(w, rb, xb, ld, m0, lo, hi, y);
+      break;
+    case 2:
+      Avx512Bf16Rows<2>(w, rb, xb, ld, m0, lo, hi, y);
+      break;
+    case 3:
+      Avx512Bf16Rows<3>(w, rb, xb, ld, m0, lo, hi, y);
+      break;
+    case 4:
+      Avx512Bf16Rows<4>(w, rb, xb, ld, m0, lo, hi, y);
+      break;
+    case 5:
+      Avx512Bf16Rows<5>(w, rb, xb, ld, m0, lo, hi, y);
+      break;
+    case 6:
+      Avx512Bf16Rows<6>(w, rb, xb, ld, m0, lo, hi, y);
+      break;
+    case 7:
+      Avx512Bf16Rows<7>(w, rb, xb, ld, m0, lo, hi, y);
+      break;
+  }
+}
+
+void Gemm(const float* x, int32_t rows, const PackedBf16& w, float* y, Bf16Kernel kernel) {
   if (rows <= 0 || w.empty()) return;
   const int32_t kbs = w.k_blocks(), rbs = w.row_blocks();
   const int32_t mbs = (rows + kM - 1) / kM, ld = kbs * kK;
   thread_local std::vector<uint16_t> xbuf;
   xbuf.resize(static_cast<size_t>(mbs) * kM * ld);
   uint16_t* xb = xbuf.data();
+  const bool amx = kernel == Bf16Kernel::kAmx;
   const bool parallel =
       static_cast<int64_t>(w.out()) * w.in() * std::max(rows, 4) / 4 > kParallelMinWork;
 #pragma omp parallel if (parallel)
@@ -179,13 +254,18 @@ void Gemm(const float* x, int32_t rows, const PackedBf16& w, float* y, bool amx)
     if (amx) ConfigureTiles();
 #pragma omp for schedule(guided)
     for (int32_t rb = 0; rb < rbs; ++rb) {
-      for (int32_t mb = 0; mb < mbs; mb += 2) {
-        if (amx) {
-          AmxBlock(w, rb, xb, ld, mb, mb + 1 < mbs, rows, y);
-        } else {
-          PortableBlock(w, rb, xb, ld, mb, rows, y);
-          if (mb + 1 < mbs) PortableBlock(w, rb, xb, ld, mb + 1, rows, y);
-        }
+      switch (kernel) {
+        case Bf16Kernel::kAmx:
+          for (int32_t mb = 0; mb < mbs; mb += 2) {
+            AmxBlock(w, rb, xb, ld, mb, mb + 1 < mbs, rows, y);
+          }
+          break;
+        case Bf16Kernel::kAvx512Bf16:
+          Avx512Bf16Block(w, rb, xb, ld, rows, y);
+          break;
+        case Bf16Kernel::kPortable:
+          for (int32_t mb = 0; mb < mbs; ++mb) PortableBlock(w, rb, xb, ld, mb, rows, y);
+          break;
       }
     }
     if (amx) ReleaseTiles();
@@ -241,14 +321,53 @@ bool HasAmxBf16() {
   return has;
 }
 
+bool HasAvx512Bf16() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+  }();
+  return has;
+}
+
+Bf16Kernel BestBf16Kernel() {
+  if (HasAmxBf16()) return Bf16Kernel::kAmx;
+  if (HasAvx512Bf16()) return Bf16Kernel::kAvx512Bf16;
+  return Bf16Kernel::kPortable;
+}
+
+bool Bf16KernelAvailable(Bf16Kernel kernel) {
+  switch (kernel) {
+    case Bf16Kernel::kAmx:
+      return HasAmxBf16();
+    case Bf16Kernel::kAvx512Bf16:
+      return HasAvx512Bf16();
+    case Bf16Kernel::kPortable:
+      return true;
+  }
+  return false;
+}
+
+const char* Bf16KernelName(Bf16Kernel kernel) {
+  switch (kernel) {
+    case Bf16Kernel::kAmx:
+      return "amx";
+    case Bf16Kernel::kAvx512Bf16:
+      return "avx512_bf16";
+    case Bf16Kernel::kPortable:
+      return "portable";
+  }
+  return "?";
+}
+
 void Bf16Gemm(const float* x, int32_t rows, const PackedBf16& w, float* y) {
-  Gemm(x, rows, w, y, HasAmxBf16());
+  static const Bf16Kernel best = BestBf16Kernel();
+  Gemm(x, rows, w, y, best);
 }
 
-void Bf16GemmPortable(const float* x, int32_t rows, const PackedBf16& w, float* y) {
-  Gemm(x, rows, w, y, false);
+void Bf16GemmWith(Bf16Kernel kernel, const float* x, int32_t rows, const PackedBf16& w, float* y) {
+  Gemm(x, rows, w, y, Bf16KernelAvailable(kernel) ? kernel : Bf16Kernel::kPortable);
 }
 
-const char* Bf16GemmKernelName() { return HasAmxBf16() ? "amx" : "portable"; }
+const char* Bf16GemmKernelName() { return Bf16KernelName(BestBf16Kernel()); }
 
 }  // namespace superpose::engine::cpu

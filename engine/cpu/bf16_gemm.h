@@ -3,8 +3,8 @@
 // twice as fast) and the products accumulated in float32. On CPUs with AMX (Intel
 // Sapphire Rapids and later) the tiles run on the matrix unit, whose throughput makes a
 // step of 16-64 rows cost about what a single row costs: weight streaming, not
-// arithmetic, is the limit. Elsewhere a portable kernel gives the same results' shape
-// (different rounding; it is slow, meant for tests and odd machines).
+// arithmetic, is the limit. CPUs with AVX512-BF16 but no AMX (AMD Zen 4/5) use vdpbf16ps
+// on the same packed layout; elsewhere a portable loop (slow: tests and odd machines).
 //
 // Activations are rounded to bf16 (round to nearest even) on the way in, as GPU bf16
 // inference does. Each output element is computed by the same instruction sequence
@@ -56,14 +56,26 @@ class PackedBf16 {
   int32_t out_ = 0, in_ = 0;
 };
 
-// y[rows, w.out()] = bf16(x[rows, w.in()]) * W^T. Threads (OpenMP) split the output rows.
-void Bf16Gemm(const float* x, int32_t rows, const PackedBf16& w, float* y);
-// The portable kernel whatever the CPU (tests).
-void Bf16GemmPortable(const float* x, int32_t rows, const PackedBf16& w, float* y);
+enum class Bf16Kernel {
+  kAmx,         // AMX tiles (Intel Sapphire Rapids and later)
+  kAvx512Bf16,  // vdpbf16ps (AMD Zen 4/5, Intel Cooper Lake): half the bytes, vector units
+  kPortable,    // plain C++ (slow)
+};
 
-// True when this CPU and OS run AMX bf16 tiles (the fast path).
+// y[rows, w.out()] = bf16(x[rows, w.in()]) * W^T with the best kernel of this CPU (one
+// kernel per process, so results never depend on the batch). Threads (OpenMP) split the
+// output rows.
+void Bf16Gemm(const float* x, int32_t rows, const PackedBf16& w, float* y);
+// A given kernel (the portable one when this CPU lacks it): tests, benchmarks.
+void Bf16GemmWith(Bf16Kernel kernel, const float* x, int32_t rows, const PackedBf16& w, float* y);
+
+// True when this CPU and OS run AMX bf16 tiles.
 bool HasAmxBf16();
-// "amx" or "portable": the kernel Bf16Gemm uses here.
+// True when this CPU has AVX512-BF16 (vdpbf16ps).
+bool HasAvx512Bf16();
+bool Bf16KernelAvailable(Bf16Kernel kernel);
+const char* Bf16KernelName(Bf16Kernel kernel);  // "amx", "avx512_bf16", "portable"
+// The kernel Bf16Gemm uses here.
 const char* Bf16GemmKernelName();
 
 }  // namespace superpose::engine::cpu

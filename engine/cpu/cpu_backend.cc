@@ -219,7 +219,7 @@ absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& wei
   }
 
   // Weight type: bf16 when asked, or (auto) when the checkpoint stores bf16 and this CPU
-  // has AMX; float32 otherwise.
+  // has AMX or AVX512-BF16; float32 otherwise.
   const std::string& want = options_.cpu_dtype;
   if (want == "bfloat16") {
     bf16_ = true;
@@ -227,7 +227,7 @@ absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& wei
     bf16_ = false;
   } else if (want == "auto" || want.empty()) {
     absl::StatusOr<TensorView> probe = weights.Get("model.layers.0.mlp.down_proj.weight");
-    bf16_ = probe.ok() && probe->dtype == DType::kBF16 && HasAmxBf16();
+    bf16_ = probe.ok() && probe->dtype == DType::kBF16 && (HasAmxBf16() || HasAvx512Bf16());
   } else {
     return absl::InvalidArgumentError(
         absl::StrCat("cpu dtype must be auto, float32 or bfloat16, got '", want, "'"));
