@@ -3,7 +3,8 @@
 // measured in the same run:
 //   - decode step time at batch 1, 8, 64 vs the floor weight bytes / device bandwidth,
 //     where the bandwidth is that of a device-to-device cudaMemcpy counting bytes read
-//     plus bytes written (a decode step reads every weight once);
+//     plus bytes written (a decode step reads every weight once); each batch size with
+//     kernels launched one by one (eager) and replayed from CUDA graphs (the default);
 //   - prefill tokens/s vs the cuBLAS bf16 GEMM rate (8192^3, bf16 in, float32 out and
 //     accumulation, as the backend calls it): ceiling = rate / (2 * matrix params).
 //
@@ -176,12 +177,15 @@ int main(int argc, char** argv) {
 
   struct Row {
     int32_t batch;
-    double step_ms, floor_ms;
+    double eager_ms, graph_ms, floor_ms;
+    bool graphs;  // every timed step replayed a graph
   };
   std::vector<Row> rows;
-  for (int32_t B : batches) {
-    // B sequences, each with `context` cached tokens (the contents do not matter for
-    // timing) in its own blocks, decoding one token per step; logits for every row.
+  // B sequences, each with `context` cached tokens (the contents do not matter for
+  // timing) in its own blocks, decoding one token per step; logits for every row.
+  // Returns ms per step (after 3 warm-up steps, which also capture the graph).
+  auto time_decode = [&](int32_t B, bool graphs) {
+    backend.set_cuda_graphs(graphs);
     engine::BatchPlan plan;
     for (int32_t s = 0; s < B; ++s) {
       engine::SeqPlan sp;
@@ -214,9 +218,19 @@ int main(int argc, char** argv) {
       CheckOk(backend.Forward(plan, &out), "decode");
       if (step >= 3) total += NowS() - ts;
     }
-    rows.push_back({B, 1e3 * total / steps, 1e3 * wbytes / bw});
-    std::printf("decode batch %d: %.3f ms/step\n", B, rows.back().step_ms);
+    return 1e3 * total / steps;
+  };
+  for (int32_t B : batches) {
+    Row row{B, 0, 0, 1e3 * wbytes / bw, false};
+    row.eager_ms = time_decode(B, false);
+    const int64_t replays0 = backend.graph_stats().replays;
+    row.graph_ms = time_decode(B, true);
+    row.graphs = backend.graph_stats().replays - replays0 >= steps;
+    rows.push_back(row);
+    std::printf("decode batch %d: %.3f ms/step eager, %.3f ms/step %s\n", B, row.eager_ms,
+                row.graph_ms, row.graphs ? "with CUDA graphs" : "(CUDA graphs NOT used)");
   }
+  const cuda::CudaBackend::GraphStats gs = backend.graph_stats();
 
   // Prefill: pf_seqs sequences of pf_tokens new tokens each, logits of the last tokens.
   engine::BatchPlan plan;
@@ -250,12 +264,19 @@ int main(int argc, char** argv) {
   std::printf("\n## cuda_bench summary (%s, %s)\n\n", shape.c_str(), prop.name);
   std::printf("device copy bandwidth %.0f GB/s (read + written); cuBLAS bf16 GEMM %.0f TFLOP/s\n\n",
               bw / 1e9, gemm / 1e12);
-  std::printf("| decode batch | context | step ms | floor ms | floor/step | tok/s |\n");
-  std::printf("|---:|---:|---:|---:|---:|---:|\n");
+  std::printf(
+      "| decode batch | context | eager ms | graphs ms | graphs speedup | floor ms | floor/step "
+      "| tok/s |\n");
+  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const Row& r : rows) {
-    std::printf("| %d | %d | %.3f | %.3f | %.0f%% | %.0f |\n", r.batch, context, r.step_ms,
-                r.floor_ms, 100.0 * r.floor_ms / r.step_ms, r.batch * 1e3 / r.step_ms);
+    std::printf("| %d | %d | %.3f | %.3f%s | %.2fx | %.3f | %.0f%% | %.0f |\n", r.batch, context,
+                r.eager_ms, r.graph_ms, r.graphs ? "" : " (no graph)", r.eager_ms / r.graph_ms,
+                r.floor_ms, 100.0 * r.floor_ms / r.graph_ms, r.batch * 1e3 / r.graph_ms);
   }
+  std::printf(
+      "\neager: kernels launched one by one; graphs: the step replayed from a CUDA graph "
+      "(the default); floor/step and tok/s with graphs. %d graphs, %.1f MiB of graph memory.\n",
+      gs.graphs, gs.device_bytes / 1048576.0);
   std::printf(
       "\n| prefill | tokens/s | GEMM ceiling tokens/s | of ceiling |\n|---|---:|---:|---:|\n");
   std::printf("| %d x %d | %.0f | %.0f | %.0f%% |\n", pf_seqs, pf_tokens, pf_tok_s, pf_ceiling,

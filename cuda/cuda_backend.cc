@@ -4,6 +4,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -17,6 +19,7 @@
 #include "engine/model/weights.h"
 #include "engine/tensor_parallel.h"
 #include "engine/util/status.h"
+#include "spdlog/spdlog.h"
 
 namespace superpose::cuda {
 
@@ -78,12 +81,49 @@ constexpr int64_t kWorkspaceReserve = int64_t{1} << 30;
 // cuBLAS workspace (NVIDIA recommends 32 MiB on Hopper).
 constexpr size_t kCublasWorkspace = size_t{32} << 20;
 
+// CUDA graphs of decode steps: one per batch size 1..kGraphMaxBatch, captured lazily.
+constexpr int32_t kGraphMaxBatch = 64;
+// Keys (cached tokens of all sequences of a step) the graphs' metadata buffer holds at
+// first; it grows by 1.5x, and every graph is recaptured when it does.
+constexpr size_t kGraphInitialKeys = size_t{1} << 16;
+// No new graph is captured once the graph buffers and the instantiated graphs hold this
+// much device memory (a part of kWorkspaceReserve).
+constexpr int64_t kGraphMemoryBudget = int64_t{512} << 20;
+
 }  // namespace
 
 struct CudaBackend::Impl {
   struct Layer {
     DeviceArray<float> attn_norm, mlp_norm, bqkv, q_norm, k_norm;
     DeviceArray<bf16> wqkv, wo, wgate_up, wdown;
+  };
+  // Activations of a step's T tokens ([T, ...] each).
+  struct Activations {
+    DeviceArray<float> x, qkv, q, proj, gu;
+    DeviceArray<bf16> h, attn, act;
+    void Reset() {
+      for (auto* a : {&x, &qkv, &q, &proj, &gu}) a->Reset();
+      for (auto* a : {&h, &attn, &act}) a->Reset();
+    }
+    int64_t bytes() const {
+      return static_cast<int64_t>(x.size() + qkv.size() + q.size() + proj.size() + gu.size()) * 4 +
+             static_cast<int64_t>(h.size() + attn.size() + act.size()) * 2;
+    }
+  };
+  // Device pointers to a step's uploaded metadata.
+  struct StepInputs {
+    const int32_t* tokens = nullptr;
+    const float* pos = nullptr;
+    const int32_t* slots = nullptr;
+    const int32_t* keys = nullptr;
+    const AttnTile* tiles = nullptr;
+    int32_t num_tiles = 0;
+    int32_t tile_tokens = 1;
+  };
+  struct DecodeGraph {
+    cudaGraphExec_t exec = nullptr;
+    int64_t bytes = 0;  // device memory the instantiation took (estimate)
+    bool warm = false;  // a decode step of this size ran eagerly (its kernels are loaded)
   };
 
   engine::BackendOptions options;
@@ -106,18 +146,39 @@ struct CudaBackend::Impl {
   DeviceArray<char> cublas_workspace;
   NcclCommunicator* nccl = nullptr;
 
-  // Per-step buffers (grown on demand).
-  DeviceArray<float> x, qkv, q, proj, gu, local, gathered, logits, lp_out;
-  DeviceArray<bf16> h, attn, act, hn;
+  // Per-step buffers of eager steps (grown on demand).
+  Activations eager;
+  DeviceArray<float> local, gathered, logits, lp_out;
+  DeviceArray<bf16> hn;
   DeviceArray<int32_t> meta;
   PinnedArray<int32_t> meta_host;
+
+  // CUDA graphs of decode steps. A graph bakes in the pointers of the buffers below,
+  // which are allocated once for kGraphMaxBatch tokens (gmeta grows, dropping every
+  // graph), and of the weights, the KV pool, inv_freq and the cuBLAS workspace.
+  bool graphs_allowed = false;  // options.cuda_graphs and tp = 1 (set by Setup)
+  bool graphs_on = true;        // set_cuda_graphs
+  bool graphs_failed = false;   // a capture, instantiation or launch failed (warned once)
+  bool graphs_budget_warned = false;
+  std::array<DecodeGraph, kGraphMaxBatch + 1> graphs;  // by batch size
+  Activations gact;
+  DeviceArray<float> glocal;   // [kGraphMaxBatch, V] logits
+  DeviceArray<int32_t> gmeta;  // the decode layout (cuda/step_meta.h)
+  PinnedArray<int32_t> gmeta_host;
+  int64_t graph_captures = 0, graph_replays = 0, graph_invalidations = 0;
 
   ~Impl() {
     int prev = -1;
     cudaGetDevice(&prev);
     cudaSetDevice(device);
     if (stream != nullptr) cudaStreamSynchronize(stream);
-    // Free device memory with this device current, then the handles.
+    // Graphs first (they reference the buffers), then device memory with this device
+    // current, then the handles.
+    DestroyGraphs();
+    gact.Reset();
+    glocal.Reset();
+    gmeta.Reset();
+    gmeta_host.Reset();
     layers.clear();
     embed.Reset();
     lm_head.Reset();
@@ -125,8 +186,9 @@ struct CudaBackend::Impl {
     inv_freq.Reset();
     k_cache.Reset();
     v_cache.Reset();
-    for (auto* a : {&x, &qkv, &q, &proj, &gu, &local, &gathered, &logits, &lp_out}) a->Reset();
-    for (auto* a : {&h, &attn, &act, &hn}) a->Reset();
+    eager.Reset();
+    for (auto* a : {&local, &gathered, &logits, &lp_out}) a->Reset();
+    hn.Reset();
     meta.Reset();
     meta_host.Reset();
     if (cublas != nullptr) cublasDestroy(cublas);
@@ -145,6 +207,61 @@ struct CudaBackend::Impl {
     return nccl->AllReduceSum(data, count);
   }
   absl::Status Forward(const BatchPlan& plan, ForwardOutput* out);
+  absl::Status ForwardEager(const BatchPlan& plan, const StepMeta& sm, ForwardOutput* out);
+  // Reserves `a` for T tokens.
+  absl::Status ReserveActivations(Activations& a, size_t T);
+  // Enqueues embedding, every layer and the final norm of T tokens (into a.h): no
+  // synchronization, no allocation, launch parameters from T and the model alone, so
+  // that it can be captured into a graph.
+  absl::Status EnqueueLayers(const Activations& a, const StepInputs& in, int32_t T);
+
+  // ---- CUDA graphs of decode steps. ----
+  bool GraphEligible(const BatchPlan& plan, const StepMeta& sm) const;
+  // Runs a decode step through its graph (capturing it first when needed): true when
+  // done; false when the step must run eagerly (first step of its size, memory budget,
+  // or a failure, which switches graphs off with one warning). Errors are those of the
+  // step itself (copies, synchronization).
+  absl::StatusOr<bool> ForwardGraph(const BatchPlan& plan, const StepMeta& sm, ForwardOutput* out);
+  absl::Status EnsureGraphBuffers(size_t meta_words);
+  absl::Status CaptureGraph(int32_t B);
+  // Destroys every graph (the stream must be idle); the buffers stay.
+  void DestroyGraphs() {
+    for (DecodeGraph& g : graphs) {
+      if (g.exec != nullptr) cudaGraphExecDestroy(g.exec);
+      g.exec = nullptr;
+      g.bytes = 0;
+    }
+  }
+  // Graphs, buffers and counters back to the state of a fresh backend (Setup).
+  void ResetGraphs() {
+    if (stream != nullptr) cudaStreamSynchronize(stream);
+    DestroyGraphs();
+    for (DecodeGraph& g : graphs) g.warm = false;
+    gact.Reset();
+    glocal.Reset();
+    gmeta.Reset();
+    graphs_failed = false;
+    graphs_budget_warned = false;
+  }
+  void DisableGraphs(const absl::Status& why) {
+    if (!graphs_failed) {
+      spdlog::warn("CUDA graphs: {}; decode steps launch their kernels one by one from now on",
+                   why.ToString());
+    }
+    graphs_failed = true;
+    cudaGetLastError();
+    if (stream != nullptr) cudaStreamSynchronize(stream);
+    DestroyGraphs();
+    gact.Reset();
+    glocal.Reset();
+    gmeta.Reset();
+  }
+  int64_t GraphBytes() const {
+    int64_t n = gact.bytes() + static_cast<int64_t>(glocal.size()) * 4 +
+                static_cast<int64_t>(gmeta.size()) * 4;
+    for (const DecodeGraph& g : graphs) n += g.bytes;
+    return n;
+  }
   int64_t WeightBytes() const {
     int64_t n = static_cast<int64_t>(embed.size() + lm_head.size()) * 2 +
                 static_cast<int64_t>(final_norm.size()) * 4;
@@ -199,6 +316,13 @@ absl::Status CudaBackend::Impl::Setup(const ModelConfig& cfg, const Shard& sh) {
   SP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
   if (stream == nullptr) {
     SP_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  }
+  // A new load replaces the weights and buffers that graphs point at. With tensor
+  // parallelism every step has NCCL collectives, which are not captured: no graphs.
+  ResetGraphs();
+  graphs_allowed = options.cuda_graphs && tp == 1;
+  if (options.cuda_graphs && tp > 1 && rank == 0) {
+    spdlog::info("CUDA graphs: off with tensor parallelism (tp={})", tp);
   }
   if (cublas == nullptr) {
     SP_CUBLAS_RETURN_IF_ERROR(cublasCreate(&cublas));
@@ -420,30 +544,93 @@ absl::Status CudaBackend::Impl::Finish() {
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* out) {
-  if (!loaded) return absl::FailedPreconditionError("cuda backend: Forward before Load");
-  const int32_t V = config.vocab_size;
-  SP_RETURN_IF_ERROR(engine::ValidatePlan(plan, kv_info, V));
-  out->logits.clear();
-  out->logprobs.clear();
-  const int32_t T = plan.num_tokens();
-  if (T == 0) return absl::OkStatus();
-  SP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+absl::Status CudaBackend::Impl::ReserveActivations(Activations& a, size_t T) {
+  const size_t H = config.hidden_size, D = config.head_dim;
+  const size_t qd = q_heads * D, qkv_w = qd + 2 * kv_heads * D;
+  SP_RETURN_IF_ERROR(a.x.Reserve(T * H));
+  SP_RETURN_IF_ERROR(a.h.Reserve(T * H));
+  SP_RETURN_IF_ERROR(a.qkv.Reserve(T * qkv_w));
+  SP_RETURN_IF_ERROR(a.q.Reserve(T * qd));
+  SP_RETURN_IF_ERROR(a.attn.Reserve(T * qd));
+  SP_RETURN_IF_ERROR(a.proj.Reserve(T * H));
+  SP_RETURN_IF_ERROR(a.gu.Reserve(T * 2 * inter));
+  SP_RETURN_IF_ERROR(a.act.Reserve(T * inter));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Impl::EnqueueLayers(const Activations& a, const StepInputs& in,
+                                              int32_t T) {
   const int32_t H = config.hidden_size, D = config.head_dim, bs = kv_info.block_size;
   const int32_t qd = q_heads * D, kvd = kv_heads * D, qkv_w = qd + 2 * kvd;
   const float eps = config.rms_norm_eps;
+  const int64_t rows_h = static_cast<int64_t>(T) * H;
+  SP_CUDA_RETURN_IF_ERROR(
+      LaunchEmbedding(in.tokens, T, embed.get(), vocab_begin, vocab_local, H, a.x.get(), stream));
+  SP_RETURN_IF_ERROR(AllReduce(a.x.get(), rows_h));
+  const size_t layer_elems = static_cast<size_t>(kv_info.num_blocks) * bs * kvd;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  for (int32_t l = 0; l < config.num_layers; ++l) {
+    const Layer& L = layers[l];
+    if (l == 0) {
+      SP_CUDA_RETURN_IF_ERROR(
+          LaunchAddRmsNorm(a.x.get(), nullptr, L.attn_norm.get(), T, H, eps, a.h.get(), stream));
+    }
+    SP_RETURN_IF_ERROR(GemmBf16(cublas, a.h.get(), T, H, L.wqkv.get(), qkv_w, a.qkv.get()));
+    bf16* kl = k_cache.get() + static_cast<size_t>(l) * layer_elems;
+    bf16* vl = v_cache.get() + static_cast<size_t>(l) * layer_elems;
+    SP_CUDA_RETURN_IF_ERROR(LaunchQkvPost(
+        a.qkv.get(), L.bqkv.empty() ? nullptr : L.bqkv.get(),
+        L.q_norm.empty() ? nullptr : L.q_norm.get(), L.k_norm.empty() ? nullptr : L.k_norm.get(),
+        in.pos, inv_freq.get(), in.slots, T, q_heads, kv_heads, D, eps, a.q.get(), kl, vl, stream));
+    SP_CUDA_RETURN_IF_ERROR(LaunchAttention(a.q.get(), kl, vl, in.keys, in.tiles, in.num_tiles,
+                                            in.tile_tokens, q_heads, kv_heads, D, scale,
+                                            a.attn.get(), stream));
+    SP_RETURN_IF_ERROR(GemmBf16(cublas, a.attn.get(), T, qd, L.wo.get(), H, a.proj.get()));
+    SP_RETURN_IF_ERROR(AllReduce(a.proj.get(), rows_h));
+    SP_CUDA_RETURN_IF_ERROR(
+        LaunchAddRmsNorm(a.x.get(), a.proj.get(), L.mlp_norm.get(), T, H, eps, a.h.get(), stream));
+    SP_RETURN_IF_ERROR(GemmBf16(cublas, a.h.get(), T, H, L.wgate_up.get(), 2 * inter, a.gu.get()));
+    SP_CUDA_RETURN_IF_ERROR(LaunchSwiGlu(a.gu.get(), T, inter, a.act.get(), stream));
+    SP_RETURN_IF_ERROR(GemmBf16(cublas, a.act.get(), T, inter, L.wdown.get(), H, a.proj.get()));
+    SP_RETURN_IF_ERROR(AllReduce(a.proj.get(), rows_h));
+    // Residual add fused with the next norm (the final norm after the last layer).
+    const float* next_norm =
+        l + 1 < config.num_layers ? layers[l + 1].attn_norm.get() : final_norm.get();
+    SP_CUDA_RETURN_IF_ERROR(
+        LaunchAddRmsNorm(a.x.get(), a.proj.get(), next_norm, T, H, eps, a.h.get(), stream));
+  }
+  return absl::OkStatus();
+}
 
-  // ---- Step metadata, one upload: tokens, positions, slots, keys, tiles, rows. ----
-  absl::StatusOr<StepMeta> sm = BuildStepMeta(plan, bs, attn_tile);
+absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* out) {
+  if (!loaded) return absl::FailedPreconditionError("cuda backend: Forward before Load");
+  SP_RETURN_IF_ERROR(engine::ValidatePlan(plan, kv_info, config.vocab_size));
+  out->logits.clear();
+  out->logprobs.clear();
+  if (plan.num_tokens() == 0) return absl::OkStatus();
+  SP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  // Step metadata: tokens, positions, slots, keys, tiles, rows.
+  absl::StatusOr<StepMeta> sm = BuildStepMeta(plan, kv_info.block_size, attn_tile);
   if (!sm.ok()) return sm.status();
-  const std::vector<int32_t>& host = sm->words;
-  const int32_t R = static_cast<int32_t>(sm->rows.size());
-  const int32_t NL = sm->num_logprobs;
-  const int32_t tile_tokens = sm->tile_tokens;
-  const size_t off_pos = sm->off_pos, off_slots = sm->off_slots, off_keys = sm->off_keys,
-               off_tiles = sm->off_tiles, off_rows = sm->off_rows, off_lp_row = sm->off_lp_row,
-               off_lp_target = sm->off_lp_target;
+  if (GraphEligible(plan, *sm)) {
+    absl::StatusOr<bool> done = ForwardGraph(plan, *sm, out);
+    if (!done.ok()) return done.status();
+    if (*done) return absl::OkStatus();
+    out->logits.clear();
+  }
+  return ForwardEager(plan, *sm, out);
+}
 
+absl::Status CudaBackend::Impl::ForwardEager(const BatchPlan& plan, const StepMeta& sm,
+                                             ForwardOutput* out) {
+  const int32_t V = config.vocab_size;
+  const int32_t T = plan.num_tokens();
+  const int32_t H = config.hidden_size;
+  const std::vector<int32_t>& host = sm.words;
+  const int32_t R = static_cast<int32_t>(sm.rows.size());
+  const int32_t NL = sm.num_logprobs;
+
+  // ---- Step metadata, one upload. ----
   // The pinned buffer is reused by the next step: every path below ends in a sync.
   SP_RETURN_IF_ERROR(meta_host.Reserve(host.size()));
   SP_RETURN_IF_ERROR(meta.Reserve(host.size()));
@@ -454,25 +641,20 @@ absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* ou
   } sync_on_exit{stream};
   SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
       meta.get(), meta_host.get(), host.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
-  const int32_t* d_tokens = meta.get();
-  const float* d_pos = reinterpret_cast<const float*>(meta.get() + off_pos);
-  const int32_t* d_slots = meta.get() + off_slots;
-  const int32_t* d_keys = meta.get() + off_keys;
-  const AttnTile* d_tiles = reinterpret_cast<const AttnTile*>(meta.get() + off_tiles);
-  const int32_t* d_rows = meta.get() + off_rows;
-  const int32_t* d_lp_row = meta.get() + off_lp_row;
-  const int32_t* d_lp_target = meta.get() + off_lp_target;
+  StepInputs in;
+  in.tokens = meta.get();
+  in.pos = reinterpret_cast<const float*>(meta.get() + sm.off_pos);
+  in.slots = meta.get() + sm.off_slots;
+  in.keys = meta.get() + sm.off_keys;
+  in.tiles = reinterpret_cast<const AttnTile*>(meta.get() + sm.off_tiles);
+  in.num_tiles = sm.num_tiles;
+  in.tile_tokens = sm.tile_tokens;
+  const int32_t* d_rows = meta.get() + sm.off_rows;
+  const int32_t* d_lp_row = meta.get() + sm.off_lp_row;
+  const int32_t* d_lp_target = meta.get() + sm.off_lp_target;
 
   // ---- Buffers. ----
-  const size_t Ts = static_cast<size_t>(T);
-  SP_RETURN_IF_ERROR(x.Reserve(Ts * H));
-  SP_RETURN_IF_ERROR(h.Reserve(Ts * H));
-  SP_RETURN_IF_ERROR(qkv.Reserve(Ts * qkv_w));
-  SP_RETURN_IF_ERROR(q.Reserve(Ts * qd));
-  SP_RETURN_IF_ERROR(attn.Reserve(Ts * qd));
-  SP_RETURN_IF_ERROR(proj.Reserve(Ts * H));
-  SP_RETURN_IF_ERROR(gu.Reserve(Ts * 2 * inter));
-  SP_RETURN_IF_ERROR(act.Reserve(Ts * inter));
+  SP_RETURN_IF_ERROR(ReserveActivations(eager, static_cast<size_t>(T)));
   // Logits buffers too: no cudaMalloc/cudaFree once this step's collectives are queued
   // (a device-synchronizing call between NCCL launches of different ranks can hang).
   const size_t Rs = static_cast<size_t>(R);
@@ -488,48 +670,14 @@ absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* ou
   }
 
   // ---- Layers. ----
-  SP_CUDA_RETURN_IF_ERROR(
-      LaunchEmbedding(d_tokens, T, embed.get(), vocab_begin, vocab_local, H, x.get(), stream));
-  SP_RETURN_IF_ERROR(AllReduce(x.get(), static_cast<int64_t>(Ts) * H));
-  const size_t layer_elems = static_cast<size_t>(kv_info.num_blocks) * bs * kvd;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  for (int32_t l = 0; l < config.num_layers; ++l) {
-    const Layer& L = layers[l];
-    if (l == 0) {
-      SP_CUDA_RETURN_IF_ERROR(
-          LaunchAddRmsNorm(x.get(), nullptr, L.attn_norm.get(), T, H, eps, h.get(), stream));
-    }
-    SP_RETURN_IF_ERROR(GemmBf16(cublas, h.get(), T, H, L.wqkv.get(), qkv_w, qkv.get()));
-    bf16* kl = k_cache.get() + static_cast<size_t>(l) * layer_elems;
-    bf16* vl = v_cache.get() + static_cast<size_t>(l) * layer_elems;
-    SP_CUDA_RETURN_IF_ERROR(LaunchQkvPost(
-        qkv.get(), L.bqkv.empty() ? nullptr : L.bqkv.get(),
-        L.q_norm.empty() ? nullptr : L.q_norm.get(), L.k_norm.empty() ? nullptr : L.k_norm.get(),
-        d_pos, inv_freq.get(), d_slots, T, q_heads, kv_heads, D, eps, q.get(), kl, vl, stream));
-    SP_CUDA_RETURN_IF_ERROR(LaunchAttention(q.get(), kl, vl, d_keys, d_tiles, sm->num_tiles,
-                                            tile_tokens, q_heads, kv_heads, D, scale, attn.get(),
-                                            stream));
-    SP_RETURN_IF_ERROR(GemmBf16(cublas, attn.get(), T, qd, L.wo.get(), H, proj.get()));
-    SP_RETURN_IF_ERROR(AllReduce(proj.get(), static_cast<int64_t>(Ts) * H));
-    SP_CUDA_RETURN_IF_ERROR(
-        LaunchAddRmsNorm(x.get(), proj.get(), L.mlp_norm.get(), T, H, eps, h.get(), stream));
-    SP_RETURN_IF_ERROR(GemmBf16(cublas, h.get(), T, H, L.wgate_up.get(), 2 * inter, gu.get()));
-    SP_CUDA_RETURN_IF_ERROR(LaunchSwiGlu(gu.get(), T, inter, act.get(), stream));
-    SP_RETURN_IF_ERROR(GemmBf16(cublas, act.get(), T, inter, L.wdown.get(), H, proj.get()));
-    SP_RETURN_IF_ERROR(AllReduce(proj.get(), static_cast<int64_t>(Ts) * H));
-    // Residual add fused with the next norm (the final norm after the last layer).
-    const float* next_norm =
-        l + 1 < config.num_layers ? layers[l + 1].attn_norm.get() : final_norm.get();
-    SP_CUDA_RETURN_IF_ERROR(
-        LaunchAddRmsNorm(x.get(), proj.get(), next_norm, T, H, eps, h.get(), stream));
-  }
+  SP_RETURN_IF_ERROR(EnqueueLayers(eager, in, T));
   if (R == 0) {
     SP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
     return absl::OkStatus();
   }
 
   // ---- Logits: gather rows, lm_head (vocabulary-parallel), all-gather, log-softmax. ----
-  SP_CUDA_RETURN_IF_ERROR(LaunchGatherRows(h.get(), d_rows, R, H, hn.get(), stream));
+  SP_CUDA_RETURN_IF_ERROR(LaunchGatherRows(eager.h.get(), d_rows, R, H, hn.get(), stream));
   const bf16* head = lm_head.empty() ? embed.get() : lm_head.get();
   SP_RETURN_IF_ERROR(GemmBf16(cublas, hn.get(), R, H, head, vocab_pad, local.get()));
   // [R, V] logits: this rank's own when tp = 1 (vocab_pad == V), else reassembled.
@@ -563,6 +711,167 @@ absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* ou
   return absl::OkStatus();
 }
 
+// ---- CUDA graphs of decode steps. ----
+//
+// A decode step (every sequence one new token, no log-probabilities, tp = 1) of B <=
+// kGraphMaxBatch tokens launches the same kernels with the same parameters whatever the
+// contexts: grids depend on B and the model only (attention: one block per sequence and
+// kv head, each reading its key count from its tile), and every per-step value (tokens,
+// positions, write slots, tiles, keys) is read from device memory. So one graph per B,
+// captured over fixed buffers, serves every later step of that size: the step uploads
+// its metadata into the fixed buffer in the decode layout, launches the graph, and
+// copies the logits rows it wants. The graph computes the logits of all B rows (as the
+// eager step does when every row wants them, the engine's decode steps).
+
+bool CudaBackend::Impl::GraphEligible(const BatchPlan& plan, const StepMeta& sm) const {
+  if (!graphs_allowed || !graphs_on || graphs_failed) return false;
+  const int32_t T = plan.num_tokens();
+  if (T < 1 || T > kGraphMaxBatch || !plan.logprobs.empty()) return false;
+  if (static_cast<int32_t>(plan.seqs.size()) != T) return false;
+  for (const engine::SeqPlan& seq : plan.seqs) {
+    if (seq.num_tokens != 1) return false;
+  }
+  return sm.tile_tokens == 1 && sm.num_tiles == T;
+}
+
+absl::Status CudaBackend::Impl::EnsureGraphBuffers(size_t meta_words) {
+  if (gact.x.empty()) {
+    SP_RETURN_IF_ERROR(ReserveActivations(gact, kGraphMaxBatch));
+    SP_RETURN_IF_ERROR(glocal.Allocate(static_cast<size_t>(kGraphMaxBatch) * vocab_pad));
+  }
+  if (meta_words > gmeta.size()) {
+    if (!gmeta.empty()) {
+      // The graphs point into the old buffer.
+      DestroyGraphs();
+      ++graph_invalidations;
+      spdlog::debug("CUDA graphs: {} metadata words needed, {} held: recapturing", meta_words,
+                    gmeta.size());
+    }
+    const size_t first = DecodeMetaLayout(kGraphMaxBatch).off_keys + kGraphInitialKeys;
+    SP_RETURN_IF_ERROR(
+        gmeta.Allocate(std::max({meta_words, first, gmeta.size() + gmeta.size() / 2})));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Impl::CaptureGraph(int32_t B) {
+  const DecodeLayout l = DecodeMetaLayout(B);
+  StepInputs in;
+  in.tokens = gmeta.get();
+  in.pos = reinterpret_cast<const float*>(gmeta.get() + l.off_pos);
+  in.slots = gmeta.get() + l.off_slots;
+  in.tiles = reinterpret_cast<const AttnTile*>(gmeta.get() + l.off_tiles);
+  in.keys = gmeta.get() + l.off_keys;
+  in.num_tiles = B;
+  in.tile_tokens = 1;
+  const bf16* head = lm_head.empty() ? embed.get() : lm_head.get();
+  const int32_t H = config.hidden_size;
+
+  size_t free0 = 0, free1 = 0, total = 0;
+  SP_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free0, &total));
+  const auto t0 = std::chrono::steady_clock::now();
+  // Thread-local mode: only this thread's calls are checked (other backends in the
+  // process may allocate meanwhile).
+  SP_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  absl::Status body = EnqueueLayers(gact, in, B);
+  if (body.ok()) body = GemmBf16(cublas, gact.h.get(), B, H, head, vocab_pad, glocal.get());
+  cudaGraph_t graph = nullptr;
+  const cudaError_t end = cudaStreamEndCapture(stream, &graph);  // always ends the capture
+  if (!body.ok() || end != cudaSuccess) {
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    cudaGetLastError();
+    if (!body.ok()) return body;
+    return CudaStatus(end, "cudaStreamEndCapture", __FILE__, __LINE__);
+  }
+  size_t nodes = 0;
+  cudaGraphGetNodes(graph, nullptr, &nodes);
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  if (inst != cudaSuccess) {
+    cudaGetLastError();
+    return CudaStatus(inst, "cudaGraphInstantiate", __FILE__, __LINE__);
+  }
+  const cudaError_t up = cudaGraphUpload(exec, stream);
+  if (up != cudaSuccess) {
+    cudaGraphExecDestroy(exec);
+    cudaGetLastError();
+    return CudaStatus(up, "cudaGraphUpload", __FILE__, __LINE__);
+  }
+  SP_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free1, &total));
+  DecodeGraph& g = graphs[B];
+  g.exec = exec;
+  g.bytes = free0 > free1 ? static_cast<int64_t>(free0 - free1) : 0;
+  if (graph_captures++ == 0) {
+    spdlog::info(
+        "CUDA graphs: decode steps of batch sizes up to {} replay captured graphs ({:.1f} MiB "
+        "of graph buffers)",
+        kGraphMaxBatch, static_cast<double>(GraphBytes() - g.bytes) / 1048576.0);
+  }
+  spdlog::debug(
+      "CUDA graphs: batch {} captured: {} nodes, {:.2f} MiB, {:.1f} ms", B, nodes,
+      static_cast<double>(g.bytes) / 1048576.0,
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> CudaBackend::Impl::ForwardGraph(const BatchPlan& plan, const StepMeta& sm,
+                                                     ForwardOutput* out) {
+  const int32_t B = plan.num_tokens();
+  if (graphs[B].exec == nullptr) {
+    // The first step of a size runs eagerly: it loads the kernels cuBLAS picks for it
+    // outside of any capture.
+    if (!graphs[B].warm) {
+      graphs[B].warm = true;
+      return false;
+    }
+    if (GraphBytes() >= kGraphMemoryBudget) {
+      if (!graphs_budget_warned) {
+        spdlog::warn("CUDA graphs: {:.0f} MiB held, no more captured (batch {} runs eagerly)",
+                     static_cast<double>(GraphBytes()) / 1048576.0, B);
+        graphs_budget_warned = true;
+      }
+      return false;
+    }
+  }
+  const size_t words = DecodeMetaWords(sm, B);
+  absl::Status st = EnsureGraphBuffers(words);  // may drop every graph
+  if (st.ok()) st = gmeta_host.Reserve(words);
+  if (st.ok()) st = PackDecodeMeta(sm, B, gmeta_host.get());
+  if (st.ok() && graphs[B].exec == nullptr) st = CaptureGraph(B);
+  if (!st.ok()) {
+    DisableGraphs(st);
+    return false;
+  }
+
+  struct SyncOnExit {
+    cudaStream_t s;
+    ~SyncOnExit() { cudaStreamSynchronize(s); }
+  } sync_on_exit{stream};
+  SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(gmeta.get(), gmeta_host.get(), words * sizeof(int32_t),
+                                          cudaMemcpyHostToDevice, stream));
+  const cudaError_t e = cudaGraphLaunch(graphs[B].exec, stream);
+  if (e != cudaSuccess) {
+    DisableGraphs(CudaStatus(e, "cudaGraphLaunch", __FILE__, __LINE__));
+    return false;
+  }
+  ++graph_replays;
+  // Rows of plan.logits_for, consecutive rows in one copy (tp = 1: rows of V floats).
+  const int32_t V = config.vocab_size;
+  const std::vector<int32_t>& rows = plan.logits_for;
+  out->logits.resize(rows.size() * V);
+  for (size_t i = 0; i < rows.size();) {
+    size_t j = i + 1;
+    while (j < rows.size() && rows[j] == rows[j - 1] + 1) ++j;
+    SP_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(out->logits.data() + i * V, glocal.get() + static_cast<size_t>(rows[i]) * V,
+                        (j - i) * V * sizeof(float), cudaMemcpyDeviceToHost, stream));
+    i = j;
+  }
+  SP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  return true;
+}
+
 CudaBackend::CudaBackend(const engine::BackendOptions& options, int32_t device)
     : impl_(std::make_unique<Impl>()) {
   impl_->options = options;
@@ -594,6 +903,20 @@ absl::Status CudaBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
 KvPoolInfo CudaBackend::kv() const { return impl_->kv_info; }
 int64_t CudaBackend::weight_bytes() const { return impl_->WeightBytes(); }
 int32_t CudaBackend::attention_tile_tokens() const { return impl_->attn_tile; }
+
+void CudaBackend::set_cuda_graphs(bool on) { impl_->graphs_on = on; }
+
+CudaBackend::GraphStats CudaBackend::graph_stats() const {
+  const Impl& m = *impl_;
+  GraphStats s;
+  s.enabled = m.graphs_allowed && m.graphs_on && !m.graphs_failed;
+  for (const Impl::DecodeGraph& g : m.graphs) s.graphs += g.exec != nullptr ? 1 : 0;
+  s.captures = m.graph_captures;
+  s.replays = m.graph_replays;
+  s.invalidations = m.graph_invalidations;
+  s.device_bytes = m.GraphBytes();
+  return s;
+}
 
 absl::StatusOr<std::unique_ptr<engine::Backend>> MakeCudaBackend(
     const engine::BackendOptions& options, int32_t tp) {

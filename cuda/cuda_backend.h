@@ -44,6 +44,20 @@ class CudaBackend : public engine::Backend {
   // Query tokens per attention block in prefill steps (set at load from shared memory).
   int32_t attention_tile_tokens() const;
 
+  // CUDA graphs of decode steps (options.cuda_graphs; never with tensor parallelism).
+  // Benchmarks and tests switch them off and on between steps (graphs already captured
+  // are kept); it cannot switch them on when the options or tp > 1 have them off.
+  void set_cuda_graphs(bool on);
+  struct GraphStats {
+    bool enabled = false;       // options, tp = 1, set_cuda_graphs, and no capture failure
+    int32_t graphs = 0;         // instantiated now (one per batch size)
+    int64_t captures = 0;       // graphs captured and instantiated so far
+    int64_t replays = 0;        // decode steps run by launching a graph
+    int64_t invalidations = 0;  // times every graph was dropped (metadata buffer grown)
+    int64_t device_bytes = 0;   // graph buffers + estimated memory of the instantiated graphs
+  };
+  GraphStats graph_stats() const;
+
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;

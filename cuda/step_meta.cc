@@ -77,4 +77,24 @@ absl::StatusOr<StepMeta> BuildStepMeta(const engine::BatchPlan& plan, int32_t bl
   return m;
 }
 
+size_t DecodeMetaWords(const StepMeta& m, int32_t T) {
+  return DecodeMetaLayout(T).off_keys + (m.off_tiles - m.off_keys);
+}
+
+absl::Status PackDecodeMeta(const StepMeta& m, int32_t T, int32_t* dst) {
+  if (T <= 0 || m.tile_tokens != 1 || m.num_tiles != T || m.off_pos != static_cast<size_t>(T) ||
+      m.off_slots != 2 * static_cast<size_t>(T) || m.off_keys != 3 * static_cast<size_t>(T) ||
+      m.off_rows != m.off_tiles + 5 * static_cast<size_t>(T) || m.words.size() < m.off_rows) {
+    return absl::InvalidArgumentError("PackDecodeMeta: not a decode step of T tokens");
+  }
+  const DecodeLayout l = DecodeMetaLayout(T);
+  const int32_t* w = m.words.data();
+  // tokens, positions and slots keep their places (offsets 0, T, 2T in both layouts).
+  std::memcpy(dst, w, sizeof(int32_t) * 3 * static_cast<size_t>(T));
+  std::memcpy(dst + l.off_tiles, w + m.off_tiles, sizeof(int32_t) * 5 * static_cast<size_t>(T));
+  const size_t keys = m.off_tiles - m.off_keys;
+  if (keys > 0) std::memcpy(dst + l.off_keys, w + m.off_keys, sizeof(int32_t) * keys);
+  return absl::OkStatus();
+}
+
 }  // namespace superpose::cuda

@@ -102,6 +102,9 @@ struct BackendOptions {
   // GPU backends: when > 0 and kv_num_blocks is 0, the KV pool takes what is left of
   // this fraction of device memory after the weights and a workspace reserve.
   double device_memory_fraction = 0.0;
+  // CUDA backend: replay decode steps (every sequence one new token) from captured CUDA
+  // graphs, one per batch size up to 64; tp = 1 only. Results equal graphs off bitwise.
+  bool cuda_graphs = true;
   // CPU backend weight type: "auto" (bfloat16 for bf16 checkpoints on CPUs with AMX,
   // float32 otherwise), "float32" or "bfloat16".
   std::string cpu_dtype = "auto";

@@ -22,11 +22,17 @@
 //   logprobs             within k * (0.05 |ref| + 0.05), k = 1 resp. 3 as above
 //   golden greedy        teacher-forced: the golden token is the argmax or within
 //                        0.05 * max|logit| of it at every step; free-running greedy
-//                        through the engine: the same 64 tokens
+//                        through the engine: the same 64 tokens (CUDA graphs on and off)
+//   CUDA graphs          decode steps replayed from graphs vs the same steps launched
+//                        kernel by kernel: bitwise equal (same kernels, same inputs);
+//                        logits rows picked out of the graph's full batch by a subset
+//                        or permutation of logits_for: within 1e-3 * max|logit| of the
+//                        row (the eager step multiplies only those rows)
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -43,6 +49,7 @@
 #if SUPERPOSE_HAVE_CUDA
 #include "cuda/cuda_backend.h"
 #include "cuda/kernel_check.h"
+#include "cuda/step_meta.h"
 #endif
 
 namespace superpose {
@@ -433,9 +440,11 @@ TEST_F(CudaTest, ForwardMatchesCpuBackend) {
 }
 
 // A CUDA backend on device 0 with `blocks` KV blocks, loaded with `model`; null on error.
-std::unique_ptr<cuda::CudaBackend> LoadedGpu(const engine::ModelBundle& model, int32_t blocks) {
+std::unique_ptr<cuda::CudaBackend> LoadedGpu(const engine::ModelBundle& model, int32_t blocks,
+                                             bool cuda_graphs = true) {
   engine::BackendOptions opts;
   opts.kv_num_blocks = blocks;
+  opts.cuda_graphs = cuda_graphs;
   auto gpu = std::make_unique<cuda::CudaBackend>(opts, 0);
   absl::Status st = gpu->Load(model.config, *model.weights, engine::Shard{});
   EXPECT_TRUE(st.ok()) << st;
@@ -508,20 +517,386 @@ TEST_F(CudaTest, GoldenTeacherForcedAndFirstStep) {
 TEST_F(CudaTest, GoldenGreedyThroughTheEngine) {
   auto model = engine::LoadModelBundle(testing::Stories260kDir());
   ASSERT_TRUE(model.ok());
-  auto gpu_ptr = LoadedGpu(*model, 64);
-  ASSERT_NE(gpu_ptr, nullptr);
-  cuda::CudaBackend& gpu = *gpu_ptr;
-  engine::Engine eng(engine::EngineOptions{}, model->config, model->tokenizer.get(), &gpu);
-  eng.Start();
   auto golden = testing::ReadJson(testing::Stories260kDir() + "/golden.json");
-  for (const auto& c : golden["generation"]) {
-    auto r =
-        testing::RunRequest(eng, testing::GreedyRequest(c["prompt_ids"].get<std::vector<int32_t>>(),
-                                                        c["max_new_tokens"].get<int32_t>()));
-    ASSERT_TRUE(r.status.ok()) << r.status;
-    EXPECT_EQ(r.tokens, c["completion_ids"].get<std::vector<int32_t>>()) << c["name"];
+  for (bool graphs : {true, false}) {
+    SCOPED_TRACE(graphs ? "CUDA graphs on" : "CUDA graphs off");
+    auto gpu_ptr = LoadedGpu(*model, 64, graphs);
+    ASSERT_NE(gpu_ptr, nullptr);
+    cuda::CudaBackend& gpu = *gpu_ptr;
+    engine::Engine eng(engine::EngineOptions{}, model->config, model->tokenizer.get(), &gpu);
+    eng.Start();
+    for (const auto& c : golden["generation"]) {
+      auto r = testing::RunRequest(
+          eng, testing::GreedyRequest(c["prompt_ids"].get<std::vector<int32_t>>(),
+                                      c["max_new_tokens"].get<int32_t>()));
+      ASSERT_TRUE(r.status.ok()) << r.status;
+      EXPECT_EQ(r.tokens, c["completion_ids"].get<std::vector<int32_t>>()) << c["name"];
+    }
+    eng.Shutdown(absl::Seconds(1));
+    const cuda::CudaBackend::GraphStats gs = gpu.graph_stats();
+    if (graphs) {
+      EXPECT_TRUE(gs.enabled);
+      EXPECT_GT(gs.replays, 0);
+      std::printf(
+          "cuda graphs: golden greedy through the engine: %lld decode steps replayed, "
+          "%d graph(s), %.1f MiB\n",
+          static_cast<long long>(gs.replays), gs.graphs, gs.device_bytes / 1048576.0);
+    } else {
+      EXPECT_FALSE(gs.enabled);
+      EXPECT_EQ(gs.replays, 0);
+    }
   }
-  eng.Shutdown(absl::Seconds(1));
+}
+
+// ---- CUDA graphs of decode steps. ----
+
+// The decode layout (graphs): every piece of the step's metadata where
+// cuda/step_meta.h says, each token's tile pointing at its keys. Runs without a GPU.
+TEST(CudaGraphMeta, PackDecodeMetaKeepsEveryTokensKeys) {
+  const int32_t bs = 16;
+  engine::BatchPlan p;
+  const std::vector<std::vector<engine::KvSegment>> ctx = {
+      {{0, 0, 16}, {1, 0, 5}}, {}, {{0, 0, 8}, {2, 0, 16}, {3, 0, 1}}};
+  const std::vector<engine::KvSlot> slots = {{1, 5}, {4, 0}, {3, 1}};
+  for (int32_t s = 0; s < 3; ++s) {
+    p.seqs.push_back({s + 1, ctx[s], s, 1});
+    p.tokens.push_back(10 + s);
+    p.positions.push_back(0.5f + s);
+    p.kv_slots.push_back(slots[s]);
+  }
+  p.logits_for = {0, 1, 2};
+  ASSERT_TRUE(engine::ValidatePlan(p, engine::KvPoolInfo{8, bs, 0}, 100).ok());
+  absl::StatusOr<cuda::StepMeta> m = cuda::BuildStepMeta(p, bs, 16);
+  ASSERT_TRUE(m.ok()) << m.status();
+  const int32_t T = 3;
+  std::vector<int32_t> w(cuda::DecodeMetaWords(*m, T), -7);
+  ASSERT_EQ(w.size(), 8u * T + 21 + 0 + 25 + T);
+  ASSERT_TRUE(cuda::PackDecodeMeta(*m, T, w.data()).ok());
+  const cuda::DecodeLayout l = cuda::DecodeMetaLayout(T);
+  for (int32_t t = 0; t < T; ++t) {
+    EXPECT_EQ(w[t], p.tokens[t]);
+    float pos;
+    std::memcpy(&pos, &w[l.off_pos + t], sizeof(float));
+    EXPECT_EQ(pos, p.positions[t]);
+    EXPECT_EQ(w[l.off_slots + t], slots[t].block * bs + slots[t].slot);
+    cuda::AttnTile tile;
+    std::memcpy(&tile, &w[l.off_tiles + 5 * t], sizeof(tile));
+    EXPECT_EQ(tile.tok0, t);
+    EXPECT_EQ(tile.i0, 0);
+    EXPECT_EQ(tile.ntok, 1);
+    std::vector<int32_t> want;
+    for (const engine::KvSegment& g : ctx[t]) {
+      for (int32_t i = 0; i < g.length; ++i) want.push_back(g.block * bs + g.first_slot + i);
+    }
+    EXPECT_EQ(tile.ctx_len, static_cast<int32_t>(want.size())) << t;
+    want.push_back(slots[t].block * bs + slots[t].slot);
+    ASSERT_LE(l.off_keys + tile.key_off + want.size(), w.size());
+    const std::vector<int32_t> got(w.begin() + l.off_keys + tile.key_off,
+                                   w.begin() + l.off_keys + tile.key_off + want.size());
+    EXPECT_EQ(got, want) << "token " << t;
+  }
+  // Not decode steps: a sequence with two new tokens.
+  engine::BatchPlan q = p;
+  q.seqs[2].num_tokens = 2;
+  q.seqs.back().context.clear();
+  q.tokens.push_back(1);
+  q.positions.push_back(0);
+  q.kv_slots.push_back({5, 0});
+  ASSERT_TRUE(engine::ValidatePlan(q, engine::KvPoolInfo{8, bs, 0}, 100).ok());
+  absl::StatusOr<cuda::StepMeta> mq = cuda::BuildStepMeta(q, bs, 16);
+  ASSERT_TRUE(mq.ok());
+  std::vector<int32_t> wq(cuda::DecodeMetaWords(*mq, q.num_tokens()));
+  EXPECT_EQ(cuda::PackDecodeMeta(*mq, q.num_tokens(), wq.data()).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+constexpr int32_t kSimBlock = 16;
+
+// A sequence of a synthetic batch: an optional shared prefix (cached segments it only
+// reads), then its own tokens from slot 0 of block `base_block` on.
+struct SimSeq {
+  int64_t id = 0;
+  std::vector<engine::KvSegment> prefix;
+  int32_t prefix_len = 0;
+  int32_t base_block = 0;
+  int32_t len = 0;   // own cached tokens
+  int32_t next = 0;  // the token it decodes next
+};
+
+// Appends q's `tokens` (after its cached ones) to `plan`, with logits for the last.
+void AddTokens(engine::BatchPlan& plan, const SimSeq& q, const std::vector<int32_t>& tokens) {
+  engine::SeqPlan sp;
+  sp.id = q.id;
+  sp.context.insert(sp.context.end(), q.prefix.begin(), q.prefix.end());
+  for (int32_t done = 0, b = 0; done < q.len; ++b) {
+    const int32_t n = std::min(kSimBlock, q.len - done);
+    sp.context.push_back({q.base_block + b, 0, n});
+    done += n;
+  }
+  sp.token_begin = plan.num_tokens();
+  sp.num_tokens = static_cast<int32_t>(tokens.size());
+  for (size_t j = 0; j < tokens.size(); ++j) {
+    const int32_t i = q.len + static_cast<int32_t>(j);
+    plan.tokens.push_back(tokens[j]);
+    plan.positions.push_back(static_cast<float>(q.prefix_len + i));
+    plan.kv_slots.push_back({q.base_block + i / kSimBlock, i % kSimBlock});
+  }
+  plan.seqs.push_back(std::move(sp));
+  plan.logits_for.push_back(plan.num_tokens() - 1);
+}
+
+int32_t ArgmaxRow(const std::vector<float>& logits, int32_t V, int32_t row) {
+  auto b = logits.begin() + static_cast<size_t>(row) * V;
+  return static_cast<int32_t>(std::max_element(b, b + V) - b);
+}
+
+// Runs `plan` on the backend with graphs (`gr`) and the one without (`eg`); their
+// outputs must be bitwise equal, or with !bitwise, each logit within 1e-3 * max|logit|
+// of its row. *want gets the eager outputs.
+void RunBoth(cuda::CudaBackend& gr, cuda::CudaBackend& eg, const engine::BatchPlan& plan, int32_t V,
+             const std::string& what, engine::ForwardOutput* want, bool bitwise = true) {
+  engine::ForwardOutput got;
+  absl::Status st = eg.Forward(plan, want);
+  ASSERT_TRUE(st.ok()) << what << " (graphs off): " << st;
+  st = gr.Forward(plan, &got);
+  ASSERT_TRUE(st.ok()) << what << " (graphs on): " << st;
+  ASSERT_EQ(got.logits.size(), want->logits.size()) << what;
+  ASSERT_EQ(got.logprobs.size(), want->logprobs.size()) << what;
+  if (bitwise) {
+    size_t differ = 0, first = 0;
+    for (size_t i = 0; i < got.logits.size(); ++i) {
+      if (std::memcmp(&got.logits[i], &want->logits[i], sizeof(float)) != 0 && differ++ == 0) {
+        first = i;
+      }
+    }
+    ASSERT_EQ(differ, 0u) << what << ": " << differ << " logits differ, the first at row "
+                          << first / V << " id " << first % V << ": " << got.logits[first]
+                          << " with graphs, " << want->logits[first] << " without";
+    for (size_t i = 0; i < got.logprobs.size(); ++i) {
+      ASSERT_EQ(std::memcmp(&got.logprobs[i], &want->logprobs[i], sizeof(float)), 0)
+          << what << ": logprob " << i << ": " << got.logprobs[i] << " vs " << want->logprobs[i];
+    }
+  } else {
+    for (size_t r = 0; r * V < got.logits.size(); ++r) {
+      float mx = 0;
+      for (int32_t v = 0; v < V; ++v) mx = std::max(mx, std::abs(want->logits[r * V + v]));
+      for (int32_t v = 0; v < V; ++v) {
+        ASSERT_NEAR(got.logits[r * V + v], want->logits[r * V + v], 1e-3f * mx)
+            << what << " row " << r << " id " << v;
+      }
+    }
+  }
+}
+
+// The same steps on two backends with the same weights, CUDA graphs on and off: every
+// decode step's logits are bitwise equal. Batch sizes 1 to 64, contexts of different
+// lengths that cross block boundaries, each size's graph replayed again after its
+// blocks were prefilled with other tokens (new KV contents, other lengths), and
+// prefill, mixed and log-prob steps (eager on both) between graph replays.
+TEST_F(CudaTest, DecodeGraphsMatchEagerBitwise) {
+  auto model = engine::LoadModelBundle(testing::Stories260kDir());
+  ASSERT_TRUE(model.ok());
+  const int32_t V = model->config.vocab_size;
+  constexpr int32_t kBlocksPerSeq = 8;
+  auto gr = LoadedGpu(*model, 64 * kBlocksPerSeq, true);
+  auto eg = LoadedGpu(*model, 64 * kBlocksPerSeq, false);
+  ASSERT_NE(gr, nullptr);
+  ASSERT_NE(eg, nullptr);
+  EXPECT_TRUE(gr->graph_stats().enabled);
+  EXPECT_FALSE(eg->graph_stats().enabled);
+  const std::vector<int32_t> sizes = {1, 2, 3, 8, 17, 64};
+  constexpr int kDecodeSteps = 12;
+  engine::ForwardOutput want;
+  int64_t id = 0;
+  std::vector<SimSeq> seqs;
+  for (int32_t B : sizes) {
+    seqs.assign(B, SimSeq{});
+    for (int32_t s = 0; s < B; ++s) {
+      seqs[s].id = ++id;
+      seqs[s].base_block = s * kBlocksPerSeq;
+    }
+    for (int round = 0; round < 2; ++round) {
+      const std::string at = "B=" + std::to_string(B) + " round " + std::to_string(round);
+      engine::BatchPlan pf;
+      std::vector<int32_t> n(B);
+      for (int32_t s = 0; s < B; ++s) {
+        seqs[s].len = 0;
+        n[s] = 3 + (s * 7 + round * 11) % 29;
+        std::vector<int32_t> toks(n[s]);
+        for (int32_t i = 0; i < n[s]; ++i) toks[i] = 1 + (s * 31 + i * 17 + round * 101) % (V - 1);
+        AddTokens(pf, seqs[s], toks);
+      }
+      RunBoth(*gr, *eg, pf, V, at + " prefill", &want);
+      if (HasFatalFailure()) return;
+      for (int32_t s = 0; s < B; ++s) {
+        seqs[s].len = n[s];
+        seqs[s].next = ArgmaxRow(want.logits, V, s);
+      }
+      for (int step = 0; step < kDecodeSteps; ++step) {
+        engine::BatchPlan plan;
+        for (const SimSeq& q : seqs) AddTokens(plan, q, {q.next});
+        RunBoth(*gr, *eg, plan, V, at + " decode " + std::to_string(step), &want);
+        if (HasFatalFailure()) return;
+        for (int32_t s = 0; s < B; ++s) {
+          ++seqs[s].len;
+          seqs[s].next = ArgmaxRow(want.logits, V, s);
+        }
+      }
+    }
+  }
+  // Per size: the first decode step runs eagerly (warm-up), every later one replays the
+  // graph captured at the second.
+  cuda::CudaBackend::GraphStats gs = gr->graph_stats();
+  const int64_t per_size = 2 * kDecodeSteps - 1;
+  EXPECT_EQ(gs.captures, static_cast<int64_t>(sizes.size()));
+  EXPECT_EQ(gs.graphs, static_cast<int32_t>(sizes.size()));
+  EXPECT_EQ(gs.replays, per_size * static_cast<int64_t>(sizes.size()));
+  EXPECT_EQ(eg->graph_stats().replays, 0);
+  std::printf(
+      "cuda graphs: %lld decode steps replayed bitwise equal to eager steps (batch "
+      "1..64), %d graphs, %.1f MiB\n",
+      static_cast<long long>(gs.replays), gs.graphs, gs.device_bytes / 1048576.0);
+
+  // The 64 sequences of the last size go on. A mixed step (7 decode, 1 prefill chunk of
+  // 5) and a decode step with log-probabilities run eagerly on both.
+  auto decode_plan = [&] {
+    engine::BatchPlan plan;
+    for (const SimSeq& q : seqs) AddTokens(plan, q, {q.next});
+    return plan;
+  };
+  auto advance = [&](const engine::BatchPlan& plan) {
+    for (size_t s = 0; s < seqs.size(); ++s) seqs[s].len += plan.seqs[s].num_tokens;
+  };
+  {
+    engine::BatchPlan plan;
+    for (int32_t s = 0; s < 8; ++s) {
+      AddTokens(plan, seqs[s],
+                s == 7 ? std::vector<int32_t>{5, 6, 7, 8, 9} : std::vector<int32_t>{seqs[s].next});
+    }
+    RunBoth(*gr, *eg, plan, V, "mixed step", &want);
+    if (HasFatalFailure()) return;
+    for (int32_t s = 0; s < 8; ++s) {
+      seqs[s].len += plan.seqs[s].num_tokens;
+      seqs[s].next = ArgmaxRow(want.logits, V, s);
+    }
+  }
+  seqs.resize(8);  // one size (8) whose graph exists
+  {
+    engine::BatchPlan plan = decode_plan();
+    plan.logprobs = {{0, 5}, {3, 9}, {7, 100}};
+    RunBoth(*gr, *eg, plan, V, "decode step with logprobs", &want);
+    if (HasFatalFailure()) return;
+    advance(plan);
+    for (int32_t s = 0; s < 8; ++s) seqs[s].next = ArgmaxRow(want.logits, V, s);
+  }
+  EXPECT_EQ(gr->graph_stats().replays, gs.replays);  // nothing replayed so far
+  // Graph replays that pick rows: reversed, a subset with a repeat, none.
+  const std::vector<std::vector<int32_t>> picks = {{7, 6, 5, 4, 3, 2, 1, 0}, {2, 5, 5, 6}, {}};
+  for (const std::vector<int32_t>& pick : picks) {
+    engine::BatchPlan plan = decode_plan();
+    plan.logits_for = pick;
+    RunBoth(*gr, *eg, plan, V, "decode step with " + std::to_string(pick.size()) + " rows", &want,
+            /*bitwise=*/false);
+    if (HasFatalFailure()) return;
+    advance(plan);  // the same tokens are fed again: only the KV contents matter
+  }
+  {
+    engine::BatchPlan plan = decode_plan();
+    RunBoth(*gr, *eg, plan, V, "decode step after the others", &want);
+    if (HasFatalFailure()) return;
+  }
+  EXPECT_EQ(gr->graph_stats().replays, gs.replays + static_cast<int64_t>(picks.size()) + 1);
+  EXPECT_EQ(gr->graph_stats().captures, gs.captures);
+
+  // set_cuda_graphs(false): eager, bitwise the same.
+  gr->set_cuda_graphs(false);
+  EXPECT_FALSE(gr->graph_stats().enabled);
+  RunBoth(*gr, *eg, decode_plan(), V, "decode step, graphs switched off", &want);
+  EXPECT_EQ(gr->graph_stats().replays, gs.replays + static_cast<int64_t>(picks.size()) + 1);
+}
+
+// Key lists longer than the graphs' metadata buffer: it grows, every graph is dropped
+// and recaptured, and the results stay bitwise equal. 64 sequences share a prefix of
+// 1120 cached tokens (70 blocks), so one decode step has 64 x 1121+ keys.
+TEST_F(CudaTest, DecodeGraphsSurviveGrowingKeyLists) {
+  auto model = engine::LoadModelBundle(testing::Stories260kDir());
+  ASSERT_TRUE(model.ok());
+  const int32_t V = model->config.vocab_size;
+  constexpr int32_t B = 64, kPrefixBlocks = 70, kBlocks = 2 * B + kPrefixBlocks;
+  auto gr = LoadedGpu(*model, kBlocks, true);
+  auto eg = LoadedGpu(*model, kBlocks, false);
+  ASSERT_NE(gr, nullptr);
+  ASSERT_NE(eg, nullptr);
+  engine::ForwardOutput want;
+  std::vector<SimSeq> seqs(B);
+  auto run_decode = [&](const std::string& what, int steps) {
+    for (int step = 0; step < steps; ++step) {
+      engine::BatchPlan plan;
+      for (const SimSeq& q : seqs) AddTokens(plan, q, {q.next});
+      RunBoth(*gr, *eg, plan, V, what + " decode " + std::to_string(step), &want);
+      if (::testing::Test::HasFatalFailure()) return;
+      for (int32_t s = 0; s < B; ++s) {
+        ++seqs[s].len;
+        seqs[s].next = ArgmaxRow(want.logits, V, s);
+      }
+    }
+  };
+  auto prefill_own = [&](const std::string& what, int32_t n) {
+    engine::BatchPlan pf;
+    for (int32_t s = 0; s < B; ++s) {
+      seqs[s].len = 0;
+      std::vector<int32_t> toks(n);
+      for (int32_t i = 0; i < n; ++i) toks[i] = 1 + (s * 13 + i * 7) % (V - 1);
+      AddTokens(pf, seqs[s], toks);
+    }
+    RunBoth(*gr, *eg, pf, V, what + " prefill", &want);
+    if (::testing::Test::HasFatalFailure()) return;
+    for (int32_t s = 0; s < B; ++s) {
+      seqs[s].len = n;
+      seqs[s].next = ArgmaxRow(want.logits, V, s);
+    }
+  };
+  for (int32_t s = 0; s < B; ++s) {
+    seqs[s].id = s + 1;
+    seqs[s].base_block = 2 * s;
+  }
+  // Short contexts: the graph of batch 64 is captured over the first buffer.
+  prefill_own("short", 4);
+  ASSERT_FALSE(HasFatalFailure());
+  run_decode("short", 3);
+  ASSERT_FALSE(HasFatalFailure());
+  const cuda::CudaBackend::GraphStats before = gr->graph_stats();
+  EXPECT_EQ(before.captures, 1);
+  EXPECT_EQ(before.invalidations, 0);
+
+  // The shared prefix: one sequence of 1120 tokens in blocks 128..197.
+  SimSeq shared;
+  shared.id = 1000;
+  shared.base_block = 2 * B;
+  std::vector<int32_t> toks(kPrefixBlocks * kSimBlock);
+  for (size_t i = 0; i < toks.size(); ++i) toks[i] = 1 + static_cast<int32_t>(i * 37) % (V - 1);
+  engine::BatchPlan pf;
+  AddTokens(pf, shared, toks);
+  RunBoth(*gr, *eg, pf, V, "shared prefix", &want);
+  ASSERT_FALSE(HasFatalFailure());
+  for (int32_t s = 0; s < B; ++s) {
+    seqs[s].prefix.clear();
+    for (int32_t b = 0; b < kPrefixBlocks; ++b) seqs[s].prefix.push_back({2 * B + b, 0, kSimBlock});
+    seqs[s].prefix_len = kPrefixBlocks * kSimBlock;
+  }
+  prefill_own("long", 2);
+  ASSERT_FALSE(HasFatalFailure());
+  run_decode("long", 3);
+  ASSERT_FALSE(HasFatalFailure());
+  const cuda::CudaBackend::GraphStats after = gr->graph_stats();
+  EXPECT_GE(after.invalidations, 1);
+  EXPECT_EQ(after.captures, 2);
+  EXPECT_EQ(after.graphs, 1);
+  EXPECT_EQ(after.replays, before.replays + 3);
+  std::printf(
+      "cuda graphs: metadata buffer grown %lld time(s) for 64 x %d keys, graphs "
+      "recaptured, results bitwise equal\n",
+      static_cast<long long>(after.invalidations), kPrefixBlocks * kSimBlock + 3);
 }
 
 TEST_F(CudaTest, TensorParallelMatchesSingleGpu) {
