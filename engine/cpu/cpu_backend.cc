@@ -106,6 +106,9 @@ bool HasAvx512F() {
   return has;
 }
 
+// GCC 12's _mm512_reduce_add_ps extracts from an "undefined" vector and warns about it.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // AttendGroup for D a multiple of 16 (every model we serve): the same steps with the
 // q.k dot products in zmm registers (one horizontal add per key and head) and the
 // exponentials 16 at a time. Results differ from the portable version in rounding
@@ -166,6 +169,8 @@ __attribute__((target("avx512f"))) void AttendGroupAvx512(const float* const* qs
     }
   }
 }
+
+#pragma GCC diagnostic pop
 
 // SwiGLU: a = silu(g) * u over n values.
 __attribute__((target("avx512f"))) void SwiGluAvx512(const float* g, const float* u, int32_t n,
