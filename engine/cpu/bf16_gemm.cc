@@ -169,9 +169,10 @@ constexpr int32_t kVecRows = 8;
 
 // R activation rows (at row m0) times row block rb; accumulators stay in registers.
 template <int R>
-__attribute__((target("avx512f,avx512bf16"), always_inline)) inline void Avx512Bf16Rows(
-    const PackedBf16& w, int32_t rb, const uint16_t* xb, int32_t ld, int32_t m0, __mmask16 lo,
-    __mmask16 hi, float* y) {
+__attribute__((target("avx512f,avx512bf16"))) void Avx512Bf16Rows(const PackedBf16& w, int32_t rb,
+                                                                  const uint16_t* xb, int32_t ld,
+                                                                  int32_t m0, __mmask16 lo,
+                                                                  __mmask16 hi, float* y) {
   const int32_t kbs = w.k_blocks(), n0 = rb * kR, out = w.out();
   __m512 acc0[R], acc1[R];
   for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
@@ -197,6 +198,12 @@ __attribute__((target("avx512f,avx512bf16"), always_inline)) inline void Avx512B
   }
 }
 
+using RowsFn = void (*)(const PackedBf16&, int32_t, const uint16_t*, int32_t, int32_t, __mmask16,
+                        __mmask16, float*);
+template <int... Rs>
+constexpr RowsFn kTailRows[] = {nullptr, &Avx512Bf16Rows<Rs>...};
+static_assert(kVecRows == 8);
+
 __attribute__((target("avx512f,avx512bf16"))) void Avx512Bf16Block(const PackedBf16& w, int32_t rb,
                                                                    const uint16_t* xb, int32_t ld,
                                                                    int32_t rows, float* y) {
@@ -208,31 +215,7 @@ __attribute__((target("avx512f,avx512bf16"))) void Avx512Bf16Block(const PackedB
   for (; m0 + kVecRows <= rows; m0 += kVecRows) {
     Avx512Bf16Rows<kVecRows>(w, rb, xb, ld, m0, lo, hi, y);
   }
-  switch (rows - m0) {
-    case 0:
-      break;
-    case 1:
-      Avx512Bf16Rows<1>(w, rb, xb, ld, m0, lo, hi, y);
-      break;
-    case 2:
-      Avx512Bf16Rows<2>(w, rb, xb, ld, m0, lo, hi, y);
-      break;
-    case 3:
-      Avx512Bf16Rows<3>(w, rb, xb, ld, m0, lo, hi, y);
-      break;
-    case 4:
-      Avx512Bf16Rows<4>(w, rb, xb, ld, m0, lo, hi, y);
-      break;
-    case 5:
-      Avx512Bf16Rows<5>(w, rb, xb, ld, m0, lo, hi, y);
-      break;
-    case 6:
-      Avx512Bf16Rows<6>(w, rb, xb, ld, m0, lo, hi, y);
-      break;
-    case 7:
-      Avx512Bf16Rows<7>(w, rb, xb, ld, m0, lo, hi, y);
-      break;
-  }
+  if (rows > m0) kTailRows<1, 2, 3, 4, 5, 6, 7>[rows - m0](w, rb, xb, ld, m0, lo, hi, y);
 }
 
 void Gemm(const float* x, int32_t rows, const PackedBf16& w, float* y, Bf16Kernel kernel) {
