@@ -193,15 +193,7 @@ absl::Status FillCommon(const Req& req, int32_t prompt_len, const Limits& limits
   out.stop_token_ids.assign(req.stop_token_ids().begin(), req.stop_token_ids().end());
   out.ignore_eos = req.ignore_eos();
   out.skip_special_tokens = !req.has_skip_special_tokens() || req.skip_special_tokens();
-  // The id goes into every log line of the request, so it must be an id, not text:
-  // letters, digits and - _ . : only.
-  if (req.request_id().size() > 128) return Invalid("request_id is longer than 128 bytes");
-  for (char c : req.request_id()) {
-    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_' && c != '.' &&
-        c != ':') {
-      return Invalid("request_id may hold only letters, digits and - _ . :");
-    }
-  }
+  SP_RETURN_IF_ERROR(engine::ValidateRequestId(req.request_id()));
   out.request_id = req.request_id();
   if (req.priority() < -100 || req.priority() > 100) {
     return Invalid(absl::StrCat("priority must be in [-100, 100], got ", req.priority()));

@@ -101,6 +101,24 @@ TEST_F(BatchingTest, ConcurrentGreedyEqualsSoloWithBf16Weights) {
   EXPECT_EQ(backends_.back()->compute_dtype(), "bfloat16");
 }
 
+// The engine itself refuses an id that is not an id (it is written into log lines), for
+// every caller, not only the gRPC server.
+TEST_F(BatchingTest, TextAsRequestIdIsRejectedBySubmit) {
+  auto eng = MakeEngine(16);
+  engine::Request req = GreedyRequest(Prompts(1)[0], 4);
+  req.request_id = "my secret prompt";
+  Collector c;
+  auto h = eng->Submit(req, c.Callback());
+  EXPECT_EQ(h.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(h.status().message()).find("request_id"), std::string::npos);
+  req.request_id = std::string(129, 'a');
+  EXPECT_EQ(eng->Submit(req, c.Callback()).status().code(), absl::StatusCode::kInvalidArgument);
+  req.request_id = "req-1_a.b:c";
+  ASSERT_TRUE(eng->Submit(req, c.Callback()).ok());
+  EXPECT_TRUE(c.Wait().status.ok());
+  eng->Shutdown(absl::Seconds(1));
+}
+
 TEST_F(BatchingTest, SharedThreeBlockPrefixIsCached) {
   std::vector<int32_t> prefix = model_.tokenizer->Encode(
       "Once upon a time, there was a little girl named Lily. She loved to play outside in "

@@ -3,9 +3,9 @@
 #include <cblas.h>
 #include <unistd.h>
 
+#include <strings.h>
 #include <cstdlib>
 #include <cstring>
-#include <strings.h>
 
 namespace superpose::engine::cpu {
 

@@ -98,14 +98,6 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void AttendGroup(
 // calls under -ffast-math.
 extern "C" __m512 _ZGVeN16v_expf(__m512 x);
 
-bool HasAvx512F() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return has;
-}
-
 // GCC 12's _mm512_reduce_add_ps extracts from an "undefined" vector and warns about it.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -187,7 +179,7 @@ __attribute__((target("avx512f"))) void SwiGluAvx512(const float* g, const float
 }
 
 void SwiGlu(const float* g, const float* u, int32_t n, float* a) {
-  if (HasAvx512F()) {
+  if (CpuHasAvx512()) {
     SwiGluAvx512(g, u, n, a);
     return;
   }
@@ -481,7 +473,7 @@ void CpuBackend::Attention(const BatchPlan& plan, const KeyIndex& ix, int32_t la
   // query heads of each kv head together.
   const std::vector<std::vector<int32_t>>& heads_of = heads_of_;
   const int32_t kvn = kv_heads_;
-  const bool vector = HasAvx512F() && D % 16 == 0;
+  const bool vector = CpuHasAvx512() && D % 16 == 0;
 #pragma omp parallel if (static_cast <int64_t>(T) * kvn > 1)
   {
     std::vector<float> scores;

@@ -190,7 +190,9 @@ void Avx512Gemm(const float* x, int32_t rows, int32_t in, const float* w, int32_
   }
 }
 
-bool HasAvx512() {
+}  // namespace
+
+bool CpuHasAvx512() {
   static const bool has = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
@@ -199,12 +201,10 @@ bool HasAvx512() {
   return has;
 }
 
-}  // namespace
-
 void SmallBatchGemm(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
                     float* y) {
   if (rows <= 0 || out <= 0) return;
-  if (HasAvx512()) {
+  if (CpuHasAvx512()) {
     Avx512Gemm(x, rows, in, w, out, y);
   } else {
     PortableGemm(x, rows, in, w, out, y);
@@ -216,6 +216,6 @@ void SmallBatchGemmPortable(const float* x, int32_t rows, int32_t in, const floa
   PortableGemm(x, rows, in, w, out, y);
 }
 
-const char* SmallGemmKernelName() { return HasAvx512() ? "avx512" : "portable"; }
+const char* SmallGemmKernelName() { return CpuHasAvx512() ? "avx512" : "portable"; }
 
 }  // namespace superpose::engine::cpu

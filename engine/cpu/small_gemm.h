@@ -19,6 +19,9 @@ void SmallBatchGemm(const float* x, int32_t rows, int32_t in, const float* w, in
 void SmallBatchGemmPortable(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
                             float* y);
 
+// True when the CPU has AVX-512 F, DQ, VL and BW (the vector kernels of the CPU backend).
+bool CpuHasAvx512();
+
 // "avx512" or "portable": the kernel SmallBatchGemm uses on this CPU.
 const char* SmallGemmKernelName();
 

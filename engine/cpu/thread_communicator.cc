@@ -5,8 +5,7 @@
 
 namespace superpose::engine::cpu {
 
-ThreadGroup::ThreadGroup(int32_t size)
-    : size_(size), ptrs_(size, nullptr), cptrs_(size, nullptr) {}
+ThreadGroup::ThreadGroup(int32_t size) : size_(size), ptrs_(size, nullptr), cptrs_(size, nullptr) {}
 
 std::unique_ptr<Communicator> ThreadGroup::Rank(int32_t rank) {
   return std::make_unique<ThreadCommunicator>(this, rank);

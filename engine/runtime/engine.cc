@@ -44,6 +44,8 @@ void Engine::Start() {
 }
 
 absl::StatusOr<uint64_t> Engine::Submit(Request request, StreamCallback callback) {
+  // Every log line of the request carries its id: never let text through.
+  if (absl::Status st = ValidateRequestId(request.request_id); !st.ok()) return st;
   if (request.rag != nullptr) {
     if (absl::Status st = ValidateRag(*request.rag); !st.ok()) return st;
     if (request.rag->options.mode == rag::Mode::kNaive) {

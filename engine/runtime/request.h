@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
 #include "absl/time/time.h"
 #include "engine/rag/rag.h"
 
@@ -25,8 +26,22 @@ struct SamplingOptions {
   uint64_t seed = 0;
 };
 
+// A request id goes into every log line of its request, so it must be an id, not text:
+// at most 128 letters, digits and - _ . : (INVALID_ARGUMENT naming request_id otherwise).
+// The engine checks it on Submit whoever the caller; the server maps it to its response.
+inline absl::Status ValidateRequestId(const std::string& id) {
+  if (id.size() > 128) return absl::InvalidArgumentError("request_id is longer than 128 bytes");
+  for (char c : id) {
+    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_' && c != '.' &&
+        c != ':') {
+      return absl::InvalidArgumentError("request_id may hold only letters, digits and - _ . :");
+    }
+  }
+  return absl::OkStatus();
+}
+
 struct Request {
-  std::string request_id;
+  std::string request_id;  // see ValidateRequestId
   std::string tenant = "default";
   std::vector<int32_t> prompt_ids;
   SamplingOptions sampling;
