@@ -49,13 +49,14 @@ class BatchingTest : public ::testing::Test {
     }
     return out;
   }
-  void ExpectConcurrentGreedyEqualsSolo();
+  // stress: a pool too small for all (preemption + recompute) and prefix caching on.
+  void ExpectConcurrentGreedyEqualsSolo(bool stress);
   engine::ModelBundle model_;
   std::string dtype_ = "auto";
   std::vector<std::unique_ptr<engine::Backend>> backends_;
 };
 
-void BatchingTest::ExpectConcurrentGreedyEqualsSolo() {
+void BatchingTest::ExpectConcurrentGreedyEqualsSolo(bool stress) {
   const auto prompts = Prompts(32);
   std::vector<std::vector<int32_t>> solo;
   {
@@ -66,11 +67,13 @@ void BatchingTest::ExpectConcurrentGreedyEqualsSolo() {
       solo.push_back(r.tokens);
     }
   }
-  // A pool too small for all 32 at once forces preemption; prefix caching is on.
+  // Stress: a pool too small for all 32 at once forces preemption; prefix caching is on.
+  // Otherwise every prompt is prefilled as one chunk, as when alone.
   engine::EngineOptions eo;
-  eo.max_batch_tokens = 128;
+  eo.max_batch_tokens = stress ? 128 : 4096;
   eo.max_running = 32;
-  auto eng = MakeEngine(48, eo);
+  eo.prefix_caching = stress;
+  auto eng = MakeEngine(stress ? 48 : 512, eo);
   const int32_t free0 = eng->blocks().free_blocks();
   std::vector<Collector> cs(prompts.size());
   for (size_t i = 0; i < prompts.size(); ++i) {
@@ -85,19 +88,25 @@ void BatchingTest::ExpectConcurrentGreedyEqualsSolo() {
     EXPECT_EQ(r.tokens, solo[i]) << "request " << i;
     cached += r.usage.cached_prompt_tokens > 0;
   }
-  EXPECT_GT(eng->stats().preemptions, 0) << "the test should exercise preemption";
-  EXPECT_GT(cached, 0) << "the test should exercise the prefix cache";
+  if (stress) {
+    EXPECT_GT(eng->stats().preemptions, 0) << "the test should exercise preemption";
+    EXPECT_GT(cached, 0) << "the test should exercise the prefix cache";
+  }
   eng->Shutdown(absl::Seconds(1));
   EXPECT_EQ(eng->blocks().free_blocks(), free0);
 }
 
-TEST_F(BatchingTest, ConcurrentGreedyEqualsSolo) { ExpectConcurrentGreedyEqualsSolo(); }
+TEST_F(BatchingTest, ConcurrentGreedyEqualsSolo) { ExpectConcurrentGreedyEqualsSolo(true); }
 
-// bf16 weights (AMX tiles where present): every output element is computed the same
-// way whatever the batch, so batching stays token-for-token equal here too.
+// bf16 weights (AMX tiles where present): every GEMM output element is computed the same
+// way whatever the batch, so 32 concurrent streams stay token-for-token equal to solo
+// runs. Not under preemption or prefix-cache hits: a recomputed or partly cached prompt
+// runs through the blocked prefill attention, which equals the per-token decode path
+// only within 1e-4 (cpu_attention_test); bf16 rounding of the next GEMM's input can
+// turn that into a flipped near-tie (seen once in CI). Known limit, see docs/architecture.md.
 TEST_F(BatchingTest, ConcurrentGreedyEqualsSoloWithBf16Weights) {
   dtype_ = "bfloat16";
-  ExpectConcurrentGreedyEqualsSolo();
+  ExpectConcurrentGreedyEqualsSolo(false);
   EXPECT_EQ(backends_.back()->compute_dtype(), "bfloat16");
 }
 
