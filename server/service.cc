@@ -25,6 +25,11 @@ std::string NewRequestId() {
 // at most one write is in flight. When the client reads slowly, new events are merged
 // into the last queued response, so the per-stream buffer stays bounded in count and
 // the engine never waits for a client.
+//
+// Lifetime: two owners hold a reference, gRPC (until OnDone) and the engine (until its
+// final event has been handled, which every accepted request gets exactly once). The
+// last one deletes the reactor, so the engine thread never touches a reactor that
+// gRPC has already finished with, however the threads interleave.
 class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
   struct Action {
     const v1::GenerateResponse* write = nullptr;
@@ -57,9 +62,11 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
       spdlog::info("req={} rag documents={} max_new_tokens={}", request_id_,
                    spec_->documents.size(), request->sampling.max_new_tokens);
     }
+    refs_.fetch_add(1, std::memory_order_relaxed);  // the engine's, dropped after its final event
     absl::StatusOr<uint64_t> handle = engine_->Submit(
         *std::move(request), [this](engine::StreamEvent&& ev) { OnEvent(std::move(ev)); });
     if (!handle.ok()) {
+      Unref();  // not accepted: no event will come (gRPC still holds its reference)
       spdlog::warn("req={} not queued: {}", request_id_, std::string(handle.status().message()));
       if (metrics != nullptr) metrics->OnRejected(absl::StatusCodeToString(handle.status().code()));
       Finish(ToGrpc(handle.status()));
@@ -100,16 +107,22 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     Run(action);
   }
 
-  void OnDone() override { delete this; }
+  void OnDone() override { Unref(); }
 
  private:
+  void Unref() {
+    if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+  }
+
   void OnEvent(engine::StreamEvent&& ev) {
+    const bool last = ev.finished;
     Action action;
     {
       absl::MutexLock lock(&mu_);
       action = Merge(std::move(ev));
     }
     Run(action);
+    if (last) Unref();
   }
 
   Action Merge(engine::StreamEvent&& ev) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -185,6 +198,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
   bool submitted_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t handle_ = 0;
+  std::atomic<int> refs_{1};  // gRPC's; the engine's is added at submission
   grpc::Status final_status_ ABSL_GUARDED_BY(mu_);
 };
 
