@@ -1,14 +1,21 @@
-// The CPU backend's blocked prefill attention (sgemm over gathered keys, for chunks of
-// many tokens) against its one-query-at-a-time path: a 150-token prompt run as one
-// chunk with a cached prefix, and token by token, give the same logits (within 1e-4 of
-// the row's largest |logit|). On stories260k (head_dim 8: the portable decode path) and
-// on a random Llama-shaped model with head_dim 64 and GQA (the AVX-512 decode path with
-// vector exp where the CPU has it).
+// The CPU backend's attention (engine/cpu/attention.h).
+// Kernel: every kernel against a double-precision reference over a paged pool with
+// partial blocks; a query's output is bitwise the same whatever other queries share the
+// call (decode alone, in a batch, or as a row of a prefill chunk).
+// Backend: a 150-token prompt run as one chunk after a cached prefix, and token by
+// token, give bitwise-equal logits with bf16 weights (every GEMM is batch-invariant
+// there) and logits within 1e-4 of the row's largest |logit| with float32 weights
+// (OpenBLAS sgemm for chunks over 64 rows). On stories260k (head_dim 8) and on a random
+// Llama-shaped model with head_dim 64 and GQA.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
+#include <random>
 
+#include "engine/cpu/attention.h"
 #include "engine/cpu/cpu_backend.h"
+#include "engine/cpu/small_gemm.h"
 #include "engine/model/builtin.h"
 #include "engine/runtime/model_bundle.h"
 #include "tests/test_util.h"
@@ -16,14 +23,149 @@
 namespace superpose {
 namespace {
 
+using engine::cpu::AttnKernel;
+using engine::cpu::AttnKeys;
+using engine::cpu::AttnScratch;
+using engine::cpu::KeyElement;
+using engine::cpu::KvLayerView;
+
+struct PoolCase {
+  int32_t block_size, head_dim, kv_heads;
+};
+
+class AttentionKernelTest : public ::testing::TestWithParam<PoolCase> {
+ protected:
+  void SetUp() override {
+    const PoolCase c = GetParam();
+    bs_ = c.block_size;
+    D_ = c.head_dim;
+    kvn_ = c.kv_heads;
+    std::mt19937 rng(1234 + bs_ * 7 + D_);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    k_.resize(static_cast<size_t>(kBlocks) * bs_ * kvn_ * D_);
+    v_.resize(k_.size());
+    for (float& x : k_) x = nd(rng);
+    for (float& x : v_) x = nd(rng);
+    // Keys: a partial block, whole blocks out of order, a segment starting mid-block,
+    // then new tokens one slot at a time (some crossing into the next block).
+    keys_.Append(3, bs_ / 2, bs_ - bs_ / 2, bs_);
+    keys_.Append(7, 0, bs_, bs_);
+    keys_.Append(1, 0, bs_, bs_);
+    keys_.Append(5, 1, bs_ - 3, bs_);
+    keys_.Append(0, 0, bs_, bs_);
+    for (int32_t i = 0; i < 21; ++i) keys_.Append(9 + (i + 5) / bs_, (i + 5) % bs_, 1, bs_);
+    nk_total_ = static_cast<int32_t>(keys_.slots.size());
+    // Queries: 4 heads x the last 5 rows (nk grows by one per row), then 3 with short
+    // contexts.
+    for (int32_t r = 0; r < 5; ++r) {
+      for (int32_t h = 0; h < 4; ++h) nks_.push_back(nk_total_ - 4 + r - (r == 4 ? 1 : 0));
+    }
+    nks_.push_back(1);
+    nks_.push_back(17);
+    nks_.push_back(bs_ + 3);
+    q_.resize(nks_.size() * D_);
+    for (float& x : q_) x = nd(rng);
+  }
+  KvLayerView View() const { return {k_.data(), v_.data(), kvn_, D_, bs_}; }
+  // outs for queries [first, first + n) computed in one call.
+  void Run(AttnKernel kernel, int32_t kvh, int32_t first, int32_t n, std::vector<float>* out) {
+    std::vector<const float*> qs;
+    std::vector<float*> os;
+    for (int32_t i = first; i < first + n; ++i) {
+      qs.push_back(&q_[static_cast<size_t>(i) * D_]);
+      os.push_back(&(*out)[static_cast<size_t>(i) * D_]);
+    }
+    engine::cpu::AttendWith(kernel, View(), kvh, keys_, n, qs.data(), nks_.data() + first,
+                            1.0f / std::sqrt(static_cast<float>(D_)), os.data(), &scratch_);
+  }
+  std::vector<AttnKernel> Kernels() const {
+    std::vector<AttnKernel> ks = {AttnKernel::kPortable};
+    if (engine::cpu::CpuHasAvx512()) ks.push_back(AttnKernel::kAvx512);
+    return ks;
+  }
+
+  static constexpr int32_t kBlocks = 16;
+  int32_t bs_ = 0, D_ = 0, kvn_ = 0, nk_total_ = 0;
+  std::vector<float> k_, v_, q_;
+  std::vector<int32_t> nks_;
+  AttnKeys keys_;
+  AttnScratch scratch_;
+};
+
+TEST_P(AttentionKernelTest, MatchesDoubleReference) {
+  const int32_t n = static_cast<int32_t>(nks_.size());
+  for (AttnKernel kernel : Kernels()) {
+    for (int32_t kvh = 0; kvh < kvn_; ++kvh) {
+      std::vector<float> out(static_cast<size_t>(n) * D_, -7.0f);
+      Run(kernel, kvh, 0, n, &out);
+      for (int32_t i = 0; i < n; ++i) {
+        const float* q = &q_[static_cast<size_t>(i) * D_];
+        std::vector<double> s(nks_[i]);
+        double mx = -1e300;
+        for (int32_t k = 0; k < nks_[i]; ++k) {
+          const int64_t slot = keys_.slots[k];
+          double dot = 0;
+          for (int32_t d = 0; d < D_; ++d) {
+            dot +=
+                static_cast<double>(q[d]) *
+                k_[KeyElement(slot / bs_, static_cast<int32_t>(slot % bs_), kvh, d, kvn_, D_, bs_)];
+          }
+          s[k] = dot / std::sqrt(static_cast<double>(D_));
+          mx = std::max(mx, s[k]);
+        }
+        double sum = 0;
+        for (double& x : s) sum += (x = std::exp(x - mx));
+        for (int32_t d = 0; d < D_; ++d) {
+          double want = 0;
+          for (int32_t k = 0; k < nks_[i]; ++k) {
+            want += s[k] / sum * v_[(keys_.slots[k] * kvn_ + kvh) * D_ + d];
+          }
+          EXPECT_NEAR(out[static_cast<size_t>(i) * D_ + d], want, 1e-4)
+              << AttnKernelName(kernel) << " query " << i << " d " << d;
+        }
+      }
+    }
+  }
+}
+
+TEST_P(AttentionKernelTest, QueryOutputDoesNotDependOnItsCompany) {
+  const int32_t n = static_cast<int32_t>(nks_.size());
+  for (AttnKernel kernel : Kernels()) {
+    std::vector<float> together(static_cast<size_t>(n) * D_), alone(together.size()),
+        split(together.size());
+    Run(kernel, 1, 0, n, &together);
+    for (int32_t i = 0; i < n; ++i) Run(kernel, 1, i, 1, &alone);
+    for (int32_t first = 0, step = 3; first < n; first += step, step = step % 5 + 2) {
+      Run(kernel, 1, first, std::min(step, n - first), &split);
+    }
+    EXPECT_EQ(0, std::memcmp(together.data(), alone.data(), together.size() * sizeof(float)))
+        << AttnKernelName(kernel);
+    EXPECT_EQ(0, std::memcmp(together.data(), split.data(), together.size() * sizeof(float)))
+        << AttnKernelName(kernel);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Pools, AttentionKernelTest,
+                         ::testing::Values(PoolCase{16, 64, 2}, PoolCase{16, 8, 2},
+                                           PoolCase{8, 80, 3}, PoolCase{32, 128, 2},
+                                           PoolCase{16, 24, 2}),
+                         [](const auto& info) {
+                           return "bs" + std::to_string(info.param.block_size) + "_d" +
+                                  std::to_string(info.param.head_dim);
+                         });
+
+// bitwise: bf16 weights (batch-invariant GEMMs), so chunk == token by token exactly.
 void ExpectBlockedMatchesTokenByToken(const engine::ModelBundle* model,
-                                      const std::vector<int32_t>& prompt) {
+                                      const std::vector<int32_t>& prompt,
+                                      const std::string& dtype = "float32") {
+  const bool bitwise = dtype == "bfloat16";
   const int32_t V = model->config.vocab_size, bs = 16;
   const int32_t n = static_cast<int32_t>(prompt.size());
   auto make = [&] {
     engine::BackendOptions o;
     o.kv_num_blocks = 32;
     o.kv_block_size = bs;
+    o.cpu_dtype = dtype;
     auto b = std::make_unique<engine::cpu::CpuBackend>(o);
     EXPECT_TRUE(b->Load(model->config, *model->weights, engine::Shard{}).ok());
     return b;
@@ -70,6 +212,12 @@ void ExpectBlockedMatchesTokenByToken(const engine::ModelBundle* model,
     p.seqs.push_back(sp);
     engine::ForwardOutput out;
     ASSERT_TRUE(single->Forward(p, &out).ok());
+    if (bitwise) {
+      EXPECT_EQ(0,
+                std::memcmp(out.logits.data(), &got[static_cast<size_t>(i) * V], sizeof(float) * V))
+          << "token " << i;
+      continue;
+    }
     double diff = 0, scale = 0;
     for (int32_t v = 0; v < V; ++v) {
       diff = std::max(
@@ -91,6 +239,7 @@ TEST(CpuAttention, BlockedPrefillMatchesTokenByToken) {
       true);
   ASSERT_GT(prompt.size(), 120u);
   ExpectBlockedMatchesTokenByToken(&*model, prompt);
+  ExpectBlockedMatchesTokenByToken(&*model, prompt, "bfloat16");
 }
 
 TEST(CpuAttention, BlockedPrefillMatchesTokenByTokenAtHeadDim64) {
@@ -108,6 +257,7 @@ TEST(CpuAttention, BlockedPrefillMatchesTokenByTokenAtHeadDim64) {
     prompt.push_back(static_cast<int32_t>((h >> 16) % 256));
   }
   ExpectBlockedMatchesTokenByToken(&*model, prompt);
+  ExpectBlockedMatchesTokenByToken(&*model, prompt, "bfloat16");
 }
 
 }  // namespace

@@ -35,134 +35,9 @@ void Rope(float* x, const float* cos, const float* sin, int32_t dim) {
   }
 }
 
-constexpr int32_t kMaxAttendGroup = 16;
-
-// Attention of the g (<= kMaxAttendGroup) query heads that share kv head `kvh`, over nk keys at
-// `keys` (in units of kv_heads * D floats): each key and value vector is loaded once for all g
-// heads. Per head, softmax(q.k * scale) weighted sum of the values into outs[i]. The
-// dot products use 16 lane-wise partial sums (vectorizable; a fixed order, so a head's
-// result does not depend on g or on the batch).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void AttendGroup(
-    const float* const* qs, int32_t g, const float* kl, const float* vl, const int64_t* keys,
-    int32_t nk, int32_t kv_heads, int32_t kvh, int32_t D, float scale, float* scores, float* acc,
-    float* const* outs) {
-  constexpr int kLanes = 16;
-  float mx[kMaxAttendGroup];
-  for (int32_t i = 0; i < g; ++i) mx[i] = -std::numeric_limits<float>::infinity();
-  for (int32_t k = 0; k < nk; ++k) {
-    const float* kv = kl + (keys[k] * kv_heads + kvh) * D;
-    for (int32_t i = 0; i < g; ++i) {
-      const float* qv = qs[i];
-      float lanes[kLanes] = {};
-      int32_t d = 0;
-      for (; d + kLanes <= D; d += kLanes) {
-#pragma omp simd
-        for (int l = 0; l < kLanes; ++l) lanes[l] += qv[d + l] * kv[d + l];
-      }
-      for (; d < D; ++d) lanes[d % kLanes] += qv[d] * kv[d];
-      for (int width = kLanes / 2; width > 0; width /= 2) {
-        for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
-      }
-      const float sc = lanes[0] * scale;
-      scores[static_cast<size_t>(i) * nk + k] = sc;
-      mx[i] = std::max(mx[i], sc);
-    }
-  }
-  float sum[kMaxAttendGroup];
-  for (int32_t i = 0; i < g; ++i) {
-    float* sc = scores + static_cast<size_t>(i) * nk;
-    sum[i] = 0.0f;
-    for (int32_t k = 0; k < nk; ++k) {
-      sc[k] = std::exp(sc[k] - mx[i]);
-      sum[i] += sc[k];
-    }
-  }
-  std::fill(acc, acc + static_cast<size_t>(g) * D, 0.0f);
-  for (int32_t k = 0; k < nk; ++k) {
-    const float* vv = vl + (keys[k] * kv_heads + kvh) * D;
-    for (int32_t i = 0; i < g; ++i) {
-      const float p = scores[static_cast<size_t>(i) * nk + k];
-      float* a = acc + static_cast<size_t>(i) * D;
-#pragma omp simd
-      for (int32_t d = 0; d < D; ++d) a[d] += p * vv[d];
-    }
-  }
-  for (int32_t i = 0; i < g; ++i) {
-    const float inv = 1.0f / sum[i];
-    const float* a = acc + static_cast<size_t>(i) * D;
-    for (int32_t d = 0; d < D; ++d) outs[i][d] = a[d] * inv;
-  }
-}
-
 // glibc's libmvec: 16 expf at once (max error 4 ulp), the vector variant GCC itself
 // calls under -ffast-math.
 extern "C" __m512 _ZGVeN16v_expf(__m512 x);
-
-// GCC 12's _mm512_reduce_add_ps extracts from an "undefined" vector and warns about it.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// AttendGroup for D a multiple of 16 (every model we serve): the same steps with the
-// q.k dot products in zmm registers (one horizontal add per key and head) and the
-// exponentials 16 at a time. Results differ from the portable version in rounding
-// only; the order is fixed, so a head's result still does not depend on g or the batch.
-__attribute__((target("avx512f"))) void AttendGroupAvx512(const float* const* qs, int32_t g,
-                                                          const float* kl, const float* vl,
-                                                          const int64_t* keys, int32_t nk,
-                                                          int32_t kv_heads, int32_t kvh, int32_t D,
-                                                          float scale, float* scores, float* acc,
-                                                          float* const* outs) {
-  const int32_t nv = D / 16;
-  float mx[kMaxAttendGroup];
-  for (int32_t i = 0; i < g; ++i) mx[i] = -std::numeric_limits<float>::infinity();
-  for (int32_t k = 0; k < nk; ++k) {
-    const float* kv = kl + (keys[k] * kv_heads + kvh) * D;
-    for (int32_t i = 0; i < g; ++i) {
-      const float* qv = qs[i];
-      __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qv), _mm512_loadu_ps(kv));
-      for (int32_t v = 1; v < nv; ++v) {
-        a = _mm512_fmadd_ps(_mm512_loadu_ps(qv + 16 * v), _mm512_loadu_ps(kv + 16 * v), a);
-      }
-      const float sc = _mm512_reduce_add_ps(a) * scale;
-      scores[static_cast<size_t>(i) * nk + k] = sc;
-      mx[i] = std::max(mx[i], sc);
-    }
-  }
-  float sum[kMaxAttendGroup];
-  for (int32_t i = 0; i < g; ++i) {
-    float* sc = scores + static_cast<size_t>(i) * nk;
-    const __m512 m = _mm512_set1_ps(mx[i]);
-    __m512 total = _mm512_setzero_ps();
-    for (int32_t k = 0; k < nk; k += 16) {
-      const __mmask16 lanes = nk - k >= 16 ? static_cast<__mmask16>(0xffff)
-                                           : static_cast<__mmask16>((1u << (nk - k)) - 1);
-      const __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, sc + k), m));
-      _mm512_mask_storeu_ps(sc + k, lanes, e);
-      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(lanes, e));
-    }
-    sum[i] = _mm512_reduce_add_ps(total);
-  }
-  std::fill(acc, acc + static_cast<size_t>(g) * D, 0.0f);
-  for (int32_t k = 0; k < nk; ++k) {
-    const float* vv = vl + (keys[k] * kv_heads + kvh) * D;
-    for (int32_t i = 0; i < g; ++i) {
-      const __m512 p = _mm512_set1_ps(scores[static_cast<size_t>(i) * nk + k]);
-      float* a = acc + static_cast<size_t>(i) * D;
-      for (int32_t v = 0; v < nv; ++v) {
-        _mm512_storeu_ps(a + 16 * v, _mm512_fmadd_ps(p, _mm512_loadu_ps(vv + 16 * v),
-                                                     _mm512_loadu_ps(a + 16 * v)));
-      }
-    }
-  }
-  for (int32_t i = 0; i < g; ++i) {
-    const __m512 inv = _mm512_set1_ps(1.0f / sum[i]);
-    const float* a = acc + static_cast<size_t>(i) * D;
-    for (int32_t v = 0; v < nv; ++v) {
-      _mm512_storeu_ps(outs[i] + 16 * v, _mm512_mul_ps(_mm512_loadu_ps(a + 16 * v), inv));
-    }
-  }
-}
-
-#pragma GCC diagnostic pop
 
 // SwiGLU: a = silu(g) * u over n values.
 __attribute__((target("avx512f"))) void SwiGluAvx512(const float* g, const float* u, int32_t n,
@@ -363,32 +238,25 @@ CpuBackend::KeyIndex CpuBackend::BuildKeyIndex(const BatchPlan& plan) const {
   KeyIndex ix;
   ix.keys.resize(S);
   ix.ctx_len.resize(S);
-  ix.seq_of.resize(plan.num_tokens());
   for (int32_t si = 0; si < S; ++si) {
     const SeqPlan& seq = plan.seqs[si];
-    for (const KvSegment& g : seq.context) {
-      for (int32_t s = 0; s < g.length; ++s) {
-        ix.keys[si].push_back(static_cast<int64_t>(g.block) * bs + g.first_slot + s);
-      }
-    }
-    ix.ctx_len[si] = static_cast<int32_t>(ix.keys[si].size());
+    AttnKeys& keys = ix.keys[si];
+    for (const KvSegment& g : seq.context) keys.Append(g.block, g.first_slot, g.length, bs);
+    ix.ctx_len[si] = static_cast<int32_t>(keys.slots.size());
     for (int32_t j = 0; j < seq.num_tokens; ++j) {
       const KvSlot& s = plan.kv_slots[seq.token_begin + j];
-      ix.keys[si].push_back(static_cast<int64_t>(s.block) * bs + s.slot);
-      ix.seq_of[seq.token_begin + j] = si;
+      keys.Append(s.block, s.slot, 1, bs);
     }
   }
-  // Sequences with many new tokens (prefill chunks) go through blocked attention, per
-  // (sequence, head, tile of kPrefillTile queries).
-  constexpr int32_t kPrefillMin = 8, kPrefillTile = 128;
-  ix.blocked.assign(plan.num_tokens(), false);
+  // Work items: the query heads of one kv head for a tile of rows (up to 32 queries).
   for (int32_t si = 0; si < S; ++si) {
-    const SeqPlan& seq = plan.seqs[si];
-    if (seq.num_tokens < kPrefillMin) continue;
-    for (int32_t t = 0; t < seq.num_tokens; ++t) ix.blocked[seq.token_begin + t] = true;
-    for (int32_t h = 0; h < q_heads_; ++h) {
-      for (int32_t r = 0; r < seq.num_tokens; r += kPrefillTile) {
-        ix.tiles.push_back({si, h, r, std::min(kPrefillTile, seq.num_tokens - r)});
+    const int32_t rows = plan.seqs[si].num_tokens;
+    for (int32_t kvh = 0; kvh < kv_heads_; ++kvh) {
+      const int32_t g = static_cast<int32_t>(heads_of_[kvh].size());
+      if (g == 0) continue;
+      const int32_t tile = std::max(1, 32 / g);
+      for (int32_t r = 0; r < rows; r += tile) {
+        ix.items.push_back({si, kvh, r, std::min(tile, rows - r)});
       }
     }
   }
@@ -396,113 +264,40 @@ CpuBackend::KeyIndex CpuBackend::BuildKeyIndex(const BatchPlan& plan) const {
 }
 
 // q: [T, q_heads, D] (after RoPE). out: [T, q_heads, D]. Keys/values of this layer are
-// already in the pool for every new token.
+// already in the pool for every new token. Every token, decode or prefill, goes through
+// the same kernel (attention.h), so its output does not depend on the step's shape.
 void CpuBackend::Attention(const BatchPlan& plan, const KeyIndex& ix, int32_t layer, const float* q,
                            float* out) const {
   const int32_t D = config_.head_dim, bs = kv_info_.block_size;
-  const int32_t group = config_.num_heads / config_.num_kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const size_t layer_off = static_cast<size_t>(layer) * kv_info_.num_blocks * bs * kv_heads_ * D;
-  const float* kl = k_cache_.data() + layer_off;
-  const float* vl = v_cache_.data() + layer_off;
-  const auto& keys = ix.keys;
-  const auto& ctx_len = ix.ctx_len;
-  const auto& seq_of = ix.seq_of;
-  const int32_t T = plan.num_tokens(), heads = q_heads_;
-
-  // Prefill tiles (BuildKeyIndex): S = Q K^T over the gathered keys through sgemm,
-  // causal mask, softmax, O = P V.
-  const std::vector<PrefillTile>& tasks = ix.tiles;
-  const std::vector<bool>& blocked = ix.blocked;
-  if (!tasks.empty()) {
-#pragma omp parallel
-    {
-      std::vector<float> kbuf, vbuf, sbuf, obuf, qbuf;
-#pragma omp for schedule(dynamic, 1)
-      for (size_t ti = 0; ti < tasks.size(); ++ti) {
-        const PrefillTile& task = tasks[ti];
-        const SeqPlan& seq = plan.seqs[task.seq];
-        const std::vector<int64_t>& kk = keys[task.seq];
-        const int32_t global_q = shard_.rank * q_heads_ + task.head;
-        const int32_t kvh = global_q / group - kv_head_begin_;
-        // Keys visible to the last row of the tile.
-        const int32_t nk = ctx_len[task.seq] + task.row0 + task.rows;
-        kbuf.resize(static_cast<size_t>(nk) * D);
-        vbuf.resize(static_cast<size_t>(nk) * D);
-        for (int32_t k = 0; k < nk; ++k) {
-          const size_t off = (kk[k] * kv_heads_ + kvh) * D;
-          std::memcpy(&kbuf[static_cast<size_t>(k) * D], kl + off, sizeof(float) * D);
-          std::memcpy(&vbuf[static_cast<size_t>(k) * D], vl + off, sizeof(float) * D);
-        }
-        qbuf.resize(static_cast<size_t>(task.rows) * D);
-        for (int32_t r = 0; r < task.rows; ++r) {
-          const int32_t t = seq.token_begin + task.row0 + r;
-          std::memcpy(&qbuf[static_cast<size_t>(r) * D],
-                      q + (static_cast<size_t>(t) * heads + task.head) * D, sizeof(float) * D);
-        }
-        sbuf.resize(static_cast<size_t>(task.rows) * nk);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, task.rows, nk, D, scale, qbuf.data(),
-                    D, kbuf.data(), D, 0.0f, sbuf.data(), nk);
-        for (int32_t r = 0; r < task.rows; ++r) {
-          float* row = &sbuf[static_cast<size_t>(r) * nk];
-          const int32_t visible = ctx_len[task.seq] + task.row0 + r + 1;
-          float mx = -std::numeric_limits<float>::infinity();
-          for (int32_t k = 0; k < visible; ++k) mx = std::max(mx, row[k]);
-          float sum = 0.0f;
-          for (int32_t k = 0; k < visible; ++k) {
-            row[k] = std::exp(row[k] - mx);
-            sum += row[k];
-          }
-          const float inv = 1.0f / sum;
-          for (int32_t k = 0; k < visible; ++k) row[k] *= inv;
-          std::fill(row + visible, row + nk, 0.0f);
-        }
-        obuf.resize(static_cast<size_t>(task.rows) * D);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, task.rows, D, nk, 1.0f, sbuf.data(),
-                    nk, vbuf.data(), D, 0.0f, obuf.data(), D);
-        for (int32_t r = 0; r < task.rows; ++r) {
-          const int32_t t = seq.token_begin + task.row0 + r;
-          std::memcpy(out + (static_cast<size_t>(t) * heads + task.head) * D,
-                      &obuf[static_cast<size_t>(r) * D], sizeof(float) * D);
-        }
-      }
-    }
-  }
-
-  // Everything else (decode tokens, short chunks): one query token at a time, the
-  // query heads of each kv head together.
-  const std::vector<std::vector<int32_t>>& heads_of = heads_of_;
-  const int32_t kvn = kv_heads_;
-  const bool vector = CpuHasAvx512() && D % 16 == 0;
-#pragma omp parallel if (static_cast <int64_t>(T) * kvn > 1)
+  const KvLayerView view{k_cache_.data() + layer_off, v_cache_.data() + layer_off, kv_heads_, D,
+                         bs};
+  const int32_t heads = q_heads_;
+  const std::vector<AttnItem>& items = ix.items;
+#pragma omp parallel if (items.size() > 1)
   {
-    std::vector<float> scores;
-    std::vector<float> acc;
+    AttnScratch scratch;
     std::vector<const float*> qs;
     std::vector<float*> outs;
-#pragma omp for collapse(2) schedule(dynamic, 4)
-    for (int32_t t = 0; t < T; ++t) {
-      for (int32_t kvh = 0; kvh < kvn; ++kvh) {
-        if (blocked[t] || heads_of[kvh].empty()) continue;
-        const int32_t si = seq_of[t];
-        const SeqPlan& seq = plan.seqs[si];
-        const std::vector<int64_t>& kk = keys[si];
-        const int32_t g = static_cast<int32_t>(heads_of[kvh].size());
-        const int32_t nk = ctx_len[si] + (t - seq.token_begin) + 1;
-        if (scores.size() < static_cast<size_t>(g) * nk) scores.resize(static_cast<size_t>(g) * nk);
-        acc.resize(static_cast<size_t>(g) * D);
-        qs.clear();
-        outs.clear();
-        for (int32_t h : heads_of[kvh]) {
-          qs.push_back(q + (static_cast<size_t>(t) * heads + h) * D);
-          outs.push_back(out + (static_cast<size_t>(t) * heads + h) * D);
-        }
-        for (int32_t c = 0; c < g; c += kMaxAttendGroup) {  // MQA: more heads than that
-          (vector ? AttendGroupAvx512 : AttendGroup)(
-              qs.data() + c, std::min(kMaxAttendGroup, g - c), kl, vl, kk.data(), nk, kv_heads_,
-              kvh, D, scale, scores.data(), acc.data(), outs.data() + c);
+    std::vector<int32_t> nks;
+#pragma omp for schedule(dynamic, 1)
+    for (size_t it = 0; it < items.size(); ++it) {
+      const AttnItem& item = items[it];
+      const SeqPlan& seq = plan.seqs[item.seq];
+      qs.clear();
+      outs.clear();
+      nks.clear();
+      for (int32_t r = item.row0; r < item.row0 + item.rows; ++r) {
+        const size_t t = static_cast<size_t>(seq.token_begin + r);
+        for (int32_t h : heads_of_[item.kvh]) {
+          qs.push_back(q + (t * heads + h) * D);
+          outs.push_back(out + (t * heads + h) * D);
+          nks.push_back(ix.ctx_len[item.seq] + r + 1);
         }
       }
+      Attend(view, item.kvh, ix.keys[item.seq], static_cast<int32_t>(qs.size()), qs.data(),
+             nks.data(), scale, outs.data(), &scratch);
     }
   }
 }
@@ -576,15 +371,16 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
         Rope(qh, c, s, D);
       }
       const KvSlot& slot = plan.kv_slots[t];
-      const size_t off = layer_off + (static_cast<size_t>(slot.block) * bs + slot.slot) * kvd;
-      float* kdst = &k_cache_[off];
-      float* vdst = &v_cache_[off];
-      std::memcpy(kdst, row + qd, sizeof(float) * kvd);
-      std::memcpy(vdst, row + qd + kvd, sizeof(float) * kvd);
+      std::memcpy(&v_cache_[layer_off + (static_cast<size_t>(slot.block) * bs + slot.slot) * kvd],
+                  row + qd + kvd, sizeof(float) * kvd);
+      float* kl = &k_cache_[layer_off];
       for (int32_t hh = 0; hh < kv_heads_; ++hh) {
-        float* kh = kdst + hh * D;
+        float* kh = row + qd + hh * D;
         if (!L.k_norm.empty()) RmsNorm(kh, L.k_norm.data(), D, eps, kh);
         Rope(kh, c, s, D);
+        for (int32_t d = 0; d < D; ++d) {
+          kl[KeyElement(slot.block, slot.slot, hh, d, kv_heads_, D, bs)] = kh[d];
+        }
       }
     }
     Attention(plan, key_index, l, q.data(), attn.data());

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "engine/backend.h"
+#include "engine/cpu/attention.h"
 #include "engine/cpu/bf16_gemm.h"
 #include "engine/cpu/small_gemm.h"
 
@@ -53,19 +54,16 @@ class CpuBackend : public Backend {
   void Linear(const float* x, int32_t rows, const Matrix& w, float* y) const;
   void LinearF32(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
                  float* y) const;
-  // Key locations per sequence (offsets in units of kv_heads * head_dim floats within a
-  // layer): context first, then its new tokens. Built once per step for all layers.
-  // Also the step's split of attention work: tiles of long chunks for the blocked
-  // (sgemm) path, and which tokens they cover.
-  struct PrefillTile {
-    int32_t seq, head, row0, rows;
+  // Keys of every sequence of a step (context first, then its new tokens) and the
+  // step's attention work items: (sequence, kv head, tile of new-token rows). Built once
+  // per step for all layers.
+  struct AttnItem {
+    int32_t seq, kvh, row0, rows;
   };
   struct KeyIndex {
-    std::vector<std::vector<int64_t>> keys;
+    std::vector<AttnKeys> keys;
     std::vector<int32_t> ctx_len;  // context keys of each sequence
-    std::vector<int32_t> seq_of;   // sequence of each plan token
-    std::vector<PrefillTile> tiles;
-    std::vector<bool> blocked;  // token handled by a prefill tile
+    std::vector<AttnItem> items;
   };
   KeyIndex BuildKeyIndex(const BatchPlan& plan) const;
   void Attention(const BatchPlan& plan, const KeyIndex& ix, int32_t layer, const float* q,
@@ -92,7 +90,8 @@ class CpuBackend : public Backend {
   std::vector<float> inv_freq_;
 
   KvPoolInfo kv_info_;
-  // [layer][block][slot][kv_head][head_dim]
+  // K: [layer][block][kv_head][head_dim][slot] (transposed within a block: see attention.h)
+  // V: [layer][block][slot][kv_head][head_dim]
   std::vector<float> k_cache_;
   std::vector<float> v_cache_;
   std::vector<float> lm_local_;  // LM-head output scratch [rows, vocab_local]
