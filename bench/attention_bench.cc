@@ -3,7 +3,7 @@
 // The "ctx 0" decode row is the weight-bound baseline measured in the same run; the
 // difference to it is the attention's cost.
 //
-//   build/bench/attention_bench [--model=llama-110m] [--cpu_dtype=auto]
+//   build/bench/attention_bench [--model=llama-110m] [--cpu_dtype=auto] [--kv_cache_dtype=auto]
 //       [--prefill=128,512,2048] [--contexts=512,2048,4096] [--batch=16] [--steps=8]
 #include <omp.h>
 
@@ -23,6 +23,7 @@
 ABSL_FLAG(std::string, model, "llama-110m", "llama-110m | llama-350m (generated, random bf16)");
 ABSL_FLAG(std::string, workdir, "/tmp/superpose-bench", "Where generated models are kept");
 ABSL_FLAG(std::string, cpu_dtype, "auto", "CPU weight type: auto | float32 | bfloat16");
+ABSL_FLAG(std::string, kv_cache_dtype, "auto", "KV cache type: auto | float32 | bfloat16");
 ABSL_FLAG(std::string, prefill, "128,512,2048", "Prompt lengths prefilled as one chunk");
 ABSL_FLAG(std::string, contexts, "512,2048,4096", "Context lengths for the decode rows");
 ABSL_FLAG(int32_t, batch, 16, "Sequences of the batched decode rows");
@@ -117,6 +118,7 @@ int main(int argc, char** argv) {
 
   engine::BackendOptions opts;
   opts.cpu_dtype = absl::GetFlag(FLAGS_cpu_dtype);
+  opts.kv_cache_dtype = absl::GetFlag(FLAGS_kv_cache_dtype);
   opts.kv_block_size = kBs;
   opts.kv_num_blocks = lay.per_seq * batch;
   engine::cpu::CpuBackend backend(opts);
@@ -124,10 +126,10 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "load: %s\n", st.ToString().c_str());
     return 1;
   }
-  std::printf("model %s, weights %s, threads %d, head_dim %d, heads %d/%d kv\n\n",
+  std::printf("model %s, weights %s, KV cache %s, threads %d, head_dim %d, heads %d/%d kv\n\n",
               absl::GetFlag(FLAGS_model).c_str(), backend.compute_dtype().c_str(),
-              omp_get_max_threads(), model->config.head_dim, model->config.num_heads,
-              model->config.num_kv_heads);
+              backend.kv().dtype.c_str(), omp_get_max_threads(), model->config.head_dim,
+              model->config.num_heads, model->config.num_kv_heads);
   auto check = [](const absl::Status& st) {
     if (!st.ok()) {
       std::fprintf(stderr, "forward: %s\n", st.ToString().c_str());

@@ -531,7 +531,7 @@ absl::Status CudaBackend::Impl::Finish() {
     blocks = std::max<int64_t>(1, options.kv_memory_bytes / per_block);
   }
   blocks = std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max() / bs);
-  kv_info = KvPoolInfo{static_cast<int32_t>(blocks), bs, per_block};
+  kv_info = KvPoolInfo{static_cast<int32_t>(blocks), bs, per_block, "bfloat16"};
   const size_t elems =
       static_cast<size_t>(config.num_layers) * static_cast<size_t>(blocks) * bs * kv_heads * D;
   SP_RETURN_IF_ERROR(k_cache.Allocate(elems));

@@ -73,6 +73,7 @@ struct KvPoolInfo {
   int32_t num_blocks = 0;
   int32_t block_size = 0;
   int64_t bytes_per_block = 0;  // all layers, K and V
+  std::string dtype;            // element type of K and V: "float32" or "bfloat16"
 };
 
 // Tensor-parallel rank of a backend.
@@ -108,6 +109,10 @@ struct BackendOptions {
   // CPU backend weight type: "auto" (bfloat16 for bf16 checkpoints on CPUs with AMX,
   // float32 otherwise), "float32" or "bfloat16".
   std::string cpu_dtype = "auto";
+  // CPU backend KV cache element type: "auto" (bfloat16 when the weights run in
+  // bfloat16, float32 otherwise), "float32" or "bfloat16". The CUDA backend always
+  // stores bfloat16.
+  std::string kv_cache_dtype = "auto";
   int32_t tensor_parallel = 1;   // ranks (a registry factory builds the group)
   Communicator* comm = nullptr;  // set per rank by the group; null: tp = 1
 };

@@ -21,8 +21,7 @@ absl::StatusOr<Authenticator> Authenticator::FromFile(const std::string& path) {
     if (body.empty()) continue;
     std::vector<std::string> parts = absl::StrSplit(body, ' ', absl::SkipWhitespace());
     if (parts.size() != 2) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(path, ":", n, ": expected '<key> <tenant>'"));
+      return absl::InvalidArgumentError(absl::StrCat(path, ":", n, ": expected '<key> <tenant>'"));
     }
     if (!a.tenants_.emplace(parts[0], parts[1]).second) {
       return absl::InvalidArgumentError(absl::StrCat(path, ":", n, ": duplicate key"));

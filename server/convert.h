@@ -11,8 +11,8 @@
 namespace superpose::server {
 
 struct Limits {
-  int32_t context_length = 0;       // the engine's context window
-  int32_t vocab_size = 0;           // model vocabulary (valid token ids)
+  int32_t context_length = 0;  // the engine's context window
+  int32_t vocab_size = 0;      // model vocabulary (valid token ids)
   int32_t default_max_new_tokens = 256;
   int32_t max_stop_strings = 16;
   int32_t max_stop_string_bytes = 256;

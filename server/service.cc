@@ -206,7 +206,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
 
 SuperposeService::SuperposeService(const engine::ModelBundle* model, engine::Engine* engine,
                                    const std::string& backend_name,
-                                   const std::string& compute_dtype, int32_t tensor_parallel,
+                                   const std::string& compute_dtype,
+                                   const std::string& kv_cache_dtype, int32_t tensor_parallel,
                                    Limits limits, Metrics* metrics, const Authenticator* auth)
     : model_(model),
       engine_(engine),
@@ -227,6 +228,7 @@ SuperposeService::SuperposeService(const engine::ModelBundle* model, engine::Eng
   info_.set_context_length(limits.context_length);
   info_.set_dtype(engine::DTypeName(c.dtype));
   info_.set_compute_dtype(compute_dtype);
+  info_.set_kv_cache_dtype(kv_cache_dtype);
   info_.set_tokenizer(model->tokenizer->kind());
   info_.set_num_parameters(static_cast<uint64_t>(c.NumParameters()));
   info_.set_backend(backend_name);

@@ -17,8 +17,8 @@ class SuperposeService final : public v1::Superpose::CallbackService {
  public:
   SuperposeService(const engine::ModelBundle* model, engine::Engine* engine,
                    const std::string& backend_name, const std::string& compute_dtype,
-                   int32_t tensor_parallel, Limits limits, Metrics* metrics = nullptr,
-                   const Authenticator* auth = nullptr);
+                   const std::string& kv_cache_dtype, int32_t tensor_parallel, Limits limits,
+                   Metrics* metrics = nullptr, const Authenticator* auth = nullptr);
 
   grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
       grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;

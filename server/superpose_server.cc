@@ -48,6 +48,9 @@ ABSL_FLAG(bool, cuda_graphs, true,
 ABSL_FLAG(std::string, cpu_dtype, "auto",
           "CPU backend weight type: auto (bfloat16 for bf16 checkpoints on CPUs with AMX, "
           "else float32) | float32 | bfloat16");
+ABSL_FLAG(std::string, kv_cache_dtype, "auto",
+          "KV cache element type (CPU backend): auto (bfloat16 when the weights run in "
+          "bfloat16, else float32) | float32 | bfloat16; CUDA always stores bfloat16");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads for the backend (0: all cores)");
 ABSL_FLAG(int32_t, max_batch_tokens, 512, "New tokens per engine step (decode + prefill chunks)");
 ABSL_FLAG(int32_t, max_running, 64, "Sequences in the running batch");
@@ -125,6 +128,7 @@ int Run() {
   engine::BackendOptions bopts;
   bopts.num_threads = absl::GetFlag(FLAGS_threads);
   bopts.cpu_dtype = absl::GetFlag(FLAGS_cpu_dtype);
+  bopts.kv_cache_dtype = absl::GetFlag(FLAGS_kv_cache_dtype);
   bopts.tensor_parallel = absl::GetFlag(FLAGS_tp);
   bopts.kv_block_size = absl::GetFlag(FLAGS_kv_block_size);
   bopts.kv_num_blocks = absl::GetFlag(FLAGS_kv_blocks);
@@ -146,10 +150,11 @@ int Run() {
   }
   const engine::KvPoolInfo kv = (*backend)->kv();
   spdlog::info(
-      "backend={} compute_dtype={} blas_core={} bf16_kernel={} tp={} kv_blocks={} block_size={} "
-      "kv_mib={:.1f}",
+      "backend={} compute_dtype={} blas_core={} bf16_kernel={} attention_kernel={} tp={} "
+      "kv_dtype={} kv_blocks={} block_size={} kv_mib={:.1f}",
       (*backend)->name(), (*backend)->compute_dtype(), engine::cpu::BlasCoreName(),
-      engine::cpu::Bf16GemmKernelName(), bopts.tensor_parallel, kv.num_blocks, kv.block_size,
+      engine::cpu::Bf16GemmKernelName(), engine::cpu::AttnKernelName(engine::cpu::BestAttnKernel()),
+      bopts.tensor_parallel, kv.dtype, kv.num_blocks, kv.block_size,
       kv.num_blocks * kv.bytes_per_block / 1048576.0);
 
   engine::EngineOptions eopts;
@@ -181,7 +186,7 @@ int Run() {
   limits.default_max_new_tokens = absl::GetFlag(FLAGS_default_max_new_tokens);
   limits.max_rag_documents = absl::GetFlag(FLAGS_rag_max_documents);
   server::SuperposeService service(&*model, &eng, (*backend)->name(), (*backend)->compute_dtype(),
-                                   bopts.tensor_parallel, limits, &metrics, &auth);
+                                   kv.dtype, bopts.tensor_parallel, limits, &metrics, &auth);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

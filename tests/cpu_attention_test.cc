@@ -31,6 +31,7 @@ using engine::cpu::KvLayerView;
 
 struct PoolCase {
   int32_t block_size, head_dim, kv_heads;
+  bool bf16 = false;  // KV stored as bfloat16
 };
 
 class AttentionKernelTest : public ::testing::TestWithParam<PoolCase> {
@@ -46,6 +47,10 @@ class AttentionKernelTest : public ::testing::TestWithParam<PoolCase> {
     v_.resize(k_.size());
     for (float& x : k_) x = nd(rng);
     for (float& x : v_) x = nd(rng);
+    if (c.bf16) {  // the reference sees exactly the stored (rounded) values
+      for (float& x : k_) k16_.push_back(engine::F32ToBf16(x)), x = engine::Bf16ToF32(k16_.back());
+      for (float& x : v_) v16_.push_back(engine::F32ToBf16(x)), x = engine::Bf16ToF32(v16_.back());
+    }
     // Keys: a partial block, whole blocks out of order, a segment starting mid-block,
     // then new tokens one slot at a time (some crossing into the next block).
     keys_.Append(3, bs_ / 2, bs_ - bs_ / 2, bs_);
@@ -66,7 +71,10 @@ class AttentionKernelTest : public ::testing::TestWithParam<PoolCase> {
     q_.resize(nks_.size() * D_);
     for (float& x : q_) x = nd(rng);
   }
-  KvLayerView View() const { return {k_.data(), v_.data(), kvn_, D_, bs_}; }
+  KvLayerView View() const {
+    if (!k16_.empty()) return {k16_.data(), v16_.data(), kvn_, D_, bs_, true};
+    return {k_.data(), v_.data(), kvn_, D_, bs_, false};
+  }
   // outs for queries [first, first + n) computed in one call.
   void Run(AttnKernel kernel, int32_t kvh, int32_t first, int32_t n, std::vector<float>* out) {
     std::vector<const float*> qs;
@@ -87,6 +95,7 @@ class AttentionKernelTest : public ::testing::TestWithParam<PoolCase> {
   static constexpr int32_t kBlocks = 16;
   int32_t bs_ = 0, D_ = 0, kvn_ = 0, nk_total_ = 0;
   std::vector<float> k_, v_, q_;
+  std::vector<uint16_t> k16_, v16_;
   std::vector<int32_t> nks_;
   AttnKeys keys_;
   AttnScratch scratch_;
@@ -148,10 +157,12 @@ TEST_P(AttentionKernelTest, QueryOutputDoesNotDependOnItsCompany) {
 INSTANTIATE_TEST_SUITE_P(Pools, AttentionKernelTest,
                          ::testing::Values(PoolCase{16, 64, 2}, PoolCase{16, 8, 2},
                                            PoolCase{8, 80, 3}, PoolCase{32, 128, 2},
-                                           PoolCase{16, 24, 2}),
+                                           PoolCase{16, 24, 2}, PoolCase{16, 64, 2, true},
+                                           PoolCase{16, 8, 2, true}, PoolCase{8, 80, 3, true}),
                          [](const auto& info) {
                            return "bs" + std::to_string(info.param.block_size) + "_d" +
-                                  std::to_string(info.param.head_dim);
+                                  std::to_string(info.param.head_dim) +
+                                  (info.param.bf16 ? "_bf16" : "");
                          });
 
 // bitwise: bf16 weights (batch-invariant GEMMs), so chunk == token by token exactly.

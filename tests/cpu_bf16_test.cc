@@ -1,10 +1,12 @@
 // The CPU backend with bfloat16 weights (engine/cpu/bf16_gemm.h) on the real stories260k
-// model: logits track the float32 backend, tensor parallelism works, and "auto" picks the
+// model: logits track the float32 backend (with the KV cache in bfloat16, auto's choice
+// for bf16 weights, and in float32), tensor parallelism works, and "auto" picks the
 // weight type from the checkpoint. (Batched == solo under bf16: engine_batching_test.)
 //
-// Tolerance: bf16 keeps 8 significant bits, so weights and activations each carry up to
-// 2^-9 relative rounding error; through stories260k's 5 layers the logits moved by at
-// most 0.8% of the row's largest |logit| over 41 teacher-forced steps (measured); the
+// Tolerance: bf16 keeps 8 significant bits, so weights, activations and cached keys and
+// values each carry up to 2^-9 relative rounding error; through stories260k's 5 layers
+// the logits moved by at most 0.8% of the row's largest |logit| over 41 teacher-forced
+// steps with a float32 KV cache, and at most 0.9% with a bf16 KV cache (measured); the
 // tolerance is 3%. Greedy tokens are not required to be
 // identical (a near-tie may flip), the top-1 token must agree on nearly every step.
 #include <gtest/gtest.h>
@@ -24,10 +26,11 @@ constexpr float kLogitTol = 0.03f;  // of the row's largest |logit|
 
 std::unique_ptr<engine::Backend> Load(const engine::ModelBundle& model,
                                       const engine::WeightSource& weights, const std::string& dtype,
-                                      int tp = 1) {
+                                      int tp = 1, const std::string& kv_dtype = "auto") {
   engine::BackendOptions opts;
   opts.kv_num_blocks = 32;
   opts.cpu_dtype = dtype;
+  opts.kv_cache_dtype = kv_dtype;
   auto b = engine::cpu::MakeCpuBackend(opts, tp);
   const absl::Status st = b->Load(model.config, weights, engine::Shard{});
   EXPECT_TRUE(st.ok()) << st;
@@ -73,11 +76,24 @@ TEST_F(CpuBf16Test, LogitsTrackFloat32) {
   ASSERT_TRUE(f32 && bf16);
   EXPECT_EQ(f32->compute_dtype(), "float32");
   EXPECT_EQ(bf16->compute_dtype(), "bfloat16");
+  EXPECT_EQ(f32->kv().dtype, "float32");
+  EXPECT_EQ(bf16->kv().dtype, "bfloat16");  // auto follows the weights
+  EXPECT_EQ(bf16->kv().bytes_per_block * 2, f32->kv().bytes_per_block);
   const int steps = 40;
   const auto want = testing::RunSteps(*f32, prompt_, steps, &forced_);
   const auto got = testing::RunSteps(*bf16, prompt_, steps, &forced_);
   int agree = 0;
   Compare(got, want, kLogitTol, &agree);
+  // bf16 weights over a float32 KV cache track float32 too, and differ from the bf16
+  // cache's logits (the cache type is really applied).
+  auto bf16_kv32 = Load(model_, *model_.weights, "bfloat16", 1, "float32");
+  ASSERT_TRUE(bf16_kv32);
+  EXPECT_EQ(bf16_kv32->kv().dtype, "float32");
+  const auto got32 = testing::RunSteps(*bf16_kv32, prompt_, steps, &forced_);
+  int agree32 = 0;
+  Compare(got32, want, kLogitTol, &agree32);
+  EXPECT_NE(got32, got);
+  EXPECT_GE(agree32, steps - 2);
   EXPECT_GE(agree, steps - 2) << "top-1 agreement over " << steps + 1 << " steps";
 }
 
@@ -140,6 +156,15 @@ TEST_F(CpuBf16Test, AutoFollowsTheCheckpoint) {
   Compare(testing::RunSteps(*from_bf16, prompt_, 8, &forced_),
           testing::RunSteps(*f32_ref, prompt_, 8, &forced_), kLogitTol, &agree);
   EXPECT_GE(agree, 8);
+}
+
+TEST_F(CpuBf16Test, UnknownKvCacheDtypeIsRejected) {
+  engine::BackendOptions opts;
+  opts.kv_cache_dtype = "fp8";
+  engine::cpu::CpuBackend b(opts);
+  const absl::Status st = b.Load(model_.config, *model_.weights, engine::Shard{});
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(st.message()).find("kv cache dtype"), std::string::npos) << st;
 }
 
 TEST_F(CpuBf16Test, UnknownDtypeIsRejected) {

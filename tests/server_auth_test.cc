@@ -71,8 +71,9 @@ TEST(ServerAuthTest, CliSendsItsKey) {
   std::ofstream(keys) << "key-c tenant-c\n";
   testing::ServerProcess server({"--api_keys_file=" + keys});
   ASSERT_TRUE(server.ok());
-  const std::string cli = std::string(SP_BINARY_DIR) + "/superpose-cli --server=" +
-                          server.address() + " --timeout_s=30 info >/dev/null 2>&1";
+  const std::string cli = std::string(SP_BINARY_DIR) +
+                          "/superpose-cli --server=" + server.address() +
+                          " --timeout_s=30 info >/dev/null 2>&1";
   auto run = [](const std::string& cmd) {
     const int rc = std::system(cmd.c_str());
     return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;

@@ -161,6 +161,8 @@ TEST_F(ServerTest, TokenizeDetokenizeAndModelInfo) {
   EXPECT_EQ(info.dtype(), "float32");
   EXPECT_EQ(info.tokenizer(), "sentencepiece-bpe");
   EXPECT_EQ(info.backend(), "cpu");
+  EXPECT_EQ(info.compute_dtype(), "float32");   // auto on a float32 checkpoint
+  EXPECT_EQ(info.kv_cache_dtype(), "float32");  // auto follows the weights
   EXPECT_EQ(info.model_name(), "stories260k");
   EXPECT_FALSE(info.builtin());
 }

@@ -581,9 +581,10 @@ std::string LongText() {
   };
   // No added tokens (e.g. "<|endoftext|>", rstrip in phi-3): the text must round-trip.
   auto drop_added = [&words]() {
-    words.erase(std::remove_if(words.begin(), words.end(),
-                               [](const std::string& w) { return w.find('<') != std::string::npos; }),
-                words.end());
+    words.erase(
+        std::remove_if(words.begin(), words.end(),
+                       [](const std::string& w) { return w.find('<') != std::string::npos; }),
+        words.end());
   };
   for (const json& g : golden["generation"]) add_words(g["full_text"].get<std::string>());
   for (const json& c : ReadJson(TokenizerDir("gpt-2") + "/extra_cases.json")) {
@@ -661,8 +662,8 @@ TEST(TokenizerSpeed, PathologicalInputsRoundTrip) {
       auto t0 = std::chrono::steady_clock::now();
       std::vector<int32_t> ids = t.Encode(text, false);
       auto t1 = std::chrono::steady_clock::now();
-      std::printf("[ %-9s ] %-12s %7zu bytes -> %6zu tokens: %.1f ms\n", name.c_str(),
-                  what.c_str(), text.size(), ids.size(),
+      std::printf("[ %-9s ] %-12s %7zu bytes -> %6zu tokens: %.1f ms\n", name.c_str(), what.c_str(),
+                  text.size(), ids.size(),
                   std::chrono::duration<double, std::milli>(t1 - t0).count());
       EXPECT_FALSE(ids.empty()) << name << " " << what;
       EXPECT_TRUE(t.Decode(ids, false) == text) << name << " " << what << " does not round-trip";
@@ -942,7 +943,10 @@ TEST(SyntheticTokenizer, MoreNormalizersAndPreTokenizers) {
   EXPECT_EQ(ws->Encode("ab,c a", false), V({5, 4, 2}));  // "," is not in the vocab
   // Rust's \w includes marks: "a\u0301b" is one word (the unknown mark is dropped and
   // a+b merge); splitting at the mark would give a, b.
-  EXPECT_EQ(ws->Encode("a\xCC\x81" "b", false), V({5}));
+  EXPECT_EQ(ws->Encode("a\xCC\x81"
+                       "b",
+                       false),
+            V({5}));
   auto punct = Synthetic({{"pre_tokenizer", {{"type", "Punctuation"}, {"behavior", "Removed"}}}});
   EXPECT_EQ(punct->Encode("a!b", false), V({2, 3}));  // split apart: no "ab" merge
   auto strip =
@@ -999,12 +1003,12 @@ TEST(TokenizerRegex, OnigurumaEscapesAreRewritten) {
   const std::string latin1 = R"(\x{B2}\x{B3}\x{B9}\x{BC}-\x{BE})";
   EXPECT_EQ(OnigToPcre2(R"(\w+|[^\w\s]+)"),
             "[" + word + latin1 + "]+|[^" + word + R"(\p{White_Space}]+)");
-  EXPECT_EQ(OnigToPcre2(R"(\W\h\H)"),
-            "[^" + word + latin1 + R"(][0-9a-fA-F][^0-9a-fA-F])");
+  EXPECT_EQ(OnigToPcre2(R"(\W\h\H)"), "[^" + word + latin1 + R"(][0-9a-fA-F][^0-9a-fA-F])");
   // Escaped backslashes, \Q...\E, a leading ']' and POSIX classes are left alone.
   EXPECT_EQ(OnigToPcre2(R"(\\s\Q\s\E[]\s][[:alpha:]\s])"),
             R"(\\s\Q\s\E[]\p{White_Space}][[:alpha:]\p{White_Space}])");
-  EXPECT_EQ(OnigToPcre2(R"('s|'t| ?\p{L}+| ?\p{N}+|\x{2581})"), R"('s|'t| ?\p{L}+| ?\p{N}+|\x{2581})");
+  EXPECT_EQ(OnigToPcre2(R"('s|'t| ?\p{L}+| ?\p{N}+|\x{2581})"),
+            R"('s|'t| ?\p{L}+| ?\p{N}+|\x{2581})");
 
   auto spans = [](const std::string& pattern, const std::string& text) {
     auto re = tok::Regex::Compile(pattern);
@@ -1034,14 +1038,19 @@ TEST(SyntheticTokenizer, NormalizedAddedTokenDecodesFromItsNormalizedForm) {
   json added = json::array({json{{"id", 0}, {"content", "<s>"}, {"special", true}},
                             json{{"id", 1}, {"content", "</s>"}, {"special", true}},
                             json{{"id", 21}, {"content", " ab"}, {"normalized", true}}});
-  auto t = Synthetic({{"added_tokens", added},
-                      {"normalizer",
-                       {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", "\xE2\x96\x81"}}}});
+  auto t = Synthetic(
+      {{"added_tokens", added},
+       {"normalizer",
+        {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", "\xE2\x96\x81"}}}});
   ASSERT_TRUE(t);
   EXPECT_EQ(t->Encode("c ab", false), V({4, 21}));
-  EXPECT_EQ(t->IdToToken(21), "\xE2\x96\x81" "ab");
+  EXPECT_EQ(t->IdToToken(21),
+            "\xE2\x96\x81"
+            "ab");
   EXPECT_EQ(t->TokenToId(" ab"), 21);
-  EXPECT_EQ(t->Decode(V({4, 21}), false), "c \xE2\x96\x81" "ab");  // no decoder: joined by spaces
+  EXPECT_EQ(t->Decode(V({4, 21}), false),
+            "c \xE2\x96\x81"
+            "ab");  // no decoder: joined by spaces
 }
 
 TEST(SyntheticTokenizer, StripAccentsRemovesAllCombiningMarks) {
@@ -1053,10 +1062,19 @@ TEST(SyntheticTokenizer, StripAccentsRemovesAllCombiningMarks) {
       {"type", "Sequence"},
       {"normalizers", json::array({json{{"type", "NFD"}}, json{{"type", "StripAccents"}}})}};
   auto accents = Synthetic({{"normalizer", strip}, {"pre_tokenizer", split_marks}});
-  EXPECT_EQ(accents->Encode("a\xE0\xA4\xBF" "b", false), V({5}));
-  EXPECT_EQ(accents->Encode("a\xCC\x81" "b", false), V({5}));  // Mn too
+  EXPECT_EQ(accents->Encode("a\xE0\xA4\xBF"
+                            "b",
+                            false),
+            V({5}));
+  EXPECT_EQ(accents->Encode("a\xCC\x81"
+                            "b",
+                            false),
+            V({5}));  // Mn too
   auto keep = Synthetic({{"pre_tokenizer", split_marks}});
-  EXPECT_EQ(keep->Encode("a\xE0\xA4\xBF" "b", false), V({2, 3}));
+  EXPECT_EQ(keep->Encode("a\xE0\xA4\xBF"
+                         "b",
+                         false),
+            V({2, 3}));
 }
 
 TEST(TokenizerRegex, RustWordCharForSingleWord) {
@@ -1087,8 +1105,8 @@ TEST(SyntheticTokenizer, EosFallbackNames) {
   // No tokenizer_config and no template suffix: eos is the first known common name.
   json added = json::array({json{{"id", 0}, {"content", "<s>"}, {"special", true}},
                             json{{"id", 1}, {"content", "<|im_end|>"}, {"special", true}}});
-  auto t = Synthetic({{"model", {{"vocab", {{"</s>", nullptr}, {"<|im_end|>", 1}}}}},
-                      {"added_tokens", added}});
+  auto t = Synthetic(
+      {{"model", {{"vocab", {{"</s>", nullptr}, {"<|im_end|>", 1}}}}}, {"added_tokens", added}});
   ASSERT_TRUE(t);
   EXPECT_EQ(t->eos_id(), 1);
   EXPECT_EQ(t->bos_id(), std::nullopt);

@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "engine/cpu/small_gemm.h"
+#include "engine/model/weights.h"
 
 namespace superpose::engine::cpu {
 
@@ -41,9 +42,15 @@ size_t ScoreStride(int32_t nk_max) { return static_cast<size_t>((nk_max + 15) / 
 // ---------------------------------------------------------------------------------
 // Portable kernel: the same per-query arithmetic in scalar code (std::fma chains).
 
+inline float ToF32(float x) { return x; }
+inline float ToF32(uint16_t x) { return Bf16ToF32(x); }
+
+template <typename T>
 void AttendPortable(const KvLayerView& kv, int32_t kvh, const AttnKeys& keys, int32_t n,
                     const float* const* qs, const int32_t* nks, float scale, float* const* outs,
                     AttnScratch* scratch) {
+  const T* kl = static_cast<const T*>(kv.k);
+  const T* vl = static_cast<const T*>(kv.v);
   const int32_t D = kv.head_dim, bs = kv.block_size, kvn = kv.kv_heads;
   const int32_t nk_max = MaxOf(nks, n);
   scratch->scores.resize(static_cast<size_t>(nk_max) + static_cast<size_t>(D));
@@ -54,10 +61,12 @@ void AttendPortable(const KvLayerView& kv, int32_t kvh, const AttnKeys& keys, in
     const int32_t nk = nks[i];
     for (const AttnKeys::Run& r : keys.runs) {
       if (r.pos >= nk) break;
-      const float* kb = kv.k + KeyElement(r.block, r.slot0, kvh, 0, kvn, D, bs);
+      const T* kb = kl + KeyElement(r.block, r.slot0, kvh, 0, kvn, D, bs);
       for (int32_t l = 0; l < r.len && r.pos + l < nk; ++l) {
         float s = 0.0f;
-        for (int32_t d = 0; d < D; ++d) s = std::fma(q[d], kb[static_cast<size_t>(d) * bs + l], s);
+        for (int32_t d = 0; d < D; ++d) {
+          s = std::fma(q[d], ToF32(kb[static_cast<size_t>(d) * bs + l]), s);
+        }
         sc[r.pos + l] = s * scale;
       }
     }
@@ -70,8 +79,8 @@ void AttendPortable(const KvLayerView& kv, int32_t kvh, const AttnKeys& keys, in
     }
     std::fill(acc, acc + D, 0.0f);
     for (int32_t k = 0; k < nk; ++k) {
-      const float* vv = kv.v + (keys.slots[k] * kvn + kvh) * D;
-      for (int32_t d = 0; d < D; ++d) acc[d] = std::fma(sc[k], vv[d], acc[d]);
+      const T* vv = vl + (keys.slots[k] * kvn + kvh) * D;
+      for (int32_t d = 0; d < D; ++d) acc[d] = std::fma(sc[k], ToF32(vv[d]), acc[d]);
     }
     const float inv = 1.0f / sum;
     for (int32_t d = 0; d < D; ++d) outs[i][d] = acc[d] * inv;
@@ -85,17 +94,32 @@ void AttendPortable(const KvLayerView& kv, int32_t kvh, const AttnKeys& keys, in
 // glibc's libmvec: 16 expf at once (max error 4 ulp).
 extern "C" __m512 _ZGVeN16v_expf(__m512 x);
 
-template <int QB, int RB>
-__attribute__((target("avx512f"))) void ScoreTile(const float* const* q, const float* const* kb,
-                                                  const __mmask16* m, const int32_t* pos, int32_t D,
-                                                  int32_t bs, float scale, float* const* rows) {
+#define SP_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+// GCC 12's intrinsics (_mm512_reduce_add_ps, the masked conversions) start from an
+// "undefined" vector and warn about it.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+// 16 (masked) K or V elements as floats.
+SP_AVX512 inline __m512 Load16(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+SP_AVX512 inline __m512 Load16(__mmask16 m, const uint16_t* p) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <typename T, int QB, int RB>
+SP_AVX512 void ScoreTile(const float* const* q, const T* const* kb, const __mmask16* m,
+                         const int32_t* pos, int32_t D, int32_t bs, float scale,
+                         float* const* rows) {
   __m512 acc[QB][RB];
   for (int j = 0; j < QB; ++j) {
     for (int r = 0; r < RB; ++r) acc[j][r] = _mm512_setzero_ps();
   }
   for (int32_t d = 0; d < D; ++d) {
     __m512 kd[RB];
-    for (int r = 0; r < RB; ++r) kd[r] = _mm512_maskz_loadu_ps(m[r], kb[r] + d * bs);
+    for (int r = 0; r < RB; ++r) kd[r] = Load16(m[r], kb[r] + d * bs);
     for (int j = 0; j < QB; ++j) {
       const __m512 b = _mm512_set1_ps(q[j][d]);
       for (int r = 0; r < RB; ++r) acc[j][r] = _mm512_fmadd_ps(b, kd[r], acc[j][r]);
@@ -111,39 +135,37 @@ __attribute__((target("avx512f"))) void ScoreTile(const float* const* q, const f
 
 // Scores of queries [0, QB) (rows of `scores`, stride `stride`) against every run one
 // of them can see.
-template <int QB, int RB>
-__attribute__((target("avx512f"))) void ScoreQueries(const KvLayerView& kv, int32_t kvh,
-                                                     const AttnKeys& keys, const float* const* q,
-                                                     int32_t nk_hi, float scale,
-                                                     float* const* rows) {
+template <typename T, int QB, int RB>
+SP_AVX512 void ScoreQueries(const KvLayerView& kv, int32_t kvh, const AttnKeys& keys,
+                            const float* const* q, int32_t nk_hi, float scale, float* const* rows) {
   const int32_t D = kv.head_dim, bs = kv.block_size;
   const int32_t nr = static_cast<int32_t>(keys.runs.size());
   for (int32_t r0 = 0; r0 < nr && keys.runs[r0].pos < nk_hi; r0 += RB) {
-    const float* kb[RB];
+    const T* kb[RB];
     __mmask16 m[RB];
     int32_t pos[RB];
     for (int r = 0; r < RB; ++r) {
       const int32_t ri = r0 + r;
       if (ri < nr && keys.runs[ri].pos < nk_hi) {
         const AttnKeys::Run& run = keys.runs[ri];
-        kb[r] = kv.k + KeyElement(run.block, run.slot0, kvh, 0, kv.kv_heads, D, bs);
+        kb[r] = static_cast<const T*>(kv.k) +
+                KeyElement(run.block, run.slot0, kvh, 0, kv.kv_heads, D, bs);
         m[r] = static_cast<__mmask16>((1u << run.len) - 1);
         pos[r] = run.pos;
       } else {  // padding: nothing loaded or stored
-        kb[r] = kv.k;
+        kb[r] = static_cast<const T*>(kv.k);
         m[r] = 0;
         pos[r] = 0;
       }
     }
-    ScoreTile<QB, RB>(q, kb, m, pos, D, bs, scale, rows);
+    ScoreTile<T, QB, RB>(q, kb, m, pos, D, bs, scale, rows);
   }
 }
 
-template <int NV>
-__attribute__((target("avx512f"))) void ValueTile(const KvLayerView& kv, int32_t kvh,
-                                                  const AttnKeys& keys, const int32_t* nk,
-                                                  const float* const* p, const float* inv,
-                                                  int32_t d0, __mmask16 last, float* const* outs) {
+template <typename T, int NV>
+SP_AVX512 void ValueTile(const KvLayerView& kv, int32_t kvh, const AttnKeys& keys,
+                         const int32_t* nk, const float* const* p, const float* inv, int32_t d0,
+                         __mmask16 last, float* const* outs) {
   constexpr int QB = 4;
   const int32_t D = kv.head_dim, kvn = kv.kv_heads;
   const int32_t nk_hi = std::max(std::max(nk[0], nk[1]), std::max(nk[2], nk[3]));
@@ -152,11 +174,10 @@ __attribute__((target("avx512f"))) void ValueTile(const KvLayerView& kv, int32_t
     for (int v = 0; v < NV; ++v) acc[j][v] = _mm512_setzero_ps();
   }
   for (int32_t k = 0; k < nk_hi; ++k) {
-    const float* vv = kv.v + (keys.slots[k] * kvn + kvh) * D + d0;
+    const T* vv = static_cast<const T*>(kv.v) + (keys.slots[k] * kvn + kvh) * D + d0;
     __m512 x[NV];
     for (int v = 0; v < NV; ++v) {
-      x[v] =
-          _mm512_maskz_loadu_ps(v == NV - 1 ? last : static_cast<__mmask16>(0xffff), vv + 16 * v);
+      x[v] = Load16(v == NV - 1 ? last : static_cast<__mmask16>(0xffff), vv + 16 * v);
     }
     for (int j = 0; j < QB; ++j) {
       if (k >= nk[j]) continue;
@@ -175,11 +196,8 @@ __attribute__((target("avx512f"))) void ValueTile(const KvLayerView& kv, int32_t
   }
 }
 
-// GCC 12's _mm512_reduce_add_ps extracts from an "undefined" vector and warns about it.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // Softmax of one score row in place (keys [0, nk)); returns the sum of the exponentials.
-__attribute__((target("avx512f"))) float SoftmaxRow(float* sc, int32_t nk) {
+SP_AVX512 float SoftmaxRow(float* sc, int32_t nk) {
   float mx = -std::numeric_limits<float>::infinity();
   for (int32_t k = 0; k < nk; ++k) mx = std::max(mx, sc[k]);
   const __m512 m = _mm512_set1_ps(mx);
@@ -193,13 +211,11 @@ __attribute__((target("avx512f"))) float SoftmaxRow(float* sc, int32_t nk) {
   }
   return _mm512_reduce_add_ps(total);
 }
-#pragma GCC diagnostic pop
 
-__attribute__((target("avx512f"))) void AttendAvx512(const KvLayerView& kv, int32_t kvh,
-                                                     const AttnKeys& keys, int32_t n,
-                                                     const float* const* qs, const int32_t* nks,
-                                                     float scale, float* const* outs,
-                                                     AttnScratch* scratch) {
+template <typename T>
+SP_AVX512 void AttendAvx512(const KvLayerView& kv, int32_t kvh, const AttnKeys& keys, int32_t n,
+                            const float* const* qs, const int32_t* nks, float scale,
+                            float* const* outs, AttnScratch* scratch) {
   const int32_t D = kv.head_dim;
   const size_t stride = ScoreStride(MaxOf(nks, n));
   scratch->scores.resize(stride * n);
@@ -212,16 +228,16 @@ __attribute__((target("avx512f"))) void AttendAvx512(const KvLayerView& kv, int3
     for (int j = 0; j < qb; ++j) rows[j] = scores + (j0 + j) * stride;
     switch (qb) {
       case 1:
-        ScoreQueries<1, 8>(kv, kvh, keys, qs + j0, nk_hi, scale, rows);
+        ScoreQueries<T, 1, 8>(kv, kvh, keys, qs + j0, nk_hi, scale, rows);
         break;
       case 2:
-        ScoreQueries<2, 4>(kv, kvh, keys, qs + j0, nk_hi, scale, rows);
+        ScoreQueries<T, 2, 4>(kv, kvh, keys, qs + j0, nk_hi, scale, rows);
         break;
       case 3:
-        ScoreQueries<3, 4>(kv, kvh, keys, qs + j0, nk_hi, scale, rows);
+        ScoreQueries<T, 3, 4>(kv, kvh, keys, qs + j0, nk_hi, scale, rows);
         break;
       default:
-        ScoreQueries<4, 4>(kv, kvh, keys, qs + j0, nk_hi, scale, rows);
+        ScoreQueries<T, 4, 4>(kv, kvh, keys, qs + j0, nk_hi, scale, rows);
         break;
     }
   }
@@ -250,21 +266,23 @@ __attribute__((target("avx512f"))) void AttendAvx512(const KvLayerView& kv, int3
       const __mmask16 last = static_cast<__mmask16>((1u << tail) - 1);
       switch (nv) {
         case 1:
-          ValueTile<1>(kv, kvh, keys, nk, p, iv, d0, last, o);
+          ValueTile<T, 1>(kv, kvh, keys, nk, p, iv, d0, last, o);
           break;
         case 2:
-          ValueTile<2>(kv, kvh, keys, nk, p, iv, d0, last, o);
+          ValueTile<T, 2>(kv, kvh, keys, nk, p, iv, d0, last, o);
           break;
         case 3:
-          ValueTile<3>(kv, kvh, keys, nk, p, iv, d0, last, o);
+          ValueTile<T, 3>(kv, kvh, keys, nk, p, iv, d0, last, o);
           break;
         default:
-          ValueTile<4>(kv, kvh, keys, nk, p, iv, d0, last, o);
+          ValueTile<T, 4>(kv, kvh, keys, nk, p, iv, d0, last, o);
           break;
       }
     }
   }
 }
+
+#pragma GCC diagnostic pop
 
 }  // namespace
 
@@ -282,9 +300,11 @@ void AttendWith(AttnKernel kernel, const KvLayerView& kv, int32_t kvh, const Att
                 float* const* outs, AttnScratch* scratch) {
   if (n <= 0) return;
   if (kernel == AttnKernel::kAvx512) {
-    AttendAvx512(kv, kvh, keys, n, qs, nks, scale, outs, scratch);
+    (kv.bf16 ? AttendAvx512<uint16_t> : AttendAvx512<float>)(kv, kvh, keys, n, qs, nks, scale, outs,
+                                                             scratch);
   } else {
-    AttendPortable(kv, kvh, keys, n, qs, nks, scale, outs, scratch);
+    (kv.bf16 ? AttendPortable<uint16_t> : AttendPortable<float>)(kv, kvh, keys, n, qs, nks, scale,
+                                                                 outs, scratch);
   }
 }
 

@@ -36,11 +36,13 @@ struct AttnKeys {
 };
 
 // One layer's KV pool. K: [num_blocks][kv_heads][D][block_size].
-// V: [num_blocks * block_size][kv_heads][D].
+// V: [num_blocks * block_size][kv_heads][D]. Elements are float, or bfloat16 (uint16_t
+// bit patterns, widened exactly to float on load) when `bf16`.
 struct KvLayerView {
-  const float* k;
-  const float* v;
+  const void* k;
+  const void* v;
   int32_t kv_heads, head_dim, block_size;
+  bool bf16 = false;
 };
 
 // Per-thread buffers, reused across calls.

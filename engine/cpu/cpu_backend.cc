@@ -182,16 +182,30 @@ absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& wei
   inv_freq_ = RopeInvFreq(config);
 
   // KV pool.
+  const std::string& kv_want = options_.kv_cache_dtype;
+  if (kv_want == "auto" || kv_want.empty()) {
+    kv_bf16_ = bf16_;
+  } else if (kv_want == "bfloat16" || kv_want == "float32") {
+    kv_bf16_ = kv_want == "bfloat16";
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("kv cache dtype must be auto, float32 or bfloat16, got '", kv_want, "'"));
+  }
   const int32_t bs = options_.kv_block_size > 0 ? options_.kv_block_size : 16;
-  const int64_t per_block = static_cast<int64_t>(config.num_layers) * bs * kv_heads_ * D * 2 *
-                            static_cast<int64_t>(sizeof(float));
+  const int64_t elem = kv_bf16_ ? 2 : 4;
+  const int64_t per_block = static_cast<int64_t>(config.num_layers) * bs * kv_heads_ * D * 2 * elem;
   int32_t blocks = options_.kv_num_blocks;
   if (blocks <= 0)
     blocks = static_cast<int32_t>(std::max<int64_t>(1, options_.kv_memory_bytes / per_block));
-  kv_info_ = KvPoolInfo{blocks, bs, per_block};
-  const size_t kv_floats = static_cast<size_t>(config.num_layers) * blocks * bs * kv_heads_ * D;
-  k_cache_.assign(kv_floats, 0.0f);
-  v_cache_.assign(kv_floats, 0.0f);
+  kv_info_ = KvPoolInfo{blocks, bs, per_block, kv_bf16_ ? "bfloat16" : "float32"};
+  const size_t kv_elems = static_cast<size_t>(config.num_layers) * blocks * bs * kv_heads_ * D;
+  if (kv_bf16_) {
+    k_cache16_.assign(kv_elems, 0);
+    v_cache16_.assign(kv_elems, 0);
+  } else {
+    k_cache_.assign(kv_elems, 0.0f);
+    v_cache_.assign(kv_elems, 0.0f);
+  }
 
   return absl::OkStatus();
 }
@@ -271,8 +285,16 @@ void CpuBackend::Attention(const BatchPlan& plan, const KeyIndex& ix, int32_t la
   const int32_t D = config_.head_dim, bs = kv_info_.block_size;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const size_t layer_off = static_cast<size_t>(layer) * kv_info_.num_blocks * bs * kv_heads_ * D;
-  const KvLayerView view{k_cache_.data() + layer_off, v_cache_.data() + layer_off, kv_heads_, D,
-                         bs};
+  const KvLayerView view =
+      kv_bf16_
+          ? KvLayerView{k_cache16_.data() + layer_off,
+                        v_cache16_.data() + layer_off,
+                        kv_heads_,
+                        D,
+                        bs,
+                        true}
+          : KvLayerView{
+                k_cache_.data() + layer_off, v_cache_.data() + layer_off, kv_heads_, D, bs, false};
   const int32_t heads = q_heads_;
   const std::vector<AttnItem>& items = ix.items;
 #pragma omp parallel if (items.size() > 1)
@@ -371,15 +393,24 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
         Rope(qh, c, s, D);
       }
       const KvSlot& slot = plan.kv_slots[t];
-      std::memcpy(&v_cache_[layer_off + (static_cast<size_t>(slot.block) * bs + slot.slot) * kvd],
-                  row + qd + kvd, sizeof(float) * kvd);
-      float* kl = &k_cache_[layer_off];
+      const size_t voff = layer_off + (static_cast<size_t>(slot.block) * bs + slot.slot) * kvd;
+      const float* vsrc = row + qd + kvd;
+      if (kv_bf16_) {
+        for (int32_t i = 0; i < kvd; ++i) v_cache16_[voff + i] = F32ToBf16(vsrc[i]);
+      } else {
+        std::memcpy(&v_cache_[voff], vsrc, sizeof(float) * kvd);
+      }
       for (int32_t hh = 0; hh < kv_heads_; ++hh) {
         float* kh = row + qd + hh * D;
         if (!L.k_norm.empty()) RmsNorm(kh, L.k_norm.data(), D, eps, kh);
         Rope(kh, c, s, D);
         for (int32_t d = 0; d < D; ++d) {
-          kl[KeyElement(slot.block, slot.slot, hh, d, kv_heads_, D, bs)] = kh[d];
+          const size_t e = layer_off + KeyElement(slot.block, slot.slot, hh, d, kv_heads_, D, bs);
+          if (kv_bf16_) {
+            k_cache16_[e] = F32ToBf16(kh[d]);
+          } else {
+            k_cache_[e] = kh[d];
+          }
         }
       }
     }

@@ -92,8 +92,12 @@ class CpuBackend : public Backend {
   KvPoolInfo kv_info_;
   // K: [layer][block][kv_head][head_dim][slot] (transposed within a block: see attention.h)
   // V: [layer][block][slot][kv_head][head_dim]
+  // float32, or bfloat16 bit patterns when kv_bf16_ (one pair is used, the other empty).
+  bool kv_bf16_ = false;
   std::vector<float> k_cache_;
   std::vector<float> v_cache_;
+  std::vector<uint16_t> k_cache16_;
+  std::vector<uint16_t> v_cache16_;
   std::vector<float> lm_local_;  // LM-head output scratch [rows, vocab_local]
   std::vector<float> lm_full_;   // gathered logits scratch (tensor parallel)
 };
