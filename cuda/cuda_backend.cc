@@ -507,13 +507,10 @@ absl::Status CudaBackend::Impl::Finish() {
                           static_cast<double>(total_b - free_b) -
                           static_cast<double>(kWorkspaceReserve);
     blocks = budget > 0 ? static_cast<int64_t>(budget / static_cast<double>(per_block)) : 0;
-    if (blocks < 1) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "device_memory_fraction ", options.device_memory_fraction, " leaves no room for the KV ",
-          "cache (", free_b >> 20, " MiB free of ", total_b >> 20, " MiB after the weights)"));
-    }
     if (shard.size > 1) {
-      // Every rank must agree: take the smallest count (exact in float below 2^24).
+      // Every rank must agree: take the smallest count (exact in float below 2^24). A
+      // rank with no room still joins the all-gather (returning before it would leave
+      // the other ranks waiting in it forever); every rank then fails below.
       blocks = std::min<int64_t>(blocks, int64_t{1} << 24);
       std::vector<float> all(shard.size);
       DeviceArray<float> d;
@@ -526,6 +523,11 @@ absl::Status CudaBackend::Impl::Finish() {
                                               cudaMemcpyDeviceToHost, stream));
       SP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
       for (float f : all) blocks = std::min(blocks, static_cast<int64_t>(f));
+    }
+    if (blocks < 1) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "device_memory_fraction ", options.device_memory_fraction, " leaves no room for the KV ",
+          "cache (", free_b >> 20, " MiB free of ", total_b >> 20, " MiB after the weights)"));
     }
   } else if (blocks <= 0) {
     blocks = std::max<int64_t>(1, options.kv_memory_bytes / per_block);
