@@ -32,7 +32,6 @@ echo "# gpu-check $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null)" 
 nvidia-smi >"$out/build.log" 2>&1 && note "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)" \
   || note "nvidia-smi failed (see build.log)"
 export PATH=/usr/local/cuda/bin:$PATH
-command -v nvcc >/dev/null || { note "FAIL: nvcc not found"; finish 1; }
 
 # Build here when the dependencies are present (or can be installed with
 # scripts/setup.sh); else use .gpu-prebuilt/ from scripts/gpu-prebuild.sh (built on a
@@ -69,6 +68,7 @@ if [ -x .gpu-prebuilt/bin/cuda_backend_test ] && [ "${GPU_CHECK_BUILD:-0}" != 1 
     finish 1
   fi
 else
+  command -v nvcc >/dev/null || { note "FAIL: nvcc not found (and no .gpu-prebuilt)"; finish 1; }
   if [ -n "$missing" ]; then
     note "missing build dependencies:$missing; running scripts/setup.sh"
     if ! bash scripts/setup.sh >>"$out/build.log" 2>&1; then

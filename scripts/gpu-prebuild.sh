@@ -16,9 +16,11 @@ rm -rf .gpu-prebuilt
 mkdir -p .gpu-prebuilt/bin .gpu-prebuilt/lib .gpu-prebuilt/shared/fixtures
 for b in $bins; do cp "build-gpu/$b" .gpu-prebuilt/bin/; done
 cp build-gpu/bench/cuda_bench .gpu-prebuilt/bin/
-# Shared libraries except glibc's, the driver's and CUDA's own.
+# Shared libraries except glibc's, the driver's and CUDA's own. libmvec (the CPU
+# backend's vector expf) is glibc's too: it reads ld.so's private _rtld_global_ro, whose
+# layout changes between glibc versions, so it must come from the GPU machine's glibc.
 for b in .gpu-prebuilt/bin/*; do ldd "$b"; done | awk '/=> \//{print $3}' | sort -u |
-  grep -vE '/(libc|libm|libdl|libpthread|librt|ld-linux[^/]*)\.so|/libcuda\.so|/libnvidia|/usr/local/cuda|/libcu(blas|blasLt|dart)|/libnccl' |
+  grep -vE '/(libc|libm|libmvec|libdl|libpthread|librt|ld-linux[^/]*)\.so|/libcuda\.so|/libnvidia|/usr/local/cuda|/libcu(blas|blasLt|dart)|/libnccl' |
   xargs -r cp -L -t .gpu-prebuilt/lib/
 cp -r ../shared/fixtures/stories260k .gpu-prebuilt/shared/fixtures/
 git rev-parse HEAD >.gpu-prebuilt/COMMIT
