@@ -514,10 +514,37 @@ TEST_F(CudaTest, GoldenTeacherForcedAndFirstStep) {
   }
 }
 
+// Where a greedy run leaves the golden (float32) tokens, the golden token must have
+// been a near-tie on the GPU at that step: bf16 weights and KV move logits by up to ~1%
+// of the row's largest |logit| (GoldenTeacherForcedAndFirstStep), and stories260k's
+// golden runs have top-2 gaps down to 0.4%. Returns (max - logit[golden]) / max|logit|
+// at step k, teacher-forced on the golden prefix.
+float GoldenGapAt(cuda::CudaBackend& gpu, int32_t vocab, const std::vector<int32_t>& prompt,
+                  const std::vector<int32_t>& golden, size_t k) {
+  std::vector<int32_t> all = prompt;
+  all.insert(all.end(), golden.begin(), golden.begin() + static_cast<std::ptrdiff_t>(k));
+  engine::BatchPlan plan;
+  for (size_t i = 0; i < all.size(); ++i) {
+    plan.tokens.push_back(all[i]);
+    plan.positions.push_back(static_cast<float>(i));
+    plan.kv_slots.push_back({static_cast<int32_t>(i / 16), static_cast<int32_t>(i % 16)});
+  }
+  plan.seqs.push_back({1, {}, 0, static_cast<int32_t>(all.size())});
+  plan.logits_for.push_back(static_cast<int32_t>(all.size() - 1));
+  engine::ForwardOutput out;
+  if (!gpu.Forward(plan, &out).ok()) return 1e9f;
+  const float* row = out.logits.data();
+  const float mx = *std::max_element(row, row + vocab);
+  float scale = 0;
+  for (int32_t v = 0; v < vocab; ++v) scale = std::max(scale, std::abs(row[v]));
+  return (mx - row[golden[k]]) / scale;
+}
+
 TEST_F(CudaTest, GoldenGreedyThroughTheEngine) {
   auto model = engine::LoadModelBundle(testing::Stories260kDir());
   ASSERT_TRUE(model.ok());
   auto golden = testing::ReadJson(testing::Stories260kDir() + "/golden.json");
+  std::vector<std::vector<int32_t>> runs[2];  // [graphs][case]
   for (bool graphs : {true, false}) {
     SCOPED_TRACE(graphs ? "CUDA graphs on" : "CUDA graphs off");
     auto gpu_ptr = LoadedGpu(*model, 64, graphs);
@@ -530,7 +557,7 @@ TEST_F(CudaTest, GoldenGreedyThroughTheEngine) {
           eng, testing::GreedyRequest(c["prompt_ids"].get<std::vector<int32_t>>(),
                                       c["max_new_tokens"].get<int32_t>()));
       ASSERT_TRUE(r.status.ok()) << r.status;
-      EXPECT_EQ(r.tokens, c["completion_ids"].get<std::vector<int32_t>>()) << c["name"];
+      runs[graphs].push_back(r.tokens);
     }
     eng.Shutdown(absl::Seconds(1));
     const cuda::CudaBackend::GraphStats gs = gpu.graph_stats();
@@ -544,8 +571,29 @@ TEST_F(CudaTest, GoldenGreedyThroughTheEngine) {
     } else {
       EXPECT_FALSE(gs.enabled);
       EXPECT_EQ(gs.replays, 0);
+      // Against golden (checked once: graphs on and off must agree exactly, below).
+      size_t i = 0;
+      for (const auto& c : golden["generation"]) {
+        const auto want = c["completion_ids"].get<std::vector<int32_t>>();
+        const std::vector<int32_t>& got = runs[graphs][i++];
+        ASSERT_EQ(got.size(), want.size()) << c["name"];
+        const size_t k = static_cast<size_t>(
+            std::mismatch(got.begin(), got.end(), want.begin()).first - got.begin());
+        if (k == want.size()) {
+          std::printf("%s: greedy == golden for all %zu tokens\n",
+                      c["name"].get<std::string>().c_str(), want.size());
+          continue;
+        }
+        const float gap = GoldenGapAt(gpu, model->config.vocab_size,
+                                      c["prompt_ids"].get<std::vector<int32_t>>(), want, k);
+        std::printf("%s: greedy == golden for %zu of %zu tokens, then a near-tie (gap %.4f)\n",
+                    c["name"].get<std::string>().c_str(), k, want.size(), gap);
+        EXPECT_LE(gap, 0.02f) << c["name"] << ": left golden at token " << k
+                              << " where golden's token was not a near-tie";
+      }
     }
   }
+  EXPECT_EQ(runs[true], runs[false]) << "CUDA graphs changed the greedy tokens";
 }
 
 // ---- CUDA graphs of decode steps. ----
@@ -565,7 +613,7 @@ TEST(CudaGraphMeta, PackDecodeMetaKeepsEveryTokensKeys) {
     p.kv_slots.push_back(slots[s]);
   }
   p.logits_for = {0, 1, 2};
-  ASSERT_TRUE(engine::ValidatePlan(p, engine::KvPoolInfo{8, bs, 0}, 100).ok());
+  ASSERT_TRUE(engine::ValidatePlan(p, engine::KvPoolInfo{8, bs, 0, "float32"}, 100).ok());
   absl::StatusOr<cuda::StepMeta> m = cuda::BuildStepMeta(p, bs, 16);
   ASSERT_TRUE(m.ok()) << m.status();
   const int32_t T = 3;
@@ -602,7 +650,7 @@ TEST(CudaGraphMeta, PackDecodeMetaKeepsEveryTokensKeys) {
   q.tokens.push_back(1);
   q.positions.push_back(0);
   q.kv_slots.push_back({5, 0});
-  ASSERT_TRUE(engine::ValidatePlan(q, engine::KvPoolInfo{8, bs, 0}, 100).ok());
+  ASSERT_TRUE(engine::ValidatePlan(q, engine::KvPoolInfo{8, bs, 0, "float32"}, 100).ok());
   absl::StatusOr<cuda::StepMeta> mq = cuda::BuildStepMeta(q, bs, 16);
   ASSERT_TRUE(mq.ok());
   std::vector<int32_t> wq(cuda::DecodeMetaWords(*mq, q.num_tokens()));

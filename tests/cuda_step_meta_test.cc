@@ -67,7 +67,7 @@ std::vector<std::vector<int32_t>> ExpectedKeys(const engine::BatchPlan& p, int32
 }
 
 void CheckMeta(const engine::BatchPlan& p, int32_t bs, int32_t max_tile) {
-  ASSERT_TRUE(engine::ValidatePlan(p, engine::KvPoolInfo{16, bs, 0}, 1000).ok());
+  ASSERT_TRUE(engine::ValidatePlan(p, engine::KvPoolInfo{16, bs, 0, "float32"}, 1000).ok());
   absl::StatusOr<cuda::StepMeta> m = cuda::BuildStepMeta(p, bs, max_tile);
   ASSERT_TRUE(m.ok()) << m.status();
   const std::vector<int32_t>& w = m->words;
