@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "cuda/attention_tc_body.h"
 #include "cuda/cuda_util.h"
 #include "cuda/kernels.h"
 #include "cuda/nccl_communicator.h"
@@ -133,6 +134,7 @@ struct CudaBackend::Impl {
   int32_t q_heads = 0, kv_heads = 0, kv_head_begin = 0, inter = 0;
   int32_t vocab_begin = 0, vocab_local = 0, vocab_pad = 0;
   int32_t attn_tile = 1;
+  bool tc_attention = false;  // prefill steps (tiles of > 1 token) on tensor cores
   bool loaded = false;
 
   DeviceArray<bf16> embed, lm_head;  // [vocab_pad, H]; lm_head empty when tied
@@ -341,6 +343,20 @@ absl::Status CudaBackend::Impl::Setup(const ModelConfig& cfg, const Shard& sh) {
   SP_CUDA_RETURN_IF_ERROR(
       cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const int32_t G = q_heads / kv_heads;
+  const std::string& mode = options.cuda_attention;
+  if (mode != "auto" && mode != "simt" && mode != "tensor_core") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda_attention must be auto, simt or tensor_core, not \"", mode, "\""));
+  }
+  const bool tc_ok =
+      TcAttentionSupported(D, G) && TcAttentionSharedBytesFor(D) <= static_cast<size_t>(smem_optin);
+  if (mode == "tensor_core" && !tc_ok) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cuda_attention=tensor_core needs head_dim a multiple of 16 up to ", kTcMaxHeadDim,
+        " and at most ", kTcRows, " query heads per kv head (head_dim ", D, ", group ", G, ")"));
+  }
+  tc_attention = mode != "simt" && tc_ok;
+  if (tc_attention) SP_CUDA_RETURN_IF_ERROR(PrepareTcAttention(D));
   attn_tile = std::max(1, std::min(16, 64 / G));
   while (attn_tile > 1 &&
          AttentionSharedBytes(attn_tile * G, D) > static_cast<size_t>(smem_optin)) {
@@ -353,6 +369,13 @@ absl::Status CudaBackend::Impl::Setup(const ModelConfig& cfg, const Shard& sh) {
                                                    ", the device has ", smem_optin));
   }
   SP_CUDA_RETURN_IF_ERROR(PrepareAttention(smem));
+  // Tensor cores: prefill tiles of 64 / G tokens (64 query rows, 16 per warp); decode
+  // steps (tiles of one token) keep the SIMT kernel.
+  if (tc_attention) attn_tile = kTcRows / G;
+  if (rank == 0) {
+    spdlog::info("CUDA attention: prefill on {} ({} tokens per tile), decode on simt",
+                 tc_attention ? "tensor cores" : "simt", attn_tile);
+  }
   return absl::OkStatus();
 }
 
@@ -584,9 +607,15 @@ absl::Status CudaBackend::Impl::EnqueueLayers(const Activations& a, const StepIn
         a.qkv.get(), L.bqkv.empty() ? nullptr : L.bqkv.get(),
         L.q_norm.empty() ? nullptr : L.q_norm.get(), L.k_norm.empty() ? nullptr : L.k_norm.get(),
         in.pos, inv_freq.get(), in.slots, T, q_heads, kv_heads, D, eps, a.q.get(), kl, vl, stream));
-    SP_CUDA_RETURN_IF_ERROR(LaunchAttention(a.q.get(), kl, vl, in.keys, in.tiles, in.num_tiles,
-                                            in.tile_tokens, q_heads, kv_heads, D, scale,
-                                            a.attn.get(), stream));
+    if (tc_attention && in.tile_tokens > 1) {
+      SP_CUDA_RETURN_IF_ERROR(LaunchTcAttention(a.q.get(), kl, vl, in.keys, in.tiles, in.num_tiles,
+                                                in.tile_tokens, q_heads, kv_heads, D, scale,
+                                                a.attn.get(), stream));
+    } else {
+      SP_CUDA_RETURN_IF_ERROR(LaunchAttention(a.q.get(), kl, vl, in.keys, in.tiles, in.num_tiles,
+                                              in.tile_tokens, q_heads, kv_heads, D, scale,
+                                              a.attn.get(), stream));
+    }
     SP_RETURN_IF_ERROR(GemmBf16(cublas, a.attn.get(), T, qd, L.wo.get(), H, a.proj.get()));
     SP_RETURN_IF_ERROR(AllReduce(a.proj.get(), rows_h));
     SP_CUDA_RETURN_IF_ERROR(

@@ -4,7 +4,10 @@
 #include <map>
 #include <mutex>
 
+#include <mma.h>
+
 #include "cuda/attention_body.h"
+#include "cuda/attention_tc_body.h"
 #include "cuda/kernels.h"
 
 namespace superpose::cuda {
@@ -169,6 +172,59 @@ __global__ void __launch_bounds__(kAttnThreads)
                  kvh, D, G, scale, out);
 }
 
+// The warp-matrix API of cuda/attention_tc_body.h on nvcuda::wmma (sm_80+: bf16 inputs,
+// float accumulation).
+struct WmmaCtx : DeviceCtx {
+  using bf16 = ::superpose::cuda::bf16;
+  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16,
+                                       nvcuda::wmma::row_major>;
+  using FragBc = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16,
+                                        nvcuda::wmma::col_major>;
+  using FragBr = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16,
+                                        nvcuda::wmma::row_major>;
+  using FragC = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+  __device__ int warp() const { return threadIdx.x / kWarp; }
+  __device__ int lane() const { return threadIdx.x % kWarp; }
+  __device__ void warp_sync() const { __syncwarp(); }
+  __device__ bf16 to_bf16(float v) const { return __float2bfloat16(v); }
+  __device__ float to_float(bf16 v) const { return __bfloat162float(v); }
+  __device__ bf16 load_bf16(const bf16* p, int64_t i) const { return p[i]; }
+  __device__ void fill_c(FragC& f) const { nvcuda::wmma::fill_fragment(f, 0.0f); }
+  __device__ void load_a(FragA& f, const bf16* p, int ldm) const {
+    nvcuda::wmma::load_matrix_sync(f, p, static_cast<unsigned>(ldm));
+  }
+  __device__ void load_b_col(FragBc& f, const bf16* p, int ldm) const {
+    nvcuda::wmma::load_matrix_sync(f, p, static_cast<unsigned>(ldm));
+  }
+  __device__ void load_b_row(FragBr& f, const bf16* p, int ldm) const {
+    nvcuda::wmma::load_matrix_sync(f, p, static_cast<unsigned>(ldm));
+  }
+  __device__ void load_c(FragC& f, const float* p, int ldm) const {
+    nvcuda::wmma::load_matrix_sync(f, p, static_cast<unsigned>(ldm), nvcuda::wmma::mem_row_major);
+  }
+  __device__ void store_c(float* p, const FragC& f, int ldm) const {
+    nvcuda::wmma::store_matrix_sync(p, f, static_cast<unsigned>(ldm), nvcuda::wmma::mem_row_major);
+  }
+  __device__ void mma(FragC& d, const FragA& a, const FragBc& b, const FragC& c) const {
+    nvcuda::wmma::mma_sync(d, a, b, c);
+  }
+  __device__ void mma(FragC& d, const FragA& a, const FragBr& b, const FragC& c) const {
+    nvcuda::wmma::mma_sync(d, a, b, c);
+  }
+};
+
+// grid (num_tiles, kvh), kTcThreads threads; the body is cuda/attention_tc_body.h.
+__global__ void __launch_bounds__(kTcThreads)
+    TcAttentionKernel(const float* __restrict__ q, const bf16* __restrict__ kc,
+                      const bf16* __restrict__ vc, const int32_t* __restrict__ keys,
+                      const AttnTile* __restrict__ tiles, int32_t qh, int32_t kvh, int32_t D,
+                      int32_t G, float scale, bf16* __restrict__ out) {
+  extern __shared__ __align__(128) unsigned char tc_smem[];
+  WmmaCtx c;
+  TcAttentionBlock(c, tiles[blockIdx.x], static_cast<int32_t>(blockIdx.y), tc_smem, q, kc, vc, keys,
+                   qh, kvh, D, G, scale, out);
+}
+
 __global__ void SwiGluKernel(const float* __restrict__ gu, int64_t T, int32_t I,
                              bf16* __restrict__ act) {
   const int64_t n = T * I;
@@ -298,6 +354,41 @@ cudaError_t LaunchAttention(const float* q, const bf16* k_layer, const bf16* v_l
   return cudaGetLastError();
 }
 
+size_t TcAttentionSharedBytesFor(int32_t D) { return TcAttentionSharedBytes(D); }
+
+cudaError_t PrepareTcAttention(int32_t D) {
+  static std::mutex mu;
+  static std::map<int, size_t> prepared;
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  if (!TcAttentionSupported(D, 1)) return cudaErrorInvalidValue;
+  const size_t bytes = TcAttentionSharedBytes(D);
+  std::lock_guard<std::mutex> lock(mu);
+  size_t& have = prepared[dev];
+  if (bytes <= have) return cudaSuccess;
+  e = cudaFuncSetAttribute(TcAttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(bytes));
+  if (e == cudaSuccess) have = bytes;
+  return e;
+}
+
+cudaError_t LaunchTcAttention(const float* q, const bf16* k_layer, const bf16* v_layer,
+                              const int32_t* keys, const AttnTile* tiles, int32_t num_tiles,
+                              int32_t max_tile_tokens, int32_t qh, int32_t kvh, int32_t D,
+                              float scale, bf16* out, cudaStream_t stream) {
+  if (num_tiles <= 0) return cudaSuccess;
+  if (kvh <= 0 || qh % kvh != 0 || max_tile_tokens <= 0 || kvh > 65535 ||
+      !TcAttentionSupported(D, qh / kvh) || max_tile_tokens * (qh / kvh) > kTcRows) {
+    return cudaErrorInvalidValue;
+  }
+  const int32_t G = qh / kvh;
+  dim3 grid(static_cast<unsigned>(num_tiles), static_cast<unsigned>(kvh));
+  TcAttentionKernel<<<grid, kTcThreads, TcAttentionSharedBytes(D), stream>>>(
+      q, k_layer, v_layer, keys, tiles, qh, kvh, D, G, scale, out);
+  return cudaGetLastError();
+}
+
 cudaError_t LaunchSwiGlu(const float* gu, int32_t T, int32_t I, bf16* act, cudaStream_t stream) {
   const int64_t n = static_cast<int64_t>(T) * I;
   if (n <= 0) return cudaSuccess;
@@ -324,6 +415,7 @@ cudaError_t LoadKernels() {
                            reinterpret_cast<const void*>(GatherRowsKernel),
                            reinterpret_cast<const void*>(QkvPostKernel),
                            reinterpret_cast<const void*>(AttentionKernel),
+                           reinterpret_cast<const void*>(TcAttentionKernel),
                            reinterpret_cast<const void*>(SwiGluKernel),
                            reinterpret_cast<const void*>(LogprobsKernel),
                            reinterpret_cast<const void*>(FillRandomKernel),

@@ -61,6 +61,19 @@ cudaError_t LaunchAttention(const float* q, const bf16* k_layer, const bf16* v_l
                             int32_t max_tile_tokens, int32_t qh, int32_t kvh, int32_t D,
                             float scale, bf16* out, cudaStream_t stream);
 
+// The same attention on tensor cores (cuda/attention_tc_body.h: bf16 Q, K, V and P,
+// float32 scores, softmax and accumulation), for prefill steps. Needs head_dim D a
+// multiple of 16 up to 128 and max_tile_tokens * (qh / kvh) <= 64 (else
+// cudaErrorInvalidValue), and PrepareTcAttention(D) on the device first.
+cudaError_t LaunchTcAttention(const float* q, const bf16* k_layer, const bf16* v_layer,
+                              const int32_t* keys, const AttnTile* tiles, int32_t num_tiles,
+                              int32_t max_tile_tokens, int32_t qh, int32_t kvh, int32_t D,
+                              float scale, bf16* out, cudaStream_t stream);
+// Shared memory (bytes) of the tensor-core kernel for head_dim D (~72 KiB at 64, ~111 KiB
+// at 128), and raising the device's limit for it (never lowered).
+size_t TcAttentionSharedBytesFor(int32_t D);
+cudaError_t PrepareTcAttention(int32_t D);
+
 // act[t, i] = bf16(silu(gu[t, i]) * gu[t, I + i]) for gu [T, 2I] float.
 cudaError_t LaunchSwiGlu(const float* gu, int32_t T, int32_t I, bf16* act, cudaStream_t stream);
 

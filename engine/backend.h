@@ -106,6 +106,9 @@ struct BackendOptions {
   // CUDA backend: replay decode steps (every sequence one new token) from captured CUDA
   // graphs, one per batch size up to 64; tp = 1 only. Results equal graphs off bitwise.
   bool cuda_graphs = true;
+  // CUDA backend attention of prefill steps: "auto" (tensor cores when head_dim is a
+  // multiple of 16 up to 128, else the float32 SIMT kernel), "simt" or "tensor_core".
+  std::string cuda_attention = "auto";
   // CPU backend weight type: "auto" (bfloat16 for bf16 checkpoints on CPUs with AMX,
   // float32 otherwise), "float32" or "bfloat16".
   std::string cpu_dtype = "auto";

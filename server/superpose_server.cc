@@ -45,6 +45,9 @@ ABSL_FLAG(double, gpu_memory_fraction, 0.0,
 ABSL_FLAG(bool, cuda_graphs, true,
           "CUDA: replay decode steps (every sequence one new token, batch <= 64, no "
           "log-probabilities) from CUDA graphs captured per batch size; not with --tp > 1");
+ABSL_FLAG(std::string, cuda_attention, "auto",
+          "CUDA: attention of prefill steps: auto (tensor cores when head_dim is a multiple "
+          "of 16 up to 128, else simt), simt (float32 kernel) or tensor_core");
 ABSL_FLAG(std::string, cpu_dtype, "auto",
           "CPU backend weight type: auto (bfloat16 for bf16 checkpoints on CPUs with AMX, "
           "else float32) | float32 | bfloat16");
@@ -135,6 +138,7 @@ int Run() {
   bopts.kv_memory_bytes = absl::GetFlag(FLAGS_kv_cache_mb) << 20;
   bopts.device_memory_fraction = absl::GetFlag(FLAGS_gpu_memory_fraction);
   bopts.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
+  bopts.cuda_attention = absl::GetFlag(FLAGS_cuda_attention);
   if (bopts.device_memory_fraction < 0 || bopts.device_memory_fraction > 1) {
     spdlog::critical("--gpu_memory_fraction must be in [0, 1]");
     return 2;

@@ -8,6 +8,10 @@
 //                        within 2^-8 |ref| + 2e-5
 //   attention            within 8e-3 absolute (outputs are averages of |v| <= 1, one
 //                        bf16 rounding of the output)
+//   tensor-core attention within 8e-3 absolute of the reference and of the SIMT kernel
+//                        (bf16-exact inputs; P rounded to bf16 moves an output by at most
+//                        2^-9 * max|v - out| <= 2^-8, plus the output's rounding);
+//                        whole prefill Forward tensor_core vs simt: as Forward vs CPU
 //   SwiGLU               within 2^-8 |ref| + 1e-6
 //   GEMM (cuBLAS)        within 1e-4 * sum_k |x_k w_k| + 1e-6 (float accumulation)
 //   log-softmax gather   within 1e-4 absolute
@@ -32,10 +36,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <numeric>
 #include <random>
+#include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "engine/cpu/cpu_backend.h"
@@ -225,6 +233,82 @@ TEST_F(CudaTest, AttentionMatchesReference) {
     CheckAttention(8, 2, 128, tile);  // GQA 4, Llama head_dim
     CheckAttention(4, 4, 64, tile);   // MHA
   }
+}
+
+// The tensor-core prefill kernel on the shared case and on longer sequences (several
+// key tiles, tiles of 64 / G tokens, contexts spanning key tiles, single-token tiles),
+// against the reference and against the SIMT kernel on the same inputs.
+void CheckTcAttention(const testing::AttentionCase& c, int32_t tile_tokens,
+                      const std::string& what) {
+  std::vector<float> tc, simt;
+  absl::Status st = cuda::check::TcAttention(c.q, c.kpool, c.vpool, c.flat, c.tiles, tile_tokens,
+                                             c.T, c.qh, c.kvh, c.D, c.scale, &tc);
+  ASSERT_TRUE(st.ok()) << st;
+  st = cuda::check::Attention(c.q, c.kpool, c.vpool, c.flat, c.tiles, tile_tokens, c.T, c.qh, c.kvh,
+                              c.D, c.scale, &simt);
+  ASSERT_TRUE(st.ok()) << st;
+  double worst = 0;
+  for (size_t i = 0; i < tc.size(); ++i) {
+    worst = std::max(worst, static_cast<double>(std::abs(tc[i] - simt[i])));
+  }
+  EXPECT_LE(worst, 8e-3) << what << ": tensor-core vs SIMT kernel";
+  std::printf("tensor-core attention %s qh %d kvh %d D %d: max |tc - simt| %.2e\n", what.c_str(),
+              c.qh, c.kvh, c.D, worst);
+  testing::ExpectMatchesReference(c, tc, 8e-3, what);
+}
+
+// Sequences of (context, new tokens) over a pool of exactly their keys, shuffled.
+testing::AttentionCase SeqsCase(int32_t qh, int32_t kvh, int32_t D, int32_t tile_tokens,
+                                const std::vector<std::pair<int32_t, int32_t>>& seqs,
+                                uint32_t seed) {
+  testing::AttentionCase c;
+  c.qh = qh;
+  c.kvh = kvh;
+  c.D = D;
+  int32_t total = 0;
+  for (const auto& s : seqs) total += s.first + s.second;
+  std::vector<int32_t> slots(total);
+  std::iota(slots.begin(), slots.end(), 0);
+  std::shuffle(slots.begin(), slots.end(), std::mt19937(seed));
+  c.kpool = Rounded(RandomNonZero(static_cast<size_t>(total) * kvh * D, seed + 1));
+  c.vpool = Rounded(RandomNonZero(c.kpool.size(), seed + 2));
+  int32_t next = 0;
+  for (int32_t s = 0; s < static_cast<int32_t>(seqs.size()); ++s) {
+    const int32_t ctx = seqs[s].first, n = seqs[s].second;
+    c.keys.emplace_back(slots.begin() + next, slots.begin() + next + ctx + n);
+    next += ctx + n;
+    c.ctx_len.push_back(ctx);
+    const int32_t key_off = static_cast<int32_t>(c.flat.size());
+    c.flat.insert(c.flat.end(), c.keys[s].begin(), c.keys[s].end());
+    for (int32_t i0 = 0; i0 < n; i0 += tile_tokens) {
+      c.tiles.push_back({key_off, ctx, c.T + i0, i0, std::min(tile_tokens, n - i0)});
+    }
+    for (int32_t i = 0; i < n; ++i) {
+      c.seq_of.push_back(s);
+      c.idx_in_seq.push_back(i);
+    }
+    c.T += n;
+  }
+  c.q = Rounded(RandomNonZero(static_cast<size_t>(c.T) * qh * D, seed + 3));
+  c.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  return c;
+}
+
+TEST_F(CudaTest, TensorCoreAttentionMatchesReference) {
+  auto random = [](size_t n, uint32_t seed) { return Rounded(RandomNonZero(n, 20 + seed)); };
+  for (const auto& [qh, kvh, D] : std::vector<std::tuple<int32_t, int32_t, int32_t>>{
+           {8, 2, 128}, {4, 4, 64}, {4, 2, 32}, {4, 1, 16}}) {
+    const int32_t tile = 64 / (qh / kvh);
+    CheckTcAttention(testing::MakeAttentionCase(qh, kvh, D, tile, random), tile, "shared case");
+  }
+  const std::vector<std::pair<int32_t, int32_t>> seqs = {
+      {0, 70}, {75, 5}, {13, 1}, {64, 64}, {300, 200}};
+  for (const auto& [qh, kvh, D] : std::vector<std::tuple<int32_t, int32_t, int32_t>>{
+           {32, 8, 128}, {2, 2, 64}, {4, 1, 64}, {12, 4, 96}}) {
+    const int32_t tile = 64 / (qh / kvh);
+    CheckTcAttention(SeqsCase(qh, kvh, D, tile, seqs, 30 + D), tile, "long sequences");
+  }
+  CheckTcAttention(SeqsCase(6, 2, 64, 7, {{20, 30}, {0, 9}}, 5), 7, "tiles of 7 tokens, G 3");
 }
 
 TEST_F(CudaTest, SwiGluMatchesReference) {
@@ -945,6 +1029,72 @@ TEST_F(CudaTest, DecodeGraphsSurviveGrowingKeyLists) {
       "cuda graphs: metadata buffer grown %lld time(s) for 64 x %d keys, graphs "
       "recaptured, results bitwise equal\n",
       static_cast<long long>(after.invalidations), kPrefixBlocks * kSimBlock + 3);
+}
+
+// The backend with cuda_attention = tensor_core vs simt (built-in model, head_dim 32):
+// prefill steps of two sequences (one cut into several tiles, several key tiles), then
+// a step mixing a decode token with a prefill chunk over a context. Tolerance as for
+// this model against the CPU backend (k = 3): it amplifies bf16 roundings (of q and P
+// here) to a few % of max|logit|.
+TEST_F(CudaTest, TensorCoreAttentionForwardMatchesSimt) {
+  auto model = engine::LoadModelBundle("");
+  ASSERT_TRUE(model.ok()) << model.status();
+  const int32_t V = model->config.vocab_size;
+  std::unique_ptr<cuda::CudaBackend> gpus[2];
+  const char* modes[2] = {"simt", "tensor_core"};
+  for (int i = 0; i < 2; ++i) {
+    engine::BackendOptions opts;
+    opts.kv_num_blocks = 64;
+    opts.cuda_attention = modes[i];
+    gpus[i] = std::make_unique<cuda::CudaBackend>(opts, 0);
+    absl::Status st = gpus[i]->Load(model->config, *model->weights, engine::Shard{});
+    ASSERT_TRUE(st.ok()) << st;
+  }
+  EXPECT_EQ(gpus[1]->attention_tile_tokens(),
+            64 / (model->config.num_heads / model->config.num_kv_heads));
+  SimSeq a, b;
+  a.id = 1;
+  a.base_block = 0;
+  b.id = 2;
+  b.base_block = 20;
+  auto tokens = [&](int32_t n, int32_t salt) {
+    std::vector<int32_t> t(n);
+    for (int32_t i = 0; i < n; ++i) t[i] = 1 + (i * 37 + salt * 11) % (V - 1);
+    return t;
+  };
+  engine::BatchPlan p1;
+  AddTokens(p1, a, tokens(150, 1));
+  AddTokens(p1, b, tokens(37, 2));
+  p1.logits_for = {0, 63, 64, 149, 150, 186};
+  engine::ForwardOutput want, got;
+  ASSERT_TRUE(gpus[0]->Forward(p1, &want).ok());
+  ASSERT_TRUE(gpus[1]->Forward(p1, &got).ok());
+  ExpectClose(got.logits, want.logits, V, 3.0f, "prefill");
+  a.len = 150;
+  b.len = 37;
+  engine::BatchPlan p2;
+  AddTokens(p2, a, {5});
+  AddTokens(p2, b, tokens(90, 3));
+  p2.logits_for = {0, 1, 45, 90};
+  ASSERT_TRUE(gpus[0]->Forward(p2, &want).ok());
+  ASSERT_TRUE(gpus[1]->Forward(p2, &got).ok());
+  ExpectClose(got.logits, want.logits, V, 3.0f, "decode + prefill chunk");
+}
+
+TEST_F(CudaTest, TensorCoreAttentionOptionIsChecked) {
+  auto model = engine::LoadModelBundle(testing::Stories260kDir());  // head_dim 8
+  ASSERT_TRUE(model.ok());
+  for (const char* mode : {"tensor_core", "fast"}) {
+    engine::BackendOptions opts;
+    opts.kv_num_blocks = 4;
+    opts.cuda_attention = mode;
+    cuda::CudaBackend gpu(opts, 0);
+    EXPECT_FALSE(gpu.Load(model->config, *model->weights, engine::Shard{}).ok()) << mode;
+  }
+  engine::BackendOptions opts;
+  opts.kv_num_blocks = 4;
+  cuda::CudaBackend gpu(opts, 0);  // auto: falls back to the SIMT kernel
+  ASSERT_TRUE(gpu.Load(model->config, *model->weights, engine::Shard{}).ok());
 }
 
 TEST_F(CudaTest, TensorParallelMatchesSingleGpu) {
