@@ -21,7 +21,9 @@
 //                                       B row-major (bf16), accumulator (float)
 //   int warp(), lane()                  tid() / 32, tid() % 32
 //   void warp_sync()                    barrier + memory fence of the calling warp
-//   bf16 to_bf16(float), float to_float(bf16), bf16 load_bf16(const KV*, int64_t i)
+//   bf16 to_bf16(float), float to_float(bf16)
+//   void copy8(bf16* dst, const KV* src)  8 consecutive elements (16 bytes on the device;
+//                                       both 16-byte aligned: D is a multiple of 16)
 //   Warp-collective (every lane of the warp calls it, with the same arguments; every
 //   lane sees the result; memory written by lanes must be fenced by warp_sync() before
 //   a collective load reads it, and a collective store by warp_sync() before lanes read):
@@ -132,17 +134,18 @@ SP_ATTN_FN void TcAttentionBlock(Ctx& c, const AttnTile tile, int32_t g, unsigne
   for (int32_t kb = 0; kb < nk; kb += kTcKeys) {
     const int32_t kn = nk - kb < kTcKeys ? nk - kb : kTcKeys;
     c.sync();  // the previous tile's readers are done
-    // K and V rows past kn are zero: P is 0 there, and 0 * (stale NaN) would not be.
-    for (int32_t idx = tid; idx < kTcKeys * D; idx += nthreads) {
-      const int32_t j = idx / D, d = idx - j * D;
-      B16 kv = zero, vv = zero;
+    // 8 elements (16 bytes) per copy. K and V rows past kn are zero: P is 0 there,
+    // and 0 * (stale NaN) would not be.
+    const int32_t d8 = D / 8;
+    for (int32_t idx = tid; idx < kTcKeys * d8; idx += nthreads) {
+      const int32_t j = idx / d8, d = (idx - j * d8) * 8;
       if (j < kn) {
         const int64_t off = (static_cast<int64_t>(seq_keys[kb + j]) * kvh + g) * D + d;
-        kv = c.load_bf16(kc, off);
-        vv = c.load_bf16(vc, off);
+        c.copy8(ks + j * ld + d, kc + off);
+        c.copy8(vs + j * ld + d, vc + off);
+      } else {
+        for (int32_t e = 0; e < 8; ++e) ks[j * ld + d + e] = vs[j * ld + d + e] = zero;
       }
-      ks[j * ld + d] = kv;
-      vs[j * ld + d] = vv;
     }
     c.sync();
     if (!active) continue;  // warp-uniform: a warp without rows only joins the syncs

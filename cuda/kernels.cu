@@ -188,7 +188,9 @@ struct WmmaCtx : DeviceCtx {
   __device__ void warp_sync() const { __syncwarp(); }
   __device__ bf16 to_bf16(float v) const { return __float2bfloat16(v); }
   __device__ float to_float(bf16 v) const { return __bfloat162float(v); }
-  __device__ bf16 load_bf16(const bf16* p, int64_t i) const { return p[i]; }
+  __device__ void copy8(bf16* dst, const bf16* src) const {
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+  }
   __device__ void fill_c(FragC& f) const { nvcuda::wmma::fill_fragment(f, 0.0f); }
   __device__ void load_a(FragA& f, const bf16* p, int ldm) const {
     nvcuda::wmma::load_matrix_sync(f, p, static_cast<unsigned>(ldm));

@@ -174,6 +174,8 @@ struct TcHostCtx {
   Barrier* block;
   Barrier* warp_barrier;
   TcBlockState* st;
+  const float *kpool, *vpool;  // for copy8's alignment check
+  size_t pool_size;
   using bf16 = Bf16;
   using FragA = Frag<0>;
   using FragBc = Frag<1>;
@@ -188,7 +190,13 @@ struct TcHostCtx {
   void store(float* p, int64_t i, float v) const { p[i] = v; }
   bf16 to_bf16(float v) const { return ToBf16(v); }
   float to_float(bf16 v) const { return FromBf16(v); }
-  bf16 load_bf16(const float* p, int64_t i) const { return ToBf16(p[i]); }
+  // 16-byte aligned on the device: the pool offset a multiple of 8 elements (the pool's
+  // base is aligned there), dst 16-byte aligned.
+  void copy8(bf16* dst, const float* src) const {
+    const float* pool = src >= kpool && src < kpool + pool_size ? kpool : vpool;
+    if ((src - pool) % 8 != 0 || reinterpret_cast<uintptr_t>(dst) % 16 != 0) st->misaligned = true;
+    for (int e = 0; e < 8; ++e) dst[e] = ToBf16(src[e]);
+  }
 
   void Collective(const void* p, int ldm, int multiple) const {
     ++st->collectives[t];
@@ -261,7 +269,8 @@ void EmulateTcAttention(const testing::AttentionCase& c, std::vector<float>* out
       std::vector<std::thread> threads;
       for (int t = 0; t < n; ++t) {
         threads.emplace_back([&, t] {
-          TcHostCtx ctx{t, &block, warps[t / 32].get(), &st};
+          TcHostCtx ctx{
+              t, &block, warps[t / 32].get(), &st, c.kpool.data(), c.vpool.data(), c.kpool.size()};
           cuda::TcAttentionBlock(ctx, c.tiles[i], g, smem.get(), c.q.data(), c.kpool.data(),
                                  c.vpool.data(), c.flat.data(), c.qh, c.kvh, c.D, G, c.scale,
                                  out->data());
