@@ -109,7 +109,7 @@ run_test() {  # name, timeout, log file
 }
 run_test cuda_step_meta_test 30 other_tests.log
 run_test cuda_backend_test 240 cuda_backend_test.log
-grep -E 'teacher-forced|^cuda graphs:' "$out/cuda_backend_test.log" | sed 's/^/    /' | tee -a "$summary"
+grep -E 'teacher-forced|^cuda graphs:|greedy == golden' "$out/cuda_backend_test.log" | sed 's/^/    /' | tee -a "$summary"
 # The backend's own CUDA graph log lines (a capture failure is a warning, not an error).
 grep -E 'CUDA graphs:' "$out/cuda_backend_test.log" | sed -E 's/^\[[^]]*\] //' | sort | uniq -c |
   head -5 | sed 's/^/    /' | tee -a "$summary"
@@ -127,6 +127,15 @@ else
   note "cuda_bench: FAIL (rc $rc), last lines:"
   tail -5 "$out/cuda_bench.log" | sed 's/^/    /' | tee -a "$summary"
   status=1
+fi
+
+# The prefill attention kernels side by side (the run above used auto: tensor cores).
+left=$((420 - ($(date +%s) - start)))
+if [ $left -gt 60 ]; then
+  timeout $((left < 120 ? left : 120)) "$bench" --attention=simt --batches=1 --steps=3 \
+    >"$out/cuda_bench_simt.log" 2>&1 &&
+    { note "cuda_bench --attention=simt (prefill row to compare):"; grep -E '^\| prefill|^\|---|^\| [0-9]+x[0-9]+' "$out/cuda_bench_simt.log" | sed 's/^/    /' | tee -a "$summary"; } ||
+    note "cuda_bench --attention=simt: rc $? (see cuda_bench_simt.log)"
 fi
 
 if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ] && command -v compute-sanitizer >/dev/null; then
