@@ -112,10 +112,13 @@ absl::Status QkvPost(const std::vector<float>& qkv, const std::vector<float>& bi
   return GetBf16(dv, v_pool->size(), v_pool);
 }
 
-absl::Status Attention(const std::vector<float>& q, const std::vector<float>& k_pool,
-                       const std::vector<float>& v_pool, const std::vector<int32_t>& keys,
-                       const std::vector<AttnTile>& tiles, int32_t max_tile_tokens, int32_t T,
-                       int32_t qh, int32_t kvh, int32_t D, float scale, std::vector<float>* out) {
+namespace {
+// The SIMT or the tensor-core kernel on the same inputs.
+absl::Status RunAttention(bool tensor_core, const std::vector<float>& q,
+                          const std::vector<float>& k_pool, const std::vector<float>& v_pool,
+                          const std::vector<int32_t>& keys, const std::vector<AttnTile>& tiles,
+                          int32_t max_tile_tokens, int32_t T, int32_t qh, int32_t kvh, int32_t D,
+                          float scale, std::vector<float>* out) {
   DeviceArray<float> dq;
   DeviceArray<bf16> dk, dv, dout;
   DeviceArray<int32_t> dkeys;
@@ -128,34 +131,37 @@ absl::Status Attention(const std::vector<float>& q, const std::vector<float>& k_
   const size_t n = static_cast<size_t>(T) * qh * D;
   SP_RETURN_IF_ERROR(dout.Allocate(n));
   SP_CUDA_RETURN_IF_ERROR(cudaMemset(dout.get(), 0, n * sizeof(bf16)));
-  SP_CUDA_RETURN_IF_ERROR(PrepareAttention(AttentionSharedBytes(max_tile_tokens * (qh / kvh), D)));
-  SP_RETURN_IF_ERROR(Sync(LaunchAttention(dq.get(), dk.get(), dv.get(), dkeys.get(), dtiles.get(),
-                                          static_cast<int32_t>(tiles.size()), max_tile_tokens, qh,
-                                          kvh, D, scale, dout.get(), nullptr)));
+  const int32_t num_tiles = static_cast<int32_t>(tiles.size());
+  if (tensor_core) {
+    SP_CUDA_RETURN_IF_ERROR(PrepareTcAttention(D));
+    SP_RETURN_IF_ERROR(
+        Sync(LaunchTcAttention(dq.get(), dk.get(), dv.get(), dkeys.get(), dtiles.get(), num_tiles,
+                               max_tile_tokens, qh, kvh, D, scale, dout.get(), nullptr)));
+  } else {
+    SP_CUDA_RETURN_IF_ERROR(
+        PrepareAttention(AttentionSharedBytes(max_tile_tokens * (qh / kvh), D)));
+    SP_RETURN_IF_ERROR(
+        Sync(LaunchAttention(dq.get(), dk.get(), dv.get(), dkeys.get(), dtiles.get(), num_tiles,
+                             max_tile_tokens, qh, kvh, D, scale, dout.get(), nullptr)));
+  }
   return GetBf16(dout, n, out);
+}
+}  // namespace
+
+absl::Status Attention(const std::vector<float>& q, const std::vector<float>& k_pool,
+                       const std::vector<float>& v_pool, const std::vector<int32_t>& keys,
+                       const std::vector<AttnTile>& tiles, int32_t max_tile_tokens, int32_t T,
+                       int32_t qh, int32_t kvh, int32_t D, float scale, std::vector<float>* out) {
+  return RunAttention(false, q, k_pool, v_pool, keys, tiles, max_tile_tokens, T, qh, kvh, D, scale,
+                      out);
 }
 
 absl::Status TcAttention(const std::vector<float>& q, const std::vector<float>& k_pool,
                          const std::vector<float>& v_pool, const std::vector<int32_t>& keys,
                          const std::vector<AttnTile>& tiles, int32_t max_tile_tokens, int32_t T,
                          int32_t qh, int32_t kvh, int32_t D, float scale, std::vector<float>* out) {
-  DeviceArray<float> dq;
-  DeviceArray<bf16> dk, dv, dout;
-  DeviceArray<int32_t> dkeys;
-  DeviceArray<AttnTile> dtiles;
-  SP_RETURN_IF_ERROR(Put(q, &dq));
-  SP_RETURN_IF_ERROR(PutBf16(k_pool, &dk));
-  SP_RETURN_IF_ERROR(PutBf16(v_pool, &dv));
-  SP_RETURN_IF_ERROR(Put(keys, &dkeys));
-  SP_RETURN_IF_ERROR(Put(tiles, &dtiles));
-  const size_t n = static_cast<size_t>(T) * qh * D;
-  SP_RETURN_IF_ERROR(dout.Allocate(n));
-  SP_CUDA_RETURN_IF_ERROR(cudaMemset(dout.get(), 0, n * sizeof(bf16)));
-  SP_CUDA_RETURN_IF_ERROR(PrepareTcAttention(D));
-  SP_RETURN_IF_ERROR(Sync(LaunchTcAttention(dq.get(), dk.get(), dv.get(), dkeys.get(), dtiles.get(),
-                                            static_cast<int32_t>(tiles.size()), max_tile_tokens, qh,
-                                            kvh, D, scale, dout.get(), nullptr)));
-  return GetBf16(dout, n, out);
+  return RunAttention(true, q, k_pool, v_pool, keys, tiles, max_tile_tokens, T, qh, kvh, D, scale,
+                      out);
 }
 
 absl::Status SwiGlu(const std::vector<float>& gu, int32_t T, int32_t I, std::vector<float>* act) {

@@ -324,20 +324,27 @@ size_t AttentionSharedBytes(int32_t rows, int32_t D) {
   return sizeof(float) * AttentionSharedFloats(rows, D);
 }
 
-cudaError_t PrepareAttention(size_t bytes) {
-  // Only ever raised, per device: backends of different head dims may share a device.
-  static std::mutex mu;
-  static std::map<int, size_t> prepared;
+// Raises `kernel`'s dynamic shared memory limit to `bytes`, once per device and only
+// ever upwards (backends of different head dims may share a device).
+template <typename Kernel>
+cudaError_t RaiseSharedMemory(Kernel* kernel, size_t bytes, std::mutex* mu,
+                              std::map<int, size_t>* prepared) {
   int dev = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return e;
-  std::lock_guard<std::mutex> lock(mu);
-  size_t& have = prepared[dev];
+  std::lock_guard<std::mutex> lock(*mu);
+  size_t& have = (*prepared)[dev];
   if (bytes <= have) return cudaSuccess;
-  e = cudaFuncSetAttribute(AttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(bytes));
   if (e == cudaSuccess) have = bytes;
   return e;
+}
+
+cudaError_t PrepareAttention(size_t bytes) {
+  static std::mutex mu;
+  static std::map<int, size_t> prepared;
+  return RaiseSharedMemory(AttentionKernel, bytes, &mu, &prepared);
 }
 
 cudaError_t LaunchAttention(const float* q, const bf16* k_layer, const bf16* v_layer,
@@ -359,20 +366,10 @@ cudaError_t LaunchAttention(const float* q, const bf16* k_layer, const bf16* v_l
 size_t TcAttentionSharedBytesFor(int32_t D) { return TcAttentionSharedBytes(D); }
 
 cudaError_t PrepareTcAttention(int32_t D) {
+  if (!TcAttentionSupported(D, 1)) return cudaErrorInvalidValue;
   static std::mutex mu;
   static std::map<int, size_t> prepared;
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
-  if (e != cudaSuccess) return e;
-  if (!TcAttentionSupported(D, 1)) return cudaErrorInvalidValue;
-  const size_t bytes = TcAttentionSharedBytes(D);
-  std::lock_guard<std::mutex> lock(mu);
-  size_t& have = prepared[dev];
-  if (bytes <= have) return cudaSuccess;
-  e = cudaFuncSetAttribute(TcAttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(bytes));
-  if (e == cudaSuccess) have = bytes;
-  return e;
+  return RaiseSharedMemory(TcAttentionKernel, TcAttentionSharedBytes(D), &mu, &prepared);
 }
 
 cudaError_t LaunchTcAttention(const float* q, const bf16* k_layer, const bf16* v_layer,
