@@ -11,7 +11,10 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <numeric>
+#include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda/attn_tile.h"
@@ -66,6 +69,45 @@ inline AttentionCase MakeAttentionCase(
   }
   c.T = tok;
   c.q = random(static_cast<size_t>(c.T) * qh * D, 3);
+  c.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  return c;
+}
+
+// Sequences of (context, new tokens) over a pool holding exactly their keys, in a
+// shuffled slot order; tiles of `tile_tokens`. `random(n, seed)`: n non-zero floats.
+inline AttentionCase MakeSeqsCase(
+    int32_t qh, int32_t kvh, int32_t D, int32_t tile_tokens,
+    const std::vector<std::pair<int32_t, int32_t>>& seqs, uint32_t seed,
+    const std::function<std::vector<float>(size_t, uint32_t)>& random) {
+  AttentionCase c;
+  c.qh = qh;
+  c.kvh = kvh;
+  c.D = D;
+  int32_t total = 0;
+  for (const auto& s : seqs) total += s.first + s.second;
+  std::vector<int32_t> slots(total);
+  std::iota(slots.begin(), slots.end(), 0);
+  std::shuffle(slots.begin(), slots.end(), std::mt19937(seed));
+  c.kpool = random(static_cast<size_t>(total) * kvh * D, seed + 1);
+  c.vpool = random(c.kpool.size(), seed + 2);
+  int32_t next = 0;
+  for (int32_t s = 0; s < static_cast<int32_t>(seqs.size()); ++s) {
+    const int32_t ctx = seqs[s].first, n = seqs[s].second;
+    c.keys.emplace_back(slots.begin() + next, slots.begin() + next + ctx + n);
+    next += ctx + n;
+    c.ctx_len.push_back(ctx);
+    const int32_t key_off = static_cast<int32_t>(c.flat.size());
+    c.flat.insert(c.flat.end(), c.keys[s].begin(), c.keys[s].end());
+    for (int32_t i0 = 0; i0 < n; i0 += tile_tokens) {
+      c.tiles.push_back({key_off, ctx, c.T + i0, i0, std::min(tile_tokens, n - i0)});
+    }
+    for (int32_t i = 0; i < n; ++i) {
+      c.seq_of.push_back(s);
+      c.idx_in_seq.push_back(i);
+    }
+    c.T += n;
+  }
+  c.q = random(static_cast<size_t>(c.T) * qh * D, seed + 3);
   c.scale = 1.0f / std::sqrt(static_cast<float>(D));
   return c;
 }
