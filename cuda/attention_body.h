@@ -14,12 +14,6 @@
 
 #include "cuda/attn_tile.h"
 
-#if defined(__CUDACC__)
-#define SP_ATTN_FN __device__ __forceinline__
-#else
-#define SP_ATTN_FN inline
-#endif
-
 namespace superpose::cuda {
 
 constexpr int kAttnThreads = 128;

@@ -44,17 +44,6 @@
 
 #include "cuda/attn_tile.h"
 
-#if defined(__CUDACC__)
-#define SP_ATTN_FN __device__ __forceinline__
-#else
-#define SP_ATTN_FN inline
-#endif
-#if defined(__CUDACC__)
-#define SP_ATTN_HD __host__ __device__
-#else
-#define SP_ATTN_HD
-#endif
-
 namespace superpose::cuda {
 
 constexpr int kTcThreads = 128;  // 4 warps

@@ -4,6 +4,16 @@
 
 #include <cstdint>
 
+// Functions of the kernel bodies (attention_body.h, attention_tc_body.h), which compile
+// both as CUDA device code and as plain C++ for the CPU emulation tests.
+#if defined(__CUDACC__)
+#define SP_ATTN_FN __device__ __forceinline__
+#define SP_ATTN_HD __host__ __device__
+#else
+#define SP_ATTN_FN inline
+#define SP_ATTN_HD
+#endif
+
 namespace superpose::cuda {
 
 // One work item of attention: `ntok` consecutive new tokens of one sequence.

@@ -521,6 +521,18 @@ TEST_F(CudaTest, BadPlansAreRejected) {
   EXPECT_EQ(gpu.Forward(plan, &out).code(), absl::StatusCode::kInvalidArgument);
 }
 
+// One sequence prefilling `tokens` from position 0 in blocks of 16; no logits asked.
+engine::BatchPlan OneSequencePlan(const std::vector<int32_t>& tokens) {
+  engine::BatchPlan plan;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    plan.tokens.push_back(tokens[i]);
+    plan.positions.push_back(static_cast<float>(i));
+    plan.kv_slots.push_back({static_cast<int32_t>(i / 16), static_cast<int32_t>(i % 16)});
+  }
+  plan.seqs.push_back({1, {}, 0, static_cast<int32_t>(tokens.size())});
+  return plan;
+}
+
 TEST_F(CudaTest, GoldenTeacherForcedAndFirstStep) {
   auto model = engine::LoadModelBundle(testing::Stories260kDir());
   ASSERT_TRUE(model.ok());
@@ -534,13 +546,7 @@ TEST_F(CudaTest, GoldenTeacherForcedAndFirstStep) {
     const auto completion = c["completion_ids"].get<std::vector<int32_t>>();
     std::vector<int32_t> all = prompt;
     all.insert(all.end(), completion.begin(), completion.end() - 1);
-    engine::BatchPlan plan;
-    for (size_t i = 0; i < all.size(); ++i) {
-      plan.tokens.push_back(all[i]);
-      plan.positions.push_back(static_cast<float>(i));
-      plan.kv_slots.push_back({static_cast<int32_t>(i / 16), static_cast<int32_t>(i % 16)});
-    }
-    plan.seqs.push_back({1, {}, 0, static_cast<int32_t>(all.size())});
+    engine::BatchPlan plan = OneSequencePlan(all);
     for (size_t k = 0; k < completion.size(); ++k) {
       plan.logits_for.push_back(static_cast<int32_t>(prompt.size() - 1 + k));
     }
@@ -578,13 +584,7 @@ float GoldenGapAt(cuda::CudaBackend& gpu, int32_t vocab, const std::vector<int32
                   const std::vector<int32_t>& golden, size_t k) {
   std::vector<int32_t> all = prompt;
   all.insert(all.end(), golden.begin(), golden.begin() + static_cast<std::ptrdiff_t>(k));
-  engine::BatchPlan plan;
-  for (size_t i = 0; i < all.size(); ++i) {
-    plan.tokens.push_back(all[i]);
-    plan.positions.push_back(static_cast<float>(i));
-    plan.kv_slots.push_back({static_cast<int32_t>(i / 16), static_cast<int32_t>(i % 16)});
-  }
-  plan.seqs.push_back({1, {}, 0, static_cast<int32_t>(all.size())});
+  engine::BatchPlan plan = OneSequencePlan(all);
   plan.logits_for.push_back(static_cast<int32_t>(all.size() - 1));
   engine::ForwardOutput out;
   if (!gpu.Forward(plan, &out).ok()) return 1e9f;
