@@ -198,9 +198,15 @@ SP_AVX512 void ValueTile(const KvLayerView& kv, int32_t kvh, const AttnKeys& key
 
 // Softmax of one score row in place (keys [0, nk)); returns the sum of the exponentials.
 SP_AVX512 float SoftmaxRow(float* sc, int32_t nk) {
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int32_t k = 0; k < nk; ++k) mx = std::max(mx, sc[k]);
-  const __m512 m = _mm512_set1_ps(mx);
+  // The maximum is exact in any order.
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 vmx = ninf;
+  for (int32_t k = 0; k < nk; k += 16) {
+    const __mmask16 lanes = nk - k >= 16 ? static_cast<__mmask16>(0xffff)
+                                         : static_cast<__mmask16>((1u << (nk - k)) - 1);
+    vmx = _mm512_max_ps(vmx, _mm512_mask_loadu_ps(ninf, lanes, sc + k));
+  }
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
   __m512 total = _mm512_setzero_ps();
   for (int32_t k = 0; k < nk; k += 16) {
     const __mmask16 lanes = nk - k >= 16 ? static_cast<__mmask16>(0xffff)
