@@ -162,13 +162,17 @@ SP_AVX512 void ScoreQueries(const KvLayerView& kv, int32_t kvh, const AttnKeys& 
   }
 }
 
+// Queries per value tile: 6 x 4 accumulators + 4 value vectors + 1 broadcast = 29 of
+// the 32 zmm registers.
+constexpr int kValueQueries = 6;
+
 template <typename T, int NV>
 SP_AVX512 void ValueTile(const KvLayerView& kv, int32_t kvh, const AttnKeys& keys,
                          const int32_t* nk, const float* const* p, const float* inv, int32_t d0,
                          __mmask16 last, float* const* outs) {
-  constexpr int QB = 4;
   const int32_t D = kv.head_dim, kvn = kv.kv_heads;
-  const int32_t nk_hi = std::max(std::max(nk[0], nk[1]), std::max(nk[2], nk[3]));
+  const int32_t nk_hi = *std::max_element(nk, nk + kValueQueries);
+  constexpr int QB = kValueQueries;
   __m512 acc[QB][NV];
   for (int j = 0; j < QB; ++j) {
     for (int v = 0; v < NV; ++v) acc[j][v] = _mm512_setzero_ps();
@@ -250,13 +254,14 @@ SP_AVX512 void AttendAvx512(const KvLayerView& kv, int32_t kvh, const AttnKeys& 
   std::vector<float>& inv = scratch->inv;
   inv.resize(n);
   for (int32_t i = 0; i < n; ++i) inv[i] = 1.0f / SoftmaxRow(scores + i * stride, nks[i]);
-  // Values, 4 queries x up to 64 output floats at a time.
-  for (int32_t j0 = 0; j0 < n; j0 += 4) {
-    int32_t nk[4] = {0, 0, 0, 0};
-    const float* p[4];
-    float iv[4] = {0, 0, 0, 0};
-    float* o[4];
-    for (int j = 0; j < 4; ++j) {
+  // Values, kValueQueries queries x up to 64 output floats at a time.
+  constexpr int VQ = kValueQueries;
+  for (int32_t j0 = 0; j0 < n; j0 += VQ) {
+    int32_t nk[VQ] = {};
+    const float* p[VQ];
+    float iv[VQ] = {};
+    float* o[VQ];
+    for (int j = 0; j < VQ; ++j) {
       const int32_t i = std::min(j0 + j, n - 1);
       if (j0 + j < n) {
         nk[j] = nks[i];
