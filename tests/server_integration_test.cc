@@ -385,5 +385,35 @@ TEST_F(ServerTest, MetricsShowNoLeakAfterCancelsDeadlinesAndErrors) {
   EXPECT_GT(testing::MetricValue(mport, "superpose_generated_tokens_total"), 0);
 }
 
+// --kv_cache_dtype reaches the backend and GetModelInfo; a bad value stops startup.
+TEST(ServerFlagsTest, KvCacheDtypeIsAppliedAndReported) {
+  testing::ServerProcess server(
+      {"--model=" + testing::Stories260kDir(), "--kv_cache_dtype=bfloat16"});
+  ASSERT_TRUE(server.ok());
+  {  // the client's connection closes before the server stops
+    auto stub = v1::Superpose::NewStub(server.Channel());
+    v1::ModelInfo info;
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(stub->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info).ok());
+    EXPECT_EQ(info.compute_dtype(), "float32");
+    EXPECT_EQ(info.kv_cache_dtype(), "bfloat16");
+    v1::GenerateRequest req;
+    req.set_text("Once upon a time");
+    req.mutable_sampling()->set_max_new_tokens(8);
+    req.set_ignore_eos(true);
+    grpc::ClientContext gctx;
+    auto reader = stub->Generate(&gctx, req);
+    v1::GenerateResponse r;
+    uint32_t generated = 0;
+    while (reader->Read(&r)) generated += static_cast<uint32_t>(r.token_ids_size());
+    EXPECT_TRUE(reader->Finish().ok());
+    EXPECT_EQ(generated, 8u);
+  }
+  EXPECT_EQ(server.Stop(), 0);
+
+  testing::ServerProcess bad({"--model=" + testing::Stories260kDir(), "--kv_cache_dtype=fp8"});
+  EXPECT_FALSE(bad.ok());
+}
+
 }  // namespace
 }  // namespace superpose
