@@ -67,7 +67,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
         *std::move(request), [this](engine::StreamEvent&& ev) { OnEvent(std::move(ev)); });
     if (!handle.ok()) {
       Unref();  // not accepted: no event will come (gRPC still holds its reference)
-      spdlog::warn("req={} not queued: {}", request_id_, std::string(handle.status().message()));
+      // The status code only: messages are for the client (one rule for every log line).
+      spdlog::warn("req={} not queued: {}", request_id_,
+                   absl::StatusCodeToString(handle.status().code()));
       if (metrics != nullptr) metrics->OnRejected(absl::StatusCodeToString(handle.status().code()));
       Finish(ToGrpc(handle.status()));
       return;

@@ -2,6 +2,7 @@
 // tests, and stops it with SIGTERM.
 #pragma once
 
+#include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -38,28 +39,36 @@ inline double MetricValue(int port, const std::string& name) {
 
 class ServerProcess {
  public:
-  // `args`: extra flags for superpose-server.
-  explicit ServerProcess(std::vector<std::string> args) {
+  // `args`: extra flags for superpose-server. `log_file`: where its stdout and stderr
+  // (the log) go; empty: inherited.
+  explicit ServerProcess(std::vector<std::string> args, const std::string& log_file = "") {
     static int counter = 0;
     port_file_ =
         "/tmp/superpose-test-port-" + std::to_string(getpid()) + "-" + std::to_string(counter++);
     metrics_port_file_ = port_file_ + "-metrics";
     std::remove(port_file_.c_str());
     std::remove(metrics_port_file_.c_str());
-    std::vector<std::string> argv = {std::string(SP_BINARY_DIR) + "/superpose-server",
-                                      "--listen=127.0.0.1:0", "--port_file=" + port_file_,
-                                      "--metrics_listen=127.0.0.1:0",
-                                      "--metrics_port_file=" + metrics_port_file_,
-                                      "--log_level=warn",
-                                      // The tests expect the CPU reference backend, also on
-                                      // GPU machines (--backend defaults to auto); a later
-                                      // --backend in `args` wins.
-                                      "--backend=cpu"};
+    std::vector<std::string> argv = {
+        std::string(SP_BINARY_DIR) + "/superpose-server", "--listen=127.0.0.1:0",
+        "--port_file=" + port_file_, "--metrics_listen=127.0.0.1:0",
+        "--metrics_port_file=" + metrics_port_file_, "--log_level=warn",
+        // The tests expect the CPU reference backend, also on
+        // GPU machines (--backend defaults to auto); a later
+        // --backend in `args` wins.
+        "--backend=cpu"};
     for (auto& a : args) argv.push_back(a);
     std::vector<char*> cargv;
     for (auto& a : argv) cargv.push_back(a.data());
     cargv.push_back(nullptr);
-    if (posix_spawn(&pid_, cargv[0], nullptr, nullptr, cargv.data(), environ) != 0) pid_ = -1;
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    if (!log_file.empty()) {
+      posix_spawn_file_actions_addopen(&actions, 1, log_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
+                                       0644);
+      posix_spawn_file_actions_adddup2(&actions, 1, 2);
+    }
+    if (posix_spawn(&pid_, cargv[0], &actions, nullptr, cargv.data(), environ) != 0) pid_ = -1;
+    posix_spawn_file_actions_destroy(&actions);
     for (int i = 0; i < 600 && pid_ > 0; ++i) {  // up to 60 s
       std::ifstream in(port_file_);
       if (in >> port_) {

@@ -5,6 +5,7 @@
 #include <httplib.h>
 
 #include <cmath>
+#include <fstream>
 #include <sstream>
 #include <thread>
 
@@ -237,6 +238,109 @@ TEST_F(RagServerTest, BadInputIsInvalidArgumentNamingTheField) {
   }
   // The server keeps serving.
   EXPECT_TRUE(Rag(Request(2)).status.ok());
+}
+
+// Privacy, end to end: with every log level on, the server's log (stdout and stderr)
+// carries the request ids, sizes and timings of a Generate, a GenerateRag, a cancelled
+// Generate and GenerateRag (the RAG group's own finish line) and a rejected request, and
+// never their prompt, document, query or generated text.
+TEST(ServerLogPrivacyTest, LogsIdsAndSizesNeverText) {
+  const std::string log = "/tmp/superpose-test-log-" + std::to_string(getpid());
+  const std::vector<std::string> secrets = {"Zebracorn",    "Quokkaville",   "Xylophonia",
+                                            "Marzipantown", "Snorkelwizard", "Preamblesque"};
+  std::vector<std::string> outputs;
+  {
+    testing::ServerProcess server({"--model=" + testing::Stories260kDir(), "--log_level=debug"},
+                                  log);
+    ASSERT_TRUE(server.ok());
+    {
+      auto stub = v1::Superpose::NewStub(server.Channel());
+      auto drain = [&](auto reader) {
+        v1::GenerateResponse r;
+        std::string text;
+        while (reader->Read(&r)) text += r.text();
+        outputs.push_back(text);
+        return reader->Finish();
+      };
+      v1::GenerateRequest gen;
+      gen.set_request_id("priv-gen-1");
+      gen.set_text("Zebracorn and Quokkaville went to the park one day.");
+      gen.mutable_sampling()->set_temperature(0.0f);
+      gen.mutable_sampling()->set_max_new_tokens(24);
+      gen.set_ignore_eos(true);
+      {
+        grpc::ClientContext ctx;
+        EXPECT_TRUE(drain(stub->Generate(&ctx, gen)).ok());
+      }
+      v1::GenerateRagRequest rag;
+      rag.set_request_id("priv-rag-1");
+      rag.set_preamble("Preamblesque: read the stories.");
+      rag.add_documents()->set_text("Xylophonia is a little town with a big red ball.");
+      rag.add_documents()->set_text("Tom had a dog in Zebracorn.");
+      rag.set_query("Where is Marzipantown?");
+      rag.set_postamble(" Answer:");
+      rag.mutable_sampling()->set_temperature(0.0f);
+      rag.mutable_sampling()->set_max_new_tokens(16);
+      rag.set_ignore_eos(true);
+      {
+        grpc::ClientContext ctx;
+        EXPECT_TRUE(drain(stub->GenerateRag(&ctx, rag)).ok());
+      }
+      {  // cancelled after its first response
+        gen.set_request_id("priv-cancel-1");
+        gen.mutable_sampling()->set_max_new_tokens(400);
+        grpc::ClientContext ctx;
+        auto reader = stub->Generate(&ctx, gen);
+        v1::GenerateResponse r;
+        reader->Read(&r);
+        ctx.TryCancel();
+        while (reader->Read(&r)) {
+        }
+        reader->Finish();
+      }
+      {  // a RAG request cancelled in its answer (the group's own finish line)
+        rag.set_request_id("priv-rag-cancel-1");
+        rag.mutable_sampling()->set_max_new_tokens(400);
+        grpc::ClientContext ctx;
+        auto reader = stub->GenerateRag(&ctx, rag);
+        v1::GenerateResponse r;
+        reader->Read(&r);
+        ctx.TryCancel();
+        while (reader->Read(&r)) {
+        }
+        reader->Finish();
+      }
+      {  // rejected: bad sampling, text in the prompt and a stop string
+        v1::GenerateRequest bad;
+        bad.set_text("Snorkelwizard");
+        bad.add_stop("Snorkelwizard");
+        bad.mutable_sampling()->set_top_p(7.0f);
+        grpc::ClientContext ctx;
+        EXPECT_EQ(drain(stub->Generate(&ctx, bad)).error_code(),
+                  grpc::StatusCode::INVALID_ARGUMENT);
+      }
+    }
+    EXPECT_EQ(server.Stop(), 0);
+  }
+  std::ifstream in(log);
+  std::stringstream all;
+  all << in.rdbuf();
+  const std::string text = all.str();
+  std::remove(log.c_str());
+  // The log is there and carries the requests...
+  EXPECT_NE(text.find("req=priv-gen-1"), std::string::npos) << text;
+  EXPECT_NE(text.find("req=priv-rag-1"), std::string::npos) << text;
+  EXPECT_NE(text.find("req=priv-rag-cancel-1 handle="), std::string::npos) << text;
+  EXPECT_NE(text.find("rag finish=cancelled"), std::string::npos) << text;
+  EXPECT_NE(text.find("req=priv-cancel-1"), std::string::npos) << text;
+  EXPECT_NE(text.find("rejected: INVALID_ARGUMENT"), std::string::npos) << text;
+  // ...and none of their text.
+  for (const std::string& s : secrets) EXPECT_EQ(text.find(s), std::string::npos) << s;
+  for (const std::string& o : outputs) {
+    if (o.size() >= 12) {
+      EXPECT_EQ(text.find(o), std::string::npos) << "generated text: " << o;
+    }
+  }
 }
 
 }  // namespace
