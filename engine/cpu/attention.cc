@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "engine/cpu/small_gemm.h"
+#include "engine/cpu/vector_exp.h"
 #include "engine/model/weights.h"
 
 namespace superpose::engine::cpu {
@@ -90,9 +91,6 @@ void AttendPortable(const KvLayerView& kv, int32_t kvh, const AttnKeys& keys, in
 // ---------------------------------------------------------------------------------
 // AVX-512 kernel. Scores: QB queries x RB runs of 16 keys per tile, one fma chain over d
 // per lane. Values: QB queries x NV vectors of the output per tile, keys in order.
-
-// glibc's libmvec: 16 expf at once (max error 4 ulp).
-extern "C" __m512 _ZGVeN16v_expf(__m512 x);
 
 #define SP_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 

@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/cpu/small_gemm.h"
 #include "engine/cpu/thread_communicator.h"
+#include "engine/cpu/vector_exp.h"
 #include "engine/tensor_parallel.h"
 #include "engine/util/status.h"
 
@@ -34,10 +35,6 @@ void Rope(float* x, const float* cos, const float* sin, int32_t dim) {
     x[i + half] = b * cos[i] + a * sin[i];
   }
 }
-
-// glibc's libmvec: 16 expf at once (max error 4 ulp), the vector variant GCC itself
-// calls under -ffast-math.
-extern "C" __m512 _ZGVeN16v_expf(__m512 x);
 
 // SwiGLU: a = silu(g) * u over n values.
 __attribute__((target("avx512f"))) void SwiGluAvx512(const float* g, const float* u, int32_t n,
@@ -251,26 +248,35 @@ CpuBackend::KeyIndex CpuBackend::BuildKeyIndex(const BatchPlan& plan) const {
   const int32_t S = static_cast<int32_t>(plan.seqs.size());
   KeyIndex ix;
   ix.keys.resize(S);
-  ix.ctx_len.resize(S);
+  std::vector<int32_t> ctx_len(S);
   for (int32_t si = 0; si < S; ++si) {
     const SeqPlan& seq = plan.seqs[si];
     AttnKeys& keys = ix.keys[si];
     for (const KvSegment& g : seq.context) keys.Append(g.block, g.first_slot, g.length, bs);
-    ix.ctx_len[si] = static_cast<int32_t>(keys.slots.size());
+    ctx_len[si] = static_cast<int32_t>(keys.slots.size());
     for (int32_t j = 0; j < seq.num_tokens; ++j) {
       const KvSlot& s = plan.kv_slots[seq.token_begin + j];
       keys.Append(s.block, s.slot, 1, bs);
     }
   }
-  // Work items: the query heads of one kv head for a tile of rows (up to 32 queries).
+  // Work items: the query heads of one kv head for a tile of rows (up to 32 queries),
+  // with each query's row in q/out and its visible key count.
   for (int32_t si = 0; si < S; ++si) {
-    const int32_t rows = plan.seqs[si].num_tokens;
+    const SeqPlan& seq = plan.seqs[si];
     for (int32_t kvh = 0; kvh < kv_heads_; ++kvh) {
       const int32_t g = static_cast<int32_t>(heads_of_[kvh].size());
       if (g == 0) continue;
       const int32_t tile = std::max(1, 32 / g);
-      for (int32_t r = 0; r < rows; r += tile) {
-        ix.items.push_back({si, kvh, r, std::min(tile, rows - r)});
+      for (int32_t r0 = 0; r0 < seq.num_tokens; r0 += tile) {
+        AttnItem item{si, kvh, static_cast<int32_t>(ix.query_row.size()), 0};
+        for (int32_t r = r0; r < std::min(r0 + tile, seq.num_tokens); ++r) {
+          for (int32_t h : heads_of_[kvh]) {
+            ix.query_row.push_back(static_cast<int64_t>(seq.token_begin + r) * q_heads_ + h);
+            ix.query_nk.push_back(ctx_len[si] + r + 1);
+          }
+        }
+        item.count = static_cast<int32_t>(ix.query_row.size()) - item.first;
+        ix.items.push_back(item);
       }
     }
   }
@@ -280,46 +286,33 @@ CpuBackend::KeyIndex CpuBackend::BuildKeyIndex(const BatchPlan& plan) const {
 // q: [T, q_heads, D] (after RoPE). out: [T, q_heads, D]. Keys/values of this layer are
 // already in the pool for every new token. Every token, decode or prefill, goes through
 // the same kernel (attention.h), so its output does not depend on the step's shape.
-void CpuBackend::Attention(const BatchPlan& plan, const KeyIndex& ix, int32_t layer, const float* q,
-                           float* out) const {
+void CpuBackend::Attention(const KeyIndex& ix, int32_t layer, const float* q, float* out) const {
   const int32_t D = config_.head_dim, bs = kv_info_.block_size;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const size_t layer_off = static_cast<size_t>(layer) * kv_info_.num_blocks * bs * kv_heads_ * D;
-  const KvLayerView view =
-      kv_bf16_
-          ? KvLayerView{k_cache16_.data() + layer_off,
-                        v_cache16_.data() + layer_off,
-                        kv_heads_,
-                        D,
-                        bs,
-                        true}
-          : KvLayerView{
-                k_cache_.data() + layer_off, v_cache_.data() + layer_off, kv_heads_, D, bs, false};
-  const int32_t heads = q_heads_;
+  const void* k = kv_bf16_ ? static_cast<const void*>(k_cache16_.data() + layer_off)
+                           : static_cast<const void*>(k_cache_.data() + layer_off);
+  const void* v = kv_bf16_ ? static_cast<const void*>(v_cache16_.data() + layer_off)
+                           : static_cast<const void*>(v_cache_.data() + layer_off);
+  const KvLayerView view{k, v, kv_heads_, D, bs, kv_bf16_};
   const std::vector<AttnItem>& items = ix.items;
 #pragma omp parallel if (items.size() > 1)
   {
     AttnScratch scratch;
     std::vector<const float*> qs;
     std::vector<float*> outs;
-    std::vector<int32_t> nks;
 #pragma omp for schedule(dynamic, 1)
     for (size_t it = 0; it < items.size(); ++it) {
       const AttnItem& item = items[it];
-      const SeqPlan& seq = plan.seqs[item.seq];
-      qs.clear();
-      outs.clear();
-      nks.clear();
-      for (int32_t r = item.row0; r < item.row0 + item.rows; ++r) {
-        const size_t t = static_cast<size_t>(seq.token_begin + r);
-        for (int32_t h : heads_of_[item.kvh]) {
-          qs.push_back(q + (t * heads + h) * D);
-          outs.push_back(out + (t * heads + h) * D);
-          nks.push_back(ix.ctx_len[item.seq] + r + 1);
-        }
+      qs.resize(item.count);
+      outs.resize(item.count);
+      for (int32_t i = 0; i < item.count; ++i) {
+        const size_t row = static_cast<size_t>(ix.query_row[item.first + i]) * D;
+        qs[i] = q + row;
+        outs[i] = out + row;
       }
-      Attend(view, item.kvh, ix.keys[item.seq], static_cast<int32_t>(qs.size()), qs.data(),
-             nks.data(), scale, outs.data(), &scratch);
+      Attend(view, item.kvh, ix.keys[item.seq], item.count, qs.data(), &ix.query_nk[item.first],
+             scale, outs.data(), &scratch);
     }
   }
 }
@@ -414,7 +407,7 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
         }
       }
     }
-    Attention(plan, key_index, l, q.data(), attn.data());
+    Attention(key_index, l, q.data(), attn.data());
     Linear(attn.data(), T, L.wo, proj.data());
     SP_RETURN_IF_ERROR(AllReduce(proj.data(), proj.size()));
     for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];

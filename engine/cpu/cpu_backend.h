@@ -58,16 +58,17 @@ class CpuBackend : public Backend {
   // step's attention work items: (sequence, kv head, tile of new-token rows). Built once
   // per step for all layers.
   struct AttnItem {
-    int32_t seq, kvh, row0, rows;
+    int32_t seq, kvh;
+    int32_t first, count;  // its queries: [first, first + count) of query_row / query_nk
   };
   struct KeyIndex {
-    std::vector<AttnKeys> keys;
-    std::vector<int32_t> ctx_len;  // context keys of each sequence
+    std::vector<AttnKeys> keys;  // per sequence
     std::vector<AttnItem> items;
+    std::vector<int64_t> query_row;  // token * q_heads + head: the query's row in q and out
+    std::vector<int32_t> query_nk;   // keys the query sees
   };
   KeyIndex BuildKeyIndex(const BatchPlan& plan) const;
-  void Attention(const BatchPlan& plan, const KeyIndex& ix, int32_t layer, const float* q,
-                 float* out) const;
+  void Attention(const KeyIndex& ix, int32_t layer, const float* q, float* out) const;
   absl::Status AllReduce(float* data, int64_t count);
 
   BackendOptions options_;
