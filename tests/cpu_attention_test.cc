@@ -166,7 +166,7 @@ INSTANTIATE_TEST_SUITE_P(Pools, AttentionKernelTest,
                          });
 
 // bitwise: bf16 weights (batch-invariant GEMMs), so chunk == token by token exactly.
-void ExpectBlockedMatchesTokenByToken(const engine::ModelBundle* model,
+void ExpectChunkMatchesTokenByToken(const engine::ModelBundle* model,
                                       const std::vector<int32_t>& prompt,
                                       const std::string& dtype = "float32") {
   const bool bitwise = dtype == "bfloat16";
@@ -187,8 +187,8 @@ void ExpectBlockedMatchesTokenByToken(const engine::ModelBundle* model,
     for (int32_t d = 0; d < len; d += bs) c.push_back({d / bs, 0, std::min(bs, len - d)});
     return c;
   };
-  // Blocked: 20 tokens first (a cached prefix), then the rest as one chunk.
-  auto blocked = make();
+  // Chunked: 20 tokens first (a cached prefix), then the rest as one chunk.
+  auto chunked = make();
   std::vector<float> got(static_cast<size_t>(n) * V);
   const int32_t split = 20;
   for (auto [begin, end] : {std::pair{0, split}, std::pair{split, n}}) {
@@ -205,7 +205,7 @@ void ExpectBlockedMatchesTokenByToken(const engine::ModelBundle* model,
     }
     p.seqs.push_back(sp);
     engine::ForwardOutput out;
-    ASSERT_TRUE(blocked->Forward(p, &out).ok());
+    ASSERT_TRUE(chunked->Forward(p, &out).ok());
     std::copy(out.logits.begin(), out.logits.end(), got.begin() + static_cast<size_t>(begin) * V);
   }
   // Reference: one token per step.
@@ -239,7 +239,7 @@ void ExpectBlockedMatchesTokenByToken(const engine::ModelBundle* model,
   }
 }
 
-TEST(CpuAttention, BlockedPrefillMatchesTokenByToken) {
+TEST(CpuAttention, PrefillChunkMatchesTokenByToken) {
   auto model = engine::LoadModelBundle(testing::Stories260kDir());
   ASSERT_TRUE(model.ok()) << model.status();
   std::vector<int32_t> prompt = model->tokenizer->Encode(
@@ -249,11 +249,11 @@ TEST(CpuAttention, BlockedPrefillMatchesTokenByToken) {
       "played together all day long until the sun went down and it was time to go home.",
       true);
   ASSERT_GT(prompt.size(), 120u);
-  ExpectBlockedMatchesTokenByToken(&*model, prompt);
-  ExpectBlockedMatchesTokenByToken(&*model, prompt, "bfloat16");
+  ExpectChunkMatchesTokenByToken(&*model, prompt);
+  ExpectChunkMatchesTokenByToken(&*model, prompt, "bfloat16");
 }
 
-TEST(CpuAttention, BlockedPrefillMatchesTokenByTokenAtHeadDim64) {
+TEST(CpuAttention, PrefillChunkMatchesTokenByTokenAtHeadDim64) {
   // 4 query heads of 64 over 2 kv heads, 2 layers; float32 weights.
   engine::ModelConfig cfg = engine::LlamaShapedConfig(256, 2, 4, 2, 512, 512);
   ASSERT_EQ(cfg.head_dim, 64);
@@ -267,8 +267,8 @@ TEST(CpuAttention, BlockedPrefillMatchesTokenByTokenAtHeadDim64) {
     h = h * 1103515245u + 12345u;
     prompt.push_back(static_cast<int32_t>((h >> 16) % 256));
   }
-  ExpectBlockedMatchesTokenByToken(&*model, prompt);
-  ExpectBlockedMatchesTokenByToken(&*model, prompt, "bfloat16");
+  ExpectChunkMatchesTokenByToken(&*model, prompt);
+  ExpectChunkMatchesTokenByToken(&*model, prompt, "bfloat16");
 }
 
 }  // namespace
