@@ -4,6 +4,7 @@
 # generated Llama-shaped model.
 #   bench/batching.sh [shape=llama-110m] [concurrency=1,4,16,64] [server flags...]
 # e.g. bench/batching.sh llama-110m 1,4,16,64 --cpu_dtype=float32
+# LOAD_FLAGS go to the load client, e.g. LOAD_FLAGS="--temperature=0.8 --top_p=0.9".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shape=${1:-llama-110m}
@@ -20,4 +21,4 @@ server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -f "$port_file"' EXIT
 for _ in $(seq 1 600); do [ -s "$port_file" ] && break; sleep 0.1; done
 build/superpose-load --server=127.0.0.1:$(cat "$port_file") --concurrency="$levels" \
-  --requests_per_stream=4 --prompt_tokens=16 --max_new_tokens=64
+  --requests_per_stream=4 --prompt_tokens=16 --max_new_tokens=64 ${LOAD_FLAGS:-}

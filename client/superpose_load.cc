@@ -32,6 +32,9 @@ ABSL_FLAG(int32_t, prompt_tokens, 16, "Prompt length in tokens (random ids)");
 ABSL_FLAG(int32_t, max_new_tokens, 64, "Tokens generated per request (EOS ignored)");
 ABSL_FLAG(int32_t, vocab, 256, "Prompt ids are drawn from [0, vocab)");
 ABSL_FLAG(bool, markdown, true, "Print a markdown table");
+ABSL_FLAG(float, temperature, 0.0f, "Sampling temperature of every request (0: greedy)");
+ABSL_FLAG(int32_t, top_k, 0, "top_k of every request (0: off)");
+ABSL_FLAG(float, top_p, 1.0f, "top_p of every request (1: off)");
 
 namespace v1 = superpose::v1;
 using Clock = std::chrono::steady_clock;
@@ -74,7 +77,10 @@ Result RunLevel(const std::shared_ptr<grpc::Channel>& channel, int n) {
           req.mutable_token_ids()->add_ids((x >> 8) % absl::GetFlag(FLAGS_vocab));
         }
         req.mutable_sampling()->set_max_new_tokens(absl::GetFlag(FLAGS_max_new_tokens));
-        req.mutable_sampling()->set_temperature(0.0f);
+        req.mutable_sampling()->set_temperature(absl::GetFlag(FLAGS_temperature));
+        req.mutable_sampling()->set_top_k(absl::GetFlag(FLAGS_top_k));
+        req.mutable_sampling()->set_top_p(absl::GetFlag(FLAGS_top_p));
+        req.mutable_sampling()->set_seed(static_cast<uint64_t>(s * 1000 + r));
         req.set_ignore_eos(true);
         grpc::ClientContext ctx;
         if (!api_key.empty()) ctx.AddMetadata("authorization", "Bearer " + api_key);

@@ -17,12 +17,15 @@
 #include "cuda/kernels.h"
 #include "cuda/nccl_communicator.h"
 #include "cuda/step_meta.h"
+#include "cuda/top_logits_body.h"
 #include "engine/model/weights.h"
 #include "engine/tensor_parallel.h"
 #include "engine/util/status.h"
 #include "spdlog/spdlog.h"
 
 namespace superpose::cuda {
+
+static_assert(kTopMax == engine::kMaxTopLogits, "compact rows: one bound for engine and kernel");
 
 using engine::BatchPlan;
 using engine::ForwardOutput;
@@ -154,6 +157,10 @@ struct CudaBackend::Impl {
   DeviceArray<bf16> hn;
   DeviceArray<int32_t> meta;
   PinnedArray<int32_t> meta_host;
+  // Compact logits rows: [rows, ns] in, [C][kTopMax] ids and logits and [C] lse out.
+  DeviceArray<int32_t> top_meta, top_id;
+  DeviceArray<float> top_logit, top_lse;
+  PinnedArray<int32_t> top_meta_host, top_host;  // top_host: ids, then logits, then lse
 
   // CUDA graphs of decode steps. A graph bakes in the pointers of the buffers below,
   // which are allocated once for kGraphMaxBatch tokens (gmeta grows, dropping every
@@ -193,6 +200,12 @@ struct CudaBackend::Impl {
     hn.Reset();
     meta.Reset();
     meta_host.Reset();
+    top_meta.Reset();
+    top_id.Reset();
+    top_logit.Reset();
+    top_lse.Reset();
+    top_meta_host.Reset();
+    top_host.Reset();
     if (cublas != nullptr) cublasDestroy(cublas);
     cublas_workspace.Reset();
     if (stream != nullptr) cudaStreamDestroy(stream);
@@ -224,6 +237,15 @@ struct CudaBackend::Impl {
   // or a failure, which switches graphs off with one warning). Errors are those of the
   // step itself (copies, synchronization).
   absl::StatusOr<bool> ForwardGraph(const BatchPlan& plan, const StepMeta& sm, ForwardOutput* out);
+  // Compact logits rows: buffers for `compact` rows (before any step work is queued).
+  absl::Status ReserveTop(size_t compact);
+  // Queues the copies of plan.logits_for's rows to the host: row i of logits_for is
+  // row i of `dev` ([*, V] float), or row plan.logits_for[i] when `by_token`. Whole rows
+  // go to out->logits; compact rows through the top-logits kernel to pinned memory,
+  // which UnpackTop moves into out->top / top_lse once the stream is synchronized.
+  absl::Status EnqueueLogits(const BatchPlan& plan, const float* dev, bool by_token,
+                             ForwardOutput* out);
+  void UnpackTop(const BatchPlan& plan, ForwardOutput* out) const;
   absl::Status EnsureGraphBuffers(size_t meta_words);
   absl::Status CaptureGraph(int32_t B);
   // Destroys every graph (the stream must be idle); the buffers stay.
@@ -638,8 +660,13 @@ absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* ou
   SP_RETURN_IF_ERROR(engine::ValidatePlan(plan, kv_info, config.vocab_size));
   out->logits.clear();
   out->logprobs.clear();
+  out->top.clear();
+  out->top_lse.clear();
   if (plan.num_tokens() == 0) return absl::OkStatus();
   SP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  size_t compact = 0;
+  for (int32_t n : plan.logits_top) compact += n > 0;
+  SP_RETURN_IF_ERROR(ReserveTop(compact));
   // Step metadata: tokens, positions, slots, keys, tiles, rows.
   absl::StatusOr<StepMeta> sm = BuildStepMeta(plan, kv_info.block_size, attn_tile);
   if (!sm.ok()) return sm.status();
@@ -648,6 +675,8 @@ absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* ou
     if (!done.ok()) return done.status();
     if (*done) return absl::OkStatus();
     out->logits.clear();
+    out->top.clear();
+    out->top_lse.clear();
   }
   return ForwardEager(plan, *sm, out);
 }
@@ -725,12 +754,7 @@ absl::Status CudaBackend::Impl::ForwardEager(const BatchPlan& plan, const StepMe
           sizeof(float) * (v1 - v0), Rs, cudaMemcpyDeviceToDevice, stream));
     }
   }
-  const size_t nl = plan.logits_for.size();
-  out->logits.resize(nl * V);
-  if (nl > 0) {
-    SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->logits.data(), all_logits, nl * V * sizeof(float),
-                                            cudaMemcpyDeviceToHost, stream));
-  }
+  SP_RETURN_IF_ERROR(EnqueueLogits(plan, all_logits, /*by_token=*/false, out));
   out->logprobs.resize(NL);
   if (NL > 0) {
     SP_CUDA_RETURN_IF_ERROR(
@@ -739,7 +763,86 @@ absl::Status CudaBackend::Impl::ForwardEager(const BatchPlan& plan, const StepMe
                                             cudaMemcpyDeviceToHost, stream));
   }
   SP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  UnpackTop(plan, out);
   return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Impl::ReserveTop(size_t compact) {
+  if (compact == 0) return absl::OkStatus();
+  SP_RETURN_IF_ERROR(top_meta.Reserve(2 * compact));
+  SP_RETURN_IF_ERROR(top_meta_host.Reserve(2 * compact));
+  SP_RETURN_IF_ERROR(top_id.Reserve(compact * kTopMax));
+  SP_RETURN_IF_ERROR(top_logit.Reserve(compact * kTopMax));
+  SP_RETURN_IF_ERROR(top_lse.Reserve(compact));
+  return top_host.Reserve(compact * (2 * kTopMax + 1));
+}
+
+absl::Status CudaBackend::Impl::EnqueueLogits(const BatchPlan& plan, const float* dev,
+                                              bool by_token, ForwardOutput* out) {
+  const int32_t V = config.vocab_size;
+  const std::vector<int32_t>& rows = plan.logits_for;
+  auto top_of = [&](size_t i) { return plan.logits_top.empty() ? 0 : plan.logits_top[i]; };
+  auto dev_row = [&](size_t i) { return static_cast<size_t>(by_token ? rows[i] : i); };
+  size_t whole = 0, compact = 0;
+  for (size_t i = 0; i < rows.size(); ++i) (top_of(i) == 0 ? whole : compact) += 1;
+  out->logits.resize(whole * V);
+  // Whole rows: runs of rows consecutive on the device in one copy each.
+  size_t w = 0;
+  for (size_t i = 0; i < rows.size();) {
+    if (top_of(i) != 0) {
+      ++i;
+      continue;
+    }
+    size_t j = i + 1;
+    while (j < rows.size() && top_of(j) == 0 && dev_row(j) == dev_row(j - 1) + 1) ++j;
+    SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->logits.data() + w * V, dev + dev_row(i) * V,
+                                            (j - i) * V * sizeof(float), cudaMemcpyDeviceToHost,
+                                            stream));
+    w += j - i;
+    i = j;
+  }
+  if (compact == 0) return absl::OkStatus();
+  // Compact rows: the kernel writes kTopMax slots per row; only the first n go back.
+  int32_t* m = top_meta_host.get();
+  size_t c = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (top_of(i) == 0) continue;
+    m[c] = static_cast<int32_t>(dev_row(i));
+    m[compact + c] = top_of(i);
+    ++c;
+  }
+  SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(top_meta.get(), m, 2 * compact * sizeof(int32_t),
+                                          cudaMemcpyHostToDevice, stream));
+  const int32_t C = static_cast<int32_t>(compact);
+  SP_CUDA_RETURN_IF_ERROR(LaunchTopLogits(dev, V, top_meta.get(), top_meta.get() + compact, C,
+                                          top_id.get(), top_logit.get(), top_lse.get(), stream));
+  int32_t* h = top_host.get();
+  SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h, top_id.get(), compact * kTopMax * sizeof(int32_t),
+                                          cudaMemcpyDeviceToHost, stream));
+  SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h + compact * kTopMax, top_logit.get(),
+                                          compact * kTopMax * sizeof(float), cudaMemcpyDeviceToHost,
+                                          stream));
+  SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h + 2 * compact * kTopMax, top_lse.get(),
+                                          compact * sizeof(float), cudaMemcpyDeviceToHost, stream));
+  return absl::OkStatus();
+}
+
+void CudaBackend::Impl::UnpackTop(const BatchPlan& plan, ForwardOutput* out) const {
+  size_t compact = 0;
+  for (int32_t n : plan.logits_top) compact += n > 0;
+  if (compact == 0) return;
+  const int32_t* ids = top_host.get();
+  const float* logit = reinterpret_cast<const float*>(ids + compact * kTopMax);
+  const float* lse = logit + compact * kTopMax;
+  size_t c = 0;
+  for (int32_t n : plan.logits_top) {
+    if (n == 0) continue;
+    for (int32_t j = 0; j < n; ++j) {
+      out->top.push_back({ids[c * kTopMax + j], logit[c * kTopMax + j]});
+    }
+    out->top_lse.push_back(lse[c]);
+    ++c;
+  }
 }
 
 // ---- CUDA graphs of decode steps. ----
@@ -887,19 +990,10 @@ absl::StatusOr<bool> CudaBackend::Impl::ForwardGraph(const BatchPlan& plan, cons
     return false;
   }
   ++graph_replays;
-  // Rows of plan.logits_for, consecutive rows in one copy (tp = 1: rows of V floats).
-  const int32_t V = config.vocab_size;
-  const std::vector<int32_t>& rows = plan.logits_for;
-  out->logits.resize(rows.size() * V);
-  for (size_t i = 0; i < rows.size();) {
-    size_t j = i + 1;
-    while (j < rows.size() && rows[j] == rows[j - 1] + 1) ++j;
-    SP_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(out->logits.data() + i * V, glocal.get() + static_cast<size_t>(rows[i]) * V,
-                        (j - i) * V * sizeof(float), cudaMemcpyDeviceToHost, stream));
-    i = j;
-  }
+  // Rows of plan.logits_for (tp = 1: glocal rows are V floats, one per token).
+  SP_RETURN_IF_ERROR(EnqueueLogits(plan, glocal.get(), /*by_token=*/true, out));
   SP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  UnpackTop(plan, out);
   return true;
 }
 

@@ -3,6 +3,7 @@
 #include <cublas_v2.h>
 
 #include "cuda/cuda_util.h"
+#include "cuda/top_logits_body.h"
 #include "engine/model/weights.h"
 #include "engine/util/status.h"
 
@@ -200,6 +201,37 @@ absl::Status Logprobs(const std::vector<float>& logits, int32_t V, const std::ve
   SP_RETURN_IF_ERROR(dout.Allocate(n));
   SP_RETURN_IF_ERROR(Sync(LaunchLogprobs(dl.get(), V, dr.get(), dt.get(), n, dout.get(), nullptr)));
   return Get(dout, n, out);
+}
+
+absl::Status TopLogits(const std::vector<float>& logits, int32_t V,
+                       const std::vector<int32_t>& rows, const std::vector<int32_t>& ns,
+                       std::vector<std::vector<int32_t>>* ids,
+                       std::vector<std::vector<float>>* top_logits, std::vector<float>* lse) {
+  DeviceArray<float> dl, dlogit, dlse;
+  DeviceArray<int32_t> dr, dn, did;
+  SP_RETURN_IF_ERROR(Put(logits, &dl));
+  SP_RETURN_IF_ERROR(Put(rows, &dr));
+  SP_RETURN_IF_ERROR(Put(ns, &dn));
+  const int32_t R = static_cast<int32_t>(rows.size());
+  SP_RETURN_IF_ERROR(did.Allocate(static_cast<size_t>(R) * kTopMax));
+  SP_RETURN_IF_ERROR(dlogit.Allocate(static_cast<size_t>(R) * kTopMax));
+  SP_RETURN_IF_ERROR(dlse.Allocate(R));
+  SP_RETURN_IF_ERROR(Sync(LaunchTopLogits(dl.get(), V, dr.get(), dn.get(), R, did.get(),
+                                          dlogit.get(), dlse.get(), nullptr)));
+  std::vector<int32_t> all_ids(static_cast<size_t>(R) * kTopMax);
+  std::vector<float> all_logits;
+  SP_CUDA_RETURN_IF_ERROR(cudaMemcpy(all_ids.data(), did.get(), all_ids.size() * sizeof(int32_t),
+                                     cudaMemcpyDeviceToHost));
+  SP_RETURN_IF_ERROR(Get(dlogit, static_cast<size_t>(R) * kTopMax, &all_logits));
+  SP_RETURN_IF_ERROR(Get(dlse, R, lse));
+  ids->assign(R, {});
+  top_logits->assign(R, {});
+  for (int32_t r = 0; r < R; ++r) {
+    (*ids)[r].assign(all_ids.begin() + r * kTopMax, all_ids.begin() + r * kTopMax + ns[r]);
+    (*top_logits)[r].assign(all_logits.begin() + r * kTopMax,
+                            all_logits.begin() + r * kTopMax + ns[r]);
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace superpose::cuda::check

@@ -42,4 +42,11 @@ absl::Status Gemm(const std::vector<float>& x, const std::vector<float>& w, int3
 absl::Status Logprobs(const std::vector<float>& logits, int32_t V, const std::vector<int32_t>& rows,
                       const std::vector<int32_t>& targets, std::vector<float>* out);
 
+// LaunchTopLogits: per entry of `rows`, ns[i] ids and logits (in rank order) and the
+// row's log-sum-exp.
+absl::Status TopLogits(const std::vector<float>& logits, int32_t V,
+                       const std::vector<int32_t>& rows, const std::vector<int32_t>& ns,
+                       std::vector<std::vector<int32_t>>* ids,
+                       std::vector<std::vector<float>>* top_logits, std::vector<float>* lse);
+
 }  // namespace superpose::cuda::check

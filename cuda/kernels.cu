@@ -8,6 +8,7 @@
 
 #include "cuda/attention_body.h"
 #include "cuda/attention_tc_body.h"
+#include "cuda/top_logits_body.h"
 #include "cuda/kernels.h"
 
 namespace superpose::cuda {
@@ -402,6 +403,33 @@ cudaError_t LaunchLogprobs(const float* logits, int32_t V, const int32_t* rows,
   return cudaGetLastError();
 }
 
+namespace {
+struct TopCtx : DeviceCtx {
+  __device__ void atomic_add(uint32_t* p, uint32_t v) const { atomicAdd(p, v); }
+};
+
+// grid R: one block per compact row; the body is cuda/top_logits_body.h.
+__global__ void __launch_bounds__(kTopThreads)
+    TopLogitsKernel(const float* __restrict__ logits, int32_t V, const int32_t* __restrict__ rows,
+                    const int32_t* __restrict__ ns, int32_t* __restrict__ out_id,
+                    float* __restrict__ out_logit, float* __restrict__ out_lse) {
+  __shared__ TopLogitsShared sh;
+  TopCtx c;
+  const int32_t r = static_cast<int32_t>(blockIdx.x);
+  TopLogitsRow(c, logits + static_cast<size_t>(rows[r]) * V, V, ns[r], sh,
+               out_id + static_cast<size_t>(r) * kTopMax,
+               out_logit + static_cast<size_t>(r) * kTopMax, out_lse + r);
+}
+}  // namespace
+
+cudaError_t LaunchTopLogits(const float* logits, int32_t V, const int32_t* rows,
+                            const int32_t* ns, int32_t R, int32_t* out_id, float* out_logit,
+                            float* out_lse, cudaStream_t stream) {
+  if (R <= 0) return cudaSuccess;
+  TopLogitsKernel<<<R, kTopThreads, 0, stream>>>(logits, V, rows, ns, out_id, out_logit, out_lse);
+  return cudaGetLastError();
+}
+
 cudaError_t LaunchFillRandom(bf16* p, int64_t n, uint64_t seed, float scale, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   FillRandomKernel<<<GridFor(n, 256), 256, 0, stream>>>(p, n, seed, scale);
@@ -417,6 +445,7 @@ cudaError_t LoadKernels() {
                            reinterpret_cast<const void*>(TcAttentionKernel),
                            reinterpret_cast<const void*>(SwiGluKernel),
                            reinterpret_cast<const void*>(LogprobsKernel),
+                           reinterpret_cast<const void*>(TopLogitsKernel),
                            reinterpret_cast<const void*>(FillRandomKernel),
                            reinterpret_cast<const void*>(FillF32Kernel)};
   for (const void* k : kernels) {

@@ -81,6 +81,14 @@ cudaError_t LaunchSwiGlu(const float* gu, int32_t T, int32_t I, bf16* act, cudaS
 cudaError_t LaunchLogprobs(const float* logits, int32_t V, const int32_t* rows,
                            const int32_t* targets, int32_t n, float* out, cudaStream_t stream);
 
+// Compact logits rows (cuda/top_logits_body.h): for each i < R, the ns[i] best tokens
+// of logits[rows[i], :] (logit descending, lower id first on ties) into
+// out_id/out_logit[i * kTopMax ...], and that row's log-sum-exp into out_lse[i].
+// 1 <= ns[i] <= min(V, kTopMax).
+cudaError_t LaunchTopLogits(const float* logits, int32_t V, const int32_t* rows, const int32_t* ns,
+                            int32_t R, int32_t* out_id, float* out_logit, float* out_lse,
+                            cudaStream_t stream);
+
 // Fills n bf16 values with uniform(-scale, scale) from a counter-based hash of
 // (seed, index): deterministic, generated on the device (benchmarks, tests).
 cudaError_t LaunchFillRandom(bf16* p, int64_t n, uint64_t seed, float scale, cudaStream_t stream);

@@ -1,8 +1,11 @@
 #include "engine/backend.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "engine/runtime/row_math.h"
 
 namespace superpose::engine {
 
@@ -59,12 +62,76 @@ absl::Status ValidatePlan(const BatchPlan& plan, const KvPoolInfo& kv, int32_t v
   for (int32_t t : plan.logits_for) {
     if (t < 0 || t >= n) return absl::InvalidArgumentError("plan: logits_for out of range");
   }
+  if (!plan.logits_top.empty() && plan.logits_top.size() != plan.logits_for.size()) {
+    return absl::InvalidArgumentError("plan: logits_top and logits_for differ in length");
+  }
+  for (int32_t n : plan.logits_top) {
+    if (n < 0 || n > kMaxTopLogits || n > vocab_size) {
+      return absl::InvalidArgumentError("plan: logits_top out of range");
+    }
+  }
   for (const LogprobRequest& r : plan.logprobs) {
     if (r.token_index < 0 || r.token_index >= n || r.target < 0 || r.target >= vocab_size) {
       return absl::InvalidArgumentError("plan: logprob request out of range");
     }
   }
   return absl::OkStatus();
+}
+
+namespace {
+// a comes before b in a compact row.
+bool Better(const TopLogit& a, const TopLogit& b) {
+  return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
+}
+}  // namespace
+
+void SelectTopLogits(absl::Span<const float> row, int32_t n, std::vector<TopLogit>* out) {
+  const int32_t V = static_cast<int32_t>(row.size());
+  n = std::min(n, V);
+  if (n <= 0) return;
+  // A heap of the n best so far, its worst on top; ids arrive in increasing order, so a
+  // later token only enters with a strictly larger logit than the worst kept.
+  const size_t base = out->size();
+  for (int32_t i = 0; i < n; ++i) out->push_back({i, row[i]});
+  auto first = out->begin() + static_cast<std::ptrdiff_t>(base);
+  std::make_heap(first, out->end(), Better);
+  float worst = first->logit;
+  for (int32_t i = n; i < V; ++i) {
+    if (!(row[i] > worst)) continue;
+    std::pop_heap(first, out->end(), Better);
+    out->back() = {i, row[i]};
+    std::push_heap(first, out->end(), Better);
+    worst = first->logit;
+  }
+  std::sort(first, out->end(), Better);
+}
+
+float LogSumExp(absl::Span<const float> row) {
+  if (row.empty()) return -std::numeric_limits<float>::infinity();
+  const float mx = MaxOf(row.data(), static_cast<int32_t>(row.size()));
+  if (!std::isfinite(mx)) return mx;
+  const double sum = ScaledExp(row.data(), static_cast<int32_t>(row.size()), 1.0f, mx, nullptr);
+  return mx + static_cast<float>(std::log(sum));
+}
+
+void CompactLogits(const BatchPlan& plan, int32_t vocab, const float* rows, ForwardOutput* out) {
+  const size_t nl = plan.logits_for.size();
+  out->top.clear();
+  out->top_lse.clear();
+  if (plan.logits_top.empty()) {
+    out->logits.assign(rows, rows + nl * vocab);
+    return;
+  }
+  out->logits.clear();
+  for (size_t r = 0; r < nl; ++r) {
+    const absl::Span<const float> row(rows + r * vocab, vocab);
+    if (plan.logits_top[r] == 0) {
+      out->logits.insert(out->logits.end(), row.begin(), row.end());
+    } else {
+      SelectTopLogits(row, plan.logits_top[r], &out->top);
+      out->top_lse.push_back(LogSumExp(row));
+    }
+  }
 }
 
 absl::StatusOr<ShardLayout> ComputeShardLayout(const ModelConfig& config, const Shard& shard) {

@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "engine/model/config.h"
 #include "engine/model/weights.h"
 
@@ -49,20 +50,40 @@ struct LogprobRequest {
   int32_t target = 0;
 };
 
+// Longest compact logits row (best candidates of a row) a plan may ask for.
+inline constexpr int32_t kMaxTopLogits = 64;
+
 struct BatchPlan {
   std::vector<int32_t> tokens;      // flattened new tokens of all sequences
   std::vector<float> positions;     // RoPE position of each token (may be fractional)
   std::vector<KvSlot> kv_slots;     // where each token's K/V goes
   std::vector<SeqPlan> seqs;        // contiguous, in token order
-  std::vector<int32_t> logits_for;  // token indices whose full logits are returned
+  std::vector<int32_t> logits_for;  // token indices whose logits are returned
+  // Empty, or one per logits_for entry: 0 returns that row whole, n in
+  // [1, kMaxTopLogits] returns only its n best tokens and its log-sum-exp (a compact
+  // row: what greedy and top-k sampling need, without moving the vocabulary).
+  std::vector<int32_t> logits_top;
   std::vector<LogprobRequest> logprobs;
 
   int32_t num_tokens() const { return static_cast<int32_t>(tokens.size()); }
 };
 
+// One token of a compact logits row.
+struct TopLogit {
+  int32_t id = 0;
+  float logit = 0;
+  bool operator==(const TopLogit& o) const { return id == o.id && logit == o.logit; }
+};
+
 struct ForwardOutput {
-  // logits_for.size() rows of vocab_size floats, in the order of plan.logits_for.
+  // The whole rows: vocab_size floats for each plan.logits_for entry whose logits_top
+  // is 0 (every entry when logits_top is empty), in the order of plan.logits_for.
   std::vector<float> logits;
+  // The compact rows, in the order of plan.logits_for: for an entry with logits_top
+  // n > 0, its n best tokens (logit descending, lower id first on ties) in `top` and
+  // the log-sum-exp of its whole row in `top_lse`.
+  std::vector<TopLogit> top;
+  std::vector<float> top_lse;
   // One per plan.logprobs entry (natural log).
   std::vector<float> logprobs;
 };
@@ -160,6 +181,16 @@ struct ShardLayout {
 };
 // INVALID_ARGUMENT naming the size that tp does not divide.
 absl::StatusOr<ShardLayout> ComputeShardLayout(const ModelConfig& config, const Shard& shard);
+
+// The `n` best tokens of `row` (logit descending, lower id first on ties), appended to
+// `out`. `n` is at most row.size().
+void SelectTopLogits(absl::Span<const float> row, int32_t n, std::vector<TopLogit>* out);
+// log(sum(exp(row))), computed stably (float exponentials, double sum).
+float LogSumExp(absl::Span<const float> row);
+// Fills out->logits, out->top and out->top_lse from whole rows: `rows` holds
+// plan.logits_for.size() rows of `vocab` floats. For backends that have every row on
+// the host.
+void CompactLogits(const BatchPlan& plan, int32_t vocab, const float* rows, ForwardOutput* out);
 
 // Checks a plan against the pool and itself (ranges, slots, segment bounds) so that a
 // backend never reads or writes outside its memory. Used by backends in debug paths

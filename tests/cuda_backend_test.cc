@@ -336,6 +336,32 @@ TEST_F(CudaTest, LogprobsMatchReference) {
   }
 }
 
+// The compact-row kernel against the host's selection: ids and logits bitwise (no
+// arithmetic), the log-sum-exp within 2e-5 relative (float sums).
+TEST_F(CudaTest, TopLogitsMatchHostSelection) {
+  for (int32_t V : {1000, 128256}) {
+    std::vector<float> logits = RandomNonZero(4 * static_cast<size_t>(V), 23, 0.01f, 12.0f);
+    for (int32_t i = 0; i < V; i += 97) logits[2 * V + i] = 11.5f;  // ties across the cut
+    for (int32_t i = 0; i < V; ++i) logits[3 * V + i] -= 60.0f;     // all negative
+    const std::vector<int32_t> rows = {0, 2, 2, 1, 3}, ns = {1, 40, 64, 7, 64};
+    std::vector<std::vector<int32_t>> ids;
+    std::vector<std::vector<float>> tops;
+    std::vector<float> lse;
+    ASSERT_TRUE(cuda::check::TopLogits(logits, V, rows, ns, &ids, &tops, &lse).ok());
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const absl::Span<const float> row(&logits[static_cast<size_t>(rows[i]) * V], V);
+      std::vector<engine::TopLogit> want;
+      engine::SelectTopLogits(row, ns[i], &want);
+      for (int32_t j = 0; j < ns[i]; ++j) {
+        ASSERT_EQ(ids[i][j], want[j].id) << "V=" << V << " entry " << i << " rank " << j;
+        ASSERT_EQ(tops[i][j], want[j].logit) << "V=" << V << " entry " << i << " rank " << j;
+      }
+      const float ref = engine::LogSumExp(row);
+      EXPECT_NEAR(lse[i], ref, 2e-5f * std::max(1.0f, std::abs(ref))) << "V=" << V << " " << i;
+    }
+  }
+}
+
 // ---- Whole steps against the CPU backend. ----
 
 // A copy of `src` with every tensor rounded to bf16 (as the GPU stores it).
@@ -916,6 +942,72 @@ TEST_F(CudaTest, DecodeGraphsMatchEagerBitwise) {
   EXPECT_FALSE(gr->graph_stats().enabled);
   RunBoth(*gr, *eg, decode_plan(), V, "decode step, graphs switched off", &want);
   EXPECT_EQ(gr->graph_stats().replays, gs.replays + static_cast<int64_t>(picks.size()) + 1);
+}
+
+// Compact rows from Forward, eager and from CUDA graphs: the same step asked for whole
+// rows and for compact ones (a step rerun with the same tokens writes the same K/V, so
+// its logits are the same) gives SelectTopLogits of the whole rows, bitwise, and the
+// whole rows it still asks for unchanged.
+TEST_F(CudaTest, CompactRowsMatchWholeRows) {
+  auto model = engine::LoadModelBundle(testing::Stories260kDir());
+  ASSERT_TRUE(model.ok());
+  const int32_t V = model->config.vocab_size;
+  for (bool graphs : {false, true}) {
+    auto gpu = LoadedGpu(*model, 64, graphs);
+    ASSERT_NE(gpu, nullptr);
+    std::vector<SimSeq> seqs(6);
+    engine::BatchPlan pf;
+    for (int32_t s = 0; s < 6; ++s) {
+      seqs[s].id = s + 1;
+      seqs[s].base_block = 4 * s;
+      std::vector<int32_t> toks;
+      for (int32_t i = 0; i < 5 + 3 * s; ++i) toks.push_back(1 + (s * 37 + i * 11) % (V - 1));
+      AddTokens(pf, seqs[s], toks);
+    }
+    auto check = [&](engine::BatchPlan plan, const std::string& what) {
+      engine::ForwardOutput whole, compact;
+      ASSERT_TRUE(gpu->Forward(plan, &whole).ok()) << what;
+      ASSERT_EQ(whole.logits.size(), plan.logits_for.size() * V) << what;
+      plan.logits_top.assign(plan.logits_for.size(), 0);
+      const int32_t ns[] = {1, 0, 40, 64, 0, 7};
+      for (size_t r = 0; r < plan.logits_top.size(); ++r) plan.logits_top[r] = ns[r % 6];
+      ASSERT_TRUE(gpu->Forward(plan, &compact).ok()) << what;
+      std::vector<engine::TopLogit> want_top;
+      std::vector<float> want_whole, want_lse;
+      for (size_t r = 0; r < plan.logits_for.size(); ++r) {
+        const absl::Span<const float> row(&whole.logits[r * V], V);
+        if (plan.logits_top[r] == 0) {
+          want_whole.insert(want_whole.end(), row.begin(), row.end());
+        } else {
+          engine::SelectTopLogits(row, plan.logits_top[r], &want_top);
+          want_lse.push_back(engine::LogSumExp(row));
+        }
+      }
+      EXPECT_EQ(compact.logits, want_whole) << what;
+      ASSERT_EQ(compact.top.size(), want_top.size()) << what;
+      for (size_t i = 0; i < want_top.size(); ++i) {
+        ASSERT_EQ(compact.top[i], want_top[i]) << what << " entry " << i;
+      }
+      ASSERT_EQ(compact.top_lse.size(), want_lse.size()) << what;
+      for (size_t i = 0; i < want_lse.size(); ++i) {
+        EXPECT_NEAR(compact.top_lse[i], want_lse[i], 2e-5f * std::max(1.0f, std::abs(want_lse[i])))
+            << what;
+      }
+    };
+    const std::string mode = graphs ? "graphs" : "eager";
+    check(pf, mode + " prefill");
+    if (HasFatalFailure()) return;
+    for (int32_t s = 0; s < 6; ++s) seqs[s].len = 5 + 3 * s;
+    for (int step = 0; step < 4; ++step) {  // warm-up, capture, replays
+      engine::BatchPlan plan;
+      for (const SimSeq& q : seqs)
+        AddTokens(plan, q, {1 + (step * 13 + static_cast<int32_t>(q.id)) % (V - 1)});
+      check(plan, mode + " decode " + std::to_string(step));
+      if (HasFatalFailure()) return;
+      for (SimSeq& q : seqs) ++q.len;
+    }
+    if (graphs) EXPECT_GT(gpu->graph_stats().replays, 0);
+  }
 }
 
 // Key lists longer than the graphs' metadata buffer: it grows, every graph is dropped

@@ -223,5 +223,113 @@ TEST_F(BatchingTest, FullQueueIsRejectedAtOnceWhileStreamsContinue) {
   EXPECT_EQ(cs[0].Wait().tokens.size(), 300u);
 }
 
+// Counts the compact rows the engine asks for, around the CPU backend.
+class CountingBackend : public engine::Backend {
+ public:
+  explicit CountingBackend(engine::Backend* inner) : inner_(inner) {}
+  std::string name() const override { return inner_->name(); }
+  std::string compute_dtype() const override { return inner_->compute_dtype(); }
+  absl::Status Load(const engine::ModelConfig& c, const engine::WeightSource& w,
+                    const engine::Shard& s) override {
+    return inner_->Load(c, w, s);
+  }
+  engine::KvPoolInfo kv() const override { return inner_->kv(); }
+  absl::Status Forward(const engine::BatchPlan& plan, engine::ForwardOutput* out) override {
+    for (int32_t n : plan.logits_top) (n > 0 ? compact : whole) += 1;
+    if (plan.logits_top.empty()) whole += static_cast<int64_t>(plan.logits_for.size());
+    return inner_->Forward(plan, out);
+  }
+  int64_t compact = 0, whole = 0;
+
+ private:
+  engine::Backend* inner_;
+};
+
+// Compact logits rows (the backend returns a row's best tokens and its log-sum-exp)
+// give the same tokens and log-probabilities as whole rows, bitwise, for greedy and
+// top-k requests; requests that need the whole row (top-p without top-k, penalties)
+// still get it.
+TEST_F(BatchingTest, CompactLogitsRowsSampleLikeWholeRows) {
+  const auto prompts = Prompts(6);
+  auto request = [&](int i) {
+    engine::Request r = GreedyRequest(prompts[i], 20);
+    r.sampling.seed = 100 + i;
+    r.logprobs = true;
+    switch (i) {
+      case 0:  // greedy, 5 alternatives
+        r.top_logprobs = 5;
+        break;
+      case 1:
+        r.sampling.temperature = 0.9f;
+        r.sampling.top_k = 20;
+        r.top_logprobs = 3;
+        break;
+      case 2:
+        r.sampling.temperature = 0.8f;
+        r.sampling.top_k = 40;
+        r.sampling.top_p = 0.9f;
+        r.sampling.min_p = 0.05f;
+        break;
+      case 3:  // whole rows: top-p without top-k
+        r.sampling.temperature = 1.0f;
+        r.sampling.top_p = 0.9f;
+        break;
+      case 4:  // whole rows: a penalty
+        r.sampling.repetition_penalty = 1.3f;
+        break;
+      default:
+        r.sampling.temperature = 1.5f;
+        r.sampling.top_k = 64;
+        r.top_logprobs = 64;
+        break;
+    }
+    return r;
+  };
+  std::vector<testing::Completion> results[2];
+  int64_t compact[2], whole[2];
+  for (int mode = 0; mode < 2; ++mode) {
+    engine::BackendOptions opts;
+    opts.kv_num_blocks = 64;
+    auto cpu = std::make_unique<engine::cpu::CpuBackend>(opts);
+    ASSERT_TRUE(cpu->Load(model_.config, *model_.weights, engine::Shard{}).ok());
+    CountingBackend counting(cpu.get());
+    engine::EngineOptions eo;
+    eo.compact_logits = mode == 1;
+    engine::Engine eng(eo, model_.config, model_.tokenizer.get(), &counting);
+    eng.Start();
+    for (int i = 0; i < 6; ++i) {  // one at a time: the same steps in both modes
+      results[mode].push_back(RunRequest(eng, request(i)));
+      ASSERT_TRUE(results[mode].back().status.ok()) << i;
+    }
+    eng.Shutdown(absl::Seconds(1));
+    compact[mode] = counting.compact;
+    whole[mode] = counting.whole;
+  }
+  EXPECT_EQ(compact[0], 0);
+  EXPECT_EQ(compact[1], 4 * 20);  // requests 0, 1, 2 and 5, one row per token
+  EXPECT_EQ(whole[1], 2 * 20);
+  for (int i = 0; i < 6; ++i) {
+    const testing::Completion& a = results[0][i];
+    const testing::Completion& b = results[1][i];
+    EXPECT_EQ(a.tokens, b.tokens) << "request " << i;
+    ASSERT_EQ(a.logprobs.size(), b.logprobs.size()) << i;
+    for (size_t t = 0; t < a.logprobs.size(); ++t) {
+      EXPECT_EQ(a.logprobs[t].chosen.token_id, b.logprobs[t].chosen.token_id);
+      EXPECT_EQ(a.logprobs[t].chosen.logprob, b.logprobs[t].chosen.logprob) << i << " " << t;
+      ASSERT_EQ(a.logprobs[t].top.size(), b.logprobs[t].top.size());
+      for (size_t k = 0; k < a.logprobs[t].top.size(); ++k) {
+        EXPECT_EQ(a.logprobs[t].top[k].token_id, b.logprobs[t].top[k].token_id);
+        EXPECT_EQ(a.logprobs[t].top[k].logprob, b.logprobs[t].top[k].logprob);
+      }
+    }
+  }
+  // Request 5 really sampled: some of its tokens are not the most likely one.
+  int not_best = 0;
+  for (const engine::TokenLogprobs& lp : results[1][5].logprobs) {
+    not_best += lp.chosen.token_id != lp.top[0].token_id;
+  }
+  EXPECT_GT(not_best, 0);
+}
+
 }  // namespace
 }  // namespace superpose

@@ -83,6 +83,7 @@ class RecordingBackend : public engine::Backend {
   absl::Status Forward(const engine::BatchPlan& plan, engine::ForwardOutput* out) override {
     engine::BatchPlan all = plan;
     all.logits_for.clear();
+    all.logits_top.clear();  // whole rows
     for (int32_t i = 0; i < plan.num_tokens(); ++i) all.logits_for.push_back(i);
     engine::ForwardOutput full;
     absl::Status st = inner_->Forward(all, &full);
@@ -99,11 +100,12 @@ class RecordingBackend : public engine::Backend {
         seqs_[sp.id].push_back(std::move(tok));
       }
     }
-    out->logits.clear();
+    std::vector<float> rows;
     for (int32_t row : plan.logits_for) {
-      out->logits.insert(out->logits.end(), full.logits.begin() + static_cast<size_t>(row) * vocab_,
-                         full.logits.begin() + static_cast<size_t>(row + 1) * vocab_);
+      rows.insert(rows.end(), full.logits.begin() + static_cast<size_t>(row) * vocab_,
+                  full.logits.begin() + static_cast<size_t>(row + 1) * vocab_);
     }
+    engine::CompactLogits(plan, vocab_, rows.data(), out);  // as the engine asked
     out->logprobs = full.logprobs;
     return absl::OkStatus();
   }

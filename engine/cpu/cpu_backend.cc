@@ -473,8 +473,7 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
       }
     }
   }
-  const size_t nl = plan.logits_for.size();
-  out->logits.assign(logits.begin(), logits.begin() + nl * V);
+  CompactLogits(plan, V, logits.data(), out);
   out->logprobs.resize(plan.logprobs.size());
   // Log-sum-exp of every row that has a log-probability request, in parallel; float
   // exponentials, double sums.

@@ -519,6 +519,11 @@ bool Engine::Step() {
     if (complete && wants_logits) {
       logits_row[k] = static_cast<int32_t>(plan.logits_for.size());
       plan.logits_for.push_back(plan.num_tokens() - 1);
+      const bool emits = seq->role == SeqRole::kGenerate || seq->role == SeqRole::kAnswer;
+      plan.logits_top.push_back(emits && options_.compact_logits
+                                    ? TopLogitsNeeded(seq->req.sampling, seq->req.logprobs,
+                                                      seq->req.top_logprobs, config_.vocab_size)
+                                    : 0);
     }
     // FLOPs of this step for this sequence: rows with logits or log-probabilities pay
     // for the LM head.
@@ -547,6 +552,33 @@ bool Engine::Step() {
 
   // 5. Sample and stream; advance RAG groups.
   const int32_t V = config_.vocab_size;
+  // Where each logits row is in the output: a whole row's index in out.logits, or a
+  // compact row's first token in out.top and its index in out.top_lse.
+  struct RowAt {
+    int64_t whole = -1, top = 0, lse = 0;
+  };
+  std::vector<RowAt> row_at(plan.logits_for.size());
+  {
+    int64_t whole = 0, top = 0, lse = 0;
+    for (size_t r = 0; r < row_at.size(); ++r) {
+      const int32_t n = plan.logits_top[r];
+      if (n == 0) {
+        row_at[r].whole = whole++;
+      } else {
+        row_at[r].top = top;
+        row_at[r].lse = lse++;
+        top += n;
+      }
+    }
+    if (static_cast<size_t>(whole) * V != out.logits.size() ||
+        static_cast<size_t>(top) != out.top.size() ||
+        static_cast<size_t>(lse) != out.top_lse.size()) {
+      spdlog::error("forward returned logits of the wrong shape");
+      const absl::Status err = absl::InternalError("backend failure: logits of the wrong shape");
+      for (const Scheduled& s : sched) FinishSeq(s.seq, FinishReason::kNone, err);
+      return true;
+    }
+  }
   for (size_t k = 0; k < sched.size(); ++k) {
     Sequence* seq = sched[k].seq;
     if (seq->finished) continue;  // its RAG group failed earlier in this loop
@@ -566,12 +598,20 @@ bool Engine::Step() {
       }
     }
     if (seq->computed < static_cast<int32_t>(seq->tokens.size())) continue;
-    const float* logits =
-        logits_row[k] >= 0 ? out.logits.data() + static_cast<size_t>(logits_row[k]) * V : nullptr;
+    const RowAt* at = logits_row[k] >= 0 ? &row_at[logits_row[k]] : nullptr;
+    const float* logits = at != nullptr && at->whole >= 0
+                              ? out.logits.data() + static_cast<size_t>(at->whole) * V
+                              : nullptr;
     switch (seq->role) {
       case SeqRole::kGenerate:
       case SeqRole::kAnswer:
-        EmitToken(seq, logits);
+        if (logits != nullptr) {
+          EmitToken(seq, logits);
+        } else {
+          EmitToken(seq, nullptr,
+                    absl::MakeConstSpan(out.top).subspan(at->top, plan.logits_top[logits_row[k]]),
+                    out.top_lse[at->lse]);
+        }
         break;
       case SeqRole::kPreamble:
         OnPreambleDone(seq);
@@ -586,9 +626,9 @@ bool Engine::Step() {
 
 // Samples the next token of `seq` from its logits and streams it; finishes the
 // sequence when a stop condition holds.
-void Engine::EmitToken(Sequence* seq, const float* logits_in) {
+void Engine::EmitToken(Sequence* seq, const float* logits_in, absl::Span<const TopLogit> top,
+                       float top_lse) {
   const int32_t V = config_.vocab_size;
-  std::vector<float> logits(logits_in, logits_in + V);
   if (!seq->sampler) {
     seq->sampler = std::make_unique<Sampler>(seq->req.sampling, seq->req.prompt_ids);
     seq->decoder = std::make_unique<DecodeStream>(tokenizer_, seq->req.prompt_ids,
@@ -598,10 +638,19 @@ void Engine::EmitToken(Sequence* seq, const float* logits_in) {
   // A recomputed (preempted) sequence has already streamed its tokens: the logits of
   // its last token give the next one as usual.
   StreamEvent ev;
-  const int32_t token = seq->sampler->Sample(absl::MakeSpan(logits));
-  if (seq->req.logprobs) {
-    ev.logprobs.push_back(
-        ComputeLogprobs(absl::MakeConstSpan(logits_in, V), token, seq->req.top_logprobs));
+  int32_t token = 0;
+  if (logits_in != nullptr) {
+    logits_scratch_.assign(logits_in, logits_in + V);  // the penalties write into it
+    token = seq->sampler->Sample(absl::MakeSpan(logits_scratch_));
+    if (seq->req.logprobs) {
+      ev.logprobs.push_back(
+          ComputeLogprobs(absl::MakeConstSpan(logits_in, V), token, seq->req.top_logprobs));
+    }
+  } else {
+    token = seq->sampler->SampleTop(top);
+    if (seq->req.logprobs) {
+      ev.logprobs.push_back(LogprobsFromTop(top, top_lse, token, seq->req.top_logprobs));
+    }
   }
   seq->sampler->Accept(token);
   seq->tokens.push_back(token);

@@ -32,6 +32,10 @@ struct EngineOptions {
   int32_t max_context = 0;         // 0: the model's max_position_embeddings
   bool prefix_caching = true;
   int32_t rag_max_documents = 64;  // documents per RAG request
+  // Ask the backend for compact logits rows (a row's best tokens, see
+  // BatchPlan::logits_top) where they sample exactly like the whole row: greedy and
+  // top-k requests without penalties. Off: every row whole (same tokens, more bytes).
+  bool compact_logits = true;
 };
 
 // Observes the engine for metrics; called on the engine thread.
@@ -113,7 +117,10 @@ class Engine {
   bool EnsureBlocks(Sequence* seq, int32_t upto_tokens);
   void MatchPrefix(Sequence* seq);
   void PublishBlocks(Sequence* seq);
-  void EmitToken(Sequence* seq, const float* logits);
+  // From the whole row `logits`, or (logits null) from a compact row: its best tokens
+  // `top` and the log-sum-exp of the whole row.
+  void EmitToken(Sequence* seq, const float* logits, absl::Span<const TopLogit> top = {},
+                 float top_lse = 0.0f);
 
   EngineOptions options_;
   ModelConfig config_;
@@ -138,6 +145,7 @@ class Engine {
   // Engine-thread state.
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;
+  std::vector<float> logits_scratch_;  // the sampler's copy of a whole row
   std::vector<std::unique_ptr<RagGroup>> groups_;
   std::unique_ptr<rag::PathCache> path_cache_;
   uint64_t next_internal_id_ = uint64_t{1} << 62;  // ids of RAG-internal sequences

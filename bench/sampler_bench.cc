@@ -1,0 +1,106 @@
+// Host-side cost of turning one logits row into a token (engine/runtime/sampler.h), per
+// row, for the sampling settings clients send most: greedy, temperature with top-k,
+// top-p, min-p and plain temperature, with and without top log-probabilities. The
+// engine samples its rows one after the other on its scheduler thread, so at batch B a
+// decode step pays B times the time per row printed here on top of the forward pass.
+//
+// Rows are logits of a real-looking shape (a few large values over a Gaussian body),
+// drawn once; each setting runs `--reps` rows.
+//
+//   build/bench/sampler_bench --vocab=32000,128256
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "bench/bench_util.h"
+#include "engine/runtime/sampler.h"
+
+ABSL_FLAG(std::string, vocab, "32000,128256", "vocabulary sizes, comma-separated");
+ABSL_FLAG(int, reps, 200, "rows sampled per setting");
+
+namespace superpose::bench {
+namespace {
+
+struct Setting {
+  const char* name;
+  engine::SamplingOptions options;
+  int top_logprobs = 0;
+};
+
+std::vector<Setting> Settings() {
+  std::vector<Setting> s;
+  auto add = [&](const char* name, float temperature, int top_k, float top_p, float min_p,
+                 int top_logprobs = 0, float rep = 1.0f) {
+    Setting x{name, {}, top_logprobs};
+    x.options.temperature = temperature;
+    x.options.top_k = top_k;
+    x.options.top_p = top_p;
+    x.options.min_p = min_p;
+    x.options.repetition_penalty = rep;
+    x.options.seed = 7;
+    s.push_back(x);
+  };
+  add("greedy", 0.0f, 0, 1.0f, 0.0f);
+  add("greedy + 5 logprobs", 0.0f, 0, 1.0f, 0.0f, 5);
+  add("T=0.8 top_k=40", 0.8f, 40, 1.0f, 0.0f);
+  add("T=0.8 top_p=0.9", 0.8f, 0, 0.9f, 0.0f);
+  add("T=0.8 min_p=0.05", 0.8f, 0, 1.0f, 0.05f);
+  add("T=1 (no truncation)", 1.0f, 0, 1.0f, 0.0f);
+  add("T=1 top_p=0.95 rep=1.1", 1.0f, 0, 0.95f, 0.0f, 0, 1.1f);
+  return s;
+}
+
+void Run(int vocab, int reps) {
+  std::mt19937 rng(1);
+  std::normal_distribution<float> body(0.0f, 2.0f);
+  std::vector<std::vector<float>> rows(16, std::vector<float>(vocab));
+  for (auto& r : rows) {
+    for (float& x : r) x = body(rng);
+    for (int i = 0; i < 8; ++i) r[rng() % vocab] = 12.0f + i;  // a few likely tokens
+  }
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 200; ++i) prompt.push_back(static_cast<int32_t>(rng() % vocab));
+  std::printf("\nvocab %d, %d rows per setting\n", vocab, reps);
+  std::printf("| setting | us per row | rows/s |\n|---|---:|---:|\n");
+  for (const Setting& s : Settings()) {
+    engine::Sampler sampler(s.options, prompt);
+    std::vector<float> scratch(vocab);
+    long checksum = 0;
+    const double t0 = NowS();
+    for (int i = 0; i < reps; ++i) {
+      const std::vector<float>& row = rows[i % rows.size()];
+      scratch.assign(row.begin(), row.end());
+      const int32_t t = sampler.Sample(absl::MakeSpan(scratch));
+      if (s.top_logprobs > 0) {
+        checksum += engine::ComputeLogprobs(row, t, s.top_logprobs).top.size();
+      }
+      sampler.Accept(t);
+      checksum += t;
+    }
+    const double us = (NowS() - t0) / reps * 1e6;
+    std::printf("| %s | %.1f | %.0f |\n", s.name, us, 1e6 / us);
+    if (checksum == -1) std::printf("!");
+  }
+}
+
+}  // namespace
+}  // namespace superpose::bench
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  for (absl::string_view v : absl::StrSplit(absl::GetFlag(FLAGS_vocab), ',')) {
+    int vocab = 0;
+    if (!absl::SimpleAtoi(v, &vocab) || vocab < 2) {
+      std::fprintf(stderr, "bad --vocab entry\n");
+      return 2;
+    }
+    superpose::bench::Run(vocab, absl::GetFlag(FLAGS_reps));
+  }
+  return 0;
+}
