@@ -4,8 +4,9 @@
 // engine samples its rows one after the other on its scheduler thread, so at batch B a
 // decode step pays B times the time per row printed here on top of the forward pass.
 //
-// Rows are logits of a real-looking shape (a few large values over a Gaussian body),
-// drawn once; each setting runs `--reps` rows.
+// Two kinds of rows, drawn once: peaked (a few large values over a Gaussian body, like
+// a trained model's) and flat (a narrow Gaussian, like a random-weight model's, where
+// top-p keeps most of the vocabulary); each setting runs `--reps` rows.
 //
 //   build/bench/sampler_bench --vocab=32000,128256
 #include <cmath>
@@ -56,17 +57,18 @@ std::vector<Setting> Settings() {
   return s;
 }
 
-void Run(int vocab, int reps) {
+void Run(int vocab, int reps, bool flat) {
   std::mt19937 rng(1);
-  std::normal_distribution<float> body(0.0f, 2.0f);
+  std::normal_distribution<float> body(0.0f, flat ? 0.3f : 2.0f);
   std::vector<std::vector<float>> rows(16, std::vector<float>(vocab));
   for (auto& r : rows) {
     for (float& x : r) x = body(rng);
+    if (flat) continue;
     for (int i = 0; i < 8; ++i) r[rng() % vocab] = 12.0f + i;  // a few likely tokens
   }
   std::vector<int32_t> prompt;
   for (int i = 0; i < 200; ++i) prompt.push_back(static_cast<int32_t>(rng() % vocab));
-  std::printf("\nvocab %d, %d rows per setting\n", vocab, reps);
+  std::printf("\nvocab %d, %s rows, %d rows per setting\n", vocab, flat ? "flat" : "peaked", reps);
   std::printf("| setting | us per row | rows/s |\n|---|---:|---:|\n");
   for (const Setting& s : Settings()) {
     engine::Sampler sampler(s.options, prompt);
@@ -100,7 +102,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "bad --vocab entry\n");
       return 2;
     }
-    superpose::bench::Run(vocab, absl::GetFlag(FLAGS_reps));
+    for (bool flat : {false, true}) superpose::bench::Run(vocab, absl::GetFlag(FLAGS_reps), flat);
   }
   return 0;
 }

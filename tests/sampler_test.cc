@@ -196,8 +196,8 @@ TEST(SamplerTest, CompactRowsSampleLikeWholeRows) {
 
 // The documented semantics, spelled out in double precision over a fully sorted row:
 // tokens ranked by logit (lower id first on ties); top_k keeps the first top_k; min-p
-// and top-p cut in rank order; the draw walks the kept tokens in rank order with top_k
-// or top-p, else in id order.
+// and top-p cut in rank order; the draw walks the kept tokens in rank order with top_k,
+// else in id order.
 int32_t Reference(const SamplingOptions& o, const std::vector<float>& row, std::mt19937_64* rng) {
   const int32_t V = static_cast<int32_t>(row.size());
   std::vector<int32_t> rank(V);
@@ -218,9 +218,7 @@ int32_t Reference(const SamplingOptions& o, const std::vector<float>& row, std::
   for (int32_t j = 0; j < n; ++j) {
     if (w[rank[j]] / sum >= o.min_p * (1.0 / sum)) kept.push_back(rank[j]);
   }
-  bool ranked = top_k;
   if (o.top_p < 1.0f) {
-    ranked = true;
     double cum = 0;
     size_t k = 0;
     while (k < kept.size()) {
@@ -230,7 +228,7 @@ int32_t Reference(const SamplingOptions& o, const std::vector<float>& row, std::
     }
     kept.resize(k);
   }
-  if (!ranked) std::sort(kept.begin(), kept.end());
+  if (!top_k) std::sort(kept.begin(), kept.end());  // the draw walks them in id order
   double total = 0;
   for (int32_t id : kept) total += w[id] / sum;
   std::uniform_real_distribution<double> uni(0.0, total);

@@ -552,6 +552,7 @@ bool Engine::Step() {
 
   // 5. Sample and stream; advance RAG groups.
   const int32_t V = config_.vocab_size;
+  std::vector<Sampled> presampled(sched.size());
   // Where each logits row is in the output: a whole row's index in out.logits, or a
   // compact row's first token in out.top and its index in out.top_lse.
   struct RowAt {
@@ -577,6 +578,30 @@ bool Engine::Step() {
       const absl::Status err = absl::InternalError("backend failure: logits of the wrong shape");
       for (const Scheduled& s : sched) FinishSeq(s.seq, FinishReason::kNone, err);
       return true;
+    }
+  }
+  // Whole rows are sampled in parallel first (a sampled row of a large vocabulary is
+  // tens to hundreds of microseconds; each sequence has its own sampler and generator,
+  // so the tokens do not depend on the threads). Streaming stays in order below.
+  {
+    std::vector<size_t> whole_rows;
+    for (size_t k = 0; k < sched.size(); ++k) {
+      Sequence* seq = sched[k].seq;
+      const bool emits = seq->role == SeqRole::kGenerate || seq->role == SeqRole::kAnswer;
+      if (!emits || seq->finished || logits_row[k] < 0 || row_at[logits_row[k]].whole < 0 ||
+          seq->computed + sched[k].num_tokens < static_cast<int32_t>(seq->tokens.size())) {
+        continue;
+      }
+      EnsureStreamState(seq);
+      whole_rows.push_back(k);
+    }
+    const int64_t n = static_cast<int64_t>(whole_rows.size());
+#pragma omp parallel for schedule(dynamic, 1) if (n > 1)
+    for (int64_t i = 0; i < n; ++i) {
+      thread_local std::vector<float> scratch;
+      const size_t k = whole_rows[i];
+      const float* row = out.logits.data() + static_cast<size_t>(row_at[logits_row[k]].whole) * V;
+      presampled[k] = SampleNext(sched[k].seq, row, {}, 0.0f, &scratch);
     }
   }
   for (size_t k = 0; k < sched.size(); ++k) {
@@ -605,7 +630,9 @@ bool Engine::Step() {
     switch (seq->role) {
       case SeqRole::kGenerate:
       case SeqRole::kAnswer:
-        if (logits != nullptr) {
+        if (presampled[k].token >= 0) {
+          EmitSampled(seq, std::move(presampled[k]));
+        } else if (logits != nullptr) {
           EmitToken(seq, logits);
         } else {
           EmitToken(seq, nullptr,
@@ -624,34 +651,49 @@ bool Engine::Step() {
   return true;
 }
 
+void Engine::EnsureStreamState(Sequence* seq) {
+  if (seq->sampler) return;
+  seq->sampler = std::make_unique<Sampler>(seq->req.sampling, seq->req.prompt_ids);
+  seq->decoder =
+      std::make_unique<DecodeStream>(tokenizer_, seq->req.prompt_ids, seq->req.skip_special_tokens);
+  seq->stop = std::make_unique<StopChecker>(seq->req.stop);
+}
+
+Engine::Sampled Engine::SampleNext(Sequence* seq, const float* logits_in,
+                                   absl::Span<const TopLogit> top, float top_lse,
+                                   std::vector<float>* scratch) const {
+  const int32_t V = config_.vocab_size;
+  Sampled out;
+  if (logits_in != nullptr) {
+    scratch->assign(logits_in, logits_in + V);  // the penalties write into it
+    out.token = seq->sampler->Sample(absl::MakeSpan(*scratch));
+    if (seq->req.logprobs) {
+      out.logprobs.push_back(
+          ComputeLogprobs(absl::MakeConstSpan(logits_in, V), out.token, seq->req.top_logprobs));
+    }
+  } else {
+    out.token = seq->sampler->SampleTop(top);
+    if (seq->req.logprobs) {
+      out.logprobs.push_back(LogprobsFromTop(top, top_lse, out.token, seq->req.top_logprobs));
+    }
+  }
+  return out;
+}
+
 // Samples the next token of `seq` from its logits and streams it; finishes the
 // sequence when a stop condition holds.
 void Engine::EmitToken(Sequence* seq, const float* logits_in, absl::Span<const TopLogit> top,
                        float top_lse) {
-  const int32_t V = config_.vocab_size;
-  if (!seq->sampler) {
-    seq->sampler = std::make_unique<Sampler>(seq->req.sampling, seq->req.prompt_ids);
-    seq->decoder = std::make_unique<DecodeStream>(tokenizer_, seq->req.prompt_ids,
-                                                  seq->req.skip_special_tokens);
-    seq->stop = std::make_unique<StopChecker>(seq->req.stop);
-  }
+  EnsureStreamState(seq);
+  EmitSampled(seq, SampleNext(seq, logits_in, top, top_lse, &logits_scratch_));
+}
+
+void Engine::EmitSampled(Sequence* seq, Sampled sampled) {
   // A recomputed (preempted) sequence has already streamed its tokens: the logits of
   // its last token give the next one as usual.
   StreamEvent ev;
-  int32_t token = 0;
-  if (logits_in != nullptr) {
-    logits_scratch_.assign(logits_in, logits_in + V);  // the penalties write into it
-    token = seq->sampler->Sample(absl::MakeSpan(logits_scratch_));
-    if (seq->req.logprobs) {
-      ev.logprobs.push_back(
-          ComputeLogprobs(absl::MakeConstSpan(logits_in, V), token, seq->req.top_logprobs));
-    }
-  } else {
-    token = seq->sampler->SampleTop(top);
-    if (seq->req.logprobs) {
-      ev.logprobs.push_back(LogprobsFromTop(top, top_lse, token, seq->req.top_logprobs));
-    }
-  }
+  const int32_t token = sampled.token;
+  ev.logprobs = std::move(sampled.logprobs);
   seq->sampler->Accept(token);
   seq->tokens.push_back(token);
   ++seq->generated;

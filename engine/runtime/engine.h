@@ -117,10 +117,24 @@ class Engine {
   bool EnsureBlocks(Sequence* seq, int32_t upto_tokens);
   void MatchPrefix(Sequence* seq);
   void PublishBlocks(Sequence* seq);
+  // A sequence's next token and its log-probabilities (when asked for).
+  struct Sampled {
+    int32_t token = -1;
+    std::vector<TokenLogprobs> logprobs;
+  };
   // From the whole row `logits`, or (logits null) from a compact row: its best tokens
   // `top` and the log-sum-exp of the whole row.
   void EmitToken(Sequence* seq, const float* logits, absl::Span<const TopLogit> top = {},
                  float top_lse = 0.0f);
+  // The sampler, detokenizer and stop checker of a sequence that streams tokens.
+  void EnsureStreamState(Sequence* seq);
+  // Draws the next token with seq's sampler (after EnsureStreamState); touches nothing
+  // else of the engine or the sequence, so rows of different sequences may be sampled
+  // on different threads. `scratch` is a row's worth of memory for the penalties.
+  Sampled SampleNext(Sequence* seq, const float* logits, absl::Span<const TopLogit> top,
+                     float top_lse, std::vector<float>* scratch) const;
+  // Streams a sampled token; finishes the sequence when a stop condition holds.
+  void EmitSampled(Sequence* seq, Sampled sampled);
 
   EngineOptions options_;
   ModelConfig config_;

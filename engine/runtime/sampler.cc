@@ -123,12 +123,13 @@ int32_t Sampler::SampleRanked(absl::Span<const TopLogit> sorted) {
 }
 
 namespace {
-// The binary exponent field of a probability in [0, 1]: a token in a higher bucket is
-// more likely, hence ranks before, every token of a lower one.
-inline int32_t Bucket(float p) {
-  uint32_t bits;
-  std::memcpy(&bits, &p, sizeof(bits));
-  return static_cast<int32_t>((bits >> 23) & 0xFF);
+// Larger logit, larger key (-0 and +0 are one key: they compare equal as floats), so
+// key order is rank order up to ties, which go to the lower id.
+inline uint32_t OrderedKey(float f) {
+  f += 0.0f;  // -0 + 0 = +0
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
 }
 }  // namespace
 
@@ -141,7 +142,8 @@ int32_t Sampler::SampleAll(absl::Span<const float> logits) {
   const float inv_sum = static_cast<float>(1.0 / sum);
   for (int32_t i = 0; i < V; ++i) probs_[i] *= inv_sum;
   if (options_.min_p <= 0.0f && options_.top_p >= 1.0f) return Draw(probs_, {});
-  // The candidates: every token, or those at least min_p times as likely as the best.
+  // The candidates: every token, or those at least min_p times as likely as the best
+  // (probabilities are >= 0, so a threshold of 0 takes every token).
   const float min_prob = options_.min_p > 0.0f ? options_.min_p * inv_sum : 0.0f;
   if (options_.top_p >= 1.0f) {
     ids_.clear();
@@ -149,45 +151,88 @@ int32_t Sampler::SampleAll(absl::Span<const float> logits) {
       if (probs_[i] >= min_prob) ids_.push_back(i);
     }
     const int32_t n = static_cast<int32_t>(ids_.size());
-    std::vector<float>& kept = probs_;  // compacted in place: ids_ ascend
-    for (int32_t j = 0; j < n; ++j) kept[j] = kept[ids_[j]];
-    return Draw(absl::MakeConstSpan(kept).first(n), ids_);
+    for (int32_t j = 0; j < n; ++j) probs_[j] = probs_[ids_[j]];  // in place: ids_ ascend
+    return Draw(absl::MakeConstSpan(probs_).first(n), ids_);
   }
-  // top-p: the shortest prefix in rank order whose mass reaches top_p. Only the tokens
-  // of the probability buckets that prefix can reach are ranked: the mass of each
-  // bucket says down to which one (and if rounding leaves the prefix just short, all).
-  double mass[256] = {};
+  // top-p keeps the shortest prefix of the candidates in rank order whose mass reaches
+  // top_p. A radix select finds it without sorting: 8 bits of the logits' keys at a
+  // time, each pass sums the mass of the tokens still in play per bucket and keeps the
+  // bucket where the running mass (from the top) reaches top_p; after four passes the
+  // tokens left share the key K of the last kept token, and the first of them (by id)
+  // complete the mass. Kept: every candidate above K and those first ones.
+  double above = 0.0;  // mass of the candidates with a key above the bucket in play
+  uint32_t K = 0, mask = 0;
+  int32_t last_equal = -1;  // the last kept token with key K; -1: no cut, keep all
+  std::vector<int32_t>& in_play = ranked_ids_;
+  keys_.resize(V);
+  for (int32_t i = 0; i < V; ++i) keys_[i] = OrderedKey(logits[i]);
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    // Four interleaved histograms, so that consecutive tokens of one bucket do not wait
+    // on each other's adds; summed in a fixed order.
+    double mass4[4][256] = {};
+    if (shift == 24) {
+      for (int32_t i = 0; i < V; ++i) {
+        if (probs_[i] >= min_prob) mass4[i & 3][keys_[i] >> 24] += probs_[i];
+      }
+    } else {
+      for (size_t j = 0; j < in_play.size(); ++j) {
+        const int32_t i = in_play[j];
+        mass4[j & 3][(keys_[i] >> shift) & 0xFF] += probs_[i];
+      }
+    }
+    int b = 255;
+    for (; b >= 0; --b) {
+      const double m = (mass4[0][b] + mass4[1][b]) + (mass4[2][b] + mass4[3][b]);
+      if (above + m >= options_.top_p) break;
+      above += m;
+    }
+    if (b < 0) break;  // rounding left the whole mass just short of top_p: keep all
+    K |= static_cast<uint32_t>(b) << shift;
+    mask |= 0xFFu << shift;
+    if (shift == 24) {
+      in_play.clear();
+      for (int32_t i = 0; i < V; ++i) {
+        if ((keys_[i] >> 24) == static_cast<uint32_t>(b) && probs_[i] >= min_prob) {
+          in_play.push_back(i);
+        }
+      }
+    } else {
+      size_t n = 0;
+      for (int32_t i : in_play) {
+        if ((keys_[i] & mask) == K) in_play[n++] = i;
+      }
+      in_play.resize(n);
+    }
+    if (shift == 0) {
+      double cum = above;
+      for (int32_t i : in_play) {  // ascending ids
+        cum += probs_[i];
+        last_equal = i;
+        if (cum >= options_.top_p) break;
+      }
+    }
+  }
+  // The draw walks the kept tokens in id order: a kept token's probability, else 0.
+  if (last_equal < 0) K = 0;  // no cut: every candidate
   for (int32_t i = 0; i < V; ++i) {
-    if (probs_[i] >= min_prob) mass[Bucket(probs_[i])] += probs_[i];
+    const bool kept = probs_[i] >= min_prob &&
+                      (keys_[i] > K || (keys_[i] == K && (last_equal < 0 || i <= last_equal)));
+    probs_[i] = kept ? probs_[i] : 0.0f;
   }
-  int32_t lowest = 255;
-  for (double cum = 0.0; lowest > 0; --lowest) {
-    cum += mass[lowest];
-    if (cum >= options_.top_p) break;
+  double total = 0.0;
+  int32_t last = 0;
+  for (int32_t i = 0; i < V; ++i) {
+    total += probs_[i];
+    if (probs_[i] > 0.0f) last = i;
   }
-  auto better = [&](int32_t a, int32_t b) {
-    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-  };
-  for (;; lowest = 0) {
-    ids_.clear();
-    for (int32_t i = 0; i < V; ++i) {
-      if (probs_[i] >= min_prob && Bucket(probs_[i]) >= lowest) ids_.push_back(i);
-    }
-    std::sort(ids_.begin(), ids_.end(), better);
-    double cum = 0.0;
-    int32_t keep = 0;
-    const int32_t n = static_cast<int32_t>(ids_.size());
-    while (keep < n) {
-      cum += probs_[ids_[keep]];
-      ++keep;
-      if (cum >= options_.top_p) break;
-    }
-    if (cum >= options_.top_p || lowest == 0) {
-      std::vector<float> kept(keep);
-      for (int32_t j = 0; j < keep; ++j) kept[j] = probs_[ids_[j]];
-      return Draw(kept, absl::MakeConstSpan(ids_).first(keep));
-    }
+  std::uniform_real_distribution<double> uni(0.0, total);
+  const double r = uni(rng_);
+  double cum = 0.0;
+  for (int32_t i = 0; i < V; ++i) {
+    cum += probs_[i];
+    if (r < cum && probs_[i] > 0.0f) return i;
   }
+  return last;
 }
 
 int32_t Sampler::Draw(absl::Span<const float> probs, absl::Span<const int32_t> ids) {

@@ -4,8 +4,8 @@
 // Tokens are ranked by logit (lower id first on ties). With top_k, the kept tokens are
 // the top_k best of that ranking, and everything after (softmax, min-p, top-p, the
 // draw) walks them in that order. Without top_k, min-p and top-p apply to the whole
-// vocabulary (top-p walks it in rank order, sorting only as far as it needs) and the
-// draw walks the kept tokens in id order.
+// vocabulary (top-p keeps the shortest prefix in rank order whose mass reaches top_p,
+// found by a radix select, not a sort) and the draw walks the kept tokens in id order.
 #pragma once
 
 #include <cstdint>
@@ -53,6 +53,8 @@ class Sampler {
   std::vector<TopLogit> ranked_;
   std::vector<float> probs_;
   std::vector<int32_t> ids_;
+  std::vector<int32_t> ranked_ids_;
+  std::vector<uint32_t> keys_;
 };
 
 // log-softmax of the raw logits: the chosen token's log-probability and the top `n`.
