@@ -16,6 +16,10 @@ absl::Status NcclStatus(ncclResult_t r, const char* what) {
     if (sp_nccl_r_ != ncclSuccess) return NcclStatus(sp_nccl_r_, #expr); \
   } while (0)
 
+absl::Status AbortedStatus() {
+  return absl::AbortedError("tensor-parallel group aborted: another rank's step failed");
+}
+
 }  // namespace
 
 absl::StatusOr<std::vector<std::unique_ptr<NcclCommunicator>>> NcclCommunicator::CreateGroup(
@@ -46,12 +50,22 @@ NcclCommunicator::~NcclCommunicator() {
   cudaGetDevice(&prev);
   cudaSetDevice(device_);
   if (scratch_ != nullptr) cudaFree(scratch_);
+  absl::MutexLock lock(&mu_);
   if (comm_ != nullptr) ncclCommDestroy(comm_);
   if (prev >= 0) cudaSetDevice(prev);
 }
 
+void NcclCommunicator::Abort() {
+  absl::MutexLock lock(&mu_);
+  if (comm_ == nullptr) return;
+  ncclCommAbort(comm_);
+  comm_ = nullptr;
+}
+
 absl::Status NcclCommunicator::AllReduceSum(float* data, int64_t count) {
   if (count <= 0) return absl::OkStatus();
+  absl::MutexLock lock(&mu_);
+  if (comm_ == nullptr) return AbortedStatus();
   SP_NCCL_RETURN_IF_ERROR(
       ncclAllReduce(data, data, static_cast<size_t>(count), ncclFloat, ncclSum, comm_, stream_));
   return absl::OkStatus();
@@ -59,6 +73,8 @@ absl::Status NcclCommunicator::AllReduceSum(float* data, int64_t count) {
 
 absl::Status NcclCommunicator::AllGather(const float* in, int64_t count, float* out) {
   if (count <= 0) return absl::OkStatus();
+  absl::MutexLock lock(&mu_);
+  if (comm_ == nullptr) return AbortedStatus();
   SP_NCCL_RETURN_IF_ERROR(
       ncclAllGather(in, out, static_cast<size_t>(count), ncclFloat, comm_, stream_));
   return absl::OkStatus();
@@ -67,6 +83,8 @@ absl::Status NcclCommunicator::AllGather(const float* in, int64_t count, float* 
 absl::Status NcclCommunicator::Broadcast(float* data, int64_t count, int32_t root) {
   if (count <= 0) return absl::OkStatus();
   if (root < 0 || root >= size_) return absl::InvalidArgumentError("broadcast root out of range");
+  absl::MutexLock lock(&mu_);
+  if (comm_ == nullptr) return AbortedStatus();
   SP_NCCL_RETURN_IF_ERROR(
       ncclBroadcast(data, data, static_cast<size_t>(count), ncclFloat, root, comm_, stream_));
   return absl::OkStatus();
@@ -74,8 +92,15 @@ absl::Status NcclCommunicator::Broadcast(float* data, int64_t count, int32_t roo
 
 absl::Status NcclCommunicator::Barrier() {
   SP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-  SP_NCCL_RETURN_IF_ERROR(ncclAllReduce(scratch_, scratch_, 1, ncclFloat, ncclSum, comm_, stream_));
+  {
+    absl::MutexLock lock(&mu_);
+    if (comm_ == nullptr) return AbortedStatus();
+    SP_NCCL_RETURN_IF_ERROR(
+        ncclAllReduce(scratch_, scratch_, 1, ncclFloat, ncclSum, comm_, stream_));
+  }
   SP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  absl::MutexLock lock(&mu_);
+  if (comm_ == nullptr) return AbortedStatus();  // the sync returned because of an abort
   return absl::OkStatus();
 }
 

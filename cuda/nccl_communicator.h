@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "engine/backend.h"
 
 namespace superpose::cuda {
@@ -36,12 +37,16 @@ class NcclCommunicator : public engine::Communicator {
   absl::Status AllGather(const float* in, int64_t count, float* out) override;
   absl::Status Broadcast(float* data, int64_t count, int32_t root) override;
   absl::Status Barrier() override;
+  // ncclCommAbort: stops this rank's pending collectives (a peer will not join them);
+  // later ones fail with ABORTED. Serialized with the enqueue calls by mu_.
+  void Abort() override;
 
  private:
   NcclCommunicator(ncclComm_t comm, int32_t rank, int32_t size, int device, float* scratch)
       : comm_(comm), rank_(rank), size_(size), device_(device), scratch_(scratch) {}
 
-  ncclComm_t comm_;
+  absl::Mutex mu_;
+  ncclComm_t comm_ ABSL_GUARDED_BY(mu_);  // null once aborted
   int32_t rank_;
   int32_t size_;
   int device_;

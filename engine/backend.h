@@ -114,6 +114,10 @@ class Communicator {
   virtual absl::Status AllGather(const float* in, int64_t count, float* out) = 0;
   virtual absl::Status Broadcast(float* data, int64_t count, int32_t root) = 0;
   virtual absl::Status Barrier() = 0;
+  // Makes every pending and later collective of this rank fail with ABORTED instead of
+  // waiting for ranks that will not come (a rank whose step failed). Thread-safe and
+  // idempotent; the group is not usable afterwards.
+  virtual void Abort() = 0;
 };
 
 struct BackendOptions {

@@ -1,5 +1,8 @@
 #include "engine/tensor_parallel.h"
 
+#include "absl/strings/str_cat.h"
+#include "spdlog/spdlog.h"
+
 namespace superpose::engine {
 
 TensorParallelBackend::TensorParallelBackend(std::vector<std::unique_ptr<Backend>> ranks,
@@ -36,13 +39,32 @@ void TensorParallelBackend::Worker(int32_t rank) {
       job = job_;
     }
     absl::Status st = (*job)(rank);
+    if (!st.ok()) AbortGroup(st);
     absl::MutexLock lock(&mu_);
     results_[rank] = st;
     if (--pending_ == 0) cv_.SignalAll();
   }
 }
 
+void TensorParallelBackend::AbortGroup(const absl::Status& cause) {
+  {
+    absl::MutexLock lock(&abort_mu_);
+    if (!aborted_.ok()) return;
+    aborted_ = cause;
+  }
+  spdlog::error("tensor-parallel group of {} ranks aborted after a rank failed: {}", ranks_.size(),
+                cause.ToString());
+  for (auto& c : comms_) c->Abort();
+}
+
 absl::Status TensorParallelBackend::RunAll(const std::function<absl::Status(int32_t)>& fn) {
+  {
+    absl::MutexLock lock(&abort_mu_);
+    if (!aborted_.ok()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "tensor-parallel group aborted earlier (a rank failed: ", aborted_.message(), ")"));
+    }
+  }
   {
     absl::MutexLock lock(&mu_);
     job_ = &fn;
@@ -51,26 +73,31 @@ absl::Status TensorParallelBackend::RunAll(const std::function<absl::Status(int3
     cv_.SignalAll();
   }
   absl::Status st0 = fn(0);
+  if (!st0.ok()) AbortGroup(st0);
   absl::MutexLock lock(&mu_);
   while (pending_ > 0) cv_.Wait(&mu_);
-  if (!st0.ok()) return st0;
-  for (const absl::Status& st : results_) {
-    if (!st.ok()) return st;
-  }
-  return absl::OkStatus();
+  // The first failure, not an ABORTED collective it caused on another rank.
+  absl::MutexLock abort_lock(&abort_mu_);
+  return aborted_;
 }
 
 absl::Status TensorParallelBackend::Load(const ModelConfig& config, const WeightSource& weights,
                                          const Shard&) {
   const int32_t n = size();
+  vocab_size_ = config.vocab_size;
   return RunAll([&](int32_t r) { return ranks_[r]->Load(config, weights, Shard{r, n}); });
 }
 
 absl::Status TensorParallelBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
+  // A bad plan fails every rank the same way before any collective: rejected here, so
+  // that it does not abort the group.
+  if (vocab_size_ > 0) {
+    absl::Status valid = ValidatePlan(plan, kv(), vocab_size_);
+    if (!valid.ok()) return valid;
+  }
   std::vector<ForwardOutput> outs(ranks_.size() - 1);
-  absl::Status st = RunAll([&](int32_t r) {
-    return ranks_[r]->Forward(plan, r == 0 ? out : &outs[r - 1]);
-  });
+  absl::Status st =
+      RunAll([&](int32_t r) { return ranks_[r]->Forward(plan, r == 0 ? out : &outs[r - 1]); });
   return st;
 }
 

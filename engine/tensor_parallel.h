@@ -29,14 +29,18 @@ class TensorParallelBackend : public Backend {
   int32_t size() const { return static_cast<int32_t>(ranks_.size()); }
 
  private:
-  // Runs fn(rank) on every rank's thread (rank 0 on the caller) and joins.
+  // Runs fn(rank) on every rank's thread (rank 0 on the caller) and joins. A rank that
+  // fails aborts the group's communicators at once, so that the others do not wait in
+  // a collective for it; the group then stays failed (every later call fails).
   absl::Status RunAll(const std::function<absl::Status(int32_t)>& fn);
+  void AbortGroup(const absl::Status& cause);
   void Worker(int32_t rank);
 
   std::vector<std::unique_ptr<Backend>> ranks_;
   std::vector<std::unique_ptr<Communicator>> comms_;
   std::shared_ptr<void> group_;
   std::vector<std::thread> threads_;
+  int32_t vocab_size_ = 0;  // set by Load
 
   absl::Mutex mu_;
   absl::CondVar cv_;
@@ -45,6 +49,8 @@ class TensorParallelBackend : public Backend {
   int32_t pending_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<absl::Status> results_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Mutex abort_mu_;
+  absl::Status aborted_ ABSL_GUARDED_BY(abort_mu_);  // the first failure, once aborted
 };
 
 }  // namespace superpose::engine

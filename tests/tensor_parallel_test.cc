@@ -3,12 +3,16 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <future>
 
 #include "engine/cpu/cpu_backend.h"
 #include "engine/cpu/thread_communicator.h"
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
+#include "engine/tensor_parallel.h"
 #include "tests/test_util.h"
 
 namespace superpose {
@@ -79,6 +83,87 @@ TEST(TensorParallelTest, IndivisibleShapesAreRejected) {
   absl::Status st = b->Load(model->config, *model->weights, engine::Shard{});
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(st.message()), ::testing::HasSubstr("num_attention_heads"));
+}
+
+// Rank 1 of a group, whose Forward fails (before its first collective) once armed.
+class FailingRank : public engine::Backend {
+ public:
+  explicit FailingRank(std::unique_ptr<engine::Backend> inner) : inner_(std::move(inner)) {}
+  std::string name() const override { return inner_->name(); }
+  std::string compute_dtype() const override { return inner_->compute_dtype(); }
+  absl::Status Load(const engine::ModelConfig& c, const engine::WeightSource& w,
+                    const engine::Shard& s) override {
+    return inner_->Load(c, w, s);
+  }
+  engine::KvPoolInfo kv() const override { return inner_->kv(); }
+  absl::Status Forward(const engine::BatchPlan& plan, engine::ForwardOutput* out) override {
+    if (armed) return absl::InternalError("injected failure of rank 1");
+    return inner_->Forward(plan, out);
+  }
+  std::atomic<bool> armed{false};
+
+ private:
+  std::unique_ptr<engine::Backend> inner_;
+};
+
+// A rank whose step fails mid-way must not leave the others waiting in a collective
+// for it (a hang of the engine thread): the group is aborted, the step returns the
+// rank's error, and every later step fails at once. A bad plan, which every rank would
+// reject alike before any collective, is rejected up front and does not abort it.
+TEST(TensorParallelTest, AFailingRankAbortsTheGroupInsteadOfHanging) {
+  auto model = engine::LoadModelBundle(testing::Stories260kDir());
+  ASSERT_TRUE(model.ok());
+  auto group = std::make_shared<engine::cpu::ThreadGroup>(2);
+  std::vector<std::unique_ptr<engine::Communicator>> comms;
+  std::vector<std::unique_ptr<engine::Backend>> ranks;
+  FailingRank* rank1 = nullptr;
+  for (int32_t r = 0; r < 2; ++r) {
+    comms.push_back(group->Rank(r));
+    engine::BackendOptions o;
+    o.kv_num_blocks = 8;
+    o.comm = comms.back().get();
+    auto cpu = std::make_unique<engine::cpu::CpuBackend>(o);
+    if (r == 0) {
+      ranks.push_back(std::move(cpu));
+    } else {
+      auto f = std::make_unique<FailingRank>(std::move(cpu));
+      rank1 = f.get();
+      ranks.push_back(std::move(f));
+    }
+  }
+  engine::TensorParallelBackend tp(std::move(ranks), std::move(comms), group);
+  ASSERT_TRUE(tp.Load(model->config, *model->weights, engine::Shard{}).ok());
+  engine::BatchPlan plan;
+  plan.seqs.resize(1);
+  for (int32_t i = 0; i < 5; ++i) {
+    plan.tokens.push_back(1 + i);
+    plan.positions.push_back(static_cast<float>(i));
+    plan.kv_slots.push_back({0, i});
+  }
+  plan.seqs[0].num_tokens = 5;
+  plan.logits_for = {4};
+  engine::ForwardOutput out;
+  ASSERT_TRUE(tp.Forward(plan, &out).ok());
+
+  engine::BatchPlan bad = plan;
+  bad.tokens[2] = model->config.vocab_size;  // not a token
+  EXPECT_EQ(tp.Forward(bad, &out).code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(tp.Forward(plan, &out).ok()) << "a rejected plan must not abort the group";
+
+  rank1->armed = true;
+  auto step = std::async(std::launch::async, [&] {
+    engine::ForwardOutput o;
+    return tp.Forward(plan, &o);
+  });
+  ASSERT_EQ(step.wait_for(std::chrono::seconds(60)), std::future_status::ready)
+      << "rank 0 still waits in a collective for the failed rank";
+  const absl::Status st = step.get();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInternal) << st;
+  EXPECT_THAT(std::string(st.message()), ::testing::HasSubstr("injected failure"));
+  rank1->armed = false;
+  const absl::Status later = tp.Forward(plan, &out);
+  EXPECT_EQ(later.code(), absl::StatusCode::kFailedPrecondition) << later;
+  EXPECT_THAT(std::string(later.message()), ::testing::HasSubstr("aborted"));
 }
 
 }  // namespace

@@ -19,13 +19,16 @@ class ThreadGroup {
 
  private:
   friend class ThreadCommunicator;
-  void Barrier();
+  // false when the group was aborted (then it never waits).
+  bool Barrier();
+  void Abort();
 
   const int32_t size_;
   absl::Mutex mu_;
   absl::CondVar cv_;
   int32_t arrived_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
+  bool aborted_ ABSL_GUARDED_BY(mu_) = false;
   // Published by each rank between barriers.
   std::vector<float*> ptrs_;
   std::vector<const float*> cptrs_;
@@ -41,6 +44,7 @@ class ThreadCommunicator : public Communicator {
   absl::Status AllGather(const float* in, int64_t count, float* out) override;
   absl::Status Broadcast(float* data, int64_t count, int32_t root) override;
   absl::Status Barrier() override;
+  void Abort() override;
 
  private:
   ThreadGroup* group_;
