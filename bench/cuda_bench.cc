@@ -11,7 +11,7 @@
 //     accumulation, as the backend calls it): ceiling = rate / (2 * matrix params).
 //
 //   build/bench/cuda_bench [--shape=llama-8b] [--batches=1,8,64] [--steps=20]
-//                          [--context=256] [--prefill=4x1024]
+//                          [--context=256] [--prefill=4x1024] [--split_decode=true]
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -33,6 +33,8 @@ ABSL_FLAG(std::string, batches, "1,8,64", "Decode batch sizes");
 ABSL_FLAG(int32_t, steps, 20, "Timed decode steps per batch size (after 3 warm-up steps)");
 ABSL_FLAG(int32_t, context, 256, "Cached tokens per sequence in decode steps");
 ABSL_FLAG(std::string, prefill, "4x1024", "Prefill step: SEQSxTOKENS");
+ABSL_FLAG(bool, split_decode, true,
+          "Split-K decode attention for small batches (BackendOptions::cuda_split_decode)");
 ABSL_FLAG(std::string, attention, "auto",
           "Prefill attention kernel: auto | simt | tensor_core (BackendOptions::cuda_attention)");
 
@@ -170,6 +172,7 @@ int main(int argc, char** argv) {
   opts.kv_block_size = bs;
   opts.kv_num_blocks = std::max(max_b * blocks_per_seq, pf_blocks) + 1;
   opts.cuda_attention = absl::GetFlag(FLAGS_attention);
+  opts.cuda_split_decode = absl::GetFlag(FLAGS_split_decode);
   cuda::CudaBackend backend(opts, 0);
   const double t0 = NowS();
   CheckOk(backend.LoadRandom(cfg, engine::Shard{}, 42), "load");
@@ -271,8 +274,8 @@ int main(int argc, char** argv) {
   const double pf_tok_s = pf_seqs * pf_tokens / best;
   const double pf_ceiling = gemm / (2.0 * matrix_params);
 
-  std::printf("\n## cuda_bench summary (%s, %s, attention %s)\n\n", shape.c_str(), prop.name,
-              opts.cuda_attention.c_str());
+  std::printf("\n## cuda_bench summary (%s, %s, attention %s, split decode %s)\n\n", shape.c_str(),
+              prop.name, opts.cuda_attention.c_str(), opts.cuda_split_decode ? "on" : "off");
   std::printf("device copy bandwidth %.0f GB/s (read + written); cuBLAS bf16 GEMM %.0f TFLOP/s\n\n",
               bw / 1e9, gemm / 1e12);
   std::printf(

@@ -25,6 +25,43 @@ inline constexpr size_t AttentionSharedFloats(int32_t rows, int32_t D) {
          static_cast<size_t>(rows) * kKeyTile + 3 * static_cast<size_t>(rows);
 }
 
+// Split-K ("flash decoding"): with few sequences a decode step has too few (tile, kv
+// head) blocks to fill the GPU, and each walks its whole context alone. Then every
+// block's keys are cut into `nsplit` ranges of at least `min_keys` keys (a multiple of
+// kKeyTile), one block each; a range past the end is empty. Each split block writes
+// its unnormalised accumulators and its running max and sum (SplitPartialFloats per
+// block), and AttentionCombine merges the splits of a (tile, kv head).
+constexpr int32_t kSplitMinKeys = 256;
+constexpr int32_t kMaxSplits = 16;
+
+inline constexpr size_t SplitPartialFloats(int32_t rows, int32_t D) {
+  return static_cast<size_t>(rows) * (D + 2);
+}
+
+// Keys [*k0, *k1) of split s of nsplit over nk keys.
+SP_ATTN_FN void SplitRange(int32_t nk, int32_t s, int32_t nsplit, int32_t min_keys, int32_t* k0,
+                           int32_t* k1) {
+  if (nsplit <= 1) {
+    *k0 = 0;
+    *k1 = nk;
+    return;
+  }
+  int32_t chunk = (nk + nsplit - 1) / nsplit;
+  chunk = (chunk + kKeyTile - 1) / kKeyTile * kKeyTile;
+  if (chunk < min_keys) chunk = min_keys;
+  const int64_t b = static_cast<int64_t>(s) * chunk;
+  *k0 = b < nk ? static_cast<int32_t>(b) : nk;
+  *k1 = nk - *k0 > chunk ? *k0 + chunk : nk;
+}
+
+// Where split block (tile_index, g, s) writes: [rows][D] accumulators, [rows] max,
+// [rows] sum, `stride` floats per block.
+struct SplitOut {
+  float* part = nullptr;  // null: no split, normalise and store into `out`
+  int32_t tile_index = 0, split = 0, nsplit = 1, min_keys = kSplitMinKeys;
+  size_t stride = 0;
+};
+
 // Online softmax over key tiles of kKeyTile keys; K/V tiles, the queries (pre-scaled),
 // accumulators and scores live in shared memory (float32); K/V rows are padded to
 // D + 1 floats so that a warp reading 32 keys at one d hits 32 different banks.
@@ -32,7 +69,8 @@ inline constexpr size_t AttentionSharedFloats(int32_t rows, int32_t D) {
 template <class Ctx, class KV>
 SP_ATTN_FN void AttentionBlock(Ctx& c, const AttnTile tile, int32_t g, float* smem, const float* q,
                                const KV* kc, const KV* vc, const int32_t* keys, int32_t qh,
-                               int32_t kvh, int32_t D, int32_t G, float scale, KV* out) {
+                               int32_t kvh, int32_t D, int32_t G, float scale, KV* out,
+                               const SplitOut& so = SplitOut{}) {
   const int32_t rows = tile.ntok * G;
   const int32_t Dp = D + 1;
   float* qs = smem;                    // [rows][D]
@@ -58,9 +96,11 @@ SP_ATTN_FN void AttentionBlock(Ctx& c, const AttnTile tile, int32_t g, float* sm
     arow[r] = 0.0f;
   }
   const int32_t nk = tile.ctx_len + tile.i0 + tile.ntok;  // keys the last token sees
+  int32_t k0 = 0, k1 = nk;
+  if (so.part != nullptr) SplitRange(nk, so.split, so.nsplit, so.min_keys, &k0, &k1);
   const int32_t* seq_keys = keys + tile.key_off;
-  for (int32_t kb = 0; kb < nk; kb += kKeyTile) {
-    const int32_t kn = nk - kb < kKeyTile ? nk - kb : kKeyTile;
+  for (int32_t kb = k0; kb < k1; kb += kKeyTile) {
+    const int32_t kn = k1 - kb < kKeyTile ? k1 - kb : kKeyTile;
     c.sync();  // the previous tile's readers are done
     for (int32_t idx = tid; idx < kn * D; idx += nthreads) {
       const int32_t j = idx / D, d = idx - j * D;
@@ -109,12 +149,52 @@ SP_ATTN_FN void AttentionBlock(Ctx& c, const AttnTile tile, int32_t g, float* sm
     }
   }
   c.sync();
+  if (so.part != nullptr) {
+    float* p = so.part +
+               ((static_cast<size_t>(so.tile_index) * kvh + g) * so.nsplit + so.split) * so.stride;
+    for (int32_t idx = tid; idx < rows * D; idx += nthreads) p[idx] = acc[idx];
+    for (int32_t r = tid; r < rows; r += nthreads) {
+      p[rows * D + r] = mrow[r];
+      p[rows * D + rows + r] = lrow[r];
+    }
+    return;
+  }
   for (int32_t idx = tid; idx < rows * D; idx += nthreads) {
     const int32_t r = idx / D, d = idx - r * D;
     const int32_t tok = r / G, gg = r - tok * G;
     const int64_t t = static_cast<int64_t>(tile.tok0) + tok;
     const float l = lrow[r];
     c.store(out, (t * qh + g * G + gg) * D + d, l > 0.0f ? acc[idx] / l : 0.0f);
+  }
+}
+
+// Merges the nsplit partial results of (tile, kv head g) written by AttentionBlock
+// with SplitOut{part, tile_index, ..., stride}: out = sum_s acc_s e^(m_s - M) /
+// sum_s l_s e^(m_s - M), M = max_s m_s (empty splits have m = -inf and weigh 0).
+template <class Ctx, class KV>
+SP_ATTN_FN void AttentionCombine(Ctx& c, const AttnTile tile, int32_t tile_index, int32_t g,
+                                 const float* part, int32_t nsplit, size_t stride, int32_t qh,
+                                 int32_t kvh, int32_t D, int32_t G, KV* out) {
+  const int32_t rows = tile.ntok * G;
+  const float* base = part + (static_cast<size_t>(tile_index) * kvh + g) * nsplit * stride;
+  for (int32_t idx = c.tid(); idx < rows * D; idx += c.nthreads()) {
+    const int32_t r = idx / D, d = idx - r * D;
+    float M = -INFINITY;
+    for (int32_t s = 0; s < nsplit; ++s) M = fmaxf(M, base[s * stride + rows * D + r]);
+    float num = 0.0f, den = 0.0f;
+    if (M != -INFINITY) {
+      for (int32_t s = 0; s < nsplit; ++s) {
+        const float* p = base + s * stride;
+        const float m = p[rows * D + r];
+        if (m == -INFINITY) continue;
+        const float w = expf(m - M);
+        num += p[idx] * w;
+        den += p[rows * D + rows + r] * w;
+      }
+    }
+    const int32_t tok = r / G, gg = r - tok * G;
+    const int64_t t = static_cast<int64_t>(tile.tok0) + tok;
+    c.store(out, (t * qh + g * G + gg) * D + d, den > 0.0f ? num / den : 0.0f);
   }
 }
 

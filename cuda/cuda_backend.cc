@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "cuda/attention_body.h"
 #include "cuda/attention_tc_body.h"
 #include "cuda/cuda_util.h"
 #include "cuda/kernels.h"
@@ -137,6 +138,24 @@ struct CudaBackend::Impl {
   int32_t q_heads = 0, kv_heads = 0, kv_head_begin = 0, inter = 0;
   int32_t vocab_begin = 0, vocab_local = 0, vocab_pad = 0;
   int32_t attn_tile = 1;
+  int sm_count = 0;
+  bool split_decode = false;
+  DeviceArray<float> split_ws;  // split-K partials (SplitWorkspaceFloats)
+  // Splits of a step's decode attention: 1 (no split) unless every tile is one token
+  // and there are fewer (tile, kv head) blocks than SMs; then enough for about two
+  // blocks per SM. Depends on the tile count only (graphs = eager).
+  int32_t DecodeSplits(int32_t num_tiles, int32_t tile_tokens) const {
+    if (!split_decode || tile_tokens != 1 || num_tiles <= 0) return 1;
+    const int64_t blocks = static_cast<int64_t>(num_tiles) * kv_heads;
+    if (blocks >= sm_count) return 1;
+    return static_cast<int32_t>(
+        std::min<int64_t>(kMaxSplits, (2 * static_cast<int64_t>(sm_count) + blocks - 1) / blocks));
+  }
+  // Bounds what DecodeSplits asks for: blocks * splits < 2 * SMs + blocks < 3 * SMs.
+  size_t SplitWorkspaceFloats() const {
+    return 3 * static_cast<size_t>(sm_count) *
+           SplitPartialFloats(q_heads / kv_heads, config.head_dim);
+  }
   bool tc_attention = false;  // prefill steps (tiles of > 1 token) on tensor cores
   bool loaded = false;
 
@@ -195,6 +214,7 @@ struct CudaBackend::Impl {
     inv_freq.Reset();
     k_cache.Reset();
     v_cache.Reset();
+    split_ws.Reset();
     eager.Reset();
     for (auto* a : {&local, &gathered, &logits, &lp_out}) a->Reset();
     hn.Reset();
@@ -391,6 +411,11 @@ absl::Status CudaBackend::Impl::Setup(const ModelConfig& cfg, const Shard& sh) {
                                                    ", the device has ", smem_optin));
   }
   SP_CUDA_RETURN_IF_ERROR(PrepareAttention(smem));
+  // Split-K decode (tiles of one token: G query rows).
+  SP_CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  split_decode = options.cuda_split_decode && sm_count > 1;
+  if (split_decode) SP_CUDA_RETURN_IF_ERROR(PrepareSplitAttention(AttentionSharedBytes(G, D)));
   // Tensor cores: prefill tiles of 64 / G tokens (64 query rows, 16 per warp); decode
   // steps (tiles of one token) keep the SIMT kernel.
   if (tc_attention) attn_tile = kTcRows / G;
@@ -583,6 +608,7 @@ absl::Status CudaBackend::Impl::Finish() {
       static_cast<size_t>(config.num_layers) * static_cast<size_t>(blocks) * bs * kv_heads * D;
   SP_RETURN_IF_ERROR(k_cache.Allocate(elems));
   SP_RETURN_IF_ERROR(v_cache.Allocate(elems));
+  if (split_decode) SP_RETURN_IF_ERROR(split_ws.Allocate(SplitWorkspaceFloats()));
   // Zeroed so that a bug reading unwritten slots shows as zeros, never as NaN garbage.
   SP_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(k_cache.get(), 0, elems * sizeof(bf16), stream));
   SP_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(v_cache.get(), 0, elems * sizeof(bf16), stream));
@@ -633,6 +659,10 @@ absl::Status CudaBackend::Impl::EnqueueLayers(const Activations& a, const StepIn
       SP_CUDA_RETURN_IF_ERROR(LaunchTcAttention(a.q.get(), kl, vl, in.keys, in.tiles, in.num_tiles,
                                                 in.tile_tokens, q_heads, kv_heads, D, scale,
                                                 a.attn.get(), stream));
+    } else if (const int32_t nsplit = DecodeSplits(in.num_tiles, in.tile_tokens); nsplit > 1) {
+      SP_CUDA_RETURN_IF_ERROR(LaunchSplitAttention(
+          a.q.get(), kl, vl, in.keys, in.tiles, in.num_tiles, in.tile_tokens, q_heads, kv_heads, D,
+          scale, nsplit, kSplitMinKeys, split_ws.get(), a.attn.get(), stream));
     } else {
       SP_CUDA_RETURN_IF_ERROR(LaunchAttention(a.q.get(), kl, vl, in.keys, in.tiles, in.num_tiles,
                                               in.tile_tokens, q_heads, kv_heads, D, scale,

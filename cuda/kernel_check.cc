@@ -2,6 +2,7 @@
 
 #include <cublas_v2.h>
 
+#include "cuda/attention_body.h"
 #include "cuda/cuda_util.h"
 #include "cuda/top_logits_body.h"
 #include "engine/model/weights.h"
@@ -148,6 +149,37 @@ absl::Status RunAttention(bool tensor_core, const std::vector<float>& q,
   return GetBf16(dout, n, out);
 }
 }  // namespace
+
+absl::Status SplitAttention(const std::vector<float>& q, const std::vector<float>& k_pool,
+                            const std::vector<float>& v_pool, const std::vector<int32_t>& keys,
+                            const std::vector<AttnTile>& tiles, int32_t max_tile_tokens, int32_t T,
+                            int32_t qh, int32_t kvh, int32_t D, float scale, int32_t nsplit,
+                            int32_t min_keys, std::vector<float>* out) {
+  DeviceArray<float> dq, ws;
+  DeviceArray<bf16> dk, dv, dout;
+  DeviceArray<int32_t> dkeys;
+  DeviceArray<AttnTile> dtiles;
+  SP_RETURN_IF_ERROR(Put(q, &dq));
+  SP_RETURN_IF_ERROR(PutBf16(k_pool, &dk));
+  SP_RETURN_IF_ERROR(PutBf16(v_pool, &dv));
+  SP_RETURN_IF_ERROR(Put(keys, &dkeys));
+  SP_RETURN_IF_ERROR(Put(tiles, &dtiles));
+  const size_t n = static_cast<size_t>(T) * qh * D;
+  SP_RETURN_IF_ERROR(dout.Allocate(n));
+  SP_CUDA_RETURN_IF_ERROR(cudaMemset(dout.get(), 0, n * sizeof(bf16)));
+  const int32_t num_tiles = static_cast<int32_t>(tiles.size());
+  const size_t ws_floats = static_cast<size_t>(num_tiles) * kvh * nsplit *
+                           SplitPartialFloats(max_tile_tokens * (qh / kvh), D);
+  SP_RETURN_IF_ERROR(ws.Allocate(ws_floats));
+  // NaN-filled: a partial read before it is written shows up.
+  SP_CUDA_RETURN_IF_ERROR(cudaMemset(ws.get(), 0xFF, ws_floats * sizeof(float)));
+  SP_CUDA_RETURN_IF_ERROR(
+      PrepareSplitAttention(AttentionSharedBytes(max_tile_tokens * (qh / kvh), D)));
+  SP_RETURN_IF_ERROR(Sync(LaunchSplitAttention(
+      dq.get(), dk.get(), dv.get(), dkeys.get(), dtiles.get(), num_tiles, max_tile_tokens, qh, kvh,
+      D, scale, nsplit, min_keys, ws.get(), dout.get(), nullptr)));
+  return GetBf16(dout, n, out);
+}
 
 absl::Status Attention(const std::vector<float>& q, const std::vector<float>& k_pool,
                        const std::vector<float>& v_pool, const std::vector<int32_t>& keys,

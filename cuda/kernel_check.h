@@ -36,6 +36,12 @@ absl::Status TcAttention(const std::vector<float>& q, const std::vector<float>& 
                          const std::vector<float>& v_pool, const std::vector<int32_t>& keys,
                          const std::vector<AttnTile>& tiles, int32_t max_tile_tokens, int32_t T,
                          int32_t qh, int32_t kvh, int32_t D, float scale, std::vector<float>* out);
+// The split-K kernels (LaunchSplitAttention) on the same inputs.
+absl::Status SplitAttention(const std::vector<float>& q, const std::vector<float>& k_pool,
+                            const std::vector<float>& v_pool, const std::vector<int32_t>& keys,
+                            const std::vector<AttnTile>& tiles, int32_t max_tile_tokens, int32_t T,
+                            int32_t qh, int32_t kvh, int32_t D, float scale, int32_t nsplit,
+                            int32_t min_keys, std::vector<float>* out);
 absl::Status SwiGlu(const std::vector<float>& gu, int32_t T, int32_t I, std::vector<float>* act);
 absl::Status Gemm(const std::vector<float>& x, const std::vector<float>& w, int32_t rows,
                   int32_t in, int32_t out, std::vector<float>* y);

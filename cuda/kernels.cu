@@ -173,6 +173,36 @@ __global__ void __launch_bounds__(kAttnThreads)
                  kvh, D, G, scale, out);
 }
 
+// grid (num_tiles, kvh, nsplit): split-K partials; the body is cuda/attention_body.h.
+__global__ void __launch_bounds__(kAttnThreads)
+    SplitAttentionKernel(const float* __restrict__ q, const bf16* __restrict__ kc,
+                         const bf16* __restrict__ vc, const int32_t* __restrict__ keys,
+                         const AttnTile* __restrict__ tiles, int32_t qh, int32_t kvh, int32_t D,
+                         int32_t G, float scale, int32_t min_keys, size_t stride,
+                         float* __restrict__ part) {
+  extern __shared__ float smem[];
+  DeviceCtx c;
+  SplitOut so;
+  so.part = part;
+  so.tile_index = static_cast<int32_t>(blockIdx.x);
+  so.split = static_cast<int32_t>(blockIdx.z);
+  so.nsplit = static_cast<int32_t>(gridDim.z);
+  so.min_keys = min_keys;
+  so.stride = stride;
+  AttentionBlock(c, tiles[blockIdx.x], static_cast<int32_t>(blockIdx.y), smem, q, kc, vc, keys, qh,
+                 kvh, D, G, scale, static_cast<bf16*>(nullptr), so);
+}
+
+// grid (num_tiles, kvh): merges the splits.
+__global__ void __launch_bounds__(kAttnThreads)
+    CombineAttentionKernel(const AttnTile* __restrict__ tiles, const float* __restrict__ part,
+                           int32_t nsplit, size_t stride, int32_t qh, int32_t kvh, int32_t D,
+                           int32_t G, bf16* __restrict__ out) {
+  DeviceCtx c;
+  AttentionCombine(c, tiles[blockIdx.x], static_cast<int32_t>(blockIdx.x),
+                   static_cast<int32_t>(blockIdx.y), part, nsplit, stride, qh, kvh, D, G, out);
+}
+
 // The warp-matrix API of cuda/attention_tc_body.h on nvcuda::wmma (sm_80+: bf16 inputs,
 // float accumulation).
 struct WmmaCtx : DeviceCtx {
@@ -364,6 +394,38 @@ cudaError_t LaunchAttention(const float* q, const bf16* k_layer, const bf16* v_l
   return cudaGetLastError();
 }
 
+cudaError_t PrepareSplitAttention(size_t bytes) {
+  static std::mutex mu;
+  static std::map<int, size_t> prepared;
+  return RaiseSharedMemory(SplitAttentionKernel, bytes, &mu, &prepared);
+}
+
+cudaError_t LaunchSplitAttention(const float* q, const bf16* k_layer, const bf16* v_layer,
+                                 const int32_t* keys, const AttnTile* tiles, int32_t num_tiles,
+                                 int32_t max_tile_tokens, int32_t qh, int32_t kvh, int32_t D,
+                                 float scale, int32_t nsplit, int32_t min_keys, float* workspace,
+                                 bf16* out, cudaStream_t stream) {
+  if (num_tiles <= 0) return cudaSuccess;
+  if (kvh <= 0 || qh % kvh != 0 || max_tile_tokens <= 0 || kvh > 65535 || nsplit < 1 ||
+      nsplit > kMaxSplits || min_keys < 1) {
+    return cudaErrorInvalidValue;
+  }
+  const int32_t G = qh / kvh;
+  const size_t stride = SplitPartialFloats(max_tile_tokens * G, D);
+  const size_t smem = AttentionSharedBytes(max_tile_tokens * G, D);
+  dim3 grid(static_cast<unsigned>(num_tiles), static_cast<unsigned>(kvh),
+            static_cast<unsigned>(nsplit));
+  SplitAttentionKernel<<<grid, kAttnThreads, smem, stream>>>(q, k_layer, v_layer, keys, tiles, qh,
+                                                             kvh, D, G, scale, min_keys, stride,
+                                                             workspace);
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  dim3 cgrid(static_cast<unsigned>(num_tiles), static_cast<unsigned>(kvh));
+  CombineAttentionKernel<<<cgrid, kAttnThreads, 0, stream>>>(tiles, workspace, nsplit, stride, qh,
+                                                             kvh, D, G, out);
+  return cudaGetLastError();
+}
+
 size_t TcAttentionSharedBytesFor(int32_t D) { return TcAttentionSharedBytes(D); }
 
 cudaError_t PrepareTcAttention(int32_t D) {
@@ -443,6 +505,8 @@ cudaError_t LoadKernels() {
                            reinterpret_cast<const void*>(QkvPostKernel),
                            reinterpret_cast<const void*>(AttentionKernel),
                            reinterpret_cast<const void*>(TcAttentionKernel),
+                           reinterpret_cast<const void*>(SplitAttentionKernel),
+                           reinterpret_cast<const void*>(CombineAttentionKernel),
                            reinterpret_cast<const void*>(SwiGluKernel),
                            reinterpret_cast<const void*>(LogprobsKernel),
                            reinterpret_cast<const void*>(TopLogitsKernel),

@@ -61,6 +61,20 @@ cudaError_t LaunchAttention(const float* q, const bf16* k_layer, const bf16* v_l
                             int32_t max_tile_tokens, int32_t qh, int32_t kvh, int32_t D,
                             float scale, bf16* out, cudaStream_t stream);
 
+// Split-K attention (cuda/attention_body.h: SplitRange, AttentionCombine): nsplit
+// (1..kMaxSplits) blocks per (tile, kv head), each over a range of at least min_keys
+// keys, write partial results into `workspace` (num_tiles * kvh * nsplit *
+// SplitPartialFloats(max_tile_tokens * (qh / kvh), D) floats), then one block per
+// (tile, kv head) merges them into `out`. For decode steps with too few (sequence, kv
+// head) pairs to fill the GPU. PrepareSplitAttention(AttentionSharedBytes(rows, D))
+// first, as for LaunchAttention.
+cudaError_t PrepareSplitAttention(size_t bytes);
+cudaError_t LaunchSplitAttention(const float* q, const bf16* k_layer, const bf16* v_layer,
+                                 const int32_t* keys, const AttnTile* tiles, int32_t num_tiles,
+                                 int32_t max_tile_tokens, int32_t qh, int32_t kvh, int32_t D,
+                                 float scale, int32_t nsplit, int32_t min_keys, float* workspace,
+                                 bf16* out, cudaStream_t stream);
+
 // The same attention on tensor cores (cuda/attention_tc_body.h: bf16 Q, K, V and P,
 // float32 scores, softmax and accumulation), for prefill steps. Needs head_dim D a
 // multiple of 16 up to 128 and max_tile_tokens * (qh / kvh) <= 64 (else

@@ -131,6 +131,11 @@ struct BackendOptions {
   // CUDA backend: replay decode steps (every sequence one new token) from captured CUDA
   // graphs, one per batch size up to 64; tp = 1 only. Results equal graphs off bitwise.
   bool cuda_graphs = true;
+  // CUDA backend: decode steps with fewer (sequence, kv head) pairs than the GPU has SMs
+  // split each context over up to 16 blocks of at least 256 keys (split-K attention)
+  // and merge them; the split count depends on the batch size only, so graphs and
+  // eager steps stay bitwise equal.
+  bool cuda_split_decode = true;
   // CUDA backend attention of prefill steps: "auto" (tensor cores when head_dim is a
   // multiple of 16 up to 128, else the float32 SIMT kernel), "simt" or "tensor_core".
   std::string cuda_attention = "auto";

@@ -28,7 +28,8 @@ finish() {
 echo "# gpu-check $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null)" >"$summary"
 
 # At most 8 files come back from a device machine: summary.md, build.log (nvidia-smi,
-# setup, build), cuda_backend_test.log, other_tests.log, cuda_bench.log, sanitizer.log.
+# setup, build), cuda_backend_test.log, other_tests.log, cuda_bench.log,
+# cuda_bench_simt.log, cuda_bench_long.log, sanitizer.log.
 nvidia-smi >"$out/build.log" 2>&1 && note "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)" \
   || note "nvidia-smi failed (see build.log)"
 export PATH=/usr/local/cuda/bin:$PATH
@@ -138,11 +139,22 @@ if [ $left -gt 60 ]; then
     note "cuda_bench --attention=simt: rc $? (see cuda_bench_simt.log)"
 fi
 
+# Long-context decode at small batches, split-K attention on and off.
+left=$((430 - ($(date +%s) - start)))
+if [ $left -gt 60 ]; then
+  for split in true false; do
+    timeout $((left / 2 < 90 ? left / 2 : 90)) "$bench" --batches=1,8 --context=8192 --steps=10 \
+      --prefill=1x256 --split_decode=$split >>"$out/cuda_bench_long.log" 2>&1 &&
+      { note "cuda_bench --context=8192 --split_decode=$split (decode rows):"; grep -E '^\| [0-9]+ \| 8192' "$out/cuda_bench_long.log" | tail -2 | sed 's/^/    /' | tee -a "$summary"; } ||
+      note "cuda_bench --context=8192 --split_decode=$split: rc $? (see cuda_bench_long.log)"
+  done
+fi
+
 if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ] && command -v compute-sanitizer >/dev/null; then
   left=$((440 - ($(date +%s) - start)))
   if [ $left -gt 30 ]; then
     timeout "$left" compute-sanitizer --tool memcheck --error-exitcode 9 \
-      "$bin/cuda_backend_test" --gtest_filter='*Attention*:*QkvPost*:*ForwardMatches*:*DecodeGraphs*:*TopLogits*:*CompactRows*' \
+      "$bin/cuda_backend_test" --gtest_filter='*Attention*:*QkvPost*:*ForwardMatches*:*DecodeGraphs*:*TopLogits*:*CompactRows*:*Split*' \
       >"$out/sanitizer.log" 2>&1
     rc=$?
     if [ $rc -eq 0 ]; then note "compute-sanitizer memcheck: clean"; else note "compute-sanitizer: rc $rc (see sanitizer.log)"; status=1; fi

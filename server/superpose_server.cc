@@ -42,6 +42,9 @@ ABSL_FLAG(int32_t, tp, 1,
 ABSL_FLAG(double, gpu_memory_fraction, 0.0,
           "CUDA: fraction of GPU memory for weights + KV cache; when > 0 (and --kv_blocks is "
           "0) the KV cache takes the rest of it instead of --kv_cache_mb");
+ABSL_FLAG(bool, cuda_split_decode, true,
+          "CUDA: decode steps with fewer (sequence, kv head) pairs than the GPU has SMs split "
+          "each context over several blocks (split-K attention) and merge them");
 ABSL_FLAG(bool, cuda_graphs, true,
           "CUDA: replay decode steps (every sequence one new token, batch <= 64, no "
           "log-probabilities) from CUDA graphs captured per batch size; not with --tp > 1");
@@ -138,6 +141,7 @@ int Run() {
   bopts.kv_memory_bytes = absl::GetFlag(FLAGS_kv_cache_mb) << 20;
   bopts.device_memory_fraction = absl::GetFlag(FLAGS_gpu_memory_fraction);
   bopts.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
+  bopts.cuda_split_decode = absl::GetFlag(FLAGS_cuda_split_decode);
   bopts.cuda_attention = absl::GetFlag(FLAGS_cuda_attention);
   if (bopts.device_memory_fraction < 0 || bopts.device_memory_fraction > 1) {
     spdlog::critical("--gpu_memory_fraction must be in [0, 1]");

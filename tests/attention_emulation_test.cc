@@ -107,6 +107,97 @@ TEST(AttentionEmulationTest, MatchesReferenceOnCpuThreads) {
   }
 }
 
+// Runs a block body on `n` CPU threads.
+template <class Fn>
+void RunBlock(int n, Fn fn) {
+  Barrier barrier(n);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < n; ++t) {
+    threads.emplace_back([&, t] {
+      HostCtx c{t, n, &barrier};
+      fn(c);
+    });
+  }
+  for (auto& th : threads) th.join();
+}
+
+// Split-K: the split kernel's grid (tiles x kvh x nsplit blocks, partials into a
+// NaN-poisoned workspace), then the combine kernel's (tiles x kvh).
+void EmulateSplitAttention(const testing::AttentionCase& c, int32_t max_tile_tokens, int32_t nsplit,
+                           int32_t min_keys, std::vector<float>* out) {
+  const int32_t G = c.qh / c.kvh;
+  const size_t stride = cuda::SplitPartialFloats(max_tile_tokens * G, c.D);
+  std::vector<float> part(c.tiles.size() * c.kvh * nsplit * stride, std::nanf(""));
+  std::vector<float> smem(cuda::AttentionSharedFloats(max_tile_tokens * G, c.D));
+  for (size_t i = 0; i < c.tiles.size(); ++i) {
+    for (int32_t g = 0; g < c.kvh; ++g) {
+      for (int32_t s = 0; s < nsplit; ++s) {
+        std::fill(smem.begin(), smem.end(), std::nanf(""));
+        cuda::SplitOut so;
+        so.part = part.data();
+        so.tile_index = static_cast<int32_t>(i);
+        so.split = s;
+        so.nsplit = nsplit;
+        so.min_keys = min_keys;
+        so.stride = stride;
+        RunBlock(cuda::kAttnThreads, [&](HostCtx& ctx) {
+          cuda::AttentionBlock(ctx, c.tiles[i], g, smem.data(), c.q.data(), c.kpool.data(),
+                               c.vpool.data(), c.flat.data(), c.qh, c.kvh, c.D, G, c.scale,
+                               out->data(), so);
+        });
+      }
+      RunBlock(cuda::kAttnThreads, [&](HostCtx& ctx) {
+        cuda::AttentionCombine(ctx, c.tiles[i], static_cast<int32_t>(i), g, part.data(), nsplit,
+                               stride, c.qh, c.kvh, c.D, G, out->data());
+      });
+    }
+  }
+}
+
+TEST(AttentionEmulationTest, SplitKMatchesReference) {
+  // Decode tiles over contexts around the split boundaries (some splits empty, some
+  // shorter than a key tile), and prefill tiles (causal rows inside a split).
+  const std::vector<std::pair<int32_t, int32_t>> decode = {{0, 1},  {5, 1},   {31, 1}, {32, 1},
+                                                           {63, 1}, {100, 1}, {300, 1}};
+  for (const auto& [nsplit, min_keys] :
+       std::vector<std::pair<int32_t, int32_t>>{{2, 32}, {5, 32}, {16, 32}, {3, 256}, {1, 256}}) {
+    const std::string what =
+        "nsplit " + std::to_string(nsplit) + " min_keys " + std::to_string(min_keys);
+    testing::AttentionCase c = testing::MakeSeqsCase(8, 2, 16, 1, decode, 7, Uniform);
+    std::vector<float> out(static_cast<size_t>(c.T) * c.qh * c.D, std::nanf(""));
+    EmulateSplitAttention(c, 1, nsplit, min_keys, &out);
+    testing::ExpectMatchesReference(c, out, 2e-5, "decode, " + what);
+    if (nsplit == 5) {
+      testing::AttentionCase p = testing::MakeAttentionCase(8, 4, 8, 4, Uniform);
+      std::vector<float> pout(static_cast<size_t>(p.T) * p.qh * p.D, std::nanf(""));
+      EmulateSplitAttention(p, 4, nsplit, min_keys, &pout);
+      testing::ExpectMatchesReference(p, pout, 2e-5, "prefill tiles, " + what);
+    }
+  }
+}
+
+TEST(AttentionEmulationTest, SplitRangesCoverTheKeysOnce) {
+  for (int32_t nk : {1, 31, 32, 33, 255, 256, 257, 1000, 4097, 100000}) {
+    for (int32_t nsplit : {1, 2, 3, 7, 16}) {
+      for (int32_t min_keys : {32, 256}) {
+        int32_t next = 0;
+        for (int32_t s = 0; s < nsplit; ++s) {
+          int32_t k0 = -1, k1 = -1;
+          cuda::SplitRange(nk, s, nsplit, min_keys, &k0, &k1);
+          ASSERT_EQ(k0, next) << nk << " " << nsplit << " " << s;
+          ASSERT_LE(k0, k1);
+          if (k1 < nk && nsplit > 1) {
+            EXPECT_EQ((k1 - k0) % cuda::kKeyTile, 0);
+            EXPECT_GE(k1 - k0, min_keys);
+          }
+          next = k1;
+        }
+        EXPECT_EQ(next, nk) << nk << " " << nsplit;
+      }
+    }
+  }
+}
+
 // ---- The tensor-core body. ----
 
 struct Bf16 {

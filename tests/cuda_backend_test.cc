@@ -235,6 +235,29 @@ TEST_F(CudaTest, AttentionMatchesReference) {
   }
 }
 
+// Split-K decode attention: contexts across split and key-tile boundaries, small and
+// production minimum split sizes, against the reference (tolerance as the SIMT kernel).
+TEST_F(CudaTest, SplitAttentionMatchesReference) {
+  const std::vector<std::pair<int32_t, int32_t>> decode = {{0, 1},   {5, 1},   {31, 1},  {32, 1},
+                                                           {100, 1}, {300, 1}, {1500, 1}};
+  for (const auto& [nsplit, min_keys] :
+       std::vector<std::pair<int32_t, int32_t>>{{2, 32}, {5, 32}, {16, 32}, {16, 256}, {3, 256}}) {
+    for (const auto& [qh, kvh, D] :
+         std::vector<std::tuple<int32_t, int32_t, int32_t>>{{8, 4, 8}, {32, 8, 128}}) {
+      testing::AttentionCase c = testing::MakeSeqsCase(
+          qh, kvh, D, 1, decode, 11,
+          [](size_t n, uint32_t seed) { return Rounded(RandomNonZero(n, 10 + seed)); });
+      std::vector<float> out;
+      ASSERT_TRUE(cuda::check::SplitAttention(c.q, c.kpool, c.vpool, c.flat, c.tiles, 1, c.T, qh,
+                                              kvh, D, c.scale, nsplit, min_keys, &out)
+                      .ok());
+      testing::ExpectMatchesReference(
+          c, out, 8e-3,
+          "split " + std::to_string(nsplit) + " min_keys " + std::to_string(min_keys));
+    }
+  }
+}
+
 // The tensor-core prefill kernel on the shared case and on longer sequences (several
 // key tiles, tiles of 64 / G tokens, contexts spanning key tiles, single-token tiles),
 // against the reference and against the SIMT kernel on the same inputs.
@@ -1007,6 +1030,58 @@ TEST_F(CudaTest, CompactRowsMatchWholeRows) {
       for (SimSeq& q : seqs) ++q.len;
     }
     if (graphs) EXPECT_GT(gpu->graph_stats().replays, 0);
+  }
+}
+
+// Whole decode steps with split-K attention (the default for small batches) against
+// the same steps without it: a 480-token context, batch 1 and 3, graphs on and off.
+TEST_F(CudaTest, SplitDecodeMatchesUnsplit) {
+  auto model = engine::LoadModelBundle(testing::Stories260kDir());
+  ASSERT_TRUE(model.ok());
+  const int32_t V = model->config.vocab_size;
+  for (bool graphs : {false, true}) {
+    std::unique_ptr<cuda::CudaBackend> b[2];
+    for (int split = 0; split < 2; ++split) {
+      engine::BackendOptions opts;
+      opts.kv_num_blocks = 3 * 32;
+      opts.cuda_graphs = graphs;
+      opts.cuda_split_decode = split == 1;
+      b[split] = std::make_unique<cuda::CudaBackend>(opts, 0);
+      ASSERT_TRUE(b[split]->Load(model->config, *model->weights, engine::Shard{}).ok());
+    }
+    for (int32_t B : {1, 3}) {
+      std::vector<SimSeq> seqs(B);
+      for (int32_t s = 0; s < B; ++s) {
+        seqs[s].id = s + 1;
+        seqs[s].base_block = 32 * s;
+      }
+      // Prefill 480 tokens per sequence in chunks of 96 (prefill never splits).
+      for (int32_t done = 0; done < 480; done += 96) {
+        engine::BatchPlan pf;
+        for (SimSeq& q : seqs) {
+          std::vector<int32_t> toks;
+          for (int32_t i = 0; i < 96; ++i)
+            toks.push_back(1 + (q.id * 131 + (done + i) * 7) % (V - 1));
+          AddTokens(pf, q, toks);
+        }
+        engine::ForwardOutput o0, o1;
+        ASSERT_TRUE(b[0]->Forward(pf, &o0).ok());
+        ASSERT_TRUE(b[1]->Forward(pf, &o1).ok());
+        for (SimSeq& q : seqs) q.len += 96;
+      }
+      for (int step = 0; step < 4; ++step) {
+        engine::BatchPlan plan;
+        for (const SimSeq& q : seqs)
+          AddTokens(plan, q, {1 + (step * 17 + static_cast<int32_t>(q.id)) % (V - 1)});
+        engine::ForwardOutput want, got;
+        ASSERT_TRUE(b[0]->Forward(plan, &want).ok());
+        ASSERT_TRUE(b[1]->Forward(plan, &got).ok());
+        ExpectClose(got.logits, want.logits, V, 0.5f,
+                    std::string(graphs ? "graphs" : "eager") + " B=" + std::to_string(B) +
+                        " step " + std::to_string(step));
+        for (SimSeq& q : seqs) ++q.len;
+      }
+    }
   }
 }
 
