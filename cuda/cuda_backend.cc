@@ -94,6 +94,8 @@ constexpr size_t kGraphInitialKeys = size_t{1} << 16;
 // No new graph is captured once the graph buffers and the instantiated graphs hold this
 // much device memory (a part of kWorkspaceReserve).
 constexpr int64_t kGraphMemoryBudget = int64_t{512} << 20;
+// Rows of one LM-head GEMM in eager steps (128 MB of float32 logits at a 128k vocabulary).
+constexpr int32_t kLogitsChunkRows = 256;
 
 }  // namespace
 
@@ -177,7 +179,8 @@ struct CudaBackend::Impl {
   DeviceArray<int32_t> meta;
   PinnedArray<int32_t> meta_host;
   // Compact logits rows: [rows, ns] in, [C][kTopMax] ids and logits and [C] lse out.
-  DeviceArray<int32_t> top_meta, top_id;
+  DeviceArray<int32_t> top_meta, top_id, lp_meta;
+  PinnedArray<int32_t> lp_meta_host;  // log-prob rows (relative to their chunk), targets
   DeviceArray<float> top_logit, top_lse;
   PinnedArray<int32_t> top_meta_host, top_host;  // top_host: ids, then logits, then lse
 
@@ -221,6 +224,8 @@ struct CudaBackend::Impl {
     meta.Reset();
     meta_host.Reset();
     top_meta.Reset();
+    lp_meta.Reset();
+    lp_meta_host.Reset();
     top_id.Reset();
     top_logit.Reset();
     top_lse.Reset();
@@ -259,13 +264,23 @@ struct CudaBackend::Impl {
   absl::StatusOr<bool> ForwardGraph(const BatchPlan& plan, const StepMeta& sm, ForwardOutput* out);
   // Compact logits rows: buffers for `compact` rows (before any step work is queued).
   absl::Status ReserveTop(size_t compact);
-  // Queues the copies of plan.logits_for's rows to the host: row i of logits_for is
-  // row i of `dev` ([*, V] float), or row plan.logits_for[i] when `by_token`. Whole rows
-  // go to out->logits; compact rows through the top-logits kernel to pinned memory,
-  // which UnpackTop moves into out->top / top_lse once the stream is synchronized.
-  absl::Status EnqueueLogits(const BatchPlan& plan, const float* dev, bool by_token,
-                             ForwardOutput* out);
+  // The copies of plan.logits_for's rows to the host. BeginLogits sizes out->logits and
+  // uploads the compact rows' metadata; row i of logits_for will be row local_row[i] of
+  // the device buffer given for it to EnqueueLogitsRange, which queues the copies of
+  // whole rows (to out->logits) and the compact-row kernel for entries [i0, i1);
+  // EndLogits queues the copy of the compact results to pinned memory, and UnpackTop
+  // moves them into out->top / top_lse once the stream is synchronized.
+  absl::Status BeginLogits(const BatchPlan& plan, std::vector<int32_t> local_row,
+                           ForwardOutput* out);
+  absl::Status EnqueueLogitsRange(const BatchPlan& plan, const float* dev, size_t i0, size_t i1,
+                                  ForwardOutput* out);
+  absl::Status EndLogits();
   void UnpackTop(const BatchPlan& plan, ForwardOutput* out) const;
+  struct LogitsCopy {
+    std::vector<int32_t> local_row;  // per logits_for entry
+    std::vector<int64_t> slot;       // whole: row in out->logits; compact: compact index
+    size_t compact = 0;
+  } lc;
   absl::Status EnsureGraphBuffers(size_t meta_words);
   absl::Status CaptureGraph(int32_t B);
   // Destroys every graph (the stream must be idle); the buffers stay.
@@ -740,23 +755,28 @@ absl::Status CudaBackend::Impl::ForwardEager(const BatchPlan& plan, const StepMe
   in.num_tiles = sm.num_tiles;
   in.tile_tokens = sm.tile_tokens;
   const int32_t* d_rows = meta.get() + sm.off_rows;
-  const int32_t* d_lp_row = meta.get() + sm.off_lp_row;
-  const int32_t* d_lp_target = meta.get() + sm.off_lp_target;
 
   // ---- Buffers. ----
   SP_RETURN_IF_ERROR(ReserveActivations(eager, static_cast<size_t>(T)));
   // Logits buffers too: no cudaMalloc/cudaFree once this step's collectives are queued
   // (a device-synchronizing call between NCCL launches of different ranks can hang).
-  const size_t Rs = static_cast<size_t>(R);
+  // The logits rows go through the LM head in chunks of at most kLogitsChunkRows rows,
+  // so that a scoring step of thousands of rows needs no more memory than that.
+  const int32_t C = std::min(R, kLogitsChunkRows);
+  const size_t Cs = static_cast<size_t>(C);
   const int32_t tp = shard.size;
   if (R > 0) {
-    SP_RETURN_IF_ERROR(hn.Reserve(Rs * H));
-    SP_RETURN_IF_ERROR(local.Reserve(Rs * vocab_pad));
+    SP_RETURN_IF_ERROR(hn.Reserve(Cs * H));
+    SP_RETURN_IF_ERROR(local.Reserve(Cs * vocab_pad));
     if (tp > 1) {
-      SP_RETURN_IF_ERROR(logits.Reserve(Rs * V));
-      SP_RETURN_IF_ERROR(gathered.Reserve(static_cast<size_t>(tp) * Rs * vocab_pad));
+      SP_RETURN_IF_ERROR(logits.Reserve(Cs * V));
+      SP_RETURN_IF_ERROR(gathered.Reserve(static_cast<size_t>(tp) * Cs * vocab_pad));
     }
-    if (NL > 0) SP_RETURN_IF_ERROR(lp_out.Reserve(NL));
+    if (NL > 0) {
+      SP_RETURN_IF_ERROR(lp_out.Reserve(NL));
+      SP_RETURN_IF_ERROR(lp_meta.Reserve(2 * static_cast<size_t>(NL)));
+      SP_RETURN_IF_ERROR(lp_meta_host.Reserve(2 * static_cast<size_t>(NL)));
+    }
   }
 
   // ---- Layers. ----
@@ -766,34 +786,72 @@ absl::Status CudaBackend::Impl::ForwardEager(const BatchPlan& plan, const StepMe
     return absl::OkStatus();
   }
 
-  // ---- Logits: gather rows, lm_head (vocabulary-parallel), all-gather, log-softmax. ----
-  SP_CUDA_RETURN_IF_ERROR(LaunchGatherRows(eager.h.get(), d_rows, R, H, hn.get(), stream));
+  // ---- Logits: gather rows, lm_head (vocabulary-parallel), all-gather, log-softmax,
+  // chunk by chunk. Rows [0, nl) are plan.logits_for's; log-prob requests name rows. ----
+  const size_t nl = plan.logits_for.size();
+  const int32_t chunks = (R + C - 1) / C;
+  std::vector<int32_t> local_row(nl);
+  for (size_t i = 0; i < nl; ++i) local_row[i] = static_cast<int32_t>(i % Cs);
+  SP_RETURN_IF_ERROR(BeginLogits(plan, std::move(local_row), out));
+  // Log-prob requests grouped by chunk (stable), rows relative to their chunk.
+  std::vector<int32_t> lp_begin(chunks + 1, 0), lp_order(NL);
+  if (NL > 0) {
+    const int32_t* lp_row = host.data() + sm.off_lp_row;
+    const int32_t* lp_target = host.data() + sm.off_lp_target;
+    for (int32_t i = 0; i < NL; ++i) ++lp_begin[lp_row[i] / C + 1];
+    for (int32_t k = 0; k < chunks; ++k) lp_begin[k + 1] += lp_begin[k];
+    std::vector<int32_t> fill(lp_begin.begin(), lp_begin.end() - 1);
+    int32_t* m = lp_meta_host.get();
+    for (int32_t i = 0; i < NL; ++i) {
+      const int32_t j = fill[lp_row[i] / C]++;
+      lp_order[j] = i;
+      m[j] = lp_row[i] % C;
+      m[NL + j] = lp_target[i];
+    }
+    SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(lp_meta.get(), m,
+                                            2 * static_cast<size_t>(NL) * sizeof(int32_t),
+                                            cudaMemcpyHostToDevice, stream));
+  }
   const bf16* head = lm_head.empty() ? embed.get() : lm_head.get();
-  SP_RETURN_IF_ERROR(GemmBf16(cublas, hn.get(), R, H, head, vocab_pad, local.get()));
-  // [R, V] logits: this rank's own when tp = 1 (vocab_pad == V), else reassembled.
-  const float* all_logits = tp == 1 ? local.get() : logits.get();
-  if (tp > 1) {
-    SP_RETURN_IF_ERROR(
-        nccl->AllGather(local.get(), static_cast<int64_t>(Rs) * vocab_pad, gathered.get()));
-    for (int32_t rk = 0; rk < tp; ++rk) {
-      const int32_t v0 = std::min(V, rk * vocab_pad), v1 = std::min(V, v0 + vocab_pad);
-      if (v1 <= v0) continue;
-      SP_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(
-          logits.get() + v0, sizeof(float) * V,
-          gathered.get() + static_cast<size_t>(rk) * Rs * vocab_pad, sizeof(float) * vocab_pad,
-          sizeof(float) * (v1 - v0), Rs, cudaMemcpyDeviceToDevice, stream));
+  for (int32_t k = 0; k < chunks; ++k) {
+    const int32_t r0 = k * C, Rc = std::min(C, R - r0);
+    const size_t Rcs = static_cast<size_t>(Rc);
+    SP_CUDA_RETURN_IF_ERROR(LaunchGatherRows(eager.h.get(), d_rows + r0, Rc, H, hn.get(), stream));
+    SP_RETURN_IF_ERROR(GemmBf16(cublas, hn.get(), Rc, H, head, vocab_pad, local.get()));
+    // [Rc, V] logits: this rank's own when tp = 1 (vocab_pad == V), else reassembled.
+    const float* chunk_logits = tp == 1 ? local.get() : logits.get();
+    if (tp > 1) {
+      SP_RETURN_IF_ERROR(
+          nccl->AllGather(local.get(), static_cast<int64_t>(Rcs) * vocab_pad, gathered.get()));
+      for (int32_t rk = 0; rk < tp; ++rk) {
+        const int32_t v0 = std::min(V, rk * vocab_pad), v1 = std::min(V, v0 + vocab_pad);
+        if (v1 <= v0) continue;
+        SP_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(
+            logits.get() + v0, sizeof(float) * V,
+            gathered.get() + static_cast<size_t>(rk) * Rcs * vocab_pad, sizeof(float) * vocab_pad,
+            sizeof(float) * (v1 - v0), Rcs, cudaMemcpyDeviceToDevice, stream));
+      }
+    }
+    const size_t i0 = std::min(nl, static_cast<size_t>(r0)),
+                 i1 = std::min(nl, static_cast<size_t>(r0 + Rc));
+    SP_RETURN_IF_ERROR(EnqueueLogitsRange(plan, chunk_logits, i0, i1, out));
+    const int32_t n = lp_begin[k + 1] - lp_begin[k];
+    if (n > 0) {
+      SP_CUDA_RETURN_IF_ERROR(LaunchLogprobs(chunk_logits, V, lp_meta.get() + lp_begin[k],
+                                             lp_meta.get() + NL + lp_begin[k], n,
+                                             lp_out.get() + lp_begin[k], stream));
     }
   }
-  SP_RETURN_IF_ERROR(EnqueueLogits(plan, all_logits, /*by_token=*/false, out));
-  out->logprobs.resize(NL);
+  SP_RETURN_IF_ERROR(EndLogits());
+  std::vector<float> lp_grouped(NL);
   if (NL > 0) {
-    SP_CUDA_RETURN_IF_ERROR(
-        LaunchLogprobs(all_logits, V, d_lp_row, d_lp_target, NL, lp_out.get(), stream));
-    SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->logprobs.data(), lp_out.get(), NL * sizeof(float),
+    SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(lp_grouped.data(), lp_out.get(), NL * sizeof(float),
                                             cudaMemcpyDeviceToHost, stream));
   }
   SP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
   UnpackTop(plan, out);
+  out->logprobs.resize(NL);
+  for (int32_t j = 0; j < NL; ++j) out->logprobs[lp_order[j]] = lp_grouped[j];
   return absl::OkStatus();
 }
 
@@ -807,45 +865,68 @@ absl::Status CudaBackend::Impl::ReserveTop(size_t compact) {
   return top_host.Reserve(compact * (2 * kTopMax + 1));
 }
 
-absl::Status CudaBackend::Impl::EnqueueLogits(const BatchPlan& plan, const float* dev,
-                                              bool by_token, ForwardOutput* out) {
+absl::Status CudaBackend::Impl::BeginLogits(const BatchPlan& plan, std::vector<int32_t> local_row,
+                                            ForwardOutput* out) {
   const int32_t V = config.vocab_size;
-  const std::vector<int32_t>& rows = plan.logits_for;
-  auto top_of = [&](size_t i) { return plan.logits_top.empty() ? 0 : plan.logits_top[i]; };
-  auto dev_row = [&](size_t i) { return static_cast<size_t>(by_token ? rows[i] : i); };
-  size_t whole = 0, compact = 0;
-  for (size_t i = 0; i < rows.size(); ++i) (top_of(i) == 0 ? whole : compact) += 1;
+  const size_t nl = plan.logits_for.size();
+  lc.local_row = std::move(local_row);
+  lc.slot.assign(nl, 0);
+  lc.compact = 0;
+  size_t whole = 0;
+  for (size_t i = 0; i < nl; ++i) {
+    const bool compact = !plan.logits_top.empty() && plan.logits_top[i] > 0;
+    lc.slot[i] = static_cast<int64_t>(compact ? lc.compact++ : whole++);
+  }
   out->logits.resize(whole * V);
-  // Whole rows: runs of rows consecutive on the device in one copy each.
-  size_t w = 0;
-  for (size_t i = 0; i < rows.size();) {
-    if (top_of(i) != 0) {
+  if (lc.compact == 0) return absl::OkStatus();
+  // [local rows | ns] of the compact rows, in order; uploaded once for every range.
+  int32_t* m = top_meta_host.get();
+  for (size_t i = 0; i < nl; ++i) {
+    if (plan.logits_top.empty() || plan.logits_top[i] == 0) continue;
+    m[lc.slot[i]] = lc.local_row[i];
+    m[lc.compact + lc.slot[i]] = plan.logits_top[i];
+  }
+  SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(top_meta.get(), m, 2 * lc.compact * sizeof(int32_t),
+                                          cudaMemcpyHostToDevice, stream));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Impl::EnqueueLogitsRange(const BatchPlan& plan, const float* dev,
+                                                   size_t i0, size_t i1, ForwardOutput* out) {
+  const int32_t V = config.vocab_size;
+  auto compact = [&](size_t i) { return !plan.logits_top.empty() && plan.logits_top[i] > 0; };
+  // Whole rows: runs consecutive both on the device and in out->logits in one copy.
+  for (size_t i = i0; i < i1;) {
+    if (compact(i)) {
       ++i;
       continue;
     }
     size_t j = i + 1;
-    while (j < rows.size() && top_of(j) == 0 && dev_row(j) == dev_row(j - 1) + 1) ++j;
-    SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->logits.data() + w * V, dev + dev_row(i) * V,
-                                            (j - i) * V * sizeof(float), cudaMemcpyDeviceToHost,
-                                            stream));
-    w += j - i;
+    while (j < i1 && !compact(j) && lc.local_row[j] == lc.local_row[j - 1] + 1) ++j;
+    SP_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(out->logits.data() + static_cast<size_t>(lc.slot[i]) * V,
+                        dev + static_cast<size_t>(lc.local_row[i]) * V, (j - i) * V * sizeof(float),
+                        cudaMemcpyDeviceToHost, stream));
     i = j;
   }
-  if (compact == 0) return absl::OkStatus();
-  // Compact rows: the kernel writes kTopMax slots per row; only the first n go back.
-  int32_t* m = top_meta_host.get();
-  size_t c = 0;
-  for (size_t i = 0; i < rows.size(); ++i) {
-    if (top_of(i) == 0) continue;
-    m[c] = static_cast<int32_t>(dev_row(i));
-    m[compact + c] = top_of(i);
-    ++c;
+  // Compact rows of the range: consecutive compact indices [c0, c1).
+  int64_t c0 = -1, c1 = -1;
+  for (size_t i = i0; i < i1; ++i) {
+    if (!compact(i)) continue;
+    if (c0 < 0) c0 = lc.slot[i];
+    c1 = lc.slot[i] + 1;
   }
-  SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(top_meta.get(), m, 2 * compact * sizeof(int32_t),
-                                          cudaMemcpyHostToDevice, stream));
-  const int32_t C = static_cast<int32_t>(compact);
-  SP_CUDA_RETURN_IF_ERROR(LaunchTopLogits(dev, V, top_meta.get(), top_meta.get() + compact, C,
-                                          top_id.get(), top_logit.get(), top_lse.get(), stream));
+  if (c0 < 0) return absl::OkStatus();
+  const size_t c = static_cast<size_t>(c0);
+  SP_CUDA_RETURN_IF_ERROR(LaunchTopLogits(
+      dev, V, top_meta.get() + c, top_meta.get() + lc.compact + c, static_cast<int32_t>(c1 - c0),
+      top_id.get() + c * kTopMax, top_logit.get() + c * kTopMax, top_lse.get() + c, stream));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Impl::EndLogits() {
+  if (lc.compact == 0) return absl::OkStatus();
+  const size_t compact = lc.compact;
   int32_t* h = top_host.get();
   SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h, top_id.get(), compact * kTopMax * sizeof(int32_t),
                                           cudaMemcpyDeviceToHost, stream));
@@ -1021,7 +1102,9 @@ absl::StatusOr<bool> CudaBackend::Impl::ForwardGraph(const BatchPlan& plan, cons
   }
   ++graph_replays;
   // Rows of plan.logits_for (tp = 1: glocal rows are V floats, one per token).
-  SP_RETURN_IF_ERROR(EnqueueLogits(plan, glocal.get(), /*by_token=*/true, out));
+  SP_RETURN_IF_ERROR(BeginLogits(plan, plan.logits_for, out));
+  SP_RETURN_IF_ERROR(EnqueueLogitsRange(plan, glocal.get(), 0, plan.logits_for.size(), out));
+  SP_RETURN_IF_ERROR(EndLogits());
   SP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
   UnpackTop(plan, out);
   return true;

@@ -967,6 +967,61 @@ TEST_F(CudaTest, DecodeGraphsMatchEagerBitwise) {
   EXPECT_EQ(gr->graph_stats().replays, gs.replays + static_cast<int64_t>(picks.size()) + 1);
 }
 
+// A scoring step of more logits rows than one LM-head chunk (256): 500 prompt tokens,
+// whole and compact rows for every third token, a log-probability for every token (the
+// rows of both interleave across the chunks), against the CPU backend (tolerances of
+// ForwardMatchesCpuBackend) and, for compact rows, against the GPU's own whole rows.
+TEST_F(CudaTest, ManyLogitsRowsGoThroughTheHeadInChunks) {
+  auto model = engine::LoadModelBundle(testing::Stories260kDir());
+  ASSERT_TRUE(model.ok());
+  const int32_t V = model->config.vocab_size;
+  engine::BackendOptions opts;
+  opts.kv_num_blocks = 40;
+  engine::cpu::CpuBackend cpu(opts);
+  const auto rounded = RoundedWeights(*model->weights);
+  ASSERT_TRUE(cpu.Load(model->config, *rounded, engine::Shard{}).ok());
+  cuda::CudaBackend gpu(opts, 0);
+  ASSERT_TRUE(gpu.Load(model->config, *model->weights, engine::Shard{}).ok());
+  SimSeq q;
+  q.id = 1;
+  std::vector<int32_t> toks;
+  for (int32_t i = 0; i < 500; ++i) toks.push_back(1 + (i * 37) % (V - 1));
+  engine::BatchPlan plan;
+  AddTokens(plan, q, toks);
+  plan.logits_for.clear();
+  for (int32_t i = 2; i < 500; i += 3) plan.logits_for.push_back(i);
+  for (int32_t i = 0; i + 1 < 500; ++i) plan.logprobs.push_back({499 - i, toks[(i * 7) % 500]});
+  engine::ForwardOutput want, got;
+  ASSERT_TRUE(cpu.Forward(plan, &want).ok());
+  ASSERT_TRUE(gpu.Forward(plan, &got).ok());
+  ExpectClose(got.logits, want.logits, V, 1.0f, "whole rows");
+  ASSERT_EQ(got.logprobs.size(), want.logprobs.size());
+  for (size_t i = 0; i < want.logprobs.size(); ++i) {
+    ASSERT_NEAR(got.logprobs[i], want.logprobs[i], 0.05 * std::abs(want.logprobs[i]) + 0.05)
+        << "logprob " << i;
+  }
+  // The same step again (same K/V written) with every other row compact.
+  engine::ForwardOutput compact;
+  plan.logits_top.assign(plan.logits_for.size(), 0);
+  for (size_t i = 0; i < plan.logits_top.size(); i += 2) plan.logits_top[i] = 1 + i % 64;
+  ASSERT_TRUE(gpu.Forward(plan, &compact).ok());
+  std::vector<engine::TopLogit> want_top;
+  size_t whole = 0;
+  for (size_t i = 0; i < plan.logits_for.size(); ++i) {
+    const absl::Span<const float> row(&got.logits[i * V], V);
+    if (plan.logits_top[i] == 0) {
+      ASSERT_TRUE(std::equal(row.begin(), row.end(), compact.logits.begin() + whole * V)) << i;
+      ++whole;
+    } else {
+      engine::SelectTopLogits(row, plan.logits_top[i], &want_top);
+    }
+  }
+  ASSERT_EQ(compact.logits.size(), whole * V);
+  ASSERT_EQ(compact.top.size(), want_top.size());
+  for (size_t i = 0; i < want_top.size(); ++i) ASSERT_EQ(compact.top[i], want_top[i]) << i;
+  EXPECT_EQ(compact.logprobs, got.logprobs);
+}
+
 // Compact rows from Forward, eager and from CUDA graphs: the same step asked for whole
 // rows and for compact ones (a step rerun with the same tokens writes the same K/V, so
 // its logits are the same) gives SelectTopLogits of the whole rows, bitwise, and the
@@ -1029,7 +1084,9 @@ TEST_F(CudaTest, CompactRowsMatchWholeRows) {
       if (HasFatalFailure()) return;
       for (SimSeq& q : seqs) ++q.len;
     }
-    if (graphs) EXPECT_GT(gpu->graph_stats().replays, 0);
+    if (graphs) {
+      EXPECT_GT(gpu->graph_stats().replays, 0);
+    }
   }
 }
 
