@@ -160,6 +160,9 @@ class Backend {
   // Runs one step. Every rank of a tensor-parallel group gets the same plan.
   virtual absl::Status Forward(const BatchPlan& plan, ForwardOutput* out) = 0;
   virtual KvPoolInfo kv() const = 0;
+  // OK while the backend can run steps; else why it cannot any more (a tensor-parallel
+  // group aborted after a rank failed). Thread-safe.
+  virtual absl::Status Health() const { return absl::OkStatus(); }
 };
 
 // Explicit registration of backends (no static initializers).

@@ -57,14 +57,15 @@ void TensorParallelBackend::AbortGroup(const absl::Status& cause) {
   for (auto& c : comms_) c->Abort();
 }
 
+absl::Status TensorParallelBackend::Health() const {
+  absl::MutexLock lock(&abort_mu_);
+  if (aborted_.ok()) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat("tensor-parallel group aborted (a rank failed: ", aborted_.message(), ")"));
+}
+
 absl::Status TensorParallelBackend::RunAll(const std::function<absl::Status(int32_t)>& fn) {
-  {
-    absl::MutexLock lock(&abort_mu_);
-    if (!aborted_.ok()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "tensor-parallel group aborted earlier (a rank failed: ", aborted_.message(), ")"));
-    }
-  }
+  if (absl::Status h = Health(); !h.ok()) return h;
   {
     absl::MutexLock lock(&mu_);
     job_ = &fn;

@@ -26,6 +26,8 @@ class TensorParallelBackend : public Backend {
                     const Shard& shard) override;
   absl::Status Forward(const BatchPlan& plan, ForwardOutput* out) override;
   KvPoolInfo kv() const override;
+  // FAILED_PRECONDITION once the group was aborted (a rank failed).
+  absl::Status Health() const override;
   int32_t size() const { return static_cast<int32_t>(ranks_.size()); }
 
  private:
@@ -49,7 +51,7 @@ class TensorParallelBackend : public Backend {
   int32_t pending_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<absl::Status> results_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
-  absl::Mutex abort_mu_;
+  mutable absl::Mutex abort_mu_;
   absl::Status aborted_ ABSL_GUARDED_BY(abort_mu_);  // the first failure, once aborted
 };
 

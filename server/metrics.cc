@@ -211,8 +211,14 @@ int MetricsServer::Start(const std::string& listen) {
   http_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(metrics_->Render(), "text/plain; version=0.0.4; charset=utf-8");
   });
-  http_->Get("/healthz", [](const httplib::Request&, httplib::Response& res) {
-    res.set_content("ok\n", "text/plain");
+  http_->Get("/healthz", [this](const httplib::Request&, httplib::Response& res) {
+    const absl::Status h = health_ ? health_() : absl::OkStatus();
+    if (h.ok()) {
+      res.set_content("ok\n", "text/plain");
+    } else {
+      res.status = 503;
+      res.set_content(std::string(h.message()) + "\n", "text/plain");
+    }
   });
   if (port == 0) {
     port = http_->bind_to_any_port(host);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -83,9 +84,12 @@ class MetricsServer {
   // Returns the bound port, or -1.
   int Start(const std::string& listen);
   void Stop();
+  // /healthz answers 503 with the reason while `health` is not OK (before Start).
+  void set_health(std::function<absl::Status()> health) { health_ = std::move(health); }
 
  private:
   const Metrics* metrics_;
+  std::function<absl::Status()> health_;
   std::unique_ptr<httplib::Server> http_;
   std::thread thread_;
 };

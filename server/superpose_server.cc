@@ -16,6 +16,7 @@
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "engine/backend.h"
 #include "engine/cpu/blas_setup.h"
 #include "engine/cpu/cpu_backend.h"
@@ -178,6 +179,7 @@ int Run() {
   eng.SetObserver(&metrics);
   eng.Start();
   server::MetricsServer metrics_server(&metrics);
+  metrics_server.set_health([&eng] { return eng.Health(); });
   if (const std::string ml = absl::GetFlag(FLAGS_metrics_listen); !ml.empty()) {
     const int mport = metrics_server.Start(ml);
     if (mport <= 0) {
@@ -214,6 +216,20 @@ int Run() {
   server->GetHealthCheckService()->SetServingStatus("superpose.v1.Superpose", true);
   spdlog::info("listening on {} (port {})", absl::GetFlag(FLAGS_listen), port);
   WritePortFile(absl::GetFlag(FLAGS_port_file), port);
+  // A backend that can no longer run steps (a tensor-parallel group aborted after a
+  // rank failed) turns the gRPC health status to NOT_SERVING, so that an orchestrator
+  // restarts the server; new requests get UNAVAILABLE meanwhile.
+  absl::Notification stop_watch;
+  std::thread watcher([&] {
+    while (!stop_watch.WaitForNotificationWithTimeout(absl::Seconds(1))) {
+      const absl::Status h = eng.Health();
+      if (h.ok()) continue;
+      spdlog::critical("backend failed, reporting NOT_SERVING: {}", h.ToString());
+      server->GetHealthCheckService()->SetServingStatus("", false);
+      server->GetHealthCheckService()->SetServingStatus("superpose.v1.Superpose", false);
+      return;
+    }
+  });
 
   // Wait for SIGTERM / SIGINT (blocked in every thread; see main).
   sigset_t set;
@@ -224,6 +240,8 @@ int Run() {
   sigwait(&set, &sig);
   const double grace = absl::GetFlag(FLAGS_shutdown_grace_s);
   spdlog::info("signal {}: draining for up to {:.1f}s", sig, grace);
+  stop_watch.Notify();
+  watcher.join();
   server->GetHealthCheckService()->SetServingStatus("", false);
   server->GetHealthCheckService()->SetServingStatus("superpose.v1.Superpose", false);
   // Stops accepting calls, lets running ones finish until the deadline, then cancels.

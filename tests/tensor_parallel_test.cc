@@ -164,6 +164,17 @@ TEST(TensorParallelTest, AFailingRankAbortsTheGroupInsteadOfHanging) {
   const absl::Status later = tp.Forward(plan, &out);
   EXPECT_EQ(later.code(), absl::StatusCode::kFailedPrecondition) << later;
   EXPECT_THAT(std::string(later.message()), ::testing::HasSubstr("aborted"));
+  EXPECT_EQ(tp.Health().code(), absl::StatusCode::kFailedPrecondition);
+
+  // An engine over the failed group: the request that hits it fails, then the engine
+  // reports the backend's health and turns new requests away at once.
+  engine::Engine eng(engine::EngineOptions{}, model->config, model->tokenizer.get(), &tp);
+  eng.Start();
+  EXPECT_EQ(eng.Health().code(), absl::StatusCode::kFailedPrecondition);
+  const auto r = testing::RunRequest(eng, testing::GreedyRequest({1, 2, 3}, 4));
+  EXPECT_EQ(r.status.code(), absl::StatusCode::kUnavailable) << r.status;
+  EXPECT_THAT(std::string(r.status.message()), ::testing::HasSubstr("restart the server"));
+  eng.Shutdown(absl::Seconds(1));
 }
 
 }  // namespace

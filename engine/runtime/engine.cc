@@ -87,6 +87,10 @@ absl::StatusOr<uint64_t> Engine::Submit(Request request, StreamCallback callback
 
 absl::Status Engine::CanQueue() const {
   if (!accepting_) return absl::UnavailableError("server is shutting down");
+  if (absl::Status h = backend_->Health(); !h.ok()) {
+    return absl::UnavailableError(
+        absl::StrCat("the model backend failed (restart the server): ", h.message()));
+  }
   if (static_cast<int32_t>(inbox_.size() + group_inbox_.size()) + waiting_requests_ >=
       options_.max_waiting) {
     return absl::ResourceExhaustedError(

@@ -84,6 +84,9 @@ class Engine {
   void Shutdown(absl::Duration grace);
 
   EngineStats stats() const;
+  // The backend's health (Backend::Health); while it is not OK, Submit answers
+  // UNAVAILABLE and the server reports NOT_SERVING.
+  absl::Status Health() const { return backend_->Health(); }
   // Engine-private (engine_internal.h); named here so that helpers can use them.
   struct Sequence;
   struct RagGroup;
