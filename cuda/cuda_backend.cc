@@ -183,6 +183,9 @@ struct CudaBackend::Impl {
   PinnedArray<int32_t> lp_meta_host;  // log-prob rows (relative to their chunk), targets
   DeviceArray<float> top_logit, top_lse;
   PinnedArray<int32_t> top_meta_host, top_host;  // top_host: ids, then logits, then lse
+  // Sampled rows: [RowSampling (8 words) x S | local rows x S] in, [tokens | logits] out.
+  DeviceArray<int32_t> samp_meta, samp_out;
+  PinnedArray<int32_t> samp_meta_host, samp_host;
 
   // CUDA graphs of decode steps. A graph bakes in the pointers of the buffers below,
   // which are allocated once for kGraphMaxBatch tokens (gmeta grows, dropping every
@@ -230,6 +233,10 @@ struct CudaBackend::Impl {
     top_logit.Reset();
     top_lse.Reset();
     top_meta_host.Reset();
+    samp_meta.Reset();
+    samp_out.Reset();
+    samp_meta_host.Reset();
+    samp_host.Reset();
     top_host.Reset();
     if (cublas != nullptr) cublasDestroy(cublas);
     cublas_workspace.Reset();
@@ -279,8 +286,15 @@ struct CudaBackend::Impl {
   struct LogitsCopy {
     std::vector<int32_t> local_row;  // per logits_for entry
     std::vector<int64_t> slot;       // whole: row in out->logits; compact: compact index
-    size_t compact = 0;
+    std::vector<int64_t> sampled;    // index among the sampled rows, or -1
+    size_t compact = 0, num_sampled = 0;
   } lc;
+  bool Sampled(const BatchPlan& plan, size_t i) const {
+    return !plan.sampling.empty() && plan.sampling[i].temperature > 0.0f;
+  }
+  bool Compact(const BatchPlan& plan, size_t i) const {
+    return !plan.logits_top.empty() && plan.logits_top[i] > 0;
+  }
   absl::Status EnsureGraphBuffers(size_t meta_words);
   absl::Status CaptureGraph(int32_t B);
   // Destroys every graph (the stream must be idle); the buffers stay.
@@ -706,12 +720,29 @@ absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* ou
   out->logits.clear();
   out->logprobs.clear();
   out->top.clear();
+  out->sampled.clear();
+  out->sampled_logit.clear();
   out->top_lse.clear();
   if (plan.num_tokens() == 0) return absl::OkStatus();
   SP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
-  size_t compact = 0;
+  if (!plan.sampling.empty() && !options.cuda_row_sampling) {
+    for (const engine::RowSampling& r : plan.sampling) {
+      if (r.temperature > 0.0f) {
+        return absl::FailedPreconditionError("cuda backend: row sampling is off");
+      }
+    }
+  }
+  size_t compact = 0, sampled = 0;
   for (int32_t n : plan.logits_top) compact += n > 0;
+  for (const engine::RowSampling& r : plan.sampling) sampled += r.temperature > 0.0f;
   SP_RETURN_IF_ERROR(ReserveTop(compact));
+  if (sampled > 0) {
+    constexpr size_t kWords = sizeof(engine::RowSampling) / sizeof(int32_t);
+    SP_RETURN_IF_ERROR(samp_meta.Reserve((kWords + 1) * sampled));
+    SP_RETURN_IF_ERROR(samp_meta_host.Reserve((kWords + 1) * sampled));
+    SP_RETURN_IF_ERROR(samp_out.Reserve(2 * sampled));
+    SP_RETURN_IF_ERROR(samp_host.Reserve(2 * sampled));
+  }
   // Step metadata: tokens, positions, slots, keys, tiles, rows.
   absl::StatusOr<StepMeta> sm = BuildStepMeta(plan, kv_info.block_size, attn_tile);
   if (!sm.ok()) return sm.status();
@@ -721,6 +752,8 @@ absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* ou
     if (*done) return absl::OkStatus();
     out->logits.clear();
     out->top.clear();
+    out->sampled.clear();
+    out->sampled_logit.clear();
     out->top_lse.clear();
   }
   return ForwardEager(plan, *sm, out);
@@ -870,14 +903,34 @@ absl::Status CudaBackend::Impl::BeginLogits(const BatchPlan& plan, std::vector<i
   const int32_t V = config.vocab_size;
   const size_t nl = plan.logits_for.size();
   lc.local_row = std::move(local_row);
-  lc.slot.assign(nl, 0);
+  lc.slot.assign(nl, -1);
+  lc.sampled.assign(nl, -1);
   lc.compact = 0;
+  lc.num_sampled = 0;
   size_t whole = 0;
   for (size_t i = 0; i < nl; ++i) {
-    const bool compact = !plan.logits_top.empty() && plan.logits_top[i] > 0;
-    lc.slot[i] = static_cast<int64_t>(compact ? lc.compact++ : whole++);
+    if (Sampled(plan, i)) lc.sampled[i] = static_cast<int64_t>(lc.num_sampled++);
+    if (Compact(plan, i)) {
+      lc.slot[i] = static_cast<int64_t>(lc.compact++);
+    } else if (!Sampled(plan, i)) {
+      lc.slot[i] = static_cast<int64_t>(whole++);
+    }
   }
   out->logits.resize(whole * V);
+  if (lc.num_sampled > 0) {
+    // [params | local rows], uploaded once for every range.
+    const size_t S = lc.num_sampled;
+    constexpr size_t kWords = sizeof(engine::RowSampling) / sizeof(int32_t);
+    int32_t* m = samp_meta_host.get();
+    for (size_t i = 0; i < nl; ++i) {
+      if (lc.sampled[i] < 0) continue;
+      std::memcpy(m + static_cast<size_t>(lc.sampled[i]) * kWords, &plan.sampling[i],
+                  sizeof(engine::RowSampling));
+      m[kWords * S + static_cast<size_t>(lc.sampled[i])] = lc.local_row[i];
+    }
+    SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(samp_meta.get(), m, (kWords + 1) * S * sizeof(int32_t),
+                                            cudaMemcpyHostToDevice, stream));
+  }
   if (lc.compact == 0) return absl::OkStatus();
   // [local rows | ns] of the compact rows, in order; uploaded once for every range.
   int32_t* m = top_meta_host.get();
@@ -894,25 +947,41 @@ absl::Status CudaBackend::Impl::BeginLogits(const BatchPlan& plan, std::vector<i
 absl::Status CudaBackend::Impl::EnqueueLogitsRange(const BatchPlan& plan, const float* dev,
                                                    size_t i0, size_t i1, ForwardOutput* out) {
   const int32_t V = config.vocab_size;
-  auto compact = [&](size_t i) { return !plan.logits_top.empty() && plan.logits_top[i] > 0; };
+  auto whole = [&](size_t i) { return !Compact(plan, i) && !Sampled(plan, i); };
   // Whole rows: runs consecutive both on the device and in out->logits in one copy.
   for (size_t i = i0; i < i1;) {
-    if (compact(i)) {
+    if (!whole(i)) {
       ++i;
       continue;
     }
     size_t j = i + 1;
-    while (j < i1 && !compact(j) && lc.local_row[j] == lc.local_row[j - 1] + 1) ++j;
+    while (j < i1 && whole(j) && lc.local_row[j] == lc.local_row[j - 1] + 1) ++j;
     SP_CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(out->logits.data() + static_cast<size_t>(lc.slot[i]) * V,
                         dev + static_cast<size_t>(lc.local_row[i]) * V, (j - i) * V * sizeof(float),
                         cudaMemcpyDeviceToHost, stream));
     i = j;
   }
+  // Sampled rows of the range: consecutive sampled indices [s0, s1).
+  int64_t s0 = -1, s1 = -1;
+  for (size_t i = i0; i < i1; ++i) {
+    if (lc.sampled[i] < 0) continue;
+    if (s0 < 0) s0 = lc.sampled[i];
+    s1 = lc.sampled[i] + 1;
+  }
+  if (s0 >= 0) {
+    const size_t S = lc.num_sampled, a = static_cast<size_t>(s0);
+    constexpr size_t kWords = sizeof(engine::RowSampling) / sizeof(int32_t);
+    SP_CUDA_RETURN_IF_ERROR(
+        LaunchSampleRows(dev, V, samp_meta.get() + kWords * S + a,
+                         reinterpret_cast<const engine::RowSampling*>(samp_meta.get()) + a,
+                         static_cast<int32_t>(s1 - s0), samp_out.get() + a,
+                         reinterpret_cast<float*>(samp_out.get() + S) + a, stream));
+  }
   // Compact rows of the range: consecutive compact indices [c0, c1).
   int64_t c0 = -1, c1 = -1;
   for (size_t i = i0; i < i1; ++i) {
-    if (!compact(i)) continue;
+    if (!Compact(plan, i)) continue;
     if (c0 < 0) c0 = lc.slot[i];
     c1 = lc.slot[i] + 1;
   }
@@ -925,6 +994,11 @@ absl::Status CudaBackend::Impl::EnqueueLogitsRange(const BatchPlan& plan, const 
 }
 
 absl::Status CudaBackend::Impl::EndLogits() {
+  if (lc.num_sampled > 0) {
+    SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(samp_host.get(), samp_out.get(),
+                                            2 * lc.num_sampled * sizeof(int32_t),
+                                            cudaMemcpyDeviceToHost, stream));
+  }
   if (lc.compact == 0) return absl::OkStatus();
   const size_t compact = lc.compact;
   int32_t* h = top_host.get();
@@ -939,6 +1013,9 @@ absl::Status CudaBackend::Impl::EndLogits() {
 }
 
 void CudaBackend::Impl::UnpackTop(const BatchPlan& plan, ForwardOutput* out) const {
+  out->sampled.assign(samp_host.get(), samp_host.get() + lc.num_sampled);
+  const float* sampled_logit = reinterpret_cast<const float*>(samp_host.get() + lc.num_sampled);
+  out->sampled_logit.assign(sampled_logit, sampled_logit + lc.num_sampled);
   size_t compact = 0;
   for (int32_t n : plan.logits_top) compact += n > 0;
   if (compact == 0) return;
@@ -1139,6 +1216,8 @@ absl::Status CudaBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
 }
 
 KvPoolInfo CudaBackend::kv() const { return impl_->kv_info; }
+
+bool CudaBackend::SamplesRows() const { return impl_->options.cuda_row_sampling; }
 int64_t CudaBackend::weight_bytes() const { return impl_->WeightBytes(); }
 int32_t CudaBackend::attention_tile_tokens() const { return impl_->attn_tile; }
 

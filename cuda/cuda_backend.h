@@ -33,6 +33,9 @@ class CudaBackend : public engine::Backend {
                     const engine::Shard& shard) override;
   absl::Status Forward(const engine::BatchPlan& plan, engine::ForwardOutput* out) override;
   engine::KvPoolInfo kv() const override;
+  // Rows with plan.sampling are drawn on the GPU (cuda/sample_body.h) unless
+  // BackendOptions::cuda_row_sampling is off.
+  bool SamplesRows() const override;
 
   // Benchmarks and tests: allocates the weights of `config` for `shard` and fills them
   // on the device (no host copy): matrices, embeddings and biases uniform(-scale,

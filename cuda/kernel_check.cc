@@ -266,4 +266,25 @@ absl::Status TopLogits(const std::vector<float>& logits, int32_t V,
   return absl::OkStatus();
 }
 
+absl::Status SampleRows(const std::vector<float>& logits, int32_t V,
+                        const std::vector<int32_t>& rows,
+                        const std::vector<engine::RowSampling>& params,
+                        std::vector<int32_t>* tokens, std::vector<float>* token_logits) {
+  DeviceArray<float> dl, dlogit;
+  DeviceArray<int32_t> dr, dtok;
+  DeviceArray<engine::RowSampling> dp;
+  SP_RETURN_IF_ERROR(Put(logits, &dl));
+  SP_RETURN_IF_ERROR(Put(rows, &dr));
+  SP_RETURN_IF_ERROR(Put(params, &dp));
+  const int32_t R = static_cast<int32_t>(rows.size());
+  SP_RETURN_IF_ERROR(dtok.Allocate(R));
+  SP_RETURN_IF_ERROR(dlogit.Allocate(R));
+  SP_RETURN_IF_ERROR(Sync(
+      LaunchSampleRows(dl.get(), V, dr.get(), dp.get(), R, dtok.get(), dlogit.get(), nullptr)));
+  tokens->resize(R);
+  SP_CUDA_RETURN_IF_ERROR(
+      cudaMemcpy(tokens->data(), dtok.get(), R * sizeof(int32_t), cudaMemcpyDeviceToHost));
+  return Get(dlogit, R, token_logits);
+}
+
 }  // namespace superpose::cuda::check

@@ -55,4 +55,10 @@ absl::Status TopLogits(const std::vector<float>& logits, int32_t V,
                        std::vector<std::vector<int32_t>>* ids,
                        std::vector<std::vector<float>>* top_logits, std::vector<float>* lse);
 
+// LaunchSampleRows: per entry of `rows`, the token drawn with params[i] and its logit.
+absl::Status SampleRows(const std::vector<float>& logits, int32_t V,
+                        const std::vector<int32_t>& rows,
+                        const std::vector<engine::RowSampling>& params,
+                        std::vector<int32_t>* tokens, std::vector<float>* token_logits);
+
 }  // namespace superpose::cuda::check

@@ -8,6 +8,7 @@
 
 #include "cuda/attention_body.h"
 #include "cuda/attention_tc_body.h"
+#include "cuda/sample_body.h"
 #include "cuda/top_logits_body.h"
 #include "cuda/kernels.h"
 
@@ -492,6 +493,36 @@ cudaError_t LaunchTopLogits(const float* logits, int32_t V, const int32_t* rows,
   return cudaGetLastError();
 }
 
+namespace {
+struct SampleCtx : DeviceCtx {
+  __device__ void atomic_add(unsigned long long* p, unsigned long long v) const {
+    atomicAdd(p, v);
+  }
+};
+
+// grid R: one block per sampled row; the body is cuda/sample_body.h.
+__global__ void __launch_bounds__(kSampleThreads)
+    SampleRowsKernel(const float* __restrict__ logits, int32_t V, const int32_t* __restrict__ rows,
+                     const engine::RowSampling* __restrict__ params, int32_t* __restrict__ out_token,
+                     float* __restrict__ out_logit) {
+  __shared__ SampleShared sh;
+  SampleCtx c;
+  const int32_t r = static_cast<int32_t>(blockIdx.x);
+  const engine::RowSampling s = params[r];
+  SampleRowBlock(c, logits + static_cast<size_t>(rows[r]) * V, V, s, sh, out_token + r,
+                 out_logit + r);
+}
+}  // namespace
+
+cudaError_t LaunchSampleRows(const float* logits, int32_t V, const int32_t* rows,
+                             const engine::RowSampling* params, int32_t R, int32_t* out_token,
+                             float* out_logit, cudaStream_t stream) {
+  if (R <= 0) return cudaSuccess;
+  SampleRowsKernel<<<R, kSampleThreads, 0, stream>>>(logits, V, rows, params, out_token,
+                                                     out_logit);
+  return cudaGetLastError();
+}
+
 cudaError_t LaunchFillRandom(bf16* p, int64_t n, uint64_t seed, float scale, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   FillRandomKernel<<<GridFor(n, 256), 256, 0, stream>>>(p, n, seed, scale);
@@ -510,6 +541,7 @@ cudaError_t LoadKernels() {
                            reinterpret_cast<const void*>(SwiGluKernel),
                            reinterpret_cast<const void*>(LogprobsKernel),
                            reinterpret_cast<const void*>(TopLogitsKernel),
+                           reinterpret_cast<const void*>(SampleRowsKernel),
                            reinterpret_cast<const void*>(FillRandomKernel),
                            reinterpret_cast<const void*>(FillF32Kernel)};
   for (const void* k : kernels) {

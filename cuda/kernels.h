@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "cuda/attn_tile.h"
+#include "engine/row_sampling.h"
 
 namespace superpose::cuda {
 
@@ -102,6 +103,13 @@ cudaError_t LaunchLogprobs(const float* logits, int32_t V, const int32_t* rows,
 cudaError_t LaunchTopLogits(const float* logits, int32_t V, const int32_t* rows, const int32_t* ns,
                             int32_t R, int32_t* out_id, float* out_logit, float* out_lse,
                             cudaStream_t stream);
+
+// Row sampling (cuda/sample_body.h, engine/row_sampling.h): for each i < R, the token
+// drawn from logits[rows[i], :] with params[i] into out_token[i], its logit into
+// out_logit[i].
+cudaError_t LaunchSampleRows(const float* logits, int32_t V, const int32_t* rows,
+                             const engine::RowSampling* params, int32_t R, int32_t* out_token,
+                             float* out_logit, cudaStream_t stream);
 
 // Fills n bf16 values with uniform(-scale, scale) from a counter-based hash of
 // (seed, index): deterministic, generated on the device (benchmarks, tests).

@@ -70,6 +70,18 @@ absl::Status ValidatePlan(const BatchPlan& plan, const KvPoolInfo& kv, int32_t v
       return absl::InvalidArgumentError("plan: logits_top out of range");
     }
   }
+  if (!plan.sampling.empty() && plan.sampling.size() != plan.logits_for.size()) {
+    return absl::InvalidArgumentError("plan: sampling and logits_for differ in length");
+  }
+  for (const RowSampling& r : plan.sampling) {
+    if (!(r.temperature >= 0.0f) || !std::isfinite(r.temperature)) {
+      return absl::InvalidArgumentError("plan: sampling temperature out of range");
+    }
+    if (r.temperature > 0.0f &&
+        (!(r.top_p > 0.0f && r.top_p <= 1.0f) || !(r.min_p >= 0.0f && r.min_p <= 1.0f))) {
+      return absl::InvalidArgumentError("plan: sampling top_p or min_p out of range");
+    }
+  }
   for (const LogprobRequest& r : plan.logprobs) {
     if (r.token_index < 0 || r.token_index >= n || r.target < 0 || r.target >= vocab_size) {
       return absl::InvalidArgumentError("plan: logprob request out of range");
@@ -118,18 +130,27 @@ void CompactLogits(const BatchPlan& plan, int32_t vocab, const float* rows, Forw
   const size_t nl = plan.logits_for.size();
   out->top.clear();
   out->top_lse.clear();
-  if (plan.logits_top.empty()) {
+  out->sampled.clear();
+  out->sampled_logit.clear();
+  if (plan.logits_top.empty() && plan.sampling.empty()) {
     out->logits.assign(rows, rows + nl * vocab);
     return;
   }
   out->logits.clear();
   for (size_t r = 0; r < nl; ++r) {
     const absl::Span<const float> row(rows + r * vocab, vocab);
-    if (plan.logits_top[r] == 0) {
-      out->logits.insert(out->logits.end(), row.begin(), row.end());
-    } else {
-      SelectTopLogits(row, plan.logits_top[r], &out->top);
+    const int32_t n = plan.logits_top.empty() ? 0 : plan.logits_top[r];
+    const bool sampled = !plan.sampling.empty() && plan.sampling[r].temperature > 0.0f;
+    if (sampled) {
+      const int32_t t = SampleRowReference(row.data(), vocab, plan.sampling[r]);
+      out->sampled.push_back(t);
+      out->sampled_logit.push_back(row[t]);
+    }
+    if (n > 0) {
+      SelectTopLogits(row, n, &out->top);
       out->top_lse.push_back(LogSumExp(row));
+    } else if (!sampled) {
+      out->logits.insert(out->logits.end(), row.begin(), row.end());
     }
   }
 }

@@ -14,6 +14,7 @@
 #include "absl/types/span.h"
 #include "engine/model/config.h"
 #include "engine/model/weights.h"
+#include "engine/row_sampling.h"
 
 namespace superpose::engine {
 
@@ -63,6 +64,10 @@ struct BatchPlan {
   // [1, kMaxTopLogits] returns only its n best tokens and its log-sum-exp (a compact
   // row: what greedy and top-k sampling need, without moving the vocabulary).
   std::vector<int32_t> logits_top;
+  // Empty, or one per logits_for entry: with a temperature > 0 the backend draws that
+  // row's token itself (engine/row_sampling.h; backends with SamplesRows() only) and
+  // returns no whole row for it (its compact row still, when logits_top asks).
+  std::vector<RowSampling> sampling;
   std::vector<LogprobRequest> logprobs;
 
   int32_t num_tokens() const { return static_cast<int32_t>(tokens.size()); }
@@ -84,6 +89,10 @@ struct ForwardOutput {
   // the log-sum-exp of its whole row in `top_lse`.
   std::vector<TopLogit> top;
   std::vector<float> top_lse;
+  // The rows the backend sampled (plan.sampling), in the order of plan.logits_for: the
+  // token drawn and its logit.
+  std::vector<int32_t> sampled;
+  std::vector<float> sampled_logit;
   // One per plan.logprobs entry (natural log).
   std::vector<float> logprobs;
 };
@@ -136,6 +145,12 @@ struct BackendOptions {
   // and merge them; the split count depends on the batch size only, so graphs and
   // eager steps stay bitwise equal.
   bool cuda_split_decode = true;
+  // Rows of temperature requests without top-k or penalties are sampled by the backend
+  // (engine/row_sampling.h) instead of copying the whole row to the host: the CUDA
+  // backend on the GPU (cuda_row_sampling); the CPU backend only when cpu_row_sampling
+  // is set (its host sampler is as fast; tests use it).
+  bool cuda_row_sampling = true;
+  bool cpu_row_sampling = false;
   // CUDA backend attention of prefill steps: "auto" (tensor cores when head_dim is a
   // multiple of 16 up to 128, else the float32 SIMT kernel), "simt" or "tensor_core".
   std::string cuda_attention = "auto";
@@ -160,6 +175,9 @@ class Backend {
   // Runs one step. Every rank of a tensor-parallel group gets the same plan.
   virtual absl::Status Forward(const BatchPlan& plan, ForwardOutput* out) = 0;
   virtual KvPoolInfo kv() const = 0;
+  // Whether Forward draws the tokens of rows with plan.sampling (else the plan must not
+  // ask).
+  virtual bool SamplesRows() const { return false; }
   // OK while the backend can run steps; else why it cannot any more (a tensor-parallel
   // group aborted after a rank failed). Thread-safe.
   virtual absl::Status Health() const { return absl::OkStatus(); }
@@ -199,9 +217,9 @@ absl::StatusOr<ShardLayout> ComputeShardLayout(const ModelConfig& config, const 
 void SelectTopLogits(absl::Span<const float> row, int32_t n, std::vector<TopLogit>* out);
 // log(sum(exp(row))), computed stably (float exponentials, double sum).
 float LogSumExp(absl::Span<const float> row);
-// Fills out->logits, out->top and out->top_lse from whole rows: `rows` holds
-// plan.logits_for.size() rows of `vocab` floats. For backends that have every row on
-// the host.
+// Fills out->logits, out->top, out->top_lse and out->sampled* from whole rows: `rows`
+// holds plan.logits_for.size() rows of `vocab` floats. For backends that have every row
+// on the host (sampled rows drawn with SampleRowReference).
 void CompactLogits(const BatchPlan& plan, int32_t vocab, const float* rows, ForwardOutput* out);
 
 // Checks a plan against the pool and itself (ranges, slots, segment bounds) so that a

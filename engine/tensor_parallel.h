@@ -26,6 +26,7 @@ class TensorParallelBackend : public Backend {
                     const Shard& shard) override;
   absl::Status Forward(const BatchPlan& plan, ForwardOutput* out) override;
   KvPoolInfo kv() const override;
+  bool SamplesRows() const override { return ranks_[0]->SamplesRows(); }
   // FAILED_PRECONDITION once the group was aborted (a rank failed).
   absl::Status Health() const override;
   int32_t size() const { return static_cast<int32_t>(ranks_.size()); }

@@ -46,6 +46,9 @@ ABSL_FLAG(double, gpu_memory_fraction, 0.0,
 ABSL_FLAG(bool, cuda_split_decode, true,
           "CUDA: decode steps with fewer (sequence, kv head) pairs than the GPU has SMs split "
           "each context over several blocks (split-K attention) and merge them");
+ABSL_FLAG(bool, cuda_row_sampling, true,
+          "CUDA: draw the tokens of temperature requests without top-k or penalties on the "
+          "GPU (exponential race) instead of copying their whole logits rows to the host");
 ABSL_FLAG(bool, cuda_graphs, true,
           "CUDA: replay decode steps (every sequence one new token, batch <= 64, no "
           "log-probabilities) from CUDA graphs captured per batch size; not with --tp > 1");
@@ -143,6 +146,7 @@ int Run() {
   bopts.device_memory_fraction = absl::GetFlag(FLAGS_gpu_memory_fraction);
   bopts.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
   bopts.cuda_split_decode = absl::GetFlag(FLAGS_cuda_split_decode);
+  bopts.cuda_row_sampling = absl::GetFlag(FLAGS_cuda_row_sampling);
   bopts.cuda_attention = absl::GetFlag(FLAGS_cuda_attention);
   if (bopts.device_memory_fraction < 0 || bopts.device_memory_fraction > 1) {
     spdlog::critical("--gpu_memory_fraction must be in [0, 1]");

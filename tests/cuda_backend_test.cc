@@ -385,6 +385,38 @@ TEST_F(CudaTest, TopLogitsMatchHostSelection) {
   }
 }
 
+// The row-sampling kernel against the host reference (engine::SampleRowReference): the
+// same token for nearly every row (the device's expf / logf may differ from glibc's in
+// the last bit, which can flip a near tie of the race or of the top-p cut), the drawn
+// token's logit exactly.
+TEST_F(CudaTest, SampleRowsMatchTheReference) {
+  const int32_t V = 32000;
+  const int32_t R = 200;
+  std::vector<float> logits = RandomNonZero(static_cast<size_t>(R) * V, 31, 0.01f, 6.0f);
+  std::vector<int32_t> rows(R);
+  std::vector<engine::RowSampling> params(R);
+  for (int32_t r = 0; r < R; ++r) {
+    rows[r] = r;
+    params[r].temperature = 0.5f + 0.01f * r;
+    params[r].top_p = r % 3 == 0 ? 1.0f : 0.5f + 0.002f * r;
+    params[r].min_p = r % 4 == 0 ? 0.05f : 0.0f;
+    params[r].seed = 1000 + r;
+    params[r].draw = r % 7;
+  }
+  std::vector<int32_t> tokens;
+  std::vector<float> token_logits;
+  ASSERT_TRUE(cuda::check::SampleRows(logits, V, rows, params, &tokens, &token_logits).ok());
+  int same = 0;
+  for (int32_t r = 0; r < R; ++r) {
+    const float* row = &logits[static_cast<size_t>(r) * V];
+    same += tokens[r] == engine::SampleRowReference(row, V, params[r]);
+    ASSERT_GE(tokens[r], 0);
+    ASSERT_LT(tokens[r], V);
+    EXPECT_EQ(token_logits[r], row[tokens[r]]);
+  }
+  EXPECT_GE(same, R - 4) << "of " << R << " rows";
+}
+
 // ---- Whole steps against the CPU backend. ----
 
 // A copy of `src` with every tensor rounded to bf16 (as the GPU stores it).

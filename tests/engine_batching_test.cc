@@ -2,6 +2,7 @@
 // outputs (with preemption and prefix-cache hits), no KV block leaks, backpressure.
 #include <gtest/gtest.h>
 
+#include <map>
 #include <thread>
 
 #include "engine/cpu/cpu_backend.h"
@@ -329,6 +330,117 @@ TEST_F(BatchingTest, CompactLogitsRowsSampleLikeWholeRows) {
     not_best += lp.chosen.token_id != lp.top[0].token_id;
   }
   EXPECT_GT(not_best, 0);
+}
+
+// Records what the engine asks a row-sampling backend and what it returns.
+class SamplingSpy : public engine::Backend {
+ public:
+  explicit SamplingSpy(engine::Backend* inner) : inner_(inner) {}
+  std::string name() const override { return inner_->name(); }
+  std::string compute_dtype() const override { return inner_->compute_dtype(); }
+  absl::Status Load(const engine::ModelConfig& c, const engine::WeightSource& w,
+                    const engine::Shard& s) override {
+    return inner_->Load(c, w, s);
+  }
+  engine::KvPoolInfo kv() const override { return inner_->kv(); }
+  bool SamplesRows() const override { return inner_->SamplesRows(); }
+  absl::Status Forward(const engine::BatchPlan& plan, engine::ForwardOutput* out) override {
+    absl::Status st = inner_->Forward(plan, out);
+    if (!st.ok()) return st;
+    size_t k = 0;
+    for (size_t r = 0; r < plan.sampling.size(); ++r) {
+      if (plan.sampling[r].temperature <= 0.0f) {
+        ++other_rows;
+        continue;
+      }
+      draws[plan.sampling[r].seed].push_back({plan.sampling[r].draw, out->sampled[k++]});
+    }
+    return st;
+  }
+  // seed -> (draw index, token) in step order.
+  std::map<uint64_t, std::vector<std::pair<int64_t, int32_t>>> draws;
+  int64_t other_rows = 0;
+
+ private:
+  engine::Backend* inner_;
+};
+
+// Temperature requests without top-k or penalties are drawn by a backend that samples
+// rows (here the CPU backend with cpu_row_sampling, the GPU's algorithm on the host):
+// the engine passes each request's seed and the index of the token as the draw, streams
+// the backend's tokens, reports their log-probabilities, and the same seed gives the
+// same tokens; greedy and penalised requests still sample on the host.
+TEST_F(BatchingTest, BackendRowSamplingThroughTheEngine) {
+  const auto prompts = Prompts(4);
+  auto run = [&](uint64_t seed_base, SamplingSpy** spy_out,
+                 std::vector<std::unique_ptr<engine::Backend>>* keep) {
+    engine::BackendOptions opts;
+    opts.kv_num_blocks = 64;
+    opts.cpu_row_sampling = true;
+    keep->push_back(std::make_unique<engine::cpu::CpuBackend>(opts));
+    EXPECT_TRUE(keep->back()->Load(model_.config, *model_.weights, engine::Shard{}).ok());
+    auto spy = std::make_unique<SamplingSpy>(keep->back().get());
+    *spy_out = spy.get();
+    engine::Engine eng(engine::EngineOptions{}, model_.config, model_.tokenizer.get(), spy.get());
+    eng.Start();
+    std::vector<Collector> cs(4);
+    for (int i = 0; i < 4; ++i) {
+      engine::Request r = GreedyRequest(prompts[i], 16);
+      r.sampling.seed = seed_base + i;
+      if (i == 0) {
+        r.sampling.temperature = 0.9f;
+        r.sampling.top_p = 0.9f;
+        r.logprobs = true;
+        r.top_logprobs = 3;
+      } else if (i == 1) {
+        r.sampling.temperature = 1.2f;
+        r.sampling.min_p = 0.05f;
+      } else if (i == 3) {
+        r.sampling.temperature = 1.0f;
+        r.sampling.repetition_penalty = 1.2f;  // host sampler
+      }
+      EXPECT_TRUE(eng.Submit(std::move(r), cs[i].Callback()).ok());
+    }
+    std::vector<testing::Completion> out;
+    for (auto& c : cs) out.push_back(c.Wait());
+    eng.Shutdown(absl::Seconds(1));
+    keep->push_back(std::move(spy));
+    return out;
+  };
+  std::vector<std::unique_ptr<engine::Backend>> keep;
+  SamplingSpy* spy = nullptr;
+  const auto a = run(100, &spy, &keep);
+  for (const auto& c : a) ASSERT_TRUE(c.status.ok()) << c.status;
+  // Requests 0 and 1 were drawn by the backend, draw after draw, and streamed as drawn.
+  for (int i = 0; i < 2; ++i) {
+    const auto& d = spy->draws[100 + i];
+    ASSERT_EQ(d.size(), 16u) << i;
+    for (size_t t = 0; t < d.size(); ++t) {
+      EXPECT_EQ(d[t].first, static_cast<int64_t>(t));
+      EXPECT_EQ(d[t].second, a[i].tokens[t]) << i << " " << t;
+    }
+  }
+  EXPECT_EQ(spy->draws.count(102), 0u);  // greedy
+  EXPECT_EQ(spy->draws.count(103), 0u);  // a penalty
+  EXPECT_GE(spy->other_rows, 2 * 16);
+  // Log-probabilities of the drawn tokens: the chosen one's, and 3 alternatives.
+  ASSERT_EQ(a[0].logprobs.size(), 16u);
+  for (const engine::TokenLogprobs& lp : a[0].logprobs) {
+    EXPECT_LE(lp.chosen.logprob, 0.0f);
+    ASSERT_EQ(lp.top.size(), 3u);
+    EXPECT_GE(lp.top[0].logprob, lp.chosen.logprob);
+    for (const auto& t : lp.top) {
+      if (t.token_id == lp.chosen.token_id) EXPECT_FLOAT_EQ(t.logprob, lp.chosen.logprob);
+    }
+  }
+  // Same seeds, same tokens; other seeds, other tokens.
+  SamplingSpy* spy2 = nullptr;
+  const auto b = run(100, &spy2, &keep);
+  SamplingSpy* spy3 = nullptr;
+  const auto c = run(200, &spy3, &keep);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(a[i].tokens, b[i].tokens) << i;
+  EXPECT_NE(a[0].tokens, c[0].tokens);
+  EXPECT_NE(a[1].tokens, c[1].tokens);
 }
 
 }  // namespace

@@ -26,6 +26,7 @@ class CpuBackend : public Backend {
                     const Shard& shard) override;
   absl::Status Forward(const BatchPlan& plan, ForwardOutput* out) override;
   KvPoolInfo kv() const override { return kv_info_; }
+  bool SamplesRows() const override { return options_.cpu_row_sampling; }
 
  private:
   // A weight W[out, in]: float32 row-major, or packed bf16 (then f32 is empty).

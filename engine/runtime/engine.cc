@@ -524,10 +524,22 @@ bool Engine::Step() {
       logits_row[k] = static_cast<int32_t>(plan.logits_for.size());
       plan.logits_for.push_back(plan.num_tokens() - 1);
       const bool emits = seq->role == SeqRole::kGenerate || seq->role == SeqRole::kAnswer;
-      plan.logits_top.push_back(emits && options_.compact_logits
-                                    ? TopLogitsNeeded(seq->req.sampling, seq->req.logprobs,
-                                                      seq->req.top_logprobs, config_.vocab_size)
-                                    : 0);
+      RowSampling rs;
+      int32_t top = 0;
+      if (emits && options_.compact_logits) {
+        const SamplingOptions& so = seq->req.sampling;
+        if (backend_->SamplesRows() && BackendCanSample(so, config_.vocab_size)) {
+          // The backend draws the token (draw index = tokens generated so far, so that
+          // a recomputed sequence draws the same); the compact row is for logprobs.
+          rs = RowSampling{so.temperature, so.top_p, so.min_p, so.seed, seq->generated};
+          top = seq->req.logprobs ? std::min(std::max(1, seq->req.top_logprobs), config_.vocab_size)
+                                  : 0;
+        } else {
+          top = TopLogitsNeeded(so, seq->req.logprobs, seq->req.top_logprobs, config_.vocab_size);
+        }
+      }
+      plan.logits_top.push_back(top);
+      plan.sampling.push_back(rs);
     }
     // FLOPs of this step for this sequence: rows with logits or log-probabilities pay
     // for the LM head.
@@ -559,25 +571,30 @@ bool Engine::Step() {
   std::vector<Sampled> presampled(sched.size());
   // Where each logits row is in the output: a whole row's index in out.logits, or a
   // compact row's first token in out.top and its index in out.top_lse.
+  // A sampled row's index in out.sampled.
   struct RowAt {
-    int64_t whole = -1, top = 0, lse = 0;
+    int64_t whole = -1, top = 0, lse = -1, sampled = -1;
   };
   std::vector<RowAt> row_at(plan.logits_for.size());
   {
-    int64_t whole = 0, top = 0, lse = 0;
+    int64_t whole = 0, top = 0, lse = 0, sampled = 0;
     for (size_t r = 0; r < row_at.size(); ++r) {
       const int32_t n = plan.logits_top[r];
-      if (n == 0) {
-        row_at[r].whole = whole++;
-      } else {
+      const bool by_backend = plan.sampling[r].temperature > 0.0f;
+      if (by_backend) row_at[r].sampled = sampled++;
+      if (n > 0) {
         row_at[r].top = top;
         row_at[r].lse = lse++;
         top += n;
+      } else if (!by_backend) {
+        row_at[r].whole = whole++;
       }
     }
     if (static_cast<size_t>(whole) * V != out.logits.size() ||
         static_cast<size_t>(top) != out.top.size() ||
-        static_cast<size_t>(lse) != out.top_lse.size()) {
+        static_cast<size_t>(lse) != out.top_lse.size() ||
+        static_cast<size_t>(sampled) != out.sampled.size() ||
+        static_cast<size_t>(sampled) != out.sampled_logit.size()) {
       spdlog::error("forward returned logits of the wrong shape");
       const absl::Status err = absl::InternalError("backend failure: logits of the wrong shape");
       for (const Scheduled& s : sched) FinishSeq(s.seq, FinishReason::kNone, err);
@@ -636,6 +653,19 @@ bool Engine::Step() {
       case SeqRole::kAnswer:
         if (presampled[k].token >= 0) {
           EmitSampled(seq, std::move(presampled[k]));
+        } else if (at != nullptr && at->sampled >= 0) {  // drawn by the backend
+          EnsureStreamState(seq);
+          Sampled drawn;
+          drawn.token = out.sampled[at->sampled];
+          if (seq->req.logprobs) {
+            const float lse = out.top_lse[at->lse];
+            TokenLogprobs lp = LogprobsFromTop(
+                absl::MakeConstSpan(out.top).subspan(at->top, plan.logits_top[logits_row[k]]), lse,
+                drawn.token, seq->req.top_logprobs);
+            lp.chosen = {drawn.token, out.sampled_logit[at->sampled] - lse};
+            drawn.logprobs.push_back(std::move(lp));
+          }
+          EmitSampled(seq, std::move(drawn));
         } else if (logits != nullptr) {
           EmitToken(seq, logits);
         } else {

@@ -45,6 +45,12 @@ int32_t TopLogitsNeeded(const SamplingOptions& options, bool logprobs, int32_t t
   return n <= kMaxTopLogits && n < vocab ? n : 0;
 }
 
+bool BackendCanSample(const SamplingOptions& options, int32_t vocab) {
+  return options.temperature > 0.0f && (options.top_k <= 0 || options.top_k >= vocab) &&
+         options.repetition_penalty == 1.0f && options.presence_penalty == 0.0f &&
+         options.frequency_penalty == 0.0f;
+}
+
 Sampler::Sampler(const SamplingOptions& options, absl::Span<const int32_t> prompt_ids)
     : options_(options), rng_(options.seed) {
   if (options_.repetition_penalty != 1.0f) {

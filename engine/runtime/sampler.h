@@ -27,6 +27,11 @@ namespace superpose::engine {
 int32_t TopLogitsNeeded(const SamplingOptions& options, bool logprobs, int32_t top_logprobs,
                         int32_t vocab);
 
+// Whether a backend that samples rows (Backend::SamplesRows, engine/row_sampling.h)
+// can draw this request's tokens: a temperature, no top-k below the vocabulary, no
+// penalties (the requests whose whole row the host sampler would need).
+bool BackendCanSample(const SamplingOptions& options, int32_t vocab);
+
 class Sampler {
  public:
   Sampler(const SamplingOptions& options, absl::Span<const int32_t> prompt_ids);
