@@ -84,6 +84,7 @@ class RecordingBackend : public engine::Backend {
     engine::BatchPlan all = plan;
     all.logits_for.clear();
     all.logits_top.clear();  // whole rows
+    all.sampling.clear();
     for (int32_t i = 0; i < plan.num_tokens(); ++i) all.logits_for.push_back(i);
     engine::ForwardOutput full;
     absl::Status st = inner_->Forward(all, &full);
