@@ -115,38 +115,50 @@ absl::Status QkvPost(const std::vector<float>& qkv, const std::vector<float>& bi
 }
 
 namespace {
+// The inputs and output of an attention kernel on the device.
+struct AttentionOnDevice {
+  DeviceArray<float> q;
+  DeviceArray<bf16> k, v, out;
+  DeviceArray<int32_t> keys;
+  DeviceArray<AttnTile> tiles;
+  size_t n = 0;  // output elements
+  absl::Status Upload(const std::vector<float>& q_in, const std::vector<float>& k_pool,
+                      const std::vector<float>& v_pool, const std::vector<int32_t>& keys_in,
+                      const std::vector<AttnTile>& tiles_in, int32_t T, int32_t qh, int32_t D) {
+    SP_RETURN_IF_ERROR(Put(q_in, &q));
+    SP_RETURN_IF_ERROR(PutBf16(k_pool, &k));
+    SP_RETURN_IF_ERROR(PutBf16(v_pool, &v));
+    SP_RETURN_IF_ERROR(Put(keys_in, &keys));
+    SP_RETURN_IF_ERROR(Put(tiles_in, &tiles));
+    n = static_cast<size_t>(T) * qh * D;
+    SP_RETURN_IF_ERROR(out.Allocate(n));
+    SP_CUDA_RETURN_IF_ERROR(cudaMemset(out.get(), 0, n * sizeof(bf16)));
+    return absl::OkStatus();
+  }
+};
+
 // The SIMT or the tensor-core kernel on the same inputs.
 absl::Status RunAttention(bool tensor_core, const std::vector<float>& q,
                           const std::vector<float>& k_pool, const std::vector<float>& v_pool,
                           const std::vector<int32_t>& keys, const std::vector<AttnTile>& tiles,
                           int32_t max_tile_tokens, int32_t T, int32_t qh, int32_t kvh, int32_t D,
                           float scale, std::vector<float>* out) {
-  DeviceArray<float> dq;
-  DeviceArray<bf16> dk, dv, dout;
-  DeviceArray<int32_t> dkeys;
-  DeviceArray<AttnTile> dtiles;
-  SP_RETURN_IF_ERROR(Put(q, &dq));
-  SP_RETURN_IF_ERROR(PutBf16(k_pool, &dk));
-  SP_RETURN_IF_ERROR(PutBf16(v_pool, &dv));
-  SP_RETURN_IF_ERROR(Put(keys, &dkeys));
-  SP_RETURN_IF_ERROR(Put(tiles, &dtiles));
-  const size_t n = static_cast<size_t>(T) * qh * D;
-  SP_RETURN_IF_ERROR(dout.Allocate(n));
-  SP_CUDA_RETURN_IF_ERROR(cudaMemset(dout.get(), 0, n * sizeof(bf16)));
+  AttentionOnDevice a;
+  SP_RETURN_IF_ERROR(a.Upload(q, k_pool, v_pool, keys, tiles, T, qh, D));
   const int32_t num_tiles = static_cast<int32_t>(tiles.size());
   if (tensor_core) {
     SP_CUDA_RETURN_IF_ERROR(PrepareTcAttention(D));
-    SP_RETURN_IF_ERROR(
-        Sync(LaunchTcAttention(dq.get(), dk.get(), dv.get(), dkeys.get(), dtiles.get(), num_tiles,
-                               max_tile_tokens, qh, kvh, D, scale, dout.get(), nullptr)));
+    SP_RETURN_IF_ERROR(Sync(LaunchTcAttention(a.q.get(), a.k.get(), a.v.get(), a.keys.get(),
+                                              a.tiles.get(), num_tiles, max_tile_tokens, qh, kvh, D,
+                                              scale, a.out.get(), nullptr)));
   } else {
     SP_CUDA_RETURN_IF_ERROR(
         PrepareAttention(AttentionSharedBytes(max_tile_tokens * (qh / kvh), D)));
     SP_RETURN_IF_ERROR(
-        Sync(LaunchAttention(dq.get(), dk.get(), dv.get(), dkeys.get(), dtiles.get(), num_tiles,
-                             max_tile_tokens, qh, kvh, D, scale, dout.get(), nullptr)));
+        Sync(LaunchAttention(a.q.get(), a.k.get(), a.v.get(), a.keys.get(), a.tiles.get(),
+                             num_tiles, max_tile_tokens, qh, kvh, D, scale, a.out.get(), nullptr)));
   }
-  return GetBf16(dout, n, out);
+  return GetBf16(a.out, a.n, out);
 }
 }  // namespace
 
@@ -155,30 +167,21 @@ absl::Status SplitAttention(const std::vector<float>& q, const std::vector<float
                             const std::vector<AttnTile>& tiles, int32_t max_tile_tokens, int32_t T,
                             int32_t qh, int32_t kvh, int32_t D, float scale, int32_t nsplit,
                             int32_t min_keys, std::vector<float>* out) {
-  DeviceArray<float> dq, ws;
-  DeviceArray<bf16> dk, dv, dout;
-  DeviceArray<int32_t> dkeys;
-  DeviceArray<AttnTile> dtiles;
-  SP_RETURN_IF_ERROR(Put(q, &dq));
-  SP_RETURN_IF_ERROR(PutBf16(k_pool, &dk));
-  SP_RETURN_IF_ERROR(PutBf16(v_pool, &dv));
-  SP_RETURN_IF_ERROR(Put(keys, &dkeys));
-  SP_RETURN_IF_ERROR(Put(tiles, &dtiles));
-  const size_t n = static_cast<size_t>(T) * qh * D;
-  SP_RETURN_IF_ERROR(dout.Allocate(n));
-  SP_CUDA_RETURN_IF_ERROR(cudaMemset(dout.get(), 0, n * sizeof(bf16)));
+  AttentionOnDevice a;
+  SP_RETURN_IF_ERROR(a.Upload(q, k_pool, v_pool, keys, tiles, T, qh, D));
   const int32_t num_tiles = static_cast<int32_t>(tiles.size());
   const size_t ws_floats = static_cast<size_t>(num_tiles) * kvh * nsplit *
                            SplitPartialFloats(max_tile_tokens * (qh / kvh), D);
+  DeviceArray<float> ws;
   SP_RETURN_IF_ERROR(ws.Allocate(ws_floats));
   // NaN-filled: a partial read before it is written shows up.
   SP_CUDA_RETURN_IF_ERROR(cudaMemset(ws.get(), 0xFF, ws_floats * sizeof(float)));
   SP_CUDA_RETURN_IF_ERROR(
       PrepareSplitAttention(AttentionSharedBytes(max_tile_tokens * (qh / kvh), D)));
   SP_RETURN_IF_ERROR(Sync(LaunchSplitAttention(
-      dq.get(), dk.get(), dv.get(), dkeys.get(), dtiles.get(), num_tiles, max_tile_tokens, qh, kvh,
-      D, scale, nsplit, min_keys, ws.get(), dout.get(), nullptr)));
-  return GetBf16(dout, n, out);
+      a.q.get(), a.k.get(), a.v.get(), a.keys.get(), a.tiles.get(), num_tiles, max_tile_tokens, qh,
+      kvh, D, scale, nsplit, min_keys, ws.get(), a.out.get(), nullptr)));
+  return GetBf16(a.out, a.n, out);
 }
 
 absl::Status Attention(const std::vector<float>& q, const std::vector<float>& k_pool,

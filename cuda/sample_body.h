@@ -20,6 +20,7 @@
 #include <stdint.h>
 
 #include "cuda/attn_tile.h"
+#include "cuda/block_reduce.h"
 #include "engine/row_sampling.h"
 
 namespace superpose::cuda {
@@ -31,10 +32,9 @@ struct SampleShared {
   unsigned long long sum[kSampleThreads];  // per thread, then reductions / prefix sums
   float score[kSampleThreads];
   int32_t id[kSampleThreads];
-  uint32_t key;               // the bits of K fixed so far
-  unsigned long long above;   // kept mass above the bucket in play
-  unsigned long long target;  // the mass the kept prefix must reach
-  int32_t last_equal;         // the last kept token with key K
+  uint32_t key;              // RadixSelect's
+  unsigned long long above;  // RadixSelect's
+  int32_t last_equal;        // the last kept token with key K
 };
 
 // x: one row of V logits; writes the drawn token and its logit. Every thread calls it.
@@ -47,14 +47,7 @@ SP_ATTN_FN void SampleRowBlock(Ctx& c, const float* x, int32_t V, const engine::
   // ---- Block max. ----
   float m = -INFINITY;
   for (int32_t i = tid; i < V; i += N) m = fmaxf(m, x[i]);
-  sh.score[tid] = m;
-  c.sync();
-  for (int k = N / 2; k > 0; k >>= 1) {
-    if (tid < k) sh.score[tid] = fmaxf(sh.score[tid], sh.score[tid + k]);
-    c.sync();
-  }
-  const float mx = sh.score[0] * inv_t;
-  c.sync();
+  const float mx = BlockReduce(c, m, sh.score, MaxOp()) * inv_t;
 
   // ---- top-p: the key K of the last kept token and the last kept id with key K. ----
   const bool cut = s.top_p < 1.0f;
@@ -66,41 +59,17 @@ SP_ATTN_FN void SampleRowBlock(Ctx& c, const float* x, int32_t V, const engine::
       const float w = expf(engine::ScaledLogit(x[i], inv_t, mx));
       if (w >= s.min_p) total += engine::FixedMass(w);
     }
-    sh.sum[tid] = total;
-    c.sync();
-    for (int k = N / 2; k > 0; k >>= 1) {
-      if (tid < k) sh.sum[tid] += sh.sum[tid + k];
-      c.sync();
-    }
-    if (tid == 0) {
-      sh.target = engine::TopPTarget(s.top_p, sh.sum[0]);
-      sh.above = 0;
-      sh.key = 0;
-    }
-    uint32_t mask = 0;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-      for (int b = tid; b < 256; b += N) sh.hist[b] = 0;
-      c.sync();
-      const uint32_t key = sh.key;
-      for (int32_t i = tid; i < V; i += N) {
-        const uint32_t k = engine::RankKey(x[i]);
-        if ((k & mask) != key) continue;
-        const float w = expf(engine::ScaledLogit(x[i], inv_t, mx));
-        if (w >= s.min_p) c.atomic_add(&sh.hist[(k >> shift) & 0xFF], engine::FixedMass(w));
-      }
-      c.sync();
-      if (tid == 0) {
-        int b = 255;
-        for (; b > 0; --b) {  // the mass in play reaches the target: bucket 0 at the latest
-          if (sh.above + sh.hist[b] >= sh.target) break;
-          sh.above += sh.hist[b];
-        }
-        sh.key = key | (static_cast<uint32_t>(b) << shift);
-      }
-      mask |= 0xFFu << shift;
-      c.sync();
-    }
-    K = sh.key;
+    total = BlockReduce(c, total, sh.sum, SumOp());
+    const unsigned long long target = engine::TopPTarget(s.top_p, total);
+    unsigned long long above = 0;  // mass of the candidates with key > K
+    K = RadixSelect(
+        c, x, V, target,
+        [&](int32_t i) -> unsigned long long {
+          const float w = expf(engine::ScaledLogit(x[i], inv_t, mx));
+          return w >= s.min_p ? engine::FixedMass(w) : 0ull;
+        },
+        sh.hist, &sh.above, &sh.key, &above);
+
     // Tokens with key K, in id order: one contiguous slice per thread.
     const int32_t slice = (V + N - 1) / N;
     const int32_t begin = tid * slice < V ? tid * slice : V;
@@ -123,14 +92,14 @@ SP_ATTN_FN void SampleRowBlock(Ctx& c, const float* x, int32_t V, const engine::
       }
     }
     c.sync();
-    unsigned long long cum = sh.above + sh.sum[tid];
-    if (cum < sh.target) {
+    unsigned long long cum = above + sh.sum[tid];
+    if (cum < target) {
       for (int32_t i = begin; i < end; ++i) {
         if (engine::RankKey(x[i]) != K) continue;
         const float w = expf(engine::ScaledLogit(x[i], inv_t, mx));
         if (w < s.min_p) continue;
         cum += engine::FixedMass(w);
-        if (cum >= sh.target) {
+        if (cum >= target) {
           sh.last_equal = i;  // one thread only: the prefix sums cross the target once
           break;
         }

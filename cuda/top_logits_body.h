@@ -21,6 +21,8 @@
 #include <string.h>
 
 #include "cuda/attn_tile.h"
+#include "cuda/block_reduce.h"
+#include "engine/row_sampling.h"
 
 namespace superpose::cuda {
 
@@ -34,17 +36,8 @@ struct TopLogitsShared {
   float red[kTopThreads];
   int32_t cand_id[kTopMax];
   float cand_logit[kTopMax];
-  uint32_t key;        // the bits of K fixed so far
-  uint32_t remaining;  // tokens still to take among those matching `key`
+  uint32_t key, above_k;  // RadixSelect's
 };
-
-// Larger float, larger key; -0 and +0 are one key (they compare equal as floats).
-SP_ATTN_FN uint32_t TopKey(float f) {
-  if (f == 0.0f) f = 0.0f;
-  uint32_t u;
-  memcpy(&u, &f, sizeof(u));
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
 
 // a comes before b.
 SP_ATTN_FN bool TopBetter(float la, int32_t ia, float lb, int32_t ib) {
@@ -61,56 +54,18 @@ SP_ATTN_FN void TopLogitsRow(Ctx& c, const float* x, int32_t V, int32_t n, TopLo
   // ---- Log-sum-exp: block max, then block sum of exp(x - max). ----
   float m = -INFINITY;
   for (int32_t i = tid; i < V; i += N) m = fmaxf(m, x[i]);
-  sh.red[tid] = m;
-  c.sync();
-  for (int s = N / 2; s > 0; s >>= 1) {
-    if (tid < s) sh.red[tid] = fmaxf(sh.red[tid], sh.red[tid + s]);
-    c.sync();
-  }
-  const float mx = sh.red[0];
-  c.sync();
+  const float mx = BlockReduce(c, m, sh.red, MaxOp());
   float sum = 0.0f;
   for (int32_t i = tid; i < V; i += N) sum += expf(x[i] - mx);
-  sh.red[tid] = sum;
-  c.sync();
-  for (int s = N / 2; s > 0; s >>= 1) {
-    if (tid < s) sh.red[tid] += sh.red[tid + s];
-    c.sync();
-  }
-  if (tid == 0) *out_lse = mx + logf(sh.red[0]);
+  sum = BlockReduce(c, sum, sh.red, SumOp());
+  if (tid == 0) *out_lse = mx + logf(sum);
 
-  // ---- Radix select: the key of the n-th best token. ----
-  if (tid == 0) {
-    sh.key = 0;
-    sh.remaining = static_cast<uint32_t>(n);
-  }
-  uint32_t mask = 0;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int b = tid; b < 256; b += N) sh.hist[b] = 0;
-    c.sync();
-    const uint32_t key = sh.key;
-    for (int32_t i = tid; i < V; i += N) {
-      const uint32_t k = TopKey(x[i]);
-      if ((k & mask) == key) c.atomic_add(&sh.hist[(k >> shift) & 0xFF], 1u);
-    }
-    c.sync();
-    if (tid == 0) {
-      uint32_t above = 0;
-      for (int b = 255; b >= 0; --b) {
-        if (above + sh.hist[b] >= sh.remaining) {
-          sh.key = key | (static_cast<uint32_t>(b) << shift);
-          sh.remaining -= above;
-          break;
-        }
-        above += sh.hist[b];
-      }
-    }
-    mask |= 0xFFu << shift;
-    c.sync();
-  }
-  const uint32_t K = sh.key;
-  const uint32_t take_equal = sh.remaining;  // >= 1
-  const uint32_t take_above = static_cast<uint32_t>(n) - take_equal;
+  // ---- Radix select: the key K of the n-th best token. ----
+  uint32_t take_above = 0;  // tokens with key > K: all taken
+  const uint32_t K = RadixSelect(
+      c, x, V, static_cast<uint32_t>(n), [](int32_t) { return 1u; }, sh.hist, &sh.above_k, &sh.key,
+      &take_above);
+  const uint32_t take_equal = static_cast<uint32_t>(n) - take_above;  // >= 1
 
   // ---- Gather, in id order: every token above K, the first take_equal equal to K. ----
   const int32_t slice = (V + N - 1) / N;
@@ -118,7 +73,7 @@ SP_ATTN_FN void TopLogitsRow(Ctx& c, const float* x, int32_t V, int32_t n, TopLo
   const int32_t end = begin + slice < V ? begin + slice : V;
   uint32_t na = 0, ne = 0;
   for (int32_t i = begin; i < end; ++i) {
-    const uint32_t k = TopKey(x[i]);
+    const uint32_t k = engine::RankKey(x[i]);
     na += k > K;
     ne += k == K;
   }
@@ -138,7 +93,7 @@ SP_ATTN_FN void TopLogitsRow(Ctx& c, const float* x, int32_t V, int32_t n, TopLo
   c.sync();
   uint32_t pa = sh.above[tid], pe = sh.equal[tid];
   for (int32_t i = begin; i < end && (pa < take_above || pe < take_equal); ++i) {
-    const uint32_t k = TopKey(x[i]);
+    const uint32_t k = engine::RankKey(x[i]);
     uint32_t slot = kTopMax;
     if (k > K) {
       slot = pa++;

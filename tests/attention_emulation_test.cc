@@ -48,12 +48,7 @@ namespace {
 
 using testing::Barrier;
 
-struct HostCtx {
-  int t, n;
-  Barrier* barrier;
-  int tid() const { return t; }
-  int nthreads() const { return n; }
-  void sync() const { barrier->Wait(); }
+struct HostCtx : testing::BlockCtx {
   float load(const float* p, int64_t i) const { return p[i]; }
   void store(float* p, int64_t i, float v) const { p[i] = v; }
 };
@@ -70,16 +65,10 @@ void EmulateAttention(const std::vector<float>& q, const std::vector<float>& kpo
   for (size_t i = 0; i < tiles.size(); ++i) {
     for (int32_t g = 0; g < kvh; ++g) {
       std::fill(smem.begin(), smem.end(), std::nanf(""));
-      Barrier barrier(n);
-      std::vector<std::thread> threads;
-      for (int t = 0; t < n; ++t) {
-        threads.emplace_back([&, t] {
-          HostCtx c{t, n, &barrier};
-          cuda::AttentionBlock(c, tiles[i], g, smem.data(), q.data(), kpool.data(), vpool.data(),
-                               keys.data(), qh, kvh, D, G, scale, out->data());
-        });
-      }
-      for (auto& th : threads) th.join();
+      testing::RunBlock<HostCtx>(n, [&](HostCtx& c) {
+        cuda::AttentionBlock(c, tiles[i], g, smem.data(), q.data(), kpool.data(), vpool.data(),
+                             keys.data(), qh, kvh, D, G, scale, out->data());
+      });
     }
   }
 }
@@ -107,20 +96,6 @@ TEST(AttentionEmulationTest, MatchesReferenceOnCpuThreads) {
   }
 }
 
-// Runs a block body on `n` CPU threads.
-template <class Fn>
-void RunBlock(int n, Fn fn) {
-  Barrier barrier(n);
-  std::vector<std::thread> threads;
-  for (int t = 0; t < n; ++t) {
-    threads.emplace_back([&, t] {
-      HostCtx c{t, n, &barrier};
-      fn(c);
-    });
-  }
-  for (auto& th : threads) th.join();
-}
-
 // Split-K: the split kernel's grid (tiles x kvh x nsplit blocks, partials into a
 // NaN-poisoned workspace), then the combine kernel's (tiles x kvh).
 void EmulateSplitAttention(const testing::AttentionCase& c, int32_t max_tile_tokens, int32_t nsplit,
@@ -140,13 +115,13 @@ void EmulateSplitAttention(const testing::AttentionCase& c, int32_t max_tile_tok
         so.nsplit = nsplit;
         so.min_keys = min_keys;
         so.stride = stride;
-        RunBlock(cuda::kAttnThreads, [&](HostCtx& ctx) {
+        testing::RunBlock<HostCtx>(cuda::kAttnThreads, [&](HostCtx& ctx) {
           cuda::AttentionBlock(ctx, c.tiles[i], g, smem.data(), c.q.data(), c.kpool.data(),
                                c.vpool.data(), c.flat.data(), c.qh, c.kvh, c.D, G, c.scale,
                                out->data(), so);
         });
       }
-      RunBlock(cuda::kAttnThreads, [&](HostCtx& ctx) {
+      testing::RunBlock<HostCtx>(cuda::kAttnThreads, [&](HostCtx& ctx) {
         cuda::AttentionCombine(ctx, c.tiles[i], static_cast<int32_t>(i), g, part.data(), nsplit,
                                stride, c.qh, c.kvh, c.D, G, out->data());
       });

@@ -6,7 +6,9 @@
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <thread>
 #include <utility>
+#include <vector>
 
 namespace superpose::testing {
 
@@ -36,5 +38,33 @@ class Barrier {
   int arrived_ = 0;
   int64_t gen_ = 0;
 };
+
+// The execution context of one emulated CUDA thread (the kernel bodies' Ctx).
+struct BlockCtx {
+  int t, n;
+  Barrier* barrier;
+  int tid() const { return t; }
+  int nthreads() const { return n; }
+  void sync() const { barrier->Wait(); }
+  template <class T, class U>
+  void atomic_add(T* p, U v) const {
+    __atomic_fetch_add(p, static_cast<T>(v), __ATOMIC_RELAXED);
+  }
+};
+
+// Runs fn(ctx) on `n` threads, one block: Ctx is BlockCtx or derives from it.
+template <class Ctx = BlockCtx, class Fn>
+void RunBlock(int n, Fn fn) {
+  Barrier barrier(n);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < n; ++t) {
+    threads.emplace_back([&, t] {
+      Ctx c{};
+      static_cast<BlockCtx&>(c) = BlockCtx{t, n, &barrier};
+      fn(c);
+    });
+  }
+  for (auto& th : threads) th.join();
+}
 
 }  // namespace superpose::testing

@@ -167,8 +167,8 @@ INSTANTIATE_TEST_SUITE_P(Pools, AttentionKernelTest,
 
 // bitwise: bf16 weights (batch-invariant GEMMs), so chunk == token by token exactly.
 void ExpectChunkMatchesTokenByToken(const engine::ModelBundle* model,
-                                      const std::vector<int32_t>& prompt,
-                                      const std::string& dtype = "float32") {
+                                    const std::vector<int32_t>& prompt,
+                                    const std::string& dtype = "float32") {
   const bool bitwise = dtype == "bfloat16";
   const int32_t V = model->config.vocab_size, bs = 16;
   const int32_t n = static_cast<int32_t>(prompt.size());

@@ -8,6 +8,7 @@
 #include "engine/cpu/cpu_backend.h"
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
+#include "tests/forwarding_backend.h"
 #include "tests/test_util.h"
 
 namespace superpose {
@@ -225,25 +226,15 @@ TEST_F(BatchingTest, FullQueueIsRejectedAtOnceWhileStreamsContinue) {
 }
 
 // Counts the compact rows the engine asks for, around the CPU backend.
-class CountingBackend : public engine::Backend {
+class CountingBackend : public testing::ForwardingBackend {
  public:
-  explicit CountingBackend(engine::Backend* inner) : inner_(inner) {}
-  std::string name() const override { return inner_->name(); }
-  std::string compute_dtype() const override { return inner_->compute_dtype(); }
-  absl::Status Load(const engine::ModelConfig& c, const engine::WeightSource& w,
-                    const engine::Shard& s) override {
-    return inner_->Load(c, w, s);
-  }
-  engine::KvPoolInfo kv() const override { return inner_->kv(); }
+  using ForwardingBackend::ForwardingBackend;
   absl::Status Forward(const engine::BatchPlan& plan, engine::ForwardOutput* out) override {
     for (int32_t n : plan.logits_top) (n > 0 ? compact : whole) += 1;
     if (plan.logits_top.empty()) whole += static_cast<int64_t>(plan.logits_for.size());
-    return inner_->Forward(plan, out);
+    return inner()->Forward(plan, out);
   }
   int64_t compact = 0, whole = 0;
-
- private:
-  engine::Backend* inner_;
 };
 
 // Compact logits rows (the backend returns a row's best tokens and its log-sum-exp)
@@ -333,19 +324,11 @@ TEST_F(BatchingTest, CompactLogitsRowsSampleLikeWholeRows) {
 }
 
 // Records what the engine asks a row-sampling backend and what it returns.
-class SamplingSpy : public engine::Backend {
+class SamplingSpy : public testing::ForwardingBackend {
  public:
-  explicit SamplingSpy(engine::Backend* inner) : inner_(inner) {}
-  std::string name() const override { return inner_->name(); }
-  std::string compute_dtype() const override { return inner_->compute_dtype(); }
-  absl::Status Load(const engine::ModelConfig& c, const engine::WeightSource& w,
-                    const engine::Shard& s) override {
-    return inner_->Load(c, w, s);
-  }
-  engine::KvPoolInfo kv() const override { return inner_->kv(); }
-  bool SamplesRows() const override { return inner_->SamplesRows(); }
+  using ForwardingBackend::ForwardingBackend;
   absl::Status Forward(const engine::BatchPlan& plan, engine::ForwardOutput* out) override {
-    absl::Status st = inner_->Forward(plan, out);
+    absl::Status st = inner()->Forward(plan, out);
     if (!st.ok()) return st;
     size_t k = 0;
     for (size_t r = 0; r < plan.sampling.size(); ++r) {
@@ -360,9 +343,6 @@ class SamplingSpy : public engine::Backend {
   // seed -> (draw index, token) in step order.
   std::map<uint64_t, std::vector<std::pair<int64_t, int32_t>>> draws;
   int64_t other_rows = 0;
-
- private:
-  engine::Backend* inner_;
 };
 
 // Temperature requests without top-k or penalties are drawn by a backend that samples

@@ -13,6 +13,7 @@
 #include "engine/rag/rag.h"
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
+#include "tests/forwarding_backend.h"
 #include "tests/test_util.h"
 
 namespace superpose {
@@ -69,17 +70,11 @@ TEST(RagSaliency, ScoreAndTopK) {
 
 // Wraps a backend and records the logits of every token of every step (asking the
 // inner backend for all rows, returning the engine only the rows it asked for).
-class RecordingBackend : public engine::Backend {
+class RecordingBackend : public testing::ForwardingBackend {
  public:
   // `inner` is loaded already.
-  RecordingBackend(engine::Backend* inner, int32_t vocab) : inner_(inner), vocab_(vocab) {}
-  std::string name() const override { return inner_->name(); }
-  std::string compute_dtype() const override { return inner_->compute_dtype(); }
-  absl::Status Load(const engine::ModelConfig& c, const engine::WeightSource& w,
-                    const engine::Shard& s) override {
-    return inner_->Load(c, w, s);
-  }
-  engine::KvPoolInfo kv() const override { return inner_->kv(); }
+  RecordingBackend(engine::Backend* inner, int32_t vocab)
+      : ForwardingBackend(inner), vocab_(vocab) {}
   absl::Status Forward(const engine::BatchPlan& plan, engine::ForwardOutput* out) override {
     engine::BatchPlan all = plan;
     all.logits_for.clear();
@@ -87,7 +82,7 @@ class RecordingBackend : public engine::Backend {
     all.sampling.clear();
     for (int32_t i = 0; i < plan.num_tokens(); ++i) all.logits_for.push_back(i);
     engine::ForwardOutput full;
-    absl::Status st = inner_->Forward(all, &full);
+    absl::Status st = inner()->Forward(all, &full);
     if (!st.ok()) return st;
     absl::MutexLock lock(&mu_);
     for (const engine::SeqPlan& sp : plan.seqs) {
@@ -121,7 +116,6 @@ class RecordingBackend : public engine::Backend {
   }
 
  private:
-  engine::Backend* inner_;
   int32_t vocab_;
   absl::Mutex mu_;
   std::map<engine::SeqId, std::vector<Token>> seqs_;

@@ -4,6 +4,7 @@
 // the distribution it must sample (frequencies over many draws).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -11,6 +12,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "cuda/sample_body.h"
@@ -20,32 +22,15 @@
 namespace superpose {
 namespace {
 
-struct HostCtx {
-  int t, n;
-  testing::Barrier* barrier;
-  int tid() const { return t; }
-  int nthreads() const { return n; }
-  void sync() const { barrier->Wait(); }
-  void atomic_add(unsigned long long* p, unsigned long long v) const {
-    __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
-  }
-};
-
 std::pair<int32_t, float> Emulate(const std::vector<float>& row, const engine::RowSampling& s,
                                   int threads = cuda::kSampleThreads) {
   auto sh = std::make_unique<cuda::SampleShared>();
   std::memset(sh.get(), 0xFF, sizeof(*sh));
   int32_t token = -7;
   float logit = std::nanf("");
-  testing::Barrier barrier(threads);
-  std::vector<std::thread> ts;
-  for (int t = 0; t < threads; ++t) {
-    ts.emplace_back([&, t] {
-      HostCtx c{t, threads, &barrier};
-      cuda::SampleRowBlock(c, row.data(), static_cast<int32_t>(row.size()), s, *sh, &token, &logit);
-    });
-  }
-  for (auto& th : ts) th.join();
+  testing::RunBlock(threads, [&](testing::BlockCtx& c) {
+    cuda::SampleRowBlock(c, row.data(), static_cast<int32_t>(row.size()), s, *sh, &token, &logit);
+  });
   return {token, logit};
 }
 
@@ -104,7 +89,9 @@ TEST(SampleEmulationTest, TiesAndFlatRows) {
       const engine::RowSampling s = Params(1.0f, top_p, 0.0f, 9, draw);
       const int32_t got = Emulate(flat, s).first;
       EXPECT_EQ(got, engine::SampleRowReference(flat.data(), 3000, s));
-      if (top_p < 1.0f) EXPECT_LT(got, static_cast<int32_t>(3000 * top_p) + 2);
+      if (top_p < 1.0f) {
+        EXPECT_LT(got, static_cast<int32_t>(3000 * top_p) + 2);
+      }
     }
   }
   std::vector<float> row = Row(1000, 5, 1.0f);

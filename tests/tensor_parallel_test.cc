@@ -13,6 +13,7 @@
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
 #include "engine/tensor_parallel.h"
+#include "tests/forwarding_backend.h"
 #include "tests/test_util.h"
 
 namespace superpose {
@@ -86,24 +87,18 @@ TEST(TensorParallelTest, IndivisibleShapesAreRejected) {
 }
 
 // Rank 1 of a group, whose Forward fails (before its first collective) once armed.
-class FailingRank : public engine::Backend {
+class FailingRank : public testing::ForwardingBackend {
  public:
-  explicit FailingRank(std::unique_ptr<engine::Backend> inner) : inner_(std::move(inner)) {}
-  std::string name() const override { return inner_->name(); }
-  std::string compute_dtype() const override { return inner_->compute_dtype(); }
-  absl::Status Load(const engine::ModelConfig& c, const engine::WeightSource& w,
-                    const engine::Shard& s) override {
-    return inner_->Load(c, w, s);
-  }
-  engine::KvPoolInfo kv() const override { return inner_->kv(); }
+  explicit FailingRank(std::unique_ptr<engine::Backend> inner)
+      : ForwardingBackend(inner.get()), owned_(std::move(inner)) {}
   absl::Status Forward(const engine::BatchPlan& plan, engine::ForwardOutput* out) override {
     if (armed) return absl::InternalError("injected failure of rank 1");
-    return inner_->Forward(plan, out);
+    return inner()->Forward(plan, out);
   }
   std::atomic<bool> armed{false};
 
  private:
-  std::unique_ptr<engine::Backend> inner_;
+  std::unique_ptr<engine::Backend> owned_;
 };
 
 // A rank whose step fails mid-way must not leave the others waiting in a collective

@@ -21,15 +21,6 @@
 namespace superpose {
 namespace {
 
-struct HostCtx {
-  int t, n;
-  testing::Barrier* barrier;
-  int tid() const { return t; }
-  int nthreads() const { return n; }
-  void sync() const { barrier->Wait(); }
-  void atomic_add(uint32_t* p, uint32_t v) const { __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
-};
-
 struct Result {
   std::vector<engine::TopLogit> top;
   float lse;
@@ -41,16 +32,10 @@ Result Emulate(const std::vector<float>& row, int32_t n, int threads) {
   std::vector<int32_t> ids(cuda::kTopMax, -7);
   std::vector<float> logits(cuda::kTopMax, std::nanf(""));
   float lse = std::nanf("");
-  testing::Barrier barrier(threads);
-  std::vector<std::thread> ts;
-  for (int t = 0; t < threads; ++t) {
-    ts.emplace_back([&, t] {
-      HostCtx c{t, threads, &barrier};
-      cuda::TopLogitsRow(c, row.data(), static_cast<int32_t>(row.size()), n, *sh, ids.data(),
-                         logits.data(), &lse);
-    });
-  }
-  for (auto& th : ts) th.join();
+  testing::RunBlock(threads, [&](testing::BlockCtx& c) {
+    cuda::TopLogitsRow(c, row.data(), static_cast<int32_t>(row.size()), n, *sh, ids.data(),
+                       logits.data(), &lse);
+  });
   Result r{{}, lse};
   for (int32_t i = 0; i < n; ++i) r.top.push_back({ids[i], logits[i]});
   return r;

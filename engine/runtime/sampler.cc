@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 
 #include "engine/runtime/row_math.h"
@@ -128,17 +127,6 @@ int32_t Sampler::SampleRanked(absl::Span<const TopLogit> sorted) {
   return Draw(absl::MakeConstSpan(probs_).first(keep), absl::MakeConstSpan(ids_).first(keep));
 }
 
-namespace {
-// Larger logit, larger key (-0 and +0 are one key: they compare equal as floats), so
-// key order is rank order up to ties, which go to the lower id.
-inline uint32_t OrderedKey(float f) {
-  f += 0.0f;  // -0 + 0 = +0
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
-}
-}  // namespace
-
 int32_t Sampler::SampleAll(absl::Span<const float> logits) {
   const int32_t V = static_cast<int32_t>(logits.size());
   const float inv_t = 1.0f / options_.temperature;
@@ -171,7 +159,7 @@ int32_t Sampler::SampleAll(absl::Span<const float> logits) {
   int32_t last_equal = -1;  // the last kept token with key K; -1: no cut, keep all
   std::vector<int32_t>& in_play = ranked_ids_;
   keys_.resize(V);
-  for (int32_t i = 0; i < V; ++i) keys_[i] = OrderedKey(logits[i]);
+  for (int32_t i = 0; i < V; ++i) keys_[i] = RankKey(logits[i]);
   for (int shift = 24; shift >= 0; shift -= 8) {
     // Four interleaved histograms, so that consecutive tokens of one bucket do not wait
     // on each other's adds; summed in a fixed order.

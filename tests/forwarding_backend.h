@@ -1,0 +1,34 @@
+// A Backend that forwards every call to another one: the base of the tests' wrappers,
+// which override Forward (or more) to record, count or inject failures.
+#pragma once
+
+#include <string>
+
+#include "engine/backend.h"
+
+namespace superpose::testing {
+
+class ForwardingBackend : public engine::Backend {
+ public:
+  explicit ForwardingBackend(engine::Backend* inner) : inner_(inner) {}
+  std::string name() const override { return inner_->name(); }
+  std::string compute_dtype() const override { return inner_->compute_dtype(); }
+  absl::Status Load(const engine::ModelConfig& c, const engine::WeightSource& w,
+                    const engine::Shard& s) override {
+    return inner_->Load(c, w, s);
+  }
+  absl::Status Forward(const engine::BatchPlan& plan, engine::ForwardOutput* out) override {
+    return inner_->Forward(plan, out);
+  }
+  engine::KvPoolInfo kv() const override { return inner_->kv(); }
+  bool SamplesRows() const override { return inner_->SamplesRows(); }
+  absl::Status Health() const override { return inner_->Health(); }
+
+ protected:
+  engine::Backend* inner() const { return inner_; }
+
+ private:
+  engine::Backend* inner_;
+};
+
+}  // namespace superpose::testing
