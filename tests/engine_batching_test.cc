@@ -421,6 +421,27 @@ TEST_F(BatchingTest, BackendRowSamplingThroughTheEngine) {
   for (int i = 0; i < 4; ++i) EXPECT_EQ(a[i].tokens, b[i].tokens) << i;
   EXPECT_NE(a[0].tokens, c[0].tokens);
   EXPECT_NE(a[1].tokens, c[1].tokens);
+
+  // More top log-probabilities than a compact row holds: the host samples the whole row.
+  engine::BackendOptions opts;
+  opts.kv_num_blocks = 16;
+  opts.cpu_row_sampling = true;
+  engine::cpu::CpuBackend cpu(opts);
+  ASSERT_TRUE(cpu.Load(model_.config, *model_.weights, engine::Shard{}).ok());
+  SamplingSpy wide(&cpu);
+  engine::Engine eng(engine::EngineOptions{}, model_.config, model_.tokenizer.get(), &wide);
+  eng.Start();
+  engine::Request r = GreedyRequest(prompts[0], 4);
+  r.sampling.temperature = 1.0f;
+  r.sampling.seed = 5;
+  r.logprobs = true;
+  r.top_logprobs = engine::kMaxTopLogits + 16;
+  const auto w = testing::RunRequest(eng, std::move(r));
+  ASSERT_TRUE(w.status.ok()) << w.status;
+  ASSERT_EQ(w.logprobs.size(), 4u);
+  EXPECT_EQ(w.logprobs[0].top.size(), static_cast<size_t>(engine::kMaxTopLogits + 16));
+  EXPECT_TRUE(wide.draws.empty());
+  eng.Shutdown(absl::Seconds(1));
 }
 
 }  // namespace

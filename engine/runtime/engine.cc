@@ -528,12 +528,15 @@ bool Engine::Step() {
       int32_t top = 0;
       if (emits && options_.compact_logits) {
         const SamplingOptions& so = seq->req.sampling;
-        if (backend_->SamplesRows() && BackendCanSample(so, config_.vocab_size)) {
+        const int32_t lp_top =
+            seq->req.logprobs ? std::min(std::max(1, seq->req.top_logprobs), config_.vocab_size)
+                              : 0;
+        if (backend_->SamplesRows() && BackendCanSample(so, config_.vocab_size) &&
+            lp_top <= kMaxTopLogits) {
           // The backend draws the token (draw index = tokens generated so far, so that
           // a recomputed sequence draws the same); the compact row is for logprobs.
           rs = RowSampling{so.temperature, so.top_p, so.min_p, so.seed, seq->generated};
-          top = seq->req.logprobs ? std::min(std::max(1, seq->req.top_logprobs), config_.vocab_size)
-                                  : 0;
+          top = lp_top;
         } else {
           top = TopLogitsNeeded(so, seq->req.logprobs, seq->req.top_logprobs, config_.vocab_size);
         }
