@@ -82,7 +82,8 @@ struct TopLogit {
 
 struct ForwardOutput {
   // The whole rows: vocab_size floats for each plan.logits_for entry whose logits_top
-  // is 0 (every entry when logits_top is empty), in the order of plan.logits_for.
+  // is 0 and that the backend did not sample (every entry when logits_top and sampling
+  // are empty), in the order of plan.logits_for.
   std::vector<float> logits;
   // The compact rows, in the order of plan.logits_for: for an entry with logits_top
   // n > 0, its n best tokens (logit descending, lower id first on ties) in `top` and

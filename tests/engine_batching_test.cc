@@ -410,7 +410,9 @@ TEST_F(BatchingTest, BackendRowSamplingThroughTheEngine) {
     ASSERT_EQ(lp.top.size(), 3u);
     EXPECT_GE(lp.top[0].logprob, lp.chosen.logprob);
     for (const auto& t : lp.top) {
-      if (t.token_id == lp.chosen.token_id) EXPECT_FLOAT_EQ(t.logprob, lp.chosen.logprob);
+      if (t.token_id == lp.chosen.token_id) {
+        EXPECT_FLOAT_EQ(t.logprob, lp.chosen.logprob);
+      }
     }
   }
   // Same seeds, same tokens; other seeds, other tokens.

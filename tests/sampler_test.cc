@@ -189,7 +189,9 @@ TEST(SamplerTest, CompactRowsSampleLikeWholeRows) {
         distinct += a != last;
         last = a;
       }
-      if (c.o.temperature > 0) EXPECT_GT(distinct, 20);  // it really sampled
+      if (c.o.temperature > 0) {
+        EXPECT_GT(distinct, 20);  // it really sampled
+      }
     }
   }
 }
