@@ -50,16 +50,18 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
       return;
     }
     if (request->request_id.empty()) request->request_id = NewRequestId();
-    request_id_ = request->request_id;
+    // Validated by ToEngineRequest (or made by NewRequestId): what log lines print.
+    absl::StatusOr<engine::LogId> id = engine::LogId::Of(request->request_id);
+    request_id_ = id.ok() ? *id : engine::LogId();
     if (context->deadline() != std::chrono::system_clock::time_point::max()) {
       request->deadline = absl::FromChrono(context->deadline());
     }
     spec_ = request->rag;
     if (spec_ == nullptr) {
-      spdlog::info("req={} prompt_tokens={} max_new_tokens={}", request_id_,
+      spdlog::info("req={} prompt_tokens={} max_new_tokens={}", request_id_.str(),
                    request->prompt_ids.size(), request->sampling.max_new_tokens);
     } else {
-      spdlog::info("req={} rag documents={} max_new_tokens={}", request_id_,
+      spdlog::info("req={} rag documents={} max_new_tokens={}", request_id_.str(),
                    spec_->documents.size(), request->sampling.max_new_tokens);
     }
     refs_.fetch_add(1, std::memory_order_relaxed);  // the engine's, dropped after its final event
@@ -68,7 +70,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     if (!handle.ok()) {
       Unref();  // not accepted: no event will come (gRPC still holds its reference)
       // The status code only: messages are for the client (one rule for every log line).
-      spdlog::warn("req={} not queued: {}", request_id_,
+      spdlog::warn("req={} not queued: {}", request_id_.str(),
                    absl::StatusCodeToString(handle.status().code()));
       if (metrics != nullptr) metrics->OnRejected(absl::StatusCodeToString(handle.status().code()));
       Finish(ToGrpc(handle.status()));
@@ -144,7 +146,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     } else {
       pending_.emplace_back();
       r = &pending_.back();
-      r->set_request_id(request_id_);
+      r->set_request_id(request_id_.str());
     }
     r->mutable_text()->append(ev.text);
     for (int32_t id : ev.token_ids) r->add_token_ids(static_cast<uint32_t>(id));
@@ -190,7 +192,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   const engine::Tokenizer* tokenizer_;
   std::vector<std::string> doc_ids_;               // GenerateRag: the callers' document ids
   std::shared_ptr<const engine::rag::Spec> spec_;  // GenerateRag
-  std::string request_id_;
+  engine::LogId request_id_;
   absl::Mutex mu_;
   std::deque<v1::GenerateResponse> pending_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;

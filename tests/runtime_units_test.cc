@@ -105,6 +105,18 @@ TEST(LogprobsTest, MatchLogSoftmax) {
   EXPECT_EQ(lp.top[1].token_id, 1);
 }
 
+// Log lines print a request only through LogId: an id, never text.
+TEST(LogIdTest, OnlyIdsBecomeLogIds) {
+  absl::StatusOr<LogId> ok = LogId::Of("req-7:a.b_C");
+  ASSERT_TRUE(ok.ok());
+  EXPECT_EQ(ok->str(), "req-7:a.b_C");
+  EXPECT_EQ(LogId::Of("tell me a story").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(LogId::Of("line\nbreak").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(LogId::Of(std::string(129, 'a')).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(LogId::Of("").ok());
+  EXPECT_EQ(LogId().str(), "");
+}
+
 TEST(StopCheckerTest, HoldsBackPrefixesAndCutsAtTheStop) {
   StopChecker c({"END", "\n\n"});
   bool stopped = false;

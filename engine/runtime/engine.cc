@@ -45,7 +45,8 @@ void Engine::Start() {
 
 absl::StatusOr<uint64_t> Engine::Submit(Request request, StreamCallback callback) {
   // Every log line of the request carries its id: never let text through.
-  if (absl::Status st = ValidateRequestId(request.request_id); !st.ok()) return st;
+  absl::StatusOr<LogId> log_id = LogId::Of(request.request_id);
+  if (!log_id.ok()) return log_id.status();
   if (request.rag != nullptr) {
     if (absl::Status st = ValidateRag(*request.rag); !st.ok()) return st;
     if (request.rag->options.mode == rag::Mode::kNaive) {
@@ -53,6 +54,7 @@ absl::StatusOr<uint64_t> Engine::Submit(Request request, StreamCallback callback
     } else {
       auto g = std::make_unique<RagGroup>();
       g->arrival = absl::Now();
+      g->log_id = *log_id;
       g->layout = rag::ComputeLayout(*request.rag);
       g->req = std::move(request);
       g->callback = std::move(callback);
@@ -67,6 +69,7 @@ absl::StatusOr<uint64_t> Engine::Submit(Request request, StreamCallback callback
   }
   auto seq = std::make_unique<Sequence>();
   seq->arrival = absl::Now();
+  seq->log_id = *log_id;
   seq->tokens = request.prompt_ids;
   seq->prompt_len = static_cast<int32_t>(request.prompt_ids.size());
   seq->req = std::move(request);
@@ -355,7 +358,7 @@ void Engine::FinishSeq(Sequence* seq, FinishReason reason, absl::Status status) 
   spdlog::info(
       "req={} finish={} status={} prompt_tokens={} cached_tokens={} new_tokens={} "
       "queue_ms={:.1f} ttft_ms={:.1f} total_ms={:.1f}",
-      seq->req.request_id, FinishReasonName(reason), absl::StatusCodeToString(status.code()),
+      seq->log_id.str(), FinishReasonName(reason), absl::StatusCodeToString(status.code()),
       u.prompt_tokens, u.cached_prompt_tokens, u.generated_tokens, u.queue_time_ms, u.ttft_ms,
       u.total_time_ms);
   if (observer_ != nullptr) observer_->OnFinished(u, reason, status);
@@ -368,7 +371,7 @@ void Engine::Preempt(Sequence* seq) {
   seq->prefix_checked = false;
   stat_preemptions_.fetch_add(1);
   if (observer_ != nullptr) observer_->OnPreempted();
-  spdlog::debug("req={} preempted tokens={}", seq->req.request_id, seq->tokens.size());
+  spdlog::debug("req={} preempted tokens={}", seq->log_id.str(), seq->tokens.size());
 }
 
 bool Engine::EnsureBlocks(Sequence* seq, int32_t upto_tokens) {

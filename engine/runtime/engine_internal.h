@@ -20,6 +20,7 @@ enum class SeqRole { kGenerate, kPreamble, kPath, kAnswer };
 
 struct Engine::Sequence {
   uint64_t handle = 0;
+  LogId log_id;  // what log lines print of the request
   Request req;
   StreamCallback callback;
   std::vector<int32_t> tokens;  // prompt, then generated tokens
@@ -63,7 +64,8 @@ struct Engine::Sequence {
 
 struct Engine::RagGroup {
   uint64_t handle = 0;
-  Request req;  // req.rag holds the spec
+  LogId log_id;  // what log lines print of the request
+  Request req;   // req.rag holds the spec
   StreamCallback callback;
   rag::Layout layout;
   absl::Time arrival;

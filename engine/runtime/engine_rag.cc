@@ -26,15 +26,15 @@ void AppendBlockSegments(const std::vector<BlockId>& blocks, int32_t n, int32_t 
   }
 }
 
-std::unique_ptr<Engine::Sequence> NewInternal(uint64_t handle, const Request& req,
-                                              absl::Time arrival) {
+std::unique_ptr<Engine::Sequence> NewInternal(uint64_t handle, const Engine::RagGroup& g) {
+  const Request& req = g.req;
   auto seq = std::make_unique<Engine::Sequence>();
   seq->handle = handle;
-  seq->req.request_id = req.request_id;
+  seq->log_id = g.log_id;
   seq->req.tenant = req.tenant;
   seq->req.deadline = req.deadline;
   seq->req.priority = req.priority;
-  seq->arrival = arrival;
+  seq->arrival = g.arrival;
   return seq;
 }
 
@@ -50,7 +50,7 @@ void Engine::StartGroup(RagGroup* g) {
   spdlog::info(
       "req={} rag documents={} preamble_tokens={} query_tokens={} postamble_tokens={} "
       "top_k={}",
-      g->req.request_id, spec.documents.size(), spec.preamble.size(), spec.query.size(),
+      g->log_id.str(), spec.documents.size(), spec.preamble.size(), spec.query.size(),
       spec.postamble.size(), spec.options.top_k);
   if (spec.preamble.empty()) {
     StartPaths(g);
@@ -68,7 +68,7 @@ void Engine::StartGroup(RagGroup* g) {
       return;
     }
   }
-  auto seq = NewInternal(next_internal_id_++, g->req, g->arrival);
+  auto seq = NewInternal(next_internal_id_++, *g);
   seq->role = SeqRole::kPreamble;
   seq->group = g;
   seq->tokens = spec.preamble;
@@ -119,7 +119,7 @@ void Engine::StartPaths(RagGroup* g) {
         stat_path_misses_.fetch_add(1);
       }
     }
-    auto seq = NewInternal(next_internal_id_++, g->req, g->arrival);
+    auto seq = NewInternal(next_internal_id_++, *g);
     seq->role = SeqRole::kPath;
     seq->group = g;
     seq->path = i;
@@ -197,6 +197,7 @@ void Engine::Join(RagGroup* g) {
   answer->arrival = g->arrival;
   answer->role = SeqRole::kAnswer;
   answer->group = g;
+  answer->log_id = g->log_id;
   answer->req = g->req;
   answer->callback = g->callback;
   answer->scheduled = g->scheduled;
@@ -269,9 +270,9 @@ void Engine::FailGroup(RagGroup* g, FinishReason reason, absl::Status status) {
   ev.usage.queue_time_ms =
       Ms((g->scheduled == absl::InfinitePast() ? now : g->scheduled) - g->arrival);
   ev.usage.total_time_ms = Ms(now - g->arrival);
-  // Ids, counts and timings only (request_id is validated to be an id).
+  // Ids, counts and timings only (LogId: a validated request id).
   spdlog::info("req={} handle={} rag finish={} status={} documents={} total_ms={:.1f}",
-               g->req.request_id, g->handle, FinishReasonName(reason),
+               g->log_id.str(), g->handle, FinishReasonName(reason),
                absl::StatusCodeToString(status.code()), g->paths.size(), ev.usage.total_time_ms);
   if (observer_ != nullptr) observer_->OnFinished(ev.usage, reason, status);
   if (g->callback) g->callback(std::move(ev));

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/ascii.h"
 #include "absl/time/time.h"
 #include "engine/rag/rag.h"
@@ -39,6 +40,24 @@ inline absl::Status ValidateRequestId(const std::string& id) {
   }
   return absl::OkStatus();
 }
+
+// The only per-request string a log line prints: a request id that passed
+// ValidateRequestId, made once when the request arrives. Log lines take this, never a
+// Request (which holds the prompt, documents and stop strings), so that what they can
+// print is fixed by the type: ids, sizes and timings.
+class LogId {
+ public:
+  LogId() = default;
+  static absl::StatusOr<LogId> Of(const std::string& request_id) {
+    if (absl::Status st = ValidateRequestId(request_id); !st.ok()) return st;
+    return LogId(request_id);
+  }
+  const std::string& str() const { return id_; }
+
+ private:
+  explicit LogId(std::string id) : id_(std::move(id)) {}
+  std::string id_;
+};
 
 struct Request {
   std::string request_id;  // see ValidateRequestId
