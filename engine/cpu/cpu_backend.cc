@@ -475,25 +475,15 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
   }
   CompactLogits(plan, V, logits.data(), out);
   out->logprobs.resize(plan.logprobs.size());
-  // Log-sum-exp of every row that has a log-probability request, in parallel; float
-  // exponentials, double sums.
+  // Log-sum-exp of every row that has a log-probability request, in parallel
+  // (engine::LogSumExp: the one the compact rows use).
   std::vector<float> lse(R, 0.0f);
   std::vector<char> needs_lse(R, 0);
   for (int32_t r : lp_row) needs_lse[r] = 1;
 #pragma omp parallel for schedule(static) if (plan.logprobs.size() > 1)
   for (int32_t r = 0; r < R; ++r) {
     if (!needs_lse[r]) continue;
-    const float* row = &logits[static_cast<size_t>(r) * V];
-    const float mx = *std::max_element(row, row + V);
-    double sum = 0.0;
-    constexpr int32_t kChunk = 256;
-    for (int32_t v0 = 0; v0 < V; v0 += kChunk) {
-      float part = 0.0f;
-      const int32_t v1 = std::min(V, v0 + kChunk);
-      for (int32_t v = v0; v < v1; ++v) part += std::exp(row[v] - mx);
-      sum += part;
-    }
-    lse[r] = mx + static_cast<float>(std::log(sum));
+    lse[r] = LogSumExp(absl::MakeConstSpan(&logits[static_cast<size_t>(r) * V], V));
   }
   for (size_t i = 0; i < plan.logprobs.size(); ++i) {
     const int32_t r = lp_row[i];

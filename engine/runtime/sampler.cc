@@ -24,12 +24,16 @@ const char* FinishReasonName(FinishReason f) {
   return "unknown";
 }
 
+namespace {
+// Penalties change logits by the request's history: only the whole row can take them.
+bool HasPenalties(const SamplingOptions& o) {
+  return o.repetition_penalty != 1.0f || o.presence_penalty != 0.0f || o.frequency_penalty != 0.0f;
+}
+}  // namespace
+
 int32_t TopLogitsNeeded(const SamplingOptions& options, bool logprobs, int32_t top_logprobs,
                         int32_t vocab) {
-  if (options.repetition_penalty != 1.0f || options.presence_penalty != 0.0f ||
-      options.frequency_penalty != 0.0f) {
-    return 0;
-  }
+  if (HasPenalties(options)) return 0;
   // The chosen token's log-probability needs it in the row: greedy picks the first,
   // top-k sampling one of the first top_k.
   const int32_t lp = logprobs ? std::max(1, top_logprobs) : 0;
@@ -46,8 +50,7 @@ int32_t TopLogitsNeeded(const SamplingOptions& options, bool logprobs, int32_t t
 
 bool BackendCanSample(const SamplingOptions& options, int32_t vocab) {
   return options.temperature > 0.0f && (options.top_k <= 0 || options.top_k >= vocab) &&
-         options.repetition_penalty == 1.0f && options.presence_penalty == 0.0f &&
-         options.frequency_penalty == 0.0f;
+         !HasPenalties(options);
 }
 
 Sampler::Sampler(const SamplingOptions& options, absl::Span<const int32_t> prompt_ids)
