@@ -126,30 +126,65 @@ float LogSumExp(absl::Span<const float> row) {
   return mx + static_cast<float>(std::log(sum));
 }
 
+RowLayout::RowLayout(const BatchPlan& plan) : at_(plan.logits_for.size()) {
+  for (size_t r = 0; r < at_.size(); ++r) {
+    At& a = at_[r];
+    a.n = TopOf(plan, r);
+    if (Sampled(plan, r)) a.sampled = sampled_++;
+    if (a.n > 0) {
+      a.top = top_;
+      a.lse = compact_++;
+      top_ += a.n;
+    } else if (a.sampled < 0) {
+      a.whole = whole_++;
+    }
+  }
+}
+
+absl::Status RowLayout::Check(const ForwardOutput& out, int32_t vocab) const {
+  if (static_cast<size_t>(whole_) * vocab != out.logits.size() ||
+      static_cast<size_t>(top_) != out.top.size() ||
+      static_cast<size_t>(compact_) != out.top_lse.size() ||
+      static_cast<size_t>(sampled_) != out.sampled.size() ||
+      static_cast<size_t>(sampled_) != out.sampled_logit.size()) {
+    return absl::InternalError("backend failure: logits of the wrong shape");
+  }
+  return absl::OkStatus();
+}
+
+RowView RowLayout::Row(const ForwardOutput& out, size_t r, int32_t vocab) const {
+  const At& a = at_[r];
+  RowView v;
+  if (a.whole >= 0) v.whole = out.logits.data() + static_cast<size_t>(a.whole) * vocab;
+  if (a.n > 0) {
+    v.top = absl::MakeConstSpan(out.top).subspan(a.top, a.n);
+    v.top_lse = out.top_lse[a.lse];
+  }
+  if (a.sampled >= 0) {
+    v.sampled = out.sampled[a.sampled];
+    v.sampled_logit = out.sampled_logit[a.sampled];
+  }
+  return v;
+}
+
 void CompactLogits(const BatchPlan& plan, int32_t vocab, const float* rows, ForwardOutput* out) {
   const size_t nl = plan.logits_for.size();
   out->top.clear();
   out->top_lse.clear();
   out->sampled.clear();
   out->sampled_logit.clear();
-  if (plan.logits_top.empty() && plan.sampling.empty()) {
-    out->logits.assign(rows, rows + nl * vocab);
-    return;
-  }
   out->logits.clear();
   for (size_t r = 0; r < nl; ++r) {
     const absl::Span<const float> row(rows + r * vocab, vocab);
-    const int32_t n = plan.logits_top.empty() ? 0 : plan.logits_top[r];
-    const bool sampled = !plan.sampling.empty() && plan.sampling[r].temperature > 0.0f;
-    if (sampled) {
+    if (RowLayout::Sampled(plan, r)) {
       const int32_t t = SampleRowReference(row.data(), vocab, plan.sampling[r]);
       out->sampled.push_back(t);
       out->sampled_logit.push_back(row[t]);
     }
-    if (n > 0) {
+    if (const int32_t n = RowLayout::TopOf(plan, r); n > 0) {
       SelectTopLogits(row, n, &out->top);
       out->top_lse.push_back(LogSumExp(row));
-    } else if (!sampled) {
+    } else if (RowLayout::Whole(plan, r)) {
       out->logits.insert(out->logits.end(), row.begin(), row.end());
     }
   }

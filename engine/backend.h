@@ -98,6 +98,50 @@ struct ForwardOutput {
   std::vector<float> logprobs;
 };
 
+// The one reading of the row contract above: where each plan.logits_for row lies in a
+// ForwardOutput, and what it holds. Backends fill outputs by it (CompactLogits, the
+// CUDA LM head), the engine reads them by it.
+struct RowView {
+  const float* whole = nullptr;   // the whole row (vocab_size floats), or null
+  absl::Span<const TopLogit> top;  // a compact row's best tokens (empty if none)
+  float top_lse = 0.0f;            // with `top`: log-sum-exp of the whole row
+  int32_t sampled = -1;            // the token the backend drew, or -1
+  float sampled_logit = 0.0f;
+};
+
+class RowLayout {
+ public:
+  explicit RowLayout(const BatchPlan& plan);
+  // Row r's compact length (0: not compact) and whether the backend samples it.
+  static int32_t TopOf(const BatchPlan& plan, size_t r) {
+    return plan.logits_top.empty() ? 0 : plan.logits_top[r];
+  }
+  static bool Sampled(const BatchPlan& plan, size_t r) {
+    return !plan.sampling.empty() && plan.sampling[r].temperature > 0.0f;
+  }
+  // Returned whole: neither compact nor sampled.
+  static bool Whole(const BatchPlan& plan, size_t r) {
+    return TopOf(plan, r) == 0 && !Sampled(plan, r);
+  }
+
+  size_t rows() const { return at_.size(); }
+  int64_t whole_rows() const { return whole_; }
+  int64_t top_tokens() const { return top_; }
+  int64_t compact_rows() const { return compact_; }
+  int64_t sampled_rows() const { return sampled_; }
+  // INTERNAL when `out` does not have this shape.
+  absl::Status Check(const ForwardOutput& out, int32_t vocab) const;
+  RowView Row(const ForwardOutput& out, size_t r, int32_t vocab) const;
+
+ private:
+  struct At {
+    int64_t whole = -1, top = 0, lse = -1, sampled = -1;
+    int32_t n = 0;
+  };
+  std::vector<At> at_;
+  int64_t whole_ = 0, top_ = 0, compact_ = 0, sampled_ = 0;
+};
+
 // Device memory for keys and values: num_blocks blocks of block_size tokens each, for
 // every layer. Block ids are handed out by the engine's KvBlockManager.
 struct KvPoolInfo {
@@ -224,8 +268,8 @@ float LogSumExp(absl::Span<const float> row);
 void CompactLogits(const BatchPlan& plan, int32_t vocab, const float* rows, ForwardOutput* out);
 
 // Checks a plan against the pool and itself (ranges, slots, segment bounds) so that a
-// backend never reads or writes outside its memory. Used by backends in debug paths
-// and by tests.
+// backend never reads or writes outside its memory. Backends run it on every step
+// (tensor-parallel groups once for the group and once per rank); tests use it too.
 absl::Status ValidatePlan(const BatchPlan& plan, const KvPoolInfo& kv, int32_t vocab_size);
 
 }  // namespace superpose::engine

@@ -5,6 +5,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "engine/rag/validate.h"
 #include "engine/util/status.h"
 
 namespace superpose::server {
@@ -207,24 +208,19 @@ absl::Status FillCommon(const Req& req, int32_t prompt_len, const Limits& limits
 absl::StatusOr<engine::Request> ToEngineRagRequest(const v1::GenerateRagRequest& req,
                                                    const engine::Tokenizer& tokenizer,
                                                    const Limits& limits) {
+  engine::rag::Limits rag_limits;
+  rag_limits.context_length = limits.context_length;
+  rag_limits.max_documents = limits.max_rag_documents;
+  rag_limits.document_suffix = ".text";
   auto spec = std::make_shared<engine::rag::Spec>();
   SP_RETURN_IF_ERROR(ValidateUtf8(req.preamble(), "preamble"));
   SP_RETURN_IF_ERROR(ValidateUtf8(req.query(), "query"));
   SP_RETURN_IF_ERROR(ValidateUtf8(req.postamble(), "postamble"));
-  if (req.documents_size() == 0) return Invalid("documents: at least one document is required");
-  if (req.documents_size() > limits.max_rag_documents) {
-    return Invalid(absl::StrCat("documents has ", req.documents_size(), " entries; the limit is ",
-                                limits.max_rag_documents));
-  }
+  // Before any tokenizing: the count alone.
+  SP_RETURN_IF_ERROR(engine::rag::CheckDocumentCount(req.documents_size(), rag_limits));
   spec->preamble = tokenizer.Encode(req.preamble(), true);
   spec->query = tokenizer.Encode(req.query(), false);
-  if (spec->query.empty()) return Invalid("query is empty (encodes to no tokens)");
   spec->postamble = tokenizer.Encode(req.postamble(), false);
-  const int64_t fixed = spec->preamble.size() + spec->query.size() + spec->postamble.size();
-  if (fixed >= limits.context_length) {
-    return Invalid(absl::StrCat("preamble, query and postamble have ", fixed,
-                                " tokens; the context window is ", limits.context_length));
-  }
   for (int i = 0; i < req.documents_size(); ++i) {
     const v1::RagDocument& d = req.documents(i);
     const std::string field = absl::StrCat("documents[", i, "].text");
@@ -235,15 +231,8 @@ absl::StatusOr<engine::Request> ToEngineRagRequest(const v1::GenerateRagRequest&
     std::string text = d.text();
     if (text.back() != '\n') text.push_back('\n');
     spec->documents.push_back(tokenizer.Encode(text, false));
-    const int64_t path = fixed + static_cast<int64_t>(spec->documents.back().size());
-    if (path >= limits.context_length) {
-      return Invalid(absl::StrCat(field, " has ", spec->documents.back().size(),
-                                  " tokens; with the preamble, query and postamble (", fixed,
-                                  " tokens) it exceeds the context window of ",
-                                  limits.context_length));
-    }
   }
-  // Options.
+  // Options: the proto's enums here, every other rule in engine::rag::Validate.
   const v1::RagOptions& o = req.rag();
   engine::rag::Options& opt = spec->options;
   switch (o.mode()) {
@@ -268,45 +257,14 @@ absl::StatusOr<engine::Request> ToEngineRagRequest(const v1::GenerateRagRequest&
     default:
       return Invalid(absl::StrCat("rag.positions: unknown value ", o.positions()));
   }
-  const uint32_t n = static_cast<uint32_t>(req.documents_size());
-  if (o.has_top_k() && (o.top_k() < 1 || o.top_k() > n)) {
-    return Invalid(absl::StrCat("rag.top_k must be in [1, ", n, "] (the number of documents), got ",
-                                o.top_k()));
-  }
-  opt.top_k = o.has_top_k() ? static_cast<int32_t>(o.top_k()) : 1;
-  if (o.has_doc_weight()) {
-    if (!(std::isfinite(o.doc_weight()) && o.doc_weight() >= 0.0f && o.doc_weight() <= 10.0f)) {
-      return Invalid(absl::StrCat("rag.doc_weight must be in [0, 10], got ", o.doc_weight()));
-    }
-    opt.doc_weight = o.doc_weight();
-  }
+  opt.top_k = o.has_top_k() ? static_cast<int32_t>(std::min<uint32_t>(o.top_k(), 1u << 30)) : 1;
+  if (o.has_doc_weight()) opt.doc_weight = o.doc_weight();
   opt.path_cache = !o.has_path_cache() || o.path_cache();
-  if (o.has_canonical_span()) {
-    if (!(std::isfinite(o.canonical_span()) && o.canonical_span() >= 0.0f &&
-          o.canonical_span() < static_cast<float>(limits.context_length))) {
-      return Invalid(absl::StrCat("rag.canonical_span must be in [0, ", limits.context_length,
-                                  "), got ", o.canonical_span()));
-    }
-    opt.canonical_span = o.canonical_span();
-  }
-  // Where the answer starts.
-  int64_t answer_start;
-  if (opt.mode == engine::rag::Mode::kNaive) {
-    answer_start = engine::rag::FlatSize(*spec);
-    if (answer_start >= limits.context_length) {
-      return Invalid(absl::StrCat("documents: the concatenated prompt (rag.mode = NAIVE) has ",
-                                  answer_start, " tokens; the context window is ",
-                                  limits.context_length));
-    }
-  } else {
-    answer_start = static_cast<int64_t>(std::ceil(engine::rag::ComputeLayout(*spec).answer_start));
-    if (answer_start >= limits.context_length) {
-      return Invalid(absl::StrCat("rag.canonical_span: the answer would start at position ",
-                                  answer_start, "; the context window is ", limits.context_length));
-    }
-  }
+  if (o.has_canonical_span()) opt.canonical_span = o.canonical_span();
+  absl::StatusOr<engine::rag::Checked> checked = engine::rag::Validate(*spec, rag_limits);
+  if (!checked.ok()) return checked.status();
   engine::Request out;
-  SP_RETURN_IF_ERROR(FillCommon(req, static_cast<int32_t>(answer_start), limits, &out));
+  SP_RETURN_IF_ERROR(FillCommon(req, static_cast<int32_t>(checked->answer_start), limits, &out));
   out.rag = std::move(spec);
   return out;
 }
@@ -336,9 +294,7 @@ void ToProto(const engine::rag::Result& r, const std::vector<std::string>& ids,
   out->set_flops(r.flops.total);
   out->set_critical_path_flops(r.flops.critical_path);
   out->set_naive_flops(r.naive_flops.total);
-  if (r.mode == engine::rag::Mode::kSuperposition) {
-    out->set_span(engine::rag::ComputeLayout(spec).span);
-  }
+  if (r.mode == engine::rag::Mode::kSuperposition) out->set_span(r.span);
 }
 
 v1::FinishReason ToProto(engine::FinishReason reason) {

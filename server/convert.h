@@ -5,7 +5,7 @@
 
 #include "absl/status/statusor.h"
 #include "engine/model/tokenizer.h"
-#include "engine/runtime/request.h"
+#include "engine/sequence/request.h"
 #include "superpose/v1/superpose.pb.h"
 
 namespace superpose::server {

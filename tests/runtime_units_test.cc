@@ -3,7 +3,7 @@
 
 #include <map>
 
-#include "engine/runtime/kv_block_manager.h"
+#include "engine/kv/kv_block_manager.h"
 #include "engine/runtime/sampler.h"
 #include "engine/runtime/stop_checker.h"
 

@@ -27,7 +27,6 @@ uint64_t PathCache::BlockKey(uint64_t key, int32_t i) {
 std::optional<PathCache::Entry> PathCache::Lookup(uint64_t key, int32_t num_blocks) {
   auto it = entries_.find(key);
   if (it == entries_.end() || it->second.num_blocks != num_blocks) {
-    ++misses_;
     return std::nullopt;
   }
   Entry e;
@@ -37,14 +36,12 @@ std::optional<PathCache::Entry> PathCache::Lookup(uint64_t key, int32_t num_bloc
       // Part of the entry was evicted: the rest is useless.
       for (BlockId r : e.blocks) blocks_->Release(r);
       entries_.erase(it);
-      ++misses_;
-      return std::nullopt;
+        return std::nullopt;
     }
     e.blocks.push_back(*b);
   }
   e.doc_sum = it->second.doc_sum;
   e.doc_count = it->second.doc_count;
-  ++hits_;
   return e;
 }
 

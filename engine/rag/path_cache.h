@@ -12,7 +12,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "engine/rag/rag.h"
-#include "engine/runtime/kv_block_manager.h"
+#include "engine/kv/kv_block_manager.h"
 
 namespace superpose::engine::rag {
 
@@ -36,10 +36,6 @@ class PathCache {
   // Publishes the blocks of a computed document (the caller keeps its references).
   void Insert(uint64_t key, const std::vector<BlockId>& blocks, double doc_sum, int32_t doc_count);
 
-  int64_t hits() const { return hits_; }
-  int64_t misses() const { return misses_; }
-  size_t entries() const { return entries_.size(); }
-
  private:
   static uint64_t BlockKey(uint64_t key, int32_t i);
   void DropStale();
@@ -51,8 +47,6 @@ class PathCache {
     int32_t num_blocks = 0;
   };
   absl::flat_hash_map<uint64_t, Stats> entries_;
-  int64_t hits_ = 0;
-  int64_t misses_ = 0;
 };
 
 }  // namespace superpose::engine::rag

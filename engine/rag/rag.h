@@ -1,6 +1,6 @@
 // Superposition prompting (papers.md section 1; docs/rag.md): the request shape, the
 // equilibrium / left-aligned position assignment, Bayesian path saliency, top-k
-// selection and the FLOP model. Pure functions; the engine runs the sequences.
+// selection and the FLOP model. Pure functions; planner.h runs the sequences.
 #pragma once
 
 #include <cstdint>
@@ -90,6 +90,7 @@ struct DocResult {
 // What a RAG request reports with its final event.
 struct Result {
   Mode mode = Mode::kSuperposition;
+  float span = 0.0f;  // superposition: the layout's span S
   std::vector<DocResult> docs;
   int64_t computed_tokens = 0;    // prompt tokens run through the model
   int64_t path_cache_tokens = 0;  // document tokens taken from the path cache

@@ -1,114 +1,206 @@
 #include "engine/runtime/engine.h"
 
 #include <algorithm>
-#include <cmath>
+#include <atomic>
+#include <deque>
+#include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "engine/runtime/engine_internal.h"
+#include "absl/synchronization/mutex.h"
+#include "engine/rag/planner.h"
+#include "engine/runtime/emitter.h"
+#include "engine/runtime/scheduler.h"
+#include "engine/runtime/step_plan.h"
+#include "engine/sequence/sequence.h"
 #include "spdlog/spdlog.h"
 
 namespace superpose::engine {
-
 namespace {
-double Ms(absl::Duration d) { return absl::ToDoubleMilliseconds(d); }
 
-// Plain prompts start at position 0 with no ancestors, and so do RAG preambles, which
-// use the prefix cache unless the path cache holds them whole.
-bool UsesPrefixCache(const Engine::Sequence& seq) {
-  return seq.role == SeqRole::kGenerate ||
-         (seq.role == SeqRole::kPreamble && !seq.group->spec().options.path_cache);
-}
+struct Incoming {
+  PendingRequest request;
+  RequestOwner* owner = nullptr;  // null: a plain request
+};
+
 }  // namespace
 
-Engine::Engine(const EngineOptions& options, const ModelConfig& config, const Tokenizer* tokenizer,
-               Backend* backend)
+// The engine loop. It is the owner of plain requests (one emitting sequence each) and
+// the host of owners that run several sequences per request.
+class Engine::Impl final : public SequenceHost, public SequenceOwner {
+ public:
+  Impl(const EngineOptions& options, const ModelConfig& config, const Tokenizer* tokenizer,
+       Backend* backend);
+
+  void SetObserver(EngineObserver* observer) {
+    observer_ = observer;
+    emitter_.SetObserver(observer);
+  }
+  void Start() {
+    thread_ = std::thread([this] { Loop(); });
+  }
+  absl::StatusOr<uint64_t> Submit(Request request, StreamCallback callback);
+  void Cancel(uint64_t handle);
+  void Shutdown(absl::Duration grace);
+  EngineStats stats() const;
+  absl::Status Health() const { return backend_->Health(); }
+  int32_t context_length() const { return max_context_; }
+  const KvBlockManager& block_manager() const { return *blocks_; }
+
+  // SequenceHost.
+  KvBlockManager& blocks() override { return *blocks_; }
+  int32_t block_size() const override { return block_size_; }
+  int32_t vocab_size() const override { return config_.vocab_size; }
+  uint64_t NewHandle() override { return next_internal_id_++; }
+  void Enqueue(std::vector<std::unique_ptr<Sequence>> seqs, bool front) override;
+  void Drop(Sequence& seq) override;
+  void EmitFromRow(Sequence& seq, const float* row) override;
+  void Deliver(StreamCallback& callback, StreamEvent ev) override;
+
+  // SequenceOwner of plain requests: their final event goes out as the engine built it.
+  bool OnFinished(Sequence&, FinishReason, const absl::Status&, StreamEvent*) override {
+    return true;
+  }
+
+ private:
+  void Loop();
+  // Takes what arrived; false when the loop should end.
+  bool TakeInbox(bool* stopping, absl::Time* drain_deadline);
+  void StartRequest(Incoming in);
+  void DropExpired(const std::vector<uint64_t>& cancels, bool stopping, absl::Time deadline);
+  void Sweep();
+  void PublishCounts();
+
+  // One step: snapshot, decision, applied decision, plan, forward, outputs.
+  bool Step();
+  Snapshot TakeSnapshot() const;
+  std::vector<std::pair<Sequence*, int32_t>> Apply(const Decision& d);
+  void Admit(Sequence* seq, int32_t prefix_blocks);
+  void HandleOutputs(const StepPlan& sp, const ForwardOutput& out);
+  void SampleWholeRows(const StepPlan& sp, const RowLayout& rows, const ForwardOutput& out,
+                       std::vector<Sampled>* presampled);
+  void Advance(const StepEntry& e, const BatchPlan& plan, const ForwardOutput& out,
+               const RowView& row, Sampled* presampled);
+  void EmitAndCheck(Sequence& seq, Sampled sampled);
+
+  void Finish(Sequence* seq, FinishReason reason, absl::Status status);
+  void FreeBlocks(Sequence* seq);
+  void Preempt(Sequence* seq);
+  bool EnsureBlocks(Sequence* seq, int32_t upto_tokens);
+  bool UsesPrefixCache(const Sequence& seq) const {
+    return options_.prefix_caching && seq.prefix_cache;
+  }
+  // The chained hashes of seq's first full blocks that a prefix match may use (at
+  // least one token is always computed, so that its logits exist).
+  const std::vector<uint64_t>& PrefixHashes(Sequence* seq) const;
+  void MatchPrefix(Sequence* seq, int32_t max_blocks);
+  void PublishBlocks(Sequence* seq);
+
+  EngineOptions options_;
+  ModelConfig config_;
+  const Tokenizer* tokenizer_;
+  Backend* backend_;
+  int32_t block_size_;
+  int32_t max_context_;
+  std::unique_ptr<KvBlockManager> blocks_;
+  EngineObserver* observer_ = nullptr;
+  Emitter emitter_;
+  rag::FlopModel flop_model_;
+  SchedulerLimits limits_;
+  StepPlanOptions plan_options_;
+  std::vector<std::unique_ptr<RequestOwner>> owners_;
+
+  mutable absl::Mutex mu_;
+  absl::CondVar cv_;
+  std::vector<Incoming> inbox_ ABSL_GUARDED_BY(mu_);
+  std::vector<uint64_t> cancels_ ABSL_GUARDED_BY(mu_);
+  bool accepting_ ABSL_GUARDED_BY(mu_) = true;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Time drain_deadline_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
+  int32_t waiting_requests_ ABSL_GUARDED_BY(mu_) = 0;  // client requests waiting
+  uint64_t next_handle_ ABSL_GUARDED_BY(mu_) = 1;
+
+  // Engine-thread state.
+  std::deque<std::unique_ptr<Sequence>> waiting_;
+  std::vector<std::unique_ptr<Sequence>> running_;
+  std::vector<float> logits_scratch_;  // the sampler's copy of a whole row
+  uint64_t next_internal_id_ = uint64_t{1} << 62;  // handles of owners' sequences
+  mutable std::vector<uint64_t> hash_scratch_;
+  std::thread thread_;
+  std::atomic<int32_t> stat_running_{0};
+  std::atomic<int32_t> stat_waiting_{0};
+  std::atomic<int64_t> stat_preemptions_{0};
+  std::atomic<int64_t> stat_steps_{0};
+};
+
+Engine::Impl::Impl(const EngineOptions& options, const ModelConfig& config,
+                   const Tokenizer* tokenizer, Backend* backend)
     : options_(options),
       config_(config),
       tokenizer_(tokenizer),
       backend_(backend),
+      block_size_(backend->kv().block_size),
+      max_context_(options.max_context > 0
+                       ? std::min(config.max_position_embeddings, options.max_context)
+                       : config.max_position_embeddings),
+      blocks_(std::make_unique<KvBlockManager>(backend->kv().num_blocks)),
+      emitter_(config_, tokenizer, max_context_),
       flop_model_(config) {
-  const KvPoolInfo kv = backend_->kv();
-  block_size_ = kv.block_size;
-  blocks_ = std::make_unique<KvBlockManager>(kv.num_blocks);
-  path_cache_ = std::make_unique<rag::PathCache>(blocks_.get());
-  max_context_ = config.max_position_embeddings;
-  if (options_.max_context > 0) max_context_ = std::min(max_context_, options_.max_context);
   options_.max_batch_tokens = std::max(1, options_.max_batch_tokens);
   options_.max_running = std::max(1, options_.max_running);
+  limits_ = {options_.max_batch_tokens, options_.max_running, block_size_};
+  plan_options_ = {block_size_, config_.vocab_size, options_.compact_logits,
+                   backend_->SamplesRows()};
+  rag::Limits rag_limits;
+  rag_limits.context_length = max_context_;
+  rag_limits.max_documents = options_.rag_max_documents;
+  owners_.push_back(std::make_unique<rag::Planner>(this, config_, rag_limits));
 }
 
-Engine::~Engine() { Shutdown(absl::ZeroDuration()); }
-
-void Engine::Start() {
-  thread_ = std::thread([this] { Loop(); });
-}
-
-absl::StatusOr<uint64_t> Engine::Submit(Request request, StreamCallback callback) {
+absl::StatusOr<uint64_t> Engine::Impl::Submit(Request request, StreamCallback callback) {
   // Every log line of the request carries its id: never let text through.
   absl::StatusOr<LogId> log_id = LogId::Of(request.request_id);
   if (!log_id.ok()) return log_id.status();
-  if (request.rag != nullptr) {
-    if (absl::Status st = ValidateRag(*request.rag); !st.ok()) return st;
-    if (request.rag->options.mode == rag::Mode::kNaive) {
-      request.prompt_ids = rag::Flatten(*request.rag);
-    } else {
-      auto g = std::make_unique<RagGroup>();
-      g->arrival = absl::Now();
-      g->log_id = *log_id;
-      g->layout = rag::ComputeLayout(*request.rag);
-      g->req = std::move(request);
-      g->callback = std::move(callback);
-      absl::MutexLock lock(&mu_);
-      if (absl::Status st = CanQueue(); !st.ok()) return st;
-      g->handle = next_handle_++;
-      const uint64_t handle = g->handle;
-      group_inbox_.push_back(std::move(g));
-      cv_.Signal();
-      return handle;
+  Incoming in;
+  for (const auto& o : owners_) {
+    if (o->Claims(request)) in.owner = o.get();
+  }
+  if (in.owner != nullptr) {
+    absl::StatusOr<std::unique_ptr<Prepared>> prepared = in.owner->Validate(request);
+    if (!prepared.ok()) return prepared.status();
+    in.request.prepared = std::move(*prepared);
+  } else {
+    const int64_t n = static_cast<int64_t>(request.prompt_ids.size());
+    if (n == 0) return absl::InvalidArgumentError("prompt is empty");
+    if (n >= max_context_) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt has ", n, " tokens; the context window is ", max_context_));
     }
   }
-  auto seq = std::make_unique<Sequence>();
-  seq->arrival = absl::Now();
-  seq->log_id = *log_id;
-  seq->tokens = request.prompt_ids;
-  seq->prompt_len = static_cast<int32_t>(request.prompt_ids.size());
-  seq->req = std::move(request);
-  seq->callback = std::move(callback);
-  if (seq->prompt_len == 0) return absl::InvalidArgumentError("prompt is empty");
-  if (seq->prompt_len >= max_context_) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "prompt has ", seq->prompt_len, " tokens; the context window is ", max_context_));
-  }
+  in.request.arrival = absl::Now();
+  in.request.log_id = *log_id;
+  in.request.req = std::move(request);
+  in.request.callback = std::move(callback);
   absl::MutexLock lock(&mu_);
-  if (absl::Status st = CanQueue(); !st.ok()) return st;
-  seq->handle = next_handle_++;
-  const uint64_t handle = seq->handle;
-  inbox_.push_back(std::move(seq));
+  const int32_t queued = static_cast<int32_t>(inbox_.size()) + waiting_requests_;
+  if (absl::Status st = CheckQueue(accepting_, backend_->Health(), queued, options_.max_waiting);
+      !st.ok()) {
+    return st;
+  }
+  in.request.handle = next_handle_++;
+  const uint64_t handle = in.request.handle;
+  inbox_.push_back(std::move(in));
   cv_.Signal();
   return handle;
 }
 
-absl::Status Engine::CanQueue() const {
-  if (!accepting_) return absl::UnavailableError("server is shutting down");
-  if (absl::Status h = backend_->Health(); !h.ok()) {
-    return absl::UnavailableError(
-        absl::StrCat("the model backend failed (restart the server): ", h.message()));
-  }
-  if (static_cast<int32_t>(inbox_.size() + group_inbox_.size()) + waiting_requests_ >=
-      options_.max_waiting) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("waiting queue is full (", options_.max_waiting, " requests)"));
-  }
-  return absl::OkStatus();
-}
-
-void Engine::Cancel(uint64_t handle) {
+void Engine::Impl::Cancel(uint64_t handle) {
   absl::MutexLock lock(&mu_);
   cancels_.push_back(handle);
   cv_.Signal();
 }
 
-void Engine::Shutdown(absl::Duration grace) {
+void Engine::Impl::Shutdown(absl::Duration grace) {
   {
     absl::MutexLock lock(&mu_);
     accepting_ = false;
@@ -119,7 +211,7 @@ void Engine::Shutdown(absl::Duration grace) {
   if (thread_.joinable()) thread_.join();
 }
 
-EngineStats Engine::stats() const {
+EngineStats Engine::Impl::stats() const {
   EngineStats s;
   s.running = stat_running_.load();
   s.waiting = stat_waiting_.load();
@@ -128,164 +220,118 @@ EngineStats Engine::stats() const {
   s.kv_blocks_cached = blocks_->cached_blocks();
   s.preemptions = stat_preemptions_.load();
   s.steps = stat_steps_.load();
-  s.path_cache_hits = stat_path_hits_.load();
-  s.path_cache_misses = stat_path_misses_.load();
+  for (const auto& o : owners_) {
+    s.path_cache_hits += o->cache_hits();
+    s.path_cache_misses += o->cache_misses();
+  }
   return s;
 }
 
-absl::Status Engine::ValidateRag(const rag::Spec& spec) const {
-  const int32_t n = static_cast<int32_t>(spec.documents.size());
-  if (n == 0) return absl::InvalidArgumentError("documents: at least one document is required");
-  if (n > options_.rag_max_documents) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("documents: ", n, " documents; the limit is ", options_.rag_max_documents));
-  }
-  if (spec.query.empty()) return absl::InvalidArgumentError("query is empty");
-  if (spec.options.top_k < 1 || spec.options.top_k > n) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("rag.top_k must be in [1, ", n, "], got ", spec.options.top_k));
-  }
-  const int64_t fixed = spec.preamble.size() + spec.query.size() + spec.postamble.size();
-  for (int32_t i = 0; i < n; ++i) {
-    if (spec.documents[i].empty()) {
-      return absl::InvalidArgumentError(absl::StrCat("documents[", i, "] is empty"));
-    }
-    if (fixed + static_cast<int64_t>(spec.documents[i].size()) >= max_context_) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("documents[", i, "] has ", spec.documents[i].size(),
-                       " tokens; with the preamble, query and postamble it exceeds the context "
-                       "window of ",
-                       max_context_));
-    }
-  }
-  if (spec.options.mode == rag::Mode::kNaive) {
-    const int64_t total = rag::FlatSize(spec);
-    if (total >= max_context_) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "the concatenated prompt has ", total, " tokens; the context window is ", max_context_));
-    }
-  } else if (const float start = rag::ComputeLayout(spec).answer_start;
-             start >= static_cast<float>(max_context_)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("rag.canonical_span: the answer would start at position ", start,
-                     ", beyond the context window of ", max_context_));
-  }
-  return absl::OkStatus();
-}
-
-void Engine::PublishCounts() {
+void Engine::Impl::PublishCounts() {
   int32_t requests = 0;
-  for (const auto& s : waiting_)
-    requests += s->role == SeqRole::kGenerate || s->role == SeqRole::kPreamble;
+  for (const auto& s : waiting_) requests += s->counts_as_request;
   stat_running_ = static_cast<int32_t>(running_.size());
   stat_waiting_ = static_cast<int32_t>(waiting_.size());
   absl::MutexLock lock(&mu_);
   waiting_requests_ = requests;
 }
 
-// Drops finished sequences from the lists and finished groups nobody references.
-void Engine::Sweep() {
+// Drops finished sequences from the lists.
+void Engine::Impl::Sweep() {
   auto gone = [](const std::unique_ptr<Sequence>& s) { return s->finished; };
   running_.erase(std::remove_if(running_.begin(), running_.end(), gone), running_.end());
   waiting_.erase(std::remove_if(waiting_.begin(), waiting_.end(), gone), waiting_.end());
-  groups_.erase(std::remove_if(groups_.begin(), groups_.end(),
-                               [&](const std::unique_ptr<RagGroup>& g) {
-                                 if (!g->done) return false;
-                                 for (const auto& s : running_) {
-                                   if (s->group == g.get()) return false;
-                                 }
-                                 for (const auto& s : waiting_) {
-                                   if (s->group == g.get()) return false;
-                                 }
-                                 return true;
-                               }),
-                groups_.end());
   PublishCounts();
 }
 
-void Engine::InsertWaitingFront(std::vector<std::unique_ptr<Sequence>> seqs) {
-  waiting_.insert(waiting_.begin(), std::make_move_iterator(seqs.begin()),
-                  std::make_move_iterator(seqs.end()));
-}
-
-// Own token i is stored at slot index Storage(i) of the sequence's blocks: in order,
-// except that tokens from gap_at on start on a fresh block (a path's query after its
-// document, so that the document's blocks hold nothing else and can be cached).
-int32_t Engine::Storage(const Sequence& seq, int32_t i) const {
-  if (seq.gap_at < 0 || i < seq.gap_at) return i;
-  const int32_t fresh = (seq.gap_at + block_size_ - 1) / block_size_ * block_size_;
-  return fresh + (i - seq.gap_at);
-}
-
-void Engine::AppendOwnSegments(const Sequence& seq, int32_t n, std::vector<KvSegment>* out) const {
-  for (int32_t i = 0; i < n;) {
-    const int32_t st = Storage(seq, i);
-    const int32_t slot = st % block_size_;
-    int32_t len = std::min(block_size_ - slot, n - i);
-    if (seq.gap_at >= 0 && i < seq.gap_at) len = std::min(len, seq.gap_at - i);
-    out->push_back({seq.blocks[st / block_size_], slot, len});
-    i += len;
+void Engine::Impl::Enqueue(std::vector<std::unique_ptr<Sequence>> seqs, bool front) {
+  if (front) {
+    waiting_.insert(waiting_.begin(), std::make_move_iterator(seqs.begin()),
+                    std::make_move_iterator(seqs.end()));
+    return;
+  }
+  for (auto& seq : seqs) {
+    std::vector<int32_t> priorities;
+    priorities.reserve(waiting_.size());
+    for (const auto& w : waiting_) priorities.push_back(w->req.priority);
+    const int32_t at = PriorityInsertIndex(priorities, seq->req.priority);
+    waiting_.insert(waiting_.begin() + at, std::move(seq));
   }
 }
 
-void Engine::Loop() {
+void Engine::Impl::StartRequest(Incoming in) {
+  if (in.owner != nullptr) {
+    in.owner->Start(std::move(in.request));
+    return;
+  }
+  PendingRequest& p = in.request;
+  auto seq = std::make_unique<Sequence>();
+  seq->handle = p.handle;
+  seq->client_handle = p.handle;
+  seq->log_id = p.log_id;
+  seq->arrival = p.arrival;
+  seq->tokens = p.req.prompt_ids;
+  seq->prompt_len = static_cast<int32_t>(seq->tokens.size());
+  seq->req = std::move(p.req);
+  seq->callback = std::move(p.callback);
+  seq->owner = this;
+  seq->emits = true;
+  seq->prefix_cache = true;
+  std::vector<std::unique_ptr<Sequence>> one;
+  one.push_back(std::move(seq));
+  Enqueue(std::move(one), /*front=*/false);
+}
+
+bool Engine::Impl::TakeInbox(bool* stopping, absl::Time* drain_deadline) {
+  std::vector<Incoming> incoming;
+  std::vector<uint64_t> cancels;
+  {
+    absl::MutexLock lock(&mu_);
+    while (inbox_.empty() && cancels_.empty() && !stop_ && running_.empty() && waiting_.empty()) {
+      cv_.Wait(&mu_);
+    }
+    incoming.swap(inbox_);
+    // They count as waiting until the next PublishCounts() recounts.
+    waiting_requests_ += static_cast<int32_t>(incoming.size());
+    cancels.swap(cancels_);
+    *stopping = stop_;
+    *drain_deadline = drain_deadline_;
+  }
+  for (Incoming& in : incoming) StartRequest(std::move(in));
+  DropExpired(cancels, *stopping, *drain_deadline);
+  Sweep();
+  if (*stopping && running_.empty() && waiting_.empty()) {
+    absl::MutexLock lock(&mu_);
+    return !inbox_.empty();
+  }
+  return true;
+}
+
+// Client cancels, deadlines and the end of a shutdown's grace. Marking first and
+// sweeping after: finishing one sequence of a request may finish its siblings too.
+void Engine::Impl::DropExpired(const std::vector<uint64_t>& cancels, bool stopping,
+                               absl::Time drain_deadline) {
+  const absl::Time now = absl::Now();
+  auto check = [&](Sequence* s) {
+    if (s->finished) return;
+    if (std::find(cancels.begin(), cancels.end(), s->client_handle) != cancels.end()) {
+      Finish(s, FinishReason::kCancelled, absl::CancelledError("cancelled by the client"));
+    } else if (s->req.deadline < now) {
+      Finish(s, FinishReason::kCancelled, absl::DeadlineExceededError("deadline exceeded"));
+    } else if (stopping && now >= drain_deadline) {
+      Finish(s, FinishReason::kCancelled, absl::OkStatus());
+    }
+  };
+  for (auto& s : running_) check(s.get());
+  for (auto& s : waiting_) check(s.get());
+}
+
+void Engine::Impl::Loop() {
   while (true) {
-    std::vector<std::unique_ptr<Sequence>> incoming;
-    std::vector<std::unique_ptr<RagGroup>> incoming_groups;
-    std::vector<uint64_t> cancels;
-    bool stopping;
+    bool stopping = false;
     absl::Time drain_deadline;
-    {
-      absl::MutexLock lock(&mu_);
-      while (inbox_.empty() && group_inbox_.empty() && cancels_.empty() && !stop_ &&
-             running_.empty() && waiting_.empty()) {
-        cv_.Wait(&mu_);
-      }
-      incoming.swap(inbox_);
-      incoming_groups.swap(group_inbox_);
-      // They count as waiting until the next PublishCounts() recounts.
-      waiting_requests_ += static_cast<int32_t>(incoming.size() + incoming_groups.size());
-      cancels.swap(cancels_);
-      stopping = stop_;
-      drain_deadline = drain_deadline_;
-    }
-    for (auto& seq : incoming) {
-      // Priority order among waiting requests; FCFS within a priority.
-      auto it = std::find_if(waiting_.begin(), waiting_.end(),
-                             [&](const auto& w) { return w->req.priority < seq->req.priority; });
-      waiting_.insert(it, std::move(seq));
-    }
-    for (auto& g : incoming_groups) {
-      groups_.push_back(std::move(g));
-      StartGroup(groups_.back().get());
-    }
-    const absl::Time now = absl::Now();
-    auto should_drop = [&](Sequence* s) {
-      if (s->finished) return true;
-      if (std::find(cancels.begin(), cancels.end(), s->client_handle()) != cancels.end()) {
-        FinishSeq(s, FinishReason::kCancelled, absl::CancelledError("cancelled by the client"));
-        return true;
-      }
-      if (s->req.deadline < now) {
-        FinishSeq(s, FinishReason::kCancelled, absl::DeadlineExceededError("deadline exceeded"));
-        return true;
-      }
-      if (stopping && now >= drain_deadline) {
-        FinishSeq(s, FinishReason::kCancelled, absl::OkStatus());
-        return true;
-      }
-      return false;
-    };
-    // Marking first and sweeping after: finishing one sequence of a RAG group
-    // finishes its siblings too.
-    for (auto& s : running_) should_drop(s.get());
-    for (auto& s : waiting_) should_drop(s.get());
-    Sweep();
-    if (stopping && running_.empty() && waiting_.empty()) {
-      absl::MutexLock lock(&mu_);
-      if (inbox_.empty() && group_inbox_.empty()) break;
-      continue;
-    }
+    if (!TakeInbox(&stopping, &drain_deadline)) break;
+    if (stopping && running_.empty() && waiting_.empty()) continue;
     const bool stepped = Step();
     Sweep();
     if (!stepped && stopping) {
@@ -293,89 +339,62 @@ void Engine::Loop() {
       absl::SleepFor(absl::Milliseconds(1));
     }
   }
-  groups_.clear();
   stat_running_ = 0;
   stat_waiting_ = 0;
 }
 
-void Engine::FreeBlocks(Sequence* seq) {
+void Engine::Impl::FreeBlocks(Sequence* seq) {
   for (BlockId b : seq->blocks) blocks_->Release(b);
   seq->blocks.clear();
   seq->block_hashes.clear();
   seq->computed = 0;
-  seq->ll = rag::PathLikelihood();
 }
 
-void Engine::FinishSeq(Sequence* seq, FinishReason reason, absl::Status status) {
+void Engine::Impl::Drop(Sequence& seq) {
+  seq.finished = true;
+  FreeBlocks(&seq);
+}
+
+void Engine::Impl::Finish(Sequence* seq, FinishReason reason, absl::Status status) {
   if (seq->finished) return;
   seq->finished = true;
   FreeBlocks(seq);
-  if (seq->internal() || (seq->group != nullptr && !status.ok())) {
-    FailGroup(seq->group, reason, std::move(status));
-    return;
-  }
   StreamEvent ev;
-  ev.finished = true;
-  ev.finish_reason = reason;
-  ev.status = status;
-  if (status.ok() && seq->decoder != nullptr) {
-    if (reason != FinishReason::kStop) {
-      bool stopped = false;
-      ev.text = seq->stop->Append(seq->decoder->Flush(), &stopped);
-      ev.text += seq->stop->Flush();
-    }
+  if (seq->emits) {
+    ev = emitter_.FinalEvent(*seq, reason, status);
+  } else {
+    ev.finished = true;
+    ev.finish_reason = reason;
+    ev.status = status;
   }
-  const absl::Time now = absl::Now();
-  Usage& u = ev.usage;
-  u.prompt_tokens = seq->prompt_len;
-  u.generated_tokens = seq->generated;
-  u.cached_prompt_tokens = seq->cached_prompt_tokens;
-  u.queue_time_ms = seq->scheduled == absl::InfinitePast() ? Ms(now - seq->arrival)
-                                                           : Ms(seq->scheduled - seq->arrival);
-  u.ttft_ms = seq->first_token == absl::InfinitePast() ? 0 : Ms(seq->first_token - seq->arrival);
-  u.total_time_ms = Ms(now - seq->arrival);
-  if (seq->group != nullptr) {
-    FillRagResult(seq->group, seq);
-    const rag::Result& r = *seq->group->result;
-    u.prompt_tokens = static_cast<int32_t>(rag::FlatSize(seq->group->spec()));
-    u.cached_prompt_tokens = static_cast<int32_t>(r.prefix_cache_tokens + r.path_cache_tokens);
-    u.queue_time_ms = Ms(seq->group->scheduled - seq->group->arrival);
-    ev.rag = seq->group->result;
-    ReleaseGroupBlocks(seq->group);
-    seq->group->done = true;
-  } else if (seq->req.rag != nullptr) {
-    // A naive-mode RAG request: one flat prompt.
-    auto r = std::make_shared<rag::Result>();
-    r->mode = rag::Mode::kNaive;
-    r->docs.resize(seq->req.rag->documents.size());
-    r->prefix_cache_tokens = seq->cached_prompt_tokens;
-    r->computed_tokens = seq->prompt_len - seq->cached_prompt_tokens;
-    r->flops = {seq->flops, seq->flops};
-    r->naive_flops = rag::NaiveFlops(flop_model_, seq->prompt_len, 0, seq->generated);
-    ev.rag = r;
-  }
+  if (!seq->owner->OnFinished(*seq, reason, status, &ev)) return;
   if (ev.rag != nullptr && status.ok() && observer_ != nullptr) observer_->OnRagFinished(*ev.rag);
+  const Usage& u = ev.usage;
   spdlog::info(
       "req={} finish={} status={} prompt_tokens={} cached_tokens={} new_tokens={} "
       "queue_ms={:.1f} ttft_ms={:.1f} total_ms={:.1f}",
       seq->log_id.str(), FinishReasonName(reason), absl::StatusCodeToString(status.code()),
       u.prompt_tokens, u.cached_prompt_tokens, u.generated_tokens, u.queue_time_ms, u.ttft_ms,
       u.total_time_ms);
-  if (observer_ != nullptr) observer_->OnFinished(u, reason, status);
-  seq->callback(std::move(ev));
-  seq->callback = nullptr;
+  Deliver(seq->callback, std::move(ev));
 }
 
-void Engine::Preempt(Sequence* seq) {
+void Engine::Impl::Deliver(StreamCallback& callback, StreamEvent ev) {
+  if (observer_ != nullptr) observer_->OnFinished(ev.usage, ev.finish_reason, ev.status);
+  if (callback) callback(std::move(ev));
+  callback = nullptr;
+}
+
+void Engine::Impl::Preempt(Sequence* seq) {
   FreeBlocks(seq);
-  seq->prefix_checked = false;
+  seq->owner->OnPreempted(*seq);
   stat_preemptions_.fetch_add(1);
   if (observer_ != nullptr) observer_->OnPreempted();
   spdlog::debug("req={} preempted tokens={}", seq->log_id.str(), seq->tokens.size());
 }
 
-bool Engine::EnsureBlocks(Sequence* seq, int32_t upto_tokens) {
-  const int32_t need = upto_tokens == 0 ? 0 : Storage(*seq, upto_tokens - 1) / block_size_ + 1;
+bool Engine::Impl::EnsureBlocks(Sequence* seq, int32_t upto_tokens) {
+  const int32_t need = BlocksFor(seq->gap_at, block_size_, upto_tokens);
   while (static_cast<int32_t>(seq->blocks.size()) < need) {
     std::optional<BlockId> b = blocks_->Allocate();
     if (!b) return false;
@@ -384,29 +403,37 @@ bool Engine::EnsureBlocks(Sequence* seq, int32_t upto_tokens) {
   return true;
 }
 
-// Reuses cached full blocks of the prompt (same tenant, same preceding tokens). At
-// least one prompt token is always computed, so that its logits exist.
-void Engine::MatchPrefix(Sequence* seq) {
-  seq->prefix_checked = true;
-  if (!UsesPrefixCache(*seq)) return;
-  if (!options_.prefix_caching || seq->computed != 0 || !seq->blocks.empty()) return;
+const std::vector<uint64_t>& Engine::Impl::PrefixHashes(Sequence* seq) const {
+  hash_scratch_.clear();
+  if (!UsesPrefixCache(*seq) || seq->computed != 0 || !seq->blocks.empty()) return hash_scratch_;
   uint64_t h = HashString(0x5eed, seq->req.tenant);
   const int32_t n = static_cast<int32_t>(seq->tokens.size());
-  int32_t matched = 0;
-  while (matched + block_size_ < n) {
+  for (int32_t matched = 0; matched + block_size_ < n; matched += block_size_) {
     h = HashBlock(h, seq->tokens.data() + matched, block_size_);
+    if (!blocks_->Contains(h)) break;
+    hash_scratch_.push_back(h);
+  }
+  return hash_scratch_;
+}
+
+// Reuses cached full blocks of the prompt (same tenant, same preceding tokens).
+void Engine::Impl::MatchPrefix(Sequence* seq, int32_t max_blocks) {
+  if (max_blocks <= 0) return;
+  const std::vector<uint64_t> hashes = PrefixHashes(seq);
+  int32_t matched = 0;
+  for (uint64_t h : hashes) {
+    if (matched == max_blocks) break;
     std::optional<BlockId> b = blocks_->Lookup(h);
     if (!b) break;
     seq->blocks.push_back(*b);
     seq->block_hashes.push_back(h);
-    matched += block_size_;
+    ++matched;
   }
-  seq->computed = matched;
-  if (seq->generated == 0) seq->cached_prompt_tokens = std::min(matched, seq->prompt_len);
+  seq->computed = matched * block_size_;
+  if (seq->generated == 0) seq->cached_prompt_tokens = std::min(seq->computed, seq->prompt_len);
 }
 
-void Engine::PublishBlocks(Sequence* seq) {
-  if (!options_.prefix_caching) return;
+void Engine::Impl::PublishBlocks(Sequence* seq) {
   if (!UsesPrefixCache(*seq)) return;
   const int32_t full = seq->computed / block_size_;
   while (static_cast<int32_t>(seq->block_hashes.size()) < full) {
@@ -418,360 +445,221 @@ void Engine::PublishBlocks(Sequence* seq) {
   }
 }
 
-bool Engine::Step() {
-  int32_t budget = options_.max_batch_tokens;
-  struct Scheduled {
-    Sequence* seq;
-    int32_t num_tokens;
-  };
-  std::vector<Scheduled> sched;
-
-  // 1. Running sequences, oldest first: one decode token or the next prefill chunk.
-  //    When blocks run out, the newest running sequence is preempted.
-  for (size_t i = 0; i < running_.size() && budget > 0;) {
-    Sequence* seq = running_[i].get();
-    const int32_t remaining = static_cast<int32_t>(seq->tokens.size()) - seq->computed;
-    const int32_t n = std::min(remaining, budget);
-    if (EnsureBlocks(seq, seq->computed + n)) {
-      sched.push_back({seq, n});
-      budget -= n;
-      ++i;
-      continue;
-    }
-    // Out of blocks: preempt the newest running sequence (possibly this one). A
-    // sequence alone in the batch that does not fit the pool can never run.
-    std::unique_ptr<Sequence> victim = std::move(running_.back());
-    running_.pop_back();
-    if (running_.empty()) {
-      FinishSeq(victim.get(), FinishReason::kNone,
-                absl::ResourceExhaustedError("the KV cache cannot hold this sequence"));
-      break;
-    }
-    if (victim.get() != seq) {
-      // It may already be scheduled this step: unschedule it.
-      sched.erase(std::remove_if(sched.begin(), sched.end(),
-                                 [&](const Scheduled& s) { return s.seq == victim.get(); }),
-                  sched.end());
-    }
-    Preempt(victim.get());
-    waiting_.push_front(std::move(victim));
-    // Retry the same index (it now holds the same sequence unless it was the victim).
+Snapshot Engine::Impl::TakeSnapshot() const {
+  Snapshot snap;
+  snap.free_blocks = blocks_->free_blocks();
+  for (const auto& s : running_) {
+    SeqSnapshot x{s->computed, static_cast<int32_t>(s->tokens.size()), s->gap_at,
+                  static_cast<int32_t>(s->blocks.size())};
+    for (BlockId b : s->blocks) x.exclusive_blocks += blocks_->refcount(b) == 1;
+    snap.running.push_back(x);
   }
-  // The budget of a victim that was already scheduled is not returned this step.
-
-  // 2. Admit waiting sequences while the budget, the batch size and the blocks last.
-  while (!waiting_.empty() && budget > 0 &&
-         static_cast<int32_t>(running_.size()) < options_.max_running) {
-    Sequence* seq = waiting_.front().get();
-    if (seq->finished) {  // a sibling of a failed RAG group
-      waiting_.pop_front();
-      continue;
-    }
-    if (!seq->prefix_checked) MatchPrefix(seq);
-    const int32_t remaining = static_cast<int32_t>(seq->tokens.size()) - seq->computed;
-    const int32_t n = std::min(remaining, budget);
-    if (!EnsureBlocks(seq, seq->computed + n)) {
-      // A waiting sequence holds no blocks (nor prefix-cache references) while it waits.
-      FreeBlocks(seq);
-      seq->prefix_checked = false;
-      seq->cached_prompt_tokens = 0;
-      if (!running_.empty()) break;  // FCFS: wait for blocks to be freed
-      std::unique_ptr<Sequence> dead = std::move(waiting_.front());
-      waiting_.pop_front();
-      FinishSeq(dead.get(), FinishReason::kNone,
-                absl::ResourceExhaustedError("the KV cache cannot hold this prompt"));
-      continue;
-    }
-    if (seq->scheduled == absl::InfinitePast()) seq->scheduled = absl::Now();
-    if (seq->group != nullptr && seq->group->scheduled == absl::InfinitePast()) {
-      seq->group->scheduled = seq->scheduled;
-    }
-    sched.push_back({seq, n});
-    budget -= n;
-    running_.push_back(std::move(waiting_.front()));
-    waiting_.pop_front();
-  }
-  PublishCounts();
-  if (sched.empty()) return false;
-
-  // 3. Build the plan.
-  BatchPlan plan;
-  std::vector<int32_t> logits_row(sched.size(), -1);
-  std::vector<int32_t> lp_begin(sched.size() + 1, 0);
-  for (size_t k = 0; k < sched.size(); ++k) {
-    Sequence* seq = sched[k].seq;
-    SeqPlan sp;
-    sp.id = static_cast<SeqId>(seq->handle);
-    sp.context = seq->ctx;
-    AppendOwnSegments(*seq, seq->computed, &sp.context);
-    sp.token_begin = plan.num_tokens();
-    sp.num_tokens = sched[k].num_tokens;
-    const int32_t total = static_cast<int32_t>(seq->tokens.size());
-    lp_begin[k] = static_cast<int32_t>(plan.logprobs.size());
-    for (int32_t j = 0; j < sched[k].num_tokens; ++j) {
-      const int32_t i = seq->computed + j;
-      const int32_t st = Storage(*seq, i);
-      plan.tokens.push_back(seq->tokens[i]);
-      plan.positions.push_back(seq->PositionOf(i));
-      plan.kv_slots.push_back({seq->blocks[st / block_size_], st % block_size_});
-      // A path scores every within-segment next-token prediction of its document and
-      // query (a segment's first token is not predicted from the segment).
-      if (seq->role == SeqRole::kPath && i + 1 < total && i + 1 != seq->doc_len) {
-        plan.logprobs.push_back({plan.num_tokens() - 1, seq->tokens[i + 1]});
+  // Only the queue's head can be admitted this step: prefix matches beyond it are not
+  // looked up.
+  const size_t head =
+      static_cast<size_t>(std::max(0, options_.max_running - static_cast<int32_t>(running_.size())));
+  for (size_t i = 0; i < waiting_.size(); ++i) {
+    Sequence* s = waiting_[i].get();
+    SeqSnapshot x{s->computed, static_cast<int32_t>(s->tokens.size()), s->gap_at,
+                  static_cast<int32_t>(s->blocks.size())};
+    if (i < head) {
+      for (uint64_t h : PrefixHashes(s)) {
+        const std::optional<BlockId> b = blocks_->Peek(h);
+        ++x.prefix_blocks;
+        x.prefix_unreferenced += blocks_->refcount(*b) == 0;
       }
     }
-    const bool complete = seq->computed + sched[k].num_tokens == total;
-    const bool wants_logits = seq->role == SeqRole::kGenerate || seq->role == SeqRole::kAnswer ||
-                              (seq->role == SeqRole::kPath && seq->group->spec().postamble.empty());
-    if (complete && wants_logits) {
-      logits_row[k] = static_cast<int32_t>(plan.logits_for.size());
-      plan.logits_for.push_back(plan.num_tokens() - 1);
-      const bool emits = seq->role == SeqRole::kGenerate || seq->role == SeqRole::kAnswer;
-      RowSampling rs;
-      int32_t top = 0;
-      if (emits && options_.compact_logits) {
-        const SamplingOptions& so = seq->req.sampling;
-        const int32_t lp_top =
-            seq->req.logprobs ? std::min(std::max(1, seq->req.top_logprobs), config_.vocab_size)
-                              : 0;
-        if (backend_->SamplesRows() && BackendCanSample(so, config_.vocab_size) &&
-            lp_top <= kMaxTopLogits) {
-          // The backend draws the token (draw index = tokens generated so far, so that
-          // a recomputed sequence draws the same); the compact row is for logprobs.
-          rs = RowSampling{so.temperature, so.top_p, so.min_p, so.seed, seq->generated};
-          top = lp_top;
-        } else {
-          top = TopLogitsNeeded(so, seq->req.logprobs, seq->req.top_logprobs, config_.vocab_size);
-        }
-      }
-      plan.logits_top.push_back(top);
-      plan.sampling.push_back(rs);
-    }
-    // FLOPs of this step for this sequence: rows with logits or log-probabilities pay
-    // for the LM head.
-    const int32_t lm_rows =
-        static_cast<int32_t>(plan.logprobs.size()) - lp_begin[k] + (logits_row[k] >= 0 ? 1 : 0);
-    seq->flops +=
-        flop_model_.Segment(seq->ctx_tokens + seq->computed, sched[k].num_tokens, lm_rows);
-    plan.seqs.push_back(std::move(sp));
+    snap.waiting.push_back(x);
   }
-  lp_begin[sched.size()] = static_cast<int32_t>(plan.logprobs.size());
-
-  // 4. Run it.
-  ForwardOutput out;
-  absl::Status st = backend_->Forward(plan, &out);
-  stat_steps_.fetch_add(1);
-  if (observer_ != nullptr) {
-    observer_->OnStep(static_cast<int32_t>(running_.size()), static_cast<int32_t>(waiting_.size()),
-                      plan.num_tokens());
-  }
-  if (!st.ok()) {
-    spdlog::error("forward failed: {}", st.ToString());
-    const absl::Status err = absl::InternalError(absl::StrCat("backend failure: ", st.message()));
-    for (const Scheduled& s : sched) FinishSeq(s.seq, FinishReason::kNone, err);
-    return true;
-  }
-
-  // 5. Sample and stream; advance RAG groups.
-  const int32_t V = config_.vocab_size;
-  std::vector<Sampled> presampled(sched.size());
-  // Where each logits row is in the output: a whole row's index in out.logits, or a
-  // compact row's first token in out.top and its index in out.top_lse.
-  // A sampled row's index in out.sampled.
-  struct RowAt {
-    int64_t whole = -1, top = 0, lse = -1, sampled = -1;
-  };
-  std::vector<RowAt> row_at(plan.logits_for.size());
-  {
-    int64_t whole = 0, top = 0, lse = 0, sampled = 0;
-    for (size_t r = 0; r < row_at.size(); ++r) {
-      const int32_t n = plan.logits_top[r];
-      const bool by_backend = plan.sampling[r].temperature > 0.0f;
-      if (by_backend) row_at[r].sampled = sampled++;
-      if (n > 0) {
-        row_at[r].top = top;
-        row_at[r].lse = lse++;
-        top += n;
-      } else if (!by_backend) {
-        row_at[r].whole = whole++;
-      }
-    }
-    if (static_cast<size_t>(whole) * V != out.logits.size() ||
-        static_cast<size_t>(top) != out.top.size() ||
-        static_cast<size_t>(lse) != out.top_lse.size() ||
-        static_cast<size_t>(sampled) != out.sampled.size() ||
-        static_cast<size_t>(sampled) != out.sampled_logit.size()) {
-      spdlog::error("forward returned logits of the wrong shape");
-      const absl::Status err = absl::InternalError("backend failure: logits of the wrong shape");
-      for (const Scheduled& s : sched) FinishSeq(s.seq, FinishReason::kNone, err);
-      return true;
-    }
-  }
-  // Whole rows are sampled in parallel first (a sampled row of a large vocabulary is
-  // tens to hundreds of microseconds; each sequence has its own sampler and generator,
-  // so the tokens do not depend on the threads). Streaming stays in order below.
-  {
-    std::vector<size_t> whole_rows;
-    for (size_t k = 0; k < sched.size(); ++k) {
-      Sequence* seq = sched[k].seq;
-      const bool emits = seq->role == SeqRole::kGenerate || seq->role == SeqRole::kAnswer;
-      if (!emits || seq->finished || logits_row[k] < 0 || row_at[logits_row[k]].whole < 0 ||
-          seq->computed + sched[k].num_tokens < static_cast<int32_t>(seq->tokens.size())) {
-        continue;
-      }
-      EnsureStreamState(seq);
-      whole_rows.push_back(k);
-    }
-    const int64_t n = static_cast<int64_t>(whole_rows.size());
-#pragma omp parallel for schedule(dynamic, 1) if (n > 1)
-    for (int64_t i = 0; i < n; ++i) {
-      thread_local std::vector<float> scratch;
-      const size_t k = whole_rows[i];
-      const float* row = out.logits.data() + static_cast<size_t>(row_at[logits_row[k]].whole) * V;
-      presampled[k] = SampleNext(sched[k].seq, row, {}, 0.0f, &scratch);
-    }
-  }
-  for (size_t k = 0; k < sched.size(); ++k) {
-    Sequence* seq = sched[k].seq;
-    if (seq->finished) continue;  // its RAG group failed earlier in this loop
-    const int32_t first = seq->computed;
-    seq->computed += sched[k].num_tokens;
-    PublishBlocks(seq);
-    if (seq->role == SeqRole::kPath) {
-      for (int32_t r = lp_begin[k]; r < lp_begin[k + 1]; ++r) {
-        const int32_t i = first + (plan.logprobs[r].token_index - plan.seqs[k].token_begin);
-        if (i + 1 < seq->doc_len) {
-          seq->ll.doc_sum += out.logprobs[r];
-          ++seq->ll.doc_count;
-        } else {
-          seq->ll.query_sum += out.logprobs[r];
-          ++seq->ll.query_count;
-        }
-      }
-    }
-    if (seq->computed < static_cast<int32_t>(seq->tokens.size())) continue;
-    const RowAt* at = logits_row[k] >= 0 ? &row_at[logits_row[k]] : nullptr;
-    const float* logits = at != nullptr && at->whole >= 0
-                              ? out.logits.data() + static_cast<size_t>(at->whole) * V
-                              : nullptr;
-    switch (seq->role) {
-      case SeqRole::kGenerate:
-      case SeqRole::kAnswer:
-        if (presampled[k].token >= 0) {
-          EmitSampled(seq, std::move(presampled[k]));
-        } else if (at != nullptr && at->sampled >= 0) {  // drawn by the backend
-          EnsureStreamState(seq);
-          Sampled drawn;
-          drawn.token = out.sampled[at->sampled];
-          if (seq->req.logprobs) {
-            const float lse = out.top_lse[at->lse];
-            TokenLogprobs lp = LogprobsFromTop(
-                absl::MakeConstSpan(out.top).subspan(at->top, plan.logits_top[logits_row[k]]), lse,
-                drawn.token, seq->req.top_logprobs);
-            lp.chosen = {drawn.token, out.sampled_logit[at->sampled] - lse};
-            drawn.logprobs.push_back(std::move(lp));
-          }
-          EmitSampled(seq, std::move(drawn));
-        } else if (logits != nullptr) {
-          EmitToken(seq, logits);
-        } else {
-          EmitToken(seq, nullptr,
-                    absl::MakeConstSpan(out.top).subspan(at->top, plan.logits_top[logits_row[k]]),
-                    out.top_lse[at->lse]);
-        }
-        break;
-      case SeqRole::kPreamble:
-        OnPreambleDone(seq);
-        break;
-      case SeqRole::kPath:
-        OnPathDone(seq, logits);
-        break;
-    }
-  }
-  return true;
+  return snap;
 }
 
-void Engine::EnsureStreamState(Sequence* seq) {
-  if (seq->sampler) return;
-  seq->sampler = std::make_unique<Sampler>(seq->req.sampling, seq->req.prompt_ids);
-  seq->decoder =
-      std::make_unique<DecodeStream>(tokenizer_, seq->req.prompt_ids, seq->req.skip_special_tokens);
-  seq->stop = std::make_unique<StopChecker>(seq->req.stop);
-}
-
-Engine::Sampled Engine::SampleNext(Sequence* seq, const float* logits_in,
-                                   absl::Span<const TopLogit> top, float top_lse,
-                                   std::vector<float>* scratch) const {
-  const int32_t V = config_.vocab_size;
-  Sampled out;
-  if (logits_in != nullptr) {
-    scratch->assign(logits_in, logits_in + V);  // the penalties write into it
-    out.token = seq->sampler->Sample(absl::MakeSpan(*scratch));
-    if (seq->req.logprobs) {
-      out.logprobs.push_back(
-          ComputeLogprobs(absl::MakeConstSpan(logits_in, V), out.token, seq->req.top_logprobs));
+// Applies a decision: preemptions, failures, admissions (prefix matches first, so that
+// no allocation evicts a block about to be matched), then every scheduled sequence's
+// blocks. Returns what runs this step, in plan order.
+std::vector<std::pair<Sequence*, int32_t>> Engine::Impl::Apply(const Decision& d) {
+  std::vector<Sequence*> run(running_.size()), wait(waiting_.size());
+  for (size_t i = 0; i < run.size(); ++i) run[i] = running_[i].get();
+  for (size_t i = 0; i < wait.size(); ++i) wait[i] = waiting_[i].get();
+  auto at = [&](const SeqRef& r) { return r.waiting ? wait[r.index] : run[r.index]; };
+  // The new lists: running = still running + admitted; waiting = victims + the rest.
+  std::vector<std::unique_ptr<Sequence>> new_running;
+  std::deque<std::unique_ptr<Sequence>> new_waiting;
+  std::vector<bool> run_moved(run.size(), false), wait_moved(wait.size(), false);
+  for (int32_t v : d.preempted) {
+    Preempt(run[v]);
+    new_waiting.push_front(std::move(running_[v]));
+    run_moved[v] = true;
+  }
+  for (const Decision::Failed& f : d.failed) Finish(at(f.seq), FinishReason::kNone, f.status);
+  for (size_t i = 0; i < run.size(); ++i) {
+    if (!run_moved[i]) new_running.push_back(std::move(running_[i]));
+  }
+  std::vector<std::pair<Sequence*, int32_t>> sched;
+  for (const Decision::Scheduled& s : d.scheduled) {
+    Sequence* seq = at(s.seq);
+    if (seq->finished) continue;  // a sibling of a request that failed above
+    const bool admitted = s.seq.waiting || run_moved[s.seq.index];
+    if (admitted) {
+      Admit(seq, s.prefix_blocks);
+      if (s.seq.waiting) {
+        new_running.push_back(std::move(waiting_[s.seq.index]));
+        wait_moved[s.seq.index] = true;
+      } else {  // a victim admitted again
+        auto it = std::find_if(new_waiting.begin(), new_waiting.end(),
+                               [&](const auto& p) { return p.get() == seq; });
+        new_running.push_back(std::move(*it));
+        new_waiting.erase(it);
+      }
     }
-  } else {
-    out.token = seq->sampler->SampleTop(top);
-    if (seq->req.logprobs) {
-      out.logprobs.push_back(LogprobsFromTop(top, top_lse, out.token, seq->req.top_logprobs));
-    }
+    sched.emplace_back(seq, s.num_tokens);
+  }
+  for (size_t i = 0; i < wait.size(); ++i) {
+    if (!wait_moved[i]) new_waiting.push_back(std::move(waiting_[i]));
+  }
+  running_ = std::move(new_running);
+  waiting_ = std::move(new_waiting);
+  // Blocks for every scheduled sequence. The decision counted them; should the pool
+  // still disagree (blocks shared among victims), the sequence sits this step out.
+  std::vector<std::pair<Sequence*, int32_t>> out;
+  for (auto& [seq, n] : sched) {
+    n = std::min(n, seq->remaining());
+    if (n > 0 && EnsureBlocks(seq, seq->computed + n)) out.emplace_back(seq, n);
   }
   return out;
 }
 
-// Samples the next token of `seq` from its logits and streams it; finishes the
-// sequence when a stop condition holds.
-void Engine::EmitToken(Sequence* seq, const float* logits_in, absl::Span<const TopLogit> top,
-                       float top_lse) {
-  EnsureStreamState(seq);
-  EmitSampled(seq, SampleNext(seq, logits_in, top, top_lse, &logits_scratch_));
+void Engine::Impl::Admit(Sequence* seq, int32_t prefix_blocks) {
+  MatchPrefix(seq, prefix_blocks);
+  if (seq->scheduled == absl::InfinitePast()) {
+    seq->scheduled = absl::Now();
+    seq->owner->OnAdmitted(*seq);
+  }
 }
 
-void Engine::EmitSampled(Sequence* seq, Sampled sampled) {
-  // A recomputed (preempted) sequence has already streamed its tokens: the logits of
-  // its last token give the next one as usual.
-  StreamEvent ev;
-  const int32_t token = sampled.token;
-  ev.logprobs = std::move(sampled.logprobs);
-  seq->sampler->Accept(token);
-  seq->tokens.push_back(token);
-  ++seq->generated;
-  const absl::Time now = absl::Now();
-  if (seq->first_token == absl::InfinitePast()) {
-    seq->first_token = now;
-    if (observer_ != nullptr) {
-      observer_->OnFirstToken(Ms(seq->scheduled - seq->arrival), Ms(now - seq->arrival));
-    }
-  } else if (observer_ != nullptr) {
-    observer_->OnToken(Ms(now - seq->last_token));
+bool Engine::Impl::Step() {
+  const Decision d = Schedule(TakeSnapshot(), limits_);
+  const std::vector<std::pair<Sequence*, int32_t>> sched = Apply(d);
+  PublishCounts();
+  if (sched.empty()) return false;
+  const StepPlan sp = BuildStepPlan(sched, plan_options_);
+  for (const StepEntry& e : sp.entries) {
+    e.seq->flops += flop_model_.Segment(e.seq->ctx_tokens + e.seq->computed, e.num_tokens,
+                                        e.lm_rows());
   }
-  seq->last_token = now;
-  ev.token_ids.push_back(token);
+  ForwardOutput out;
+  absl::Status st = backend_->Forward(sp.plan, &out);
+  stat_steps_.fetch_add(1);
+  if (observer_ != nullptr) {
+    observer_->OnStep(static_cast<int32_t>(running_.size()), static_cast<int32_t>(waiting_.size()),
+                      sp.plan.num_tokens());
+  }
+  if (!st.ok()) {
+    spdlog::error("forward failed: {}", st.ToString());
+    st = absl::InternalError(absl::StrCat("backend failure: ", st.message()));
+  } else if (st = RowLayout(sp.plan).Check(out, config_.vocab_size); !st.ok()) {
+    spdlog::error("forward returned logits of the wrong shape");
+  }
+  if (!st.ok()) {
+    for (const StepEntry& e : sp.entries) Finish(e.seq, FinishReason::kNone, st);
+    return true;
+  }
+  HandleOutputs(sp, out);
+  return true;
+}
 
-  FinishReason reason = FinishReason::kNone;
-  const bool is_eos = std::find(config_.eos_token_ids.begin(), config_.eos_token_ids.end(),
-                                token) != config_.eos_token_ids.end();
-  bool stopped = false;
-  ev.text = seq->stop->Append(seq->decoder->Step(token), &stopped);
-  if (stopped) {
-    reason = FinishReason::kStop;
-  } else if (std::find(seq->req.stop_token_ids.begin(), seq->req.stop_token_ids.end(), token) !=
-             seq->req.stop_token_ids.end()) {
-    reason = FinishReason::kStop;
-  } else if (is_eos && !seq->req.ignore_eos) {
-    reason = FinishReason::kEos;
-  } else if (seq->generated >= seq->req.sampling.max_new_tokens ||
-             seq->PositionOf(static_cast<int32_t>(seq->tokens.size())) >= max_context_) {
-    reason = FinishReason::kLength;
+// Whole rows are sampled in parallel first (a sampled row of a large vocabulary is tens
+// to hundreds of microseconds; each sequence has its own sampler and generator, so the
+// tokens do not depend on the threads). Streaming stays in order.
+void Engine::Impl::SampleWholeRows(const StepPlan& sp, const RowLayout& rows,
+                                   const ForwardOutput& out, std::vector<Sampled>* presampled) {
+  std::vector<size_t> whole;
+  for (size_t k = 0; k < sp.entries.size(); ++k) {
+    const StepEntry& e = sp.entries[k];
+    if (!e.seq->emits || e.seq->finished || e.logits_row < 0 || !e.completes()) continue;
+    if (!RowLayout::Whole(sp.plan, e.logits_row)) continue;
+    emitter_.EnsureStream(*e.seq);
+    whole.push_back(k);
   }
-  if (reason == FinishReason::kNone) {
-    seq->callback(std::move(ev));
+  const int64_t n = static_cast<int64_t>(whole.size());
+  const int32_t V = config_.vocab_size;
+#pragma omp parallel for schedule(dynamic, 1) if (n > 1)
+  for (int64_t i = 0; i < n; ++i) {
+    thread_local std::vector<float> scratch;
+    const StepEntry& e = sp.entries[whole[i]];
+    (*presampled)[whole[i]] = emitter_.Sample(*e.seq, rows.Row(out, e.logits_row, V), &scratch);
+  }
+}
+
+void Engine::Impl::HandleOutputs(const StepPlan& sp, const ForwardOutput& out) {
+  const RowLayout rows(sp.plan);
+  std::vector<Sampled> presampled(sp.entries.size());
+  SampleWholeRows(sp, rows, out, &presampled);
+  for (size_t k = 0; k < sp.entries.size(); ++k) {
+    const StepEntry& e = sp.entries[k];
+    if (e.seq->finished) continue;  // its request failed earlier in this loop
+    const RowView row =
+        e.logits_row >= 0 ? rows.Row(out, e.logits_row, config_.vocab_size) : RowView{};
+    Advance(e, sp.plan, out, row, &presampled[k]);
+  }
+}
+
+// A sequence's step is done: its K/V are in, its scores go to its owner, and when it
+// has computed every token its row is sampled (emitting) or handed to its owner.
+void Engine::Impl::Advance(const StepEntry& e, const BatchPlan& plan, const ForwardOutput& out,
+                           const RowView& row, Sampled* presampled) {
+  Sequence& seq = *e.seq;
+  const int32_t first = seq.computed;
+  seq.computed += e.num_tokens;
+  PublishBlocks(&seq);
+  // Scores: plan token t predicts own token first + (t - token_begin) + 1.
+  for (int32_t r = e.lp_begin; r < e.lp_end; ++r) {
+    const int32_t target = first + (plan.logprobs[r].token_index - e.token_begin) + 1;
+    seq.owner->OnScore(seq, target, out.logprobs[r]);
+  }
+  if (seq.computed < static_cast<int32_t>(seq.tokens.size())) return;
+  if (!seq.emits) {
+    seq.owner->OnComputed(seq, row.whole);
+    seq.finished = true;  // retired: the owner took what it needed
+    FreeBlocks(&seq);
     return;
   }
-  // Send this token's delta, then the final event (which flushes held-back text).
-  seq->callback(std::move(ev));
-  FinishSeq(seq, reason, absl::OkStatus());
+  if (presampled->token >= 0) {
+    EmitAndCheck(seq, std::move(*presampled));
+    return;
+  }
+  emitter_.EnsureStream(seq);
+  EmitAndCheck(seq, emitter_.Sample(seq, row, &logits_scratch_));
 }
+
+void Engine::Impl::EmitAndCheck(Sequence& seq, Sampled sampled) {
+  const FinishReason reason = emitter_.Emit(seq, std::move(sampled));
+  if (reason != FinishReason::kNone) Finish(&seq, reason, absl::OkStatus());
+}
+
+void Engine::Impl::EmitFromRow(Sequence& seq, const float* row) {
+  emitter_.EnsureStream(seq);
+  RowView v;
+  v.whole = row;
+  EmitAndCheck(seq, emitter_.Sample(seq, v, &logits_scratch_));
+}
+
+// ---- Engine: the public face ----
+
+Engine::Engine(const EngineOptions& options, const ModelConfig& config, const Tokenizer* tokenizer,
+               Backend* backend)
+    : impl_(std::make_unique<Impl>(options, config, tokenizer, backend)) {}
+Engine::~Engine() { impl_->Shutdown(absl::ZeroDuration()); }
+void Engine::SetObserver(EngineObserver* observer) { impl_->SetObserver(observer); }
+void Engine::Start() { impl_->Start(); }
+absl::StatusOr<uint64_t> Engine::Submit(Request request, StreamCallback callback) {
+  return impl_->Submit(std::move(request), std::move(callback));
+}
+void Engine::Cancel(uint64_t handle) { impl_->Cancel(handle); }
+void Engine::Shutdown(absl::Duration grace) { impl_->Shutdown(grace); }
+EngineStats Engine::stats() const { return impl_->stats(); }
+absl::Status Engine::Health() const { return impl_->Health(); }
+int32_t Engine::context_length() const { return impl_->context_length(); }
+const KvBlockManager& Engine::blocks() const { return impl_->block_manager(); }
 
 }  // namespace superpose::engine

@@ -1,27 +1,21 @@
-// The engine: one loop thread that owns the scheduler, the KV block manager and the
-// backend. Each iteration it builds a BatchPlan from running sequences (one decode
-// token each) and waiting ones (prefill chunks) under a token budget, runs the
-// backend, samples, checks stop conditions and streams deltas back.
+// The engine: one loop thread that owns the waiting and running sequences, the KV block
+// manager and the backend. Each iteration it takes a snapshot of the sequences, lets the
+// scheduler decide (scheduler.h), applies the decision, builds the step's BatchPlan
+// (step_plan.h), runs the backend and hands each row to the emitter (emitter.h) or to
+// the sequence's owner (a RAG request's planner, engine/rag/planner.h).
 #pragma once
 
-#include <atomic>
 #include <cstdint>
-#include <deque>
 #include <memory>
-#include <string>
-#include <thread>
-#include <vector>
 
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "engine/backend.h"
 #include "engine/model/config.h"
 #include "engine/model/tokenizer.h"
-#include "engine/rag/path_cache.h"
+#include "engine/kv/kv_block_manager.h"
 #include "engine/rag/rag.h"
-#include "engine/runtime/kv_block_manager.h"
-#include "engine/runtime/request.h"
+#include "engine/sequence/request.h"
 
 namespace superpose::engine {
 
@@ -71,11 +65,12 @@ class Engine {
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
-  void SetObserver(EngineObserver* observer) { observer_ = observer; }
+  void SetObserver(EngineObserver* observer);
   void Start();
-  // Queues a request (a RAG request when request.rag is set). RESOURCE_EXHAUSTED when the waiting
-  // queue is full, UNAVAILABLE after Shutdown. The callback gets every event, the last with
-  // finished = true, on the engine thread; it is never called after that.
+  // Queues a request (a RAG request when request.rag is set). INVALID_ARGUMENT naming
+  // the field for a bad request, RESOURCE_EXHAUSTED when the waiting queue is full,
+  // UNAVAILABLE after Shutdown. The callback gets every event, the last with finished =
+  // true, on the engine thread; it is never called after that.
   absl::StatusOr<uint64_t> Submit(Request request, StreamCallback callback);
   // Cancels a request (client cancel). Its final event carries CANCELLED status.
   void Cancel(uint64_t handle);
@@ -86,94 +81,13 @@ class Engine {
   EngineStats stats() const;
   // The backend's health (Backend::Health); while it is not OK, Submit answers
   // UNAVAILABLE and the server reports NOT_SERVING.
-  absl::Status Health() const { return backend_->Health(); }
-  // Engine-private (engine_internal.h); named here so that helpers can use them.
-  struct Sequence;
-  struct RagGroup;
-  int32_t context_length() const { return max_context_; }
-  const KvBlockManager& blocks() const { return *blocks_; }
+  absl::Status Health() const;
+  int32_t context_length() const;
+  const KvBlockManager& blocks() const;
 
  private:
-  absl::Status ValidateRag(const rag::Spec& spec) const;
-  // UNAVAILABLE when shutting down, RESOURCE_EXHAUSTED when the queue is full.
-  absl::Status CanQueue() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void Loop();
-  void Sweep();
-  void PublishCounts();
-  int32_t Storage(const Sequence& seq, int32_t i) const;
-  void AppendOwnSegments(const Sequence& seq, int32_t n, std::vector<KvSegment>* out) const;
-  void InsertWaitingFront(std::vector<std::unique_ptr<Sequence>> seqs);
-  // RAG request groups (engine_rag.cc).
-  static uint64_t PreambleKey(const RagGroup& g);
-  void StartGroup(RagGroup* g);
-  void StartPaths(RagGroup* g);
-  void OnPreambleDone(Sequence* seq);
-  void OnPathDone(Sequence* seq, const float* logits);
-  void Join(RagGroup* g);
-  void FailGroup(RagGroup* g, FinishReason reason, absl::Status status);
-  void ReleaseGroupBlocks(RagGroup* g);
-  void FillRagResult(RagGroup* g, Sequence* answer);
-  bool Step();  // false when idle
-  void FinishSeq(Sequence* seq, FinishReason reason, absl::Status status);
-  void FreeBlocks(Sequence* seq);
-  void Preempt(Sequence* seq);
-  bool EnsureBlocks(Sequence* seq, int32_t upto_tokens);
-  void MatchPrefix(Sequence* seq);
-  void PublishBlocks(Sequence* seq);
-  // A sequence's next token and its log-probabilities (when asked for).
-  struct Sampled {
-    int32_t token = -1;
-    std::vector<TokenLogprobs> logprobs;
-  };
-  // From the whole row `logits`, or (logits null) from a compact row: its best tokens
-  // `top` and the log-sum-exp of the whole row.
-  void EmitToken(Sequence* seq, const float* logits, absl::Span<const TopLogit> top = {},
-                 float top_lse = 0.0f);
-  // The sampler, detokenizer and stop checker of a sequence that streams tokens.
-  void EnsureStreamState(Sequence* seq);
-  // Draws the next token with seq's sampler (after EnsureStreamState); touches nothing
-  // else of the engine or the sequence, so rows of different sequences may be sampled
-  // on different threads. `scratch` is a row's worth of memory for the penalties.
-  Sampled SampleNext(Sequence* seq, const float* logits, absl::Span<const TopLogit> top,
-                     float top_lse, std::vector<float>* scratch) const;
-  // Streams a sampled token; finishes the sequence when a stop condition holds.
-  void EmitSampled(Sequence* seq, Sampled sampled);
-
-  EngineOptions options_;
-  ModelConfig config_;
-  const Tokenizer* tokenizer_;
-  Backend* backend_;
-  int32_t block_size_;
-  int32_t max_context_;
-  std::unique_ptr<KvBlockManager> blocks_;
-  EngineObserver* observer_ = nullptr;
-
-  absl::Mutex mu_;
-  absl::CondVar cv_;
-  std::vector<std::unique_ptr<Sequence>> inbox_ ABSL_GUARDED_BY(mu_);
-  std::vector<std::unique_ptr<RagGroup>> group_inbox_ ABSL_GUARDED_BY(mu_);
-  std::vector<uint64_t> cancels_ ABSL_GUARDED_BY(mu_);
-  bool accepting_ ABSL_GUARDED_BY(mu_) = true;
-  bool stop_ ABSL_GUARDED_BY(mu_) = false;
-  absl::Time drain_deadline_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
-  int32_t waiting_requests_ ABSL_GUARDED_BY(mu_) = 0;  // client requests in waiting_
-  uint64_t next_handle_ ABSL_GUARDED_BY(mu_) = 1;
-
-  // Engine-thread state.
-  std::deque<std::unique_ptr<Sequence>> waiting_;
-  std::vector<std::unique_ptr<Sequence>> running_;
-  std::vector<float> logits_scratch_;  // the sampler's copy of a whole row
-  std::vector<std::unique_ptr<RagGroup>> groups_;
-  std::unique_ptr<rag::PathCache> path_cache_;
-  uint64_t next_internal_id_ = uint64_t{1} << 62;  // ids of RAG-internal sequences
-  rag::FlopModel flop_model_;
-  std::atomic<int64_t> stat_path_hits_{0};
-  std::atomic<int64_t> stat_path_misses_{0};
-  std::thread thread_;
-  std::atomic<int32_t> stat_running_{0};
-  std::atomic<int32_t> stat_waiting_{0};
-  std::atomic<int64_t> stat_preemptions_{0};
-  std::atomic<int64_t> stat_steps_{0};
+  class Impl;  // engine.cc
+  std::unique_ptr<Impl> impl_;
 };
 
 }  // namespace superpose::engine

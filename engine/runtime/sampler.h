@@ -16,7 +16,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/types/span.h"
 #include "engine/backend.h"
-#include "engine/runtime/request.h"
+#include "engine/sequence/request.h"
 
 namespace superpose::engine {
 

@@ -1,4 +1,4 @@
-#include "engine/runtime/kv_block_manager.h"
+#include "engine/kv/kv_block_manager.h"
 
 #include <cassert>
 

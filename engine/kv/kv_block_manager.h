@@ -30,6 +30,12 @@ class KvBlockManager {
   // Prefix cache. Lookup retains the block on a hit.
   std::optional<BlockId> Lookup(uint64_t hash);
   bool Contains(uint64_t hash) const { return index_.contains(hash); }
+  // The block holding `hash`, without retaining it (for decisions made before acting).
+  std::optional<BlockId> Peek(uint64_t hash) const {
+    auto it = index_.find(hash);
+    if (it == index_.end()) return std::nullopt;
+    return it->second;
+  }
   // Marks a full block as holding the content identified by `hash`.
   void Publish(BlockId block, uint64_t hash);
 
