@@ -298,6 +298,203 @@ absl::Status ParseRopeScaling(const json& rs, const std::string& source, const c
   return absl::OkStatus();
 }
 
+// The architecture named by 'architectures' (or, without it, 'model_type').
+absl::StatusOr<const ArchInfo*> ReadArchitecture(const Reader& r, const std::string& source,
+                                                 ModelConfig* out) {
+  ModelConfig& c = *out;
+  // Architecture / model type.
+  const ArchInfo* arch = nullptr;
+  std::string model_type;
+  SP_RETURN_IF_ERROR(r.OptionalString("model_type", &model_type));
+  if (const json* archs = r.Find("architectures")) {
+    if (!archs->is_array()) return r.WrongType("architectures", "a list of strings", *archs);
+    for (const json& a : *archs) {
+      if (!a.is_string()) return r.WrongType("architectures", "a list of strings", *archs);
+      for (const ArchInfo& k : kArchs) {
+        if (arch == nullptr && a.get<std::string>() == k.architecture) arch = &k;
+      }
+    }
+    if (arch == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          source, ": field 'architectures' ", archs->dump(),
+          " names no supported architecture (supported: ", SupportedArchitectures(), ")"));
+    }
+  } else {
+    if (model_type.empty()) return r.Missing("architectures");
+    for (const ArchInfo& k : kArchs) {
+      if (model_type == k.model_type) arch = &k;
+    }
+    if (arch == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": no field 'architectures' and field 'model_type' \"", model_type,
+                       "\" is not supported (supported: llama, mistral, qwen2, qwen3)"));
+    }
+  }
+
+  c.architecture = arch->architecture;
+  c.model_type = model_type.empty() ? arch->model_type : model_type;
+  return arch;
+}
+
+// Sizes, norm epsilon and RoPE base.
+absl::Status ReadShape(const Reader& r, Family family, ModelConfig* out) {
+  ModelConfig& c = *out;
+  SP_RETURN_IF_ERROR(r.RequiredInt("hidden_size", &c.hidden_size));
+  SP_RETURN_IF_ERROR(r.RequiredInt("intermediate_size", &c.intermediate_size));
+  SP_RETURN_IF_ERROR(r.RequiredInt("num_hidden_layers", &c.num_layers));
+  SP_RETURN_IF_ERROR(r.RequiredInt("num_attention_heads", &c.num_heads));
+  SP_RETURN_IF_ERROR(r.RequiredInt("vocab_size", &c.vocab_size));
+  SP_RETURN_IF_ERROR(r.RequiredInt("max_position_embeddings", &c.max_position_embeddings));
+  c.num_kv_heads = c.num_heads;
+  SP_RETURN_IF_ERROR(r.OptionalInt("num_key_value_heads", &c.num_kv_heads));
+  if (family == Family::kQwen3) {
+    SP_RETURN_IF_ERROR(r.RequiredInt("head_dim", &c.head_dim));
+  } else {
+    c.head_dim = 0;
+    SP_RETURN_IF_ERROR(r.OptionalInt("head_dim", &c.head_dim));
+  }
+
+  c.rms_norm_eps = 1e-6f;  // the transformers default of all four families
+  SP_RETURN_IF_ERROR(r.OptionalFloat("rms_norm_eps", &c.rms_norm_eps));
+  c.rope_theta = 10000.0f;
+  SP_RETURN_IF_ERROR(r.OptionalFloat("rope_theta", &c.rope_theta));
+
+  return absl::OkStatus();
+}
+
+// rope_scaling (transformers < 5) or rope_parameters (transformers >= 5, which also
+// holds rope_theta).
+absl::Status ReadRope(const Reader& r, const std::string& source, ModelConfig* out) {
+  ModelConfig& c = *out;
+  if (const json* rs = r.Find("rope_scaling")) {
+    SP_RETURN_IF_ERROR(ParseRopeScaling(*rs, source, "rope_scaling", &c.rope_scaling));
+  } else if (const json* rp = r.Find("rope_parameters")) {
+    if (!rp->is_object()) return r.WrongType("rope_parameters", "an object", *rp);
+    Reader rr(*rp, source);
+    if (!r.Present("rope_theta") && rr.Present("rope_theta")) {
+      const json& t = (*rp)["rope_theta"];
+      if (!t.is_number()) return r.WrongType("rope_parameters.rope_theta", "a number", t);
+      c.rope_theta = static_cast<float>(t.get<double>());
+    }
+    if (rr.Present("rope_type") || rr.Present("type")) {
+      SP_RETURN_IF_ERROR(ParseRopeScaling(*rp, source, "rope_parameters", &c.rope_scaling));
+    }
+  }
+
+  return absl::OkStatus();
+}
+
+// Biases, norms, dtype, special token ids, activation.
+absl::Status ReadFeatures(const Reader& r, Family family, ModelConfig* out) {
+  ModelConfig& c = *out;
+  // Biases and norms by family.
+  SP_RETURN_IF_ERROR(r.OptionalBool("attention_bias", &c.attention_bias));
+  if (family == Family::kQwen2) {
+    c.attention_bias = true;  // Qwen2: q/k/v always have biases, o_proj never
+  } else if (c.attention_bias) {
+    return r.Invalid("attention_bias",
+                     "is true: biases on all four attention projections (o_proj included) "
+                     "are not supported for " +
+                         c.architecture);
+  }
+  bool mlp_bias = false;
+  SP_RETURN_IF_ERROR(r.OptionalBool("mlp_bias", &mlp_bias));
+  if (mlp_bias) return r.Invalid("mlp_bias", "is true: MLP biases are not supported");
+  c.qk_norm = family == Family::kQwen3;
+
+  SP_RETURN_IF_ERROR(r.OptionalBool("tie_word_embeddings", &c.tie_word_embeddings));
+
+  std::string dtype;
+  const char* dtype_key = r.Present("torch_dtype") ? "torch_dtype" : "dtype";
+  SP_RETURN_IF_ERROR(r.OptionalString(dtype_key, &dtype));
+  if (dtype.empty() || dtype == "float32") {
+    c.dtype = DType::kF32;
+  } else if (dtype == "bfloat16") {
+    c.dtype = DType::kBF16;
+  } else if (dtype == "float16") {
+    c.dtype = DType::kF16;
+  } else {
+    return r.Invalid(dtype_key,
+                     absl::StrCat("is \"", dtype, "\", not one of float32, bfloat16, float16"));
+  }
+
+  c.bos_token_id = -1;
+  SP_RETURN_IF_ERROR(r.OptionalInt("bos_token_id", &c.bos_token_id));
+  SP_RETURN_IF_ERROR(r.IdList("eos_token_id", &c.eos_token_ids));
+  c.pad_token_id = -1;
+  SP_RETURN_IF_ERROR(r.OptionalInt("pad_token_id", &c.pad_token_id));
+
+  std::string act = "silu";
+  SP_RETURN_IF_ERROR(r.OptionalString("hidden_act", &act));
+  if (act != "silu") {
+    return r.Invalid("hidden_act", absl::StrCat("is \"", act, "\"; only \"silu\" is supported"));
+  }
+
+  return absl::OkStatus();
+}
+
+// Sliding-window attention is not implemented: accept it only when it never applies.
+absl::Status CheckSlidingWindow(const Reader& r, Family family, const ModelConfig& c) {
+  if (const json* sw = r.Find("sliding_window")) {
+    bool used = family == Family::kMistral;
+    if (family == Family::kQwen2 || family == Family::kQwen3) {
+      SP_RETURN_IF_ERROR(r.OptionalBool("use_sliding_window", &used));
+    }
+    if (used) {
+      int32_t window = 0;
+      SP_RETURN_IF_ERROR(r.Int32(*sw, "sliding_window", &window));
+      if (window < c.max_position_embeddings) {
+        return r.Invalid("sliding_window",
+                         absl::StrCat("is ", window,
+                                      ": sliding_window attention shorter than "
+                                      "max_position_embeddings (",
+                                      c.max_position_embeddings, ") is not supported"));
+      }
+    }
+  }
+
+  return absl::OkStatus();
+}
+
+absl::Status CheckConsistency(const Reader& r, ModelConfig* out) {
+  ModelConfig& c = *out;
+  auto positive = [&](const char* key, int32_t v) -> absl::Status {
+    if (v <= 0) return r.Invalid(key, absl::StrCat("must be positive, got ", v));
+    return absl::OkStatus();
+  };
+  SP_RETURN_IF_ERROR(positive("hidden_size", c.hidden_size));
+  SP_RETURN_IF_ERROR(positive("intermediate_size", c.intermediate_size));
+  SP_RETURN_IF_ERROR(positive("num_hidden_layers", c.num_layers));
+  SP_RETURN_IF_ERROR(positive("num_attention_heads", c.num_heads));
+  SP_RETURN_IF_ERROR(positive("num_key_value_heads", c.num_kv_heads));
+  SP_RETURN_IF_ERROR(positive("vocab_size", c.vocab_size));
+  SP_RETURN_IF_ERROR(positive("max_position_embeddings", c.max_position_embeddings));
+  if (c.head_dim == 0) {
+    if (c.hidden_size % c.num_heads != 0) {
+      return r.Invalid("hidden_size",
+                       absl::StrCat(c.hidden_size, " is not divisible by num_attention_heads ",
+                                    c.num_heads, " (and there is no head_dim)"));
+    }
+    c.head_dim = c.hidden_size / c.num_heads;
+  }
+  SP_RETURN_IF_ERROR(positive("head_dim", c.head_dim));
+  if (c.head_dim % 2 != 0) {
+    return r.Invalid("head_dim", absl::StrCat("must be even for RoPE, got ", c.head_dim));
+  }
+  if (c.num_heads % c.num_kv_heads != 0) {
+    return r.Invalid(
+        "num_key_value_heads",
+        absl::StrCat(c.num_kv_heads, " does not divide num_attention_heads ", c.num_heads));
+  }
+  if (!(c.rms_norm_eps > 0) || !std::isfinite(c.rms_norm_eps)) {
+    return r.Invalid("rms_norm_eps", "must be positive");
+  }
+  if (!(c.rope_theta > 0) || !std::isfinite(c.rope_theta)) {
+    return r.Invalid("rope_theta", "must be positive");
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view text, const std::string& source) {
@@ -305,173 +502,12 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view text, const std::s
     SP_ASSIGN_OR_RETURN(json j, ParseJsonObject(text, source));
     Reader r(j, source);
     ModelConfig c;
-
-    // Architecture / model type.
-    const ArchInfo* arch = nullptr;
-    std::string model_type;
-    SP_RETURN_IF_ERROR(r.OptionalString("model_type", &model_type));
-    if (const json* archs = r.Find("architectures")) {
-      if (!archs->is_array()) return r.WrongType("architectures", "a list of strings", *archs);
-      for (const json& a : *archs) {
-        if (!a.is_string()) return r.WrongType("architectures", "a list of strings", *archs);
-        for (const ArchInfo& k : kArchs) {
-          if (arch == nullptr && a.get<std::string>() == k.architecture) arch = &k;
-        }
-      }
-      if (arch == nullptr) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            source, ": field 'architectures' ", archs->dump(),
-            " names no supported architecture (supported: ", SupportedArchitectures(), ")"));
-      }
-    } else {
-      if (model_type.empty()) return r.Missing("architectures");
-      for (const ArchInfo& k : kArchs) {
-        if (model_type == k.model_type) arch = &k;
-      }
-      if (arch == nullptr) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(source, ": no field 'architectures' and field 'model_type' \"", model_type,
-                         "\" is not supported (supported: llama, mistral, qwen2, qwen3)"));
-      }
-    }
-    c.architecture = arch->architecture;
-    c.model_type = model_type.empty() ? arch->model_type : model_type;
-    const Family family = arch->family;
-
-    SP_RETURN_IF_ERROR(r.RequiredInt("hidden_size", &c.hidden_size));
-    SP_RETURN_IF_ERROR(r.RequiredInt("intermediate_size", &c.intermediate_size));
-    SP_RETURN_IF_ERROR(r.RequiredInt("num_hidden_layers", &c.num_layers));
-    SP_RETURN_IF_ERROR(r.RequiredInt("num_attention_heads", &c.num_heads));
-    SP_RETURN_IF_ERROR(r.RequiredInt("vocab_size", &c.vocab_size));
-    SP_RETURN_IF_ERROR(r.RequiredInt("max_position_embeddings", &c.max_position_embeddings));
-    c.num_kv_heads = c.num_heads;
-    SP_RETURN_IF_ERROR(r.OptionalInt("num_key_value_heads", &c.num_kv_heads));
-    if (family == Family::kQwen3) {
-      SP_RETURN_IF_ERROR(r.RequiredInt("head_dim", &c.head_dim));
-    } else {
-      c.head_dim = 0;
-      SP_RETURN_IF_ERROR(r.OptionalInt("head_dim", &c.head_dim));
-    }
-
-    c.rms_norm_eps = 1e-6f;  // the transformers default of all four families
-    SP_RETURN_IF_ERROR(r.OptionalFloat("rms_norm_eps", &c.rms_norm_eps));
-    c.rope_theta = 10000.0f;
-    SP_RETURN_IF_ERROR(r.OptionalFloat("rope_theta", &c.rope_theta));
-
-    // rope_scaling (transformers < 5) or rope_parameters (transformers >= 5, which also
-    // holds rope_theta).
-    if (const json* rs = r.Find("rope_scaling")) {
-      SP_RETURN_IF_ERROR(ParseRopeScaling(*rs, source, "rope_scaling", &c.rope_scaling));
-    } else if (const json* rp = r.Find("rope_parameters")) {
-      if (!rp->is_object()) return r.WrongType("rope_parameters", "an object", *rp);
-      Reader rr(*rp, source);
-      if (!r.Present("rope_theta") && rr.Present("rope_theta")) {
-        const json& t = (*rp)["rope_theta"];
-        if (!t.is_number()) return r.WrongType("rope_parameters.rope_theta", "a number", t);
-        c.rope_theta = static_cast<float>(t.get<double>());
-      }
-      if (rr.Present("rope_type") || rr.Present("type")) {
-        SP_RETURN_IF_ERROR(ParseRopeScaling(*rp, source, "rope_parameters", &c.rope_scaling));
-      }
-    }
-
-    // Biases and norms by family.
-    SP_RETURN_IF_ERROR(r.OptionalBool("attention_bias", &c.attention_bias));
-    if (family == Family::kQwen2) {
-      c.attention_bias = true;  // Qwen2: q/k/v always have biases, o_proj never
-    } else if (c.attention_bias) {
-      return r.Invalid("attention_bias",
-                       "is true: biases on all four attention projections (o_proj included) "
-                       "are not supported for " +
-                           c.architecture);
-    }
-    bool mlp_bias = false;
-    SP_RETURN_IF_ERROR(r.OptionalBool("mlp_bias", &mlp_bias));
-    if (mlp_bias) return r.Invalid("mlp_bias", "is true: MLP biases are not supported");
-    c.qk_norm = family == Family::kQwen3;
-
-    SP_RETURN_IF_ERROR(r.OptionalBool("tie_word_embeddings", &c.tie_word_embeddings));
-
-    std::string dtype;
-    const char* dtype_key = r.Present("torch_dtype") ? "torch_dtype" : "dtype";
-    SP_RETURN_IF_ERROR(r.OptionalString(dtype_key, &dtype));
-    if (dtype.empty() || dtype == "float32") {
-      c.dtype = DType::kF32;
-    } else if (dtype == "bfloat16") {
-      c.dtype = DType::kBF16;
-    } else if (dtype == "float16") {
-      c.dtype = DType::kF16;
-    } else {
-      return r.Invalid(dtype_key,
-                       absl::StrCat("is \"", dtype, "\", not one of float32, bfloat16, float16"));
-    }
-
-    c.bos_token_id = -1;
-    SP_RETURN_IF_ERROR(r.OptionalInt("bos_token_id", &c.bos_token_id));
-    SP_RETURN_IF_ERROR(r.IdList("eos_token_id", &c.eos_token_ids));
-    c.pad_token_id = -1;
-    SP_RETURN_IF_ERROR(r.OptionalInt("pad_token_id", &c.pad_token_id));
-
-    std::string act = "silu";
-    SP_RETURN_IF_ERROR(r.OptionalString("hidden_act", &act));
-    if (act != "silu") {
-      return r.Invalid("hidden_act", absl::StrCat("is \"", act, "\"; only \"silu\" is supported"));
-    }
-
-    // Sliding-window attention is not implemented: accept it only when it never applies.
-    if (const json* sw = r.Find("sliding_window")) {
-      bool used = family == Family::kMistral;
-      if (family == Family::kQwen2 || family == Family::kQwen3) {
-        SP_RETURN_IF_ERROR(r.OptionalBool("use_sliding_window", &used));
-      }
-      if (used) {
-        int32_t window = 0;
-        SP_RETURN_IF_ERROR(r.Int32(*sw, "sliding_window", &window));
-        if (window < c.max_position_embeddings) {
-          return r.Invalid("sliding_window",
-                           absl::StrCat("is ", window,
-                                        ": sliding_window attention shorter than "
-                                        "max_position_embeddings (",
-                                        c.max_position_embeddings, ") is not supported"));
-        }
-      }
-    }
-
-    // Consistency.
-    auto positive = [&](const char* key, int32_t v) -> absl::Status {
-      if (v <= 0) return r.Invalid(key, absl::StrCat("must be positive, got ", v));
-      return absl::OkStatus();
-    };
-    SP_RETURN_IF_ERROR(positive("hidden_size", c.hidden_size));
-    SP_RETURN_IF_ERROR(positive("intermediate_size", c.intermediate_size));
-    SP_RETURN_IF_ERROR(positive("num_hidden_layers", c.num_layers));
-    SP_RETURN_IF_ERROR(positive("num_attention_heads", c.num_heads));
-    SP_RETURN_IF_ERROR(positive("num_key_value_heads", c.num_kv_heads));
-    SP_RETURN_IF_ERROR(positive("vocab_size", c.vocab_size));
-    SP_RETURN_IF_ERROR(positive("max_position_embeddings", c.max_position_embeddings));
-    if (c.head_dim == 0) {
-      if (c.hidden_size % c.num_heads != 0) {
-        return r.Invalid("hidden_size",
-                         absl::StrCat(c.hidden_size, " is not divisible by num_attention_heads ",
-                                      c.num_heads, " (and there is no head_dim)"));
-      }
-      c.head_dim = c.hidden_size / c.num_heads;
-    }
-    SP_RETURN_IF_ERROR(positive("head_dim", c.head_dim));
-    if (c.head_dim % 2 != 0) {
-      return r.Invalid("head_dim", absl::StrCat("must be even for RoPE, got ", c.head_dim));
-    }
-    if (c.num_heads % c.num_kv_heads != 0) {
-      return r.Invalid(
-          "num_key_value_heads",
-          absl::StrCat(c.num_kv_heads, " does not divide num_attention_heads ", c.num_heads));
-    }
-    if (!(c.rms_norm_eps > 0) || !std::isfinite(c.rms_norm_eps)) {
-      return r.Invalid("rms_norm_eps", "must be positive");
-    }
-    if (!(c.rope_theta > 0) || !std::isfinite(c.rope_theta)) {
-      return r.Invalid("rope_theta", "must be positive");
-    }
+    SP_ASSIGN_OR_RETURN(const ArchInfo* arch, ReadArchitecture(r, source, &c));
+    SP_RETURN_IF_ERROR(ReadShape(r, arch->family, &c));
+    SP_RETURN_IF_ERROR(ReadRope(r, source, &c));
+    SP_RETURN_IF_ERROR(ReadFeatures(r, arch->family, &c));
+    SP_RETURN_IF_ERROR(CheckSlidingWindow(r, arch->family, c));
+    SP_RETURN_IF_ERROR(CheckConsistency(r, &c));
     return c;
   } catch (const std::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": ", e.what()));
