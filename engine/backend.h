@@ -102,7 +102,7 @@ struct ForwardOutput {
 // ForwardOutput, and what it holds. Backends fill outputs by it (CompactLogits, the
 // CUDA LM head), the engine reads them by it.
 struct RowView {
-  const float* whole = nullptr;   // the whole row (vocab_size floats), or null
+  const float* whole = nullptr;    // the whole row (vocab_size floats), or null
   absl::Span<const TopLogit> top;  // a compact row's best tokens (empty if none)
   float top_lse = 0.0f;            // with `top`: log-sum-exp of the whole row
   int32_t sampled = -1;            // the token the backend drew, or -1

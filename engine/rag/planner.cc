@@ -180,7 +180,8 @@ void Planner::StartPaths(Group* g) {
                               g->layout.doc_step[i]);
     const int32_t doc_len = static_cast<int32_t>(doc.size());
     if (spec.options.path_cache) {
-      if (std::optional<PathCache::Entry> hit = path_cache_.Lookup(path.key, (doc_len + bs - 1) / bs)) {
+      if (std::optional<PathCache::Entry> hit =
+              path_cache_.Lookup(path.key, (doc_len + bs - 1) / bs)) {
         path.cached = true;
         path.doc_blocks = std::move(hit->blocks);
         path.ll.doc_sum = hit->doc_sum;

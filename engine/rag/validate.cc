@@ -7,14 +7,12 @@
 namespace superpose::engine::rag {
 namespace {
 
-absl::Status Invalid(std::string message) {
-  return absl::InvalidArgumentError(std::move(message));
-}
+absl::Status Invalid(std::string message) { return absl::InvalidArgumentError(std::move(message)); }
 
 absl::Status CheckOptions(const Options& o, int64_t n, const Limits& limits) {
   if (o.top_k < 1 || o.top_k > n) {
-    return Invalid(absl::StrCat("rag.top_k must be in [1, ", n, "] (the number of documents), got ",
-                                o.top_k));
+    return Invalid(
+        absl::StrCat("rag.top_k must be in [1, ", n, "] (the number of documents), got ", o.top_k));
   }
   if (!(std::isfinite(o.doc_weight) && o.doc_weight >= 0.0f && o.doc_weight <= 10.0f)) {
     return Invalid(absl::StrCat("rag.doc_weight must be in [0, 10], got ", o.doc_weight));
@@ -39,9 +37,9 @@ absl::Status CheckSegments(const Spec& spec, const Limits& limits) {
     const int64_t len = static_cast<int64_t>(spec.documents[i].size());
     if (len == 0) return Invalid(field + " is empty");
     if (fixed + len >= limits.context_length) {
-      return Invalid(absl::StrCat(field, " has ", len, " tokens; with the preamble, query and ",
-                                  "postamble (", fixed, " tokens) it exceeds the context window of ",
-                                  limits.context_length));
+      return Invalid(
+          absl::StrCat(field, " has ", len, " tokens; with the preamble, query and ", "postamble (",
+                       fixed, " tokens) it exceeds the context window of ", limits.context_length));
     }
   }
   return absl::OkStatus();
@@ -52,8 +50,8 @@ absl::Status CheckSegments(const Spec& spec, const Limits& limits) {
 absl::Status CheckDocumentCount(int64_t count, const Limits& limits) {
   if (count == 0) return Invalid("documents: at least one document is required");
   if (count > limits.max_documents) {
-    return Invalid(absl::StrCat("documents has ", count, " entries; the limit is ",
-                                limits.max_documents));
+    return Invalid(
+        absl::StrCat("documents has ", count, " entries; the limit is ", limits.max_documents));
   }
   return absl::OkStatus();
 }

@@ -98,7 +98,6 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
 
   EngineOptions options_;
   ModelConfig config_;
-  const Tokenizer* tokenizer_;
   Backend* backend_;
   int32_t block_size_;
   int32_t max_context_;
@@ -123,7 +122,7 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   // Engine-thread state.
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;
-  std::vector<float> logits_scratch_;  // the sampler's copy of a whole row
+  std::vector<float> logits_scratch_;              // the sampler's copy of a whole row
   uint64_t next_internal_id_ = uint64_t{1} << 62;  // handles of owners' sequences
   mutable std::vector<uint64_t> hash_scratch_;
   std::thread thread_;
@@ -137,7 +136,6 @@ Engine::Impl::Impl(const EngineOptions& options, const ModelConfig& config,
                    const Tokenizer* tokenizer, Backend* backend)
     : options_(options),
       config_(config),
-      tokenizer_(tokenizer),
       backend_(backend),
       block_size_(backend->kv().block_size),
       max_context_(options.max_context > 0
@@ -456,8 +454,8 @@ Snapshot Engine::Impl::TakeSnapshot() const {
   }
   // Only the queue's head can be admitted this step: prefix matches beyond it are not
   // looked up.
-  const size_t head =
-      static_cast<size_t>(std::max(0, options_.max_running - static_cast<int32_t>(running_.size())));
+  const size_t head = static_cast<size_t>(
+      std::max(0, options_.max_running - static_cast<int32_t>(running_.size())));
   for (size_t i = 0; i < waiting_.size(); ++i) {
     Sequence* s = waiting_[i].get();
     SeqSnapshot x{s->computed, static_cast<int32_t>(s->tokens.size()), s->gap_at,
@@ -544,8 +542,8 @@ bool Engine::Impl::Step() {
   if (sched.empty()) return false;
   const StepPlan sp = BuildStepPlan(sched, plan_options_);
   for (const StepEntry& e : sp.entries) {
-    e.seq->flops += flop_model_.Segment(e.seq->ctx_tokens + e.seq->computed, e.num_tokens,
-                                        e.lm_rows());
+    e.seq->flops +=
+        flop_model_.Segment(e.seq->ctx_tokens + e.seq->computed, e.num_tokens, e.lm_rows());
   }
   ForwardOutput out;
   absl::Status st = backend_->Forward(sp.plan, &out);

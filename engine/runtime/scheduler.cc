@@ -49,7 +49,8 @@ class Planner {
       running_.pop_back();
       if (running_.empty()) {
         d_.failed.push_back(
-            {{false, victim}, absl::ResourceExhaustedError("the KV cache cannot hold this sequence")});
+            {{false, victim},
+             absl::ResourceExhaustedError("the KV cache cannot hold this sequence")});
         break;
       }
       // Placement goes oldest first and preemption newest first, so a victim is this
@@ -87,7 +88,8 @@ class Planner {
       const int32_t cost = Need(s, prefix, computed + n) + unreferenced;
       if (cost > free_) {
         if (running > 0) break;  // FCFS: wait for blocks to be freed
-        d_.failed.push_back({ref, absl::ResourceExhaustedError("the KV cache cannot hold this prompt")});
+        d_.failed.push_back(
+            {ref, absl::ResourceExhaustedError("the KV cache cannot hold this prompt")});
         continue;
       }
       free_ -= cost;
@@ -122,8 +124,8 @@ absl::Status CheckQueue(bool accepting, const absl::Status& backend_health, int3
                         int32_t max_waiting) {
   if (!accepting) return absl::UnavailableError("server is shutting down");
   if (!backend_health.ok()) {
-    return absl::UnavailableError(absl::StrCat(
-        "the model backend failed (restart the server): ", backend_health.message()));
+    return absl::UnavailableError(
+        absl::StrCat("the model backend failed (restart the server): ", backend_health.message()));
   }
   if (queued >= max_waiting) {
     return absl::ResourceExhaustedError(

@@ -42,15 +42,15 @@ struct Sequence {
   Request req;                 // sampling, stops, tenant, priority, deadline
   StreamCallback callback;     // set on sequences that stream to a client
   SequenceOwner* owner = nullptr;
-  uint64_t owner_key = 0;      // the owner's own bookkeeping (e.g. a RAG group and path)
+  uint64_t owner_key = 0;  // the owner's own bookkeeping (e.g. a RAG group and path)
   int32_t owner_index = -1;
 
   // What the sequence asks of the engine.
-  bool emits = false;           // samples and streams tokens (a client's output)
-  bool wants_last_row = false;  // not emitting: its last logits row goes to the owner
-  bool prefix_cache = false;    // matches and publishes prefix-cache blocks
-  bool scored = false;          // the owner gets the log-probability of each own token
-  int32_t segment_start = -1;   // scored: own token here starts a segment (not predicted)
+  bool emits = false;             // samples and streams tokens (a client's output)
+  bool wants_last_row = false;    // not emitting: its last logits row goes to the owner
+  bool prefix_cache = false;      // matches and publishes prefix-cache blocks
+  bool scored = false;            // the owner gets the log-probability of each own token
+  int32_t segment_start = -1;     // scored: own token here starts a segment (not predicted)
   bool counts_as_request = true;  // counts toward the waiting-queue bound while waiting
 
   std::vector<int32_t> tokens;  // prompt, then generated tokens
