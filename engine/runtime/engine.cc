@@ -90,9 +90,9 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   bool UsesPrefixCache(const Sequence& seq) const {
     return options_.prefix_caching && seq.prefix_cache;
   }
-  // The chained hashes of seq's first full blocks that a prefix match may use (at
-  // least one token is always computed, so that its logits exist).
-  const std::vector<uint64_t>& PrefixHashes(Sequence* seq) const;
+  // How many of seq's first full blocks the prefix cache holds now (looked up, not
+  // retained; at least one token is always left to compute, so that its logits exist).
+  int32_t PrefixMatch(Sequence* seq) const;
   void MatchPrefix(Sequence* seq, int32_t max_blocks);
   void PublishBlocks(Sequence* seq);
 
@@ -124,7 +124,6 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   std::vector<std::unique_ptr<Sequence>> running_;
   std::vector<float> logits_scratch_;              // the sampler's copy of a whole row
   uint64_t next_internal_id_ = uint64_t{1} << 62;  // handles of owners' sequences
-  mutable std::vector<uint64_t> hash_scratch_;
   std::thread thread_;
   std::atomic<int32_t> stat_running_{0};
   std::atomic<int32_t> stat_waiting_{0};
@@ -401,26 +400,28 @@ bool Engine::Impl::EnsureBlocks(Sequence* seq, int32_t upto_tokens) {
   return true;
 }
 
-const std::vector<uint64_t>& Engine::Impl::PrefixHashes(Sequence* seq) const {
-  hash_scratch_.clear();
-  if (!UsesPrefixCache(*seq) || seq->computed != 0 || !seq->blocks.empty()) return hash_scratch_;
-  uint64_t h = HashString(0x5eed, seq->req.tenant);
-  const int32_t n = static_cast<int32_t>(seq->tokens.size());
-  for (int32_t matched = 0; matched + block_size_ < n; matched += block_size_) {
-    h = HashBlock(h, seq->tokens.data() + matched, block_size_);
-    if (!blocks_->Contains(h)) break;
-    hash_scratch_.push_back(h);
+int32_t Engine::Impl::PrefixMatch(Sequence* seq) const {
+  if (!UsesPrefixCache(*seq) || seq->computed != 0 || !seq->blocks.empty()) return 0;
+  // Full blocks that may match: at least one token is always left to compute.
+  const int32_t candidates = (static_cast<int32_t>(seq->tokens.size()) - 1) / block_size_;
+  std::vector<uint64_t>& chain = seq->prefix_chain;  // tokens only grow: extend it
+  while (static_cast<int32_t>(chain.size()) < candidates) {
+    const uint64_t parent = chain.empty() ? HashString(0x5eed, seq->req.tenant) : chain.back();
+    chain.push_back(
+        HashBlock(parent, seq->tokens.data() + chain.size() * block_size_, block_size_));
   }
-  return hash_scratch_;
+  int32_t n = 0;
+  while (n < candidates && blocks_->Contains(chain[n])) ++n;
+  return n;
 }
 
 // Reuses cached full blocks of the prompt (same tenant, same preceding tokens).
 void Engine::Impl::MatchPrefix(Sequence* seq, int32_t max_blocks) {
   if (max_blocks <= 0) return;
-  const std::vector<uint64_t> hashes = PrefixHashes(seq);
+  const int32_t available = std::min(max_blocks, PrefixMatch(seq));
   int32_t matched = 0;
-  for (uint64_t h : hashes) {
-    if (matched == max_blocks) break;
+  for (int32_t i = 0; i < available; ++i) {
+    const uint64_t h = seq->prefix_chain[i];
     std::optional<BlockId> b = blocks_->Lookup(h);
     if (!b) break;
     seq->blocks.push_back(*b);
@@ -461,10 +462,9 @@ Snapshot Engine::Impl::TakeSnapshot() const {
     SeqSnapshot x{s->computed, static_cast<int32_t>(s->tokens.size()), s->gap_at,
                   static_cast<int32_t>(s->blocks.size())};
     if (i < head) {
-      for (uint64_t h : PrefixHashes(s)) {
-        const std::optional<BlockId> b = blocks_->Peek(h);
-        ++x.prefix_blocks;
-        x.prefix_unreferenced += blocks_->refcount(*b) == 0;
+      x.prefix_blocks = PrefixMatch(s);
+      for (int32_t k = 0; k < x.prefix_blocks; ++k) {
+        x.prefix_unreferenced += blocks_->refcount(*blocks_->Peek(s->prefix_chain[k])) == 0;
       }
     }
     snap.waiting.push_back(x);

@@ -60,6 +60,7 @@ struct Sequence {
   int32_t cached_prompt_tokens = 0;
   std::vector<BlockId> blocks;
   std::vector<uint64_t> block_hashes;  // chained hashes of the full blocks published so far
+  std::vector<uint64_t> prefix_chain;  // the same chain over its tokens, for prefix lookups
   bool prefix_checked = false;
   std::shared_ptr<StreamState> stream;  // emitting sequences, made on their first token
 
