@@ -134,6 +134,8 @@ struct CudaBackend::Impl {
   };
 
   engine::BackendOptions options;
+  CudaOptions cuda_options;
+  NcclCommunicator* comm = nullptr;  // this rank's, with tensor parallelism
   int32_t device = 0;
   ModelConfig config;
   Shard shard;
@@ -376,15 +378,21 @@ absl::Status CudaBackend::Impl::Setup(const ModelConfig& cfg, const Shard& sh) {
   vocab_begin = layout->vocab_begin;
   vocab_local = layout->vocab_local;
 
-  if (tp > 1) {
-    nccl = dynamic_cast<NcclCommunicator*>(options.comm);
-    if (nccl == nullptr || nccl->size() != tp || nccl->rank() != rank) {
-      return absl::InvalidArgumentError(
-          "the CUDA backend with tensor parallelism needs the rank's NcclCommunicator");
+  if (comm == nullptr && !sh.whole()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cuda backend without a communicator loads the whole model (Shard{}), not rank ", rank,
+        " of ", tp));
+  }
+  if (comm != nullptr) {
+    if (comm->size() != tp || comm->rank() != rank) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "shard rank ", rank, " of ", tp, " does not match the NCCL communicator's rank ",
+          comm->rank(), " of ", comm->size()));
     }
-    if (nccl->device() != device) {
+    if (comm->device() != device) {
       return absl::InvalidArgumentError("NCCL communicator is on another device");
     }
+    nccl = comm;
   }
   SP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
   if (stream == nullptr) {
@@ -393,8 +401,8 @@ absl::Status CudaBackend::Impl::Setup(const ModelConfig& cfg, const Shard& sh) {
   // A new load replaces the weights and buffers that graphs point at. With tensor
   // parallelism every step has NCCL collectives, which are not captured: no graphs.
   ResetGraphs();
-  graphs_allowed = options.cuda_graphs && tp == 1;
-  if (options.cuda_graphs && tp > 1 && rank == 0) {
+  graphs_allowed = cuda_options.graphs && tp == 1;
+  if (cuda_options.graphs && tp > 1 && rank == 0) {
     spdlog::info("CUDA graphs: off with tensor parallelism (tp={})", tp);
   }
   if (cublas == nullptr) {
@@ -414,19 +422,15 @@ absl::Status CudaBackend::Impl::Setup(const ModelConfig& cfg, const Shard& sh) {
   SP_CUDA_RETURN_IF_ERROR(
       cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const int32_t G = q_heads / kv_heads;
-  const std::string& mode = options.cuda_attention;
-  if (mode != "auto" && mode != "simt" && mode != "tensor_core") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("cuda_attention must be auto, simt or tensor_core, not \"", mode, "\""));
-  }
+  const CudaAttention mode = cuda_options.attention;
   const bool tc_ok =
       TcAttentionSupported(D, G) && TcAttentionSharedBytesFor(D) <= static_cast<size_t>(smem_optin);
-  if (mode == "tensor_core" && !tc_ok) {
+  if (mode == CudaAttention::kTensorCore && !tc_ok) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "cuda_attention=tensor_core needs head_dim a multiple of 16 up to ", kTcMaxHeadDim,
+        "--cuda_attention=tensor_core needs head_dim a multiple of 16 up to ", kTcMaxHeadDim,
         " and at most ", kTcRows, " query heads per kv head (head_dim ", D, ", group ", G, ")"));
   }
-  tc_attention = mode != "simt" && tc_ok;
+  tc_attention = mode != CudaAttention::kSimt && tc_ok;
   if (tc_attention) SP_CUDA_RETURN_IF_ERROR(PrepareTcAttention(D));
   attn_tile = std::max(1, std::min(16, 64 / G));
   while (attn_tile > 1 &&
@@ -443,7 +447,7 @@ absl::Status CudaBackend::Impl::Setup(const ModelConfig& cfg, const Shard& sh) {
   // Split-K decode (tiles of one token: G query rows).
   SP_CUDA_RETURN_IF_ERROR(
       cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  split_decode = options.cuda_split_decode && sm_count > 1;
+  split_decode = cuda_options.split_decode && sm_count > 1;
   if (split_decode) SP_CUDA_RETURN_IF_ERROR(PrepareSplitAttention(AttentionSharedBytes(G, D)));
   // Tensor cores: prefill tiles of 64 / G tokens (64 query rows, 16 per warp); decode
   // steps (tiles of one token) keep the SIMT kernel.
@@ -725,7 +729,7 @@ absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* ou
   out->top_lse.clear();
   if (plan.num_tokens() == 0) return absl::OkStatus();
   SP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
-  if (!plan.sampling.empty() && !options.cuda_row_sampling) {
+  if (!plan.sampling.empty() && !cuda_options.row_sampling) {
     for (const engine::RowSampling& r : plan.sampling) {
       if (r.temperature > 0.0f) {
         return absl::FailedPreconditionError("cuda backend: row sampling is off");
@@ -1187,10 +1191,13 @@ absl::StatusOr<bool> CudaBackend::Impl::ForwardGraph(const BatchPlan& plan, cons
   return true;
 }
 
-CudaBackend::CudaBackend(const engine::BackendOptions& options, int32_t device)
+CudaBackend::CudaBackend(const engine::BackendOptions& options, const CudaOptions& cuda,
+                         int32_t device, NcclCommunicator* comm)
     : impl_(std::make_unique<Impl>()) {
   impl_->options = options;
+  impl_->cuda_options = cuda;
   impl_->device = device;
+  impl_->comm = comm;
 }
 
 CudaBackend::~CudaBackend() = default;
@@ -1217,7 +1224,7 @@ absl::Status CudaBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
 
 KvPoolInfo CudaBackend::kv() const { return impl_->kv_info; }
 
-bool CudaBackend::SamplesRows() const { return impl_->options.cuda_row_sampling; }
+bool CudaBackend::SamplesRows() const { return impl_->cuda_options.row_sampling; }
 int64_t CudaBackend::weight_bytes() const { return impl_->WeightBytes(); }
 int32_t CudaBackend::attention_tile_tokens() const { return impl_->attn_tile; }
 
@@ -1236,18 +1243,16 @@ CudaBackend::GraphStats CudaBackend::graph_stats() const {
 }
 
 absl::StatusOr<std::unique_ptr<engine::Backend>> MakeCudaBackend(
-    const engine::BackendOptions& options, int32_t tp) {
+    const engine::BackendOptions& options, const CudaOptions& cuda) {
   std::string why;
   const int32_t n = CudaDeviceCount(&why);
   if (n == 0) return absl::FailedPreconditionError("no usable CUDA device: " + why);
-  if (tp <= 1) {
-    engine::BackendOptions o = options;
-    o.comm = nullptr;
-    return std::unique_ptr<engine::Backend>(std::make_unique<CudaBackend>(o, 0));
-  }
+  const int32_t tp = options.tensor_parallel;
+  if (tp <= 1)
+    return std::unique_ptr<engine::Backend>(std::make_unique<CudaBackend>(options, cuda, 0));
   if (tp > n) {
     return absl::InvalidArgumentError(
-        absl::StrCat("tp=", tp, " needs ", tp, " GPUs, this node has ", n));
+        absl::StrCat("--tp=", tp, " needs ", tp, " GPUs, this node has ", n));
   }
   std::vector<int> devices(tp);
   for (int32_t r = 0; r < tp; ++r) devices[r] = r;
@@ -1256,10 +1261,7 @@ absl::StatusOr<std::unique_ptr<engine::Backend>> MakeCudaBackend(
   std::vector<std::unique_ptr<engine::Backend>> ranks;
   std::vector<std::unique_ptr<engine::Communicator>> comms;
   for (int32_t r = 0; r < tp; ++r) {
-    engine::BackendOptions o = options;
-    o.comm = (*group)[r].get();
-    o.tensor_parallel = tp;
-    ranks.push_back(std::make_unique<CudaBackend>(o, r));
+    ranks.push_back(std::make_unique<CudaBackend>(options, cuda, r, (*group)[r].get()));
     comms.push_back(std::move((*group)[r]));
   }
   return std::unique_ptr<engine::Backend>(
@@ -1267,9 +1269,7 @@ absl::StatusOr<std::unique_ptr<engine::Backend>> MakeCudaBackend(
 }
 
 void RegisterBackend(engine::BackendRegistry& registry) {
-  registry.Register("cuda", [](const engine::BackendOptions& options) {
-    return MakeCudaBackend(options, options.tensor_parallel);
-  });
+  registry.Register<CudaOptions>("cuda", ParseCudaOptions, MakeCudaBackend);
 }
 
 }  // namespace superpose::cuda

@@ -14,7 +14,8 @@ namespace superpose::engine {
 
 class TensorParallelBackend : public Backend {
  public:
-  // `ranks[i]` is constructed with a communicator of rank i; `comms` keeps them alive.
+  // `ranks[i]` is constructed with the communicator of rank i of size ranks.size();
+  // `comms` keeps them alive. The group's size is the number of ranks.
   TensorParallelBackend(std::vector<std::unique_ptr<Backend>> ranks,
                         std::vector<std::unique_ptr<Communicator>> comms,
                         std::shared_ptr<void> group);
@@ -22,6 +23,7 @@ class TensorParallelBackend : public Backend {
 
   std::string name() const override { return ranks_[0]->name(); }
   std::string compute_dtype() const override { return ranks_[0]->compute_dtype(); }
+  // `shard` must be Shard{} (the group is the whole model); rank i loads Shard{i, size()}.
   absl::Status Load(const ModelConfig& config, const WeightSource& weights,
                     const Shard& shard) override;
   absl::Status Forward(const BatchPlan& plan, ForwardOutput* out) override;

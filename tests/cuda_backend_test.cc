@@ -564,7 +564,7 @@ TEST_F(CudaTest, ForwardMatchesCpuBackend) {
     engine::cpu::CpuBackend cpu(opts);
     const auto rounded = RoundedWeights(*model->weights);
     ASSERT_TRUE(cpu.Load(model->config, *rounded, engine::Shard{}).ok());
-    cuda::CudaBackend gpu(opts, 0);
+    cuda::CudaBackend gpu(opts, {}, 0);
     absl::Status st = gpu.Load(model->config, *model->weights, engine::Shard{});
     ASSERT_TRUE(st.ok()) << st;
     EXPECT_EQ(gpu.name(), "cuda");
@@ -580,8 +580,9 @@ std::unique_ptr<cuda::CudaBackend> LoadedGpu(const engine::ModelBundle& model, i
                                              bool cuda_graphs = true) {
   engine::BackendOptions opts;
   opts.kv_num_blocks = blocks;
-  opts.cuda_graphs = cuda_graphs;
-  auto gpu = std::make_unique<cuda::CudaBackend>(opts, 0);
+  cuda::CudaOptions copts;
+  copts.graphs = cuda_graphs;
+  auto gpu = std::make_unique<cuda::CudaBackend>(opts, copts, 0);
   absl::Status st = gpu->Load(model.config, *model.weights, engine::Shard{});
   EXPECT_TRUE(st.ok()) << st;
   return st.ok() ? std::move(gpu) : nullptr;
@@ -1012,7 +1013,7 @@ TEST_F(CudaTest, ManyLogitsRowsGoThroughTheHeadInChunks) {
   engine::cpu::CpuBackend cpu(opts);
   const auto rounded = RoundedWeights(*model->weights);
   ASSERT_TRUE(cpu.Load(model->config, *rounded, engine::Shard{}).ok());
-  cuda::CudaBackend gpu(opts, 0);
+  cuda::CudaBackend gpu(opts, {}, 0);
   ASSERT_TRUE(gpu.Load(model->config, *model->weights, engine::Shard{}).ok());
   SimSeq q;
   q.id = 1;
@@ -1133,9 +1134,10 @@ TEST_F(CudaTest, SplitDecodeMatchesUnsplit) {
     for (int split = 0; split < 2; ++split) {
       engine::BackendOptions opts;
       opts.kv_num_blocks = 3 * 32;
-      opts.cuda_graphs = graphs;
-      opts.cuda_split_decode = split == 1;
-      b[split] = std::make_unique<cuda::CudaBackend>(opts, 0);
+      cuda::CudaOptions copts;
+      copts.graphs = graphs;
+      copts.split_decode = split == 1;
+      b[split] = std::make_unique<cuda::CudaBackend>(opts, copts, 0);
       ASSERT_TRUE(b[split]->Load(model->config, *model->weights, engine::Shard{}).ok());
     }
     for (int32_t B : {1, 3}) {
@@ -1268,12 +1270,14 @@ TEST_F(CudaTest, TensorCoreAttentionForwardMatchesSimt) {
   ASSERT_TRUE(model.ok()) << model.status();
   const int32_t V = model->config.vocab_size;
   std::unique_ptr<cuda::CudaBackend> gpus[2];
-  const char* modes[2] = {"simt", "tensor_core"};
+  const cuda::CudaAttention modes[2] = {cuda::CudaAttention::kSimt,
+                                        cuda::CudaAttention::kTensorCore};
   for (int i = 0; i < 2; ++i) {
     engine::BackendOptions opts;
     opts.kv_num_blocks = 64;
-    opts.cuda_attention = modes[i];
-    gpus[i] = std::make_unique<cuda::CudaBackend>(opts, 0);
+    cuda::CudaOptions copts;
+    copts.attention = modes[i];
+    gpus[i] = std::make_unique<cuda::CudaBackend>(opts, copts, 0);
     absl::Status st = gpus[i]->Load(model->config, *model->weights, engine::Shard{});
     ASSERT_TRUE(st.ok()) << st;
   }
@@ -1311,16 +1315,15 @@ TEST_F(CudaTest, TensorCoreAttentionForwardMatchesSimt) {
 TEST_F(CudaTest, TensorCoreAttentionOptionIsChecked) {
   auto model = engine::LoadModelBundle(testing::Stories260kDir());  // head_dim 8
   ASSERT_TRUE(model.ok());
-  for (const char* mode : {"tensor_core", "fast"}) {
-    engine::BackendOptions opts;
-    opts.kv_num_blocks = 4;
-    opts.cuda_attention = mode;
-    cuda::CudaBackend gpu(opts, 0);
-    EXPECT_FALSE(gpu.Load(model->config, *model->weights, engine::Shard{}).ok()) << mode;
-  }
   engine::BackendOptions opts;
   opts.kv_num_blocks = 4;
-  cuda::CudaBackend gpu(opts, 0);  // auto: falls back to the SIMT kernel
+  cuda::CudaOptions tc;
+  tc.attention = cuda::CudaAttention::kTensorCore;
+  cuda::CudaBackend tc_gpu(opts, tc, 0);
+  const absl::Status st = tc_gpu.Load(model->config, *model->weights, engine::Shard{});
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_NE(std::string(st.message()).find("--cuda_attention"), std::string::npos) << st;
+  cuda::CudaBackend gpu(opts, {}, 0);  // auto: falls back to the SIMT kernel
   ASSERT_TRUE(gpu.Load(model->config, *model->weights, engine::Shard{}).ok());
 }
 
@@ -1335,13 +1338,40 @@ TEST_F(CudaTest, TensorParallelMatchesSingleGpu) {
   ASSERT_TRUE(cpu.Load(model->config, *rounded, engine::Shard{}).ok());
   for (int32_t tp : {2, 4}) {
     if (cuda::CudaDeviceCount() < tp) continue;
-    auto gpu = cuda::MakeCudaBackend(opts, tp);
+    engine::BackendOptions tp_opts = opts;
+    tp_opts.tensor_parallel = tp;
+    auto gpu = cuda::MakeCudaBackend(tp_opts);
     ASSERT_TRUE(gpu.ok()) << gpu.status();
     absl::Status st = (*gpu)->Load(model->config, *model->weights, engine::Shard{});
     ASSERT_TRUE(st.ok()) << "tp=" << tp << ": " << st;
     SCOPED_TRACE("tp=" + std::to_string(tp));
     CompareWithCpu(**gpu, cpu, model->config.vocab_size, 1.0f);
   }
+}
+
+// The CUDA backend's options, parsed without a GPU: bad values and values the backend
+// does not support (a float32 KV cache) fail naming the flag.
+TEST(CudaOptionsTest, ParsesAndRejectsNamingTheFlag) {
+  auto o = cuda::ParseCudaOptions({});
+  ASSERT_TRUE(o.ok());
+  EXPECT_EQ(o->attention, cuda::CudaAttention::kAuto);
+  EXPECT_TRUE(o->graphs && o->split_decode && o->row_sampling);
+  o = cuda::ParseCudaOptions({{"cuda_attention", "simt"},
+                              {"cuda_graphs", "false"},
+                              {"cuda_split_decode", "false"},
+                              {"cuda_row_sampling", "false"},
+                              {"kv_cache_dtype", "bfloat16"}});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->attention, cuda::CudaAttention::kSimt);
+  EXPECT_FALSE(o->graphs || o->split_decode || o->row_sampling);
+  o = cuda::ParseCudaOptions({{"kv_cache_dtype", "float32"}});
+  EXPECT_EQ(o.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(o.status().message().rfind("--kv_cache_dtype: ", 0), 0u) << o.status();
+  o = cuda::ParseCudaOptions({{"cuda_attention", "fast"}});
+  EXPECT_EQ(o.status().message(),
+            "--cuda_attention: unknown value 'fast' (auto, simt, tensor_core)");
+  o = cuda::ParseCudaOptions({{"cpu_dtype", "bfloat16"}});
+  EXPECT_EQ(o.status().message(), "--cpu_dtype: not an option of the cuda backend");
 }
 
 #else  // !SUPERPOSE_HAVE_CUDA

@@ -22,11 +22,12 @@ namespace {
 void CompareTp(const engine::ModelBundle& model, const std::vector<int32_t>& prompt) {
   engine::BackendOptions opts;
   opts.kv_num_blocks = 32;
-  auto ref = engine::cpu::MakeCpuBackend(opts, 1);
+  auto ref = engine::cpu::MakeCpuBackend(opts);
   ASSERT_TRUE(ref->Load(model.config, *model.weights, engine::Shard{}).ok());
   const auto want = testing::RunSteps(*ref, prompt, 12);
   for (int tp : {2, 4}) {
-    auto b = engine::cpu::MakeCpuBackend(opts, tp);
+    opts.tensor_parallel = tp;
+    auto b = engine::cpu::MakeCpuBackend(opts);
     absl::Status st = b->Load(model.config, *model.weights, engine::Shard{});
     ASSERT_TRUE(st.ok()) << "tp=" << tp << ": " << st;
     const auto got = testing::RunSteps(*b, prompt, 12);
@@ -63,7 +64,8 @@ TEST(TensorParallelTest, GoldenGreedyThroughTheEngineAtTp2And4) {
   for (int tp : {2, 4}) {
     engine::BackendOptions opts;
     opts.kv_num_blocks = 64;
-    auto b = engine::cpu::MakeCpuBackend(opts, tp);
+    opts.tensor_parallel = tp;
+    auto b = engine::cpu::MakeCpuBackend(opts);
     ASSERT_TRUE(b->Load(model->config, *model->weights, engine::Shard{}).ok());
     engine::Engine eng(engine::EngineOptions{}, model->config, model->tokenizer.get(), b.get());
     eng.Start();
@@ -80,7 +82,9 @@ TEST(TensorParallelTest, GoldenGreedyThroughTheEngineAtTp2And4) {
 TEST(TensorParallelTest, IndivisibleShapesAreRejected) {
   auto model = engine::LoadModelBundle(testing::Stories260kDir());
   ASSERT_TRUE(model.ok());
-  auto b = engine::cpu::MakeCpuBackend(engine::BackendOptions{}, 3);  // 8 heads % 3 != 0
+  engine::BackendOptions opts;
+  opts.tensor_parallel = 3;  // 8 heads % 3 != 0
+  auto b = engine::cpu::MakeCpuBackend(opts);
   absl::Status st = b->Load(model->config, *model->weights, engine::Shard{});
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(st.message()), ::testing::HasSubstr("num_attention_heads"));
@@ -116,8 +120,8 @@ TEST(TensorParallelTest, AFailingRankAbortsTheGroupInsteadOfHanging) {
     comms.push_back(group->Rank(r));
     engine::BackendOptions o;
     o.kv_num_blocks = 8;
-    o.comm = comms.back().get();
-    auto cpu = std::make_unique<engine::cpu::CpuBackend>(o);
+    auto cpu =
+        std::make_unique<engine::cpu::CpuBackend>(o, engine::cpu::CpuOptions{}, comms.back().get());
     if (r == 0) {
       ranks.push_back(std::move(cpu));
     } else {

@@ -60,142 +60,114 @@ void SwiGlu(const float* g, const float* u, int32_t n, float* a) {
 
 }  // namespace
 
-CpuBackend::CpuBackend(const BackendOptions& options) : options_(options) {}
+CpuBackend::CpuBackend(const BackendOptions& options, const CpuOptions& cpu, Communicator* comm)
+    : options_(options), cpu_(cpu), comm_(comm) {}
 
-absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& weights,
-                              const Shard& shard) {
-  config_ = config;
-  shard_ = shard;
-  const int32_t tp = shard.size, rank = shard.rank;
-  if (tp < 1 || rank < 0 || rank >= tp) return absl::InvalidArgumentError("bad shard");
-  if (tp > 1 && (options_.comm == nullptr || options_.comm->size() != tp)) {
-    return absl::InvalidArgumentError("tensor parallelism needs a communicator of the tp size");
+absl::Status CpuBackend::CheckShard(const Shard& shard) const {
+  if (comm_ == nullptr) {
+    if (shard.whole()) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cpu backend without a communicator loads the whole model (Shard{}), not rank ", shard.rank,
+        " of ", shard.size));
   }
-  const int32_t H = config.hidden_size, D = config.head_dim, nq = config.num_heads,
-                nkv = config.num_kv_heads, I = config.intermediate_size, V = config.vocab_size;
-  absl::StatusOr<ShardLayout> layout = ComputeShardLayout(config, shard);
-  if (!layout.ok()) return layout.status();
-  q_heads_ = layout->q_heads;
-  kv_heads_ = layout->kv_heads;
-  kv_head_begin_ = layout->kv_head_begin;
-  inter_ = layout->inter;
-  const int32_t vocab_pad = layout->vocab_pad;
-  vocab_begin_ = layout->vocab_begin;
-  vocab_local_ = layout->vocab_local;
-  heads_of_.assign(kv_heads_, {});
-  for (int32_t h = 0; h < q_heads_; ++h) {
-    heads_of_[(rank * q_heads_ + h) / (nq / nkv) - kv_head_begin_].push_back(h);
+  if (shard.size != comm_->size() || shard.rank != comm_->rank()) {
+    return absl::InvalidArgumentError(absl::StrCat("shard rank ", shard.rank, " of ", shard.size,
+                                                   " does not match the communicator's rank ",
+                                                   comm_->rank(), " of ", comm_->size()));
   }
+  return absl::OkStatus();
+}
 
-  // Weight type: bf16 when asked, or (auto) when the checkpoint stores bf16 and this CPU
-  // has AMX or AVX512-BF16; float32 otherwise.
-  const std::string& want = options_.cpu_dtype;
-  if (want == "bfloat16") {
-    bf16_ = true;
-  } else if (want == "float32") {
-    bf16_ = false;
-  } else if (want == "auto" || want.empty()) {
-    absl::StatusOr<TensorView> probe = weights.Get("model.layers.0.mlp.down_proj.weight");
-    bf16_ = probe.ok() && probe->dtype == DType::kBF16 && (HasAmxBf16() || HasAvx512Bf16());
-  } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("cpu dtype must be auto, float32 or bfloat16, got '", want, "'"));
+// Weight type: bf16 when asked, or (auto) when the checkpoint stores bf16 and this CPU
+// has AMX or AVX512-BF16; float32 otherwise.
+void CpuBackend::ChooseWeightType(const WeightSource& weights) {
+  switch (cpu_.dtype) {
+    case WeightDType::kBFloat16:
+      bf16_ = true;
+      return;
+    case WeightDType::kFloat32:
+      bf16_ = false;
+      return;
+    case WeightDType::kAuto:
+      break;
   }
-  const std::vector<int64_t> emb_shape = {V, H};
+  absl::StatusOr<TensorView> probe = weights.Get("model.layers.0.mlp.down_proj.weight");
+  bf16_ = probe.ok() && probe->dtype == DType::kBF16 && (HasAmxBf16() || HasAvx512Bf16());
+}
+
+absl::Status CpuBackend::ReadEmbeddingAndHead(const ShardedWeightReader& reader) {
+  const int32_t H = config_.hidden_size, vocab_pad = reader.layout().vocab_pad;
   embed_.assign(static_cast<size_t>(vocab_pad) * H, 0.0f);
-  SP_RETURN_IF_ERROR(weights.ReadF32Block("model.embed_tokens.weight", emb_shape, vocab_begin_,
-                                          vocab_begin_ + vocab_local_, 0, H, embed_.data()));
+  SP_RETURN_IF_ERROR(reader.Embedding(embed_.data()));
   lm_head_ = Matrix{};
-  if (!config.tie_word_embeddings && weights.Has("lm_head.weight")) {
-    SP_RETURN_IF_ERROR(weights.ReadF32Block("lm_head.weight", emb_shape, vocab_begin_,
-                                            vocab_begin_ + vocab_local_, 0, H,
-                                            Shape(lm_head_, vocab_pad, H)));
+  if (!config_.tie_word_embeddings) {
+    SP_RETURN_IF_ERROR(reader.LmHead(Shape(lm_head_, vocab_pad, H)));
     Finish(lm_head_);
-  } else if (!config.tie_word_embeddings) {
-    return absl::NotFoundError("tensor 'lm_head.weight' missing and tie_word_embeddings is false");
   } else if (bf16_) {
     lm_head_.out = vocab_pad;
     lm_head_.in = H;
     lm_head_.bf16.Pack(embed_.data(), vocab_pad, H);
   }
   final_norm_.resize(H);
-  SP_RETURN_IF_ERROR(weights.ReadF32("model.norm.weight", {H}, final_norm_.data()));
+  return reader.FinalNorm(final_norm_.data());
+}
 
-  layers_.clear();
-  layers_.resize(config.num_layers);
-  const int32_t qkv_rows = (q_heads_ + 2 * kv_heads_) * D;
-  for (int32_t l = 0; l < config.num_layers; ++l) {
-    Layer& L = layers_[l];
-    const std::string p = absl::StrCat("model.layers.", l, ".");
-    L.attn_norm.resize(H);
-    L.mlp_norm.resize(H);
-    SP_RETURN_IF_ERROR(weights.ReadF32(p + "input_layernorm.weight", {H}, L.attn_norm.data()));
-    SP_RETURN_IF_ERROR(
-        weights.ReadF32(p + "post_attention_layernorm.weight", {H}, L.mlp_norm.data()));
-
-    const int64_t q0 = static_cast<int64_t>(rank) * q_heads_ * D, q1 = q0 + q_heads_ * D;
-    const int64_t k0 = static_cast<int64_t>(kv_head_begin_) * D, k1 = k0 + kv_heads_ * D;
-    float* dst = Shape(L.wqkv, qkv_rows, H);
-    SP_RETURN_IF_ERROR(
-        weights.ReadF32Block(p + "self_attn.q_proj.weight", {nq * D, H}, q0, q1, 0, H, dst));
-    dst += (q1 - q0) * H;
-    SP_RETURN_IF_ERROR(
-        weights.ReadF32Block(p + "self_attn.k_proj.weight", {nkv * D, H}, k0, k1, 0, H, dst));
-    dst += (k1 - k0) * H;
-    SP_RETURN_IF_ERROR(
-        weights.ReadF32Block(p + "self_attn.v_proj.weight", {nkv * D, H}, k0, k1, 0, H, dst));
-    Finish(L.wqkv);
-    if (config.attention_bias) {
-      L.bqkv.resize(qkv_rows);
-      std::vector<float> full(static_cast<size_t>(nq) * D);
-      SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.q_proj.bias", {nq * D}, full.data()));
-      std::copy(full.begin() + q0, full.begin() + q1, L.bqkv.begin());
-      full.resize(static_cast<size_t>(nkv) * D);
-      SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.k_proj.bias", {nkv * D}, full.data()));
-      std::copy(full.begin() + k0, full.begin() + k1, L.bqkv.begin() + (q1 - q0));
-      SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.v_proj.bias", {nkv * D}, full.data()));
-      std::copy(full.begin() + k0, full.begin() + k1, L.bqkv.begin() + (q1 - q0) + (k1 - k0));
-    }
-    if (config.qk_norm) {
-      L.q_norm.resize(D);
-      L.k_norm.resize(D);
-      SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.q_norm.weight", {D}, L.q_norm.data()));
-      SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.k_norm.weight", {D}, L.k_norm.data()));
-    }
-    SP_RETURN_IF_ERROR(weights.ReadF32Block(p + "self_attn.o_proj.weight", {H, nq * D}, 0, H, q0,
-                                            q1, Shape(L.wo, H, q_heads_ * D)));
-    Finish(L.wo);
-    const int64_t i0 = static_cast<int64_t>(rank) * inter_, i1 = i0 + inter_;
-    float* gate_up = Shape(L.wgate_up, 2 * inter_, H);
-    SP_RETURN_IF_ERROR(
-        weights.ReadF32Block(p + "mlp.gate_proj.weight", {I, H}, i0, i1, 0, H, gate_up));
-    SP_RETURN_IF_ERROR(weights.ReadF32Block(p + "mlp.up_proj.weight", {I, H}, i0, i1, 0, H,
-                                            gate_up + static_cast<size_t>(inter_) * H));
-    Finish(L.wgate_up);
-    SP_RETURN_IF_ERROR(weights.ReadF32Block(p + "mlp.down_proj.weight", {H, I}, 0, H, i0, i1,
-                                            Shape(L.wdown, H, inter_)));
-    Finish(L.wdown);
+absl::Status CpuBackend::ReadLayer(const ShardedWeightReader& reader, int32_t l) {
+  const int32_t H = config_.hidden_size, D = config_.head_dim;
+  const int32_t qkv_rows = static_cast<int32_t>(reader.qkv_rows());
+  Layer& L = layers_[l];
+  L.attn_norm.resize(H);
+  L.mlp_norm.resize(H);
+  SP_RETURN_IF_ERROR(reader.AttnNorm(l, L.attn_norm.data()));
+  SP_RETURN_IF_ERROR(reader.MlpNorm(l, L.mlp_norm.data()));
+  SP_RETURN_IF_ERROR(reader.Qkv(l, Shape(L.wqkv, qkv_rows, H)));
+  Finish(L.wqkv);
+  if (config_.attention_bias) {
+    L.bqkv.resize(qkv_rows);
+    SP_RETURN_IF_ERROR(reader.QkvBias(l, L.bqkv.data()));
   }
-  inv_freq_ = RopeInvFreq(config);
-
-  // KV pool.
-  const std::string& kv_want = options_.kv_cache_dtype;
-  if (kv_want == "auto" || kv_want.empty()) {
-    kv_bf16_ = bf16_;
-  } else if (kv_want == "bfloat16" || kv_want == "float32") {
-    kv_bf16_ = kv_want == "bfloat16";
-  } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("kv cache dtype must be auto, float32 or bfloat16, got '", kv_want, "'"));
+  if (config_.qk_norm) {
+    L.q_norm.resize(D);
+    L.k_norm.resize(D);
+    SP_RETURN_IF_ERROR(reader.QNorm(l, L.q_norm.data()));
+    SP_RETURN_IF_ERROR(reader.KNorm(l, L.k_norm.data()));
   }
+  SP_RETURN_IF_ERROR(reader.O(l, Shape(L.wo, H, q_heads_ * D)));
+  Finish(L.wo);
+  SP_RETURN_IF_ERROR(reader.GateUp(l, Shape(L.wgate_up, 2 * inter_, H)));
+  Finish(L.wgate_up);
+  SP_RETURN_IF_ERROR(reader.Down(l, Shape(L.wdown, H, inter_)));
+  Finish(L.wdown);
+  return absl::OkStatus();
+}
+
+void CpuBackend::AllocateKvPool() {
+  switch (cpu_.kv_cache_dtype) {
+    case KvCacheDType::kAuto:
+      kv_bf16_ = bf16_;
+      break;
+    case KvCacheDType::kFloat32:
+      kv_bf16_ = false;
+      break;
+    case KvCacheDType::kBFloat16:
+      kv_bf16_ = true;
+      break;
+  }
+  const int32_t D = config_.head_dim;
   const int32_t bs = options_.kv_block_size > 0 ? options_.kv_block_size : 16;
   const int64_t elem = kv_bf16_ ? 2 : 4;
-  const int64_t per_block = static_cast<int64_t>(config.num_layers) * bs * kv_heads_ * D * 2 * elem;
+  const int64_t per_block =
+      static_cast<int64_t>(config_.num_layers) * bs * kv_heads_ * D * 2 * elem;
   int32_t blocks = options_.kv_num_blocks;
-  if (blocks <= 0)
+  if (blocks <= 0) {
     blocks = static_cast<int32_t>(std::max<int64_t>(1, options_.kv_memory_bytes / per_block));
+  }
   kv_info_ = KvPoolInfo{blocks, bs, per_block, kv_bf16_ ? "bfloat16" : "float32"};
-  const size_t kv_elems = static_cast<size_t>(config.num_layers) * blocks * bs * kv_heads_ * D;
+  const size_t kv_elems = static_cast<size_t>(config_.num_layers) * blocks * bs * kv_heads_ * D;
+  k_cache_.clear();
+  v_cache_.clear();
+  k_cache16_.clear();
+  v_cache16_.clear();
   if (kv_bf16_) {
     k_cache16_.assign(kv_elems, 0);
     v_cache16_.assign(kv_elems, 0);
@@ -203,7 +175,34 @@ absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& wei
     k_cache_.assign(kv_elems, 0.0f);
     v_cache_.assign(kv_elems, 0.0f);
   }
+}
 
+absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& weights,
+                              const Shard& shard) {
+  SP_RETURN_IF_ERROR(CheckShard(shard));
+  config_ = config;
+  shard_ = shard;
+  absl::StatusOr<ShardedWeightReader> reader = ShardedWeightReader::Create(config_, weights, shard);
+  if (!reader.ok()) return reader.status();
+  const ShardLayout& layout = reader->layout();
+  q_heads_ = layout.q_heads;
+  kv_heads_ = layout.kv_heads;
+  kv_head_begin_ = layout.kv_head_begin;
+  inter_ = layout.inter;
+  vocab_begin_ = layout.vocab_begin;
+  vocab_local_ = layout.vocab_local;
+  const int32_t group = config.num_heads / config.num_kv_heads;
+  heads_of_.assign(kv_heads_, {});
+  for (int32_t h = 0; h < q_heads_; ++h) {
+    heads_of_[(shard.rank * q_heads_ + h) / group - kv_head_begin_].push_back(h);
+  }
+  ChooseWeightType(weights);
+  SP_RETURN_IF_ERROR(ReadEmbeddingAndHead(*reader));
+  layers_.clear();
+  layers_.resize(config.num_layers);
+  for (int32_t l = 0; l < config.num_layers; ++l) SP_RETURN_IF_ERROR(ReadLayer(*reader, l));
+  inv_freq_ = RopeInvFreq(config);
+  AllocateKvPool();
   return absl::OkStatus();
 }
 
@@ -239,8 +238,8 @@ void CpuBackend::LinearF32(const float* x, int32_t rows, int32_t in, const float
 }
 
 absl::Status CpuBackend::AllReduce(float* data, int64_t count) {
-  if (shard_.size == 1) return absl::OkStatus();
-  return options_.comm->AllReduceSum(data, count);
+  if (comm_ == nullptr) return absl::OkStatus();
+  return comm_->AllReduceSum(data, count);
 }
 
 CpuBackend::KeyIndex CpuBackend::BuildKeyIndex(const BatchPlan& plan) const {
@@ -463,7 +462,7 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
   if (tp > 1) {
     logits.resize(static_cast<size_t>(R) * V);
     std::vector<float> gathered(static_cast<size_t>(tp) * R * vocab_pad);
-    SP_RETURN_IF_ERROR(options_.comm->AllGather(local.data(), local.size(), gathered.data()));
+    SP_RETURN_IF_ERROR(comm_->AllGather(local.data(), local.size(), gathered.data()));
     for (int32_t rk = 0; rk < tp; ++rk) {
       const int32_t v0 = std::min(V, rk * vocab_pad), v1 = std::min(V, v0 + vocab_pad);
       for (int32_t r = 0; r < R; ++r) {
@@ -492,27 +491,27 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
   return absl::OkStatus();
 }
 
-std::unique_ptr<Backend> MakeCpuBackend(const BackendOptions& options, int32_t tp) {
-  if (tp <= 1) return std::make_unique<CpuBackend>(options);
+std::unique_ptr<Backend> MakeCpuBackend(const BackendOptions& options, const CpuOptions& cpu) {
+  const int32_t tp = options.tensor_parallel;
+  if (tp <= 1) return std::make_unique<CpuBackend>(options, cpu);
   auto group = std::make_shared<ThreadGroup>(tp);
   std::vector<std::unique_ptr<Backend>> ranks;
   std::vector<std::unique_ptr<Communicator>> comms;
   for (int32_t r = 0; r < tp; ++r) {
     comms.push_back(group->Rank(r));
     BackendOptions o = options;
-    o.comm = comms.back().get();
     // Threads are shared among the ranks.
     if (o.num_threads > 0) o.num_threads = std::max(1, o.num_threads / tp);
-    ranks.push_back(std::make_unique<CpuBackend>(o));
+    ranks.push_back(std::make_unique<CpuBackend>(o, cpu, comms.back().get()));
   }
   return std::make_unique<TensorParallelBackend>(std::move(ranks), std::move(comms), group);
 }
 
 void RegisterBackend(BackendRegistry& registry) {
-  registry.Register("cpu",
-                    [](const BackendOptions& options) -> absl::StatusOr<std::unique_ptr<Backend>> {
-                      return MakeCpuBackend(options, options.tensor_parallel);
-                    });
+  registry.Register<CpuOptions>(
+      "cpu", ParseCpuOptions,
+      [](const BackendOptions& options, const CpuOptions& cpu)
+          -> absl::StatusOr<std::unique_ptr<Backend>> { return MakeCpuBackend(options, cpu); });
 }
 
 }  // namespace superpose::engine::cpu
