@@ -41,6 +41,10 @@ class CudaBackend : public engine::Backend {
   // Rows with plan.sampling are drawn on the GPU (cuda/sample_body.h) unless
   // CudaOptions::row_sampling is off.
   bool SamplesRows() const override;
+  // FAILED_PRECONDITION once a sticky CUDA error (an illegal address, a launch failure,
+  // an uncorrectable ECC error: cuda/cuda_errors.h) made the device unusable for this
+  // process; Load and Forward then fail at once. Thread-safe.
+  absl::Status Health() const override;
 
   // Benchmarks and tests: allocates the weights of `config` for `shard` and fills them
   // on the device (no host copy): matrices, embeddings and biases uniform(-scale,
@@ -66,8 +70,10 @@ class CudaBackend : public engine::Backend {
   };
   GraphStats graph_stats() const;
 
- private:
+  // The implementation (cuda/cuda_backend_impl.h, internal to cuda/).
   struct Impl;
+
+ private:
   std::unique_ptr<Impl> impl_;
 };
 

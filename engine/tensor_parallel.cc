@@ -58,10 +58,18 @@ void TensorParallelBackend::AbortGroup(const absl::Status& cause) {
 }
 
 absl::Status TensorParallelBackend::Health() const {
-  absl::MutexLock lock(&abort_mu_);
-  if (aborted_.ok()) return absl::OkStatus();
-  return absl::FailedPreconditionError(
-      absl::StrCat("tensor-parallel group aborted (a rank failed: ", aborted_.message(), ")"));
+  {
+    absl::MutexLock lock(&abort_mu_);
+    if (!aborted_.ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("tensor-parallel group aborted (a rank failed: ", aborted_.message(), ")"));
+    }
+  }
+  // A rank that cannot run steps any more (a sticky device error) fails the group.
+  for (const auto& rank : ranks_) {
+    if (absl::Status h = rank->Health(); !h.ok()) return h;
+  }
+  return absl::OkStatus();
 }
 
 absl::Status TensorParallelBackend::RunAll(const std::function<absl::Status(int32_t)>& fn) {

@@ -29,7 +29,8 @@ class TensorParallelBackend : public Backend {
   absl::Status Forward(const BatchPlan& plan, ForwardOutput* out) override;
   KvPoolInfo kv() const override;
   bool SamplesRows() const override { return ranks_[0]->SamplesRows(); }
-  // FAILED_PRECONDITION once the group was aborted (a rank failed).
+  // FAILED_PRECONDITION once the group was aborted (a rank failed), else the first
+  // failed Health of a rank.
   absl::Status Health() const override;
   int32_t size() const { return static_cast<int32_t>(ranks_.size()); }
 

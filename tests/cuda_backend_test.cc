@@ -56,7 +56,10 @@
 
 #if SUPERPOSE_HAVE_CUDA
 #include "cuda/cuda_backend.h"
+#include "cuda/cuda_errors.h"
+#include "cuda/cuda_util.h"
 #include "cuda/kernel_check.h"
+#include "cuda/kernels.h"
 #include "cuda/step_meta.h"
 #endif
 
@@ -1372,6 +1375,76 @@ TEST(CudaOptionsTest, ParsesAndRejectsNamingTheFlag) {
             "--cuda_attention: unknown value 'fast' (auto, simt, tensor_core)");
   o = cuda::ParseCudaOptions({{"cpu_dtype", "bfloat16"}});
   EXPECT_EQ(o.status().message(), "--cpu_dtype: not an option of the cuda backend");
+}
+
+// Which CUDA errors leave the context unusable (no GPU needed): the backend reports those
+// through Health; the others fail one call only.
+TEST(CudaErrorsTest, StickyErrorsAreClassified) {
+  for (cudaError_t e : {cudaErrorIllegalAddress, cudaErrorLaunchFailure, cudaErrorAssert,
+                        cudaErrorIllegalInstruction, cudaErrorMisalignedAddress,
+                        cudaErrorHardwareStackError, cudaErrorECCUncorrectable}) {
+    EXPECT_TRUE(cuda::IsStickyCudaError(e)) << cudaGetErrorName(e);
+  }
+  for (cudaError_t e : {cudaSuccess, cudaErrorMemoryAllocation, cudaErrorInvalidValue,
+                        cudaErrorLaunchOutOfResources, cudaErrorNotReady, cudaErrorNoDevice}) {
+    EXPECT_FALSE(cuda::IsStickyCudaError(e)) << cudaGetErrorName(e);
+  }
+  // The code travels in the status of a failed call.
+  const absl::Status st = cuda::CudaStatus(cudaErrorIllegalAddress, "kernel", "file.cc", 1);
+  EXPECT_EQ(cuda::CudaErrorOf(st), cudaErrorIllegalAddress);
+  EXPECT_NE(std::string(st.message()).find("cudaErrorIllegalAddress"), std::string::npos);
+  EXPECT_EQ(cuda::CudaErrorOf(absl::InternalError("cuBLAS error")), cudaSuccess);
+  EXPECT_EQ(cuda::CudaErrorOf(absl::OkStatus()), cudaSuccess);
+}
+
+// The body of StickyErrorTurnsHealthFailed, in a process of its own (the error poisons
+// the CUDA context of the whole process): exits 0 when every expectation holds, else
+// prints the first that does not and exits 1.
+[[noreturn]] void StickyErrorChild() {
+  auto fail = [](const std::string& why) {
+    std::fprintf(stderr, "sticky-error child: %s\n", why.c_str());
+    std::fflush(stderr);
+    std::_Exit(1);
+  };
+  auto model = engine::LoadModelBundle(testing::Stories260kDir());
+  if (!model.ok()) fail(model.status().ToString());
+  engine::BackendOptions opts;
+  opts.kv_num_blocks = 4;
+  cuda::CudaBackend gpu(opts, {}, 0);
+  if (absl::Status st = gpu.Load(model->config, *model->weights, engine::Shard{}); !st.ok()) {
+    fail("load: " + st.ToString());
+  }
+  const engine::BatchPlan plan = OneSequencePlan({1, 2, 3});
+  engine::ForwardOutput out;
+  if (absl::Status st = gpu.Forward(plan, &out); !st.ok()) fail("first step: " + st.ToString());
+  if (!gpu.Health().ok()) fail("unhealthy before the fault");
+  // A kernel writing far outside any allocation: cudaErrorIllegalAddress, sticky.
+  cuda::LaunchFillF32(reinterpret_cast<float*>(uintptr_t{1} << 40), 1 << 20, 0.0f, nullptr);
+  cudaDeviceSynchronize();
+  const absl::Status step = gpu.Forward(plan, &out);
+  if (step.ok()) fail("a step after the fault succeeded");
+  const absl::Status health = gpu.Health();
+  if (health.code() != absl::StatusCode::kFailedPrecondition) {
+    fail("health after the fault: " + health.ToString());
+  }
+  if (std::string(health.message()).find("sticky") == std::string::npos) {
+    fail("health does not say sticky: " + health.ToString());
+  }
+  // Later steps fail fast with the health status.
+  const absl::Status again = gpu.Forward(plan, &out);
+  if (again.code() != absl::StatusCode::kFailedPrecondition) {
+    fail("a later step: " + again.ToString());
+  }
+  std::fflush(stderr);
+  std::_Exit(0);
+}
+
+// A sticky CUDA error (an illegal address) turns Health FAILED_PRECONDITION, so that the
+// server reports NOT_SERVING at tp = 1 too; later steps fail at once. Runs in a child
+// process (a death test re-executing this binary): the fault poisons the process.
+TEST_F(CudaTest, StickyErrorTurnsHealthFailed) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(StickyErrorChild(), ::testing::ExitedWithCode(0), "");
 }
 
 #else  // !SUPERPOSE_HAVE_CUDA
