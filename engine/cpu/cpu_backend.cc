@@ -324,110 +324,148 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
   out->logits.clear();
   out->logprobs.clear();
   if (T == 0) return absl::OkStatus();
-  const int32_t H = config_.hidden_size, D = config_.head_dim, bs = kv_info_.block_size;
-  const int32_t qd = q_heads_ * D, kvd = kv_heads_ * D, qkv_w = qd + 2 * kvd;
-  const float eps = config_.rms_norm_eps;
+  std::vector<float> x;
+  SP_RETURN_IF_ERROR(Embed(plan, &x));
+  // Where each sequence's keys live: the same for every layer.
+  const KeyIndex key_index = BuildKeyIndex(plan);
+  StepBuffers b(plan, config_, q_heads_, kv_heads_, inter_, inv_freq_);
+  for (int32_t l = 0; l < config_.num_layers; ++l) {
+    SP_RETURN_IF_ERROR(AttentionBlock(plan, key_index, l, &b, &x));
+    SP_RETURN_IF_ERROR(MlpBlock(l, &b, &x));
+  }
+  return Logits(plan, x, out);
+}
 
-  // Embedding (vocabulary-parallel: rows outside this rank's range stay zero).
-  std::vector<float> x(static_cast<size_t>(T) * H, 0.0f);
+CpuBackend::StepBuffers::StepBuffers(const BatchPlan& plan, const ModelConfig& config,
+                                     int32_t q_heads, int32_t kv_heads, int32_t inter,
+                                     const std::vector<float>& inv_freq) {
+  const size_t T = plan.tokens.size(), H = config.hidden_size, D = config.head_dim;
+  const size_t qd = q_heads * D, qkv_w = qd + 2 * kv_heads * D;
+  h.resize(T * H);
+  qkv.resize(T * qkv_w);
+  q.resize(T * qd);
+  attn.resize(T * qd);
+  proj.resize(T * H);
+  gu.resize(T * 2 * inter);
+  act.resize(T * inter);
+  // RoPE tables from the float positions.
+  half = static_cast<int32_t>(D / 2);
+  cos_t.resize(T * half);
+  sin_t.resize(T * half);
+  for (size_t t = 0; t < T; ++t) {
+    for (int32_t i = 0; i < half; ++i) {
+      const float a = plan.positions[t] * inv_freq[i];
+      cos_t[t * half + i] = std::cos(a);
+      sin_t[t * half + i] = std::sin(a);
+    }
+  }
+}
+
+// Embedding (vocabulary-parallel: rows outside this rank's range stay zero).
+absl::Status CpuBackend::Embed(const BatchPlan& plan, std::vector<float>* x) {
+  const int32_t T = plan.num_tokens(), H = config_.hidden_size;
+  x->assign(static_cast<size_t>(T) * H, 0.0f);
   for (int32_t t = 0; t < T; ++t) {
     const int32_t id = plan.tokens[t] - vocab_begin_;
     if (id >= 0 && id < vocab_local_) {
-      std::memcpy(&x[static_cast<size_t>(t) * H], &embed_[static_cast<size_t>(id) * H],
+      std::memcpy(&(*x)[static_cast<size_t>(t) * H], &embed_[static_cast<size_t>(id) * H],
                   sizeof(float) * H);
     }
   }
-  SP_RETURN_IF_ERROR(AllReduce(x.data(), x.size()));
+  return AllReduce(x->data(), x->size());
+}
 
-  // Where each sequence's keys live: the same for every layer.
-  const KeyIndex key_index = BuildKeyIndex(plan);
-
-  // RoPE tables from the float positions.
-  const int32_t half = D / 2;
-  std::vector<float> cos_t(static_cast<size_t>(T) * half), sin_t(static_cast<size_t>(T) * half);
+// Norm, QKV projection, RoPE, K/V into the pool, attention, output projection, residual.
+absl::Status CpuBackend::AttentionBlock(const BatchPlan& plan, const KeyIndex& key_index, int32_t l,
+                                        StepBuffers* b, std::vector<float>* xp) {
+  const int32_t T = plan.num_tokens();
+  const int32_t H = config_.hidden_size, D = config_.head_dim, bs = kv_info_.block_size;
+  const int32_t qd = q_heads_ * D, kvd = kv_heads_ * D, qkv_w = qd + 2 * kvd, half = b->half;
+  const float eps = config_.rms_norm_eps;
+  const Layer& L = layers_[l];
+  std::vector<float>& x = *xp;
+  std::vector<float>&h = b->h, &qkv = b->qkv, &q = b->q, &attn = b->attn, &proj = b->proj;
+  const std::vector<float>&cos_t = b->cos_t, &sin_t = b->sin_t;
+#pragma omp parallel for if (T > 4)
   for (int32_t t = 0; t < T; ++t) {
-    for (int32_t i = 0; i < half; ++i) {
-      const float a = plan.positions[t] * inv_freq_[i];
-      cos_t[static_cast<size_t>(t) * half + i] = std::cos(a);
-      sin_t[static_cast<size_t>(t) * half + i] = std::sin(a);
-    }
+    RmsNorm(&x[static_cast<size_t>(t) * H], L.attn_norm.data(), H, eps,
+            &h[static_cast<size_t>(t) * H]);
   }
-
-  std::vector<float> h(static_cast<size_t>(T) * H);
-  std::vector<float> qkv(static_cast<size_t>(T) * qkv_w);
-  std::vector<float> q(static_cast<size_t>(T) * qd);
-  std::vector<float> attn(static_cast<size_t>(T) * qd);
-  std::vector<float> proj(static_cast<size_t>(T) * H);
-  std::vector<float> gu(static_cast<size_t>(T) * 2 * inter_);
-  std::vector<float> act(static_cast<size_t>(T) * inter_);
-
-  for (int32_t l = 0; l < config_.num_layers; ++l) {
-    const Layer& L = layers_[l];
+  Linear(h.data(), T, L.wqkv, qkv.data());
+  const size_t layer_off = static_cast<size_t>(l) * kv_info_.num_blocks * bs * kvd;
 #pragma omp parallel for if (T > 4)
-    for (int32_t t = 0; t < T; ++t) {
-      RmsNorm(&x[static_cast<size_t>(t) * H], L.attn_norm.data(), H, eps,
-              &h[static_cast<size_t>(t) * H]);
+  for (int32_t t = 0; t < T; ++t) {
+    float* row = &qkv[static_cast<size_t>(t) * qkv_w];
+    if (!L.bqkv.empty()) {
+      for (int32_t i = 0; i < qkv_w; ++i) row[i] += L.bqkv[i];
     }
-    Linear(h.data(), T, L.wqkv, qkv.data());
-    const size_t layer_off = static_cast<size_t>(l) * kv_info_.num_blocks * bs * kvd;
-#pragma omp parallel for if (T > 4)
-    for (int32_t t = 0; t < T; ++t) {
-      float* row = &qkv[static_cast<size_t>(t) * qkv_w];
-      if (!L.bqkv.empty()) {
-        for (int32_t i = 0; i < qkv_w; ++i) row[i] += L.bqkv[i];
-      }
-      const float* c = &cos_t[static_cast<size_t>(t) * half];
-      const float* s = &sin_t[static_cast<size_t>(t) * half];
-      for (int32_t hh = 0; hh < q_heads_; ++hh) {
-        float* qh = &q[(static_cast<size_t>(t) * q_heads_ + hh) * D];
-        std::memcpy(qh, row + hh * D, sizeof(float) * D);
-        if (!L.q_norm.empty()) RmsNorm(qh, L.q_norm.data(), D, eps, qh);
-        Rope(qh, c, s, D);
-      }
-      const KvSlot& slot = plan.kv_slots[t];
-      const size_t voff = layer_off + (static_cast<size_t>(slot.block) * bs + slot.slot) * kvd;
-      const float* vsrc = row + qd + kvd;
-      if (kv_bf16_) {
-        for (int32_t i = 0; i < kvd; ++i) v_cache16_[voff + i] = F32ToBf16(vsrc[i]);
-      } else {
-        std::memcpy(&v_cache_[voff], vsrc, sizeof(float) * kvd);
-      }
-      for (int32_t hh = 0; hh < kv_heads_; ++hh) {
-        float* kh = row + qd + hh * D;
-        if (!L.k_norm.empty()) RmsNorm(kh, L.k_norm.data(), D, eps, kh);
-        Rope(kh, c, s, D);
-        for (int32_t d = 0; d < D; ++d) {
-          const size_t e = layer_off + KeyElement(slot.block, slot.slot, hh, d, kv_heads_, D, bs);
-          if (kv_bf16_) {
-            k_cache16_[e] = F32ToBf16(kh[d]);
-          } else {
-            k_cache_[e] = kh[d];
-          }
+    const float* c = &cos_t[static_cast<size_t>(t) * half];
+    const float* s = &sin_t[static_cast<size_t>(t) * half];
+    for (int32_t hh = 0; hh < q_heads_; ++hh) {
+      float* qh = &q[(static_cast<size_t>(t) * q_heads_ + hh) * D];
+      std::memcpy(qh, row + hh * D, sizeof(float) * D);
+      if (!L.q_norm.empty()) RmsNorm(qh, L.q_norm.data(), D, eps, qh);
+      Rope(qh, c, s, D);
+    }
+    const KvSlot& slot = plan.kv_slots[t];
+    const size_t voff = layer_off + (static_cast<size_t>(slot.block) * bs + slot.slot) * kvd;
+    const float* vsrc = row + qd + kvd;
+    if (kv_bf16_) {
+      for (int32_t i = 0; i < kvd; ++i) v_cache16_[voff + i] = F32ToBf16(vsrc[i]);
+    } else {
+      std::memcpy(&v_cache_[voff], vsrc, sizeof(float) * kvd);
+    }
+    for (int32_t hh = 0; hh < kv_heads_; ++hh) {
+      float* kh = row + qd + hh * D;
+      if (!L.k_norm.empty()) RmsNorm(kh, L.k_norm.data(), D, eps, kh);
+      Rope(kh, c, s, D);
+      for (int32_t d = 0; d < D; ++d) {
+        const size_t e = layer_off + KeyElement(slot.block, slot.slot, hh, d, kv_heads_, D, bs);
+        if (kv_bf16_) {
+          k_cache16_[e] = F32ToBf16(kh[d]);
+        } else {
+          k_cache_[e] = kh[d];
         }
       }
     }
-    Attention(key_index, l, q.data(), attn.data());
-    Linear(attn.data(), T, L.wo, proj.data());
-    SP_RETURN_IF_ERROR(AllReduce(proj.data(), proj.size()));
-    for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
-
-#pragma omp parallel for if (T > 4)
-    for (int32_t t = 0; t < T; ++t) {
-      RmsNorm(&x[static_cast<size_t>(t) * H], L.mlp_norm.data(), H, eps,
-              &h[static_cast<size_t>(t) * H]);
-    }
-    Linear(h.data(), T, L.wgate_up, gu.data());
-#pragma omp parallel for if (T > 4)
-    for (int32_t t = 0; t < T; ++t) {
-      const float* g = &gu[static_cast<size_t>(t) * 2 * inter_];
-      SwiGlu(g, g + inter_, inter_, &act[static_cast<size_t>(t) * inter_]);
-    }
-    Linear(act.data(), T, L.wdown, proj.data());
-    SP_RETURN_IF_ERROR(AllReduce(proj.data(), proj.size()));
-    for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
   }
+  Attention(key_index, l, q.data(), attn.data());
+  Linear(attn.data(), T, L.wo, proj.data());
+  SP_RETURN_IF_ERROR(AllReduce(proj.data(), proj.size()));
+  for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
+  return absl::OkStatus();
+}
 
-  // Rows that need logits: logits_for first, then those of logprob requests.
+// Norm, gate/up projection, SwiGLU, down projection, residual.
+absl::Status CpuBackend::MlpBlock(int32_t l, StepBuffers* b, std::vector<float>* xp) {
+  std::vector<float>& x = *xp;
+  const int32_t H = config_.hidden_size;
+  const int32_t T = static_cast<int32_t>(x.size() / H);
+  const float eps = config_.rms_norm_eps;
+  const Layer& L = layers_[l];
+  std::vector<float>&h = b->h, &gu = b->gu, &act = b->act, &proj = b->proj;
+#pragma omp parallel for if (T > 4)
+  for (int32_t t = 0; t < T; ++t) {
+    RmsNorm(&x[static_cast<size_t>(t) * H], L.mlp_norm.data(), H, eps,
+            &h[static_cast<size_t>(t) * H]);
+  }
+  Linear(h.data(), T, L.wgate_up, gu.data());
+#pragma omp parallel for if (T > 4)
+  for (int32_t t = 0; t < T; ++t) {
+    const float* g = &gu[static_cast<size_t>(t) * 2 * inter_];
+    SwiGlu(g, g + inter_, inter_, &act[static_cast<size_t>(t) * inter_]);
+  }
+  Linear(act.data(), T, L.wdown, proj.data());
+  SP_RETURN_IF_ERROR(AllReduce(proj.data(), proj.size()));
+  for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
+  return absl::OkStatus();
+}
+
+// Logits of the rows that want them: logits_for first, then those of logprob requests.
+absl::Status CpuBackend::Logits(const BatchPlan& plan, const std::vector<float>& x,
+                                ForwardOutput* out) {
+  const int32_t T = plan.num_tokens(), H = config_.hidden_size;
+  const float eps = config_.rms_norm_eps;
   std::vector<int32_t> rows = plan.logits_for;
   std::vector<int32_t> lp_row(plan.logprobs.size());
   std::vector<int32_t> row_of(T, -1);
@@ -447,6 +485,16 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
     RmsNorm(&x[static_cast<size_t>(rows[r]) * H], final_norm_.data(), H, eps,
             &hn[static_cast<size_t>(r) * H]);
   }
+  absl::StatusOr<const float*> logits = LmHead(hn, R);
+  if (!logits.ok()) return logits.status();
+  CompactLogits(plan, config_.vocab_size, *logits, out);
+  Logprobs(plan, *logits, R, lp_row, out);
+  return absl::OkStatus();
+}
+
+// [R, V] logits of the final-normed rows hn (gathered over the ranks).
+absl::StatusOr<const float*> CpuBackend::LmHead(const std::vector<float>& hn, int32_t R) {
+  const int32_t H = config_.hidden_size;
   const int32_t V = config_.vocab_size, tp = shard_.size;
   const int32_t vocab_pad = (V + tp - 1) / tp;
   // Scratch kept across steps: scoring steps ask for thousands of rows, and fresh
@@ -472,7 +520,12 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
       }
     }
   }
-  CompactLogits(plan, V, logits.data(), out);
+  return static_cast<const float*>(logits.data());
+}
+
+void CpuBackend::Logprobs(const BatchPlan& plan, const float* logits, int32_t R,
+                          const std::vector<int32_t>& lp_row, ForwardOutput* out) const {
+  const int32_t V = config_.vocab_size;
   out->logprobs.resize(plan.logprobs.size());
   // Log-sum-exp of every row that has a log-probability request, in parallel
   // (engine::LogSumExp: the one the compact rows use).
@@ -488,7 +541,6 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
     const int32_t r = lp_row[i];
     out->logprobs[i] = logits[static_cast<size_t>(r) * V + plan.logprobs[i].target] - lse[r];
   }
-  return absl::OkStatus();
 }
 
 std::unique_ptr<Backend> MakeCpuBackend(const BackendOptions& options, const CpuOptions& cpu) {

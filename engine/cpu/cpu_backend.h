@@ -78,6 +78,24 @@ class CpuBackend : public Backend {
   };
   KeyIndex BuildKeyIndex(const BatchPlan& plan) const;
   void Attention(const KeyIndex& ix, int32_t layer, const float* q, float* out) const;
+  // Scratch of one step's T tokens and its RoPE tables.
+  struct StepBuffers {
+    StepBuffers(const BatchPlan& plan, const ModelConfig& config, int32_t q_heads, int32_t kv_heads,
+                int32_t inter, const std::vector<float>& inv_freq);
+    std::vector<float> h, qkv, q, attn, proj, gu, act;
+    int32_t half = 0;                 // head_dim / 2
+    std::vector<float> cos_t, sin_t;  // [T, half]
+  };
+  // Forward's steps: x[T, hidden] through the embedding, each layer's attention and MLP
+  // blocks (residuals added), then the logits rows.
+  absl::Status Embed(const BatchPlan& plan, std::vector<float>* x);
+  absl::Status AttentionBlock(const BatchPlan& plan, const KeyIndex& key_index, int32_t l,
+                              StepBuffers* b, std::vector<float>* x);
+  absl::Status MlpBlock(int32_t l, StepBuffers* b, std::vector<float>* x);
+  absl::Status Logits(const BatchPlan& plan, const std::vector<float>& x, ForwardOutput* out);
+  absl::StatusOr<const float*> LmHead(const std::vector<float>& hn, int32_t R);
+  void Logprobs(const BatchPlan& plan, const float* logits, int32_t R,
+                const std::vector<int32_t>& lp_row, ForwardOutput* out) const;
   absl::Status AllReduce(float* data, int64_t count);
   // Load's steps.
   absl::Status CheckShard(const Shard& shard) const;
