@@ -117,11 +117,16 @@ int main(int argc, char** argv) {
   const Layout lay{(longest + kBs - 1) / kBs + 1};
 
   engine::BackendOptions opts;
-  opts.cpu_dtype = absl::GetFlag(FLAGS_cpu_dtype);
-  opts.kv_cache_dtype = absl::GetFlag(FLAGS_kv_cache_dtype);
   opts.kv_block_size = kBs;
   opts.kv_num_blocks = lay.per_seq * batch;
-  engine::cpu::CpuBackend backend(opts);
+  absl::StatusOr<engine::cpu::CpuOptions> cpu =
+      engine::cpu::ParseCpuOptions({{"cpu_dtype", absl::GetFlag(FLAGS_cpu_dtype)},
+                                    {"kv_cache_dtype", absl::GetFlag(FLAGS_kv_cache_dtype)}});
+  if (!cpu.ok()) {
+    std::fprintf(stderr, "%s\n", cpu.status().ToString().c_str());
+    return 1;
+  }
+  engine::cpu::CpuBackend backend(opts, *cpu);
   if (auto st = backend.Load(model->config, *model->weights, engine::Shard{}); !st.ok()) {
     std::fprintf(stderr, "load: %s\n", st.ToString().c_str());
     return 1;

@@ -34,9 +34,9 @@ ABSL_FLAG(int32_t, steps, 20, "Timed decode steps per batch size (after 3 warm-u
 ABSL_FLAG(int32_t, context, 256, "Cached tokens per sequence in decode steps");
 ABSL_FLAG(std::string, prefill, "4x1024", "Prefill step: SEQSxTOKENS");
 ABSL_FLAG(bool, split_decode, true,
-          "Split-K decode attention for small batches (BackendOptions::cuda_split_decode)");
+          "Split-K decode attention for small batches (CudaOptions::split_decode)");
 ABSL_FLAG(std::string, attention, "auto",
-          "Prefill attention kernel: auto | simt | tensor_core (BackendOptions::cuda_attention)");
+          "Prefill attention kernel: auto | simt | tensor_core (CudaOptions::attention)");
 
 namespace {
 
@@ -171,9 +171,11 @@ int main(int argc, char** argv) {
   engine::BackendOptions opts;
   opts.kv_block_size = bs;
   opts.kv_num_blocks = std::max(max_b * blocks_per_seq, pf_blocks) + 1;
-  opts.cuda_attention = absl::GetFlag(FLAGS_attention);
-  opts.cuda_split_decode = absl::GetFlag(FLAGS_split_decode);
-  cuda::CudaBackend backend(opts, 0);
+  absl::StatusOr<cuda::CudaOptions> copts = cuda::ParseCudaOptions(
+      {{"cuda_attention", absl::GetFlag(FLAGS_attention)},
+       {"cuda_split_decode", absl::GetFlag(FLAGS_split_decode) ? "true" : "false"}});
+  CheckOk(copts.status(), "--attention/--split_decode");
+  cuda::CudaBackend backend(opts, *copts, 0);
   const double t0 = NowS();
   CheckOk(backend.LoadRandom(cfg, engine::Shard{}, 42), "load");
   const int64_t wbytes = cfg.WeightBytes(engine::DType::kBF16);
@@ -284,7 +286,8 @@ int main(int argc, char** argv) {
   const double pf_ceiling = gemm / (2.0 * matrix_params);
 
   std::printf("\n## cuda_bench summary (%s, %s, attention %s, split decode %s)\n\n", shape.c_str(),
-              prop.name, opts.cuda_attention.c_str(), opts.cuda_split_decode ? "on" : "off");
+              prop.name, absl::GetFlag(FLAGS_attention).c_str(),
+              copts->split_decode ? "on" : "off");
   std::printf("device copy bandwidth %.0f GB/s (read + written); cuBLAS bf16 GEMM %.0f TFLOP/s\n\n",
               bw / 1e9, gemm / 1e12);
   std::printf(

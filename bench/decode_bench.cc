@@ -67,10 +67,15 @@ int main(int argc, char** argv) {
     }
     for (absl::string_view dtype : absl::StrSplit(absl::GetFlag(FLAGS_dtypes), ',')) {
       engine::BackendOptions opts;
-      opts.cpu_dtype = std::string(dtype);
       opts.num_threads = absl::GetFlag(FLAGS_threads);
       opts.kv_num_blocks = 64;
-      engine::cpu::CpuBackend backend(opts);
+      absl::StatusOr<engine::cpu::CpuOptions> cpu =
+          engine::cpu::ParseCpuOptions({{"cpu_dtype", std::string(dtype)}});
+      if (!cpu.ok()) {
+        std::fprintf(stderr, "%s\n", cpu.status().ToString().c_str());
+        return 1;
+      }
+      engine::cpu::CpuBackend backend(opts, *cpu);
       if (auto st = backend.Load(model->config, *model->weights, engine::Shard{}); !st.ok()) {
         std::fprintf(stderr, "load: %s\n", st.ToString().c_str());
         return 1;

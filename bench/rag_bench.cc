@@ -144,8 +144,13 @@ int Main() {
   engine::BackendOptions bo;
   bo.kv_block_size = 16;
   bo.kv_memory_bytes = int64_t{3} << 30;
-  bo.cpu_dtype = absl::GetFlag(FLAGS_cpu_dtype);
-  engine::cpu::CpuBackend backend(bo);
+  absl::StatusOr<engine::cpu::CpuOptions> cpu =
+      engine::cpu::ParseCpuOptions({{"cpu_dtype", absl::GetFlag(FLAGS_cpu_dtype)}});
+  if (!cpu.ok()) {
+    std::fprintf(stderr, "%s\n", cpu.status().ToString().c_str());
+    return 1;
+  }
+  engine::cpu::CpuBackend backend(bo, *cpu);
   if (absl::Status st = backend.Load(model->config, *model->weights, engine::Shard{}); !st.ok()) {
     std::fprintf(stderr, "%s\n", st.ToString().c_str());
     return 1;

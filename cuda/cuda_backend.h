@@ -9,6 +9,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "cuda/cuda_options.h"
 #include "engine/backend.h"
 
 namespace superpose::cuda {
@@ -18,11 +19,15 @@ namespace superpose::cuda {
 int32_t CudaDeviceCount(std::string* error = nullptr);
 inline bool CudaAvailable(std::string* error = nullptr) { return CudaDeviceCount(error) > 0; }
 
+class NcclCommunicator;
+
 class CudaBackend : public engine::Backend {
  public:
-  // One rank on GPU `device`. With tensor parallelism options.comm must be the rank's
-  // NcclCommunicator (its pointers are device pointers).
-  CudaBackend(const engine::BackendOptions& options, int32_t device);
+  // The whole model on GPU `device` (Load with Shard{}), or, with `comm`, one rank of a
+  // tensor-parallel group (Load with the Shard of comm's rank and size; comm's device is
+  // `device`). options.tensor_parallel is not read here (MakeCudaBackend builds groups).
+  CudaBackend(const engine::BackendOptions& options, const CudaOptions& cuda, int32_t device,
+              NcclCommunicator* comm = nullptr);
   ~CudaBackend() override;
   CudaBackend(const CudaBackend&) = delete;
   CudaBackend& operator=(const CudaBackend&) = delete;
@@ -34,8 +39,12 @@ class CudaBackend : public engine::Backend {
   absl::Status Forward(const engine::BatchPlan& plan, engine::ForwardOutput* out) override;
   engine::KvPoolInfo kv() const override;
   // Rows with plan.sampling are drawn on the GPU (cuda/sample_body.h) unless
-  // BackendOptions::cuda_row_sampling is off.
+  // CudaOptions::row_sampling is off.
   bool SamplesRows() const override;
+  // FAILED_PRECONDITION once a sticky CUDA error (an illegal address, a launch failure,
+  // an uncorrectable ECC error: cuda/cuda_errors.h) made the device unusable for this
+  // process; Load and Forward then fail at once. Thread-safe.
+  absl::Status Health() const override;
 
   // Benchmarks and tests: allocates the weights of `config` for `shard` and fills them
   // on the device (no host copy): matrices, embeddings and biases uniform(-scale,
@@ -47,7 +56,7 @@ class CudaBackend : public engine::Backend {
   // Query tokens per attention block in prefill steps (set at load from shared memory).
   int32_t attention_tile_tokens() const;
 
-  // CUDA graphs of decode steps (options.cuda_graphs; never with tensor parallelism).
+  // CUDA graphs of decode steps (CudaOptions::graphs; never with tensor parallelism).
   // Benchmarks and tests switch them off and on between steps (graphs already captured
   // are kept); it cannot switch them on when the options or tp > 1 have them off.
   void set_cuda_graphs(bool on);
@@ -61,16 +70,19 @@ class CudaBackend : public engine::Backend {
   };
   GraphStats graph_stats() const;
 
- private:
+  // The implementation (cuda/cuda_backend_impl.h, internal to cuda/).
   struct Impl;
+
+ private:
   std::unique_ptr<Impl> impl_;
 };
 
-// One CudaBackend on GPU 0 (tp <= 1) or `tp` ranks on GPUs 0..tp-1 joined by NCCL.
+// One CudaBackend on GPU 0 (options.tensor_parallel 1) or options.tensor_parallel ranks
+// on GPUs 0..tp-1 joined by NCCL. Load it with Shard{}.
 absl::StatusOr<std::unique_ptr<engine::Backend>> MakeCudaBackend(
-    const engine::BackendOptions& options, int32_t tp);
+    const engine::BackendOptions& options, const CudaOptions& cuda = {});
 
-// Registers "cuda" (options.tensor_parallel ranks).
+// Registers "cuda" (ParseCudaOptions, MakeCudaBackend).
 void RegisterBackend(engine::BackendRegistry& registry);
 
 }  // namespace superpose::cuda

@@ -12,15 +12,21 @@
 #include <utility>
 
 #include "absl/status/status.h"
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "cuda/kernels.h"
 
 namespace superpose::cuda {
 
+// Payload of a CudaStatus: the cudaError_t, in decimal (CudaErrorOf, cuda/cuda_errors.h).
+inline constexpr char kCudaErrorPayload[] = "superpose.cuda.error";
+
 inline absl::Status CudaStatus(cudaError_t e, const char* what, const char* file, int line) {
-  return absl::InternalError(absl::StrCat("CUDA error ", cudaGetErrorName(e), " (",
-                                          cudaGetErrorString(e), ") in ", what, " at ", file, ":",
-                                          line));
+  absl::Status st = absl::InternalError(absl::StrCat("CUDA error ", cudaGetErrorName(e), " (",
+                                                     cudaGetErrorString(e), ") in ", what, " at ",
+                                                     file, ":", line));
+  st.SetPayload(kCudaErrorPayload, absl::Cord(absl::StrCat(static_cast<int>(e))));
+  return st;
 }
 
 inline absl::Status CublasStatus(cublasStatus_t e, const char* what, const char* file, int line) {

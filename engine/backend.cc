@@ -4,30 +4,78 @@
 #include <cmath>
 #include <limits>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "engine/runtime/row_math.h"
 
 namespace superpose::engine {
 
-void BackendRegistry::Register(const std::string& name, Factory factory) {
-  factories_[name] = std::move(factory);
+absl::Status ValidateBackendOptions(const BackendOptions& o) {
+  if (o.num_threads < 0) return absl::InvalidArgumentError("--threads: must be >= 0");
+  if (o.kv_block_size < 1) return absl::InvalidArgumentError("--kv_block_size: must be >= 1");
+  if (o.kv_num_blocks < 0) return absl::InvalidArgumentError("--kv_blocks: must be >= 0");
+  if (o.kv_num_blocks == 0 && o.kv_memory_bytes <= 0) {
+    return absl::InvalidArgumentError("--kv_cache_mb: must be > 0 (or give --kv_blocks)");
+  }
+  if (!(o.device_memory_fraction >= 0.0 && o.device_memory_fraction <= 1.0)) {
+    return absl::InvalidArgumentError("--gpu_memory_fraction: must be in [0, 1]");
+  }
+  if (o.tensor_parallel < 1) return absl::InvalidArgumentError("--tp: must be >= 1");
+  return absl::OkStatus();
 }
 
-bool BackendRegistry::Has(const std::string& name) const { return factories_.count(name) > 0; }
+absl::Status CheckFlagNames(const BackendFlags& flags, absl::string_view backend,
+                            std::initializer_list<absl::string_view> known) {
+  for (const auto& [name, value] : flags) {
+    if (std::find(known.begin(), known.end(), name) == known.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", name, ": not an option of the ", backend, " backend"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseFlagBool(const BackendFlags& flags, const std::string& name, bool* out) {
+  auto it = flags.find(name);
+  if (it == flags.end()) return absl::OkStatus();
+  if (!absl::SimpleAtob(it->second, out)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, ": unknown value '", it->second, "' (true, false)"));
+  }
+  return absl::OkStatus();
+}
+
+bool BackendRegistry::Has(const std::string& name) const { return entries_.count(name) > 0; }
 
 std::vector<std::string> BackendRegistry::Names() const {
   std::vector<std::string> names;
-  for (const auto& [name, f] : factories_) names.push_back(name);
+  for (const auto& [name, e] : entries_) names.push_back(name);
   return names;
 }
 
-absl::StatusOr<std::unique_ptr<Backend>> BackendRegistry::Create(
-    const std::string& name, const BackendOptions& options) const {
-  auto it = factories_.find(name);
-  if (it == factories_.end()) {
-    return absl::InvalidArgumentError(absl::StrCat("unknown backend '", name, "'"));
+absl::StatusOr<BackendRegistry::Config> BackendRegistry::Configure(
+    const std::string& name, const BackendOptions& options, const BackendFlags& flags) const {
+  auto it = entries_.find(name);
+  if (it == entries_.end()) {
+    return absl::InvalidArgumentError(absl::StrCat("--backend: unknown backend '", name, "'"));
   }
-  return it->second(options);
+  if (absl::Status st = ValidateBackendOptions(options); !st.ok()) return st;
+  absl::StatusOr<std::shared_ptr<const void>> typed = it->second.parse(flags);
+  if (!typed.ok()) return typed.status();
+  Config config;
+  config.name_ = name;
+  config.options_ = options;
+  config.typed_ = *std::move(typed);
+  return config;
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> BackendRegistry::Create(const Config& config) const {
+  auto it = entries_.find(config.name_);
+  if (it == entries_.end() || config.typed_ == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("backend '", config.name_, "' was not configured by this registry"));
+  }
+  return it->second.create(config.options_, config.typed_.get());
 }
 
 absl::Status ValidatePlan(const BatchPlan& plan, const KvPoolInfo& kv, int32_t vocab_size) {

@@ -4,13 +4,17 @@
 
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "engine/model/config.h"
 #include "engine/model/weights.h"
@@ -151,10 +155,14 @@ struct KvPoolInfo {
   std::string dtype;            // element type of K and V: "float32" or "bfloat16"
 };
 
-// Tensor-parallel rank of a backend.
+// The part of the model a backend's Load reads: rank `rank` of `size`. A backend that
+// computes the whole model (tp = 1, or a group behind one Backend: TensorParallelBackend)
+// is loaded with Shard{} and rejects any other; a group loads rank r of its n ranks with
+// Shard{r, n}, which must match that rank's communicator.
 struct Shard {
   int32_t rank = 0;
   int32_t size = 1;
+  bool whole() const { return rank == 0 && size == 1; }
 };
 
 // Collectives among the ranks of one node (NCCL on GPUs, threads on the CPU).
@@ -174,6 +182,10 @@ class Communicator {
   virtual void Abort() = 0;
 };
 
+// Options every backend takes (server flags --threads, --kv_block_size, --kv_blocks,
+// --kv_cache_mb, --gpu_memory_fraction, --tp). A backend's own options are a typed struct
+// of that backend (engine/cpu/cpu_options.h, cuda/cuda_options.h), parsed from
+// BackendFlags by its parser before any weight is read.
 struct BackendOptions {
   int32_t num_threads = 0;  // 0: all cores
   int32_t kv_block_size = 16;
@@ -182,33 +194,45 @@ struct BackendOptions {
   // GPU backends: when > 0 and kv_num_blocks is 0, the KV pool takes what is left of
   // this fraction of device memory after the weights and a workspace reserve.
   double device_memory_fraction = 0.0;
-  // CUDA backend: replay decode steps (every sequence one new token) from captured CUDA
-  // graphs, one per batch size up to 64; tp = 1 only. Results equal graphs off bitwise.
-  bool cuda_graphs = true;
-  // CUDA backend: decode steps with fewer (sequence, kv head) pairs than the GPU has SMs
-  // split each context over up to 16 blocks of at least 256 keys (split-K attention)
-  // and merge them; the split count depends on the batch size only, so graphs and
-  // eager steps stay bitwise equal.
-  bool cuda_split_decode = true;
-  // Rows of temperature requests without top-k or penalties are sampled by the backend
-  // (engine/row_sampling.h) instead of copying the whole row to the host: the CUDA
-  // backend on the GPU (cuda_row_sampling); the CPU backend only when cpu_row_sampling
-  // is set (its host sampler is as fast; tests use it).
-  bool cuda_row_sampling = true;
-  bool cpu_row_sampling = false;
-  // CUDA backend attention of prefill steps: "auto" (tensor cores when head_dim is a
-  // multiple of 16 up to 128, else the float32 SIMT kernel), "simt" or "tensor_core".
-  std::string cuda_attention = "auto";
-  // CPU backend weight type: "auto" (bfloat16 for bf16 checkpoints on CPUs with AMX,
-  // float32 otherwise), "float32" or "bfloat16".
-  std::string cpu_dtype = "auto";
-  // CPU backend KV cache element type: "auto" (bfloat16 when the weights run in
-  // bfloat16, float32 otherwise), "float32" or "bfloat16". The CUDA backend always
-  // stores bfloat16.
-  std::string kv_cache_dtype = "auto";
-  int32_t tensor_parallel = 1;   // ranks (a registry factory builds the group)
-  Communicator* comm = nullptr;  // set per rank by the group; null: tp = 1
+  // Tensor-parallel ranks, the one carrier of the degree: a backend's factory
+  // (MakeCpuBackend, MakeCudaBackend) builds a group of this many ranks behind one
+  // Backend. The ranks themselves learn their place from their communicator and from
+  // the Shard their group loads them with (they never read this field).
+  int32_t tensor_parallel = 1;
 };
+// OK, or INVALID_ARGUMENT naming the server flag of the first value out of range.
+absl::Status ValidateBackendOptions(const BackendOptions& options);
+
+// A backend's own flags as given on the command line: flag name without dashes -> value
+// ({"kv_cache_dtype", "bfloat16"}). Flags not given keep the backend's defaults; a flag
+// the backend does not have is an error (never ignored).
+using BackendFlags = std::map<std::string, std::string>;
+
+// For backend parsers: INVALID_ARGUMENT "--<name>: not an option of the <backend>
+// backend" for the first flag not in `known`.
+absl::Status CheckFlagNames(const BackendFlags& flags, absl::string_view backend,
+                            std::initializer_list<absl::string_view> known);
+// flags[name], when given, into *out: "true"/"false" (or 1/0, yes/no).
+absl::Status ParseFlagBool(const BackendFlags& flags, const std::string& name, bool* out);
+// flags[name], when given, must be one of the names of `choices`; its value goes to *out.
+// Else INVALID_ARGUMENT "--<name>: unknown value '<v>' (<every name>)".
+template <typename E>
+absl::Status ParseFlagChoice(const BackendFlags& flags, const std::string& name,
+                             std::initializer_list<std::pair<absl::string_view, E>> choices,
+                             E* out) {
+  auto it = flags.find(name);
+  if (it == flags.end()) return absl::OkStatus();
+  std::string names;
+  for (const auto& [n, e] : choices) {
+    if (it->second == n) {
+      *out = e;
+      return absl::OkStatus();
+    }
+    absl::StrAppend(&names, names.empty() ? "" : ", ", n);
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("--", name, ": unknown value '", it->second, "' (", names, ")"));
+}
 
 class Backend {
  public:
@@ -228,18 +252,59 @@ class Backend {
   virtual absl::Status Health() const { return absl::OkStatus(); }
 };
 
-// Explicit registration of backends (no static initializers).
+// Explicit registration of backends (no static initializers). Each backend registers a
+// parser of its own flags into its typed options and a factory taking the common and the
+// typed options; Configure parses and checks everything (no weight read, no device
+// touched), Create builds the backend.
 class BackendRegistry {
  public:
-  using Factory = std::function<absl::StatusOr<std::unique_ptr<Backend>>(const BackendOptions&)>;
-  void Register(const std::string& name, Factory factory);
+  template <typename Options>
+  using Parser = std::function<absl::StatusOr<Options>(const BackendFlags&)>;
+  template <typename Options>
+  using Factory = std::function<absl::StatusOr<std::unique_ptr<Backend>>(const BackendOptions&,
+                                                                         const Options&)>;
+
+  // A backend chosen and its options checked, for Create.
+  class Config {
+   public:
+    const std::string& name() const { return name_; }
+    const BackendOptions& options() const { return options_; }
+
+   private:
+    friend class BackendRegistry;
+    std::string name_;
+    BackendOptions options_;
+    std::shared_ptr<const void> typed_;  // the backend's Options
+  };
+
+  template <typename Options>
+  void Register(const std::string& name, Parser<Options> parse, Factory<Options> create) {
+    Entry e;
+    e.parse = [parse](const BackendFlags& flags) -> absl::StatusOr<std::shared_ptr<const void>> {
+      absl::StatusOr<Options> o = parse(flags);
+      if (!o.ok()) return o.status();
+      return std::shared_ptr<const void>(std::make_shared<const Options>(*std::move(o)));
+    };
+    e.create = [create](const BackendOptions& common, const void* typed) {
+      return create(common, *static_cast<const Options*>(typed));
+    };
+    entries_[name] = std::move(e);
+  }
   bool Has(const std::string& name) const;
   std::vector<std::string> Names() const;
-  absl::StatusOr<std::unique_ptr<Backend>> Create(const std::string& name,
-                                                  const BackendOptions& options) const;
+  // ValidateBackendOptions(options), then the backend's parser over `flags`: errors are
+  // INVALID_ARGUMENT naming the flag (or the unknown backend).
+  absl::StatusOr<Config> Configure(const std::string& name, const BackendOptions& options,
+                                   const BackendFlags& flags = {}) const;
+  absl::StatusOr<std::unique_ptr<Backend>> Create(const Config& config) const;
 
  private:
-  std::map<std::string, Factory> factories_;
+  struct Entry {
+    std::function<absl::StatusOr<std::shared_ptr<const void>>(const BackendFlags&)> parse;
+    std::function<absl::StatusOr<std::unique_ptr<Backend>>(const BackendOptions&, const void*)>
+        create;
+  };
+  std::map<std::string, Entry> entries_;
 };
 
 // Megatron-style split of one model over `shard.size` ranks: query heads, MLP columns

@@ -58,10 +58,18 @@ void TensorParallelBackend::AbortGroup(const absl::Status& cause) {
 }
 
 absl::Status TensorParallelBackend::Health() const {
-  absl::MutexLock lock(&abort_mu_);
-  if (aborted_.ok()) return absl::OkStatus();
-  return absl::FailedPreconditionError(
-      absl::StrCat("tensor-parallel group aborted (a rank failed: ", aborted_.message(), ")"));
+  {
+    absl::MutexLock lock(&abort_mu_);
+    if (!aborted_.ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("tensor-parallel group aborted (a rank failed: ", aborted_.message(), ")"));
+    }
+  }
+  // A rank that cannot run steps any more (a sticky device error) fails the group.
+  for (const auto& rank : ranks_) {
+    if (absl::Status h = rank->Health(); !h.ok()) return h;
+  }
+  return absl::OkStatus();
 }
 
 absl::Status TensorParallelBackend::RunAll(const std::function<absl::Status(int32_t)>& fn) {
@@ -83,8 +91,25 @@ absl::Status TensorParallelBackend::RunAll(const std::function<absl::Status(int3
 }
 
 absl::Status TensorParallelBackend::Load(const ModelConfig& config, const WeightSource& weights,
-                                         const Shard&) {
+                                         const Shard& shard) {
+  // The group computes the whole model: it hands each rank its shard itself.
+  if (!shard.whole()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a tensor-parallel group loads the whole model (Shard{}), not rank ",
+                     shard.rank, " of ", shard.size));
+  }
   const int32_t n = size();
+  if (static_cast<int32_t>(comms_.size()) != n) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor-parallel group of ", n, " ranks has ",
+                                                   comms_.size(), " communicators"));
+  }
+  for (int32_t r = 0; r < n; ++r) {
+    if (comms_[r]->size() != n || comms_[r]->rank() != r) {
+      return absl::InvalidArgumentError(absl::StrCat("communicator ", r, " is rank ",
+                                                     comms_[r]->rank(), " of ", comms_[r]->size(),
+                                                     ", not rank ", r, " of ", n));
+    }
+  }
   vocab_size_ = config.vocab_size;
   return RunAll([&](int32_t r) { return ranks_[r]->Load(config, weights, Shard{r, n}); });
 }

@@ -14,7 +14,8 @@ namespace superpose::engine {
 
 class TensorParallelBackend : public Backend {
  public:
-  // `ranks[i]` is constructed with a communicator of rank i; `comms` keeps them alive.
+  // `ranks[i]` is constructed with the communicator of rank i of size ranks.size();
+  // `comms` keeps them alive. The group's size is the number of ranks.
   TensorParallelBackend(std::vector<std::unique_ptr<Backend>> ranks,
                         std::vector<std::unique_ptr<Communicator>> comms,
                         std::shared_ptr<void> group);
@@ -22,12 +23,14 @@ class TensorParallelBackend : public Backend {
 
   std::string name() const override { return ranks_[0]->name(); }
   std::string compute_dtype() const override { return ranks_[0]->compute_dtype(); }
+  // `shard` must be Shard{} (the group is the whole model); rank i loads Shard{i, size()}.
   absl::Status Load(const ModelConfig& config, const WeightSource& weights,
                     const Shard& shard) override;
   absl::Status Forward(const BatchPlan& plan, ForwardOutput* out) override;
   KvPoolInfo kv() const override;
   bool SamplesRows() const override { return ranks_[0]->SamplesRows(); }
-  // FAILED_PRECONDITION once the group was aborted (a rank failed).
+  // FAILED_PRECONDITION once the group was aborted (a rank failed), else the first
+  // failed Health of a rank.
   absl::Status Health() const override;
   int32_t size() const { return static_cast<int32_t>(ranks_.size()); }
 

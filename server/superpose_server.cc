@@ -10,6 +10,7 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include "absl/flags/commandlineflag.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
@@ -59,8 +60,8 @@ ABSL_FLAG(std::string, cpu_dtype, "auto",
           "CPU backend weight type: auto (bfloat16 for bf16 checkpoints on CPUs with AMX, "
           "else float32) | float32 | bfloat16");
 ABSL_FLAG(std::string, kv_cache_dtype, "auto",
-          "KV cache element type (CPU backend): auto (bfloat16 when the weights run in "
-          "bfloat16, else float32) | float32 | bfloat16; CUDA always stores bfloat16");
+          "KV cache element type: auto (CPU: bfloat16 when the weights run in bfloat16, else "
+          "float32; CUDA: bfloat16) | float32 (CPU only) | bfloat16");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads for the backend (0: all cores)");
 ABSL_FLAG(int32_t, max_batch_tokens, 512, "New tokens per engine step (decode + prefill chunks)");
 ABSL_FLAG(int32_t, max_running, 64, "Sequences in the running batch");
@@ -93,8 +94,76 @@ void WritePortFile(const std::string& path, int port) {
   std::rename((path + ".tmp").c_str(), path.c_str());
 }
 
+// The backend-specific flags set to other than their defaults, for the backend's parser
+// (the others keep the backend's defaults, the same values; a flag of another backend is
+// an error there).
+engine::BackendFlags GivenBackendFlags() {
+  engine::BackendFlags flags;
+  for (const absl::CommandLineFlag* f : {&absl::GetFlagReflectionHandle(FLAGS_cpu_dtype),
+                                         &absl::GetFlagReflectionHandle(FLAGS_kv_cache_dtype),
+                                         &absl::GetFlagReflectionHandle(FLAGS_cuda_split_decode),
+                                         &absl::GetFlagReflectionHandle(FLAGS_cuda_row_sampling),
+                                         &absl::GetFlagReflectionHandle(FLAGS_cuda_graphs),
+                                         &absl::GetFlagReflectionHandle(FLAGS_cuda_attention)}) {
+    const std::string value = f->CurrentValue();
+    if (value != f->DefaultValue()) flags[std::string(f->Name())] = value;
+  }
+  return flags;
+}
+
+engine::BackendOptions CommonBackendOptions() {
+  engine::BackendOptions o;
+  o.num_threads = absl::GetFlag(FLAGS_threads);
+  o.tensor_parallel = absl::GetFlag(FLAGS_tp);
+  o.kv_block_size = absl::GetFlag(FLAGS_kv_block_size);
+  o.kv_num_blocks = absl::GetFlag(FLAGS_kv_blocks);
+  o.kv_memory_bytes = absl::GetFlag(FLAGS_kv_cache_mb) << 20;
+  o.device_memory_fraction = absl::GetFlag(FLAGS_gpu_memory_fraction);
+  return o;
+}
+
+// The backend --backend names (auto resolved), its options parsed and checked: before
+// the model is read, so that a bad flag fails startup at once, naming the flag.
+absl::StatusOr<engine::BackendRegistry::Config> ConfigureBackend(
+    const engine::BackendRegistry& registry) {
+  std::string name = absl::GetFlag(FLAGS_backend);
+#if SUPERPOSE_HAVE_CUDA
+  std::string no_gpu;
+  if (name == "auto") name = cuda::CudaAvailable(&no_gpu) ? "cuda" : "cpu";
+  if (!no_gpu.empty()) spdlog::info("--backend=auto: no usable GPU ({}), using cpu", no_gpu);
+#else
+  if (name == "auto") name = "cpu";
+  if (name == "cuda") {
+    return absl::InvalidArgumentError(
+        "--backend=cuda: this build has no CUDA backend (built without nvcc)");
+  }
+#endif
+  return registry.Configure(name, CommonBackendOptions(), GivenBackendFlags());
+}
+
 int Run() {
   spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
+  engine::BackendRegistry registry;
+  engine::cpu::RegisterBackend(registry);
+#if SUPERPOSE_HAVE_CUDA
+  cuda::RegisterBackend(registry);
+#endif
+  absl::StatusOr<engine::BackendRegistry::Config> backend_config = ConfigureBackend(registry);
+  if (!backend_config.ok()) {
+    spdlog::critical("{}", std::string(backend_config.status().message()));
+    return 2;
+  }
+  const engine::BackendOptions& bopts = backend_config->options();
+  server::Authenticator auth;
+  if (const std::string f = absl::GetFlag(FLAGS_api_keys_file); !f.empty()) {
+    absl::StatusOr<server::Authenticator> a = server::Authenticator::FromFile(f);
+    if (!a.ok()) {
+      spdlog::critical("--api_keys_file: {}", a.status().ToString());
+      return 2;
+    }
+    auth = *std::move(a);
+  }
+
   const std::string model_dir = absl::GetFlag(FLAGS_model);
   absl::StatusOr<engine::ModelBundle> model = engine::LoadModelBundle(model_dir);
   if (!model.ok()) {
@@ -111,48 +180,7 @@ int Run() {
                model->name, cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_heads,
                cfg.num_kv_heads, cfg.vocab_size, cfg.NumParameters(), engine::DTypeName(cfg.dtype));
 
-  server::Authenticator auth;
-  if (const std::string f = absl::GetFlag(FLAGS_api_keys_file); !f.empty()) {
-    absl::StatusOr<server::Authenticator> a = server::Authenticator::FromFile(f);
-    if (!a.ok()) {
-      spdlog::critical("--api_keys_file: {}", a.status().ToString());
-      return 2;
-    }
-    auth = *std::move(a);
-  }
-  engine::BackendRegistry registry;
-  engine::cpu::RegisterBackend(registry);
-  std::string backend_name = absl::GetFlag(FLAGS_backend);
-#if SUPERPOSE_HAVE_CUDA
-  cuda::RegisterBackend(registry);
-  std::string no_gpu;
-  if (backend_name == "auto") backend_name = cuda::CudaAvailable(&no_gpu) ? "cuda" : "cpu";
-  if (!no_gpu.empty()) spdlog::info("--backend=auto: no usable GPU ({}), using cpu", no_gpu);
-#else
-  if (backend_name == "auto") backend_name = "cpu";
-  if (backend_name == "cuda") {
-    spdlog::critical("--backend=cuda: this build has no CUDA backend (built without nvcc)");
-    return 2;
-  }
-#endif
-  engine::BackendOptions bopts;
-  bopts.num_threads = absl::GetFlag(FLAGS_threads);
-  bopts.cpu_dtype = absl::GetFlag(FLAGS_cpu_dtype);
-  bopts.kv_cache_dtype = absl::GetFlag(FLAGS_kv_cache_dtype);
-  bopts.tensor_parallel = absl::GetFlag(FLAGS_tp);
-  bopts.kv_block_size = absl::GetFlag(FLAGS_kv_block_size);
-  bopts.kv_num_blocks = absl::GetFlag(FLAGS_kv_blocks);
-  bopts.kv_memory_bytes = absl::GetFlag(FLAGS_kv_cache_mb) << 20;
-  bopts.device_memory_fraction = absl::GetFlag(FLAGS_gpu_memory_fraction);
-  bopts.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
-  bopts.cuda_split_decode = absl::GetFlag(FLAGS_cuda_split_decode);
-  bopts.cuda_row_sampling = absl::GetFlag(FLAGS_cuda_row_sampling);
-  bopts.cuda_attention = absl::GetFlag(FLAGS_cuda_attention);
-  if (bopts.device_memory_fraction < 0 || bopts.device_memory_fraction > 1) {
-    spdlog::critical("--gpu_memory_fraction must be in [0, 1]");
-    return 2;
-  }
-  absl::StatusOr<std::unique_ptr<engine::Backend>> backend = registry.Create(backend_name, bopts);
+  absl::StatusOr<std::unique_ptr<engine::Backend>> backend = registry.Create(*backend_config);
   if (!backend.ok()) {
     spdlog::critical("--backend: {}", backend.status().ToString());
     return 2;

@@ -176,8 +176,9 @@ void ExpectChunkMatchesTokenByToken(const engine::ModelBundle* model,
     engine::BackendOptions o;
     o.kv_num_blocks = 32;
     o.kv_block_size = bs;
-    o.cpu_dtype = dtype;
-    auto b = std::make_unique<engine::cpu::CpuBackend>(o);
+    auto cpu = engine::cpu::ParseCpuOptions({{"cpu_dtype", dtype}});
+    EXPECT_TRUE(cpu.ok()) << cpu.status();
+    auto b = std::make_unique<engine::cpu::CpuBackend>(o, *cpu);
     EXPECT_TRUE(b->Load(model->config, *model->weights, engine::Shard{}).ok());
     return b;
   };

@@ -29,9 +29,11 @@ std::unique_ptr<engine::Backend> Load(const engine::ModelBundle& model,
                                       int tp = 1, const std::string& kv_dtype = "auto") {
   engine::BackendOptions opts;
   opts.kv_num_blocks = 32;
-  opts.cpu_dtype = dtype;
-  opts.kv_cache_dtype = kv_dtype;
-  auto b = engine::cpu::MakeCpuBackend(opts, tp);
+  opts.tensor_parallel = tp;
+  auto cpu = engine::cpu::ParseCpuOptions({{"cpu_dtype", dtype}, {"kv_cache_dtype", kv_dtype}});
+  EXPECT_TRUE(cpu.ok()) << cpu.status();
+  if (!cpu.ok()) return nullptr;
+  auto b = engine::cpu::MakeCpuBackend(opts, *cpu);
   const absl::Status st = b->Load(model.config, weights, engine::Shard{});
   EXPECT_TRUE(st.ok()) << st;
   return st.ok() ? std::move(b) : nullptr;
@@ -158,22 +160,70 @@ TEST_F(CpuBf16Test, AutoFollowsTheCheckpoint) {
   EXPECT_GE(agree, 8);
 }
 
-TEST_F(CpuBf16Test, UnknownKvCacheDtypeIsRejected) {
-  engine::BackendOptions opts;
-  opts.kv_cache_dtype = "fp8";
-  engine::cpu::CpuBackend b(opts);
-  const absl::Status st = b.Load(model_.config, *model_.weights, engine::Shard{});
-  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(std::string(st.message()).find("kv cache dtype"), std::string::npos) << st;
+// Bad values fail when the options are parsed (before any weight is read), naming the
+// flag, the value and the accepted values.
+TEST(CpuOptionsTest, UnknownKvCacheDtypeIsRejected) {
+  const auto o = engine::cpu::ParseCpuOptions({{"kv_cache_dtype", "bf17"}});
+  EXPECT_EQ(o.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(o.status().message(),
+            "--kv_cache_dtype: unknown value 'bf17' (auto, float32, bfloat16)");
 }
 
-TEST_F(CpuBf16Test, UnknownDtypeIsRejected) {
+TEST(CpuOptionsTest, UnknownDtypeIsRejected) {
+  const auto o = engine::cpu::ParseCpuOptions({{"cpu_dtype", "float16"}});
+  EXPECT_EQ(o.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(o.status().message(), "--cpu_dtype: unknown value 'float16' (auto, float32, bfloat16)");
+}
+
+TEST(CpuOptionsTest, ParsesEveryFlagAndRejectsOtherBackends) {
+  auto o = engine::cpu::ParseCpuOptions({});
+  ASSERT_TRUE(o.ok());
+  EXPECT_EQ(o->dtype, engine::cpu::WeightDType::kAuto);
+  EXPECT_EQ(o->kv_cache_dtype, engine::cpu::KvCacheDType::kAuto);
+  EXPECT_FALSE(o->row_sampling);
+  o = engine::cpu::ParseCpuOptions(
+      {{"cpu_dtype", "bfloat16"}, {"kv_cache_dtype", "float32"}, {"cpu_row_sampling", "true"}});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->dtype, engine::cpu::WeightDType::kBFloat16);
+  EXPECT_EQ(o->kv_cache_dtype, engine::cpu::KvCacheDType::kFloat32);
+  EXPECT_TRUE(o->row_sampling);
+  o = engine::cpu::ParseCpuOptions({{"cpu_row_sampling", "maybe"}});
+  EXPECT_EQ(o.status().message(), "--cpu_row_sampling: unknown value 'maybe' (true, false)");
+  o = engine::cpu::ParseCpuOptions({{"cuda_graphs", "false"}});
+  EXPECT_EQ(o.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(o.status().message(), "--cuda_graphs: not an option of the cpu backend");
+}
+
+// Through the registry: the common options are checked too, each error naming its flag.
+TEST(CpuOptionsTest, RegistryConfigureChecksBeforeCreating) {
+  engine::BackendRegistry registry;
+  engine::cpu::RegisterBackend(registry);
   engine::BackendOptions opts;
-  opts.cpu_dtype = "float16";
-  engine::cpu::CpuBackend b(opts);
-  const absl::Status st = b.Load(model_.config, *model_.weights, engine::Shard{});
-  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(std::string(st.message()).find("float16"), std::string::npos) << st;
+  auto config = registry.Configure("cpu", opts, {{"kv_cache_dtype", "bfloat16"}});
+  ASSERT_TRUE(config.ok()) << config.status();
+  auto backend = registry.Create(*config);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  EXPECT_EQ((*backend)->name(), "cpu");
+  opts.tensor_parallel = 0;
+  EXPECT_EQ(registry.Configure("cpu", opts).status().message(), "--tp: must be >= 1");
+  opts.tensor_parallel = 1;
+  opts.device_memory_fraction = 1.5;
+  EXPECT_EQ(registry.Configure("cpu", opts).status().message(),
+            "--gpu_memory_fraction: must be in [0, 1]");
+  EXPECT_EQ(registry.Configure("tpu", engine::BackendOptions{}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// The KV cache's element type follows the option (auto: the weights' type).
+TEST_F(CpuBf16Test, KvCacheDtypeFollowsTheOption) {
+  auto kv = [&](const std::string& dtype, const std::string& kv_dtype) -> std::string {
+    auto b = Load(model_, *model_.weights, dtype, 1, kv_dtype);
+    return b ? b->kv().dtype : "(load failed)";
+  };
+  EXPECT_EQ(kv("float32", "auto"), "float32");
+  EXPECT_EQ(kv("bfloat16", "auto"), "bfloat16");
+  EXPECT_EQ(kv("bfloat16", "float32"), "float32");
+  EXPECT_EQ(kv("float32", "bfloat16"), "bfloat16");
 }
 
 }  // namespace

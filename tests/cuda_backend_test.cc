@@ -56,7 +56,10 @@
 
 #if SUPERPOSE_HAVE_CUDA
 #include "cuda/cuda_backend.h"
+#include "cuda/cuda_errors.h"
+#include "cuda/cuda_util.h"
 #include "cuda/kernel_check.h"
+#include "cuda/kernels.h"
 #include "cuda/step_meta.h"
 #endif
 
@@ -564,7 +567,7 @@ TEST_F(CudaTest, ForwardMatchesCpuBackend) {
     engine::cpu::CpuBackend cpu(opts);
     const auto rounded = RoundedWeights(*model->weights);
     ASSERT_TRUE(cpu.Load(model->config, *rounded, engine::Shard{}).ok());
-    cuda::CudaBackend gpu(opts, 0);
+    cuda::CudaBackend gpu(opts, {}, 0);
     absl::Status st = gpu.Load(model->config, *model->weights, engine::Shard{});
     ASSERT_TRUE(st.ok()) << st;
     EXPECT_EQ(gpu.name(), "cuda");
@@ -580,8 +583,9 @@ std::unique_ptr<cuda::CudaBackend> LoadedGpu(const engine::ModelBundle& model, i
                                              bool cuda_graphs = true) {
   engine::BackendOptions opts;
   opts.kv_num_blocks = blocks;
-  opts.cuda_graphs = cuda_graphs;
-  auto gpu = std::make_unique<cuda::CudaBackend>(opts, 0);
+  cuda::CudaOptions copts;
+  copts.graphs = cuda_graphs;
+  auto gpu = std::make_unique<cuda::CudaBackend>(opts, copts, 0);
   absl::Status st = gpu->Load(model.config, *model.weights, engine::Shard{});
   EXPECT_TRUE(st.ok()) << st;
   return st.ok() ? std::move(gpu) : nullptr;
@@ -1012,7 +1016,7 @@ TEST_F(CudaTest, ManyLogitsRowsGoThroughTheHeadInChunks) {
   engine::cpu::CpuBackend cpu(opts);
   const auto rounded = RoundedWeights(*model->weights);
   ASSERT_TRUE(cpu.Load(model->config, *rounded, engine::Shard{}).ok());
-  cuda::CudaBackend gpu(opts, 0);
+  cuda::CudaBackend gpu(opts, {}, 0);
   ASSERT_TRUE(gpu.Load(model->config, *model->weights, engine::Shard{}).ok());
   SimSeq q;
   q.id = 1;
@@ -1133,9 +1137,10 @@ TEST_F(CudaTest, SplitDecodeMatchesUnsplit) {
     for (int split = 0; split < 2; ++split) {
       engine::BackendOptions opts;
       opts.kv_num_blocks = 3 * 32;
-      opts.cuda_graphs = graphs;
-      opts.cuda_split_decode = split == 1;
-      b[split] = std::make_unique<cuda::CudaBackend>(opts, 0);
+      cuda::CudaOptions copts;
+      copts.graphs = graphs;
+      copts.split_decode = split == 1;
+      b[split] = std::make_unique<cuda::CudaBackend>(opts, copts, 0);
       ASSERT_TRUE(b[split]->Load(model->config, *model->weights, engine::Shard{}).ok());
     }
     for (int32_t B : {1, 3}) {
@@ -1268,12 +1273,14 @@ TEST_F(CudaTest, TensorCoreAttentionForwardMatchesSimt) {
   ASSERT_TRUE(model.ok()) << model.status();
   const int32_t V = model->config.vocab_size;
   std::unique_ptr<cuda::CudaBackend> gpus[2];
-  const char* modes[2] = {"simt", "tensor_core"};
+  const cuda::CudaAttention modes[2] = {cuda::CudaAttention::kSimt,
+                                        cuda::CudaAttention::kTensorCore};
   for (int i = 0; i < 2; ++i) {
     engine::BackendOptions opts;
     opts.kv_num_blocks = 64;
-    opts.cuda_attention = modes[i];
-    gpus[i] = std::make_unique<cuda::CudaBackend>(opts, 0);
+    cuda::CudaOptions copts;
+    copts.attention = modes[i];
+    gpus[i] = std::make_unique<cuda::CudaBackend>(opts, copts, 0);
     absl::Status st = gpus[i]->Load(model->config, *model->weights, engine::Shard{});
     ASSERT_TRUE(st.ok()) << st;
   }
@@ -1311,16 +1318,15 @@ TEST_F(CudaTest, TensorCoreAttentionForwardMatchesSimt) {
 TEST_F(CudaTest, TensorCoreAttentionOptionIsChecked) {
   auto model = engine::LoadModelBundle(testing::Stories260kDir());  // head_dim 8
   ASSERT_TRUE(model.ok());
-  for (const char* mode : {"tensor_core", "fast"}) {
-    engine::BackendOptions opts;
-    opts.kv_num_blocks = 4;
-    opts.cuda_attention = mode;
-    cuda::CudaBackend gpu(opts, 0);
-    EXPECT_FALSE(gpu.Load(model->config, *model->weights, engine::Shard{}).ok()) << mode;
-  }
   engine::BackendOptions opts;
   opts.kv_num_blocks = 4;
-  cuda::CudaBackend gpu(opts, 0);  // auto: falls back to the SIMT kernel
+  cuda::CudaOptions tc;
+  tc.attention = cuda::CudaAttention::kTensorCore;
+  cuda::CudaBackend tc_gpu(opts, tc, 0);
+  const absl::Status st = tc_gpu.Load(model->config, *model->weights, engine::Shard{});
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_NE(std::string(st.message()).find("--cuda_attention"), std::string::npos) << st;
+  cuda::CudaBackend gpu(opts, {}, 0);  // auto: falls back to the SIMT kernel
   ASSERT_TRUE(gpu.Load(model->config, *model->weights, engine::Shard{}).ok());
 }
 
@@ -1335,13 +1341,110 @@ TEST_F(CudaTest, TensorParallelMatchesSingleGpu) {
   ASSERT_TRUE(cpu.Load(model->config, *rounded, engine::Shard{}).ok());
   for (int32_t tp : {2, 4}) {
     if (cuda::CudaDeviceCount() < tp) continue;
-    auto gpu = cuda::MakeCudaBackend(opts, tp);
+    engine::BackendOptions tp_opts = opts;
+    tp_opts.tensor_parallel = tp;
+    auto gpu = cuda::MakeCudaBackend(tp_opts);
     ASSERT_TRUE(gpu.ok()) << gpu.status();
     absl::Status st = (*gpu)->Load(model->config, *model->weights, engine::Shard{});
     ASSERT_TRUE(st.ok()) << "tp=" << tp << ": " << st;
     SCOPED_TRACE("tp=" + std::to_string(tp));
     CompareWithCpu(**gpu, cpu, model->config.vocab_size, 1.0f);
   }
+}
+
+// The CUDA backend's options, parsed without a GPU: bad values and values the backend
+// does not support (a float32 KV cache) fail naming the flag.
+TEST(CudaOptionsTest, ParsesAndRejectsNamingTheFlag) {
+  auto o = cuda::ParseCudaOptions({});
+  ASSERT_TRUE(o.ok());
+  EXPECT_EQ(o->attention, cuda::CudaAttention::kAuto);
+  EXPECT_TRUE(o->graphs && o->split_decode && o->row_sampling);
+  o = cuda::ParseCudaOptions({{"cuda_attention", "simt"},
+                              {"cuda_graphs", "false"},
+                              {"cuda_split_decode", "false"},
+                              {"cuda_row_sampling", "false"},
+                              {"kv_cache_dtype", "bfloat16"}});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->attention, cuda::CudaAttention::kSimt);
+  EXPECT_FALSE(o->graphs || o->split_decode || o->row_sampling);
+  o = cuda::ParseCudaOptions({{"kv_cache_dtype", "float32"}});
+  EXPECT_EQ(o.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(o.status().message().rfind("--kv_cache_dtype: ", 0), 0u) << o.status();
+  o = cuda::ParseCudaOptions({{"cuda_attention", "fast"}});
+  EXPECT_EQ(o.status().message(),
+            "--cuda_attention: unknown value 'fast' (auto, simt, tensor_core)");
+  o = cuda::ParseCudaOptions({{"cpu_dtype", "bfloat16"}});
+  EXPECT_EQ(o.status().message(), "--cpu_dtype: not an option of the cuda backend");
+}
+
+// Which CUDA errors leave the context unusable (no GPU needed): the backend reports those
+// through Health; the others fail one call only.
+TEST(CudaErrorsTest, StickyErrorsAreClassified) {
+  for (cudaError_t e : {cudaErrorIllegalAddress, cudaErrorLaunchFailure, cudaErrorAssert,
+                        cudaErrorIllegalInstruction, cudaErrorMisalignedAddress,
+                        cudaErrorHardwareStackError, cudaErrorECCUncorrectable}) {
+    EXPECT_TRUE(cuda::IsStickyCudaError(e)) << cudaGetErrorName(e);
+  }
+  for (cudaError_t e : {cudaSuccess, cudaErrorMemoryAllocation, cudaErrorInvalidValue,
+                        cudaErrorLaunchOutOfResources, cudaErrorNotReady, cudaErrorNoDevice}) {
+    EXPECT_FALSE(cuda::IsStickyCudaError(e)) << cudaGetErrorName(e);
+  }
+  // The code travels in the status of a failed call.
+  const absl::Status st = cuda::CudaStatus(cudaErrorIllegalAddress, "kernel", "file.cc", 1);
+  EXPECT_EQ(cuda::CudaErrorOf(st), cudaErrorIllegalAddress);
+  EXPECT_NE(std::string(st.message()).find("cudaErrorIllegalAddress"), std::string::npos);
+  EXPECT_EQ(cuda::CudaErrorOf(absl::InternalError("cuBLAS error")), cudaSuccess);
+  EXPECT_EQ(cuda::CudaErrorOf(absl::OkStatus()), cudaSuccess);
+}
+
+// The body of StickyErrorTurnsHealthFailed, in a process of its own (the error poisons
+// the CUDA context of the whole process): exits 0 when every expectation holds, else
+// prints the first that does not and exits 1.
+[[noreturn]] void StickyErrorChild() {
+  auto fail = [](const std::string& why) {
+    std::fprintf(stderr, "sticky-error child: %s\n", why.c_str());
+    std::fflush(stderr);
+    std::_Exit(1);
+  };
+  auto model = engine::LoadModelBundle(testing::Stories260kDir());
+  if (!model.ok()) fail(model.status().ToString());
+  engine::BackendOptions opts;
+  opts.kv_num_blocks = 4;
+  cuda::CudaBackend gpu(opts, {}, 0);
+  if (absl::Status st = gpu.Load(model->config, *model->weights, engine::Shard{}); !st.ok()) {
+    fail("load: " + st.ToString());
+  }
+  const engine::BatchPlan plan = OneSequencePlan({1, 2, 3});
+  engine::ForwardOutput out;
+  if (absl::Status st = gpu.Forward(plan, &out); !st.ok()) fail("first step: " + st.ToString());
+  if (!gpu.Health().ok()) fail("unhealthy before the fault");
+  // A kernel writing far outside any allocation: cudaErrorIllegalAddress, sticky.
+  cuda::LaunchFillF32(reinterpret_cast<float*>(uintptr_t{1} << 40), 1 << 20, 0.0f, nullptr);
+  cudaDeviceSynchronize();
+  const absl::Status step = gpu.Forward(plan, &out);
+  if (step.ok()) fail("a step after the fault succeeded");
+  const absl::Status health = gpu.Health();
+  if (health.code() != absl::StatusCode::kFailedPrecondition) {
+    fail("health after the fault: " + health.ToString());
+  }
+  if (std::string(health.message()).find("sticky") == std::string::npos) {
+    fail("health does not say sticky: " + health.ToString());
+  }
+  // Later steps fail fast with the health status.
+  const absl::Status again = gpu.Forward(plan, &out);
+  if (again.code() != absl::StatusCode::kFailedPrecondition) {
+    fail("a later step: " + again.ToString());
+  }
+  std::fflush(stderr);
+  std::_Exit(0);
+}
+
+// A sticky CUDA error (an illegal address) turns Health FAILED_PRECONDITION, so that the
+// server reports NOT_SERVING at tp = 1 too; later steps fail at once. Runs in a child
+// process (a death test re-executing this binary): the fault poisons the process.
+TEST_F(CudaTest, StickyErrorTurnsHealthFailed) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(StickyErrorChild(), ::testing::ExitedWithCode(0), "");
 }
 
 #else  // !SUPERPOSE_HAVE_CUDA

@@ -29,8 +29,9 @@ class BatchingTest : public ::testing::Test {
     engine::BackendOptions opts;
     opts.kv_num_blocks = blocks;
     opts.kv_block_size = 16;
-    opts.cpu_dtype = dtype_;
-    backends_.push_back(std::make_unique<engine::cpu::CpuBackend>(opts));
+    auto cpu = engine::cpu::ParseCpuOptions({{"cpu_dtype", dtype_}});
+    EXPECT_TRUE(cpu.ok()) << cpu.status();
+    backends_.push_back(std::make_unique<engine::cpu::CpuBackend>(opts, *cpu));
     EXPECT_TRUE(backends_.back()->Load(model_.config, *model_.weights, engine::Shard{}).ok());
     auto e = std::make_unique<engine::Engine>(eo, model_.config, model_.tokenizer.get(),
                                               backends_.back().get());
@@ -356,8 +357,9 @@ TEST_F(BatchingTest, BackendRowSamplingThroughTheEngine) {
                  std::vector<std::unique_ptr<engine::Backend>>* keep) {
     engine::BackendOptions opts;
     opts.kv_num_blocks = 64;
-    opts.cpu_row_sampling = true;
-    keep->push_back(std::make_unique<engine::cpu::CpuBackend>(opts));
+    engine::cpu::CpuOptions cpu;
+    cpu.row_sampling = true;
+    keep->push_back(std::make_unique<engine::cpu::CpuBackend>(opts, cpu));
     EXPECT_TRUE(keep->back()->Load(model_.config, *model_.weights, engine::Shard{}).ok());
     auto spy = std::make_unique<SamplingSpy>(keep->back().get());
     *spy_out = spy.get();
@@ -427,8 +429,9 @@ TEST_F(BatchingTest, BackendRowSamplingThroughTheEngine) {
   // More top log-probabilities than a compact row holds: the host samples the whole row.
   engine::BackendOptions opts;
   opts.kv_num_blocks = 16;
-  opts.cpu_row_sampling = true;
-  engine::cpu::CpuBackend cpu(opts);
+  engine::cpu::CpuOptions sampling;
+  sampling.row_sampling = true;
+  engine::cpu::CpuBackend cpu(opts, sampling);
   ASSERT_TRUE(cpu.Load(model_.config, *model_.weights, engine::Shard{}).ok());
   SamplingSpy wide(&cpu);
   engine::Engine eng(engine::EngineOptions{}, model_.config, model_.tokenizer.get(), &wide);

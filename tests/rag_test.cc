@@ -552,7 +552,8 @@ TEST_F(RagEngineTest, TensorParallelGivesTheSameScoresAndAnswer) {
     engine::BackendOptions opts;
     opts.kv_num_blocks = 128;
     opts.kv_block_size = 16;
-    auto backend = engine::cpu::MakeCpuBackend(opts, tp);
+    opts.tensor_parallel = tp;
+    auto backend = engine::cpu::MakeCpuBackend(opts);
     ASSERT_TRUE(backend->Load(model_.config, *model_.weights, engine::Shard{}).ok());
     auto eng = MakeEngine(backend.get());
     runs.push_back(testing::RunRequest(*eng, RagRequest(spec, 8)));

@@ -4,7 +4,12 @@
 
 #include <httplib.h>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <atomic>
+#include <cstdlib>
+#include <fstream>
 #include <sstream>
 #include <thread>
 
@@ -413,6 +418,40 @@ TEST(ServerFlagsTest, KvCacheDtypeIsAppliedAndReported) {
 
   testing::ServerProcess bad({"--model=" + testing::Stories260kDir(), "--kv_cache_dtype=fp8"});
   EXPECT_FALSE(bad.ok());
+}
+
+// Runs superpose-server with `args` (after --backend=cpu; a later --backend wins) until
+// it exits; returns its exit status and its output (the log).
+std::pair<int, std::string> RunServerToExit(const std::vector<std::string>& args) {
+  const std::string log =
+      ::testing::TempDir() + "/superpose-startup-" + std::to_string(getpid()) + ".log";
+  std::string cmd = "timeout 120 " + std::string(SP_BINARY_DIR) +
+                    "/superpose-server --listen=127.0.0.1:0 --metrics_listen= --backend=cpu";
+  for (const std::string& a : args) cmd += " '" + a + "'";
+  cmd += " >'" + log + "' 2>&1";
+  const int status = std::system(cmd.c_str());
+  std::ifstream in(log);
+  std::stringstream out;
+  out << in.rdbuf();
+  std::remove(log.c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out.str()};
+}
+
+// A bad backend option stops startup before the model is read, naming the flag: the
+// model directory does not exist, and the error is the flag's, not the model's.
+TEST(ServerFlagsTest, BadBackendOptionsFailStartupBeforeTheModelIsRead) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"--kv_cache_dtype=bf17", "--kv_cache_dtype: unknown value 'bf17' (auto, float32, bfloat16)"},
+      {"--cpu_dtype=float16", "--cpu_dtype: unknown value 'float16' (auto, float32, bfloat16)"},
+      {"--cuda_graphs=false", "--cuda_graphs: not an option of the cpu backend"},
+      {"--tp=0", "--tp: must be >= 1"},
+  };
+  for (const auto& [flag, message] : cases) {
+    const auto [status, output] = RunServerToExit({"--model=/nonexistent/model", flag});
+    EXPECT_NE(status, 0) << flag;
+    EXPECT_THAT(output, HasSubstr(message)) << flag;
+    EXPECT_THAT(output, ::testing::Not(HasSubstr("cannot load model"))) << flag;
+  }
 }
 
 }  // namespace

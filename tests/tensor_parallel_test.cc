@@ -7,11 +7,14 @@
 #include <chrono>
 #include <cmath>
 #include <future>
+#include <memory>
+#include <vector>
 
 #include "engine/cpu/cpu_backend.h"
 #include "engine/cpu/thread_communicator.h"
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
+#include "engine/shard_weights.h"
 #include "engine/tensor_parallel.h"
 #include "tests/forwarding_backend.h"
 #include "tests/test_util.h"
@@ -22,11 +25,12 @@ namespace {
 void CompareTp(const engine::ModelBundle& model, const std::vector<int32_t>& prompt) {
   engine::BackendOptions opts;
   opts.kv_num_blocks = 32;
-  auto ref = engine::cpu::MakeCpuBackend(opts, 1);
+  auto ref = engine::cpu::MakeCpuBackend(opts);
   ASSERT_TRUE(ref->Load(model.config, *model.weights, engine::Shard{}).ok());
   const auto want = testing::RunSteps(*ref, prompt, 12);
   for (int tp : {2, 4}) {
-    auto b = engine::cpu::MakeCpuBackend(opts, tp);
+    opts.tensor_parallel = tp;
+    auto b = engine::cpu::MakeCpuBackend(opts);
     absl::Status st = b->Load(model.config, *model.weights, engine::Shard{});
     ASSERT_TRUE(st.ok()) << "tp=" << tp << ": " << st;
     const auto got = testing::RunSteps(*b, prompt, 12);
@@ -63,7 +67,8 @@ TEST(TensorParallelTest, GoldenGreedyThroughTheEngineAtTp2And4) {
   for (int tp : {2, 4}) {
     engine::BackendOptions opts;
     opts.kv_num_blocks = 64;
-    auto b = engine::cpu::MakeCpuBackend(opts, tp);
+    opts.tensor_parallel = tp;
+    auto b = engine::cpu::MakeCpuBackend(opts);
     ASSERT_TRUE(b->Load(model->config, *model->weights, engine::Shard{}).ok());
     engine::Engine eng(engine::EngineOptions{}, model->config, model->tokenizer.get(), b.get());
     eng.Start();
@@ -80,10 +85,90 @@ TEST(TensorParallelTest, GoldenGreedyThroughTheEngineAtTp2And4) {
 TEST(TensorParallelTest, IndivisibleShapesAreRejected) {
   auto model = engine::LoadModelBundle(testing::Stories260kDir());
   ASSERT_TRUE(model.ok());
-  auto b = engine::cpu::MakeCpuBackend(engine::BackendOptions{}, 3);  // 8 heads % 3 != 0
+  engine::BackendOptions opts;
+  opts.tensor_parallel = 3;  // 8 heads % 3 != 0
+  auto b = engine::cpu::MakeCpuBackend(opts);
   absl::Status st = b->Load(model->config, *model->weights, engine::Shard{});
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(st.message()), ::testing::HasSubstr("num_attention_heads"));
+}
+
+// The shared sharded reader (both backends load through it): the ranks' parts put
+// together are the whole tensors, in the layout the backends compute with.
+TEST(ShardedWeightReaderTest, RanksTogetherAreTheWholeModel) {
+  auto model = engine::LoadModelBundle(testing::Stories260kDir());
+  ASSERT_TRUE(model.ok());
+  const engine::ModelConfig& c = model->config;
+  auto whole = engine::ShardedWeightReader::Create(c, *model->weights, engine::Shard{});
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  const int64_t H = c.hidden_size, D = c.head_dim, I = c.intermediate_size;
+  const int32_t l = 1;
+  std::vector<float> qkv(whole->qkv_rows() * H), down(H * I), gate_up(2 * I * H),
+      emb(c.vocab_size * H);
+  ASSERT_TRUE(whole->Qkv(l, qkv.data()).ok());
+  ASSERT_TRUE(whole->Down(l, down.data()).ok());
+  ASSERT_TRUE(whole->GateUp(l, gate_up.data()).ok());
+  ASSERT_TRUE(whole->Embedding(emb.data()).ok());
+  const int32_t tp = 2;
+  for (int32_t r = 0; r < tp; ++r) {
+    auto part = engine::ShardedWeightReader::Create(c, *model->weights, engine::Shard{r, tp});
+    ASSERT_TRUE(part.ok()) << part.status();
+    const engine::ShardLayout& lay = part->layout();
+    std::vector<float> p_qkv(part->qkv_rows() * H), p_down(H * lay.inter),
+        p_gate_up(2 * lay.inter * H), p_emb(static_cast<size_t>(lay.vocab_local) * H);
+    ASSERT_TRUE(part->Qkv(l, p_qkv.data()).ok());
+    ASSERT_TRUE(part->Down(l, p_down.data()).ok());
+    ASSERT_TRUE(part->GateUp(l, p_gate_up.data()).ok());
+    ASSERT_TRUE(part->Embedding(p_emb.data()).ok());
+    // q rows of this rank's heads; k rows of its kv heads.
+    const int64_t q0 = int64_t{r} * lay.q_heads * D * H, nq = int64_t{lay.q_heads} * D * H;
+    EXPECT_TRUE(std::equal(p_qkv.begin(), p_qkv.begin() + nq, qkv.begin() + q0)) << r;
+    const int64_t k_whole = int64_t{c.num_heads} * D * H + int64_t{lay.kv_head_begin} * D * H;
+    EXPECT_TRUE(std::equal(p_qkv.begin() + nq, p_qkv.begin() + nq + int64_t{lay.kv_heads} * D * H,
+                           qkv.begin() + k_whole))
+        << r;
+    for (int64_t row = 0; row < H; ++row) {  // down: this rank's columns
+      EXPECT_TRUE(std::equal(p_down.begin() + row * lay.inter,
+                             p_down.begin() + (row + 1) * lay.inter,
+                             down.begin() + row * I + int64_t{r} * lay.inter))
+          << r << " row " << row;
+    }
+    // gate rows, then up rows, of this rank's columns.
+    const int64_t g0 = int64_t{r} * lay.inter * H, n = int64_t{lay.inter} * H;
+    EXPECT_TRUE(std::equal(p_gate_up.begin(), p_gate_up.begin() + n, gate_up.begin() + g0)) << r;
+    EXPECT_TRUE(std::equal(p_gate_up.begin() + n, p_gate_up.end(), gate_up.begin() + I * H + g0))
+        << r;
+    EXPECT_TRUE(std::equal(p_emb.begin(), p_emb.end(), emb.begin() + int64_t{lay.vocab_begin} * H))
+        << r;
+  }
+  // A shard the shapes do not allow is rejected when the reader is made.
+  EXPECT_EQ(
+      engine::ShardedWeightReader::Create(c, *model->weights, engine::Shard{0, 3}).status().code(),
+      absl::StatusCode::kInvalidArgument);
+}
+
+// Load honours its Shard: a group loads the whole model only, a rank backend the shard
+// of its communicator only.
+TEST(TensorParallelTest, LoadChecksTheShard) {
+  auto model = engine::LoadModelBundle(testing::Stories260kDir());
+  ASSERT_TRUE(model.ok());
+  engine::BackendOptions opts;
+  opts.kv_num_blocks = 4;
+  opts.tensor_parallel = 2;
+  auto group = engine::cpu::MakeCpuBackend(opts);
+  EXPECT_EQ(group->Load(model->config, *model->weights, engine::Shard{1, 2}).code(),
+            absl::StatusCode::kInvalidArgument);
+  opts.tensor_parallel = 1;
+  engine::cpu::CpuBackend plain(opts);
+  EXPECT_EQ(plain.Load(model->config, *model->weights, engine::Shard{0, 2}).code(),
+            absl::StatusCode::kInvalidArgument);
+  auto threads = std::make_shared<engine::cpu::ThreadGroup>(2);
+  auto comm = threads->Rank(1);
+  engine::cpu::CpuBackend rank1(opts, {}, comm.get());
+  EXPECT_EQ(rank1.Load(model->config, *model->weights, engine::Shard{0, 2}).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(rank1.Load(model->config, *model->weights, engine::Shard{}).code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 // Rank 1 of a group, whose Forward fails (before its first collective) once armed.
@@ -116,8 +201,8 @@ TEST(TensorParallelTest, AFailingRankAbortsTheGroupInsteadOfHanging) {
     comms.push_back(group->Rank(r));
     engine::BackendOptions o;
     o.kv_num_blocks = 8;
-    o.comm = comms.back().get();
-    auto cpu = std::make_unique<engine::cpu::CpuBackend>(o);
+    auto cpu =
+        std::make_unique<engine::cpu::CpuBackend>(o, engine::cpu::CpuOptions{}, comms.back().get());
     if (r == 0) {
       ranks.push_back(std::move(cpu));
     } else {

@@ -60,142 +60,114 @@ void SwiGlu(const float* g, const float* u, int32_t n, float* a) {
 
 }  // namespace
 
-CpuBackend::CpuBackend(const BackendOptions& options) : options_(options) {}
+CpuBackend::CpuBackend(const BackendOptions& options, const CpuOptions& cpu, Communicator* comm)
+    : options_(options), cpu_(cpu), comm_(comm) {}
 
-absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& weights,
-                              const Shard& shard) {
-  config_ = config;
-  shard_ = shard;
-  const int32_t tp = shard.size, rank = shard.rank;
-  if (tp < 1 || rank < 0 || rank >= tp) return absl::InvalidArgumentError("bad shard");
-  if (tp > 1 && (options_.comm == nullptr || options_.comm->size() != tp)) {
-    return absl::InvalidArgumentError("tensor parallelism needs a communicator of the tp size");
+absl::Status CpuBackend::CheckShard(const Shard& shard) const {
+  if (comm_ == nullptr) {
+    if (shard.whole()) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cpu backend without a communicator loads the whole model (Shard{}), not rank ", shard.rank,
+        " of ", shard.size));
   }
-  const int32_t H = config.hidden_size, D = config.head_dim, nq = config.num_heads,
-                nkv = config.num_kv_heads, I = config.intermediate_size, V = config.vocab_size;
-  absl::StatusOr<ShardLayout> layout = ComputeShardLayout(config, shard);
-  if (!layout.ok()) return layout.status();
-  q_heads_ = layout->q_heads;
-  kv_heads_ = layout->kv_heads;
-  kv_head_begin_ = layout->kv_head_begin;
-  inter_ = layout->inter;
-  const int32_t vocab_pad = layout->vocab_pad;
-  vocab_begin_ = layout->vocab_begin;
-  vocab_local_ = layout->vocab_local;
-  heads_of_.assign(kv_heads_, {});
-  for (int32_t h = 0; h < q_heads_; ++h) {
-    heads_of_[(rank * q_heads_ + h) / (nq / nkv) - kv_head_begin_].push_back(h);
+  if (shard.size != comm_->size() || shard.rank != comm_->rank()) {
+    return absl::InvalidArgumentError(absl::StrCat("shard rank ", shard.rank, " of ", shard.size,
+                                                   " does not match the communicator's rank ",
+                                                   comm_->rank(), " of ", comm_->size()));
   }
+  return absl::OkStatus();
+}
 
-  // Weight type: bf16 when asked, or (auto) when the checkpoint stores bf16 and this CPU
-  // has AMX or AVX512-BF16; float32 otherwise.
-  const std::string& want = options_.cpu_dtype;
-  if (want == "bfloat16") {
-    bf16_ = true;
-  } else if (want == "float32") {
-    bf16_ = false;
-  } else if (want == "auto" || want.empty()) {
-    absl::StatusOr<TensorView> probe = weights.Get("model.layers.0.mlp.down_proj.weight");
-    bf16_ = probe.ok() && probe->dtype == DType::kBF16 && (HasAmxBf16() || HasAvx512Bf16());
-  } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("cpu dtype must be auto, float32 or bfloat16, got '", want, "'"));
+// Weight type: bf16 when asked, or (auto) when the checkpoint stores bf16 and this CPU
+// has AMX or AVX512-BF16; float32 otherwise.
+void CpuBackend::ChooseWeightType(const WeightSource& weights) {
+  switch (cpu_.dtype) {
+    case WeightDType::kBFloat16:
+      bf16_ = true;
+      return;
+    case WeightDType::kFloat32:
+      bf16_ = false;
+      return;
+    case WeightDType::kAuto:
+      break;
   }
-  const std::vector<int64_t> emb_shape = {V, H};
+  absl::StatusOr<TensorView> probe = weights.Get("model.layers.0.mlp.down_proj.weight");
+  bf16_ = probe.ok() && probe->dtype == DType::kBF16 && (HasAmxBf16() || HasAvx512Bf16());
+}
+
+absl::Status CpuBackend::ReadEmbeddingAndHead(const ShardedWeightReader& reader) {
+  const int32_t H = config_.hidden_size, vocab_pad = reader.layout().vocab_pad;
   embed_.assign(static_cast<size_t>(vocab_pad) * H, 0.0f);
-  SP_RETURN_IF_ERROR(weights.ReadF32Block("model.embed_tokens.weight", emb_shape, vocab_begin_,
-                                          vocab_begin_ + vocab_local_, 0, H, embed_.data()));
+  SP_RETURN_IF_ERROR(reader.Embedding(embed_.data()));
   lm_head_ = Matrix{};
-  if (!config.tie_word_embeddings && weights.Has("lm_head.weight")) {
-    SP_RETURN_IF_ERROR(weights.ReadF32Block("lm_head.weight", emb_shape, vocab_begin_,
-                                            vocab_begin_ + vocab_local_, 0, H,
-                                            Shape(lm_head_, vocab_pad, H)));
+  if (!config_.tie_word_embeddings) {
+    SP_RETURN_IF_ERROR(reader.LmHead(Shape(lm_head_, vocab_pad, H)));
     Finish(lm_head_);
-  } else if (!config.tie_word_embeddings) {
-    return absl::NotFoundError("tensor 'lm_head.weight' missing and tie_word_embeddings is false");
   } else if (bf16_) {
     lm_head_.out = vocab_pad;
     lm_head_.in = H;
     lm_head_.bf16.Pack(embed_.data(), vocab_pad, H);
   }
   final_norm_.resize(H);
-  SP_RETURN_IF_ERROR(weights.ReadF32("model.norm.weight", {H}, final_norm_.data()));
+  return reader.FinalNorm(final_norm_.data());
+}
 
-  layers_.clear();
-  layers_.resize(config.num_layers);
-  const int32_t qkv_rows = (q_heads_ + 2 * kv_heads_) * D;
-  for (int32_t l = 0; l < config.num_layers; ++l) {
-    Layer& L = layers_[l];
-    const std::string p = absl::StrCat("model.layers.", l, ".");
-    L.attn_norm.resize(H);
-    L.mlp_norm.resize(H);
-    SP_RETURN_IF_ERROR(weights.ReadF32(p + "input_layernorm.weight", {H}, L.attn_norm.data()));
-    SP_RETURN_IF_ERROR(
-        weights.ReadF32(p + "post_attention_layernorm.weight", {H}, L.mlp_norm.data()));
-
-    const int64_t q0 = static_cast<int64_t>(rank) * q_heads_ * D, q1 = q0 + q_heads_ * D;
-    const int64_t k0 = static_cast<int64_t>(kv_head_begin_) * D, k1 = k0 + kv_heads_ * D;
-    float* dst = Shape(L.wqkv, qkv_rows, H);
-    SP_RETURN_IF_ERROR(
-        weights.ReadF32Block(p + "self_attn.q_proj.weight", {nq * D, H}, q0, q1, 0, H, dst));
-    dst += (q1 - q0) * H;
-    SP_RETURN_IF_ERROR(
-        weights.ReadF32Block(p + "self_attn.k_proj.weight", {nkv * D, H}, k0, k1, 0, H, dst));
-    dst += (k1 - k0) * H;
-    SP_RETURN_IF_ERROR(
-        weights.ReadF32Block(p + "self_attn.v_proj.weight", {nkv * D, H}, k0, k1, 0, H, dst));
-    Finish(L.wqkv);
-    if (config.attention_bias) {
-      L.bqkv.resize(qkv_rows);
-      std::vector<float> full(static_cast<size_t>(nq) * D);
-      SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.q_proj.bias", {nq * D}, full.data()));
-      std::copy(full.begin() + q0, full.begin() + q1, L.bqkv.begin());
-      full.resize(static_cast<size_t>(nkv) * D);
-      SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.k_proj.bias", {nkv * D}, full.data()));
-      std::copy(full.begin() + k0, full.begin() + k1, L.bqkv.begin() + (q1 - q0));
-      SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.v_proj.bias", {nkv * D}, full.data()));
-      std::copy(full.begin() + k0, full.begin() + k1, L.bqkv.begin() + (q1 - q0) + (k1 - k0));
-    }
-    if (config.qk_norm) {
-      L.q_norm.resize(D);
-      L.k_norm.resize(D);
-      SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.q_norm.weight", {D}, L.q_norm.data()));
-      SP_RETURN_IF_ERROR(weights.ReadF32(p + "self_attn.k_norm.weight", {D}, L.k_norm.data()));
-    }
-    SP_RETURN_IF_ERROR(weights.ReadF32Block(p + "self_attn.o_proj.weight", {H, nq * D}, 0, H, q0,
-                                            q1, Shape(L.wo, H, q_heads_ * D)));
-    Finish(L.wo);
-    const int64_t i0 = static_cast<int64_t>(rank) * inter_, i1 = i0 + inter_;
-    float* gate_up = Shape(L.wgate_up, 2 * inter_, H);
-    SP_RETURN_IF_ERROR(
-        weights.ReadF32Block(p + "mlp.gate_proj.weight", {I, H}, i0, i1, 0, H, gate_up));
-    SP_RETURN_IF_ERROR(weights.ReadF32Block(p + "mlp.up_proj.weight", {I, H}, i0, i1, 0, H,
-                                            gate_up + static_cast<size_t>(inter_) * H));
-    Finish(L.wgate_up);
-    SP_RETURN_IF_ERROR(weights.ReadF32Block(p + "mlp.down_proj.weight", {H, I}, 0, H, i0, i1,
-                                            Shape(L.wdown, H, inter_)));
-    Finish(L.wdown);
+absl::Status CpuBackend::ReadLayer(const ShardedWeightReader& reader, int32_t l) {
+  const int32_t H = config_.hidden_size, D = config_.head_dim;
+  const int32_t qkv_rows = static_cast<int32_t>(reader.qkv_rows());
+  Layer& L = layers_[l];
+  L.attn_norm.resize(H);
+  L.mlp_norm.resize(H);
+  SP_RETURN_IF_ERROR(reader.AttnNorm(l, L.attn_norm.data()));
+  SP_RETURN_IF_ERROR(reader.MlpNorm(l, L.mlp_norm.data()));
+  SP_RETURN_IF_ERROR(reader.Qkv(l, Shape(L.wqkv, qkv_rows, H)));
+  Finish(L.wqkv);
+  if (config_.attention_bias) {
+    L.bqkv.resize(qkv_rows);
+    SP_RETURN_IF_ERROR(reader.QkvBias(l, L.bqkv.data()));
   }
-  inv_freq_ = RopeInvFreq(config);
-
-  // KV pool.
-  const std::string& kv_want = options_.kv_cache_dtype;
-  if (kv_want == "auto" || kv_want.empty()) {
-    kv_bf16_ = bf16_;
-  } else if (kv_want == "bfloat16" || kv_want == "float32") {
-    kv_bf16_ = kv_want == "bfloat16";
-  } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("kv cache dtype must be auto, float32 or bfloat16, got '", kv_want, "'"));
+  if (config_.qk_norm) {
+    L.q_norm.resize(D);
+    L.k_norm.resize(D);
+    SP_RETURN_IF_ERROR(reader.QNorm(l, L.q_norm.data()));
+    SP_RETURN_IF_ERROR(reader.KNorm(l, L.k_norm.data()));
   }
+  SP_RETURN_IF_ERROR(reader.O(l, Shape(L.wo, H, q_heads_ * D)));
+  Finish(L.wo);
+  SP_RETURN_IF_ERROR(reader.GateUp(l, Shape(L.wgate_up, 2 * inter_, H)));
+  Finish(L.wgate_up);
+  SP_RETURN_IF_ERROR(reader.Down(l, Shape(L.wdown, H, inter_)));
+  Finish(L.wdown);
+  return absl::OkStatus();
+}
+
+void CpuBackend::AllocateKvPool() {
+  switch (cpu_.kv_cache_dtype) {
+    case KvCacheDType::kAuto:
+      kv_bf16_ = bf16_;
+      break;
+    case KvCacheDType::kFloat32:
+      kv_bf16_ = false;
+      break;
+    case KvCacheDType::kBFloat16:
+      kv_bf16_ = true;
+      break;
+  }
+  const int32_t D = config_.head_dim;
   const int32_t bs = options_.kv_block_size > 0 ? options_.kv_block_size : 16;
   const int64_t elem = kv_bf16_ ? 2 : 4;
-  const int64_t per_block = static_cast<int64_t>(config.num_layers) * bs * kv_heads_ * D * 2 * elem;
+  const int64_t per_block =
+      static_cast<int64_t>(config_.num_layers) * bs * kv_heads_ * D * 2 * elem;
   int32_t blocks = options_.kv_num_blocks;
-  if (blocks <= 0)
+  if (blocks <= 0) {
     blocks = static_cast<int32_t>(std::max<int64_t>(1, options_.kv_memory_bytes / per_block));
+  }
   kv_info_ = KvPoolInfo{blocks, bs, per_block, kv_bf16_ ? "bfloat16" : "float32"};
-  const size_t kv_elems = static_cast<size_t>(config.num_layers) * blocks * bs * kv_heads_ * D;
+  const size_t kv_elems = static_cast<size_t>(config_.num_layers) * blocks * bs * kv_heads_ * D;
+  k_cache_.clear();
+  v_cache_.clear();
+  k_cache16_.clear();
+  v_cache16_.clear();
   if (kv_bf16_) {
     k_cache16_.assign(kv_elems, 0);
     v_cache16_.assign(kv_elems, 0);
@@ -203,7 +175,34 @@ absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& wei
     k_cache_.assign(kv_elems, 0.0f);
     v_cache_.assign(kv_elems, 0.0f);
   }
+}
 
+absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& weights,
+                              const Shard& shard) {
+  SP_RETURN_IF_ERROR(CheckShard(shard));
+  config_ = config;
+  shard_ = shard;
+  absl::StatusOr<ShardedWeightReader> reader = ShardedWeightReader::Create(config_, weights, shard);
+  if (!reader.ok()) return reader.status();
+  const ShardLayout& layout = reader->layout();
+  q_heads_ = layout.q_heads;
+  kv_heads_ = layout.kv_heads;
+  kv_head_begin_ = layout.kv_head_begin;
+  inter_ = layout.inter;
+  vocab_begin_ = layout.vocab_begin;
+  vocab_local_ = layout.vocab_local;
+  const int32_t group = config.num_heads / config.num_kv_heads;
+  heads_of_.assign(kv_heads_, {});
+  for (int32_t h = 0; h < q_heads_; ++h) {
+    heads_of_[(shard.rank * q_heads_ + h) / group - kv_head_begin_].push_back(h);
+  }
+  ChooseWeightType(weights);
+  SP_RETURN_IF_ERROR(ReadEmbeddingAndHead(*reader));
+  layers_.clear();
+  layers_.resize(config.num_layers);
+  for (int32_t l = 0; l < config.num_layers; ++l) SP_RETURN_IF_ERROR(ReadLayer(*reader, l));
+  inv_freq_ = RopeInvFreq(config);
+  AllocateKvPool();
   return absl::OkStatus();
 }
 
@@ -239,8 +238,8 @@ void CpuBackend::LinearF32(const float* x, int32_t rows, int32_t in, const float
 }
 
 absl::Status CpuBackend::AllReduce(float* data, int64_t count) {
-  if (shard_.size == 1) return absl::OkStatus();
-  return options_.comm->AllReduceSum(data, count);
+  if (comm_ == nullptr) return absl::OkStatus();
+  return comm_->AllReduceSum(data, count);
 }
 
 CpuBackend::KeyIndex CpuBackend::BuildKeyIndex(const BatchPlan& plan) const {
@@ -325,110 +324,148 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
   out->logits.clear();
   out->logprobs.clear();
   if (T == 0) return absl::OkStatus();
-  const int32_t H = config_.hidden_size, D = config_.head_dim, bs = kv_info_.block_size;
-  const int32_t qd = q_heads_ * D, kvd = kv_heads_ * D, qkv_w = qd + 2 * kvd;
-  const float eps = config_.rms_norm_eps;
+  std::vector<float> x;
+  SP_RETURN_IF_ERROR(Embed(plan, &x));
+  // Where each sequence's keys live: the same for every layer.
+  const KeyIndex key_index = BuildKeyIndex(plan);
+  StepBuffers b(plan, config_, q_heads_, kv_heads_, inter_, inv_freq_);
+  for (int32_t l = 0; l < config_.num_layers; ++l) {
+    SP_RETURN_IF_ERROR(AttentionBlock(plan, key_index, l, &b, &x));
+    SP_RETURN_IF_ERROR(MlpBlock(l, &b, &x));
+  }
+  return Logits(plan, x, out);
+}
 
-  // Embedding (vocabulary-parallel: rows outside this rank's range stay zero).
-  std::vector<float> x(static_cast<size_t>(T) * H, 0.0f);
+CpuBackend::StepBuffers::StepBuffers(const BatchPlan& plan, const ModelConfig& config,
+                                     int32_t q_heads, int32_t kv_heads, int32_t inter,
+                                     const std::vector<float>& inv_freq) {
+  const size_t T = plan.tokens.size(), H = config.hidden_size, D = config.head_dim;
+  const size_t qd = q_heads * D, qkv_w = qd + 2 * kv_heads * D;
+  h.resize(T * H);
+  qkv.resize(T * qkv_w);
+  q.resize(T * qd);
+  attn.resize(T * qd);
+  proj.resize(T * H);
+  gu.resize(T * 2 * inter);
+  act.resize(T * inter);
+  // RoPE tables from the float positions.
+  half = static_cast<int32_t>(D / 2);
+  cos_t.resize(T * half);
+  sin_t.resize(T * half);
+  for (size_t t = 0; t < T; ++t) {
+    for (int32_t i = 0; i < half; ++i) {
+      const float a = plan.positions[t] * inv_freq[i];
+      cos_t[t * half + i] = std::cos(a);
+      sin_t[t * half + i] = std::sin(a);
+    }
+  }
+}
+
+// Embedding (vocabulary-parallel: rows outside this rank's range stay zero).
+absl::Status CpuBackend::Embed(const BatchPlan& plan, std::vector<float>* x) {
+  const int32_t T = plan.num_tokens(), H = config_.hidden_size;
+  x->assign(static_cast<size_t>(T) * H, 0.0f);
   for (int32_t t = 0; t < T; ++t) {
     const int32_t id = plan.tokens[t] - vocab_begin_;
     if (id >= 0 && id < vocab_local_) {
-      std::memcpy(&x[static_cast<size_t>(t) * H], &embed_[static_cast<size_t>(id) * H],
+      std::memcpy(&(*x)[static_cast<size_t>(t) * H], &embed_[static_cast<size_t>(id) * H],
                   sizeof(float) * H);
     }
   }
-  SP_RETURN_IF_ERROR(AllReduce(x.data(), x.size()));
+  return AllReduce(x->data(), x->size());
+}
 
-  // Where each sequence's keys live: the same for every layer.
-  const KeyIndex key_index = BuildKeyIndex(plan);
-
-  // RoPE tables from the float positions.
-  const int32_t half = D / 2;
-  std::vector<float> cos_t(static_cast<size_t>(T) * half), sin_t(static_cast<size_t>(T) * half);
+// Norm, QKV projection, RoPE, K/V into the pool, attention, output projection, residual.
+absl::Status CpuBackend::AttentionBlock(const BatchPlan& plan, const KeyIndex& key_index, int32_t l,
+                                        StepBuffers* b, std::vector<float>* xp) {
+  const int32_t T = plan.num_tokens();
+  const int32_t H = config_.hidden_size, D = config_.head_dim, bs = kv_info_.block_size;
+  const int32_t qd = q_heads_ * D, kvd = kv_heads_ * D, qkv_w = qd + 2 * kvd, half = b->half;
+  const float eps = config_.rms_norm_eps;
+  const Layer& L = layers_[l];
+  std::vector<float>& x = *xp;
+  std::vector<float>&h = b->h, &qkv = b->qkv, &q = b->q, &attn = b->attn, &proj = b->proj;
+  const std::vector<float>&cos_t = b->cos_t, &sin_t = b->sin_t;
+#pragma omp parallel for if (T > 4)
   for (int32_t t = 0; t < T; ++t) {
-    for (int32_t i = 0; i < half; ++i) {
-      const float a = plan.positions[t] * inv_freq_[i];
-      cos_t[static_cast<size_t>(t) * half + i] = std::cos(a);
-      sin_t[static_cast<size_t>(t) * half + i] = std::sin(a);
-    }
+    RmsNorm(&x[static_cast<size_t>(t) * H], L.attn_norm.data(), H, eps,
+            &h[static_cast<size_t>(t) * H]);
   }
-
-  std::vector<float> h(static_cast<size_t>(T) * H);
-  std::vector<float> qkv(static_cast<size_t>(T) * qkv_w);
-  std::vector<float> q(static_cast<size_t>(T) * qd);
-  std::vector<float> attn(static_cast<size_t>(T) * qd);
-  std::vector<float> proj(static_cast<size_t>(T) * H);
-  std::vector<float> gu(static_cast<size_t>(T) * 2 * inter_);
-  std::vector<float> act(static_cast<size_t>(T) * inter_);
-
-  for (int32_t l = 0; l < config_.num_layers; ++l) {
-    const Layer& L = layers_[l];
+  Linear(h.data(), T, L.wqkv, qkv.data());
+  const size_t layer_off = static_cast<size_t>(l) * kv_info_.num_blocks * bs * kvd;
 #pragma omp parallel for if (T > 4)
-    for (int32_t t = 0; t < T; ++t) {
-      RmsNorm(&x[static_cast<size_t>(t) * H], L.attn_norm.data(), H, eps,
-              &h[static_cast<size_t>(t) * H]);
+  for (int32_t t = 0; t < T; ++t) {
+    float* row = &qkv[static_cast<size_t>(t) * qkv_w];
+    if (!L.bqkv.empty()) {
+      for (int32_t i = 0; i < qkv_w; ++i) row[i] += L.bqkv[i];
     }
-    Linear(h.data(), T, L.wqkv, qkv.data());
-    const size_t layer_off = static_cast<size_t>(l) * kv_info_.num_blocks * bs * kvd;
-#pragma omp parallel for if (T > 4)
-    for (int32_t t = 0; t < T; ++t) {
-      float* row = &qkv[static_cast<size_t>(t) * qkv_w];
-      if (!L.bqkv.empty()) {
-        for (int32_t i = 0; i < qkv_w; ++i) row[i] += L.bqkv[i];
-      }
-      const float* c = &cos_t[static_cast<size_t>(t) * half];
-      const float* s = &sin_t[static_cast<size_t>(t) * half];
-      for (int32_t hh = 0; hh < q_heads_; ++hh) {
-        float* qh = &q[(static_cast<size_t>(t) * q_heads_ + hh) * D];
-        std::memcpy(qh, row + hh * D, sizeof(float) * D);
-        if (!L.q_norm.empty()) RmsNorm(qh, L.q_norm.data(), D, eps, qh);
-        Rope(qh, c, s, D);
-      }
-      const KvSlot& slot = plan.kv_slots[t];
-      const size_t voff = layer_off + (static_cast<size_t>(slot.block) * bs + slot.slot) * kvd;
-      const float* vsrc = row + qd + kvd;
-      if (kv_bf16_) {
-        for (int32_t i = 0; i < kvd; ++i) v_cache16_[voff + i] = F32ToBf16(vsrc[i]);
-      } else {
-        std::memcpy(&v_cache_[voff], vsrc, sizeof(float) * kvd);
-      }
-      for (int32_t hh = 0; hh < kv_heads_; ++hh) {
-        float* kh = row + qd + hh * D;
-        if (!L.k_norm.empty()) RmsNorm(kh, L.k_norm.data(), D, eps, kh);
-        Rope(kh, c, s, D);
-        for (int32_t d = 0; d < D; ++d) {
-          const size_t e = layer_off + KeyElement(slot.block, slot.slot, hh, d, kv_heads_, D, bs);
-          if (kv_bf16_) {
-            k_cache16_[e] = F32ToBf16(kh[d]);
-          } else {
-            k_cache_[e] = kh[d];
-          }
+    const float* c = &cos_t[static_cast<size_t>(t) * half];
+    const float* s = &sin_t[static_cast<size_t>(t) * half];
+    for (int32_t hh = 0; hh < q_heads_; ++hh) {
+      float* qh = &q[(static_cast<size_t>(t) * q_heads_ + hh) * D];
+      std::memcpy(qh, row + hh * D, sizeof(float) * D);
+      if (!L.q_norm.empty()) RmsNorm(qh, L.q_norm.data(), D, eps, qh);
+      Rope(qh, c, s, D);
+    }
+    const KvSlot& slot = plan.kv_slots[t];
+    const size_t voff = layer_off + (static_cast<size_t>(slot.block) * bs + slot.slot) * kvd;
+    const float* vsrc = row + qd + kvd;
+    if (kv_bf16_) {
+      for (int32_t i = 0; i < kvd; ++i) v_cache16_[voff + i] = F32ToBf16(vsrc[i]);
+    } else {
+      std::memcpy(&v_cache_[voff], vsrc, sizeof(float) * kvd);
+    }
+    for (int32_t hh = 0; hh < kv_heads_; ++hh) {
+      float* kh = row + qd + hh * D;
+      if (!L.k_norm.empty()) RmsNorm(kh, L.k_norm.data(), D, eps, kh);
+      Rope(kh, c, s, D);
+      for (int32_t d = 0; d < D; ++d) {
+        const size_t e = layer_off + KeyElement(slot.block, slot.slot, hh, d, kv_heads_, D, bs);
+        if (kv_bf16_) {
+          k_cache16_[e] = F32ToBf16(kh[d]);
+        } else {
+          k_cache_[e] = kh[d];
         }
       }
     }
-    Attention(key_index, l, q.data(), attn.data());
-    Linear(attn.data(), T, L.wo, proj.data());
-    SP_RETURN_IF_ERROR(AllReduce(proj.data(), proj.size()));
-    for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
-
-#pragma omp parallel for if (T > 4)
-    for (int32_t t = 0; t < T; ++t) {
-      RmsNorm(&x[static_cast<size_t>(t) * H], L.mlp_norm.data(), H, eps,
-              &h[static_cast<size_t>(t) * H]);
-    }
-    Linear(h.data(), T, L.wgate_up, gu.data());
-#pragma omp parallel for if (T > 4)
-    for (int32_t t = 0; t < T; ++t) {
-      const float* g = &gu[static_cast<size_t>(t) * 2 * inter_];
-      SwiGlu(g, g + inter_, inter_, &act[static_cast<size_t>(t) * inter_]);
-    }
-    Linear(act.data(), T, L.wdown, proj.data());
-    SP_RETURN_IF_ERROR(AllReduce(proj.data(), proj.size()));
-    for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
   }
+  Attention(key_index, l, q.data(), attn.data());
+  Linear(attn.data(), T, L.wo, proj.data());
+  SP_RETURN_IF_ERROR(AllReduce(proj.data(), proj.size()));
+  for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
+  return absl::OkStatus();
+}
 
-  // Rows that need logits: logits_for first, then those of logprob requests.
+// Norm, gate/up projection, SwiGLU, down projection, residual.
+absl::Status CpuBackend::MlpBlock(int32_t l, StepBuffers* b, std::vector<float>* xp) {
+  std::vector<float>& x = *xp;
+  const int32_t H = config_.hidden_size;
+  const int32_t T = static_cast<int32_t>(x.size() / H);
+  const float eps = config_.rms_norm_eps;
+  const Layer& L = layers_[l];
+  std::vector<float>&h = b->h, &gu = b->gu, &act = b->act, &proj = b->proj;
+#pragma omp parallel for if (T > 4)
+  for (int32_t t = 0; t < T; ++t) {
+    RmsNorm(&x[static_cast<size_t>(t) * H], L.mlp_norm.data(), H, eps,
+            &h[static_cast<size_t>(t) * H]);
+  }
+  Linear(h.data(), T, L.wgate_up, gu.data());
+#pragma omp parallel for if (T > 4)
+  for (int32_t t = 0; t < T; ++t) {
+    const float* g = &gu[static_cast<size_t>(t) * 2 * inter_];
+    SwiGlu(g, g + inter_, inter_, &act[static_cast<size_t>(t) * inter_]);
+  }
+  Linear(act.data(), T, L.wdown, proj.data());
+  SP_RETURN_IF_ERROR(AllReduce(proj.data(), proj.size()));
+  for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
+  return absl::OkStatus();
+}
+
+// Logits of the rows that want them: logits_for first, then those of logprob requests.
+absl::Status CpuBackend::Logits(const BatchPlan& plan, const std::vector<float>& x,
+                                ForwardOutput* out) {
+  const int32_t T = plan.num_tokens(), H = config_.hidden_size;
+  const float eps = config_.rms_norm_eps;
   std::vector<int32_t> rows = plan.logits_for;
   std::vector<int32_t> lp_row(plan.logprobs.size());
   std::vector<int32_t> row_of(T, -1);
@@ -448,6 +485,16 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
     RmsNorm(&x[static_cast<size_t>(rows[r]) * H], final_norm_.data(), H, eps,
             &hn[static_cast<size_t>(r) * H]);
   }
+  absl::StatusOr<const float*> logits = LmHead(hn, R);
+  if (!logits.ok()) return logits.status();
+  CompactLogits(plan, config_.vocab_size, *logits, out);
+  Logprobs(plan, *logits, R, lp_row, out);
+  return absl::OkStatus();
+}
+
+// [R, V] logits of the final-normed rows hn (gathered over the ranks).
+absl::StatusOr<const float*> CpuBackend::LmHead(const std::vector<float>& hn, int32_t R) {
+  const int32_t H = config_.hidden_size;
   const int32_t V = config_.vocab_size, tp = shard_.size;
   const int32_t vocab_pad = (V + tp - 1) / tp;
   // Scratch kept across steps: scoring steps ask for thousands of rows, and fresh
@@ -463,7 +510,7 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
   if (tp > 1) {
     logits.resize(static_cast<size_t>(R) * V);
     std::vector<float> gathered(static_cast<size_t>(tp) * R * vocab_pad);
-    SP_RETURN_IF_ERROR(options_.comm->AllGather(local.data(), local.size(), gathered.data()));
+    SP_RETURN_IF_ERROR(comm_->AllGather(local.data(), local.size(), gathered.data()));
     for (int32_t rk = 0; rk < tp; ++rk) {
       const int32_t v0 = std::min(V, rk * vocab_pad), v1 = std::min(V, v0 + vocab_pad);
       for (int32_t r = 0; r < R; ++r) {
@@ -473,7 +520,12 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
       }
     }
   }
-  CompactLogits(plan, V, logits.data(), out);
+  return static_cast<const float*>(logits.data());
+}
+
+void CpuBackend::Logprobs(const BatchPlan& plan, const float* logits, int32_t R,
+                          const std::vector<int32_t>& lp_row, ForwardOutput* out) const {
+  const int32_t V = config_.vocab_size;
   out->logprobs.resize(plan.logprobs.size());
   // Log-sum-exp of every row that has a log-probability request, in parallel
   // (engine::LogSumExp: the one the compact rows use).
@@ -489,30 +541,29 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
     const int32_t r = lp_row[i];
     out->logprobs[i] = logits[static_cast<size_t>(r) * V + plan.logprobs[i].target] - lse[r];
   }
-  return absl::OkStatus();
 }
 
-std::unique_ptr<Backend> MakeCpuBackend(const BackendOptions& options, int32_t tp) {
-  if (tp <= 1) return std::make_unique<CpuBackend>(options);
+std::unique_ptr<Backend> MakeCpuBackend(const BackendOptions& options, const CpuOptions& cpu) {
+  const int32_t tp = options.tensor_parallel;
+  if (tp <= 1) return std::make_unique<CpuBackend>(options, cpu);
   auto group = std::make_shared<ThreadGroup>(tp);
   std::vector<std::unique_ptr<Backend>> ranks;
   std::vector<std::unique_ptr<Communicator>> comms;
   for (int32_t r = 0; r < tp; ++r) {
     comms.push_back(group->Rank(r));
     BackendOptions o = options;
-    o.comm = comms.back().get();
     // Threads are shared among the ranks.
     if (o.num_threads > 0) o.num_threads = std::max(1, o.num_threads / tp);
-    ranks.push_back(std::make_unique<CpuBackend>(o));
+    ranks.push_back(std::make_unique<CpuBackend>(o, cpu, comms.back().get()));
   }
   return std::make_unique<TensorParallelBackend>(std::move(ranks), std::move(comms), group);
 }
 
 void RegisterBackend(BackendRegistry& registry) {
-  registry.Register("cpu",
-                    [](const BackendOptions& options) -> absl::StatusOr<std::unique_ptr<Backend>> {
-                      return MakeCpuBackend(options, options.tensor_parallel);
-                    });
+  registry.Register<CpuOptions>(
+      "cpu", ParseCpuOptions,
+      [](const BackendOptions& options, const CpuOptions& cpu)
+          -> absl::StatusOr<std::unique_ptr<Backend>> { return MakeCpuBackend(options, cpu); });
 }
 
 }  // namespace superpose::engine::cpu

@@ -1,7 +1,8 @@
-// The CPU backend: float32 activations, attention and KV cache; weights in float32
+// The CPU backend: float32 activations and attention arithmetic; weights in float32
 // (GEMMs through our weight-streaming kernel and OpenBLAS; the numerical reference for
 // every other backend) or in bfloat16 (AMX tile kernel, half the weight bytes: the fast
-// choice for bf16 checkpoints on CPUs that have AMX). Element-wise work on OpenMP threads.
+// choice for bf16 checkpoints on CPUs that have AMX); the KV cache in float32 or bfloat16
+// (CpuOptions::kv_cache_dtype). Element-wise work on OpenMP threads.
 #pragma once
 
 #include <memory>
@@ -10,7 +11,9 @@
 #include "engine/backend.h"
 #include "engine/cpu/attention.h"
 #include "engine/cpu/bf16_gemm.h"
+#include "engine/cpu/cpu_options.h"
 #include "engine/cpu/small_gemm.h"
+#include "engine/shard_weights.h"
 
 namespace superpose::engine::cpu {
 
@@ -18,15 +21,20 @@ class CpuBackend : public Backend {
  public:
   // Steps with at most this many tokens use the weight-streaming kernel, more use sgemm.
   static constexpr int32_t kSmallBatchRows = 64;
-  explicit CpuBackend(const BackendOptions& options);
+  // A whole-model backend (Load with Shard{}), or, with `comm`, one rank of a
+  // tensor-parallel group (Load with the Shard of comm's rank and size).
+  // options.tensor_parallel is not read here (MakeCpuBackend builds groups).
+  explicit CpuBackend(const BackendOptions& options, const CpuOptions& cpu = {},
+                      Communicator* comm = nullptr);
   std::string name() const override { return "cpu"; }
-  // "float32" or "bfloat16": the weights' type (activations, KV cache are float32).
+  // "float32" or "bfloat16": the weights' type (activations are float32; the KV cache's
+  // type is kv().dtype).
   std::string compute_dtype() const override { return bf16_ ? "bfloat16" : "float32"; }
   absl::Status Load(const ModelConfig& config, const WeightSource& weights,
                     const Shard& shard) override;
   absl::Status Forward(const BatchPlan& plan, ForwardOutput* out) override;
   KvPoolInfo kv() const override { return kv_info_; }
-  bool SamplesRows() const override { return options_.cpu_row_sampling; }
+  bool SamplesRows() const override { return cpu_.row_sampling; }
 
  private:
   // A weight W[out, in]: float32 row-major, or packed bf16 (then f32 is empty).
@@ -70,9 +78,35 @@ class CpuBackend : public Backend {
   };
   KeyIndex BuildKeyIndex(const BatchPlan& plan) const;
   void Attention(const KeyIndex& ix, int32_t layer, const float* q, float* out) const;
+  // Scratch of one step's T tokens and its RoPE tables.
+  struct StepBuffers {
+    StepBuffers(const BatchPlan& plan, const ModelConfig& config, int32_t q_heads, int32_t kv_heads,
+                int32_t inter, const std::vector<float>& inv_freq);
+    std::vector<float> h, qkv, q, attn, proj, gu, act;
+    int32_t half = 0;                 // head_dim / 2
+    std::vector<float> cos_t, sin_t;  // [T, half]
+  };
+  // Forward's steps: x[T, hidden] through the embedding, each layer's attention and MLP
+  // blocks (residuals added), then the logits rows.
+  absl::Status Embed(const BatchPlan& plan, std::vector<float>* x);
+  absl::Status AttentionBlock(const BatchPlan& plan, const KeyIndex& key_index, int32_t l,
+                              StepBuffers* b, std::vector<float>* x);
+  absl::Status MlpBlock(int32_t l, StepBuffers* b, std::vector<float>* x);
+  absl::Status Logits(const BatchPlan& plan, const std::vector<float>& x, ForwardOutput* out);
+  absl::StatusOr<const float*> LmHead(const std::vector<float>& hn, int32_t R);
+  void Logprobs(const BatchPlan& plan, const float* logits, int32_t R,
+                const std::vector<int32_t>& lp_row, ForwardOutput* out) const;
   absl::Status AllReduce(float* data, int64_t count);
+  // Load's steps.
+  absl::Status CheckShard(const Shard& shard) const;
+  void ChooseWeightType(const WeightSource& weights);
+  absl::Status ReadEmbeddingAndHead(const ShardedWeightReader& reader);
+  absl::Status ReadLayer(const ShardedWeightReader& reader, int32_t l);
+  void AllocateKvPool();
 
   BackendOptions options_;
+  CpuOptions cpu_;
+  Communicator* comm_ = nullptr;  // null: the whole model
   ModelConfig config_;
   Shard shard_;
   // Per-rank sizes (tensor parallelism splits heads, MLP columns and the vocabulary).
@@ -104,9 +138,11 @@ class CpuBackend : public Backend {
   std::vector<float> lm_full_;   // gathered logits scratch (tensor parallel)
 };
 
+// Registers "cpu" (ParseCpuOptions, MakeCpuBackend).
 void RegisterBackend(BackendRegistry& registry);
 
-// A CPU backend split `tp` ways over threads (tp = 1: a plain CpuBackend).
-std::unique_ptr<Backend> MakeCpuBackend(const BackendOptions& options, int32_t tp);
+// A CPU backend split options.tensor_parallel ways over threads (1: a plain CpuBackend).
+// Load it with Shard{}.
+std::unique_ptr<Backend> MakeCpuBackend(const BackendOptions& options, const CpuOptions& cpu = {});
 
 }  // namespace superpose::engine::cpu
