@@ -243,11 +243,12 @@ struct CudaBackend::Impl {
   // (relative to the chunk) and targets; lp_begin[k] is chunk k's first.
   absl::Status UploadLogprobMeta(const StepMeta& sm, int32_t C, int32_t chunks,
                                  std::vector<int32_t>* lp_begin, std::vector<int32_t>* lp_order);
-  bool Sampled(const BatchPlan& plan, size_t i) const {
-    return !plan.sampling.empty() && plan.sampling[i].temperature > 0.0f;
+  // Row kinds: engine::RowLayout's predicates (the one reading of the row contract).
+  static bool Sampled(const BatchPlan& plan, size_t i) {
+    return engine::RowLayout::Sampled(plan, i);
   }
-  bool Compact(const BatchPlan& plan, size_t i) const {
-    return !plan.logits_top.empty() && plan.logits_top[i] > 0;
+  static bool Compact(const BatchPlan& plan, size_t i) {
+    return engine::RowLayout::TopOf(plan, i) > 0;
   }
 
   // ---- CUDA graphs of decode steps (cuda_graphs.cc). ----

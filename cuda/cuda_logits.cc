@@ -59,7 +59,7 @@ absl::Status CudaBackend::Impl::BeginLogits(const BatchPlan& plan, std::vector<i
   // [local rows | ns] of the compact rows, in order; uploaded once for every range.
   int32_t* m = top_meta_host.get();
   for (size_t i = 0; i < nl; ++i) {
-    if (plan.logits_top.empty() || plan.logits_top[i] == 0) continue;
+    if (!Compact(plan, i)) continue;
     m[lc.slot[i]] = lc.local_row[i];
     m[lc.compact + lc.slot[i]] = plan.logits_top[i];
   }
@@ -71,7 +71,7 @@ absl::Status CudaBackend::Impl::BeginLogits(const BatchPlan& plan, std::vector<i
 absl::Status CudaBackend::Impl::EnqueueLogitsRange(const BatchPlan& plan, const float* dev,
                                                    size_t i0, size_t i1, ForwardOutput* out) {
   const int32_t V = config.vocab_size;
-  auto whole = [&](size_t i) { return !Compact(plan, i) && !Sampled(plan, i); };
+  auto whole = [&](size_t i) { return engine::RowLayout::Whole(plan, i); };
   // Whole rows: runs consecutive both on the device and in out->logits in one copy.
   for (size_t i = i0; i < i1;) {
     if (!whole(i)) {

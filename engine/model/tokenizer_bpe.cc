@@ -38,6 +38,76 @@ struct MergeAfter {
   }
 };
 
+using MergeTable = absl::flat_hash_map<uint64_t, std::pair<int32_t, int32_t>>;
+
+// Merges adjacent symbols, lowest rank first, until no pair of the merge table is left.
+void ApplyMerges(const MergeTable& merges, std::vector<Symbol>* symbols) {
+  std::vector<Symbol>& syms = *symbols;
+  std::vector<Merge> heap;
+  heap.reserve(syms.size());
+  for (size_t k = 0; k + 1 < syms.size(); ++k) {
+    auto it = merges.find(PairKey(syms[k].id, syms[k + 1].id));
+    if (it != merges.end()) {
+      heap.push_back(Merge{it->second.first, static_cast<int32_t>(k), it->second.second});
+    }
+  }
+  MergeAfter cmp;
+  std::make_heap(heap.begin(), heap.end(), cmp);
+  while (!heap.empty()) {
+    std::pop_heap(heap.begin(), heap.end(), cmp);
+    Merge top = heap.back();
+    heap.pop_back();
+    Symbol& cur = syms[top.pos];
+    if (cur.len == 0 || cur.next < 0) continue;
+    const int32_t next_pos = cur.next;
+    const Symbol right = syms[next_pos];
+    // Skip stale entries: the pair must still produce the same token.
+    auto it = merges.find(PairKey(cur.id, right.id));
+    if (it == merges.end() || it->second.second != top.new_id) continue;
+    cur.id = top.new_id;
+    cur.len += right.len;
+    cur.next = right.next;
+    syms[next_pos].len = 0;
+    if (right.next >= 0) syms[right.next].prev = top.pos;
+    if (cur.prev >= 0) {
+      auto pit = merges.find(PairKey(syms[cur.prev].id, cur.id));
+      if (pit != merges.end()) {
+        heap.push_back(Merge{pit->second.first, cur.prev, pit->second.second});
+        std::push_heap(heap.begin(), heap.end(), cmp);
+      }
+    }
+    if (cur.next >= 0) {
+      auto nit = merges.find(PairKey(cur.id, syms[cur.next].id));
+      if (nit != merges.end()) {
+        heap.push_back(Merge{nit->second.first, top.pos, nit->second.second});
+        std::push_heap(heap.begin(), heap.end(), cmp);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+namespace {
+// One merge, "a b" or ["a", "b"]; null, or what is wrong with it.
+const char* MergePair(const json& e, std::string* a, std::string* b) {
+  if (e.is_string()) {
+    const std::string& line = e.get_ref<const std::string&>();
+    size_t sp = line.find(' ');
+    if (sp == std::string::npos || line.find(' ', sp + 1) != std::string::npos) {
+      return "expected exactly two tokens separated by one space";
+    }
+    *a = line.substr(0, sp);
+    *b = line.substr(sp + 1);
+    return nullptr;
+  }
+  if (e.is_array() && e.size() == 2 && e[0].is_string() && e[1].is_string()) {
+    *a = e[0].get<std::string>();
+    *b = e[1].get<std::string>();
+    return nullptr;
+  }
+  return "expected \"a b\" or [\"a\", \"b\"]";
+}
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<BpeModel>> BpeModel::Parse(const json& j, const ParseContext& ctx) {
@@ -112,23 +182,9 @@ absl::StatusOr<std::unique_ptr<BpeModel>> BpeModel::Parse(const json& j, const P
   m->merges_.reserve(merges.size());
   const size_t prefix_len = m->continuing_subword_prefix_.size();
   for (size_t r = 0; r < merges.size(); ++r) {
-    const json& e = merges[r];
     std::string a, b;
     std::string field = absl::StrCat("model.merges[", r, "]");
-    if (e.is_string()) {
-      const std::string& line = e.get_ref<const std::string&>();
-      size_t sp = line.find(' ');
-      if (sp == std::string::npos || line.find(' ', sp + 1) != std::string::npos) {
-        return ctx.Error(field, "expected exactly two tokens separated by one space");
-      }
-      a = line.substr(0, sp);
-      b = line.substr(sp + 1);
-    } else if (e.is_array() && e.size() == 2 && e[0].is_string() && e[1].is_string()) {
-      a = e[0].get<std::string>();
-      b = e[1].get<std::string>();
-    } else {
-      return ctx.Error(field, "expected \"a b\" or [\"a\", \"b\"]");
-    }
+    if (const char* why = MergePair(merges[r], &a, &b)) return ctx.Error(field, why);
     auto ida = m->Lookup(a);
     auto idb = m->Lookup(b);
     if (!ida || !idb) return ctx.Error(field, "merge token is not in the vocabulary");
@@ -240,49 +296,7 @@ void BpeModel::MergeWord(std::string_view w, std::vector<int32_t>* out) const {
   }
   if (has_unk) add(unk_id, unk_len);
 
-  if (syms.size() > 1 && !merges_.empty()) {
-    std::vector<Merge> heap;
-    heap.reserve(syms.size());
-    for (size_t k = 0; k + 1 < syms.size(); ++k) {
-      auto it = merges_.find(PairKey(syms[k].id, syms[k + 1].id));
-      if (it != merges_.end()) {
-        heap.push_back(Merge{it->second.first, static_cast<int32_t>(k), it->second.second});
-      }
-    }
-    MergeAfter cmp;
-    std::make_heap(heap.begin(), heap.end(), cmp);
-    while (!heap.empty()) {
-      std::pop_heap(heap.begin(), heap.end(), cmp);
-      Merge top = heap.back();
-      heap.pop_back();
-      Symbol& cur = syms[top.pos];
-      if (cur.len == 0 || cur.next < 0) continue;
-      const int32_t next_pos = cur.next;
-      const Symbol right = syms[next_pos];
-      // Skip stale entries: the pair must still produce the same token.
-      auto it = merges_.find(PairKey(cur.id, right.id));
-      if (it == merges_.end() || it->second.second != top.new_id) continue;
-      cur.id = top.new_id;
-      cur.len += right.len;
-      cur.next = right.next;
-      syms[next_pos].len = 0;
-      if (right.next >= 0) syms[right.next].prev = top.pos;
-      if (cur.prev >= 0) {
-        auto pit = merges_.find(PairKey(syms[cur.prev].id, cur.id));
-        if (pit != merges_.end()) {
-          heap.push_back(Merge{pit->second.first, cur.prev, pit->second.second});
-          std::push_heap(heap.begin(), heap.end(), cmp);
-        }
-      }
-      if (cur.next >= 0) {
-        auto nit = merges_.find(PairKey(cur.id, syms[cur.next].id));
-        if (nit != merges_.end()) {
-          heap.push_back(Merge{nit->second.first, top.pos, nit->second.second});
-          std::push_heap(heap.begin(), heap.end(), cmp);
-        }
-      }
-    }
-  }
+  if (syms.size() > 1 && !merges_.empty()) ApplyMerges(merges_, &syms);
   for (const Symbol& s : syms) {
     if (s.len != 0) out->push_back(s.id);
   }
