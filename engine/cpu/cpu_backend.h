@@ -1,7 +1,8 @@
 // The CPU backend: float32 activations, attention and KV cache; weights in float32
-// (GEMMs through our weight-streaming kernel and OpenBLAS; the numerical reference for
-// every other backend) or in bfloat16 (AMX tile kernel, half the weight bytes: the fast
-// choice for bf16 checkpoints on CPUs that have AMX). Element-wise work on OpenMP threads.
+// (GEMMs through our own kernel, engine/cpu/small_gemm.h, whose result for a row does not
+// depend on the other rows or the threads; the numerical reference for every other
+// backend) or in bfloat16 (AMX tile kernel, half the weight bytes: the fast choice for
+// bf16 checkpoints on CPUs that have AMX). Element-wise work on OpenMP threads.
 #pragma once
 
 #include <memory>
@@ -16,8 +17,6 @@ namespace superpose::engine::cpu {
 
 class CpuBackend : public Backend {
  public:
-  // Steps with at most this many tokens use the weight-streaming kernel, more use sgemm.
-  static constexpr int32_t kSmallBatchRows = 64;
   explicit CpuBackend(const BackendOptions& options);
   std::string name() const override { return "cpu"; }
   // "float32" or "bfloat16": the weights' type (activations, KV cache are float32).
