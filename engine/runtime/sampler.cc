@@ -8,22 +8,6 @@
 
 namespace superpose::engine {
 
-const char* FinishReasonName(FinishReason f) {
-  switch (f) {
-    case FinishReason::kNone:
-      return "none";
-    case FinishReason::kLength:
-      return "length";
-    case FinishReason::kStop:
-      return "stop";
-    case FinishReason::kEos:
-      return "eos";
-    case FinishReason::kCancelled:
-      return "cancelled";
-  }
-  return "unknown";
-}
-
 namespace {
 // Penalties change logits by the request's history: only the whole row can take them.
 bool HasPenalties(const SamplingOptions& o) {
