@@ -57,7 +57,8 @@ Sampler::Sampler(const SamplingOptions& options, absl::Span<const int32_t> promp
 }
 
 void Sampler::Accept(int32_t token) {
-  ++draw_;
+  ++accepted_;
+  pending_ = 0;
   ++output_counts_[token];
   if (options_.repetition_penalty != 1.0f && seen_set_.insert(token).second) {
     seen_.push_back(token);
@@ -119,7 +120,7 @@ int32_t Sampler::SampleRanked(absl::Span<const TopLogit> sorted) {
       if (cum >= target) break;
     }
   }
-  const uint64_t key = RaceKey(options_.seed, draw_);
+  const uint64_t key = RaceKey(options_.seed, NextDraw());
   int32_t best = -1;
   float best_score = 0.0f;
   for (size_t k = 0; k < keep; ++k) {
@@ -256,7 +257,7 @@ int32_t Sampler::SampleAll(absl::Span<const float> logits) {
   const int32_t V = static_cast<int32_t>(logits.size());
   const float inv_t = 1.0f / options_.temperature;
   const float mx = MaxOf(x, V) * inv_t;
-  const uint64_t key = RaceKey(options_.seed, draw_);
+  const uint64_t key = RaceKey(options_.seed, NextDraw());
   const float min_p = options_.min_p;
   const bool cut = options_.top_p < 1.0f;
   if (min_p <= 0.0f && !cut) return Race(x, V, inv_t, mx, key, nullptr, &scratch_);

@@ -41,7 +41,10 @@ class Sampler {
   // The same token as Sample() on the whole row, from the row's TopLogitsNeeded() best
   // tokens in rank order.
   int32_t SampleTop(absl::Span<const TopLogit> top);
-  // Records a generated token (for the penalties; the next draw index).
+  // Records a generated token (for the penalties). The race's draw index is the number
+  // of tokens accepted so far (what the engine passes a row-sampling backend), plus
+  // the draws made since the last Accept (a caller that never accepts still gets
+  // fresh draws).
   void Accept(int32_t token);
 
  private:
@@ -51,7 +54,10 @@ class Sampler {
   int32_t SampleAll(absl::Span<const float> logits);
 
   SamplingOptions options_;
-  int64_t draw_ = 0;  // tokens accepted so far: the race's draw index
+  // The race's draw index: accepted_ + pending_.
+  int64_t NextDraw() { return accepted_ + pending_++; }
+  int64_t accepted_ = 0;  // tokens accepted so far
+  int64_t pending_ = 0;   // draws since the last Accept
   absl::flat_hash_map<int32_t, int32_t> output_counts_;
   std::vector<int32_t> seen_;  // distinct tokens of prompt and output
   absl::flat_hash_set<int32_t> seen_set_;
