@@ -157,7 +157,7 @@ SP_RACE_AVX512 inline __m512i Mix64x8(__m512i z) {
 // Approximate scores into a[0..V) (-inf for tokens not kept); returns the largest, and
 // the largest |x| of the kept tokens in *max_abs.
 SP_RACE_AVX512 float ApproxScores(const float* x, int32_t V, float inv_t, float mx, uint64_t key,
-                                  const uint8_t* keep, float* a, float* max_abs) {
+                                  const uint8_t* keep, float z_floor, float* a, float* max_abs) {
   constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;
   const __m512 s = _mm512_set1_ps(inv_t), m = _mm512_set1_ps(mx);
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -185,6 +185,17 @@ SP_RACE_AVX512 float ApproxScores(const float* x, int32_t V, float inv_t, float 
     }
     const __m512 xv = _mm512_maskz_loadu_ps(live, x + i);
     const __m512 z = _mm512_sub_ps(_mm512_mul_ps(xv, s), m);
+    live = _mm512_mask_cmp_ps_mask(live, z, _mm512_set1_ps(z_floor), _CMP_GE_OQ);
+    if (live == 0) {  // nothing here can win: no hashes, no logs
+      if (V - i >= 16) {
+        _mm512_storeu_ps(a + i, ninf);
+      } else {
+        _mm512_mask_storeu_ps(a + i, __mmask16((1u << (V - i)) - 1), ninf);
+      }
+      h_lo = _mm512_add_epi64(h_lo, step);
+      h_hi = _mm512_add_epi64(h_hi, step);
+      continue;
+    }
     const __m256 b_lo = _mm512_cvtepi64_ps(_mm512_srli_epi64(Mix64x8(h_lo), 40));
     const __m256 b_hi = _mm512_cvtepi64_ps(_mm512_srli_epi64(Mix64x8(h_hi), 40));
     h_lo = _mm512_add_epi64(h_lo, step);
@@ -206,6 +217,23 @@ SP_RACE_AVX512 float ApproxScores(const float* x, int32_t V, float inv_t, float 
   return _mm512_reduce_max_ps(best);
 }
 
+// Ids i (ascending) with a[i] >= thr (never true for NaN).
+SP_RACE_AVX512 void AtLeast(const float* a, int32_t V, float thr, std::vector<int32_t>* ids) {
+  ids->clear();
+  const __m512 t = _mm512_set1_ps(thr);
+  int32_t i = 0;
+  for (; i + 16 <= V; i += 16) {
+    uint32_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(a + i), t, _CMP_GE_OQ);
+    while (m != 0) {
+      ids->push_back(i + __builtin_ctz(m));
+      m &= m - 1;
+    }
+  }
+  for (; i < V; ++i) {
+    if (a[i] >= thr) ids->push_back(i);
+  }
+}
+
 bool HasAvx512Dq() {
   static const bool has = [] {
     __builtin_cpu_init();
@@ -215,13 +243,24 @@ bool HasAvx512Dq() {
 }
 
 int32_t Race(const float* x, int32_t V, float inv_t, float mx, uint64_t key, const uint8_t* keep,
-             std::vector<float>* scratch) {
+             std::vector<float>* scratch, std::vector<int32_t>* ids) {
   float thr = -std::numeric_limits<float>::infinity();
   const float* approx = nullptr;
   if (HasAvx512Dq()) {
+    // A lower bound of the winning score: the exact score of the best token (always
+    // kept). A token with z below it minus the largest noise (17.33) minus a margin for
+    // the approximate z (< 1 for |max / T| < 1e5) cannot win, and is not scored.
+    float z_floor = -std::numeric_limits<float>::infinity();
+    const float mx_raw = MaxOf(x, V);
+    AtLeast(x, V, mx_raw, ids);  // the first is the lowest id of the best logit
+    const int32_t top = ids->empty() ? V : (*ids)[0];
+    if (top < V && (keep == nullptr || keep[top] != 0) && std::fabs(mx) < 1e5f) {
+      z_floor = ScaledLogit(x[top], inv_t, mx) + RaceNoiseAt(key, top) - 18.5f;
+    }
     scratch->resize(V);
     float max_abs = 0.0f;
-    const float amax = ApproxScores(x, V, inv_t, mx, key, keep, scratch->data(), &max_abs);
+    const float amax =
+        ApproxScores(x, V, inv_t, mx, key, keep, z_floor, scratch->data(), &max_abs);
     // Error of an approximate score: the vector logs (< 1e-5), the product and the
     // roundings of values below `mag` (a few ulp of it); generously bounded.
     const float mag = max_abs * inv_t + std::fabs(mx) + 20.0f;
@@ -233,12 +272,19 @@ int32_t Race(const float* x, int32_t V, float inv_t, float mx, uint64_t key, con
   }
   int32_t best = -1;
   float best_score = 0.0f;
-  for (int32_t i = 0; i < V; ++i) {
-    if (approx != nullptr ? !(approx[i] >= thr) : keep != nullptr && keep[i] == 0) continue;
+  auto consider = [&](int32_t i) {
     const float score = ScaledLogit(x[i], inv_t, mx) + RaceNoiseAt(key, i);
     if (best < 0 || score > best_score) {  // ascending ids: the lower id keeps a tie
       best = i;
       best_score = score;
+    }
+  };
+  if (approx != nullptr) {
+    AtLeast(approx, V, thr, ids);
+    for (int32_t i : *ids) consider(i);
+  } else {
+    for (int32_t i = 0; i < V; ++i) {
+      if (keep == nullptr || keep[i] != 0) consider(i);
     }
   }
   if (best < 0) {  // nothing finite (an all -inf row): the reference's first kept token
@@ -260,19 +306,32 @@ int32_t Sampler::SampleAll(absl::Span<const float> logits) {
   const uint64_t key = RaceKey(options_.seed, NextDraw());
   const float min_p = options_.min_p;
   const bool cut = options_.top_p < 1.0f;
-  if (min_p <= 0.0f && !cut) return Race(x, V, inv_t, mx, key, nullptr, &scratch_);
+  if (min_p <= 0.0f && !cut) return Race(x, V, inv_t, mx, key, nullptr, &scratch_, &in_play_);
 
   // Kept by min-p: expf(z) >= min_p. The exact weight is computed only where it decides
-  // (z within 1e-3 of log(min_p)) or where top-p needs the mass (z > -24: below,
-  // floor(w * 2^32) is 0); z is first computed roughly (vectorised) to find them.
+  // (z within 2e-3 of log(min_p)) or where top-p needs the mass (z > -24: below,
+  // floor(w * 2^32) is 0).
   const float log_min_p = min_p > 0.0f ? std::log(min_p) : -std::numeric_limits<float>::infinity();
   scratch_.resize(V);
   float* za = scratch_.data();
-  for (int32_t i = 0; i < V; ++i) za[i] = x[i] * inv_t - mx;
+  // z = ScaledLogit(x) exactly, vectorised: the product is rounded in memory before the
+  // subtraction (two loops, so the compiler cannot fuse them into one multiply-add).
+  for (int32_t i = 0; i < V; ++i) za[i] = x[i] * inv_t;
+  for (int32_t i = 0; i < V; ++i) za[i] -= mx;
   keep_.resize(V);
   uint64_t total = 0;
   in_play_.clear();  // with top-p: the kept tokens of positive mass
-  if (cut) mass_.resize(V);
+  if (!cut) {  // min-p only: decided by z, exactly only near the threshold
+    uint8_t* keep = keep_.data();
+    for (int32_t i = 0; i < V; ++i) keep[i] = za[i] > log_min_p;
+    for (int32_t i = 0; i < V; ++i) {
+      if (std::fabs(za[i] - log_min_p) < 2e-3f) {
+        keep[i] = expf(ScaledLogit(x[i], inv_t, mx)) >= min_p;
+      }
+    }
+    return Race(x, V, inv_t, mx, key, keep, &scratch_, &in_play_);
+  }
+  mass_.resize(V);
   for (int32_t i = 0; i < V; ++i) {
     const bool near = std::fabs(za[i] - log_min_p) < 2e-3f;
     if (!near && !(cut && za[i] > -24.01f)) {
@@ -322,7 +381,7 @@ int32_t Sampler::SampleAll(absl::Span<const float> logits) {
       keep_[i] = keep_[i] & static_cast<uint8_t>(k > K || (k == K && i <= last_equal));
     }
   }
-  return Race(x, V, inv_t, mx, key, keep_.data(), &scratch_);
+  return Race(x, V, inv_t, mx, key, keep_.data(), &scratch_, &in_play_);
 }
 
 TokenLogprobs ComputeLogprobs(absl::Span<const float> logits, int32_t chosen, int32_t n) {
