@@ -1,7 +1,8 @@
 // The CPU backend's two GEMM paths side by side: the weight-streaming kernel
 // (SmallBatchGemm) and OpenBLAS sgemm, for the linear layers of llama-110m (one call per
-// layer shape, weights bigger than the caches), at several row counts. Used to pick
-// CpuBackend::kSmallBatchRows, the cut-over between them.
+// layer shape, weights bigger than the caches), at several row counts. The backend uses
+// our kernel at every row count (its result for a row does not depend on the other rows
+// or the threads); sgemm is the speed it is measured against.
 //
 //   build/bench/gemm_bench [--rows=1,2,4,8,16,32,48,64,96,128,256] [--reps=3]
 #include <cblas.h>

@@ -29,10 +29,11 @@ int32_t SampleRowReference(const float* x, int32_t V, const RowSampling& s) {
     }
     kept.resize(n);
   }
+  const uint64_t key = RaceKey(s.seed, s.draw);
   int32_t best = -1;
   float best_score = 0.0f;
   for (int32_t i : kept) {
-    const float score = ScaledLogit(x[i], inv_t, mx) + RaceNoise(s.seed, s.draw, i);
+    const float score = ScaledLogit(x[i], inv_t, mx) + RaceNoiseAt(key, i);
     if (best < 0 || score > best_score || (score == best_score && i < best)) {
       best = i;
       best_score = score;

@@ -6,8 +6,9 @@
 //
 // The draw is an exponential race (the Gumbel-max trick): token = argmax over the kept
 // tokens of (x_i / T - max / T) + G_i, G_i = -log(-log(U_i)), U_i a uniform in (0, 1)
-// hashed from (seed, draw, i) - an exact sample from softmax(x / T) restricted to the
-// kept tokens, computed in one pass, in any order, with no sort and no normalisation.
+// hashed from (seed, draw, i) (RaceKey once per row, then one splitmix64 step per
+// token) - an exact sample from softmax(x / T) restricted to the kept tokens, computed
+// in one pass, in any order, with no sort and no normalisation.
 // `draw` is the index of the generated token, so a recomputed (preempted) request draws
 // the same tokens. Kept: the tokens with weight w_i = exp(x_i / T - max / T) >= min_p
 // (the best has weight 1), then with top_p < 1 the shortest prefix in rank order (logit
@@ -43,12 +44,26 @@ SP_RS_FN uint64_t Mix64(uint64_t z) {  // splitmix64's finaliser
   return z ^ (z >> 31);
 }
 
-// The race noise of token i: -log(-log(U)), U in (0, 1) with 24 random bits.
-SP_RS_FN float RaceNoise(uint64_t seed, int64_t draw, int32_t i) {
-  const uint64_t h = Mix64(seed ^ Mix64(static_cast<uint64_t>(draw) * 0x9E3779B97F4A7C15ull ^
-                                        Mix64(static_cast<uint64_t>(i) + 0x632BE59BD9B4E019ull)));
-  const float u = (static_cast<float>(h >> 40) + 0.5f) * (1.0f / 16777216.0f);
+// The race's key for one draw: (seed, draw) hashed once per row.
+SP_RS_FN uint64_t RaceKey(uint64_t seed, int64_t draw) {
+  return Mix64(seed ^ Mix64(static_cast<uint64_t>(draw) * 0x9E3779B97F4A7C15ull +
+                            0x632BE59BD9B4E019ull));
+}
+
+// The 24 random bits of token i under `key` (splitmix64's output for index i + 1).
+SP_RS_FN uint32_t RaceBits(uint64_t key, int32_t i) {
+  return static_cast<uint32_t>(
+      Mix64(key + (static_cast<uint64_t>(i) + 1) * 0x9E3779B97F4A7C15ull) >> 40);
+}
+
+// The race noise of token i: -log(-log(U)), U = (bits + 1/2) / 2^24 in (0, 1).
+SP_RS_FN float RaceNoiseAt(uint64_t key, int32_t i) {
+  const float u = (static_cast<float>(RaceBits(key, i)) + 0.5f) * (1.0f / 16777216.0f);
   return -logf(-logf(u));
+}
+
+SP_RS_FN float RaceNoise(uint64_t seed, int64_t draw, int32_t i) {
+  return RaceNoiseAt(RaceKey(seed, draw), i);
 }
 
 // Larger logit, larger key; -0 and +0 are one key.
@@ -80,7 +95,9 @@ SP_RS_FN uint64_t TopPTarget(float top_p, uint64_t total) {
 }
 
 // The host reference: the token the kernel draws for row x[0..V) (up to the last bits
-// of exp and log on the device).
+// of exp and log on the device). The host sampler (engine/runtime/sampler.h) draws the
+// same token, bitwise, for every temperature request; with top-k it is this draw over
+// the row with every token outside the top k at -infinity.
 int32_t SampleRowReference(const float* x, int32_t V, const RowSampling& s);
 
 }  // namespace superpose::engine

@@ -5,6 +5,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "engine/model/tokenizer_unicode.h"
 #include "engine/rag/validate.h"
 #include "engine/util/status.h"
 
@@ -13,43 +14,6 @@ namespace {
 
 absl::Status Invalid(const std::string& msg) { return absl::InvalidArgumentError(msg); }
 
-bool IsValidUtf8(const std::string& s) {
-  size_t i = 0;
-  const size_t n = s.size();
-  while (i < n) {
-    const unsigned char c = static_cast<unsigned char>(s[i]);
-    int len;
-    uint32_t cp;
-    if (c < 0x80) {
-      ++i;
-      continue;
-    } else if ((c & 0xE0) == 0xC0) {
-      len = 2;
-      cp = c & 0x1F;
-    } else if ((c & 0xF0) == 0xE0) {
-      len = 3;
-      cp = c & 0x0F;
-    } else if ((c & 0xF8) == 0xF0) {
-      len = 4;
-      cp = c & 0x07;
-    } else {
-      return false;
-    }
-    if (i + len > n) return false;
-    for (int k = 1; k < len; ++k) {
-      const unsigned char cc = static_cast<unsigned char>(s[i + k]);
-      if ((cc & 0xC0) != 0x80) return false;
-      cp = (cp << 6) | (cc & 0x3F);
-    }
-    if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
-        cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
-      return false;
-    }
-    i += len;
-  }
-  return true;
-}
-
 template <typename Req>
 absl::Status FillCommon(const Req& req, int32_t prompt_len, const Limits& limits,
                         engine::Request* out);
@@ -57,7 +21,7 @@ absl::Status FillCommon(const Req& req, int32_t prompt_len, const Limits& limits
 }  // namespace
 
 absl::Status ValidateUtf8(const std::string& text, const std::string& field) {
-  if (!IsValidUtf8(text)) return Invalid(absl::StrCat(field, " is not valid UTF-8"));
+  if (!engine::tok::IsValidUtf8(text)) return Invalid(absl::StrCat(field, " is not valid UTF-8"));
   return absl::OkStatus();
 }
 

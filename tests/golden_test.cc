@@ -23,6 +23,10 @@ class GoldenTest : public ::testing::Test {
     ASSERT_TRUE(bundle.ok()) << bundle.status();
     model_ = std::move(*bundle);
     golden_ = ReadJson(Stories260kDir() + "/golden.json");
+    // The golden loops below pass vacuously on an empty list: a fixture without cases
+    // is a failure.
+    ASSERT_TRUE(golden_["generation"].is_array());
+    ASSERT_FALSE(golden_["generation"].empty());
   }
   engine::ModelBundle model_;
   nlohmann::json golden_;

@@ -211,6 +211,8 @@ TEST_P(FixtureTokenizerTest, DecodeStreamMatchesDecode) {
   const std::string name = GetParam();
   const Tokenizer& t = Cached(TokenizerDir(name));
   json cases = ReadJson(TokenizerDir(name) + "/extra_cases.json");
+  ASSERT_TRUE(cases.is_array());
+  ASSERT_FALSE(cases.empty());
   size_t checked = 0;
   for (bool skip : {true, false}) {
     for (size_t i = 0; i < cases.size(); ++i) {
@@ -307,6 +309,7 @@ TEST(TokenizerDifferential, MatchesHfOnFile) {
   const char* path = std::getenv("SP_TOKENIZER_DIFF_FILE");
   if (path == nullptr || *path == 0) GTEST_SKIP() << "SP_TOKENIZER_DIFF_FILE not set";
   json all = ReadJson(path);
+  ASSERT_FALSE(all.empty()) << path << " lists no tokenizer";
   for (auto it = all.begin(); it != all.end(); ++it) {
     const std::string name = it.key();
     const std::string dir = it.value()["dir"].get<std::string>();
@@ -323,6 +326,7 @@ TEST(TokenizerDifferential, MatchesHfOnFile) {
       }
     };
     const json& cases = it.value()["cases"];
+    ASSERT_FALSE(cases.empty()) << name << ": no cases";
     for (size_t i = 0; i < cases.size(); ++i) {
       const json& c = cases[i];
       const std::string text = c["text"].get<std::string>();
@@ -409,6 +413,7 @@ TEST(Stories260kTokenizer, GoldenPromptsAndFullText) {
 TEST(Stories260kTokenizer, StreamingGoldenCompletion) {
   const Tokenizer& t = Cached(StoriesDir());
   json golden = ReadJson(StoriesDir() + "/golden.json");
+  ASSERT_FALSE(golden["generation"].empty());
   for (const json& g : golden["generation"]) {
     DecodeStream stream(&t, Ids(g["prompt_ids"]), /*skip_special_tokens=*/true);
     std::string text;

@@ -1,6 +1,5 @@
 #include "engine/cpu/cpu_backend.h"
 
-#include <cblas.h>
 #include <immintrin.h>
 #include <omp.h>
 
@@ -229,12 +228,11 @@ void CpuBackend::Linear(const float* x, int32_t rows, const Matrix& m, float* y)
 
 void CpuBackend::LinearF32(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
                            float* y) const {
-  if (rows <= kSmallBatchRows) {
-    SmallBatchGemm(x, rows, in, w, out, y);
-  } else {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, out, in, 1.0f, x, in, w, in, 0.0f, y,
-                out);
-  }
+  // Our kernel at every row count, never sgemm: OpenBLAS rounds a row differently by its
+  // place in the matrix (edge tiles) and by the thread count (the k blocking), so the
+  // same sequence would score differently in different batches and at different
+  // --threads. SmallBatchGemm computes each output the same way whatever the call.
+  SmallBatchGemm(x, rows, in, w, out, y);
 }
 
 absl::Status CpuBackend::AllReduce(float* data, int64_t count) {

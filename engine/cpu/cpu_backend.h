@@ -1,7 +1,8 @@
 // The CPU backend: float32 activations and attention arithmetic; weights in float32
-// (GEMMs through our weight-streaming kernel and OpenBLAS; the numerical reference for
-// every other backend) or in bfloat16 (AMX tile kernel, half the weight bytes: the fast
-// choice for bf16 checkpoints on CPUs that have AMX); the KV cache in float32 or bfloat16
+// (GEMMs through our own kernel, engine/cpu/small_gemm.h, whose result for a row does not
+// depend on the other rows or the threads; the numerical reference for every other
+// backend) or in bfloat16 (AMX tile kernel, half the weight bytes: the fast choice for
+// bf16 checkpoints on CPUs that have AMX); the KV cache in float32 or bfloat16
 // (CpuOptions::kv_cache_dtype). Element-wise work on OpenMP threads.
 #pragma once
 
@@ -19,8 +20,6 @@ namespace superpose::engine::cpu {
 
 class CpuBackend : public Backend {
  public:
-  // Steps with at most this many tokens use the weight-streaming kernel, more use sgemm.
-  static constexpr int32_t kSmallBatchRows = 64;
   // A whole-model backend (Load with Shard{}), or, with `comm`, one rank of a
   // tensor-parallel group (Load with the Shard of comm's rank and size).
   // options.tensor_parallel is not read here (MakeCpuBackend builds groups).

@@ -1,15 +1,16 @@
 // Turns logits into the next token: penalties, temperature, top-k, top-p, min-p, and a
-// per-request seeded generator, so that a given seed always yields the same tokens.
+// seeded draw, so that a given seed always yields the same tokens.
 //
-// Tokens are ranked by logit (lower id first on ties). With top_k, the kept tokens are
-// the top_k best of that ranking, and everything after (softmax, min-p, top-p, the
-// draw) walks them in that order. Without top_k, min-p and top-p apply to the whole
-// vocabulary (top-p keeps the shortest prefix in rank order whose mass reaches top_p,
-// found by a radix select, not a sort) and the draw walks the kept tokens in id order.
+// Tokens are ranked by logit (lower id first on ties). Greedy takes the first. With a
+// temperature the draw is the exponential race of engine/row_sampling.h, keyed by the
+// seed and the draw index (the tokens accepted so far): the very draw a backend that
+// samples rows makes (SampleRowReference, the CUDA kernel), so a request gets the same
+// tokens whichever side draws them. With top_k, the race runs over the top_k best of the
+// ranking (as over a row with every other token at -infinity); min-p and top-p cut as
+// there (fixed-point masses, exact).
 #pragma once
 
 #include <cstdint>
-#include <random>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -37,29 +38,35 @@ class Sampler {
   Sampler(const SamplingOptions& options, absl::Span<const int32_t> prompt_ids);
   // Picks the next token from `logits` (vocab floats). `logits` is scratch: modified.
   int32_t Sample(absl::Span<float> logits);
-  // The same token as Sample() on the whole row (and the same generator state after),
-  // from the row's TopLogitsNeeded() best tokens in rank order.
+  // The same token as Sample() on the whole row, from the row's TopLogitsNeeded() best
+  // tokens in rank order.
   int32_t SampleTop(absl::Span<const TopLogit> top);
-  // Records a generated token (for the penalties).
+  // Records a generated token (for the penalties). The race's draw index is the number
+  // of tokens accepted so far (what the engine passes a row-sampling backend), plus
+  // the draws made since the last Accept (a caller that never accepts still gets
+  // fresh draws).
   void Accept(int32_t token);
 
  private:
-  // Draws from the kept tokens `sorted`, in rank order (top_k applied).
+  // The race over the kept tokens `sorted`, in rank order (top_k applied).
   int32_t SampleRanked(absl::Span<const TopLogit> sorted);
-  // Draws from the whole row (no top_k).
+  // The race over the whole row (no top_k).
   int32_t SampleAll(absl::Span<const float> logits);
-  int32_t Draw(absl::Span<const float> probs, absl::Span<const int32_t> ids);
 
   SamplingOptions options_;
-  std::mt19937_64 rng_;
+  // The race's draw index: accepted_ + pending_.
+  int64_t NextDraw() { return accepted_ + pending_++; }
+  int64_t accepted_ = 0;  // tokens accepted so far
+  int64_t pending_ = 0;   // draws since the last Accept
   absl::flat_hash_map<int32_t, int32_t> output_counts_;
   std::vector<int32_t> seen_;  // distinct tokens of prompt and output
   absl::flat_hash_set<int32_t> seen_set_;
   std::vector<TopLogit> ranked_;
-  std::vector<float> probs_;
-  std::vector<int32_t> ids_;
+  std::vector<float> scratch_;
+  std::vector<uint8_t> keep_;
+  std::vector<uint64_t> mass_;  // fixed-point masses (FixedMass) of the kept tokens
   std::vector<int32_t> ranked_ids_;
-  std::vector<uint32_t> keys_;
+  std::vector<int32_t> in_play_;
 };
 
 // log-softmax of the raw logits: the chosen token's log-probability and the top `n`.
