@@ -6,7 +6,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "engine/runtime/row_math.h"
+#include "engine/row_math.h"
 
 namespace superpose::engine {
 

@@ -13,7 +13,7 @@
 
 #include "engine/backend.h"
 #include "engine/row_sampling.h"
-#include "engine/runtime/row_math.h"
+#include "engine/row_math.h"
 #include "engine/runtime/sampler.h"
 
 namespace superpose::engine {

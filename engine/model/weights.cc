@@ -232,6 +232,71 @@ struct TensorEntry {
   const MappedFile* file = nullptr;
 };
 
+// One tensor's header entry: dtype, shape and a byte range inside the file's data.
+absl::StatusOr<TensorEntry> ParseTensorEntry(const std::string& path, const std::string& name,
+                                             const json& t, const MappedFile* file,
+                                             const uint8_t* data, uint64_t data_size) {
+  auto tbad = [&](const std::string& why) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", name, "': ", why));
+  };
+  if (!t.is_object()) return tbad("header entry is not an object");
+  auto dt = t.find("dtype");
+  auto sh = t.find("shape");
+  auto off = t.find("data_offsets");
+  if (dt == t.end() || !dt->is_string()) return tbad("missing or non-string field 'dtype'");
+  if (sh == t.end() || !sh->is_array()) return tbad("missing or non-list field 'shape'");
+  if (off == t.end() || !off->is_array() || off->size() != 2) {
+    return tbad("field 'data_offsets' must be a list [begin, end]");
+  }
+  TensorEntry e;
+  e.file = file;
+  e.dtype_name = dt->get<std::string>();
+  const size_t esize = SafetensorsDTypeSize(e.dtype_name);
+  if (esize == 0) return tbad(absl::StrCat("unknown dtype '", e.dtype_name, "'"));
+  if (e.dtype_name == "F32") {
+    e.view.dtype = DType::kF32;
+  } else if (e.dtype_name == "F16") {
+    e.view.dtype = DType::kF16;
+  } else if (e.dtype_name == "BF16") {
+    e.view.dtype = DType::kBF16;
+  } else {
+    e.supported = false;  // reported by Get(): unused tensors may be any dtype
+  }
+  for (const json& d : *sh) {
+    if (!d.is_number_integer() && !d.is_number_unsigned()) {
+      return tbad(absl::StrCat("field 'shape' ", sh->dump(), " is not a list of integers"));
+    }
+    if (d.is_number_integer() && d.get<int64_t>() < 0) {
+      return tbad(absl::StrCat("field 'shape' ", sh->dump(), " has a negative size"));
+    }
+    e.view.shape.push_back(d.get<int64_t>());
+  }
+  uint64_t b = 0, en = 0;
+  if (!(*off)[0].is_number_unsigned() || !(*off)[1].is_number_unsigned()) {
+    return tbad(absl::StrCat("field 'data_offsets' ", off->dump(),
+                             " is not a pair of non-negative integers"));
+  }
+  b = (*off)[0].get<uint64_t>();
+  en = (*off)[1].get<uint64_t>();
+  if (b > en || en > data_size) {
+    return tbad(absl::StrCat("field 'data_offsets' ", off->dump(), " is outside the file's data (",
+                             data_size, " bytes after the header)"));
+  }
+  int64_t n = 0;
+  if (!Numel(e.view.shape, &n) ||
+      static_cast<uint64_t>(n) > std::numeric_limits<uint64_t>::max() / esize) {
+    return tbad(absl::StrCat("field 'shape' ", sh->dump(), " is too large"));
+  }
+  if (static_cast<uint64_t>(n) * esize != en - b) {
+    return tbad(absl::StrCat("field 'data_offsets' ", off->dump(), " spans ", en - b,
+                             " bytes but shape ", ShapeString(e.view.shape), " of ", e.dtype_name,
+                             " needs ", static_cast<uint64_t>(n) * esize));
+  }
+  e.view.data = data + b;
+  e.view.nbytes = static_cast<size_t>(en - b);
+  return e;
+}
+
 class SafetensorsWeights : public WeightSource {
  public:
   // Maps `path` and indexes its tensors; with `only`, just those names.
@@ -264,66 +329,8 @@ class SafetensorsWeights : public WeightSource {
       const std::string& name = it.key();
       if (name == "__metadata__") continue;
       if (only != nullptr && only->count(name) == 0) continue;
-      const json& t = it.value();
-      auto tbad = [&](const std::string& why) {
-        return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", name, "': ", why));
-      };
-      if (!t.is_object()) return tbad("header entry is not an object");
-      auto dt = t.find("dtype");
-      auto sh = t.find("shape");
-      auto off = t.find("data_offsets");
-      if (dt == t.end() || !dt->is_string()) return tbad("missing or non-string field 'dtype'");
-      if (sh == t.end() || !sh->is_array()) return tbad("missing or non-list field 'shape'");
-      if (off == t.end() || !off->is_array() || off->size() != 2) {
-        return tbad("field 'data_offsets' must be a list [begin, end]");
-      }
-      TensorEntry e;
-      e.file = file.get();
-      e.dtype_name = dt->get<std::string>();
-      const size_t esize = SafetensorsDTypeSize(e.dtype_name);
-      if (esize == 0) return tbad(absl::StrCat("unknown dtype '", e.dtype_name, "'"));
-      if (e.dtype_name == "F32") {
-        e.view.dtype = DType::kF32;
-      } else if (e.dtype_name == "F16") {
-        e.view.dtype = DType::kF16;
-      } else if (e.dtype_name == "BF16") {
-        e.view.dtype = DType::kBF16;
-      } else {
-        e.supported = false;  // reported by Get(): unused tensors may be any dtype
-      }
-      for (const json& d : *sh) {
-        if (!d.is_number_integer() && !d.is_number_unsigned()) {
-          return tbad(absl::StrCat("field 'shape' ", sh->dump(), " is not a list of integers"));
-        }
-        if (d.is_number_integer() && d.get<int64_t>() < 0) {
-          return tbad(absl::StrCat("field 'shape' ", sh->dump(), " has a negative size"));
-        }
-        e.view.shape.push_back(d.get<int64_t>());
-      }
-      uint64_t b = 0, en = 0;
-      if (!(*off)[0].is_number_unsigned() || !(*off)[1].is_number_unsigned()) {
-        return tbad(absl::StrCat("field 'data_offsets' ", off->dump(),
-                                 " is not a pair of non-negative integers"));
-      }
-      b = (*off)[0].get<uint64_t>();
-      en = (*off)[1].get<uint64_t>();
-      if (b > en || en > data_size) {
-        return tbad(absl::StrCat("field 'data_offsets' ", off->dump(),
-                                 " is outside the file's data (", data_size,
-                                 " bytes after the header)"));
-      }
-      int64_t n = 0;
-      if (!Numel(e.view.shape, &n) ||
-          static_cast<uint64_t>(n) > std::numeric_limits<uint64_t>::max() / esize) {
-        return tbad(absl::StrCat("field 'shape' ", sh->dump(), " is too large"));
-      }
-      if (static_cast<uint64_t>(n) * esize != en - b) {
-        return tbad(absl::StrCat("field 'data_offsets' ", off->dump(), " spans ", en - b,
-                                 " bytes but shape ", ShapeString(e.view.shape), " of ",
-                                 e.dtype_name, " needs ", static_cast<uint64_t>(n) * esize));
-      }
-      e.view.data = data + b;
-      e.view.nbytes = static_cast<size_t>(en - b);
+      SP_ASSIGN_OR_RETURN(TensorEntry e,
+                          ParseTensorEntry(path, name, it.value(), file.get(), data, data_size));
       entries.emplace_back(name, std::move(e));
     }
     for (auto& [name, e] : entries) {

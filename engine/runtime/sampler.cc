@@ -12,7 +12,7 @@
 #include <limits>
 
 #include "engine/row_sampling.h"
-#include "engine/runtime/row_math.h"
+#include "engine/row_math.h"
 
 extern "C" __m512 _ZGVeN16v_logf(__m512 x);
 

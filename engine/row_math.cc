@@ -1,4 +1,4 @@
-#include "engine/runtime/row_math.h"
+#include "engine/row_math.h"
 
 // GCC 12 flags the placeholder operand inside _mm512_castps512_ps256 / extractf64x4 as
 // uninitialized in unoptimised (sanitizer) builds; it is never read.
