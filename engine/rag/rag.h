@@ -1,12 +1,13 @@
 // Superposition prompting (papers.md section 1; docs/rag.md): the request shape, the
 // equilibrium / left-aligned position assignment, Bayesian path saliency, top-k
-// selection and the FLOP model. Pure functions; planner.h runs the sequences.
+// selection and FLOP accounting. Pure functions; planner.h runs the sequences.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
 #include "engine/model/config.h"
+#include "engine/model/flop_model.h"
 
 namespace superpose::engine::rag {
 
@@ -62,17 +63,6 @@ struct PathLikelihood {
 double Saliency(const PathLikelihood& ll, float doc_weight);
 // Indices of the k highest scores (ties: lower index first), in ascending index order.
 std::vector<int32_t> TopK(const std::vector<double>& scores, int32_t k);
-
-// FLOPs (multiply-adds count 2) of running `n` new tokens of one sequence that already
-// attends to `context` keys: the projections and MLP of every layer, attention over
-// context + causal keys, and the LM head for `logit_rows` of them.
-struct FlopModel {
-  double matmul_per_token = 0;   // 2 * projection + MLP parameters, all layers
-  double lm_head_per_row = 0;    // 2 * hidden * vocab
-  double attention_per_key = 0;  // 4 * layers * heads * head_dim (QK^T and PV)
-  explicit FlopModel(const ModelConfig& config);
-  double Segment(int64_t context, int64_t n, int64_t logit_rows) const;
-};
 
 struct Flops {
   double total = 0;          // every FLOP the request cost

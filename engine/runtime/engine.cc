@@ -104,7 +104,7 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   std::unique_ptr<KvBlockManager> blocks_;
   EngineObserver* observer_ = nullptr;
   Emitter emitter_;
-  rag::FlopModel flop_model_;
+  FlopModel flop_model_;
   SchedulerLimits limits_;
   StepPlanOptions plan_options_;
   std::vector<std::unique_ptr<RequestOwner>> owners_;
