@@ -95,7 +95,7 @@ int32_t Sampler::SampleTop(absl::Span<const TopLogit> top) {
   return SampleRanked(top.first(std::min<size_t>(top.size(), options_.top_k)));
 }
 
-// Scalar arithmetic exactly as SampleRowReference's (ScaledLogit, expf, FixedMass,
+// Scalar arithmetic exactly as SampleRowReference's (ScaledLogit, SpExp, FixedMass,
 // RaceNoiseAt): the tokens are few.
 int32_t Sampler::SampleRanked(absl::Span<const TopLogit> sorted) {
   const int32_t n = static_cast<int32_t>(sorted.size());
@@ -104,7 +104,7 @@ int32_t Sampler::SampleRanked(absl::Span<const TopLogit> sorted) {
   ranked_ids_.clear();
   uint64_t total = 0;
   for (int32_t j = 0; j < n; ++j) {
-    const float w = expf(ScaledLogit(sorted[j].logit, inv_t, mx));
+    const float w = SpExp(ScaledLogit(sorted[j].logit, inv_t, mx));
     if (w < options_.min_p) continue;
     ranked_ids_.push_back(j);
     total += FixedMass(w);
@@ -115,7 +115,7 @@ int32_t Sampler::SampleRanked(absl::Span<const TopLogit> sorted) {
     uint64_t cum = 0;
     keep = 0;
     while (keep < ranked_ids_.size()) {
-      cum += FixedMass(expf(ScaledLogit(sorted[ranked_ids_[keep]].logit, inv_t, mx)));
+      cum += FixedMass(SpExp(ScaledLogit(sorted[ranked_ids_[keep]].logit, inv_t, mx)));
       ++keep;
       if (cum >= target) break;
     }
@@ -259,8 +259,7 @@ int32_t Race(const float* x, int32_t V, float inv_t, float mx, uint64_t key, con
     }
     scratch->resize(V);
     float max_abs = 0.0f;
-    const float amax =
-        ApproxScores(x, V, inv_t, mx, key, keep, z_floor, scratch->data(), &max_abs);
+    const float amax = ApproxScores(x, V, inv_t, mx, key, keep, z_floor, scratch->data(), &max_abs);
     // Error of an approximate score: the vector logs (< 1e-5), the product and the
     // roundings of values below `mag` (a few ulp of it); generously bounded.
     const float mag = max_abs * inv_t + std::fabs(mx) + 20.0f;
@@ -321,12 +320,12 @@ int32_t Sampler::SampleAll(absl::Span<const float> logits) {
   keep_.resize(V);
   uint64_t total = 0;
   in_play_.clear();  // with top-p: the kept tokens of positive mass
-  if (!cut) {  // min-p only: decided by z, exactly only near the threshold
+  if (!cut) {        // min-p only: decided by z, exactly only near the threshold
     uint8_t* keep = keep_.data();
     for (int32_t i = 0; i < V; ++i) keep[i] = za[i] > log_min_p;
     for (int32_t i = 0; i < V; ++i) {
       if (std::fabs(za[i] - log_min_p) < 2e-3f) {
-        keep[i] = expf(ScaledLogit(x[i], inv_t, mx)) >= min_p;
+        keep[i] = SpExp(ScaledLogit(x[i], inv_t, mx)) >= min_p;
       }
     }
     return Race(x, V, inv_t, mx, key, keep, &scratch_, &in_play_);
@@ -338,7 +337,7 @@ int32_t Sampler::SampleAll(absl::Span<const float> logits) {
       keep_[i] = min_p <= 0.0f || za[i] > log_min_p;
       continue;
     }
-    const float w = expf(ScaledLogit(x[i], inv_t, mx));
+    const float w = SpExp(ScaledLogit(x[i], inv_t, mx));
     const bool kept = w >= min_p;
     keep_[i] = kept;
     if (cut && kept && w > 0.0f) {
