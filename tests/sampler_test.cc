@@ -126,6 +126,67 @@ TEST(SpMathTest, LogIsWithinTwoUlp) {
   EXPECT_GT(RaceNoiseAt(key, top), 16.0f);
 }
 
+std::vector<RowIsa> Isas() {
+  std::vector<RowIsa> v = {RowIsa::kScalar};
+  if (BestRowIsa() >= RowIsa::kAvx2) v.push_back(RowIsa::kAvx2);
+  if (BestRowIsa() >= RowIsa::kAvx512) v.push_back(RowIsa::kAvx512);
+  return v;
+}
+
+// Every vector path gives the scalar functions' bits, on random floats (all bit
+// patterns: NaNs, infinities, denormals), on the ranges the sampler uses and around
+// the edges of the range reductions.
+TEST(SpMathTest, VectorPathsGiveTheScalarBits) {
+  std::mt19937 rng(17);
+  std::vector<float> in;
+  for (int i = 0; i < 1 << 21; ++i) in.push_back(FromBits(rng()));
+  std::uniform_real_distribution<float> neg(-110.0f, 0.0f), unit(0.0f, 1.0f), noise(0.0f, 18.0f);
+  for (int i = 0; i < 1 << 20; ++i) {
+    in.push_back(neg(rng));
+    in.push_back(unit(rng));
+    in.push_back(noise(rng));
+  }
+  auto around = [&](float v, int ulps) {
+    for (int d = -ulps; d <= ulps; ++d) {
+      const uint32_t b = Bits(v) + static_cast<uint32_t>(d);
+      in.push_back(FromBits(b));
+      in.push_back(-FromBits(b));
+    }
+  };
+  for (float v : {0.0f, 1.0f, 104.0f, 103.97f, 87.34f, 89.0f, 88.72f, 0x1p-126f, 0x1p-149f,
+                  0.70710677f, 1.41421354f, INFINITY, 16777215.5f}) {
+    around(v, 40);
+  }
+  for (int k = -151; k <= 128; ++k) {  // exp's rounding boundaries (k + 1/2) ln 2
+    around(static_cast<float>((k + 0.5) * std::log(2.0)), 8);
+  }
+  for (int e = -149; e <= 127; ++e) around(std::ldexp(0.70710677f, e), 4);  // log's
+  for (uint32_t u = 1; u < 5000; ++u) in.push_back(FromBits(u));            // denormals
+  in.push_back(NAN);
+  in.push_back(-NAN);
+  const int64_t n = static_cast<int64_t>(in.size());  // not a multiple of 16: tails too
+  std::vector<float> want_exp(n), want_log(n), got(n);
+  for (int64_t i = 0; i < n; ++i) {
+    want_exp[i] = SpExp(in[i]);
+    want_log[i] = SpLog(in[i]);
+  }
+  for (RowIsa isa : Isas()) {
+    for (int64_t off : {int64_t{0}, int64_t{3}}) {
+      SpExpRow(isa, in.data() + off, n - off, got.data());
+      for (int64_t i = off; i < n; ++i) {
+        ASSERT_EQ(Bits(got[i - off]), Bits(want_exp[i]))
+            << "exp isa " << static_cast<int>(isa) << " x=" << in[i] << " bits " << Bits(in[i]);
+      }
+      SpLogRow(isa, in.data() + off, n - off, got.data());
+      for (int64_t i = off; i < n; ++i) {
+        ASSERT_EQ(Bits(got[i - off]), Bits(want_log[i]))
+            << "log isa " << static_cast<int>(isa) << " x=" << in[i] << " bits " << Bits(in[i]);
+      }
+    }
+  }
+  std::printf("%lld inputs, %zu vector levels\n", static_cast<long long>(n), Isas().size());
+}
+
 TEST(RowMathTest, ScaledExpMatchesExpAndIgnoresPosition) {
   for (int32_t n : {1, 7, 15, 16, 17, 100, 1027}) {
     std::vector<float> x = Row(n, 3 + n), out(n);
@@ -316,64 +377,79 @@ int32_t Reference(const SamplingOptions& o, std::vector<float> row, int64_t draw
 
 // The host sampler draws the backend's token (bitwise the same race) for every request
 // kind, row after row (the draw index is the number of accepted tokens).
+// Forces a row-pass level for the scope of a test.
+class ScopedIsa {
+ public:
+  explicit ScopedIsa(RowIsa isa) { SetRowIsaForTesting(isa); }
+  ~ScopedIsa() { SetRowIsaForTesting(BestRowIsa()); }
+};
+
 TEST(SamplerTest, DrawsTheBackendReferenceToken) {
-  const SamplingOptions cases[] = {
-      Opts(1.0f, 0, 1, 0),
-      Opts(0.8f, 0, 0.9f, 0),
-      Opts(0.8f, 0, 1, 0.05f),
-      Opts(1.2f, 0, 0.5f, 0.02f),
-      Opts(0.7f, 40, 0.9f, 0),
-      Opts(1.0f, 0, 0.999f, 0),
-      Opts(3.0f, 0, 0.6f, 0),
-      Opts(0, 0, 1, 0),
-      Opts(0.6f, 5, 1, 0.1f, 3),
-      Opts(1.0f, 0, 1, 0, 12345),
-      Opts(0.3f, 0, 0.95f, 0.001f, 99),
-  };
-  int checked = 0;
-  for (int32_t V : {500, 32000}) {
-    for (const SamplingOptions& o : cases) {
-      Sampler s(o, {});
-      for (int step = 0; step < 60; ++step) {
-        const std::vector<float> row = Row(V, 77 * V + step, 0.5f + 0.05f * step);
-        std::vector<float> scratch = row;
-        const int32_t got = s.Sample(absl::MakeSpan(scratch));
-        ASSERT_EQ(got, Reference(o, row, step))
-            << "V=" << V << " T=" << o.temperature << " top_k=" << o.top_k << " top_p=" << o.top_p
-            << " min_p=" << o.min_p << " step " << step;
-        s.Accept(got);
-        ++checked;
+  for (RowIsa isa : Isas()) {
+    SCOPED_TRACE(static_cast<int>(isa));
+    ScopedIsa scoped(isa);
+    const SamplingOptions cases[] = {
+        Opts(1.0f, 0, 1, 0),
+        Opts(0.8f, 0, 0.9f, 0),
+        Opts(0.8f, 0, 1, 0.05f),
+        Opts(1.2f, 0, 0.5f, 0.02f),
+        Opts(0.7f, 40, 0.9f, 0),
+        Opts(1.0f, 0, 0.999f, 0),
+        Opts(3.0f, 0, 0.6f, 0),
+        Opts(0, 0, 1, 0),
+        Opts(0.6f, 5, 1, 0.1f, 3),
+        Opts(1.0f, 0, 1, 0, 12345),
+        Opts(0.3f, 0, 0.95f, 0.001f, 99),
+    };
+    int checked = 0;
+    for (int32_t V : {500, 32001}) {
+      for (const SamplingOptions& o : cases) {
+        Sampler s(o, {});
+        for (int step = 0; step < 60; ++step) {
+          const std::vector<float> row = Row(V, 77 * V + step, 0.5f + 0.05f * step);
+          std::vector<float> scratch = row;
+          const int32_t got = s.Sample(absl::MakeSpan(scratch));
+          ASSERT_EQ(got, Reference(o, row, step))
+              << "V=" << V << " T=" << o.temperature << " top_k=" << o.top_k << " top_p=" << o.top_p
+              << " min_p=" << o.min_p << " step " << step;
+          s.Accept(got);
+          ++checked;
+        }
       }
     }
+    EXPECT_EQ(checked, 2 * 11 * 60);
   }
-  EXPECT_EQ(checked, 2 * 11 * 60);
 }
 
 // Many random rows and seeds, one draw each, including rows with ties and with huge
 // logits (the approximate pass must never hide the winner).
 TEST(SamplerTest, ManyRowsAndSeedsMatchTheReference) {
-  std::mt19937_64 rng(3);
-  for (int trial = 0; trial < 400; ++trial) {
-    const int32_t V = 2 + static_cast<int32_t>(rng() % 5000);
-    const float spread = std::ldexp(1.0f, static_cast<int>(rng() % 12) - 4);
-    std::vector<float> row = Row(V, static_cast<uint32_t>(rng()), spread);
-    if (trial % 5 == 0) {
-      for (int32_t i = 0; i < V; i += 3) row[i] = row[0];  // ties
+  for (RowIsa isa : Isas()) {
+    SCOPED_TRACE(static_cast<int>(isa));
+    ScopedIsa scoped(isa);
+    std::mt19937_64 rng(3);
+    for (int trial = 0; trial < 400; ++trial) {
+      const int32_t V = 2 + static_cast<int32_t>(rng() % 5000);
+      const float spread = std::ldexp(1.0f, static_cast<int>(rng() % 12) - 4);
+      std::vector<float> row = Row(V, static_cast<uint32_t>(rng()), spread);
+      if (trial % 5 == 0) {
+        for (int32_t i = 0; i < V; i += 3) row[i] = row[0];  // ties
+      }
+      if (trial % 7 == 0) {
+        for (float& x : row) x = x * 1000.0f + 20000.0f;  // large magnitudes
+      }
+      SamplingOptions o = Opts(0.2f + static_cast<float>(rng() % 30) / 10.0f, 0, 1, 0, rng());
+      if (trial % 2 == 1) o.top_p = static_cast<float>(rng() % 100 + 1) / 100.0f;
+      if (trial % 3 == 1) o.min_p = static_cast<float>(rng() % 50) / 200.0f;
+      if (trial % 4 == 3) o.top_k = 1 + static_cast<int32_t>(rng() % 64);
+      Sampler s(o, {});
+      const int64_t draws = static_cast<int64_t>(rng() % 4);
+      for (int64_t d = 0; d < draws; ++d) s.Accept(0);
+      std::vector<float> scratch = row;
+      ASSERT_EQ(s.Sample(absl::MakeSpan(scratch)), Reference(o, row, draws))
+          << "trial " << trial << " V=" << V << " T=" << o.temperature << " top_k=" << o.top_k
+          << " top_p=" << o.top_p << " min_p=" << o.min_p;
     }
-    if (trial % 7 == 0) {
-      for (float& x : row) x = x * 1000.0f + 20000.0f;  // large magnitudes
-    }
-    SamplingOptions o = Opts(0.2f + static_cast<float>(rng() % 30) / 10.0f, 0, 1, 0, rng());
-    if (trial % 2 == 1) o.top_p = static_cast<float>(rng() % 100 + 1) / 100.0f;
-    if (trial % 3 == 1) o.min_p = static_cast<float>(rng() % 50) / 200.0f;
-    if (trial % 4 == 3) o.top_k = 1 + static_cast<int32_t>(rng() % 64);
-    Sampler s(o, {});
-    const int64_t draws = static_cast<int64_t>(rng() % 4);
-    for (int64_t d = 0; d < draws; ++d) s.Accept(0);
-    std::vector<float> scratch = row;
-    ASSERT_EQ(s.Sample(absl::MakeSpan(scratch)), Reference(o, row, draws))
-        << "trial " << trial << " V=" << V << " T=" << o.temperature << " top_k=" << o.top_k
-        << " top_p=" << o.top_p << " min_p=" << o.min_p;
   }
 }
 
