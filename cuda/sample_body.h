@@ -56,7 +56,7 @@ SP_ATTN_FN void SampleRowBlock(Ctx& c, const float* x, int32_t V, const engine::
   if (cut) {
     unsigned long long total = 0;
     for (int32_t i = tid; i < V; i += N) {
-      const float w = expf(engine::ScaledLogit(x[i], inv_t, mx));
+      const float w = engine::SpExp(engine::ScaledLogit(x[i], inv_t, mx));
       if (w >= s.min_p) total += engine::FixedMass(w);
     }
     total = BlockReduce(c, total, sh.sum, SumOp());
@@ -65,7 +65,7 @@ SP_ATTN_FN void SampleRowBlock(Ctx& c, const float* x, int32_t V, const engine::
     K = RadixSelect(
         c, x, V, target,
         [&](int32_t i) -> unsigned long long {
-          const float w = expf(engine::ScaledLogit(x[i], inv_t, mx));
+          const float w = engine::SpExp(engine::ScaledLogit(x[i], inv_t, mx));
           return w >= s.min_p ? engine::FixedMass(w) : 0ull;
         },
         sh.hist, &sh.above, &sh.key, &above);
@@ -77,7 +77,7 @@ SP_ATTN_FN void SampleRowBlock(Ctx& c, const float* x, int32_t V, const engine::
     unsigned long long mine = 0;
     for (int32_t i = begin; i < end; ++i) {
       if (engine::RankKey(x[i]) != K) continue;
-      const float w = expf(engine::ScaledLogit(x[i], inv_t, mx));
+      const float w = engine::SpExp(engine::ScaledLogit(x[i], inv_t, mx));
       if (w >= s.min_p) mine += engine::FixedMass(w);
     }
     sh.sum[tid] = mine;
@@ -96,7 +96,7 @@ SP_ATTN_FN void SampleRowBlock(Ctx& c, const float* x, int32_t V, const engine::
     if (cum < target) {
       for (int32_t i = begin; i < end; ++i) {
         if (engine::RankKey(x[i]) != K) continue;
-        const float w = expf(engine::ScaledLogit(x[i], inv_t, mx));
+        const float w = engine::SpExp(engine::ScaledLogit(x[i], inv_t, mx));
         if (w < s.min_p) continue;
         cum += engine::FixedMass(w);
         if (cum >= target) {
@@ -114,7 +114,7 @@ SP_ATTN_FN void SampleRowBlock(Ctx& c, const float* x, int32_t V, const engine::
   int32_t best_id = 0x7FFFFFFF;
   for (int32_t i = tid; i < V; i += N) {
     const float z = engine::ScaledLogit(x[i], inv_t, mx);
-    if (expf(z) < s.min_p) continue;
+    if (engine::SpExp(z) < s.min_p) continue;
     if (cut) {
       const uint32_t k = engine::RankKey(x[i]);
       if (k < K || (k == K && i > last_equal)) continue;

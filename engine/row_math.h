@@ -1,10 +1,13 @@
 // Passes over a whole row of logits for the sampler, vectorised (AVX-512 or AVX2 as the
-// CPU allows, scalar otherwise): the maximum, and exp through glibc's vector expf
-// (libmvec, max error 4 ulp) instead of one scalar call per element. Scalar code here
-// was most of the time of sampling a 128k-token vocabulary.
+// CPU allows, scalar otherwise): the maximum, exp through glibc's vector expf (libmvec,
+// max error 4 ulp; log-sum-exp), and the passes of the exponential race
+// (engine/row_sampling.h) with SpExp and SpLog in vector form: bitwise the scalar
+// functions' values on every level, so that the host draws the reference's token.
+// Scalar code here was most of the time of sampling a 128k-token vocabulary.
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace superpose::engine {
 
@@ -16,5 +19,46 @@ double ScaledExp(const float* x, int32_t n, float scale, float shift, float* out
 
 // The largest of x[0..n), n >= 1 (exact: max does not round).
 float MaxOf(const float* x, int32_t n);
+
+// The lowest i < n with x[i] == v, n if none.
+int32_t FirstIndexOf(const float* x, int32_t n, float v);
+
+// The vector units of the race passes below (each gives the same bits).
+enum class RowIsa { kScalar, kAvx2, kAvx512 };
+// The best this CPU has.
+RowIsa BestRowIsa();
+// What the race passes use: the best, or a lesser one set for a test.
+RowIsa RowIsaInUse();
+void SetRowIsaForTesting(RowIsa isa);
+
+// out[i] = SpExp(x[i]) (SpLog) for i < n, computed with `isa` (at most BestRowIsa()).
+void SpExpRow(RowIsa isa, const float* x, int64_t n, float* out);
+void SpLogRow(RowIsa isa, const float* x, int64_t n, float* out);
+
+// Which tokens of a row take part in the race, z = ScaledLogit(x, inv_t, mx).
+struct RaceFilter {
+  float min_p = 0.0f;  // SpExp(z) >= min_p (tested when min_p > 0)
+  // top-p: RankKey(x) > cut_key, or RankKey(x) == cut_key and id <= cut_last
+  uint32_t cut_key = 0;
+  int32_t cut_last = INT32_MAX;
+  float z_floor = -__builtin_inff();  // z >= z_floor (the caller knows the rest cannot win)
+};
+
+// The race over x[0..V): the id of the largest z_i + RaceNoiseAt(key, i) over the tokens
+// `filter` keeps, lower id on ties; -1 when no kept token scores above -infinity.
+int32_t RaceRow(const float* x, int32_t V, float inv_t, float mx, uint64_t key,
+                const RaceFilter& filter);
+
+// The tokens of x[0..V) of weight w = SpExp(z) >= min_p with FixedMass(w) > 0, in id
+// order: the first `count` entries of ids, their RankKey and FixedMass (as floats: exact
+// integers up to 2^32). The vectors only grow (no refill per row).
+struct KeptMasses {
+  int32_t count = 0;
+  std::vector<int32_t> ids;
+  std::vector<uint32_t> keys;
+  std::vector<float> mass;
+  uint64_t total = 0;  // the sum of the masses
+};
+void WeighRow(const float* x, int32_t V, float inv_t, float mx, float min_p, KeptMasses* out);
 
 }  // namespace superpose::engine

@@ -12,18 +12,18 @@ int32_t SampleRowReference(const float* x, int32_t V, const RowSampling& s) {
   const float mx = mx_raw * inv_t;
   std::vector<int32_t> kept;
   for (int32_t i = 0; i < V; ++i) {
-    if (expf(ScaledLogit(x[i], inv_t, mx)) >= s.min_p) kept.push_back(i);
+    if (SpExp(ScaledLogit(x[i], inv_t, mx)) >= s.min_p) kept.push_back(i);
   }
   if (s.top_p < 1.0f) {
     uint64_t total = 0;
-    for (int32_t i : kept) total += FixedMass(expf(ScaledLogit(x[i], inv_t, mx)));
+    for (int32_t i : kept) total += FixedMass(SpExp(ScaledLogit(x[i], inv_t, mx)));
     const uint64_t target = TopPTarget(s.top_p, total);
     std::stable_sort(kept.begin(), kept.end(),
                      [&](int32_t a, int32_t b) { return RankKey(x[a]) > RankKey(x[b]); });
     uint64_t cum = 0;
     size_t n = 0;
     while (n < kept.size()) {
-      cum += FixedMass(expf(ScaledLogit(x[kept[n]], inv_t, mx)));
+      cum += FixedMass(SpExp(ScaledLogit(x[kept[n]], inv_t, mx)));
       ++n;
       if (cum >= target) break;
     }

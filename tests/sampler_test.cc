@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <map>
 #include <numeric>
 #include <random>
@@ -27,6 +29,162 @@ std::vector<float> Row(int32_t V, uint32_t seed, float spread = 2.0f) {
   for (float& x : row) x = body(rng);
   for (int i = 0; i < 6; ++i) row[rng() % V] = 6.0f + static_cast<float>(rng() % 40) * 0.25f;
   return row;
+}
+
+// Distance in ulps between a float and a double reference (the ulp of the float's
+// binade, denormal spacing below the normal range).
+double UlpError(float got, double want) {
+  const double a = std::fabs(want);
+  const double ulp = a < 0x1p-126 ? 0x1p-149 : std::ldexp(1.0, std::ilogb(a) - 23);
+  return std::fabs(static_cast<double>(got) - want) / ulp;
+}
+
+uint32_t Bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+float FromBits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// SpExp over (-inf, 0] (and a little above): within 2 ulp of exp in double everywhere,
+// exactly rounded denormals within 1 denormal step, 0 from -104 down.
+TEST(SpMathTest, ExpIsWithinTwoUlp) {
+  double worst = 0.0;
+  float worst_at = 0.0f;
+  auto check = [&](float z) {
+    const double e = UlpError(SpExp(z), std::exp(static_cast<double>(z)));
+    if (e > worst) {
+      worst = e;
+      worst_at = z;
+    }
+  };
+  // The floats of [-104, 0] by their bits (odd strides, so that every last bit pattern
+  // is hit), [-1, 0] and [-104, -87] (denormal results) more densely.
+  for (uint32_t u = Bits(-0.0f); u <= Bits(-104.0f); u += 251) check(FromBits(u));
+  for (uint32_t u = Bits(-0.0f); u <= Bits(-1.0f); u += 509) check(FromBits(u));
+  for (uint32_t u = Bits(-87.0f); u <= Bits(-104.0f); u += 3) check(FromBits(u));
+  for (float z = 0.0f; z < 88.0f; z += 0.01f) check(z);
+  EXPECT_LE(worst, 2.0) << "at " << worst_at;
+  std::printf("SpExp: max error %.3f ulp at %.9g\n", worst, worst_at);
+  EXPECT_EQ(SpExp(0.0f), 1.0f);
+  EXPECT_EQ(SpExp(-0.0f), 1.0f);
+  EXPECT_EQ(SpExp(-INFINITY), 0.0f);
+  EXPECT_EQ(SpExp(-104.0f), 0.0f);
+  EXPECT_EQ(SpExp(-1e30f), 0.0f);
+  EXPECT_EQ(SpExp(-103.0f), static_cast<float>(std::exp(-103.0)));  // a denormal
+  EXPECT_GT(SpExp(-103.0f), 0.0f);
+  EXPECT_EQ(SpExp(89.0f), INFINITY);
+  EXPECT_EQ(SpExp(INFINITY), INFINITY);
+  EXPECT_EQ(Bits(SpExp(NAN)), 0x7FC00000u);
+  EXPECT_EQ(Bits(SpExp(-NAN)), 0x7FC00000u);
+}
+
+// SpLog over (0, 1] and (1, FLT_MAX] by their bits (odd strides), and densely near 1: within 2 ulp
+// of log in double (its value, not its value's rounding: near 1 the result is tiny).
+TEST(SpMathTest, LogIsWithinTwoUlp) {
+  double worst = 0.0;
+  float worst_at = 0.0f;
+  auto check = [&](uint32_t u) {
+    const float x = FromBits(u);
+    const double e = UlpError(SpLog(x), std::log(static_cast<double>(x)));
+    if (e > worst) {
+      worst = e;
+      worst_at = x;
+    }
+  };
+  for (uint32_t u = 1; u <= Bits(1.0f); u += 253) check(u);
+  for (uint32_t u = Bits(1.0f); u < 0x7F800000u; u += 1021) check(u);
+  for (uint32_t u = Bits(0.99f); u <= Bits(1.01f); u += 3) check(u);
+  for (uint32_t u = Bits(0.70f); u <= Bits(0.71f); u += 3) check(u);  // sqrt(1/2)
+  EXPECT_LE(worst, 2.0) << "at " << worst_at;
+  std::printf("SpLog: max error %.3f ulp at %.9g\n", worst, worst_at);
+  EXPECT_EQ(SpLog(1.0f), 0.0f);
+  EXPECT_EQ(SpLog(0.0f), -INFINITY);
+  EXPECT_EQ(SpLog(-0.0f), -INFINITY);
+  EXPECT_EQ(SpLog(INFINITY), INFINITY);
+  EXPECT_EQ(Bits(SpLog(-1.0f)), 0x7FC00000u);
+  EXPECT_EQ(Bits(SpLog(-INFINITY)), 0x7FC00000u);
+  EXPECT_EQ(Bits(SpLog(NAN)), 0x7FC00000u);
+  EXPECT_EQ(SpLog(FromBits(1)), static_cast<float>(std::log(0x1p-149)));
+  // The race noise stays finite for every uniform the hash can produce (the largest
+  // bits value, 2^24 - 1, comes up once in 2^24 tokens).
+  uint64_t key = 0;
+  int32_t top = -1;
+  for (uint64_t seed = 0; top < 0; ++seed) {
+    key = RaceKey(seed, 0);
+    for (int32_t i = 0; i < (1 << 20) && top < 0; ++i) {
+      if (RaceBits(key, i) == 0xFFFFFFu) top = i;
+    }
+  }
+  EXPECT_LT(RaceUniform(key, top), 1.0f);
+  EXPECT_TRUE(std::isfinite(RaceNoiseAt(key, top)));
+  EXPECT_GT(RaceNoiseAt(key, top), 16.0f);
+}
+
+std::vector<RowIsa> Isas() {
+  std::vector<RowIsa> v = {RowIsa::kScalar};
+  if (BestRowIsa() >= RowIsa::kAvx2) v.push_back(RowIsa::kAvx2);
+  if (BestRowIsa() >= RowIsa::kAvx512) v.push_back(RowIsa::kAvx512);
+  return v;
+}
+
+// Every vector path gives the scalar functions' bits, on random floats (all bit
+// patterns: NaNs, infinities, denormals), on the ranges the sampler uses and around
+// the edges of the range reductions.
+TEST(SpMathTest, VectorPathsGiveTheScalarBits) {
+  std::mt19937 rng(17);
+  std::vector<float> in;
+  for (int i = 0; i < 1 << 21; ++i) in.push_back(FromBits(rng()));
+  std::uniform_real_distribution<float> neg(-110.0f, 0.0f), unit(0.0f, 1.0f), noise(0.0f, 18.0f);
+  for (int i = 0; i < 1 << 20; ++i) {
+    in.push_back(neg(rng));
+    in.push_back(unit(rng));
+    in.push_back(noise(rng));
+  }
+  auto around = [&](float v, int ulps) {
+    for (int d = -ulps; d <= ulps; ++d) {
+      const uint32_t b = Bits(v) + static_cast<uint32_t>(d);
+      in.push_back(FromBits(b));
+      in.push_back(-FromBits(b));
+    }
+  };
+  for (float v : {0.0f, 1.0f, 104.0f, 103.97f, 87.34f, 89.0f, 88.72f, 0x1p-126f, 0x1p-149f,
+                  0.70710677f, 1.41421354f, INFINITY, 16777215.5f}) {
+    around(v, 40);
+  }
+  for (int k = -151; k <= 128; ++k) {  // exp's rounding boundaries (k + 1/2) ln 2
+    around(static_cast<float>((k + 0.5) * std::log(2.0)), 8);
+  }
+  for (int e = -149; e <= 127; ++e) around(std::ldexp(0.70710677f, e), 4);  // log's
+  for (uint32_t u = 1; u < 5000; ++u) in.push_back(FromBits(u));            // denormals
+  in.push_back(NAN);
+  in.push_back(-NAN);
+  const int64_t n = static_cast<int64_t>(in.size());  // not a multiple of 16: tails too
+  std::vector<float> want_exp(n), want_log(n), got(n);
+  for (int64_t i = 0; i < n; ++i) {
+    want_exp[i] = SpExp(in[i]);
+    want_log[i] = SpLog(in[i]);
+  }
+  for (RowIsa isa : Isas()) {
+    for (int64_t off : {int64_t{0}, int64_t{3}}) {
+      SpExpRow(isa, in.data() + off, n - off, got.data());
+      for (int64_t i = off; i < n; ++i) {
+        ASSERT_EQ(Bits(got[i - off]), Bits(want_exp[i]))
+            << "exp isa " << static_cast<int>(isa) << " x=" << in[i] << " bits " << Bits(in[i]);
+      }
+      SpLogRow(isa, in.data() + off, n - off, got.data());
+      for (int64_t i = off; i < n; ++i) {
+        ASSERT_EQ(Bits(got[i - off]), Bits(want_log[i]))
+            << "log isa " << static_cast<int>(isa) << " x=" << in[i] << " bits " << Bits(in[i]);
+      }
+    }
+  }
+  std::printf("%lld inputs, %zu vector levels\n", static_cast<long long>(n), Isas().size());
 }
 
 TEST(RowMathTest, ScaledExpMatchesExpAndIgnoresPosition) {
@@ -213,63 +371,85 @@ int32_t Reference(const SamplingOptions& o, std::vector<float> row, int64_t draw
     for (const TopLogit& t : top) masked[t.id] = t.logit;
     row = std::move(masked);
   }
-  return SampleRowReference(row.data(), V, RowSampling{o.temperature, o.top_p, o.min_p, o.seed,
-                                                       draw});
+  return SampleRowReference(row.data(), V,
+                            RowSampling{o.temperature, o.top_p, o.min_p, o.seed, draw});
 }
 
 // The host sampler draws the backend's token (bitwise the same race) for every request
 // kind, row after row (the draw index is the number of accepted tokens).
+// Forces a row-pass level for the scope of a test.
+class ScopedIsa {
+ public:
+  explicit ScopedIsa(RowIsa isa) { SetRowIsaForTesting(isa); }
+  ~ScopedIsa() { SetRowIsaForTesting(BestRowIsa()); }
+};
+
 TEST(SamplerTest, DrawsTheBackendReferenceToken) {
-  const SamplingOptions cases[] = {
-      Opts(1.0f, 0, 1, 0),        Opts(0.8f, 0, 0.9f, 0),  Opts(0.8f, 0, 1, 0.05f),
-      Opts(1.2f, 0, 0.5f, 0.02f), Opts(0.7f, 40, 0.9f, 0), Opts(1.0f, 0, 0.999f, 0),
-      Opts(3.0f, 0, 0.6f, 0),     Opts(0, 0, 1, 0),        Opts(0.6f, 5, 1, 0.1f, 3),
-      Opts(1.0f, 0, 1, 0, 12345), Opts(0.3f, 0, 0.95f, 0.001f, 99),
-  };
-  int checked = 0;
-  for (int32_t V : {500, 32000}) {
-    for (const SamplingOptions& o : cases) {
-      Sampler s(o, {});
-      for (int step = 0; step < 60; ++step) {
-        const std::vector<float> row = Row(V, 77 * V + step, 0.5f + 0.05f * step);
-        std::vector<float> scratch = row;
-        const int32_t got = s.Sample(absl::MakeSpan(scratch));
-        ASSERT_EQ(got, Reference(o, row, step))
-            << "V=" << V << " T=" << o.temperature << " top_k=" << o.top_k << " top_p=" << o.top_p
-            << " min_p=" << o.min_p << " step " << step;
-        s.Accept(got);
-        ++checked;
+  for (RowIsa isa : Isas()) {
+    SCOPED_TRACE(static_cast<int>(isa));
+    ScopedIsa scoped(isa);
+    const SamplingOptions cases[] = {
+        Opts(1.0f, 0, 1, 0),
+        Opts(0.8f, 0, 0.9f, 0),
+        Opts(0.8f, 0, 1, 0.05f),
+        Opts(1.2f, 0, 0.5f, 0.02f),
+        Opts(0.7f, 40, 0.9f, 0),
+        Opts(1.0f, 0, 0.999f, 0),
+        Opts(3.0f, 0, 0.6f, 0),
+        Opts(0, 0, 1, 0),
+        Opts(0.6f, 5, 1, 0.1f, 3),
+        Opts(1.0f, 0, 1, 0, 12345),
+        Opts(0.3f, 0, 0.95f, 0.001f, 99),
+    };
+    int checked = 0;
+    for (int32_t V : {500, 32001}) {
+      for (const SamplingOptions& o : cases) {
+        Sampler s(o, {});
+        for (int step = 0; step < 60; ++step) {
+          const std::vector<float> row = Row(V, 77 * V + step, 0.5f + 0.05f * step);
+          std::vector<float> scratch = row;
+          const int32_t got = s.Sample(absl::MakeSpan(scratch));
+          ASSERT_EQ(got, Reference(o, row, step))
+              << "V=" << V << " T=" << o.temperature << " top_k=" << o.top_k << " top_p=" << o.top_p
+              << " min_p=" << o.min_p << " step " << step;
+          s.Accept(got);
+          ++checked;
+        }
       }
     }
+    EXPECT_EQ(checked, 2 * 11 * 60);
   }
-  EXPECT_EQ(checked, 2 * 11 * 60);
 }
 
 // Many random rows and seeds, one draw each, including rows with ties and with huge
 // logits (the approximate pass must never hide the winner).
 TEST(SamplerTest, ManyRowsAndSeedsMatchTheReference) {
-  std::mt19937_64 rng(3);
-  for (int trial = 0; trial < 400; ++trial) {
-    const int32_t V = 2 + static_cast<int32_t>(rng() % 5000);
-    const float spread = std::ldexp(1.0f, static_cast<int>(rng() % 12) - 4);
-    std::vector<float> row = Row(V, static_cast<uint32_t>(rng()), spread);
-    if (trial % 5 == 0) {
-      for (int32_t i = 0; i < V; i += 3) row[i] = row[0];  // ties
+  for (RowIsa isa : Isas()) {
+    SCOPED_TRACE(static_cast<int>(isa));
+    ScopedIsa scoped(isa);
+    std::mt19937_64 rng(3);
+    for (int trial = 0; trial < 400; ++trial) {
+      const int32_t V = 2 + static_cast<int32_t>(rng() % 5000);
+      const float spread = std::ldexp(1.0f, static_cast<int>(rng() % 12) - 4);
+      std::vector<float> row = Row(V, static_cast<uint32_t>(rng()), spread);
+      if (trial % 5 == 0) {
+        for (int32_t i = 0; i < V; i += 3) row[i] = row[0];  // ties
+      }
+      if (trial % 7 == 0) {
+        for (float& x : row) x = x * 1000.0f + 20000.0f;  // large magnitudes
+      }
+      SamplingOptions o = Opts(0.2f + static_cast<float>(rng() % 30) / 10.0f, 0, 1, 0, rng());
+      if (trial % 2 == 1) o.top_p = static_cast<float>(rng() % 100 + 1) / 100.0f;
+      if (trial % 3 == 1) o.min_p = static_cast<float>(rng() % 50) / 200.0f;
+      if (trial % 4 == 3) o.top_k = 1 + static_cast<int32_t>(rng() % 64);
+      Sampler s(o, {});
+      const int64_t draws = static_cast<int64_t>(rng() % 4);
+      for (int64_t d = 0; d < draws; ++d) s.Accept(0);
+      std::vector<float> scratch = row;
+      ASSERT_EQ(s.Sample(absl::MakeSpan(scratch)), Reference(o, row, draws))
+          << "trial " << trial << " V=" << V << " T=" << o.temperature << " top_k=" << o.top_k
+          << " top_p=" << o.top_p << " min_p=" << o.min_p;
     }
-    if (trial % 7 == 0) {
-      for (float& x : row) x = x * 1000.0f + 20000.0f;  // large magnitudes
-    }
-    SamplingOptions o = Opts(0.2f + static_cast<float>(rng() % 30) / 10.0f, 0, 1, 0, rng());
-    if (trial % 2 == 1) o.top_p = static_cast<float>(rng() % 100 + 1) / 100.0f;
-    if (trial % 3 == 1) o.min_p = static_cast<float>(rng() % 50) / 200.0f;
-    if (trial % 4 == 3) o.top_k = 1 + static_cast<int32_t>(rng() % 64);
-    Sampler s(o, {});
-    const int64_t draws = static_cast<int64_t>(rng() % 4);
-    for (int64_t d = 0; d < draws; ++d) s.Accept(0);
-    std::vector<float> scratch = row;
-    ASSERT_EQ(s.Sample(absl::MakeSpan(scratch)), Reference(o, row, draws))
-        << "trial " << trial << " V=" << V << " T=" << o.temperature << " top_k=" << o.top_k
-        << " top_p=" << o.top_p << " min_p=" << o.min_p;
   }
 }
 
@@ -309,7 +489,8 @@ TEST(SamplerTest, SamplesTheTruncatedSoftmax) {
         Opts(1.2f, 5, 0.9f, 0.1f)}) {
     std::vector<int32_t> rank(V);
     std::iota(rank.begin(), rank.end(), 0);
-    std::stable_sort(rank.begin(), rank.end(), [&](int32_t a, int32_t b) { return row[a] > row[b]; });
+    std::stable_sort(rank.begin(), rank.end(),
+                     [&](int32_t a, int32_t b) { return row[a] > row[b]; });
     const int32_t n = o.top_k > 0 ? o.top_k : V;
     std::vector<double> w(V, 0.0);
     double z = 0;

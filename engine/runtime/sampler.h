@@ -17,6 +17,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/types/span.h"
 #include "engine/backend.h"
+#include "engine/row_math.h"
 #include "engine/sequence/request.h"
 
 namespace superpose::engine {
@@ -62,11 +63,8 @@ class Sampler {
   std::vector<int32_t> seen_;  // distinct tokens of prompt and output
   absl::flat_hash_set<int32_t> seen_set_;
   std::vector<TopLogit> ranked_;
-  std::vector<float> scratch_;
-  std::vector<uint8_t> keep_;
-  std::vector<uint64_t> mass_;  // fixed-point masses (FixedMass) of the kept tokens
   std::vector<int32_t> ranked_ids_;
-  std::vector<int32_t> in_play_;
+  KeptMasses kept_;  // top-p: the tokens of positive fixed-point mass
 };
 
 // log-softmax of the raw logits: the chosen token's log-probability and the top `n`.
