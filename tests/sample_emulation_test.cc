@@ -15,9 +15,11 @@
 #include <tuple>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "cuda/sample_body.h"
 #include "engine/row_sampling.h"
 #include "tests/block_emulation.h"
+#include "tests/truncated_softmax.h"
 
 namespace superpose {
 namespace {
@@ -110,36 +112,14 @@ TEST(SampleEmulationTest, ReferenceSamplesTheTruncatedSoftmax) {
   const int32_t V = static_cast<int32_t>(row.size());
   for (const auto& [t, top_p, min_p] : std::vector<std::tuple<float, float, float>>{
            {1.0f, 1.0f, 0.0f}, {0.7f, 0.8f, 0.0f}, {1.5f, 1.0f, 0.2f}}) {
-    // Expected: rank order, kept prefix, renormalised.
-    std::vector<int32_t> rank(V);
-    for (int32_t i = 0; i < V; ++i) rank[i] = i;
-    std::sort(rank.begin(), rank.end(), [&](int32_t a, int32_t b) { return row[a] > row[b]; });
-    std::vector<double> w(V, 0.0);
-    double z = 0;
-    for (int32_t i = 0; i < V; ++i) {
-      w[i] = std::exp((row[i] - row[rank[0]]) / t);
-      if (w[i] < min_p) w[i] = 0;
-      z += w[i];
-    }
-    std::vector<double> p(V, 0.0);
-    double cum = 0, kept = 0;
-    for (int32_t i : rank) {
-      if (w[i] == 0 || cum >= top_p) continue;
-      p[i] = w[i] / z;
-      cum += p[i];
-      kept += p[i];
-    }
-    for (double& v : p) v /= kept;
+    const std::vector<double> p = testing::TruncatedSoftmax(row, t, 0, top_p, min_p);
     const int draws = 20000;
     std::vector<int> count(V, 0);
     for (int d = 0; d < draws; ++d) {
       ++count[engine::SampleRowReference(row.data(), V, Params(t, top_p, min_p, 77, d))];
     }
-    for (int32_t i = 0; i < V; ++i) {
-      const double sd = std::sqrt(draws * p[i] * (1 - p[i])) + 1;
-      EXPECT_NEAR(count[i], draws * p[i], 5 * sd)
-          << "T=" << t << " top_p=" << top_p << " min_p=" << min_p << " token " << i;
-    }
+    testing::ExpectFrequencies(count, p, draws,
+                               absl::StrCat("T=", t, " top_p=", top_p, " min_p=", min_p));
   }
 }
 

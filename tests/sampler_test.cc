@@ -13,10 +13,12 @@
 #include <random>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "engine/backend.h"
-#include "engine/row_sampling.h"
 #include "engine/row_math.h"
+#include "engine/row_sampling.h"
 #include "engine/runtime/sampler.h"
+#include "tests/truncated_softmax.h"
 
 namespace superpose::engine {
 namespace {
@@ -487,28 +489,8 @@ TEST(SamplerTest, SamplesTheTruncatedSoftmax) {
   for (const SamplingOptions& o :
        {Opts(1.0f, 0, 1, 0), Opts(0.7f, 0, 0.8f, 0), Opts(1.5f, 0, 1, 0.2f), Opts(1.0f, 4, 1, 0),
         Opts(1.2f, 5, 0.9f, 0.1f)}) {
-    std::vector<int32_t> rank(V);
-    std::iota(rank.begin(), rank.end(), 0);
-    std::stable_sort(rank.begin(), rank.end(),
-                     [&](int32_t a, int32_t b) { return row[a] > row[b]; });
-    const int32_t n = o.top_k > 0 ? o.top_k : V;
-    std::vector<double> w(V, 0.0);
-    double z = 0;
-    for (int32_t j = 0; j < n; ++j) {
-      const int32_t i = rank[j];
-      w[i] = std::exp((row[i] - row[rank[0]]) / o.temperature);
-      if (w[i] < o.min_p) w[i] = 0;
-      z += w[i];
-    }
-    std::vector<double> p(V, 0.0);
-    double cum = 0, kept = 0;
-    for (int32_t i : rank) {
-      if (w[i] == 0 || cum >= o.top_p) continue;
-      p[i] = w[i] / z;
-      cum += p[i];
-      kept += p[i];
-    }
-    for (double& v : p) v /= kept;
+    const std::vector<double> p =
+        testing::TruncatedSoftmax(row, o.temperature, o.top_k, o.top_p, o.min_p);
     const int draws = 20000;
     std::vector<int> count(V, 0);
     Sampler s(o, {});
@@ -518,12 +500,9 @@ TEST(SamplerTest, SamplesTheTruncatedSoftmax) {
       ++count[t];
       s.Accept(t);
     }
-    for (int32_t i = 0; i < V; ++i) {
-      const double sd = std::sqrt(draws * p[i] * (1 - p[i])) + 1;
-      EXPECT_NEAR(count[i], draws * p[i], 5 * sd)
-          << "T=" << o.temperature << " top_k=" << o.top_k << " top_p=" << o.top_p
-          << " min_p=" << o.min_p << " token " << i;
-    }
+    testing::ExpectFrequencies(count, p, draws,
+                               absl::StrCat("T=", o.temperature, " top_k=", o.top_k,
+                                            " top_p=", o.top_p, " min_p=", o.min_p));
   }
 }
 
