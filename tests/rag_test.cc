@@ -543,6 +543,55 @@ TEST_F(RagEngineTest, CancelAndTinyPoolReleaseEveryBlock) {
   EXPECT_EQ(eng->blocks().free_blocks(), eng->blocks().num_blocks());
 }
 
+// Paths preempted mid-prefill (a running decode needs their blocks) are computed again
+// from their first token: their scores restart with them (SequenceOwner::OnPreempted),
+// so the report and the answer equal an uncontended run's, bitwise (the CPU forward is
+// batch- and chunk-invariant).
+TEST_F(RagEngineTest, PreemptedPathsScoreTheSameAsUncontended) {
+  Spec spec = MakeSpec(5, /*postamble=*/true);
+  spec.options.path_cache = false;
+  auto roomy = MakeBackend();
+  auto ref_eng = MakeEngine(roomy.get(), engine::EngineOptions{.prefix_caching = false});
+  const Completion ref = testing::RunRequest(*ref_eng, RagRequest(spec, 6));
+  ASSERT_TRUE(ref.status.ok()) << ref.status;
+  ref_eng->Shutdown(absl::ZeroDuration());
+
+  // An older request holds 13 blocks after its 200-token prompt and takes another every
+  // 16 steps; the RAG request's finished paths hold theirs until the join, so its newest
+  // path is preempted when the older one grows, and is computed again after it finishes.
+  auto tight = MakeBackend(/*blocks=*/26);
+  engine::EngineOptions eo;
+  eo.prefix_caching = false;
+  eo.max_batch_tokens = 8;  // paths prefill in chunks of 7 beside the decode
+  // Both queued before the loop starts: the same schedule whatever the machine's speed.
+  auto eng =
+      std::make_unique<engine::Engine>(eo, model_.config, model_.tokenizer.get(), tight.get());
+  std::vector<int32_t> long_prompt = Enc("Once upon a time", true);
+  while (long_prompt.size() < 200) {
+    const std::vector<int32_t> more = Enc(" there was a little girl who liked to play outside.");
+    long_prompt.insert(long_prompt.end(), more.begin(), more.end());
+  }
+  long_prompt.resize(200);
+  Collector hog;
+  ASSERT_TRUE(eng->Submit(testing::GreedyRequest(long_prompt, 20), hog.Callback()).ok());
+  Collector rag;
+  ASSERT_TRUE(eng->Submit(RagRequest(spec, 6), rag.Callback()).ok());
+  eng->Start();
+  const Completion got = rag.Wait();
+  ASSERT_TRUE(got.status.ok()) << got.status;
+  EXPECT_TRUE(hog.Wait().status.ok());
+  EXPECT_GT(eng->stats().preemptions, 0) << "the pool no longer forces preemption";
+  ASSERT_EQ(got.rag->docs.size(), ref.rag->docs.size());
+  for (size_t i = 0; i < ref.rag->docs.size(); ++i) {
+    EXPECT_EQ(got.rag->docs[i].doc_ll, ref.rag->docs[i].doc_ll) << i;
+    EXPECT_EQ(got.rag->docs[i].query_ll, ref.rag->docs[i].query_ll) << i;
+    EXPECT_EQ(got.rag->docs[i].kept, ref.rag->docs[i].kept) << i;
+  }
+  EXPECT_EQ(got.tokens, ref.tokens);
+  eng->Shutdown(absl::ZeroDuration());
+  EXPECT_EQ(eng->blocks().free_blocks(), eng->blocks().num_blocks());
+}
+
 TEST_F(RagEngineTest, TensorParallelGivesTheSameScoresAndAnswer) {
   Spec spec = MakeSpec(4, /*postamble=*/true);
   spec.options.top_k = 2;
