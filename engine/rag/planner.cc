@@ -267,7 +267,7 @@ void Planner::OnComputed(Sequence& seq, const float* row) {
 void Planner::OnPreambleDone(Group* g, Sequence& seq) {
   g->preamble_blocks = std::move(seq.blocks);
   seq.blocks.clear();
-  seq.block_hashes.clear();
+  seq.published_blocks = 0;
   g->preamble_len = seq.computed;
   g->prefix_cached = seq.cached_prompt_tokens;
   g->preamble_flops = seq.flops;
@@ -291,7 +291,7 @@ void Planner::OnPathDone(Group* g, Sequence& seq, const float* row) {
     path.query_blocks = seq.blocks;
   }
   seq.blocks.clear();
-  seq.block_hashes.clear();
+  seq.published_blocks = 0;
   path.flops = seq.flops;
   if (row != nullptr) path.last_logits.assign(row, row + vocab_);
   if (--g->pending == 0) Join(g);

@@ -50,7 +50,6 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   // SequenceHost.
   KvBlockManager& blocks() override { return *blocks_; }
   int32_t block_size() const override { return block_size_; }
-  int32_t vocab_size() const override { return config_.vocab_size; }
   uint64_t NewHandle() override { return next_internal_id_++; }
   void Enqueue(std::vector<std::unique_ptr<Sequence>> seqs, bool front) override;
   void Drop(Sequence& seq) override;
@@ -76,7 +75,7 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   Snapshot TakeSnapshot() const;
   std::vector<std::pair<Sequence*, int32_t>> Apply(const Decision& d);
   void Admit(Sequence* seq, int32_t prefix_blocks);
-  void HandleOutputs(const StepPlan& sp, const ForwardOutput& out);
+  void HandleOutputs(const StepPlan& sp, const RowLayout& rows, const ForwardOutput& out);
   void SampleWholeRows(const StepPlan& sp, const RowLayout& rows, const ForwardOutput& out,
                        std::vector<Sampled>* presampled);
   void Advance(const StepEntry& e, const BatchPlan& plan, const ForwardOutput& out,
@@ -93,6 +92,7 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   // How many of seq's first full blocks the prefix cache holds now (looked up, not
   // retained; at least one token is always left to compute, so that its logits exist).
   int32_t PrefixMatch(Sequence* seq) const;
+  void ExtendChain(Sequence* seq, int32_t n) const;
   void MatchPrefix(Sequence* seq, int32_t max_blocks);
   void PublishBlocks(Sequence* seq);
 
@@ -343,7 +343,7 @@ void Engine::Impl::Loop() {
 void Engine::Impl::FreeBlocks(Sequence* seq) {
   for (BlockId b : seq->blocks) blocks_->Release(b);
   seq->blocks.clear();
-  seq->block_hashes.clear();
+  seq->published_blocks = 0;
   seq->computed = 0;
 }
 
@@ -400,18 +400,23 @@ bool Engine::Impl::EnsureBlocks(Sequence* seq, int32_t upto_tokens) {
   return true;
 }
 
-int32_t Engine::Impl::PrefixMatch(Sequence* seq) const {
-  if (!UsesPrefixCache(*seq) || seq->computed != 0 || !seq->blocks.empty()) return 0;
-  // Full blocks that may match: at least one token is always left to compute.
-  const int32_t candidates = (static_cast<int32_t>(seq->tokens.size()) - 1) / block_size_;
-  std::vector<uint64_t>& chain = seq->prefix_chain;  // tokens only grow: extend it
-  while (static_cast<int32_t>(chain.size()) < candidates) {
+// Extends seq's block chain over its first `n` full blocks of tokens.
+void Engine::Impl::ExtendChain(Sequence* seq, int32_t n) const {
+  std::vector<uint64_t>& chain = seq->block_chain;
+  while (static_cast<int32_t>(chain.size()) < n) {
     const uint64_t parent = chain.empty() ? HashString(0x5eed, seq->req.tenant) : chain.back();
     chain.push_back(
         HashBlock(parent, seq->tokens.data() + chain.size() * block_size_, block_size_));
   }
+}
+
+int32_t Engine::Impl::PrefixMatch(Sequence* seq) const {
+  if (!UsesPrefixCache(*seq) || seq->computed != 0 || !seq->blocks.empty()) return 0;
+  // Full blocks that may match: at least one token is always left to compute.
+  const int32_t candidates = (static_cast<int32_t>(seq->tokens.size()) - 1) / block_size_;
+  ExtendChain(seq, candidates);
   int32_t n = 0;
-  while (n < candidates && blocks_->Contains(chain[n])) ++n;
+  while (n < candidates && blocks_->Contains(seq->block_chain[n])) ++n;
   return n;
 }
 
@@ -421,13 +426,13 @@ void Engine::Impl::MatchPrefix(Sequence* seq, int32_t max_blocks) {
   const int32_t available = std::min(max_blocks, PrefixMatch(seq));
   int32_t matched = 0;
   for (int32_t i = 0; i < available; ++i) {
-    const uint64_t h = seq->prefix_chain[i];
+    const uint64_t h = seq->block_chain[i];
     std::optional<BlockId> b = blocks_->Lookup(h);
     if (!b) break;
     seq->blocks.push_back(*b);
-    seq->block_hashes.push_back(h);
     ++matched;
   }
+  seq->published_blocks = matched;
   seq->computed = matched * block_size_;
   if (seq->generated == 0) seq->cached_prompt_tokens = std::min(seq->computed, seq->prompt_len);
 }
@@ -435,12 +440,9 @@ void Engine::Impl::MatchPrefix(Sequence* seq, int32_t max_blocks) {
 void Engine::Impl::PublishBlocks(Sequence* seq) {
   if (!UsesPrefixCache(*seq)) return;
   const int32_t full = seq->computed / block_size_;
-  while (static_cast<int32_t>(seq->block_hashes.size()) < full) {
-    const int32_t i = static_cast<int32_t>(seq->block_hashes.size());
-    const uint64_t parent = i == 0 ? HashString(0x5eed, seq->req.tenant) : seq->block_hashes[i - 1];
-    const uint64_t h = HashBlock(parent, seq->tokens.data() + i * block_size_, block_size_);
-    blocks_->Publish(seq->blocks[i], h);
-    seq->block_hashes.push_back(h);
+  ExtendChain(seq, full);
+  for (; seq->published_blocks < full; ++seq->published_blocks) {
+    blocks_->Publish(seq->blocks[seq->published_blocks], seq->block_chain[seq->published_blocks]);
   }
 }
 
@@ -464,7 +466,7 @@ Snapshot Engine::Impl::TakeSnapshot() const {
     if (i < head) {
       x.prefix_blocks = PrefixMatch(s);
       for (int32_t k = 0; k < x.prefix_blocks; ++k) {
-        x.prefix_unreferenced += blocks_->refcount(*blocks_->Peek(s->prefix_chain[k])) == 0;
+        x.prefix_unreferenced += blocks_->refcount(*blocks_->Peek(s->block_chain[k])) == 0;
       }
     }
     snap.waiting.push_back(x);
@@ -555,14 +557,16 @@ bool Engine::Impl::Step() {
   if (!st.ok()) {
     spdlog::error("forward failed: {}", st.ToString());
     st = absl::InternalError(absl::StrCat("backend failure: ", st.message()));
-  } else if (st = RowLayout(sp.plan).Check(out, config_.vocab_size); !st.ok()) {
+  }
+  const RowLayout rows(sp.plan);
+  if (st.ok() && !(st = rows.Check(out, config_.vocab_size)).ok()) {
     spdlog::error("forward returned logits of the wrong shape");
   }
   if (!st.ok()) {
     for (const StepEntry& e : sp.entries) Finish(e.seq, FinishReason::kNone, st);
     return true;
   }
-  HandleOutputs(sp, out);
+  HandleOutputs(sp, rows, out);
   return true;
 }
 
@@ -589,8 +593,8 @@ void Engine::Impl::SampleWholeRows(const StepPlan& sp, const RowLayout& rows,
   }
 }
 
-void Engine::Impl::HandleOutputs(const StepPlan& sp, const ForwardOutput& out) {
-  const RowLayout rows(sp.plan);
+void Engine::Impl::HandleOutputs(const StepPlan& sp, const RowLayout& rows,
+                                 const ForwardOutput& out) {
   std::vector<Sampled> presampled(sp.entries.size());
   SampleWholeRows(sp, rows, out, &presampled);
   for (size_t k = 0; k < sp.entries.size(); ++k) {

@@ -59,8 +59,11 @@ struct Sequence {
   int32_t generated = 0;
   int32_t cached_prompt_tokens = 0;
   std::vector<BlockId> blocks;
-  std::vector<uint64_t> block_hashes;  // chained hashes of the full blocks published so far
-  std::vector<uint64_t> prefix_chain;  // the same chain over its tokens, for prefix lookups
+  // Chained content hashes of its full blocks of tokens (tenant, then every token before),
+  // extended as needed: prefix lookups and publishing both read it. Tokens only grow,
+  // so it stays valid when the blocks are freed.
+  std::vector<uint64_t> block_chain;
+  int32_t published_blocks = 0;  // of `blocks`, how many are published under the chain
   bool prefix_checked = false;
   std::shared_ptr<StreamState> stream;  // emitting sequences, made on their first token
 
@@ -113,7 +116,6 @@ class SequenceHost {
   virtual ~SequenceHost() = default;
   virtual KvBlockManager& blocks() = 0;
   virtual int32_t block_size() const = 0;
-  virtual int32_t vocab_size() const = 0;
   // A handle for a sequence of the owner's (never a client's).
   virtual uint64_t NewHandle() = 0;
   // Queues sequences: in priority order among the waiting (FCFS within a priority), or
