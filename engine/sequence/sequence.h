@@ -64,7 +64,6 @@ struct Sequence {
   // so it stays valid when the blocks are freed.
   std::vector<uint64_t> block_chain;
   int32_t published_blocks = 0;  // of `blocks`, how many are published under the chain
-  bool prefix_checked = false;
   std::shared_ptr<StreamState> stream;  // emitting sequences, made on their first token
 
   absl::Time arrival;
