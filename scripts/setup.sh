@@ -9,6 +9,6 @@ $SUDO apt-get install -y -qq --no-install-recommends \
   cmake ninja-build pkg-config g++ git ca-certificates \
   libgtest-dev libgmock-dev \
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto \
-  libspdlog-dev libfmt-dev libabsl-dev libopenblas-openmp-dev \
+  libspdlog-dev libfmt-dev libabsl-dev libopenblas-openmp-dev libhwy-dev \
   nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcpp-httplib-dev >/dev/null
 echo "setup: dependencies installed"
