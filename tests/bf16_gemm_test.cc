@@ -1,8 +1,8 @@
 // The bf16-weight GEMM (engine/cpu/bf16_gemm.h), on every kernel this CPU has (AMX,
-// AVX512-BF16, portable): against a double-precision reference of the same
-// bf16-rounded operands, for 1..70 activation rows and sizes that are no multiple of the
-// 32 x 32 block or the 16-row tile; batch invariance (row r of a many-row call is bitwise
-// equal to the same row alone); thread-count invariance; the packed layout.
+// AVX512-BF16, and the widening kernel on every SIMD target): against a double-precision reference
+// of the same bf16-rounded operands, for 1..70 activation rows and sizes that are no multiple of
+// the 32 x 32 block or the 16-row tile; batch invariance (row r of a many-row call is bitwise equal
+// to the same row alone); thread-count invariance; the packed layout.
 //
 // Tolerance: |y - ref| <= 1e-5 * sum_k |x_k * w_k| over the bf16-rounded operands. Products
 // of two bf16 values are exact in float32; the only error is float32 accumulation of at
@@ -17,16 +17,30 @@
 
 #include "engine/cpu/bf16_gemm.h"
 #include "engine/model/weights.h"
+#include "tests/simd_targets.h"
 
 namespace superpose::engine::cpu {
 namespace {
 
 std::vector<Bf16Kernel> Kernels() {
   std::vector<Bf16Kernel> out;
-  for (Bf16Kernel k : {Bf16Kernel::kAmx, Bf16Kernel::kAvx512Bf16, Bf16Kernel::kPortable}) {
+  for (Bf16Kernel k : {Bf16Kernel::kAmx, Bf16Kernel::kAvx512Bf16, Bf16Kernel::kWiden}) {
     if (Bf16KernelAvailable(k)) out.push_back(k);
   }
   return out;
+}
+
+// fn(kernel) for every kernel here, the widening one once per SIMD target.
+template <typename Fn>
+void ForEachKernel(Fn&& fn) {
+  for (Bf16Kernel k : Kernels()) {
+    SCOPED_TRACE(Bf16KernelName(k));
+    if (k == Bf16Kernel::kWiden) {
+      superpose::testing::ForEachSimdTarget([&](const std::string&) { fn(k); });
+    } else {
+      fn(k);
+    }
+  }
 }
 
 struct Problem {
@@ -79,7 +93,7 @@ void ExpectMatchesReference(Bf16Kernel kernel, const Problem& p) {
 
 TEST(Bf16GemmTest, ReportsKernel) {
   const std::string name = Bf16GemmKernelName();
-  EXPECT_EQ(name, HasAmxBf16() ? "amx" : HasAvx512Bf16() ? "avx512_bf16" : "portable");
+  EXPECT_EQ(name, HasAmxBf16() ? "amx" : HasAvx512Bf16() ? "avx512_bf16" : "widen");
   std::printf("kernels here:");
   for (Bf16Kernel k : Kernels()) std::printf(" %s", Bf16KernelName(k));
   std::printf("\n");
@@ -102,20 +116,17 @@ TEST(Bf16GemmTest, PackRoundsEveryWeightAndPadsWithZeros) {
 }
 
 TEST(Bf16GemmTest, MatchesReference) {
-  for (Bf16Kernel kernel : Kernels()) {
-    const bool slow = kernel == Bf16Kernel::kPortable;
+  ForEachKernel([](Bf16Kernel kernel) {
     for (int32_t rows : {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 70}) {
-      if (slow && rows % 16 > 1 && rows != 17) continue;
       ExpectMatchesReference(kernel, MakeProblem(rows, 96, 64, 10 + rows));
       ExpectMatchesReference(kernel, MakeProblem(rows, 83, 45, 20 + rows));
     }
     ExpectMatchesReference(kernel, MakeProblem(5, 768, 200, 7));
-  }
+  });
 }
 
 TEST(Bf16GemmTest, RowResultsDoNotDependOnTheBatch) {
-  for (Bf16Kernel kernel : Kernels()) {
-    SCOPED_TRACE(Bf16KernelName(kernel));
+  ForEachKernel([](Bf16Kernel kernel) {
     const Problem all = MakeProblem(70, 200, 100, 5);
     const std::vector<float> y = Multiply(kernel, all);
     for (int32_t t : {0, 15, 16, 33, 69}) {
@@ -132,33 +143,38 @@ TEST(Bf16GemmTest, RowResultsDoNotDependOnTheBatch) {
         ASSERT_EQ(y1[o], y[static_cast<size_t>(t) * all.out + o]) << "row " << t << " col " << o;
       }
     }
-  }
+  });
 }
 
 TEST(Bf16GemmTest, ResultsDoNotDependOnThreadCount) {
   const Problem p = MakeProblem(20, 512, 1024, 9);
   const int saved = omp_get_max_threads();
-  for (Bf16Kernel kernel : Kernels()) {
+  ForEachKernel([&](Bf16Kernel kernel) {
     omp_set_num_threads(1);
     const std::vector<float> one = Multiply(kernel, p);
     omp_set_num_threads(std::max(2, saved));
     const std::vector<float> many = Multiply(kernel, p);
     omp_set_num_threads(saved);
-    EXPECT_EQ(one, many) << Bf16KernelName(kernel);
-  }
+    EXPECT_EQ(one, many);
+  });
 }
 
 TEST(Bf16GemmTest, KernelsAgreeWithinTolerance) {
   // The kernels add the same products in about the same order; hardware may round the
   // pair sums differently, so this allows a float32 accumulation error.
   const Problem p = MakeProblem(17, 300, 70, 11);
-  const std::vector<float> b = Multiply(Bf16Kernel::kPortable, p);
-  for (Bf16Kernel kernel : Kernels()) {
+  std::vector<float> b;
+  {
+    // The reference: the widening kernel on the portable target.
+    simd::ScopedTarget portable(simd::AvailableTargets().back());
+    b = Multiply(Bf16Kernel::kWiden, p);
+  }
+  ForEachKernel([&](Bf16Kernel kernel) {
     const std::vector<float> a = Multiply(kernel, p);
     for (size_t i = 0; i < a.size(); ++i) {
-      ASSERT_NEAR(a[i], b[i], 1e-4f * (1 + std::abs(b[i]))) << Bf16KernelName(kernel) << " " << i;
+      ASSERT_NEAR(a[i], b[i], 1e-4f * (1 + std::abs(b[i]))) << i;
     }
-  }
+  });
 }
 
 }  // namespace

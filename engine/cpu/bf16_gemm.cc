@@ -1,10 +1,16 @@
 #include "engine/cpu/bf16_gemm.h"
 
+#include <omp.h>
+
+#if defined(__x86_64__)
 #include <cpuid.h>
 #include <immintrin.h>
-#include <omp.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#define SP_X86 1
+#else
+#define SP_X86 0
+#endif
 
 #include <algorithm>
 #include <cstdlib>
@@ -12,7 +18,9 @@
 #include <new>
 #include <vector>
 
+#include "engine/cpu/bf16_widen.h"
 #include "engine/model/weights.h"
+#include "engine/simd.h"
 
 namespace superpose::engine::cpu {
 namespace {
@@ -26,6 +34,7 @@ constexpr int64_t kParallelMinWork = 1 << 16;
 // Weight bytes prefetched ahead of the tiles being multiplied.
 constexpr int32_t kPrefetchBlocks = 4;
 
+#if SP_X86
 // Activations as bf16, rows padded to a multiple of 16 and inputs to k_blocks * 32
 // (zeros), row-major: the A tiles load straight from it.
 void PackX(const float* x, int32_t rows, int32_t in, int32_t ld, int32_t row, uint16_t* dst) {
@@ -135,32 +144,6 @@ __attribute__((target("amx-tile,amx-bf16"))) void AmxBlock(const PackedBf16& w, 
   }
 }
 
-// The same products in plain C++: per output element, per 32-input block, per input pair,
-// += even product then += odd product, in float.
-void PortableBlock(const PackedBf16& w, int32_t rb, const uint16_t* xb, int32_t ld, int32_t mb,
-                   int32_t rows, float* y) {
-  const int32_t kbs = w.k_blocks();
-  float c[16 * 16];
-  for (int32_t half = 0; half < 2; ++half) {
-    std::fill(c, c + 16 * 16, 0.0f);
-    for (int32_t kb = 0; kb < kbs; ++kb) {
-      const uint16_t* b = w.block(rb, kb) + half * kTile;
-      for (int32_t m = 0; m < kM; ++m) {
-        const uint16_t* a = xb + static_cast<size_t>(mb * kM + m) * ld + kb * kK;
-        for (int32_t n = 0; n < 16; ++n) {
-          float acc = c[m * 16 + n];
-          for (int32_t r = 0; r < kK / 2; ++r) {
-            acc += Bf16ToF32(a[2 * r]) * Bf16ToF32(b[(r * 16 + n) * 2]);
-            acc += Bf16ToF32(a[2 * r + 1]) * Bf16ToF32(b[(r * 16 + n) * 2 + 1]);
-          }
-          c[m * 16 + n] = acc;
-        }
-      }
-    }
-    StoreEdge(c, mb * kM, rb * kR + half * 16, rows, w.out(), y);
-  }
-}
-
 // AVX512-BF16 (no AMX: e.g. AMD Zen 4/5, Intel Cooper Lake): the same packed blocks,
 // one zmm of weights = one input pair for 16 output rows; per activation row a
 // broadcast pair and one vdpbf16ps. Up to kVecRows activation rows per pass over the
@@ -218,16 +201,14 @@ __attribute__((target("avx512f,avx512bf16"))) void Avx512Bf16Block(const PackedB
   if (rows > m0) kTailRows<1, 2, 3, 4, 5, 6, 7>[rows - m0](w, rb, xb, ld, m0, lo, hi, y);
 }
 
-void Gemm(const float* x, int32_t rows, const PackedBf16& w, float* y, Bf16Kernel kernel) {
-  if (rows <= 0 || w.empty()) return;
+// The AMX and AVX512-BF16 kernels: activations packed as bf16.
+void GemmPacked(const float* x, int32_t rows, const PackedBf16& w, float* y, bool amx,
+                bool parallel) {
   const int32_t kbs = w.k_blocks(), rbs = w.row_blocks();
   const int32_t mbs = (rows + kM - 1) / kM, ld = kbs * kK;
   thread_local std::vector<uint16_t> xbuf;
   xbuf.resize(static_cast<size_t>(mbs) * kM * ld);
   uint16_t* xb = xbuf.data();
-  const bool amx = kernel == Bf16Kernel::kAmx;
-  const bool parallel =
-      static_cast<int64_t>(w.out()) * w.in() * std::max(rows, 4) / 4 > kParallelMinWork;
 #pragma omp parallel if (parallel)
   {
 #pragma omp for schedule(static)
@@ -237,22 +218,49 @@ void Gemm(const float* x, int32_t rows, const PackedBf16& w, float* y, Bf16Kerne
     if (amx) ConfigureTiles();
 #pragma omp for schedule(guided)
     for (int32_t rb = 0; rb < rbs; ++rb) {
-      switch (kernel) {
-        case Bf16Kernel::kAmx:
-          for (int32_t mb = 0; mb < mbs; mb += 2) {
-            AmxBlock(w, rb, xb, ld, mb, mb + 1 < mbs, rows, y);
-          }
-          break;
-        case Bf16Kernel::kAvx512Bf16:
-          Avx512Bf16Block(w, rb, xb, ld, rows, y);
-          break;
-        case Bf16Kernel::kPortable:
-          for (int32_t mb = 0; mb < mbs; ++mb) PortableBlock(w, rb, xb, ld, mb, rows, y);
-          break;
+      if (amx) {
+        for (int32_t mb = 0; mb < mbs; mb += 2) AmxBlock(w, rb, xb, ld, mb, mb + 1 < mbs, rows, y);
+      } else {
+        Avx512Bf16Block(w, rb, xb, ld, rows, y);
       }
     }
     if (amx) ReleaseTiles();
   }
+}
+#endif  // SP_X86
+
+// The widening kernel: activations rounded to bf16 but kept as float32 (rows padded with
+// zeros to whole 32-input blocks), the weights widened in registers.
+void GemmWiden(const float* x, int32_t rows, const PackedBf16& w, float* y, bool parallel) {
+  const int32_t in = w.in(), ld = w.k_blocks() * kK, rbs = w.row_blocks();
+  thread_local std::vector<float> xbuf;
+  xbuf.resize(static_cast<size_t>(rows) * ld);
+  float* xp = xbuf.data();
+#pragma omp parallel if (parallel)
+  {
+#pragma omp for schedule(static)
+    for (int32_t r = 0; r < rows; ++r) {
+      const float* src = x + static_cast<size_t>(r) * in;
+      float* dst = xp + static_cast<size_t>(r) * ld;
+      for (int32_t k = 0; k < in; ++k) dst[k] = Bf16ToF32(F32ToBf16(src[k]));
+      std::fill(dst + in, dst + ld, 0.0f);
+    }
+#pragma omp for schedule(guided)
+    for (int32_t rb = 0; rb < rbs; ++rb) Bf16WidenRowBlock(w, rb, xp, ld, rows, y);
+  }
+}
+
+void Gemm(const float* x, int32_t rows, const PackedBf16& w, float* y, Bf16Kernel kernel) {
+  if (rows <= 0 || w.empty()) return;
+  const bool parallel =
+      static_cast<int64_t>(w.out()) * w.in() * std::max(rows, 4) / 4 > kParallelMinWork;
+#if SP_X86
+  if (kernel != Bf16Kernel::kWiden) {
+    GemmPacked(x, rows, w, y, kernel == Bf16Kernel::kAmx, parallel);
+    return;
+  }
+#endif
+  GemmWiden(x, rows, w, y, parallel);
 }
 
 }  // namespace
@@ -291,6 +299,9 @@ void PackedBf16::Unpack(float* w) const {
 }
 
 bool HasAmxBf16() {
+#if !SP_X86
+  return false;
+#else
   static const bool has = [] {
     // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
     unsigned a = 0, b = 0, c = 0, d = 0;
@@ -302,20 +313,27 @@ bool HasAmxBf16() {
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
   return has;
+#endif
 }
 
 bool HasAvx512Bf16() {
+#if !SP_X86
+  return false;
+#else
   static const bool has = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
   }();
   return has;
+#endif
 }
 
 Bf16Kernel BestBf16Kernel() {
+  // A SIMD cap below AVX-512 (engine/simd.h) turns the AVX-512 special cases off too.
+  if (!simd::ActiveIsAvx512()) return Bf16Kernel::kWiden;
   if (HasAmxBf16()) return Bf16Kernel::kAmx;
   if (HasAvx512Bf16()) return Bf16Kernel::kAvx512Bf16;
-  return Bf16Kernel::kPortable;
+  return Bf16Kernel::kWiden;
 }
 
 bool Bf16KernelAvailable(Bf16Kernel kernel) {
@@ -324,7 +342,7 @@ bool Bf16KernelAvailable(Bf16Kernel kernel) {
       return HasAmxBf16();
     case Bf16Kernel::kAvx512Bf16:
       return HasAvx512Bf16();
-    case Bf16Kernel::kPortable:
+    case Bf16Kernel::kWiden:
       return true;
   }
   return false;
@@ -336,19 +354,18 @@ const char* Bf16KernelName(Bf16Kernel kernel) {
       return "amx";
     case Bf16Kernel::kAvx512Bf16:
       return "avx512_bf16";
-    case Bf16Kernel::kPortable:
-      return "portable";
+    case Bf16Kernel::kWiden:
+      return "widen";
   }
   return "?";
 }
 
 void Bf16Gemm(const float* x, int32_t rows, const PackedBf16& w, float* y) {
-  static const Bf16Kernel best = BestBf16Kernel();
-  Gemm(x, rows, w, y, best);
+  Gemm(x, rows, w, y, BestBf16Kernel());
 }
 
 void Bf16GemmWith(Bf16Kernel kernel, const float* x, int32_t rows, const PackedBf16& w, float* y) {
-  Gemm(x, rows, w, y, Bf16KernelAvailable(kernel) ? kernel : Bf16Kernel::kPortable);
+  Gemm(x, rows, w, y, Bf16KernelAvailable(kernel) ? kernel : Bf16Kernel::kWiden);
 }
 
 const char* Bf16GemmKernelName() { return Bf16KernelName(BestBf16Kernel()); }

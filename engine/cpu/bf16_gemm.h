@@ -4,12 +4,16 @@
 // Sapphire Rapids and later) the tiles run on the matrix unit, whose throughput makes a
 // step of 16-64 rows cost about what a single row costs: weight streaming, not
 // arithmetic, is the limit. CPUs with AVX512-BF16 but no AMX (AMD Zen 4/5) use vdpbf16ps
-// on the same packed layout; elsewhere a portable loop (slow: tests and odd machines).
+// on the same packed layout; every other CPU (AVX2, SSE4, Arm NEON) widens the weights to
+// float32 in registers and uses fused multiply-adds (engine/cpu/bf16_widen.h, Highway):
+// the same bytes streamed, so decode gains the same ~2x over float32 weights.
 //
 // Activations are rounded to bf16 (round to nearest even) on the way in, as GPU bf16
-// inference does. Each output element is computed by the same instruction sequence
-// whatever the number of rows in the call, so a sequence's results never depend on its
-// batch (continuous batching stays token-for-token equal to running alone).
+// inference does, so every kernel multiplies the same operands (bf16 x bf16 products are
+// exact in float32; kernels differ only in float32 accumulation). Each output element is
+// computed by the same instruction sequence whatever the number of rows in the call, so a
+// sequence's results never depend on its batch (continuous batching stays
+// token-for-token equal to running alone).
 #pragma once
 
 #include <cstddef>
@@ -59,14 +63,14 @@ class PackedBf16 {
 enum class Bf16Kernel {
   kAmx,         // AMX tiles (Intel Sapphire Rapids and later)
   kAvx512Bf16,  // vdpbf16ps (AMD Zen 4/5, Intel Cooper Lake): half the bytes, vector units
-  kPortable,    // plain C++ (slow)
+  kWiden,       // widen to float32 + FMA, Highway: every CPU (AVX2, SSE4, NEON, portable)
 };
 
 // y[rows, w.out()] = bf16(x[rows, w.in()]) * W^T with the best kernel of this CPU (one
 // kernel per process, so results never depend on the batch). Threads (OpenMP) split the
 // output rows.
 void Bf16Gemm(const float* x, int32_t rows, const PackedBf16& w, float* y);
-// A given kernel (the portable one when this CPU lacks it): tests, benchmarks.
+// A given kernel (kWiden when this CPU lacks it): tests, benchmarks.
 void Bf16GemmWith(Bf16Kernel kernel, const float* x, int32_t rows, const PackedBf16& w, float* y);
 
 // True when this CPU and OS run AMX bf16 tiles.
@@ -74,8 +78,10 @@ bool HasAmxBf16();
 // True when this CPU has AVX512-BF16 (vdpbf16ps).
 bool HasAvx512Bf16();
 bool Bf16KernelAvailable(Bf16Kernel kernel);
-const char* Bf16KernelName(Bf16Kernel kernel);  // "amx", "avx512_bf16", "portable"
-// The kernel Bf16Gemm uses here.
+const char* Bf16KernelName(Bf16Kernel kernel);  // "amx", "avx512_bf16", "widen"
+// The kernel Bf16Gemm uses here: AMX or AVX512-BF16 when the CPU has them and the SIMD
+// target (engine/simd.h) is not capped below AVX-512; kWiden otherwise.
+Bf16Kernel BestBf16Kernel();
 const char* Bf16GemmKernelName();
 
 }  // namespace superpose::engine::cpu

@@ -77,8 +77,9 @@ absl::Status CpuBackend::CheckShard(const Shard& shard) const {
   return absl::OkStatus();
 }
 
-// Weight type: bf16 when asked, or (auto) when the checkpoint stores bf16 and this CPU
-// has AMX or AVX512-BF16; float32 otherwise.
+// Weight type: bf16 when asked, or (auto) when the checkpoint stores bf16, on every CPU
+// (AMX, AVX512-BF16, or widening to float32 in registers: each streams half the bytes
+// of float32, and decode is bound by that); float32 otherwise.
 void CpuBackend::ChooseWeightType(const WeightSource& weights) {
   switch (cpu_.dtype) {
     case WeightDType::kBFloat16:
@@ -91,7 +92,7 @@ void CpuBackend::ChooseWeightType(const WeightSource& weights) {
       break;
   }
   absl::StatusOr<TensorView> probe = weights.Get("model.layers.0.mlp.down_proj.weight");
-  bf16_ = probe.ok() && probe->dtype == DType::kBF16 && (HasAmxBf16() || HasAvx512Bf16());
+  bf16_ = probe.ok() && probe->dtype == DType::kBF16;
 }
 
 absl::Status CpuBackend::ReadEmbeddingAndHead(const ShardedWeightReader& reader) {
