@@ -6,24 +6,30 @@
 //
 // Two kinds of rows, drawn once: peaked (a few large values over a Gaussian body, like
 // a trained model's) and flat (a narrow Gaussian, like a random-weight model's, where
-// top-p keeps most of the vocabulary); each setting runs `--reps` rows.
+// top-p keeps most of the vocabulary); each setting runs `--reps` rows. `--simd` caps
+// the SIMD target (engine/simd.h) to compare targets on one machine.
 //
-//   build/bench/sampler_bench --vocab=32000,128256
+//   build/bench/sampler_bench --vocab=32000,128256 [--simd=avx2]
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench_util.h"
+#include "engine/row_math.h"
 #include "engine/runtime/sampler.h"
+#include "engine/simd.h"
 
 ABSL_FLAG(std::string, vocab, "32000,128256", "vocabulary sizes, comma-separated");
 ABSL_FLAG(int, reps, 200, "rows sampled per setting");
+ABSL_FLAG(std::string, simd, "auto", "SIMD target cap: auto, or one this CPU has (avx2, ...)");
 
 namespace superpose::bench {
 namespace {
@@ -55,6 +61,18 @@ std::vector<Setting> Settings() {
   add("T=1 (no truncation)", 1.0f, 0, 1.0f, 0.0f);
   add("T=1 top_p=0.95 rep=1.1", 1.0f, 0, 0.95f, 0.0f, 0, 1.1f);
   return s;
+}
+
+// The CPU's name as /proc/cpuinfo gives it ("model name" on x86, absent on most Arm).
+std::string CpuModel() {
+  std::ifstream in("/proc/cpuinfo");
+  for (std::string line; std::getline(in, line);) {
+    const size_t colon = line.find(':');
+    if (line.rfind("model name", 0) == 0 && colon != std::string::npos) {
+      return std::string(absl::StripAsciiWhitespace(line.substr(colon + 1)));
+    }
+  }
+  return "unknown";
 }
 
 void Run(int vocab, int reps, bool flat) {
@@ -96,6 +114,14 @@ void Run(int vocab, int reps, bool flat) {
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
+  const absl::Status simd = superpose::engine::simd::LimitTargets(absl::GetFlag(FLAGS_simd));
+  if (!simd.ok()) {
+    std::fprintf(stderr, "--simd: %s\n", simd.ToString().c_str());
+    return 2;
+  }
+  std::printf("CPU %s, SIMD target %s (row passes: %s)\n", superpose::bench::CpuModel().c_str(),
+              superpose::engine::simd::ActiveTargetName().c_str(),
+              superpose::engine::RowMathTarget());
   for (absl::string_view v : absl::StrSplit(absl::GetFlag(FLAGS_vocab), ',')) {
     int vocab = 0;
     if (!absl::SimpleAtoi(v, &vocab) || vocab < 2) {
