@@ -6,13 +6,15 @@
 //
 // Two kinds of rows, drawn once: peaked (a few large values over a Gaussian body, like
 // a trained model's) and flat (a narrow Gaussian, like a random-weight model's, where
-// top-p keeps most of the vocabulary); each setting runs `--reps` rows. `--simd` caps
-// the SIMD target (engine/simd.h) to compare targets on one machine.
+// top-p keeps most of the vocabulary); each setting runs `--reps` rows, timed one by one:
+// the median is robust to other load on the machine. `--simd` caps the SIMD target
+// (engine/simd.h) to compare targets on one machine.
 //
 //   build/bench/sampler_bench --vocab=32000,128256 [--simd=avx2]
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -87,13 +89,14 @@ void Run(int vocab, int reps, bool flat) {
   std::vector<int32_t> prompt;
   for (int i = 0; i < 200; ++i) prompt.push_back(static_cast<int32_t>(rng() % vocab));
   std::printf("\nvocab %d, %s rows, %d rows per setting\n", vocab, flat ? "flat" : "peaked", reps);
-  std::printf("| setting | us per row | rows/s |\n|---|---:|---:|\n");
+  std::printf("| setting | us per row (median) | mean | rows/s |\n|---|---:|---:|---:|\n");
   for (const Setting& s : Settings()) {
     engine::Sampler sampler(s.options, prompt);
     std::vector<float> scratch(vocab);
     long checksum = 0;
-    const double t0 = NowS();
+    std::vector<double> us(reps);
     for (int i = 0; i < reps; ++i) {
+      const double t0 = NowS();
       const std::vector<float>& row = rows[i % rows.size()];
       scratch.assign(row.begin(), row.end());
       const int32_t t = sampler.Sample(absl::MakeSpan(scratch));
@@ -102,9 +105,11 @@ void Run(int vocab, int reps, bool flat) {
       }
       sampler.Accept(t);
       checksum += t;
+      us[i] = (NowS() - t0) * 1e6;
     }
-    const double us = (NowS() - t0) / reps * 1e6;
-    std::printf("| %s | %.1f | %.0f |\n", s.name, us, 1e6 / us);
+    const double median = Percentile(us, 50);
+    const double mean = std::accumulate(us.begin(), us.end(), 0.0) / reps;
+    std::printf("| %s | %.1f | %.1f | %.0f |\n", s.name, median, mean, 1e6 / median);
     if (checksum == -1) std::printf("!");
   }
 }
