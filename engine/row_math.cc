@@ -603,7 +603,6 @@ HWY_INLINE int32_t AppendKept(MF pos, VI id, VU key, VF mass, int32_t n, KeptMas
 void WeighT(const float* x, int32_t V, float inv_t, float mx, float min_p, KeptMasses* out) {
   const DF d;
   const DI di;
-  const DU du;
   const int32_t N = static_cast<int32_t>(hn::Lanes(d));
   const VF s = hn::Set(d, inv_t), m = hn::Set(d, mx), mp = hn::Set(d, min_p);
   const VF two32 = hn::Set(d, 4294967296.0f);
