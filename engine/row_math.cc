@@ -40,6 +40,22 @@ inline float SkipBound(float bar, float z) {
   return kSkip.u[static_cast<int>(std::min(t, 31.0f))];
 }
 
+// Compressing up to 8 lanes: kCompress.packed[m] lists the lanes set in m, lowest
+// first, one per nibble. A table at namespace scope: Highway's own (a local constexpr
+// array) is copied to the stack on every call under GCC 12.
+struct CompressTable {
+  uint32_t packed[256];
+  constexpr CompressTable() : packed() {
+    for (int m = 0; m < 256; ++m) {
+      int k = 0;
+      for (int j = 0; j < 8; ++j) {
+        if ((m >> j) & 1) packed[m] |= static_cast<uint32_t>(j) << (4 * k++);
+      }
+    }
+  }
+};
+constexpr CompressTable kCompress;
+
 // The race's state: the best token so far.
 struct RaceState {
   int32_t best = -1;
@@ -572,30 +588,26 @@ HWY_INLINE int32_t AppendKept(MF pos, VI id, VU key, VF mass, int32_t n, KeptMas
   hn::StoreU(hn::Compress(mass, pos), d, out->mass.data() + n);
   return n + static_cast<int32_t>(hn::CountTrue(d, pos));
 #else
-  // Highway's emulated CompressStore copies its 1 KiB table to the stack on every call
-  // under GCC 12; lane by lane instead, unless the whole vector is kept.
+  // Up to 8 lanes (AVX2, SSE4, NEON, EMU128): a permutation from kCompress.
+  static_assert(HWY_LANES(float) <= 8, "kCompress has 8-lane entries");
   if (hn::AllTrue(d, pos)) {
     hn::StoreU(id, DI(), out->ids.data() + n);
     hn::StoreU(key, DU(), out->keys.data() + n);
     hn::StoreU(mass, d, out->mass.data() + n);
     return n + static_cast<int32_t>(hn::Lanes(d));
   }
-  HWY_ALIGN int32_t ids[HWY_LANES(float)];
-  HWY_ALIGN uint32_t keys[HWY_LANES(float)];
-  HWY_ALIGN float masses[HWY_LANES(float)];
-  hn::Store(id, DI(), ids);
-  hn::Store(key, DU(), keys);
-  hn::Store(mass, d, masses);
-  uint8_t bytes[8] = {};
-  hn::StoreMaskBits(d, pos, bytes);
-  uint64_t bits = 0;
-  std::memcpy(&bits, bytes, sizeof(bits));
-  for (; bits != 0; bits &= bits - 1, ++n) {
-    const int j = __builtin_ctzll(bits);
-    out->ids[n] = ids[j];
-    out->keys[n] = keys[j];
-    out->mass[n] = masses[j];
-  }
+  const DU du;
+  uint8_t bits[8] = {};
+  hn::StoreMaskBits(d, pos, bits);
+  const VU order = hn::And(
+      hn::Set(du, kCompress.packed[bits[0]]) >> hn::ShiftLeft<2>(hn::Iota(du, 0)), hn::Set(du, 7));
+  const auto at = hn::IndicesFromVec(d, order);
+  hn::StoreU(hn::BitCast(DI(), hn::TableLookupLanes(hn::BitCast(d, id), at)), DI(),
+             out->ids.data() + n);
+  hn::StoreU(hn::BitCast(du, hn::TableLookupLanes(hn::BitCast(d, key), at)), du,
+             out->keys.data() + n);
+  hn::StoreU(hn::TableLookupLanes(mass, at), d, out->mass.data() + n);
+  n += __builtin_popcount(bits[0]);
   return n;
 #endif
 }
