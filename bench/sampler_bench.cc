@@ -6,24 +6,33 @@
 //
 // Two kinds of rows, drawn once: peaked (a few large values over a Gaussian body, like
 // a trained model's) and flat (a narrow Gaussian, like a random-weight model's, where
-// top-p keeps most of the vocabulary); each setting runs `--reps` rows.
+// top-p keeps most of the vocabulary); each setting runs `--reps` rows, timed one by one:
+// the median is robust to other load on the machine. `--simd` caps the SIMD target
+// (engine/simd.h) to compare targets on one machine.
 //
-//   build/bench/sampler_bench --vocab=32000,128256
+//   build/bench/sampler_bench --vocab=32000,128256 [--simd=avx2]
 #include <cmath>
 #include <cstdio>
+#include <fstream>
+#include <numeric>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench_util.h"
+#include "engine/row_math.h"
 #include "engine/runtime/sampler.h"
+#include "engine/simd.h"
 
 ABSL_FLAG(std::string, vocab, "32000,128256", "vocabulary sizes, comma-separated");
 ABSL_FLAG(int, reps, 200, "rows sampled per setting");
+ABSL_FLAG(std::string, simd, "auto", "SIMD target cap: auto, or one this CPU has (avx2, ...)");
 
 namespace superpose::bench {
 namespace {
@@ -57,6 +66,18 @@ std::vector<Setting> Settings() {
   return s;
 }
 
+// The CPU's name as /proc/cpuinfo gives it ("model name" on x86, absent on most Arm).
+std::string CpuModel() {
+  std::ifstream in("/proc/cpuinfo");
+  for (std::string line; std::getline(in, line);) {
+    const size_t colon = line.find(':');
+    if (line.rfind("model name", 0) == 0 && colon != std::string::npos) {
+      return std::string(absl::StripAsciiWhitespace(line.substr(colon + 1)));
+    }
+  }
+  return "unknown";
+}
+
 void Run(int vocab, int reps, bool flat) {
   std::mt19937 rng(1);
   std::normal_distribution<float> body(0.0f, flat ? 0.3f : 2.0f);
@@ -69,13 +90,14 @@ void Run(int vocab, int reps, bool flat) {
   std::vector<int32_t> prompt;
   for (int i = 0; i < 200; ++i) prompt.push_back(static_cast<int32_t>(rng() % vocab));
   std::printf("\nvocab %d, %s rows, %d rows per setting\n", vocab, flat ? "flat" : "peaked", reps);
-  std::printf("| setting | us per row | rows/s |\n|---|---:|---:|\n");
+  std::printf("| setting | us per row (median) | mean | rows/s |\n|---|---:|---:|---:|\n");
   for (const Setting& s : Settings()) {
     engine::Sampler sampler(s.options, prompt);
     std::vector<float> scratch(vocab);
     long checksum = 0;
-    const double t0 = NowS();
+    std::vector<double> us(reps);
     for (int i = 0; i < reps; ++i) {
+      const double t0 = NowS();
       const std::vector<float>& row = rows[i % rows.size()];
       scratch.assign(row.begin(), row.end());
       const int32_t t = sampler.Sample(absl::MakeSpan(scratch));
@@ -84,9 +106,11 @@ void Run(int vocab, int reps, bool flat) {
       }
       sampler.Accept(t);
       checksum += t;
+      us[i] = (NowS() - t0) * 1e6;
     }
-    const double us = (NowS() - t0) / reps * 1e6;
-    std::printf("| %s | %.1f | %.0f |\n", s.name, us, 1e6 / us);
+    const double median = Percentile(us, 50);
+    const double mean = std::accumulate(us.begin(), us.end(), 0.0) / reps;
+    std::printf("| %s | %.1f | %.1f | %.0f |\n", s.name, median, mean, 1e6 / median);
     if (checksum == -1) std::printf("!");
   }
 }
@@ -96,6 +120,18 @@ void Run(int vocab, int reps, bool flat) {
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
+  namespace simd = superpose::engine::simd;
+  const absl::Status capped = simd::LimitTargets(absl::GetFlag(FLAGS_simd));
+  if (!capped.ok()) {
+    std::fprintf(stderr, "--simd: %s\n", capped.ToString().c_str());
+    return 2;
+  }
+  // libhwy 1.0.3 forgets DisableTargets (LimitTargets) for dispatch at the next
+  // hwy::SupportedTargets() call; the test restriction holds.
+  std::optional<simd::ScopedTarget> pinned;
+  if (absl::GetFlag(FLAGS_simd) != "auto") pinned.emplace(simd::AvailableTargets().front());
+  std::printf("CPU %s, SIMD target %s (row passes: %s)\n", superpose::bench::CpuModel().c_str(),
+              simd::ActiveTargetName().c_str(), superpose::engine::RowMathTarget());
   for (absl::string_view v : absl::StrSplit(absl::GetFlag(FLAGS_vocab), ',')) {
     int vocab = 0;
     if (!absl::SimpleAtoi(v, &vocab) || vocab < 2) {

@@ -1,122 +1,18 @@
+// One Highway source, compiled once per SIMD target (engine/simd.h) and dispatched at
+// run time: this file includes itself through hwy/foreach_target.h.
 #include "engine/row_math.h"
 
-// GCC 12 flags the placeholder operand inside _mm512_castps512_ps256 / extractf64x4 as
-// uninitialized in unoptimised (sanitizer) builds; it is never read.
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
+#ifndef SP_ENGINE_ROW_MATH_SCALAR_
+#define SP_ENGINE_ROW_MATH_SCALAR_
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
+#include <cstring>
 
 #include "engine/row_sampling.h"
 
-extern "C" __m512 _ZGVeN16v_expf(__m512 x);
-extern "C" __m256 _ZGVdN8v_expf(__m256 x);
-
 namespace superpose::engine {
 namespace {
-
-__attribute__((target("avx512f"))) double ScaledExp16(const float* x, int32_t n, float scale,
-                                                      float shift, float* out) {
-  const __m512 s = _mm512_set1_ps(scale), b = _mm512_set1_ps(shift);
-  __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
-  for (int32_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-    // Lanes past the end compute exp(-shift) and are masked out of the store and sum.
-    const __m512 e =
-        _ZGVeN16v_expf(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), s), b));
-    if (out != nullptr) _mm512_mask_storeu_ps(out + i, m, e);
-    const __m512 z = _mm512_maskz_mov_ps(m, e);
-    lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(z)));
-    hi = _mm512_add_pd(
-        hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1))));
-  }
-  return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
-}
-
-__attribute__((target("avx2,fma"))) double ScaledExp8(const float* x, int32_t n, float scale,
-                                                      float shift, float* out) {
-  const __m256 s = _mm256_set1_ps(scale), b = _mm256_set1_ps(shift);
-  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
-  for (int32_t i = 0; i < n; i += 8) {
-    alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    const int32_t m = n - i >= 8 ? 8 : n - i;
-    const float* src = x + i;
-    if (m < 8) {
-      for (int32_t j = 0; j < m; ++j) tail[j] = x[i + j];
-      src = tail;
-    }
-    __m256 e = _ZGVdN8v_expf(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(src), s), b));
-    if (m < 8) {
-      alignas(32) float t[8];
-      _mm256_store_ps(t, e);
-      for (int32_t j = m; j < 8; ++j) t[j] = 0.0f;
-      if (out != nullptr) {
-        for (int32_t j = 0; j < m; ++j) out[i + j] = t[j];
-      }
-      e = _mm256_load_ps(t);
-    } else if (out != nullptr) {
-      _mm256_storeu_ps(out + i, e);
-    }
-    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
-    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
-  }
-  alignas(32) double r[4];
-  _mm256_store_pd(r, _mm256_add_pd(lo, hi));
-  return (r[0] + r[1]) + (r[2] + r[3]);
-}
-
-double ScaledExp1(const float* x, int32_t n, float scale, float shift, float* out) {
-  double sum = 0.0;
-  for (int32_t i = 0; i < n; ++i) {
-    const float e = std::exp(x[i] * scale - shift);
-    if (out != nullptr) out[i] = e;
-    sum += e;
-  }
-  return sum;
-}
-
-__attribute__((target("avx512f"))) float Max16(const float* x, int32_t n) {
-  __m512 m0 = _mm512_set1_ps(x[0]), m1 = m0, m2 = m0, m3 = m0;
-  int32_t i = 0;
-  for (; i + 64 <= n; i += 64) {
-    m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + i));
-    m1 = _mm512_max_ps(m1, _mm512_loadu_ps(x + i + 16));
-    m2 = _mm512_max_ps(m2, _mm512_loadu_ps(x + i + 32));
-    m3 = _mm512_max_ps(m3, _mm512_loadu_ps(x + i + 48));
-  }
-  for (; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-    m0 = _mm512_mask_max_ps(m0, m, m0, _mm512_maskz_loadu_ps(m, x + i));
-  }
-  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
-}
-
-float Max1(const float* x, int32_t n) {
-  // Independent chains, so that the compares overlap.
-  float m[8];
-  for (float& v : m) v = x[0];
-  int32_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int32_t j = 0; j < 8; ++j) m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
-  }
-  for (; i < n; ++i) m[0] = x[i] > m[0] ? x[i] : m[0];
-  float r = m[0];
-  for (float v : m) r = v > r ? v : r;
-  return r;
-}
-
-bool HasAvx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f");
-}
-
-bool HasAvx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
 
 // The race skips the logs of a token that cannot win. With bar the best score so far,
 // a token wins only if its noise -log(-log u), which increases with u, exceeds
@@ -124,7 +20,8 @@ bool HasAvx2() {
 // the noise reaches k / 2 - 1e-3: a token with t >= k / 2 and u < kSkip[k] has a noise
 // below t - 1e-3 (SpLog's errors move it by less than 1e-5), so its score z + noise
 // rounds below bar (|bar| < 2^10 wherever kSkip[k] exceeds the smallest uniform): it
-// neither wins nor ties a token of lower id.
+// neither wins nor ties a token of lower id. Only a shortcut: any target may skip
+// fewer tokens and draw the same token.
 struct SkipTable {
   alignas(64) float u[32];
   SkipTable() {
@@ -143,6 +40,22 @@ inline float SkipBound(float bar, float z) {
   return kSkip.u[static_cast<int>(std::min(t, 31.0f))];
 }
 
+// Compressing up to 8 lanes: kCompress.packed[m] lists the lanes set in m, lowest
+// first, one per nibble. A table at namespace scope: Highway's own (a local constexpr
+// array) is copied to the stack on every call under GCC 12.
+struct CompressTable {
+  uint32_t packed[256];
+  constexpr CompressTable() : packed() {
+    for (int m = 0; m < 256; ++m) {
+      int k = 0;
+      for (int j = 0; j < 8; ++j) {
+        if ((m >> j) & 1) packed[m] |= static_cast<uint32_t>(j) << (4 * k++);
+      }
+    }
+  }
+};
+constexpr CompressTable kCompress;
+
 // The race's state: the best token so far.
 struct RaceState {
   int32_t best = -1;
@@ -150,7 +63,7 @@ struct RaceState {
 };
 
 // One token of the race in scalar form, the ids ascending (a later token must score
-// strictly higher to win).
+// strictly higher to win). The vector passes run it on their tails.
 inline void ScalarRaceStep(const float* x, int32_t i, float inv_t, float mx, uint64_t key,
                            const RaceFilter& f, RaceState* st) {
   const float z = ScaledLogit(x[i], inv_t, mx);
@@ -181,622 +94,586 @@ inline void ScalarWeighStep(const float* x, int32_t i, float inv_t, float mx, fl
   *total += m;
 }
 
-// ---- SpExp, SpLog and the race in vector form: the scalar functions' operations lane
-// by lane (explicit fmas; the one plain product that an add follows, in ScaledLogit, is
-// kept in a register by an empty asm so that the compiler cannot fuse it). Tails (fewer
-// tokens than a vector) run the scalar functions themselves.
+}  // namespace
+}  // namespace superpose::engine
 
-#define SP_AVX512 __attribute__((target("avx512f,avx512dq")))
-#define SP_AVX2 __attribute__((target("avx2,fma")))
+#endif  // SP_ENGINE_ROW_MATH_SCALAR_
 
-namespace avx512 {
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "engine/row_math.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
 
-SP_AVX512 inline __m512 Exp(__m512 z) {
-  using namespace sp_math;  // NOLINT(build/namespaces)
-  const __mmask16 nan = _mm512_cmp_ps_mask(z, z, _CMP_UNORD_Q);
-  z = _mm512_max_ps(z, _mm512_set1_ps(kExpLo));
-  z = _mm512_min_ps(z, _mm512_set1_ps(kExpHi));
-  const __m512 t = _mm512_fmadd_ps(z, _mm512_set1_ps(kLog2E), _mm512_set1_ps(kRound));
-  const __m512 n = _mm512_add_ps(t, _mm512_set1_ps(-kRound));
-  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), z);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), r);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExpP0), r, _mm512_set1_ps(kExpP1));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP2));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP3));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP4));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP5));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __m512 y = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __m512i k =
-      _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(static_cast<int>(kRoundBits)));
-  const __m512i a = _mm512_srai_epi32(k, 1);
-  const __m512i b = _mm512_sub_epi32(k, a);
-  const __m512i bias = _mm512_set1_epi32(127);
-  const __m512 sa = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(a, bias), 23));
-  const __m512 sb = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(b, bias), 23));
-  const __m512 e = _mm512_mul_ps(_mm512_mul_ps(y, sa), sb);
-  return _mm512_mask_blend_ps(nan, e, _mm512_castsi512_ps(_mm512_set1_epi32(kNaN)));
-}
+HWY_BEFORE_NAMESPACE();
+namespace superpose::engine {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
 
-SP_AVX512 inline __m512 Log(__m512 x) {
-  using namespace sp_math;  // NOLINT(build/namespaces)
-  const __m512 zero = _mm512_setzero_ps(), inf = _mm512_castsi512_ps(_mm512_set1_epi32(kInf));
-  const __mmask16 ok =
-      _mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ) & _mm512_cmp_ps_mask(x, inf, _CMP_LT_OQ);
-  const __mmask16 is_zero = _mm512_cmp_ps_mask(x, zero, _CMP_EQ_OQ);
-  const __mmask16 is_inf = _mm512_cmp_ps_mask(x, inf, _CMP_EQ_OQ);
-  const __mmask16 den = _mm512_mask_cmplt_epi32_mask(
-      ok, _mm512_castps_si512(x), _mm512_set1_epi32(static_cast<int>(kMinNormalBits)));
-  x = _mm512_mask_mul_ps(x, den, x, _mm512_set1_ps(kTwo23));
-  const __m512 e_bias = _mm512_maskz_mov_ps(den, _mm512_set1_ps(-23.0f));
-  const __m512i half = _mm512_set1_epi32(static_cast<int>(kSqrtHalfBits));
-  const __m512i t = _mm512_sub_epi32(_mm512_castps_si512(x), half);
-  const __m512 e = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(t, 23)), e_bias);
-  const __m512 f = _mm512_add_ps(_mm512_castsi512_ps(_mm512_add_epi32(
-                                     _mm512_and_si512(t, _mm512_set1_epi32(0x007FFFFF)), half)),
-                                 _mm512_set1_ps(-1.0f));
-  const __m512 z = _mm512_mul_ps(f, f);
-  __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(kLogQ0), f, _mm512_set1_ps(kLogQ1));
-  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(kLogQ2));
-  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(kLogQ3));
-  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(kLogQ4));
-  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(kLogQ5));
-  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(kLogQ6));
-  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(kLogQ7));
-  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(kLogQ8));
-  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(-0.5f));
-  __m512 r = _mm512_fmadd_ps(q, z, f);
-  r = _mm512_fmadd_ps(e, _mm512_set1_ps(kLn2Lo), r);
-  r = _mm512_fmadd_ps(e, _mm512_set1_ps(kLn2Hi), r);
-  __m512 special = _mm512_castsi512_ps(_mm512_set1_epi32(kNaN));
-  special =
-      _mm512_mask_blend_ps(is_zero, special, _mm512_castsi512_ps(_mm512_set1_epi32(kMinusInf)));
-  special = _mm512_mask_blend_ps(is_inf, special, inf);
-  return _mm512_mask_blend_ps(ok, special, r);
-}
+const char* TargetNameT() { return hwy::TargetName(HWY_TARGET); }
 
-// ScaledLogit(x, inv_t, mx): the product rounded on its own.
-SP_AVX512 inline __m512 Scaled(__m512 x, __m512 inv_t, __m512 mx) {
-  __m512 p = _mm512_mul_ps(x, inv_t);
-  __asm__("" : "+v"(p));
-  return _mm512_sub_ps(p, mx);
-}
+#if HWY_TARGET == HWY_SCALAR
+// One lane (only where the compiler's EMU128 is broken): the scalar functions.
 
-SP_AVX512 inline __m512i RankKey(__m512 x) {
-  const __m512i u = _mm512_castps_si512(_mm512_add_ps(x, _mm512_setzero_ps()));
-  return _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31),
-                                             _mm512_set1_epi32(static_cast<int>(0x80000000u))));
-}
-
-SP_AVX512 inline __m512i Mix64(__m512i z) {
-  z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)),
-                         _mm512_set1_epi64(static_cast<int64_t>(0xBF58476D1CE4E5B9ull)));
-  z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)),
-                         _mm512_set1_epi64(static_cast<int64_t>(0x94D049BB133111EBull)));
-  return _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
-}
-
-// RaceUniform for the 16 tokens whose splitmix64 inputs are h_lo (tokens 0..7) and h_hi.
-SP_AVX512 inline __m512 Uniform(__m512i h_lo, __m512i h_hi) {
-  const __m256i b_lo = _mm512_cvtepi64_epi32(_mm512_srli_epi64(Mix64(h_lo), 40));
-  const __m256i b_hi = _mm512_cvtepi64_epi32(_mm512_srli_epi64(Mix64(h_hi), 40));
-  const __m512 bits = _mm512_cvtepi32_ps(_mm512_inserti64x4(_mm512_castsi256_si512(b_lo), b_hi, 1));
-  __m512 b = _mm512_add_ps(bits, _mm512_set1_ps(0.5f));
-  b = _mm512_min_ps(b, _mm512_set1_ps(16777215.0f));
-  return _mm512_mul_ps(b, _mm512_set1_ps(1.0f / 16777216.0f));
-}
-
-// RaceNoiseAt from the uniform.
-SP_AVX512 inline __m512 Noise(__m512 u) {
-  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
-  const __m512 l = Log(_mm512_xor_ps(Log(u), sign));
-  return _mm512_xor_ps(l, sign);
-}
-
-// SkipBound for 16 tokens (table: kSkip.u[0..16) and [16..32)).
-SP_AVX512 inline __m512 SkipBound(__m512 bar, __m512 z, __m512 tab_lo, __m512 tab_hi) {
-  const __m512 zero = _mm512_setzero_ps();
-  const __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(bar, z), _mm512_set1_ps(1e-4f)),
-                                 _mm512_set1_ps(2.0f));
-  const __mmask16 valid = _mm512_cmp_ps_mask(t, zero, _CMP_GE_OQ);
-  const __m512 tc = _mm512_min_ps(_mm512_max_ps(t, zero), _mm512_set1_ps(31.0f));
-  const __m512 u = _mm512_permutex2var_ps(tab_lo, _mm512_cvttps_epi32(tc), tab_hi);
-  return _mm512_maskz_mov_ps(valid, u);
-}
-
-SP_AVX512 void ExpRow(const float* x, int64_t n, float* out) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, Exp(_mm512_loadu_ps(x + i)));
-  for (; i < n; ++i) out[i] = SpExp(x[i]);
-}
-
-SP_AVX512 void LogRow(const float* x, int64_t n, float* out) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, Log(_mm512_loadu_ps(x + i)));
-  for (; i < n; ++i) out[i] = SpLog(x[i]);
-}
-
-SP_AVX512 int32_t FirstIndex(const float* x, int32_t n, float v) {
-  const __m512 vv = _mm512_set1_ps(v);
-  int32_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const uint32_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), vv, _CMP_EQ_OQ);
-    if (m != 0) return i + __builtin_ctz(m);
+double ScaledExpT(const float* x, int32_t n, float scale, float shift, float* out) {
+  double sum = 0.0;
+  for (int32_t i = 0; i < n; ++i) {
+    const float e = std::exp(x[i] * scale - shift);
+    if (out != nullptr) out[i] = e;
+    sum += e;
   }
-  for (; i < n; ++i) {
-    if (x[i] == v) return i;
-  }
-  return n;
+  return sum;
 }
 
-SP_AVX512 int32_t Race(const float* x, int32_t V, float inv_t, float mx, uint64_t key,
-                       const RaceFilter& f) {
-  constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;
-  const __m512 s = _mm512_set1_ps(inv_t), m = _mm512_set1_ps(mx);
-  const __m512 floor = _mm512_set1_ps(f.z_floor), min_p = _mm512_set1_ps(f.min_p);
-  const __m512i cut_key = _mm512_set1_epi32(static_cast<int>(f.cut_key));
-  const __m512i cut_last = _mm512_set1_epi32(f.cut_last);
-  const bool test_min_p = f.min_p > 0.0f, cut = f.cut_key != 0 || f.cut_last != INT32_MAX;
-  const __m512i step = _mm512_set1_epi64(static_cast<int64_t>(16 * kGamma));
-  __m512i h_lo = _mm512_set_epi64(8, 7, 6, 5, 4, 3, 2, 1);
-  __m512i h_hi = _mm512_set_epi64(16, 15, 14, 13, 12, 11, 10, 9);
-  h_lo = _mm512_add_epi64(_mm512_mullo_epi64(h_lo, _mm512_set1_epi64(kGamma)),
-                          _mm512_set1_epi64(static_cast<int64_t>(key)));
-  h_hi = _mm512_add_epi64(_mm512_mullo_epi64(h_hi, _mm512_set1_epi64(kGamma)),
-                          _mm512_set1_epi64(static_cast<int64_t>(key)));
-  __m512i id = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i sixteen = _mm512_set1_epi32(16);
-  __m512 best = _mm512_set1_ps(-__builtin_inff());
-  __m512i best_id = _mm512_set1_epi32(INT32_MAX);
-  float bar = -__builtin_inff();  // the best score of the lanes
-  __m512 bar_v = _mm512_set1_ps(bar);
-  const __m512 tab_lo = _mm512_load_ps(kSkip.u), tab_hi = _mm512_load_ps(kSkip.u + 16);
-  int32_t i = 0;
-  for (; i + 16 <= V; i += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + i);
-    const __m512 z = Scaled(xv, s, m);
-    __mmask16 live = _mm512_cmp_ps_mask(z, floor, _CMP_GE_OQ);
-    __m512 u;
-    if (live != 0) {
-      u = Uniform(h_lo, h_hi);
-      live = _mm512_mask_cmp_ps_mask(live, u, SkipBound(bar_v, z, tab_lo, tab_hi), _CMP_GE_OQ);
-    }
-    if (live != 0 && cut) {
-      const __m512i k = RankKey(xv);
-      live &= _mm512_cmpgt_epu32_mask(k, cut_key) |
-              (_mm512_cmpeq_epi32_mask(k, cut_key) & _mm512_cmple_epi32_mask(id, cut_last));
-    }
-    if (live != 0 && test_min_p) live &= _mm512_cmp_ps_mask(Exp(z), min_p, _CMP_GE_OQ);
-    if (live != 0) {
-      const __m512 score = _mm512_add_ps(z, Noise(u));
-      const __mmask16 up = _mm512_mask_cmp_ps_mask(live, score, best, _CMP_GT_OQ);
-      if (up != 0) {
-        best = _mm512_mask_mov_ps(best, up, score);
-        best_id = _mm512_mask_mov_epi32(best_id, up, id);
-        const float top = _mm512_reduce_max_ps(best);
-        if (top > bar) {
-          bar = top;
-          bar_v = _mm512_set1_ps(bar);
-        }
-      }
-    }
-    h_lo = _mm512_add_epi64(h_lo, step);
-    h_hi = _mm512_add_epi64(h_hi, step);
-    id = _mm512_add_epi32(id, sixteen);
-  }
-  const __mmask16 at_top = _mm512_cmp_ps_mask(best, _mm512_set1_ps(bar), _CMP_EQ_OQ);
-  RaceState st;
-  if (bar > -__builtin_inff()) st = {_mm512_mask_reduce_min_epi32(at_top, best_id), bar};
-  for (; i < V; ++i) ScalarRaceStep(x, i, inv_t, mx, key, f, &st);
-  return st.best;
+float MaxOfT(const float* x, int32_t n) {
+  float r = x[0];
+  for (int32_t i = 1; i < n; ++i) r = x[i] > r ? x[i] : r;
+  return r;
 }
 
-SP_AVX512 void Weigh(const float* x, int32_t V, float inv_t, float mx, float min_p,
-                     KeptMasses* out) {
-  const __m512 s = _mm512_set1_ps(inv_t), m = _mm512_set1_ps(mx), mp = _mm512_set1_ps(min_p);
-  const __m512 two32 = _mm512_set1_ps(4294967296.0f), zero = _mm512_setzero_ps();
-  __m512i id = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
-  int32_t n = 0, i = 0;
-  for (; i + 16 <= V; i += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + i);
-    const __m512 w = Exp(Scaled(xv, s, m));
-    const __mmask16 kept = _mm512_cmp_ps_mask(w, mp, _CMP_GE_OQ);
-    const __m512 mass =
-        _mm512_roundscale_ps(_mm512_mul_ps(w, two32), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __mmask16 pos = _mm512_mask_cmp_ps_mask(kept, mass, zero, _CMP_GT_OQ);
-    if (pos != 0) {
-      _mm512_mask_compressstoreu_epi32(out->ids.data() + n, pos, id);
-      _mm512_mask_compressstoreu_epi32(out->keys.data() + n, pos, RankKey(xv));
-      _mm512_mask_compressstoreu_ps(out->mass.data() + n, pos, mass);
-      n += __builtin_popcount(pos);
-      const __m512 z = _mm512_maskz_mov_ps(pos, mass);
-      lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(z)));
-      hi = _mm512_add_pd(
-          hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1))));
-    }
-    id = _mm512_add_epi32(id, _mm512_set1_epi32(16));
-  }
-  out->count = n;
-  double total = _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));  // integers below 2^53: exact
-  for (; i < V; ++i) ScalarWeighStep(x, i, inv_t, mx, min_p, out, &total);
-  out->total = static_cast<uint64_t>(total);
-}
-
-}  // namespace avx512
-
-namespace avx2 {
-
-SP_AVX2 inline __m256 Bits(uint32_t u) {
-  return _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(u)));
-}
-
-SP_AVX2 inline __m256 Exp(__m256 z) {
-  using namespace sp_math;  // NOLINT(build/namespaces)
-  const __m256 nan = _mm256_cmp_ps(z, z, _CMP_UNORD_Q);
-  z = _mm256_max_ps(z, _mm256_set1_ps(kExpLo));
-  z = _mm256_min_ps(z, _mm256_set1_ps(kExpHi));
-  const __m256 t = _mm256_fmadd_ps(z, _mm256_set1_ps(kLog2E), _mm256_set1_ps(kRound));
-  const __m256 n = _mm256_add_ps(t, _mm256_set1_ps(-kRound));
-  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-kLn2Hi), z);
-  r = _mm256_fmadd_ps(n, _mm256_set1_ps(-kLn2Lo), r);
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kExpP0), r, _mm256_set1_ps(kExpP1));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP2));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP3));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP4));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP5));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256 y = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i k =
-      _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(static_cast<int>(kRoundBits)));
-  const __m256i a = _mm256_srai_epi32(k, 1);
-  const __m256i b = _mm256_sub_epi32(k, a);
-  const __m256i bias = _mm256_set1_epi32(127);
-  const __m256 sa = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(a, bias), 23));
-  const __m256 sb = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(b, bias), 23));
-  const __m256 e = _mm256_mul_ps(_mm256_mul_ps(y, sa), sb);
-  return _mm256_blendv_ps(e, Bits(kNaN), nan);
-}
-
-SP_AVX2 inline __m256 Log(__m256 x) {
-  using namespace sp_math;  // NOLINT(build/namespaces)
-  const __m256 zero = _mm256_setzero_ps(), inf = Bits(kInf);
-  const __m256 ok =
-      _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ), _mm256_cmp_ps(x, inf, _CMP_LT_OQ));
-  const __m256 is_zero = _mm256_cmp_ps(x, zero, _CMP_EQ_OQ);
-  const __m256 is_inf = _mm256_cmp_ps(x, inf, _CMP_EQ_OQ);
-  const __m256 den = _mm256_and_ps(
-      ok, _mm256_castsi256_ps(_mm256_cmpgt_epi32(
-              _mm256_set1_epi32(static_cast<int>(kMinNormalBits)), _mm256_castps_si256(x))));
-  x = _mm256_blendv_ps(x, _mm256_mul_ps(x, _mm256_set1_ps(kTwo23)), den);
-  const __m256 e_bias = _mm256_and_ps(den, _mm256_set1_ps(-23.0f));
-  const __m256i half = _mm256_set1_epi32(static_cast<int>(kSqrtHalfBits));
-  const __m256i t = _mm256_sub_epi32(_mm256_castps_si256(x), half);
-  const __m256 e = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(t, 23)), e_bias);
-  const __m256 f = _mm256_add_ps(_mm256_castsi256_ps(_mm256_add_epi32(
-                                     _mm256_and_si256(t, _mm256_set1_epi32(0x007FFFFF)), half)),
-                                 _mm256_set1_ps(-1.0f));
-  const __m256 z = _mm256_mul_ps(f, f);
-  __m256 q = _mm256_fmadd_ps(_mm256_set1_ps(kLogQ0), f, _mm256_set1_ps(kLogQ1));
-  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(kLogQ2));
-  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(kLogQ3));
-  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(kLogQ4));
-  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(kLogQ5));
-  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(kLogQ6));
-  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(kLogQ7));
-  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(kLogQ8));
-  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(-0.5f));
-  __m256 r = _mm256_fmadd_ps(q, z, f);
-  r = _mm256_fmadd_ps(e, _mm256_set1_ps(kLn2Lo), r);
-  r = _mm256_fmadd_ps(e, _mm256_set1_ps(kLn2Hi), r);
-  __m256 special = _mm256_blendv_ps(Bits(kNaN), Bits(kMinusInf), is_zero);
-  special = _mm256_blendv_ps(special, inf, is_inf);
-  return _mm256_blendv_ps(special, r, ok);
-}
-
-SP_AVX2 inline __m256 Scaled(__m256 x, __m256 inv_t, __m256 mx) {
-  __m256 p = _mm256_mul_ps(x, inv_t);
-  __asm__("" : "+x"(p));
-  return _mm256_sub_ps(p, mx);
-}
-
-SP_AVX2 inline __m256i RankKey(__m256 x) {
-  const __m256i u = _mm256_castps_si256(_mm256_add_ps(x, _mm256_setzero_ps()));
-  return _mm256_xor_si256(u, _mm256_or_si256(_mm256_srai_epi32(u, 31),
-                                             _mm256_set1_epi32(static_cast<int>(0x80000000u))));
-}
-
-// a * c mod 2^64 per 64-bit lane.
-SP_AVX2 inline __m256i Mul64(__m256i a, uint64_t c) {
-  const __m256i c_lo = _mm256_set1_epi64x(static_cast<int64_t>(c & 0xFFFFFFFFu));
-  const __m256i c_hi = _mm256_set1_epi64x(static_cast<int64_t>(c >> 32));
-  const __m256i cross =
-      _mm256_add_epi64(_mm256_mul_epu32(_mm256_srli_epi64(a, 32), c_lo), _mm256_mul_epu32(a, c_hi));
-  return _mm256_add_epi64(_mm256_mul_epu32(a, c_lo), _mm256_slli_epi64(cross, 32));
-}
-
-SP_AVX2 inline __m256i Mix64(__m256i z) {
-  z = Mul64(_mm256_xor_si256(z, _mm256_srli_epi64(z, 30)), 0xBF58476D1CE4E5B9ull);
-  z = Mul64(_mm256_xor_si256(z, _mm256_srli_epi64(z, 27)), 0x94D049BB133111EBull);
-  return _mm256_xor_si256(z, _mm256_srli_epi64(z, 31));
-}
-
-SP_AVX2 inline __m256 Uniform(__m256i h_lo, __m256i h_hi) {
-  const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-  const __m256i b_lo = _mm256_permutevar8x32_epi32(_mm256_srli_epi64(Mix64(h_lo), 40), even);
-  const __m256i b_hi = _mm256_permutevar8x32_epi32(_mm256_srli_epi64(Mix64(h_hi), 40), even);
-  const __m256 bits = _mm256_cvtepi32_ps(_mm256_permute2x128_si256(b_lo, b_hi, 0x20));
-  __m256 b = _mm256_add_ps(bits, _mm256_set1_ps(0.5f));
-  b = _mm256_min_ps(b, _mm256_set1_ps(16777215.0f));
-  return _mm256_mul_ps(b, _mm256_set1_ps(1.0f / 16777216.0f));
-}
-
-SP_AVX2 inline __m256 Noise(__m256 u) {
-  const __m256 sign = Bits(0x80000000u);
-  return _mm256_xor_ps(Log(_mm256_xor_ps(Log(u), sign)), sign);
-}
-
-// SkipBound for 8 tokens.
-SP_AVX2 inline __m256 SkipBound(__m256 bar, __m256 z) {
-  const __m256 zero = _mm256_setzero_ps();
-  const __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_sub_ps(bar, z), _mm256_set1_ps(1e-4f)),
-                                 _mm256_set1_ps(2.0f));
-  const __m256 valid = _mm256_cmp_ps(t, zero, _CMP_GE_OQ);
-  const __m256 tc = _mm256_min_ps(_mm256_max_ps(t, zero), _mm256_set1_ps(31.0f));
-  const __m256 u = _mm256_i32gather_ps(kSkip.u, _mm256_cvttps_epi32(tc), 4);
-  return _mm256_and_ps(valid, u);
-}
-
-SP_AVX2 void ExpRow(const float* x, int64_t n, float* out) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, Exp(_mm256_loadu_ps(x + i)));
-  for (; i < n; ++i) out[i] = SpExp(x[i]);
-}
-
-SP_AVX2 void LogRow(const float* x, int64_t n, float* out) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, Log(_mm256_loadu_ps(x + i)));
-  for (; i < n; ++i) out[i] = SpLog(x[i]);
-}
-
-SP_AVX2 int32_t FirstIndex(const float* x, int32_t n, float v) {
-  const __m256 vv = _mm256_set1_ps(v);
-  int32_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), vv, _CMP_EQ_OQ));
-    if (m != 0) return i + __builtin_ctz(static_cast<unsigned>(m));
-  }
-  for (; i < n; ++i) {
-    if (x[i] == v) return i;
-  }
-  return n;
-}
-
-SP_AVX2 int32_t Race(const float* x, int32_t V, float inv_t, float mx, uint64_t key,
-                     const RaceFilter& f) {
-  constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;
-  const __m256 s = _mm256_set1_ps(inv_t), m = _mm256_set1_ps(mx);
-  const __m256 floor = _mm256_set1_ps(f.z_floor), min_p = _mm256_set1_ps(f.min_p);
-  const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-  // Unsigned k > cut_key as signed compares of k ^ 2^31.
-  const __m256i cut_key = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(f.cut_key)), flip);
-  const __m256i cut_key_raw = _mm256_set1_epi32(static_cast<int>(f.cut_key));
-  const __m256i cut_last = _mm256_set1_epi32(f.cut_last);
-  const bool test_min_p = f.min_p > 0.0f, cut = f.cut_key != 0 || f.cut_last != INT32_MAX;
-  const __m256i step = _mm256_set1_epi64x(static_cast<int64_t>(8 * kGamma));
-  const __m256i k64 = _mm256_set1_epi64x(static_cast<int64_t>(key));
-  __m256i h_lo = _mm256_add_epi64(Mul64(_mm256_setr_epi64x(1, 2, 3, 4), kGamma), k64);
-  __m256i h_hi = _mm256_add_epi64(Mul64(_mm256_setr_epi64x(5, 6, 7, 8), kGamma), k64);
-  __m256i id = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  __m256 best = _mm256_set1_ps(-__builtin_inff());
-  __m256i best_id = _mm256_set1_epi32(INT32_MAX);
-  float bar = -__builtin_inff();  // the best score of the lanes
-  __m256 bar_v = _mm256_set1_ps(bar);
-  int32_t i = 0;
-  for (; i + 8 <= V; i += 8) {
-    const __m256 xv = _mm256_loadu_ps(x + i);
-    const __m256 z = Scaled(xv, s, m);
-    __m256 live = _mm256_cmp_ps(z, floor, _CMP_GE_OQ);
-    __m256 u = _mm256_setzero_ps();
-    if (_mm256_movemask_ps(live) != 0) {
-      u = Uniform(h_lo, h_hi);
-      live = _mm256_and_ps(live, _mm256_cmp_ps(u, SkipBound(bar_v, z), _CMP_GE_OQ));
-    }
-    if (_mm256_movemask_ps(live) != 0 && cut) {
-      const __m256i k = RankKey(xv);
-      const __m256i above = _mm256_cmpgt_epi32(_mm256_xor_si256(k, flip), cut_key);
-      // k == cut_key and not id > cut_last
-      const __m256i equal =
-          _mm256_andnot_si256(_mm256_cmpgt_epi32(id, cut_last), _mm256_cmpeq_epi32(k, cut_key_raw));
-      live = _mm256_and_ps(live, _mm256_castsi256_ps(_mm256_or_si256(above, equal)));
-    }
-    if (_mm256_movemask_ps(live) != 0 && test_min_p) {
-      live = _mm256_and_ps(live, _mm256_cmp_ps(Exp(z), min_p, _CMP_GE_OQ));
-    }
-    if (_mm256_movemask_ps(live) != 0) {
-      const __m256 score = _mm256_add_ps(z, Noise(u));
-      const __m256 up = _mm256_and_ps(live, _mm256_cmp_ps(score, best, _CMP_GT_OQ));
-      if (_mm256_movemask_ps(up) != 0) {
-        best = _mm256_blendv_ps(best, score, up);
-        best_id = _mm256_castps_si256(
-            _mm256_blendv_ps(_mm256_castsi256_ps(best_id), _mm256_castsi256_ps(id), up));
-        __m128 t = _mm_max_ps(_mm256_castps256_ps128(best), _mm256_extractf128_ps(best, 1));
-        t = _mm_max_ps(t, _mm_movehl_ps(t, t));
-        t = _mm_max_ss(t, _mm_movehdup_ps(t));
-        const float top = _mm_cvtss_f32(t);
-        if (top > bar) {
-          bar = top;
-          bar_v = _mm256_set1_ps(bar);
-        }
-      }
-    }
-    h_lo = _mm256_add_epi64(h_lo, step);
-    h_hi = _mm256_add_epi64(h_hi, step);
-    id = _mm256_add_epi32(id, _mm256_set1_epi32(8));
-  }
-  alignas(32) float bs[8];
-  alignas(32) int32_t bi[8];
-  _mm256_store_ps(bs, best);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(bi), best_id);
-  int32_t win = -1;
-  for (int j = 0; j < 8; ++j) {
-    if (bs[j] == bar && bar > -__builtin_inff() && (win < 0 || bi[j] < win)) win = bi[j];
-  }
-  RaceState st;
-  if (win >= 0) st = {win, bar};
-  for (; i < V; ++i) ScalarRaceStep(x, i, inv_t, mx, key, f, &st);
-  return st.best;
-}
-
-SP_AVX2 void Weigh(const float* x, int32_t V, float inv_t, float mx, float min_p, KeptMasses* out) {
-  const __m256 s = _mm256_set1_ps(inv_t), m = _mm256_set1_ps(mx), mp = _mm256_set1_ps(min_p);
-  const __m256 two32 = _mm256_set1_ps(4294967296.0f), zero = _mm256_setzero_ps();
-  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
-  int32_t n = 0, i = 0;
-  for (; i + 8 <= V; i += 8) {
-    const __m256 xv = _mm256_loadu_ps(x + i);
-    const __m256 w = Exp(Scaled(xv, s, m));
-    const __m256 mass = _mm256_floor_ps(_mm256_mul_ps(w, two32));
-    const __m256 pos =
-        _mm256_and_ps(_mm256_cmp_ps(w, mp, _CMP_GE_OQ), _mm256_cmp_ps(mass, zero, _CMP_GT_OQ));
-    unsigned bits = static_cast<unsigned>(_mm256_movemask_ps(pos));
-    if (bits == 0) continue;
-    alignas(32) float ms[8];
-    alignas(32) uint32_t ks[8];
-    _mm256_store_ps(ms, mass);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(ks), RankKey(xv));
-    while (bits != 0) {
-      const int j = __builtin_ctz(bits);
-      bits &= bits - 1;
-      out->ids[n] = i + j;
-      out->keys[n] = ks[j];
-      out->mass[n] = ms[j];
-      ++n;
-    }
-    const __m256 z = _mm256_and_ps(pos, mass);
-    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(z)));
-    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(z, 1)));
-  }
-  out->count = n;
-  alignas(32) double r[4];
-  _mm256_store_pd(r, _mm256_add_pd(lo, hi));
-  double total = (r[0] + r[1]) + (r[2] + r[3]);  // integers below 2^53: exact
-  for (; i < V; ++i) ScalarWeighStep(x, i, inv_t, mx, min_p, out, &total);
-  out->total = static_cast<uint64_t>(total);
-}
-
-}  // namespace avx2
-
-namespace scalar {
-
-void ExpRow(const float* x, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = SpExp(x[i]);
-}
-
-void LogRow(const float* x, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = SpLog(x[i]);
-}
-
-int32_t FirstIndex(const float* x, int32_t n, float v) {
+int32_t FirstIndexT(const float* x, int32_t n, float v) {
   return static_cast<int32_t>(std::find(x, x + n, v) - x);
 }
 
-int32_t Race(const float* x, int32_t V, float inv_t, float mx, uint64_t key, const RaceFilter& f) {
+void SpExpRowT(const float* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = SpExp(x[i]);
+}
+
+void SpLogRowT(const float* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = SpLog(x[i]);
+}
+
+int32_t RaceT(const float* x, int32_t V, float inv_t, float mx, uint64_t key, const RaceFilter& f) {
   RaceState st;
   for (int32_t i = 0; i < V; ++i) ScalarRaceStep(x, i, inv_t, mx, key, f, &st);
   return st.best;
 }
 
-void Weigh(const float* x, int32_t V, float inv_t, float mx, float min_p, KeptMasses* out) {
+void WeighT(const float* x, int32_t V, float inv_t, float mx, float min_p, KeptMasses* out) {
   out->count = 0;
   double total = 0.0;
   for (int32_t i = 0; i < V; ++i) ScalarWeighStep(x, i, inv_t, mx, min_p, out, &total);
   out->total = static_cast<uint64_t>(total);
 }
 
-}  // namespace scalar
-}  // namespace
+#else  // vector targets
+
+using DF = hn::ScalableTag<float>;
+using DI = hn::RebindToSigned<DF>;
+using DU = hn::RebindToUnsigned<DF>;
+using DU64 = hn::Repartition<uint64_t, DU>;
+using DD = hn::Repartition<double, DF>;
+using VF = hn::Vec<DF>;
+using VI = hn::Vec<DI>;
+using VU = hn::Vec<DU>;
+using VU64 = hn::Vec<DU64>;
+using VD = hn::Vec<DD>;
+using MF = hn::Mask<DF>;
+
+// ---- SpExp and SpLog lane by lane: the scalar functions' operations, each rounded
+// once as there, so that every lane gives the scalar bits.
+
+#ifdef HWY_DISABLE_BMI2_FMA
+#error "row_math needs fused multiply-adds on AVX2 (HWY_DISABLE_BMI2_FMA is set)"
+#endif
+
+#if (HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2) || (HWY_ARCH_ARM_A64 && HWY_TARGET == HWY_NEON)
+// a * b + c rounded once: the fused instruction.
+HWY_INLINE VF Fma(VF a, VF b, VF c) { return hn::MulAdd(a, b, c); }
+#else
+// No fused instruction (SSE4, EMU128; Highway's MulAdd rounds twice there): the product
+// is exact in double, the sum is rounded to odd (to nearest, then to the odd neighbour
+// when inexact), and that rounds to the float once, as a fused multiply-add would
+// (53 >= 24 + 2 bits).
+HWY_INLINE VD SumToOdd(VD p, VD c) {
+  const DD dd;
+  const hn::RebindToUnsigned<DD> du;
+  const hn::RebindToSigned<DD> di;
+  const VD s = hn::Add(p, c);
+  const VD bb = hn::Sub(s, p);
+  const VD err = hn::Add(hn::Sub(p, hn::Sub(s, bb)), hn::Sub(c, bb));  // s + err = p + c
+  const auto bits = hn::BitCast(du, s);
+  const auto even = hn::Eq(hn::And(bits, hn::Set(du, 1)), hn::Zero(du));
+  const auto inexact = hn::And(hn::Ne(err, hn::Zero(dd)), hn::Eq(err, err));  // not inf - inf
+  // One ulp away from zero when err has the sign of s, else toward zero.
+  const auto toward = hn::Lt(hn::BitCast(di, hn::Xor(bits, hn::BitCast(du, err))), hn::Zero(di));
+  const auto step =
+      hn::IfThenElse(hn::RebindMask(du, toward), hn::Set(du, ~uint64_t{0}), hn::Set(du, 1));
+  const auto adjust = hn::And(hn::RebindMask(du, inexact), even);
+  return hn::BitCast(dd, hn::Add(bits, hn::IfThenElseZero(adjust, step)));
+}
+
+using DH = hn::Half<DF>;
+using VH = hn::Vec<DH>;
+
+// Half of Fma, in double.
+HWY_INLINE VH FmaHalf(VH a, VH b, VH c) {
+  const DD dd;
+  const VD p = hn::Mul(hn::PromoteTo(dd, a), hn::PromoteTo(dd, b));
+  return hn::DemoteTo(DH(), SumToOdd(p, hn::PromoteTo(dd, c)));
+}
+
+HWY_INLINE VF Fma(VF a, VF b, VF c) {
+  const DH dh;
+  const auto hi = FmaHalf(hn::UpperHalf(dh, a), hn::UpperHalf(dh, b), hn::UpperHalf(dh, c));
+  const auto lo = FmaHalf(hn::LowerHalf(dh, a), hn::LowerHalf(dh, b), hn::LowerHalf(dh, c));
+  return hn::Combine(DF(), hi, lo);
+}
+#endif
+
+// Fma where the bits matter (kExact), else Highway's multiply-add (two roundings on
+// SSE4 and EMU128, cheaper there).
+template <bool kExact>
+HWY_INLINE VF FmaOf(VF a, VF b, VF c) {
+  if constexpr (kExact) return Fma(a, b, c);
+  return hn::MulAdd(a, b, c);
+}
+
+HWY_INLINE VF Bits(uint32_t u) { return hn::BitCast(DF(), hn::Set(DU(), u)); }
+
+// SpExp's reduction and polynomial: y = e^r, and t (an integer n plus 1.5 * 2^23, so
+// that n is in its low bits), for z in SpExp's range.
+template <bool kExact>
+HWY_INLINE VF ExpCore(VF z, VF* t) {
+  using namespace sp_math;  // NOLINT(build/namespaces)
+  const DF d;
+  *t = FmaOf<kExact>(z, hn::Set(d, kLog2E), hn::Set(d, kRound));
+  const VF n = hn::Add(*t, hn::Set(d, -kRound));
+  VF r = FmaOf<kExact>(n, hn::Set(d, -kLn2Hi), z);
+  r = FmaOf<kExact>(n, hn::Set(d, -kLn2Lo), r);
+  VF p = FmaOf<kExact>(hn::Set(d, kExpP0), r, hn::Set(d, kExpP1));
+  p = FmaOf<kExact>(p, r, hn::Set(d, kExpP2));
+  p = FmaOf<kExact>(p, r, hn::Set(d, kExpP3));
+  p = FmaOf<kExact>(p, r, hn::Set(d, kExpP4));
+  p = FmaOf<kExact>(p, r, hn::Set(d, kExpP5));
+  p = FmaOf<kExact>(p, r, hn::Set(d, 1.0f));
+  return FmaOf<kExact>(p, r, hn::Set(d, 1.0f));
+}
+
+// SpExp(z) per lane: its bits when kExact (and on FMA targets always); else, on SSE4
+// and EMU128, with Highway's unfused multiply-adds, a few ulp off. Each lane is the
+// same function of z either way.
+template <bool kExact = true>
+HWY_INLINE VF SpExpV(VF z) {
+  using namespace sp_math;  // NOLINT(build/namespaces)
+  const DF d;
+  const DU du;
+  const DI di;
+  VF t;
+  // |z| <= 87 in every lane (the usual case): 2^n is a normal float, and y * 2^n rounds
+  // once, as y * 2^a * 2^b below does.
+  if (HWY_LIKELY(hn::AllTrue(d, hn::Le(hn::Abs(z), hn::Set(d, 87.0f))))) {
+    const VF y = ExpCore<kExact>(z, &t);
+    const VU bias = hn::Set(du, 127u - kRoundBits);  // n + 127 from t's bits
+    return hn::Mul(y, hn::BitCast(d, hn::ShiftLeft<23>(hn::Add(hn::BitCast(du, t), bias))));
+  }
+  const MF nan = hn::IsNaN(z);
+  const VF y = ExpCore<kExact>(hn::Min(hn::Max(z, hn::Set(d, kExpLo)), hn::Set(d, kExpHi)), &t);
+  // 2^n as 2^a * 2^b; unsigned arithmetic on the bits (wraps on NaN lanes, which are
+  // replaced below), the halving an arithmetic shift as in SpExp.
+  const VU k = hn::Sub(hn::BitCast(du, t), hn::Set(du, kRoundBits));
+  const VU a = hn::BitCast(du, hn::ShiftRight<1>(hn::BitCast(di, k)));
+  const VU b = hn::Sub(k, a);
+  const VU bias = hn::Set(du, 127);
+  const VF sa = hn::BitCast(d, hn::ShiftLeft<23>(hn::Add(a, bias)));
+  const VF sb = hn::BitCast(d, hn::ShiftLeft<23>(hn::Add(b, bias)));
+  return hn::IfThenElse(nan, Bits(kNaN), hn::Mul(hn::Mul(y, sa), sb));
+}
+
+// log(1 + f) + e * ln 2 as in SpLog.
+HWY_INLINE VF LogCore(VF e, VF f) {
+  using namespace sp_math;  // NOLINT(build/namespaces)
+  const DF d;
+  const VF z = hn::Mul(f, f);
+  VF q = Fma(hn::Set(d, kLogQ0), f, hn::Set(d, kLogQ1));
+  q = Fma(q, f, hn::Set(d, kLogQ2));
+  q = Fma(q, f, hn::Set(d, kLogQ3));
+  q = Fma(q, f, hn::Set(d, kLogQ4));
+  q = Fma(q, f, hn::Set(d, kLogQ5));
+  q = Fma(q, f, hn::Set(d, kLogQ6));
+  q = Fma(q, f, hn::Set(d, kLogQ7));
+  q = Fma(q, f, hn::Set(d, kLogQ8));
+  q = Fma(q, f, hn::Set(d, -0.5f));
+  VF r = Fma(q, z, f);
+  r = Fma(e, hn::Set(d, kLn2Lo), r);
+  return Fma(e, hn::Set(d, kLn2Hi), r);
+}
+
+// SpLog(x) per lane.
+HWY_INLINE VF SpLogV(VF x) {
+  using namespace sp_math;  // NOLINT(build/namespaces)
+  const DF d;
+  const DU du;
+  const DI di;
+  const VU half = hn::Set(du, kSqrtHalfBits);
+  const VI xi = hn::BitCast(di, x);
+  // Every lane a positive normal float (the usual case): no scaling, no special values.
+  if (HWY_LIKELY(hn::AllTrue(di, hn::And(hn::Gt(xi, hn::Set(di, int32_t{kMinNormalBits} - 1)),
+                                         hn::Lt(xi, hn::Set(di, int32_t{kInf})))))) {
+    const VU t = hn::Sub(hn::BitCast(du, x), half);
+    const VF e = hn::ConvertTo(d, hn::ShiftRight<23>(hn::BitCast(di, t)));
+    const VF f = hn::Add(hn::BitCast(d, hn::Add(hn::And(t, hn::Set(du, 0x007FFFFFu)), half)),
+                         hn::Set(d, -1.0f));
+    return LogCore(e, f);
+  }
+  const VF zero = hn::Zero(d), inf = Bits(kInf);
+  const MF ok = hn::And(hn::Gt(x, zero), hn::Lt(x, inf));
+  const MF is_zero = hn::Eq(x, zero);
+  const MF is_inf = hn::Eq(x, inf);
+  const MF den = hn::And(ok, hn::RebindMask(d, hn::Lt(xi, hn::Set(di, int32_t{kMinNormalBits}))));
+  x = hn::IfThenElse(den, hn::Mul(x, hn::Set(d, kTwo23)), x);
+  const VF e_bias = hn::IfThenElseZero(den, hn::Set(d, -23.0f));
+  const VU t = hn::Sub(hn::BitCast(du, x), half);
+  const VF e = hn::Add(hn::ConvertTo(d, hn::ShiftRight<23>(hn::BitCast(di, t))), e_bias);
+  const VF f = hn::Add(hn::BitCast(d, hn::Add(hn::And(t, hn::Set(du, 0x007FFFFFu)), half)),
+                       hn::Set(d, -1.0f));
+  const VF r = LogCore(e, f);
+  const VF special =
+      hn::IfThenElse(is_inf, inf, hn::IfThenElse(is_zero, Bits(kMinusInf), Bits(kNaN)));
+  return hn::IfThenElse(ok, r, special);
+}
+
+// Keeps v in a register as it is: a product that an add follows must not be fused
+// (GCC contracts vector multiplies and adds across statements).
+HWY_INLINE VF Rounded(VF v) {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+  __asm__("" : "+v"(v.raw));
+#elif HWY_ARCH_X86 && HWY_TARGET <= HWY_SSE4
+  __asm__("" : "+x"(v.raw));
+#elif HWY_ARCH_ARM_A64 && HWY_TARGET == HWY_NEON
+  __asm__("" : "+w"(v.raw));
+#else
+  __asm__("" : "+m"(v));
+#endif
+  return v;
+}
+
+// ScaledLogit(x, inv_t, mx): the product rounded on its own.
+HWY_INLINE VF Scaled(VF x, VF inv_t, VF mx) { return hn::Sub(Rounded(hn::Mul(x, inv_t)), mx); }
+
+HWY_INLINE VU RankKeyV(VF x) {
+  const DU du;
+  const DI di;
+  const VU u = hn::BitCast(du, hn::Add(x, hn::Zero(DF())));
+  const VU sign = hn::BitCast(du, hn::ShiftRight<31>(hn::BitCast(di, u)));
+  return hn::Xor(u, hn::Or(sign, hn::Set(du, 0x80000000u)));
+}
+
+// a * c mod 2^64 per lane.
+HWY_INLINE VU64 MulConst(VU64 a, uint64_t c) {
+  const DU64 d64;
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+  return hn::Mul(a, hn::Set(d64, c));  // AVX-512DQ's 64-bit multiply
+#else
+  // From 32 x 32 -> 64-bit products of the halves.
+  const hn::Repartition<uint32_t, DU64> d32;
+  const auto a_lo = hn::BitCast(d32, a);
+  const auto a_hi = hn::BitCast(d32, hn::ShiftRight<32>(a));
+  const auto c_lo = hn::BitCast(d32, hn::Set(d64, c & 0xFFFFFFFFu));
+  const auto c_hi = hn::BitCast(d32, hn::Set(d64, c >> 32));
+  const VU64 cross = hn::Add(hn::MulEven(a_hi, c_lo), hn::MulEven(a_lo, c_hi));
+  return hn::Add(hn::MulEven(a_lo, c_lo), hn::ShiftLeft<32>(cross));
+#endif
+}
+
+HWY_INLINE VU64 Mix64V(VU64 z) {
+  z = MulConst(hn::Xor(z, hn::ShiftRight<30>(z)), 0xBF58476D1CE4E5B9ull);
+  z = MulConst(hn::Xor(z, hn::ShiftRight<27>(z)), 0x94D049BB133111EBull);
+  return hn::Xor(z, hn::ShiftRight<31>(z));
+}
+
+// RaceUniform of the tokens whose splitmix64 inputs are h_lo (the first half of the
+// lanes) and h_hi.
+HWY_INLINE VF UniformV(VU64 h_lo, VU64 h_hi) {
+  const DF d;
+  const DU du;
+  const VU b_lo = hn::BitCast(du, hn::ShiftRight<40>(Mix64V(h_lo)));  // 24 bits, even lanes
+  const VU b_hi = hn::BitCast(du, hn::ShiftRight<40>(Mix64V(h_hi)));
+  const VF bits = hn::ConvertTo(d, hn::BitCast(DI(), hn::ConcatEven(du, b_hi, b_lo)));
+  const VF b = hn::Min(hn::Add(bits, hn::Set(d, 0.5f)), hn::Set(d, 16777215.0f));
+  return hn::Mul(b, hn::Set(d, 1.0f / 16777216.0f));
+}
+
+// RaceNoiseAt from the uniform: -log(-log u).
+HWY_INLINE VF NoiseV(VF u) { return hn::Neg(SpLogV(hn::Neg(SpLogV(u)))); }
+
+// kSkip.u[k] per lane, k the low 5 bits of `index`.
+HWY_INLINE VF SkipLookup(VI index) {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+  // 16 lanes: one in-register permute across the table's two halves, no gather.
+  const DF d;
+  return VF{
+      _mm512_permutex2var_ps(hn::Load(d, kSkip.u).raw, index.raw, hn::Load(d, kSkip.u + 16).raw)};
+#else
+  return hn::GatherIndex(DF(), kSkip.u, hn::And(index, hn::Set(DI(), 31)));
+#endif
+}
+
+// SkipBound per lane, or a lower bound of it (the shortcut then skips fewer tokens).
+HWY_INLINE VF SkipBoundV(VF bar, VF z) {
+  const DF d;
+  const VF t = hn::Mul(hn::Sub(hn::Sub(bar, z), hn::Set(d, 1e-4f)), hn::Set(d, 2.0f));
+  // k = floor(t) or one less, cheaper than a conversion: for t >= 1/2, t - 1/2 + 2^23
+  // rounds once to 2^23 plus an integer, in the low bits. Below 1/2 (or NaN): no bound.
+  const VF k = hn::Add(hn::Min(t, hn::Set(d, 31.0f)), hn::Set(d, 8388607.5f));
+  return hn::IfThenElseZero(hn::Ge(t, hn::Set(d, 0.5f)), SkipLookup(hn::BitCast(DI(), k)));
+}
+
+// The top-p cut per lane: RankKey(x) > cut_key, or equal and id <= cut_last.
+HWY_INLINE MF InCut(VF x, VI id, uint32_t cut_key, int32_t cut_last) {
+  const DU du;
+  const DI di;
+  const VU k = RankKeyV(x);
+  // Unsigned > as a signed compare of both sides with the top bit flipped.
+  const VU flip = hn::Set(du, 0x80000000u);
+  const auto above = hn::Gt(hn::BitCast(di, hn::Xor(k, flip)),
+                            hn::BitCast(di, hn::Set(du, cut_key ^ 0x80000000u)));
+  const auto equal = hn::AndNot(hn::Gt(id, hn::Set(di, cut_last)),
+                                hn::RebindMask(di, hn::Eq(k, hn::Set(du, cut_key))));
+  return hn::RebindMask(DF(), hn::Or(above, equal));
+}
+
+// Adds v's lanes to two sums in double.
+HWY_INLINE void AddWide(VF v, VD* lo, VD* hi) {
+  const hn::Half<DF> dh;
+  *lo = hn::Add(*lo, hn::PromoteTo(DD(), hn::LowerHalf(dh, v)));
+  *hi = hn::Add(*hi, hn::PromoteTo(DD(), hn::UpperHalf(dh, v)));
+}
+
+// ---- The passes.
+
+double ScaledExpT(const float* x, int32_t n, float scale, float shift, float* out) {
+  const DF d;
+  const int32_t N = static_cast<int32_t>(hn::Lanes(d));
+  const VF s = hn::Set(d, scale), nb = hn::Set(d, -shift);
+  VD lo = hn::Zero(DD()), hi = lo;
+  int32_t i = 0;
+  for (; i + N <= n; i += N) {
+    const VF e = SpExpV<false>(hn::MulAdd(hn::LoadU(d, x + i), s, nb));
+    if (out != nullptr) hn::StoreU(e, d, out + i);
+    AddWide(e, &lo, &hi);
+  }
+  if (i < n) {  // the same vector code on a padded copy: no lane depends on its position
+    HWY_ALIGN float tail[HWY_LANES(float)] = {};
+    std::copy(x + i, x + n, tail);
+    const VF e = hn::IfThenElseZero(hn::FirstN(d, n - i),
+                                    SpExpV<false>(hn::MulAdd(hn::Load(d, tail), s, nb)));
+    hn::Store(e, d, tail);
+    if (out != nullptr) std::copy(tail, tail + (n - i), out + i);
+    AddWide(e, &lo, &hi);
+  }
+  return hn::GetLane(hn::SumOfLanes(DD(), hn::Add(lo, hi)));
+}
+
+float MaxOfT(const float* x, int32_t n) {
+  const DF d;
+  const int32_t N = static_cast<int32_t>(hn::Lanes(d));
+  VF m0 = hn::Set(d, x[0]), m1 = m0, m2 = m0, m3 = m0;  // independent chains
+  int32_t i = 0;
+  for (; i + 4 * N <= n; i += 4 * N) {
+    m0 = hn::Max(m0, hn::LoadU(d, x + i));
+    m1 = hn::Max(m1, hn::LoadU(d, x + i + N));
+    m2 = hn::Max(m2, hn::LoadU(d, x + i + 2 * N));
+    m3 = hn::Max(m3, hn::LoadU(d, x + i + 3 * N));
+  }
+  for (; i + N <= n; i += N) m0 = hn::Max(m0, hn::LoadU(d, x + i));
+  float r = hn::GetLane(hn::MaxOfLanes(d, hn::Max(hn::Max(m0, m1), hn::Max(m2, m3))));
+  for (; i < n; ++i) r = x[i] > r ? x[i] : r;
+  return r;
+}
+
+int32_t FirstIndexT(const float* x, int32_t n, float v) {
+  const DF d;
+  const int32_t N = static_cast<int32_t>(hn::Lanes(d));
+  const VF vv = hn::Set(d, v);
+  int32_t i = 0;
+  for (; i + 4 * N <= n; i += 4 * N) {  // one test per four vectors
+    const MF m01 = hn::Or(hn::Eq(hn::LoadU(d, x + i), vv), hn::Eq(hn::LoadU(d, x + i + N), vv));
+    const MF m23 =
+        hn::Or(hn::Eq(hn::LoadU(d, x + i + 2 * N), vv), hn::Eq(hn::LoadU(d, x + i + 3 * N), vv));
+    if (!hn::AllFalse(d, hn::Or(m01, m23))) break;
+  }
+  for (; i + N <= n; i += N) {
+    const intptr_t j = hn::FindFirstTrue(d, hn::Eq(hn::LoadU(d, x + i), vv));
+    if (j >= 0) return i + static_cast<int32_t>(j);
+  }
+  for (; i < n; ++i) {
+    if (x[i] == v) return i;
+  }
+  return n;
+}
+
+void SpExpRowT(const float* x, int64_t n, float* out) {
+  const DF d;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  int64_t i = 0;
+  for (; i + N <= n; i += N) hn::StoreU(SpExpV(hn::LoadU(d, x + i)), d, out + i);
+  for (; i < n; ++i) out[i] = SpExp(x[i]);
+}
+
+void SpLogRowT(const float* x, int64_t n, float* out) {
+  const DF d;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  int64_t i = 0;
+  for (; i + N <= n; i += N) hn::StoreU(SpLogV(hn::LoadU(d, x + i)), d, out + i);
+  for (; i < n; ++i) out[i] = SpLog(x[i]);
+}
+
+int32_t RaceT(const float* x, int32_t V, float inv_t, float mx, uint64_t key, const RaceFilter& f) {
+  constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;
+  const DF d;
+  const DI di;
+  const DU64 d64;
+  const int32_t N = static_cast<int32_t>(hn::Lanes(d));
+  const VF s = hn::Set(d, inv_t), m = hn::Set(d, mx);
+  const VF floor = hn::Set(d, f.z_floor), min_p = hn::Set(d, f.min_p);
+  const bool test_min_p = f.min_p > 0.0f, cut = f.cut_key != 0 || f.cut_last != INT32_MAX;
+  // The splitmix64 inputs key + (i + 1) * kGamma of the tokens in the two halves.
+  VU64 h_lo = hn::Add(MulConst(hn::Iota(d64, 1), kGamma), hn::Set(d64, key));
+  VU64 h_hi = hn::Add(h_lo, hn::Set(d64, static_cast<uint64_t>(N / 2) * kGamma));
+  const VU64 step = hn::Set(d64, static_cast<uint64_t>(N) * kGamma);
+  VI id = hn::Iota(di, 0);
+  VF best = hn::Set(d, -__builtin_inff());
+  VI best_id = hn::Set(di, INT32_MAX);
+  float bar = -__builtin_inff();  // the best score of the lanes
+  VF bar_v = hn::Set(d, bar);
+  int32_t i = 0;
+  for (; i + N <= V; i += N) {
+    const VF xv = hn::LoadU(d, x + i);
+    const VF z = Scaled(xv, s, m);
+    MF live = hn::Ge(z, floor);
+    VF u = hn::Zero(d);
+    if (!hn::AllFalse(d, live)) {
+      u = UniformV(h_lo, h_hi);
+      live = hn::And(live, hn::Ge(u, SkipBoundV(bar_v, z)));
+    }
+    if (cut && !hn::AllFalse(d, live)) live = hn::And(live, InCut(xv, id, f.cut_key, f.cut_last));
+    if (test_min_p && !hn::AllFalse(d, live)) live = hn::And(live, hn::Ge(SpExpV(z), min_p));
+    if (!hn::AllFalse(d, live)) {
+      const VF score = hn::Add(z, NoiseV(u));
+      const MF up = hn::And(live, hn::Gt(score, best));
+      if (!hn::AllFalse(d, up)) {
+        best = hn::IfThenElse(up, score, best);
+        best_id = hn::IfThenElse(hn::RebindMask(di, up), id, best_id);
+        const float top = hn::GetLane(hn::MaxOfLanes(d, best));
+        if (top > bar) {
+          bar = top;
+          bar_v = hn::Set(d, bar);
+        }
+      }
+    }
+    h_lo = hn::Add(h_lo, step);
+    h_hi = hn::Add(h_hi, step);
+    id = hn::Add(id, hn::Set(di, N));
+  }
+  RaceState st;
+  if (bar > -__builtin_inff()) {  // the lowest id among the lanes at the top score
+    const auto at_top = hn::RebindMask(di, hn::Eq(best, bar_v));
+    const VI ids = hn::IfThenElse(at_top, best_id, hn::Set(di, INT32_MAX));
+    st = {hn::GetLane(hn::MinOfLanes(di, ids)), bar};
+  }
+  for (; i < V; ++i) ScalarRaceStep(x, i, inv_t, mx, key, f, &st);
+  return st.best;
+}
+
+// Appends the kept lanes (pos) of a vector of ids, keys and masses to out's arrays at
+// n; returns the new count. Whole-vector stores past the count stay inside the arrays
+// (n + N <= i + N <= V).
+HWY_INLINE int32_t AppendKept(MF pos, VI id, VU key, VF mass, int32_t n, KeptMasses* out) {
+  const DF d;
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+  // Compress in registers, then plain stores (a compressing store to memory is
+  // microcoded and slow on AMD Zen 4).
+  hn::StoreU(hn::Compress(id, hn::RebindMask(DI(), pos)), DI(), out->ids.data() + n);
+  hn::StoreU(hn::Compress(key, hn::RebindMask(DU(), pos)), DU(), out->keys.data() + n);
+  hn::StoreU(hn::Compress(mass, pos), d, out->mass.data() + n);
+  return n + static_cast<int32_t>(hn::CountTrue(d, pos));
+#else
+  // Up to 8 lanes (AVX2, SSE4, NEON, EMU128): a permutation from kCompress.
+  static_assert(HWY_LANES(float) <= 8, "kCompress has 8-lane entries");
+  if (hn::AllTrue(d, pos)) {
+    hn::StoreU(id, DI(), out->ids.data() + n);
+    hn::StoreU(key, DU(), out->keys.data() + n);
+    hn::StoreU(mass, d, out->mass.data() + n);
+    return n + static_cast<int32_t>(hn::Lanes(d));
+  }
+  const DU du;
+  uint8_t bits[8] = {};
+  hn::StoreMaskBits(d, pos, bits);
+  const VU order = hn::And(
+      hn::Set(du, kCompress.packed[bits[0]]) >> hn::ShiftLeft<2>(hn::Iota(du, 0)), hn::Set(du, 7));
+  const auto at = hn::IndicesFromVec(d, order);
+  hn::StoreU(hn::BitCast(DI(), hn::TableLookupLanes(hn::BitCast(d, id), at)), DI(),
+             out->ids.data() + n);
+  hn::StoreU(hn::BitCast(du, hn::TableLookupLanes(hn::BitCast(d, key), at)), du,
+             out->keys.data() + n);
+  hn::StoreU(hn::TableLookupLanes(mass, at), d, out->mass.data() + n);
+  n += __builtin_popcount(bits[0]);
+  return n;
+#endif
+}
+
+void WeighT(const float* x, int32_t V, float inv_t, float mx, float min_p, KeptMasses* out) {
+  const DF d;
+  const DI di;
+  const int32_t N = static_cast<int32_t>(hn::Lanes(d));
+  const VF s = hn::Set(d, inv_t), m = hn::Set(d, mx), mp = hn::Set(d, min_p);
+  const VF two32 = hn::Set(d, 4294967296.0f);
+  VD lo = hn::Zero(DD()), hi = lo;
+  VI id = hn::Iota(di, 0);
+  int32_t n = 0, i = 0;
+  for (; i + N <= V; i += N, id = hn::Add(id, hn::Set(di, N))) {
+    const VF xv = hn::LoadU(d, x + i);
+    const VF w = SpExpV(Scaled(xv, s, m));
+    const VF mass = hn::Floor(hn::Mul(w, two32));
+    const MF pos = hn::And(hn::Ge(w, mp), hn::Gt(mass, hn::Zero(d)));
+    if (hn::AllFalse(d, pos)) continue;
+    n = AppendKept(pos, id, RankKeyV(xv), mass, n, out);
+    AddWide(hn::IfThenElseZero(pos, mass), &lo, &hi);
+  }
+  out->count = n;
+  // Integers below 2^53: exact in any order.
+  double total = hn::GetLane(hn::SumOfLanes(DD(), hn::Add(lo, hi)));
+  for (; i < V; ++i) ScalarWeighStep(x, i, inv_t, mx, min_p, out, &total);
+  out->total = static_cast<uint64_t>(total);
+}
+
+#endif  // HWY_TARGET == HWY_SCALAR
+
+}  // namespace HWY_NAMESPACE
+}  // namespace superpose::engine
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace superpose::engine {
+
+HWY_EXPORT(TargetNameT);
+HWY_EXPORT(ScaledExpT);
+HWY_EXPORT(MaxOfT);
+HWY_EXPORT(FirstIndexT);
+HWY_EXPORT(SpExpRowT);
+HWY_EXPORT(SpLogRowT);
+HWY_EXPORT(RaceT);
+HWY_EXPORT(WeighT);
+
+const char* RowMathTarget() { return HWY_DYNAMIC_DISPATCH(TargetNameT)(); }
 
 double ScaledExp(const float* x, int32_t n, float scale, float shift, float* out) {
-  using Fn = double (*)(const float*, int32_t, float, float, float*);
-  static const Fn fn = HasAvx512() ? ScaledExp16 : HasAvx2() ? ScaledExp8 : ScaledExp1;
-  return fn(x, n, scale, shift, out);
+  return HWY_DYNAMIC_DISPATCH(ScaledExpT)(x, n, scale, shift, out);
 }
 
-float MaxOf(const float* x, int32_t n) {
-  static const bool avx512 = HasAvx512();
-  return avx512 ? Max16(x, n) : Max1(x, n);
-}
-
-namespace {
-std::atomic<int> g_isa_for_testing{-1};
-}  // namespace
-
-RowIsa BestRowIsa() {
-  static const RowIsa best = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) {
-      return RowIsa::kAvx512;
-    }
-    return HasAvx2() ? RowIsa::kAvx2 : RowIsa::kScalar;
-  }();
-  return best;
-}
-
-RowIsa RowIsaInUse() {
-  const int forced = g_isa_for_testing.load(std::memory_order_relaxed);
-  return forced < 0 ? BestRowIsa() : static_cast<RowIsa>(forced);
-}
-
-void SetRowIsaForTesting(RowIsa isa) {
-  g_isa_for_testing.store(static_cast<int>(std::min(isa, BestRowIsa())), std::memory_order_relaxed);
-}
-
-void SpExpRow(RowIsa isa, const float* x, int64_t n, float* out) {
-  switch (std::min(isa, BestRowIsa())) {
-    case RowIsa::kAvx512:
-      return avx512::ExpRow(x, n, out);
-    case RowIsa::kAvx2:
-      return avx2::ExpRow(x, n, out);
-    case RowIsa::kScalar:
-      return scalar::ExpRow(x, n, out);
-  }
-}
-
-void SpLogRow(RowIsa isa, const float* x, int64_t n, float* out) {
-  switch (std::min(isa, BestRowIsa())) {
-    case RowIsa::kAvx512:
-      return avx512::LogRow(x, n, out);
-    case RowIsa::kAvx2:
-      return avx2::LogRow(x, n, out);
-    case RowIsa::kScalar:
-      return scalar::LogRow(x, n, out);
-  }
-}
+float MaxOf(const float* x, int32_t n) { return HWY_DYNAMIC_DISPATCH(MaxOfT)(x, n); }
 
 int32_t FirstIndexOf(const float* x, int32_t n, float v) {
-  switch (RowIsaInUse()) {
-    case RowIsa::kAvx512:
-      return avx512::FirstIndex(x, n, v);
-    case RowIsa::kAvx2:
-      return avx2::FirstIndex(x, n, v);
-    case RowIsa::kScalar:
-      break;
-  }
-  return scalar::FirstIndex(x, n, v);
+  return HWY_DYNAMIC_DISPATCH(FirstIndexT)(x, n, v);
 }
+
+void SpExpRow(const float* x, int64_t n, float* out) { HWY_DYNAMIC_DISPATCH(SpExpRowT)(x, n, out); }
+
+void SpLogRow(const float* x, int64_t n, float* out) { HWY_DYNAMIC_DISPATCH(SpLogRowT)(x, n, out); }
 
 int32_t RaceRow(const float* x, int32_t V, float inv_t, float mx, uint64_t key,
                 const RaceFilter& filter) {
-  switch (RowIsaInUse()) {
-    case RowIsa::kAvx512:
-      return avx512::Race(x, V, inv_t, mx, key, filter);
-    case RowIsa::kAvx2:
-      return avx2::Race(x, V, inv_t, mx, key, filter);
-    case RowIsa::kScalar:
-      break;
-  }
-  return scalar::Race(x, V, inv_t, mx, key, filter);
+  return HWY_DYNAMIC_DISPATCH(RaceT)(x, V, inv_t, mx, key, filter);
 }
 
 void WeighRow(const float* x, int32_t V, float inv_t, float mx, float min_p, KeptMasses* out) {
@@ -805,15 +682,8 @@ void WeighRow(const float* x, int32_t V, float inv_t, float mx, float min_p, Kep
     out->keys.resize(V);
     out->mass.resize(V);
   }
-  switch (RowIsaInUse()) {
-    case RowIsa::kAvx512:
-      return avx512::Weigh(x, V, inv_t, mx, min_p, out);
-    case RowIsa::kAvx2:
-      return avx2::Weigh(x, V, inv_t, mx, min_p, out);
-    case RowIsa::kScalar:
-      break;
-  }
-  scalar::Weigh(x, V, inv_t, mx, min_p, out);
+  HWY_DYNAMIC_DISPATCH(WeighT)(x, V, inv_t, mx, min_p, out);
 }
 
 }  // namespace superpose::engine
+#endif  // HWY_ONCE

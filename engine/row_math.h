@@ -1,9 +1,10 @@
-// Passes over a whole row of logits for the sampler, vectorised (AVX-512 or AVX2 as the
-// CPU allows, scalar otherwise): the maximum, exp through glibc's vector expf (libmvec,
-// max error 4 ulp; log-sum-exp), and the passes of the exponential race
-// (engine/row_sampling.h) with SpExp and SpLog in vector form: bitwise the scalar
-// functions' values on every level, so that the host draws the reference's token.
-// Scalar code here was most of the time of sampling a 128k-token vocabulary.
+// Passes over a whole row of logits for the sampler, vectorised with Google Highway for
+// the SIMD target in use (engine/simd.h: AVX-512, AVX2, SSE4, NEON or the portable
+// fallback): the maximum, exp (Highway's, max error 1 ulp; log-sum-exp), and the passes
+// of the exponential race (engine/row_sampling.h) with SpExp and SpLog in vector form:
+// bitwise the scalar functions' values on every target, so that the host draws the
+// reference's token. Scalar code here was most of the time of sampling a 128k-token
+// vocabulary.
 #pragma once
 
 #include <cstdint>
@@ -23,17 +24,12 @@ float MaxOf(const float* x, int32_t n);
 // The lowest i < n with x[i] == v, n if none.
 int32_t FirstIndexOf(const float* x, int32_t n, float v);
 
-// The vector units of the race passes below (each gives the same bits).
-enum class RowIsa { kScalar, kAvx2, kAvx512 };
-// The best this CPU has.
-RowIsa BestRowIsa();
-// What the race passes use: the best, or a lesser one set for a test.
-RowIsa RowIsaInUse();
-void SetRowIsaForTesting(RowIsa isa);
+// out[i] = SpExp(x[i]) (SpLog) for i < n: the vector forms the race passes use.
+void SpExpRow(const float* x, int64_t n, float* out);
+void SpLogRow(const float* x, int64_t n, float* out);
 
-// out[i] = SpExp(x[i]) (SpLog) for i < n, computed with `isa` (at most BestRowIsa()).
-void SpExpRow(RowIsa isa, const float* x, int64_t n, float* out);
-void SpLogRow(RowIsa isa, const float* x, int64_t n, float* out);
+// The Highway target these passes dispatch to now (tests: that a restriction applies).
+const char* RowMathTarget();
 
 // Which tokens of a row take part in the race, z = ScaledLogit(x, inv_t, mx).
 struct RaceFilter {

@@ -18,6 +18,7 @@
 #include "engine/row_math.h"
 #include "engine/row_sampling.h"
 #include "engine/runtime/sampler.h"
+#include "tests/simd_targets.h"
 #include "tests/truncated_softmax.h"
 
 namespace superpose::engine {
@@ -128,13 +129,6 @@ TEST(SpMathTest, LogIsWithinTwoUlp) {
   EXPECT_GT(RaceNoiseAt(key, top), 16.0f);
 }
 
-std::vector<RowIsa> Isas() {
-  std::vector<RowIsa> v = {RowIsa::kScalar};
-  if (BestRowIsa() >= RowIsa::kAvx2) v.push_back(RowIsa::kAvx2);
-  if (BestRowIsa() >= RowIsa::kAvx512) v.push_back(RowIsa::kAvx512);
-  return v;
-}
-
 // Every vector path gives the scalar functions' bits, on random floats (all bit
 // patterns: NaNs, infinities, denormals), on the ranges the sampler uses and around
 // the edges of the range reductions.
@@ -172,55 +166,153 @@ TEST(SpMathTest, VectorPathsGiveTheScalarBits) {
     want_exp[i] = SpExp(in[i]);
     want_log[i] = SpLog(in[i]);
   }
-  for (RowIsa isa : Isas()) {
+  int targets = 0;
+  superpose::testing::ForEachSimdTarget([&](const std::string& target) {
+    ASSERT_EQ(RowMathTarget(), target);  // the restriction reaches the dispatch
+    ++targets;
     for (int64_t off : {int64_t{0}, int64_t{3}}) {
-      SpExpRow(isa, in.data() + off, n - off, got.data());
+      SpExpRow(in.data() + off, n - off, got.data());
       for (int64_t i = off; i < n; ++i) {
         ASSERT_EQ(Bits(got[i - off]), Bits(want_exp[i]))
-            << "exp isa " << static_cast<int>(isa) << " x=" << in[i] << " bits " << Bits(in[i]);
+            << "exp x=" << in[i] << " bits " << Bits(in[i]);
       }
-      SpLogRow(isa, in.data() + off, n - off, got.data());
+      SpLogRow(in.data() + off, n - off, got.data());
       for (int64_t i = off; i < n; ++i) {
         ASSERT_EQ(Bits(got[i - off]), Bits(want_log[i]))
-            << "log isa " << static_cast<int>(isa) << " x=" << in[i] << " bits " << Bits(in[i]);
+            << "log x=" << in[i] << " bits " << Bits(in[i]);
       }
     }
-  }
-  std::printf("%lld inputs, %zu vector levels\n", static_cast<long long>(n), Isas().size());
+  });
+  std::printf("%lld inputs, %d SIMD targets\n", static_cast<long long>(n), targets);
 }
 
 TEST(RowMathTest, ScaledExpMatchesExpAndIgnoresPosition) {
-  for (int32_t n : {1, 7, 15, 16, 17, 100, 1027}) {
-    std::vector<float> x = Row(n, 3 + n), out(n);
-    const double sum = ScaledExp(x.data(), n, 0.7f, 1.5f, out.data());
-    double ref_sum = 0.0;
-    for (int32_t i = 0; i < n; ++i) {
-      const double ref = std::exp(static_cast<double>(x[i] * 0.7f - 1.5f));
-      EXPECT_NEAR(out[i], ref, 1e-6 * ref) << i;  // libmvec: 4 ulp
-      ref_sum += ref;
+  superpose::testing::ForEachSimdTarget([](const std::string&) {
+    std::vector<int32_t> sizes = {100, 1027};
+    for (int32_t n = 1; n <= 40; ++n) sizes.push_back(n);  // every tail length
+    for (int32_t n : sizes) {
+      std::vector<float> x = Row(n, 3 + n), out(n);
+      if (n > 2) x[1] = -INFINITY;  // masked tokens weigh 0
+      const double sum = ScaledExp(x.data(), n, 0.7f, 1.5f, out.data());
+      double ref_sum = 0.0;
+      for (int32_t i = 0; i < n; ++i) {
+        const double ref = std::exp(static_cast<double>(x[i] * 0.7f - 1.5f));
+        EXPECT_NEAR(out[i], ref, 1e-6 * ref) << i;  // Highway's exp: 1 ulp
+        ref_sum += ref;
+      }
+      EXPECT_NEAR(sum, ref_sum, 1e-6 * ref_sum);
+      EXPECT_NEAR(ScaledExp(x.data(), n, 0.7f, 1.5f, nullptr), sum, 1e-12 * sum);
+      // An element's value is the same over any sub-range, and alone, bitwise.
+      for (int32_t off = 1; off < std::min(n, 18); ++off) {
+        std::vector<float> part(n - off);
+        ScaledExp(x.data() + off, n - off, 0.7f, 1.5f, part.data());
+        for (int32_t i = off; i < n; ++i) ASSERT_EQ(part[i - off], out[i]) << n << " " << i;
+      }
+      for (int32_t i = 0; i < n; ++i) {
+        float one = 0.0f;
+        ScaledExp(x.data() + i, 1, 0.7f, 1.5f, &one);
+        ASSERT_EQ(Bits(one), Bits(out[i])) << n << " " << i;
+      }
     }
-    EXPECT_NEAR(sum, ref_sum, 1e-6 * ref_sum);
-    EXPECT_NEAR(ScaledExp(x.data(), n, 0.7f, 1.5f, nullptr), sum, 1e-12 * sum);
-    // Any sub-range gives the same element values, bitwise.
-    for (int32_t off : {1, 5}) {
-      if (off >= n) continue;
-      std::vector<float> part(n - off);
-      ScaledExp(x.data() + off, n - off, 0.7f, 1.5f, part.data());
-      for (int32_t i = off; i < n; ++i) ASSERT_EQ(part[i - off], out[i]) << n << " " << i;
-    }
-  }
+  });
 }
 
 TEST(RowMathTest, MaxOfIsTheMaximum) {
-  for (int32_t n : {1, 2, 15, 16, 63, 64, 65, 1000}) {
-    for (uint32_t seed : {1u, 2u}) {
-      std::vector<float> x = Row(n, seed * 100 + n);
-      for (float& v : x) v -= 50.0f;  // all negative: a zero start would be wrong
-      EXPECT_EQ(MaxOf(x.data(), n), *std::max_element(x.begin(), x.end())) << n;
-      x[n - 1] = 1.0f;  // the last (tail) element
-      EXPECT_EQ(MaxOf(x.data(), n), 1.0f) << n;
+  superpose::testing::ForEachSimdTarget([](const std::string&) {
+    for (int32_t n : {1, 2, 15, 16, 17, 63, 64, 65, 1000}) {
+      for (uint32_t seed : {1u, 2u}) {
+        std::vector<float> x = Row(n, seed * 100 + n);
+        for (float& v : x) v -= 50.0f;  // all negative: a zero start would be wrong
+        EXPECT_EQ(MaxOf(x.data(), n), *std::max_element(x.begin(), x.end())) << n;
+        x[n - 1] = 1.0f;  // the last (tail) element
+        EXPECT_EQ(MaxOf(x.data(), n), 1.0f) << n;
+      }
     }
-  }
+  });
+}
+
+TEST(RowMathTest, FirstIndexOfFindsTheFirstEqual) {
+  superpose::testing::ForEachSimdTarget([](const std::string&) {
+    for (int32_t n : {1, 7, 16, 17, 64, 1000}) {
+      std::vector<float> x = Row(n, 40 + n);
+      EXPECT_EQ(FirstIndexOf(x.data(), n, 1000.0f), n);
+      for (int32_t at : {0, n / 2, n - 1}) {
+        std::vector<float> y = x;
+        y[at] = 1000.0f;
+        if (at + 1 < n) y[n - 1] = 1000.0f;  // a later equal one
+        EXPECT_EQ(FirstIndexOf(y.data(), n, 1000.0f), at) << n;
+      }
+    }
+  });
+}
+
+// WeighRow's kept tokens and masses are the scalar functions' (bitwise z: a product
+// fused into the subtraction would move masses by a few units).
+TEST(RowMathTest, WeighRowMatchesTheScalarFunctions) {
+  superpose::testing::ForEachSimdTarget([](const std::string&) {
+    KeptMasses kept;
+    for (int32_t V : {1, 5, 16, 17, 31, 40, 1000, 32001}) {
+      for (float t : {0.7f, 1.0f, 1.3f}) {
+        for (float min_p : {0.0f, 0.01f}) {
+          const std::vector<float> x = Row(V, 50 + V, 3.0f);
+          const float inv_t = 1.0f / t;
+          const float mx = *std::max_element(x.begin(), x.end()) * inv_t;
+          WeighRow(x.data(), V, inv_t, mx, min_p, &kept);
+          int32_t n = 0;
+          uint64_t total = 0;
+          for (int32_t i = 0; i < V; ++i) {
+            const float w = SpExp(ScaledLogit(x[i], inv_t, mx));
+            if (!(w >= min_p) || FixedMass(w) == 0) continue;
+            ASSERT_LT(n, kept.count) << V;
+            ASSERT_EQ(kept.ids[n], i) << V;
+            EXPECT_EQ(kept.keys[n], RankKey(x[i]));
+            ASSERT_EQ(static_cast<uint64_t>(kept.mass[n]), FixedMass(w)) << V << " id " << i;
+            total += FixedMass(w);
+            ++n;
+          }
+          EXPECT_EQ(kept.count, n);
+          EXPECT_EQ(kept.total, total);
+        }
+      }
+    }
+  });
+}
+
+// RaceRow is the plain race (no skipped tokens) over the tokens its filter keeps.
+TEST(RowMathTest, RaceRowMatchesThePlainRace) {
+  superpose::testing::ForEachSimdTarget([](const std::string&) {
+    std::mt19937 rng(5);
+    for (int trial = 0; trial < 300; ++trial) {
+      const int32_t V = 1 + static_cast<int32_t>(rng() % 3000);
+      std::vector<float> x = Row(V, static_cast<uint32_t>(rng()), 0.5f + (trial % 7));
+      if (trial % 4 == 0) {
+        for (int32_t i = 0; i < V; i += 2) x[i] = x[0];  // ties
+      }
+      const float inv_t = 1.0f / (0.3f + 0.1f * (trial % 20));
+      const float mx = *std::max_element(x.begin(), x.end()) * inv_t;
+      const uint64_t key = RaceKey(trial, trial % 3);
+      RaceFilter f;
+      if (trial % 3 == 1) f.min_p = 0.02f * (trial % 5);
+      if (trial % 5 == 2) {
+        f.cut_key = RankKey(x[rng() % V]);
+        f.cut_last = static_cast<int32_t>(rng() % V);
+      }
+      int32_t want = -1;
+      float best = -INFINITY;
+      for (int32_t i = 0; i < V; ++i) {
+        const float z = ScaledLogit(x[i], inv_t, mx);
+        const uint32_t k = RankKey(x[i]);
+        if (!(k > f.cut_key || (k == f.cut_key && i <= f.cut_last))) continue;
+        if (f.min_p > 0.0f && !(SpExp(z) >= f.min_p)) continue;
+        const float score = z + RaceNoiseAt(key, i);
+        if (score > best) {
+          best = score;
+          want = i;
+        }
+      }
+      ASSERT_EQ(RaceRow(x.data(), V, inv_t, mx, key, f), want) << "trial " << trial << " V=" << V;
+    }
+  });
 }
 
 TEST(TopLogitsTest, SelectsTheBestLowerIdFirstOnTies) {
@@ -379,17 +471,8 @@ int32_t Reference(const SamplingOptions& o, std::vector<float> row, int64_t draw
 
 // The host sampler draws the backend's token (bitwise the same race) for every request
 // kind, row after row (the draw index is the number of accepted tokens).
-// Forces a row-pass level for the scope of a test.
-class ScopedIsa {
- public:
-  explicit ScopedIsa(RowIsa isa) { SetRowIsaForTesting(isa); }
-  ~ScopedIsa() { SetRowIsaForTesting(BestRowIsa()); }
-};
-
 TEST(SamplerTest, DrawsTheBackendReferenceToken) {
-  for (RowIsa isa : Isas()) {
-    SCOPED_TRACE(static_cast<int>(isa));
-    ScopedIsa scoped(isa);
+  superpose::testing::ForEachSimdTarget([](const std::string&) {
     const SamplingOptions cases[] = {
         Opts(1.0f, 0, 1, 0),
         Opts(0.8f, 0, 0.9f, 0),
@@ -420,15 +503,13 @@ TEST(SamplerTest, DrawsTheBackendReferenceToken) {
       }
     }
     EXPECT_EQ(checked, 2 * 11 * 60);
-  }
+  });
 }
 
 // Many random rows and seeds, one draw each, including rows with ties and with huge
 // logits (the approximate pass must never hide the winner).
 TEST(SamplerTest, ManyRowsAndSeedsMatchTheReference) {
-  for (RowIsa isa : Isas()) {
-    SCOPED_TRACE(static_cast<int>(isa));
-    ScopedIsa scoped(isa);
+  superpose::testing::ForEachSimdTarget([](const std::string&) {
     std::mt19937_64 rng(3);
     for (int trial = 0; trial < 400; ++trial) {
       const int32_t V = 2 + static_cast<int32_t>(rng() % 5000);
@@ -452,7 +533,7 @@ TEST(SamplerTest, ManyRowsAndSeedsMatchTheReference) {
           << "trial " << trial << " V=" << V << " T=" << o.temperature << " top_k=" << o.top_k
           << " top_p=" << o.top_p << " min_p=" << o.min_p;
     }
-  }
+  });
 }
 
 // Penalties change the row; the draw is then the reference's over the penalised row.
