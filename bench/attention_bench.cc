@@ -2,17 +2,22 @@
 // decode steps at long contexts, alone and 16 sequences at once, on a generated model.
 // The "ctx 0" decode row is the weight-bound baseline measured in the same run; the
 // difference to it is the attention's cost.
-// First, the attention kernel alone (engine/cpu/attention.h, one thread) on the model's
-// shapes: one layer of a decode token at each context, and one layer of a prefill chunk
-// cut into work items the way the backend cuts it, float32 and bfloat16 KV.
+// First, the attention kernel alone (engine/cpu/attention.h, one thread, best of 10
+// thread-CPU-time samples) on the model's shapes: one layer of a decode token at each
+// context, and one layer of a prefill chunk cut into work items the way the backend cuts
+// it, float32 and bfloat16 KV.
 //
 //   build/bench/attention_bench [--model=llama-110m] [--cpu_dtype=auto] [--kv_cache_dtype=auto]
 //       [--prefill=128,512,2048] [--contexts=512,2048,4096] [--batch=16] [--steps=8]
 //       [--kernel_contexts=128,512,2048] [--kernel_prefill=512] [--model_rows=true]
+//       [--simd=auto|avx3|avx2|sse4|...]  (cap the SIMD target, engine/simd.h)
 #include <omp.h>
+
+#include <time.h>
 
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <random>
 #include <string>
 #include <vector>
@@ -27,6 +32,7 @@
 #include "engine/cpu/blas_setup.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/model/weights.h"
+#include "engine/simd.h"
 
 ABSL_FLAG(std::string, model, "llama-110m", "llama-110m | llama-350m (generated, random bf16)");
 ABSL_FLAG(std::string, workdir, "/tmp/superpose-bench", "Where generated models are kept");
@@ -39,6 +45,7 @@ ABSL_FLAG(int32_t, steps, 8, "Timed decode steps per row");
 ABSL_FLAG(std::string, kernel_contexts, "128,512,2048", "Contexts of the kernel decode rows");
 ABSL_FLAG(std::string, kernel_prefill, "512", "Chunk lengths of the kernel prefill rows");
 ABSL_FLAG(bool, model_rows, true, "Also time prefill and decode of the whole model");
+ABSL_FLAG(std::string, simd, "auto", "Highest SIMD target to run: auto or one this CPU has");
 
 namespace {
 
@@ -108,6 +115,26 @@ absl::Status DecodeStep(engine::Backend& b, const Layout& lay, int32_t n, int32_
   return b.Forward(p, &out);
 }
 
+// This thread's CPU time: the kernel rows run on one thread, and CPU time does not count
+// the time other processes take the core from it.
+double ThreadCpuS() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + ts.tv_nsec * 1e-9;
+}
+
+// The CPU's model name (/proc/cpuinfo), or "unknown CPU".
+std::string CpuModel() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("model name", 0) == 0 && line.find(':') != std::string::npos) {
+      return line.substr(line.find(':') + 2);
+    }
+  }
+  return "unknown CPU";
+}
+
 // One layer's KV pool for the kernel rows: one sequence in blocks 0, 1, ...
 struct KernelPool {
   int32_t kvn, D, group;
@@ -170,15 +197,15 @@ double TimeKernelLayer(const KernelPool& pool, int32_t ctx, int32_t rows) {
   };
   layer();  // warm-up
   double best = 1e30;
-  for (int rep = 0; rep < 5; ++rep) {
+  for (int rep = 0; rep < 10; ++rep) {
     int32_t iters = 0;
-    const double t0 = bench::NowS();
+    const double t0 = ThreadCpuS();
     double t = 0;
     do {
       layer();
       ++iters;
-      t = bench::NowS() - t0;
-    } while (t < 0.05);
+      t = ThreadCpuS() - t0;
+    } while (t < 0.02);
     best = std::min(best, t / iters);
   }
   return best;
@@ -198,8 +225,10 @@ void KernelRows(const engine::ModelConfig& cfg) {
   for (int32_t c : contexts) longest = std::max(longest, c + 1);
   for (int32_t c : chunks) longest = std::max(longest, c);
   const int32_t group = cfg.num_heads / cfg.num_kv_heads;
-  std::printf("attention kernel alone, one thread, one layer (%d kv heads x %d queries, D %d)\n\n",
-              cfg.num_kv_heads, group, cfg.head_dim);
+  std::printf(
+      "attention kernel alone, one thread (CPU time), one layer (%d kv heads x %d queries, D "
+      "%d)\n\n",
+      cfg.num_kv_heads, group, cfg.head_dim);
   std::printf("| KV | shape | us / layer | GFLOP/s |\n|---|---|---:|---:|\n");
   for (bool bf16 : {false, true}) {
     const KernelPool pool(longest, cfg.num_kv_heads, cfg.head_dim, group, bf16);
@@ -223,6 +252,13 @@ void KernelRows(const engine::ModelConfig& cfg) {
 int main(int argc, char** argv) {
   engine::cpu::EnsureBlasCoreType(argv);
   absl::ParseCommandLine(argc, argv);
+  if (absl::Status st = engine::simd::LimitTargets(absl::GetFlag(FLAGS_simd)); !st.ok()) {
+    std::fprintf(stderr, "--simd: %s\n", st.ToString().c_str());
+    return 1;
+  }
+  std::printf("SIMD target %s (attention kernel %s) on %s\n",
+              engine::simd::ActiveTargetName().c_str(), engine::cpu::AttnKernelName().c_str(),
+              CpuModel().c_str());
   auto model = bench::GeneratedModel(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_workdir));
   if (!model.ok()) {
     std::fprintf(stderr, "%s\n", model.status().ToString().c_str());
