@@ -9,8 +9,6 @@
 #include <limits>
 #include <string>
 
-#include "engine/simd.h"
-
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "engine/cpu/attention.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
@@ -57,6 +55,18 @@ HWY_INLINE hn::Vec<D> LoadF32(D d, const uint16_t* p) {
   const hn::Rebind<uint16_t, D> d16;
   const hn::Rebind<uint32_t, D> d32;
   return hn::BitCast(d, hn::ShiftLeft<16>(hn::PromoteTo(d32, hn::LoadU(d16, p))));
+}
+
+// Keeps v in a register: GCC otherwise folds a loaded vector into each of its uses as a
+// memory operand, loading it once per query instead of once (the tiles turn load-bound).
+template <class V>
+HWY_INLINE V Pin(V v) {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+  asm("" : "+v"(v.raw));
+#elif HWY_ARCH_X86 && HWY_TARGET <= HWY_SSE4
+  asm("" : "+x"(v.raw));
+#endif
+  return v;
 }
 
 // ---------------------------------------------------------------------------------
@@ -133,7 +143,7 @@ HWY_INLINE void ScoreTile(D d, const float* const* q, const T* const* kp, const 
   }
   for (int32_t e = 0; e < dim; ++e) {
     V k[KV];
-    for (int r = 0; r < KV; ++r) k[r] = LoadF32(d, kp[r] + static_cast<size_t>(e) * bs);
+    for (int r = 0; r < KV; ++r) k[r] = Pin(LoadF32(d, kp[r] + static_cast<size_t>(e) * bs));
     for (int j = 0; j < QB; ++j) {
       const V b = hn::Set(d, q[j][e]);
       for (int r = 0; r < KV; ++r) acc[j][r] = hn::MulAdd(b, k[r], acc[j][r]);
@@ -218,61 +228,60 @@ float SoftmaxRow(float* sc, int32_t nk) {
 }
 
 // ---------------------------------------------------------------------------------
-// Values: kValueQueries queries x NV output vectors per tile, keys in order, one fma
-// chain per output element.
+// Values: QN queries x NV output vectors per tile, keys in order, one fma chain per
+// output element.
 
 struct ValueRows {
-  int32_t nk[kValueQueries];  // 0: padding
+  int32_t nk[kValueQueries];
   const float* p[kValueQueries];
   float inv[kValueQueries];
   float* out[kValueQueries];
-  int32_t nk_lo, nk_hi;  // every row sees [0, nk_lo); none sees past nk_hi
+  int32_t nk_lo, nk_hi;  // every query of the tile sees [0, nk_lo); none sees past nk_hi
 };
 
-template <class D, typename T, int NV, bool kCheck>
+template <class D, typename T, int QN, int NV, bool kCheck>
 HWY_INLINE void AddValue(D d, const T* vv, int32_t k, const ValueRows& r,
-                         hn::Vec<D> (&acc)[kValueQueries][NV]) {
+                         hn::Vec<D> (&acc)[QN][NV]) {
   const size_t N = hn::Lanes(d);
   hn::Vec<D> x[NV];
-  for (int v = 0; v < NV; ++v) x[v] = LoadF32(d, vv + v * N);
-  for (int j = 0; j < kValueQueries; ++j) {
+  for (int v = 0; v < NV; ++v) x[v] = Pin(LoadF32(d, vv + v * N));
+  for (int j = 0; j < QN; ++j) {
     if (kCheck && k >= r.nk[j]) continue;
     const hn::Vec<D> b = hn::Set(d, r.p[j][k]);
     for (int v = 0; v < NV; ++v) acc[j][v] = hn::MulAdd(b, x[v], acc[j][v]);
   }
 }
 
-template <class D, typename T, int NV>
+template <class D, typename T, int QN, int NV>
 HWY_NOINLINE void ValueTile(D d, const KvLayerView& kv, int32_t kvh, const int64_t* slots,
                             const ValueRows& r, int32_t d0) {
   const size_t N = hn::Lanes(d);
-  hn::Vec<D> acc[kValueQueries][NV];
-  for (int j = 0; j < kValueQueries; ++j) {
+  hn::Vec<D> acc[QN][NV];
+  for (int j = 0; j < QN; ++j) {
     for (int v = 0; v < NV; ++v) acc[j][v] = hn::Zero(d);
   }
   const T* vbase = static_cast<const T*>(kv.v) + static_cast<int64_t>(kvh) * kv.head_dim + d0;
   const int64_t row = static_cast<int64_t>(kv.kv_heads) * kv.head_dim;
   for (int32_t k = 0; k < r.nk_lo; ++k) {
-    AddValue<D, T, NV, false>(d, vbase + slots[k] * row, k, r, acc);
+    AddValue<D, T, QN, NV, false>(d, vbase + slots[k] * row, k, r, acc);
   }
   for (int32_t k = r.nk_lo; k < r.nk_hi; ++k) {
-    AddValue<D, T, NV, true>(d, vbase + slots[k] * row, k, r, acc);
+    AddValue<D, T, QN, NV, true>(d, vbase + slots[k] * row, k, r, acc);
   }
-  for (int j = 0; j < kValueQueries; ++j) {
-    if (r.nk[j] == 0) continue;
+  for (int j = 0; j < QN; ++j) {
     const hn::Vec<D> s = hn::Set(d, r.inv[j]);
     for (int v = 0; v < NV; ++v) hn::StoreU(hn::Mul(acc[j][v], s), d, r.out[j] + d0 + v * N);
   }
 }
 
-// The output vectors [d0, d0 + nv * N) of a value tile, nv <= NV.
-template <class D, typename T, int NV>
-HWY_INLINE void ValueChunk(D d, const KvLayerView& kv, int32_t kvh, const int64_t* slots,
-                           const ValueRows& r, int32_t d0, int32_t nv) {
-  if constexpr (NV > 1) {
-    if (nv < NV) return ValueChunk<D, T, NV - 1>(d, kv, kvh, slots, r, d0, nv);
+// A value tile of the first qn <= QN queries of r.
+template <class D, typename T, int NV, int QN = kValueQueries>
+HWY_INLINE void ValueTileOf(D d, const KvLayerView& kv, int32_t kvh, const int64_t* slots,
+                            const ValueRows& r, int32_t qn, int32_t d0) {
+  if constexpr (QN > 1) {
+    if (qn < QN) return ValueTileOf<D, T, NV, QN - 1>(d, kv, kvh, slots, r, qn, d0);
   }
-  ValueTile<D, T, NV>(d, kv, kvh, slots, r, d0);
+  ValueTile<D, T, QN, NV>(d, kv, kvh, slots, r, d0);
 }
 
 // Every query's output; D: vectors whose lane count divides head_dim.
@@ -281,24 +290,26 @@ void ValueAll(D d, const KvLayerView& kv, int32_t kvh, const AttnKeys& keys, int
               const int32_t* nks, const float* scores, size_t stride, const float* inv,
               float* const* outs) {
   const int32_t N = static_cast<int32_t>(hn::Lanes(d)), dim = kv.head_dim;
+  const int64_t* slots = keys.slots.data();
   for (int32_t j0 = 0; j0 < n; j0 += kValueQueries) {
+    const int32_t qn = std::min(kValueQueries, n - j0);
     ValueRows r;
     r.nk_lo = std::numeric_limits<int32_t>::max();
     r.nk_hi = 0;
-    for (int j = 0; j < kValueQueries; ++j) {
-      const int32_t i = std::min(j0 + j, n - 1);  // padding repeats the last query
-      r.nk[j] = j0 + j < n ? nks[i] : 0;
+    for (int32_t j = 0; j < qn; ++j) {
+      const int32_t i = j0 + j;
+      r.nk[j] = nks[i];
       r.inv[j] = inv[i];
       r.p[j] = scores + i * stride;
       r.out[j] = outs[i];
-      // Padding (nk 0) sends every key through the checked loop: no work for it.
-      r.nk_lo = std::min(r.nk_lo, r.nk[j]);
-      r.nk_hi = std::max(r.nk_hi, r.nk[j]);
+      r.nk_lo = std::min(r.nk_lo, nks[i]);
+      r.nk_hi = std::max(r.nk_hi, nks[i]);
     }
-    for (int32_t d0 = 0; d0 < dim; d0 += kValueVecs * N) {
-      const int32_t nv = std::min(kValueVecs, (dim - d0) / N);
-      ValueChunk<D, T, kValueVecs>(d, kv, kvh, keys.slots.data(), r, d0, nv);
+    int32_t d0 = 0;
+    for (; d0 + kValueVecs * N <= dim; d0 += kValueVecs * N) {
+      ValueTileOf<D, T, kValueVecs>(d, kv, kvh, slots, r, qn, d0);
     }
+    for (; d0 < dim; d0 += N) ValueTileOf<D, T, 1>(d, kv, kvh, slots, r, qn, d0);
   }
 }
 
@@ -326,6 +337,9 @@ void AttendT(const KvLayerView& kv, int32_t kvh, const AttnKeys& keys, int32_t n
   }
 }
 
+// The target this code was compiled for: what Attend dispatches to now.
+const char* TargetNameImpl() { return hwy::TargetName(HWY_TARGET); }
+
 void AttendImpl(const KvLayerView& kv, int32_t kvh, const AttnKeys& keys, int32_t n,
                 const float* const* qs, const int32_t* nks, float scale, float* const* outs,
                 AttnScratch* scratch) {
@@ -341,6 +355,7 @@ HWY_AFTER_NAMESPACE();
 namespace superpose::engine::cpu {
 
 HWY_EXPORT(AttendImpl);
+HWY_EXPORT(TargetNameImpl);
 
 void AttnKeys::Append(int64_t block, int32_t slot0, int32_t len, int32_t block_size) {
   for (int32_t s = 0; s < len; ++s) slots.push_back(block * block_size + slot0 + s);
@@ -369,7 +384,9 @@ void Attend(const KvLayerView& kv, int32_t kvh, const AttnKeys& keys, int32_t n,
   HWY_DYNAMIC_DISPATCH(AttendImpl)(kv, kvh, keys, n, qs, nks, scale, outs, scratch);
 }
 
-std::string AttnKernelName() { return simd::ActiveTargetName(); }
+// Asks the dispatch itself rather than hwy::SupportedTargets(): that call (Highway 1.0.3)
+// also resets the dispatch to every target the CPU has, undoing LimitTargets.
+std::string AttnKernelName() { return HWY_DYNAMIC_DISPATCH(TargetNameImpl)(); }
 
 }  // namespace superpose::engine::cpu
 #endif  // HWY_ONCE
