@@ -150,6 +150,12 @@ TEST_P(AttentionKernelTest, QueryOutputDoesNotDependOnItsCompany) {
   });
 }
 
+// The name the server logs is the code that runs: each target the test pins.
+TEST(CpuAttention, KernelNameIsTheDispatchedTarget) {
+  testing::ForEachSimdTarget(
+      [](const std::string& target) { EXPECT_EQ(engine::cpu::AttnKernelName(), target); });
+}
+
 INSTANTIATE_TEST_SUITE_P(Pools, AttentionKernelTest,
                          ::testing::Values(PoolCase{16, 64, 2}, PoolCase{16, 8, 2},
                                            PoolCase{8, 80, 3}, PoolCase{32, 128, 2},

@@ -205,23 +205,31 @@ void ScoreAll(const KvLayerView& kv, int32_t kvh, const AttnKeys& keys, int32_t 
 
 // ---------------------------------------------------------------------------------
 // Softmax of one score row in place (keys [0, nk)); returns the sum of the exponentials,
-// summed in an order fixed by nk.
+// summed in an order fixed by nk. Whole vectors first, then one masked tail vector (lanes
+// past nk are still inside the row and ignored).
 float SoftmaxRow(float* sc, int32_t nk) {
   const DK d;
   using V = hn::Vec<DK>;
   const int32_t N = static_cast<int32_t>(hn::Lanes(d));
-  // The maximum is exact in any order. Lanes past nk (still inside the row) are ignored.
+  const int32_t full = nk / N * N;
+  // The maximum is exact in any order.
   const V ninf = hn::Set(d, -std::numeric_limits<float>::infinity());
   V vmx = ninf;
-  for (int32_t k = 0; k < nk; k += N) {
-    vmx = hn::Max(vmx, hn::IfThenElse(hn::FirstN(d, nk - k), hn::LoadU(d, sc + k), ninf));
+  for (int32_t k = 0; k < full; k += N) vmx = hn::Max(vmx, hn::LoadU(d, sc + k));
+  if (full < nk) {
+    vmx = hn::Max(vmx, hn::IfThenElse(hn::FirstN(d, nk - full), hn::LoadU(d, sc + full), ninf));
   }
   const V m = hn::MaxOfLanes(d, vmx);
   V total = hn::Zero(d);
-  for (int32_t k = 0; k < nk; k += N) {
-    const V e =
-        hn::IfThenElseZero(hn::FirstN(d, nk - k), hn::Exp(d, hn::Sub(hn::LoadU(d, sc + k), m)));
+  for (int32_t k = 0; k < full; k += N) {
+    const V e = hn::Exp(d, hn::Sub(hn::LoadU(d, sc + k), m));
     hn::StoreU(e, d, sc + k);
+    total = hn::Add(total, e);
+  }
+  if (full < nk) {
+    const V e = hn::IfThenElseZero(hn::FirstN(d, nk - full),
+                                   hn::Exp(d, hn::Sub(hn::LoadU(d, sc + full), m)));
+    hn::StoreU(e, d, sc + full);
     total = hn::Add(total, e);
   }
   return hn::GetLane(hn::SumOfLanes(d, total));
