@@ -86,8 +86,8 @@ struct KeyCursor {
   int32_t run = 0, vec = 0;  // next vector: vector `vec` of run `run`
 };
 
-// Copies the `have` keys (< N) at kb into sp with the pool's strides: a full-vector load
-// there can read past the pool's end.
+// Copies the `have` (< N) keys at kb to sp, same strides: a full-vector load at kb could
+// read past the end of the pool.
 template <typename T>
 void Spill(const T* kb, int32_t have, int32_t dim, int32_t bs, T* sp) {
   for (int32_t e = 0; e < dim; ++e) {

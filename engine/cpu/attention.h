@@ -63,7 +63,7 @@ void Attend(const KvLayerView& kv, int32_t kvh, const AttnKeys& keys, int32_t n,
             AttnScratch* scratch);
 
 // The SIMD target Attend runs on now (Highway's name: "AVX3", "AVX2", "SSE4", "NEON",
-// "EMU128"); engine::simd::LimitTargets caps it.
+// "EMU128" or "SCALAR"); engine::simd::LimitTargets caps it.
 std::string AttnKernelName();
 
 // Index of element d of the key at (block, slot), kv head kvh, in a layer's K array.
