@@ -2,12 +2,23 @@
 // decode steps at long contexts, alone and 16 sequences at once, on a generated model.
 // The "ctx 0" decode row is the weight-bound baseline measured in the same run; the
 // difference to it is the attention's cost.
+// First, the attention kernel alone (engine/cpu/attention.h, one thread, best of 10
+// thread-CPU-time samples) on the model's shapes: one layer of a decode token at each
+// context, and one layer of a prefill chunk cut into work items the way the backend cuts
+// it, float32 and bfloat16 KV.
 //
 //   build/bench/attention_bench [--model=llama-110m] [--cpu_dtype=auto] [--kv_cache_dtype=auto]
 //       [--prefill=128,512,2048] [--contexts=512,2048,4096] [--batch=16] [--steps=8]
+//       [--kernel_contexts=128,512,2048] [--kernel_prefill=512] [--model_rows=true]
+//       [--simd=auto|avx3|avx2|sse4|...]  (cap the SIMD target, engine/simd.h)
 #include <omp.h>
 
+#include <time.h>
+
+#include <cmath>
 #include <cstdio>
+#include <fstream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -17,8 +28,11 @@
 #include "absl/strings/str_split.h"
 #include "bench/bench_models.h"
 #include "bench/bench_util.h"
+#include "engine/cpu/attention.h"
 #include "engine/cpu/blas_setup.h"
 #include "engine/cpu/cpu_backend.h"
+#include "engine/model/weights.h"
+#include "engine/simd.h"
 
 ABSL_FLAG(std::string, model, "llama-110m", "llama-110m | llama-350m (generated, random bf16)");
 ABSL_FLAG(std::string, workdir, "/tmp/superpose-bench", "Where generated models are kept");
@@ -28,6 +42,10 @@ ABSL_FLAG(std::string, prefill, "128,512,2048", "Prompt lengths prefilled as one
 ABSL_FLAG(std::string, contexts, "512,2048,4096", "Context lengths for the decode rows");
 ABSL_FLAG(int32_t, batch, 16, "Sequences of the batched decode rows");
 ABSL_FLAG(int32_t, steps, 8, "Timed decode steps per row");
+ABSL_FLAG(std::string, kernel_contexts, "128,512,2048", "Contexts of the kernel decode rows");
+ABSL_FLAG(std::string, kernel_prefill, "512", "Chunk lengths of the kernel prefill rows");
+ABSL_FLAG(bool, model_rows, true, "Also time prefill and decode of the whole model");
+ABSL_FLAG(std::string, simd, "auto", "Highest SIMD target to run: auto or one this CPU has");
 
 namespace {
 
@@ -97,16 +115,157 @@ absl::Status DecodeStep(engine::Backend& b, const Layout& lay, int32_t n, int32_
   return b.Forward(p, &out);
 }
 
+// This thread's CPU time: the kernel rows run on one thread, and CPU time does not count
+// the time other processes take the core from it.
+double ThreadCpuS() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + ts.tv_nsec * 1e-9;
+}
+
+// The CPU's model name (/proc/cpuinfo), or "unknown CPU".
+std::string CpuModel() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("model name", 0) == 0 && line.find(':') != std::string::npos) {
+      return line.substr(line.find(':') + 2);
+    }
+  }
+  return "unknown CPU";
+}
+
+// One layer's KV pool for the kernel rows: one sequence in blocks 0, 1, ...
+struct KernelPool {
+  int32_t kvn, D, group;
+  bool bf16;
+  std::vector<float> k, v;
+  std::vector<uint16_t> k16, v16;
+  engine::cpu::AttnKeys keys;
+
+  KernelPool(int32_t keys_len, int32_t kv_heads, int32_t head_dim, int32_t grp, bool b16)
+      : kvn(kv_heads), D(head_dim), group(grp), bf16(b16) {
+    const size_t n = static_cast<size_t>((keys_len + kBs - 1) / kBs) * kBs * kvn * D;
+    std::mt19937 rng(7);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    k.resize(n);
+    v.resize(n);
+    for (float& x : k) x = nd(rng);
+    for (float& x : v) x = nd(rng);
+    for (float x : k) k16.push_back(engine::F32ToBf16(x));
+    for (float x : v) v16.push_back(engine::F32ToBf16(x));
+    for (int32_t p = 0; p < keys_len; p += kBs)
+      keys.Append(p / kBs, 0, std::min(kBs, keys_len - p), kBs);
+  }
+  engine::cpu::KvLayerView View() const {
+    if (bf16) return {k16.data(), v16.data(), kvn, D, kBs, true};
+    return {k.data(), v.data(), kvn, D, kBs, false};
+  }
+};
+
+// One layer of attention for `rows` new tokens after `ctx` cached ones: per kv head,
+// work items of up to 32 / group rows x group heads (as CpuBackend::BuildKeyIndex cuts
+// them). Returns the best seconds per layer.
+double TimeKernelLayer(const KernelPool& pool, int32_t ctx, int32_t rows) {
+  const int32_t D = pool.D, g = pool.group, tile = std::max(1, 32 / g);
+  std::vector<float> q(static_cast<size_t>(rows) * g * D), out(q.size());
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (float& x : q) x = nd(rng);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  engine::cpu::AttnScratch scratch;
+  std::vector<const float*> qs;
+  std::vector<float*> os;
+  std::vector<int32_t> nks;
+  auto layer = [&] {
+    for (int32_t kvh = 0; kvh < pool.kvn; ++kvh) {
+      for (int32_t r0 = 0; r0 < rows; r0 += tile) {
+        qs.clear();
+        os.clear();
+        nks.clear();
+        for (int32_t r = r0; r < std::min(rows, r0 + tile); ++r) {
+          for (int32_t h = 0; h < g; ++h) {
+            qs.push_back(&q[(static_cast<size_t>(r) * g + h) * D]);
+            os.push_back(&out[(static_cast<size_t>(r) * g + h) * D]);
+            nks.push_back(ctx + r + 1);
+          }
+        }
+        engine::cpu::Attend(pool.View(), kvh, pool.keys, static_cast<int32_t>(qs.size()), qs.data(),
+                            nks.data(), scale, os.data(), &scratch);
+      }
+    }
+  };
+  layer();  // warm-up
+  double best = 1e30;
+  for (int rep = 0; rep < 10; ++rep) {
+    int32_t iters = 0;
+    const double t0 = ThreadCpuS();
+    double t = 0;
+    do {
+      layer();
+      ++iters;
+      t = ThreadCpuS() - t0;
+    } while (t < 0.02);
+    best = std::min(best, t / iters);
+  }
+  return best;
+}
+
+// Multiply-adds of one layer's attention (q.k and p.v), as flops.
+double LayerFlops(const KernelPool& pool, int32_t ctx, int32_t rows) {
+  double keys = 0;
+  for (int32_t r = 0; r < rows; ++r) keys += ctx + r + 1;
+  return keys * pool.kvn * pool.group * pool.D * 4.0;
+}
+
+void KernelRows(const engine::ModelConfig& cfg) {
+  const std::vector<int32_t> contexts = Ints(absl::GetFlag(FLAGS_kernel_contexts));
+  const std::vector<int32_t> chunks = Ints(absl::GetFlag(FLAGS_kernel_prefill));
+  int32_t longest = 1;
+  for (int32_t c : contexts) longest = std::max(longest, c + 1);
+  for (int32_t c : chunks) longest = std::max(longest, c);
+  const int32_t group = cfg.num_heads / cfg.num_kv_heads;
+  std::printf(
+      "attention kernel alone, one thread (CPU time), one layer (%d kv heads x %d queries, D "
+      "%d)\n\n",
+      cfg.num_kv_heads, group, cfg.head_dim);
+  std::printf("| KV | shape | us / layer | GFLOP/s |\n|---|---|---:|---:|\n");
+  for (bool bf16 : {false, true}) {
+    const KernelPool pool(longest, cfg.num_kv_heads, cfg.head_dim, group, bf16);
+    const char* kv = bf16 ? "bf16" : "f32";
+    for (int32_t c : contexts) {
+      const double t = TimeKernelLayer(pool, c, 1);
+      std::printf("| %s | decode, context %d | %.1f | %.1f |\n", kv, c, t * 1e6,
+                  LayerFlops(pool, c, 1) / t * 1e-9);
+    }
+    for (int32_t n : chunks) {
+      const double t = TimeKernelLayer(pool, 0, n);
+      std::printf("| %s | prefill chunk %d | %.1f | %.1f |\n", kv, n, t * 1e6,
+                  LayerFlops(pool, 0, n) / t * 1e-9);
+    }
+  }
+  std::printf("\n");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   engine::cpu::EnsureBlasCoreType(argv);
   absl::ParseCommandLine(argc, argv);
+  if (absl::Status st = engine::simd::LimitTargets(absl::GetFlag(FLAGS_simd)); !st.ok()) {
+    std::fprintf(stderr, "--simd: %s\n", st.ToString().c_str());
+    return 1;
+  }
+  // The target the kernels dispatch to (not simd::ActiveTargetName(): in Highway 1.0.3
+  // asking for the supported targets resets the dispatch to all of them).
+  std::printf("SIMD target %s on %s\n", engine::cpu::AttnKernelName().c_str(), CpuModel().c_str());
   auto model = bench::GeneratedModel(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_workdir));
   if (!model.ok()) {
     std::fprintf(stderr, "%s\n", model.status().ToString().c_str());
     return 1;
   }
+  KernelRows(model->config);
+  if (!absl::GetFlag(FLAGS_model_rows)) return 0;
   const std::vector<int32_t> prefills = Ints(absl::GetFlag(FLAGS_prefill));
   const std::vector<int32_t> contexts = Ints(absl::GetFlag(FLAGS_contexts));
   const int32_t batch = std::max(1, absl::GetFlag(FLAGS_batch));

@@ -194,9 +194,8 @@ int Run() {
       "backend={} compute_dtype={} blas_core={} bf16_kernel={} attention_kernel={} tp={} "
       "kv_dtype={} kv_blocks={} block_size={} kv_mib={:.1f}",
       (*backend)->name(), (*backend)->compute_dtype(), engine::cpu::BlasCoreName(),
-      engine::cpu::Bf16GemmKernelName(), engine::cpu::AttnKernelName(engine::cpu::BestAttnKernel()),
-      bopts.tensor_parallel, kv.dtype, kv.num_blocks, kv.block_size,
-      kv.num_blocks * kv.bytes_per_block / 1048576.0);
+      engine::cpu::Bf16GemmKernelName(), engine::cpu::AttnKernelName(), bopts.tensor_parallel,
+      kv.dtype, kv.num_blocks, kv.block_size, kv.num_blocks * kv.bytes_per_block / 1048576.0);
 
   engine::EngineOptions eopts;
   eopts.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);

@@ -1,12 +1,13 @@
 // The CPU backend's attention (engine/cpu/attention.h).
-// Kernel: every kernel against a double-precision reference over a paged pool with
-// partial blocks; a query's output is bitwise the same whatever other queries share the
-// call (decode alone, in a batch, or as a row of a prefill chunk).
-// Backend: a 150-token prompt run as one chunk after a cached prefix, and token by
-// token, give bitwise-equal logits with bf16 weights (every GEMM is batch-invariant
-// there) and logits within 1e-4 of the row's largest |logit| with float32 weights
-// (OpenBLAS sgemm for chunks over 64 rows). On stories260k (head_dim 8) and on a random
-// Llama-shaped model with head_dim 64 and GQA.
+// Kernel, on every SIMD target the CPU has (tests/simd_targets.h): against a
+// double-precision reference over a paged pool with partial blocks; a query's output is
+// bitwise the same whatever other queries share the call (decode alone, in a batch, or as
+// a row of a prefill chunk).
+// Backend, on every SIMD target too: a 150-token prompt run as one chunk after a cached
+// prefix, and token by token, give bitwise-equal logits with bf16 weights (every GEMM is
+// batch-invariant there) and logits within 1e-4 of the row's largest |logit| with float32
+// weights (OpenBLAS sgemm for chunks over 64 rows). On stories260k (head_dim 8) and on a
+// random Llama-shaped model with head_dim 64 and GQA.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -18,12 +19,12 @@
 #include "engine/cpu/small_gemm.h"
 #include "engine/model/builtin.h"
 #include "engine/runtime/model_bundle.h"
+#include "tests/simd_targets.h"
 #include "tests/test_util.h"
 
 namespace superpose {
 namespace {
 
-using engine::cpu::AttnKernel;
 using engine::cpu::AttnKeys;
 using engine::cpu::AttnScratch;
 using engine::cpu::KeyElement;
@@ -76,20 +77,15 @@ class AttentionKernelTest : public ::testing::TestWithParam<PoolCase> {
     return {k_.data(), v_.data(), kvn_, D_, bs_, false};
   }
   // outs for queries [first, first + n) computed in one call.
-  void Run(AttnKernel kernel, int32_t kvh, int32_t first, int32_t n, std::vector<float>* out) {
+  void Run(int32_t kvh, int32_t first, int32_t n, std::vector<float>* out) {
     std::vector<const float*> qs;
     std::vector<float*> os;
     for (int32_t i = first; i < first + n; ++i) {
       qs.push_back(&q_[static_cast<size_t>(i) * D_]);
       os.push_back(&(*out)[static_cast<size_t>(i) * D_]);
     }
-    engine::cpu::AttendWith(kernel, View(), kvh, keys_, n, qs.data(), nks_.data() + first,
-                            1.0f / std::sqrt(static_cast<float>(D_)), os.data(), &scratch_);
-  }
-  std::vector<AttnKernel> Kernels() const {
-    std::vector<AttnKernel> ks = {AttnKernel::kPortable};
-    if (engine::cpu::CpuHasAvx512()) ks.push_back(AttnKernel::kAvx512);
-    return ks;
+    engine::cpu::Attend(View(), kvh, keys_, n, qs.data(), nks_.data() + first,
+                        1.0f / std::sqrt(static_cast<float>(D_)), os.data(), &scratch_);
   }
 
   static constexpr int32_t kBlocks = 16;
@@ -103,10 +99,10 @@ class AttentionKernelTest : public ::testing::TestWithParam<PoolCase> {
 
 TEST_P(AttentionKernelTest, MatchesDoubleReference) {
   const int32_t n = static_cast<int32_t>(nks_.size());
-  for (AttnKernel kernel : Kernels()) {
+  testing::ForEachSimdTarget([&](const std::string& target) {
     for (int32_t kvh = 0; kvh < kvn_; ++kvh) {
       std::vector<float> out(static_cast<size_t>(n) * D_, -7.0f);
-      Run(kernel, kvh, 0, n, &out);
+      Run(kvh, 0, n, &out);
       for (int32_t i = 0; i < n; ++i) {
         const float* q = &q_[static_cast<size_t>(i) * D_];
         std::vector<double> s(nks_[i]);
@@ -130,28 +126,34 @@ TEST_P(AttentionKernelTest, MatchesDoubleReference) {
             want += s[k] / sum * v_[(keys_.slots[k] * kvn_ + kvh) * D_ + d];
           }
           EXPECT_NEAR(out[static_cast<size_t>(i) * D_ + d], want, 1e-4)
-              << AttnKernelName(kernel) << " query " << i << " d " << d;
+              << target << " query " << i << " d " << d;
         }
       }
     }
-  }
+  });
 }
 
 TEST_P(AttentionKernelTest, QueryOutputDoesNotDependOnItsCompany) {
   const int32_t n = static_cast<int32_t>(nks_.size());
-  for (AttnKernel kernel : Kernels()) {
+  testing::ForEachSimdTarget([&](const std::string& target) {
     std::vector<float> together(static_cast<size_t>(n) * D_), alone(together.size()),
         split(together.size());
-    Run(kernel, 1, 0, n, &together);
-    for (int32_t i = 0; i < n; ++i) Run(kernel, 1, i, 1, &alone);
+    Run(1, 0, n, &together);
+    for (int32_t i = 0; i < n; ++i) Run(1, i, 1, &alone);
     for (int32_t first = 0, step = 3; first < n; first += step, step = step % 5 + 2) {
-      Run(kernel, 1, first, std::min(step, n - first), &split);
+      Run(1, first, std::min(step, n - first), &split);
     }
     EXPECT_EQ(0, std::memcmp(together.data(), alone.data(), together.size() * sizeof(float)))
-        << AttnKernelName(kernel);
+        << target;
     EXPECT_EQ(0, std::memcmp(together.data(), split.data(), together.size() * sizeof(float)))
-        << AttnKernelName(kernel);
-  }
+        << target;
+  });
+}
+
+// The name the server logs is the code that runs: each target the test pins.
+TEST(CpuAttention, KernelNameIsTheDispatchedTarget) {
+  testing::ForEachSimdTarget(
+      [](const std::string& target) { EXPECT_EQ(engine::cpu::AttnKernelName(), target); });
 }
 
 INSTANTIATE_TEST_SUITE_P(Pools, AttentionKernelTest,
@@ -250,8 +252,10 @@ TEST(CpuAttention, PrefillChunkMatchesTokenByToken) {
       "played together all day long until the sun went down and it was time to go home.",
       true);
   ASSERT_GT(prompt.size(), 120u);
-  ExpectChunkMatchesTokenByToken(&*model, prompt);
-  ExpectChunkMatchesTokenByToken(&*model, prompt, "bfloat16");
+  testing::ForEachSimdTarget([&](const std::string&) {
+    ExpectChunkMatchesTokenByToken(&*model, prompt);
+    ExpectChunkMatchesTokenByToken(&*model, prompt, "bfloat16");
+  });
 }
 
 TEST(CpuAttention, PrefillChunkMatchesTokenByTokenAtHeadDim64) {
@@ -268,8 +272,10 @@ TEST(CpuAttention, PrefillChunkMatchesTokenByTokenAtHeadDim64) {
     h = h * 1103515245u + 12345u;
     prompt.push_back(static_cast<int32_t>((h >> 16) % 256));
   }
-  ExpectChunkMatchesTokenByToken(&*model, prompt);
-  ExpectChunkMatchesTokenByToken(&*model, prompt, "bfloat16");
+  testing::ForEachSimdTarget([&](const std::string&) {
+    ExpectChunkMatchesTokenByToken(&*model, prompt);
+    ExpectChunkMatchesTokenByToken(&*model, prompt, "bfloat16");
+  });
 }
 
 }  // namespace

@@ -8,9 +8,13 @@
 // so a token's attention output is bitwise the same whether it is decoded alone, in a
 // batch, or recomputed in a prefill chunk of any length (after preemption or a partial
 // prefix-cache hit): batched == solo holds exactly, whatever the weights' dtype.
+// Written once with Google Highway: Attend runs on the best SIMD target of the CPU
+// (engine/simd.h), N = 4, 8 or 16 lanes (a run of 16 keys is 16 / N vectors); results are
+// fixed per target and differ between targets by rounding only.
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace superpose::engine::cpu {
@@ -49,6 +53,7 @@ struct KvLayerView {
 struct AttnScratch {
   std::vector<float> scores;
   std::vector<float> inv;
+  std::vector<float> spill;  // copies of partial runs' keys
 };
 
 // Attention of n queries that share kv head `kvh` of one sequence: query i sees keys
@@ -57,13 +62,9 @@ void Attend(const KvLayerView& kv, int32_t kvh, const AttnKeys& keys, int32_t n,
             const float* const* qs, const int32_t* nks, float scale, float* const* outs,
             AttnScratch* scratch);
 
-enum class AttnKernel { kAvx512, kPortable };
-// The kernel Attend uses on this CPU (AVX-512 when CpuHasAvx512()).
-AttnKernel BestAttnKernel();
-const char* AttnKernelName(AttnKernel k);
-void AttendWith(AttnKernel kernel, const KvLayerView& kv, int32_t kvh, const AttnKeys& keys,
-                int32_t n, const float* const* qs, const int32_t* nks, float scale,
-                float* const* outs, AttnScratch* scratch);
+// The SIMD target Attend runs on now (Highway's name: "AVX3", "AVX2", "SSE4", "NEON",
+// "EMU128" or "SCALAR"); engine::simd::LimitTargets caps it.
+std::string AttnKernelName();
 
 // Index of element d of the key at (block, slot), kv head kvh, in a layer's K array.
 inline int64_t KeyElement(int64_t block, int32_t slot, int32_t kvh, int32_t d, int32_t kv_heads,

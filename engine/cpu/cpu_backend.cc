@@ -1,6 +1,5 @@
 #include "engine/cpu/cpu_backend.h"
 
-#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -9,55 +8,13 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "engine/cpu/elementwise.h"
 #include "engine/cpu/small_gemm.h"
 #include "engine/cpu/thread_communicator.h"
-#include "engine/cpu/vector_exp.h"
 #include "engine/tensor_parallel.h"
 #include "engine/util/status.h"
 
 namespace superpose::engine::cpu {
-namespace {
-
-void RmsNorm(const float* x, const float* w, int32_t n, float eps, float* y) {
-  double ss = 0.0;
-  for (int32_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
-  const float inv = 1.0f / std::sqrt(static_cast<float>(ss / n) + eps);
-  for (int32_t i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
-}
-
-// rotate_half RoPE on one head vector of `dim` floats.
-void Rope(float* x, const float* cos, const float* sin, int32_t dim) {
-  const int32_t half = dim / 2;
-  for (int32_t i = 0; i < half; ++i) {
-    const float a = x[i], b = x[i + half];
-    x[i] = a * cos[i] - b * sin[i];
-    x[i + half] = b * cos[i] + a * sin[i];
-  }
-}
-
-// SwiGLU: a = silu(g) * u over n values.
-__attribute__((target("avx512f"))) void SwiGluAvx512(const float* g, const float* u, int32_t n,
-                                                     float* a) {
-  const __m512 one = _mm512_set1_ps(1.0f);
-  int32_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 gv = _mm512_loadu_ps(g + i);
-    const __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-    _mm512_storeu_ps(
-        a + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
-  }
-  for (; i < n; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-}
-
-void SwiGlu(const float* g, const float* u, int32_t n, float* a) {
-  if (CpuHasAvx512()) {
-    SwiGluAvx512(g, u, n, a);
-    return;
-  }
-  for (int32_t i = 0; i < n; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-}
-
-}  // namespace
 
 CpuBackend::CpuBackend(const BackendOptions& options, const CpuOptions& cpu, Communicator* comm)
     : options_(options), cpu_(cpu), comm_(comm) {}
