@@ -66,18 +66,6 @@ std::vector<Setting> Settings() {
   return s;
 }
 
-// The CPU's name as /proc/cpuinfo gives it ("model name" on x86, absent on most Arm).
-std::string CpuModel() {
-  std::ifstream in("/proc/cpuinfo");
-  for (std::string line; std::getline(in, line);) {
-    const size_t colon = line.find(':');
-    if (line.rfind("model name", 0) == 0 && colon != std::string::npos) {
-      return std::string(absl::StripAsciiWhitespace(line.substr(colon + 1)));
-    }
-  }
-  return "unknown";
-}
-
 void Run(int vocab, int reps, bool flat) {
   std::mt19937 rng(1);
   std::normal_distribution<float> body(0.0f, flat ? 0.3f : 2.0f);
