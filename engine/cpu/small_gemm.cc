@@ -154,10 +154,12 @@ HWY_INLINE void TailStep(const float* x, const float* w, int32_t ld, int32_t rem
   // A masked load may still touch the bytes past the row: copy the tail first.
   HWY_ALIGN float xt[R][kLogicalLanes] = {};
   HWY_ALIGN float wt[C][kLogicalLanes] = {};
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r) {
     std::memcpy(xt[r], x + static_cast<size_t>(r) * ld, sizeof(float) * rem);
-  for (int c = 0; c < C; ++c)
+  }
+  for (int c = 0; c < C; ++c) {
     std::memcpy(wt[c], w + static_cast<size_t>(c) * ld, sizeof(float) * rem);
+  }
   Step<R, C>(&xt[0][0], &wt[0][0], kLogicalLanes, acc,
              [&](const float* p, int q) { return hn::Load(d, p + q * kLanes); });
 #else
