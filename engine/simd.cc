@@ -1,6 +1,7 @@
 #include "engine/simd.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 
 #include "absl/strings/str_cat.h"
@@ -12,6 +13,12 @@ namespace superpose::engine::simd {
 namespace {
 
 int64_t CompiledTargets() { return HWY_TARGETS; }
+
+// The targets LimitTargets allows (0: no cap). Set as Highway's test mask, not with
+// hwy::DisableTargets: Highway 1.0.3's SupportedTargets() re-detects the CPU and re-picks
+// the dispatch target without DisableTargets' mask, so any query (ActiveTargetName) would
+// silently lift such a cap, whereas every query honours the test mask.
+std::atomic<int64_t> g_cap{0};
 
 // Lowest bit = best target (Highway numbers better targets lower).
 int64_t BestOf(int64_t mask) { return mask & -mask; }
@@ -52,22 +59,30 @@ bool ActiveIsAvx512() {
 
 absl::Status LimitTargets(const std::string& name) {
   const std::string want = Lower(name);
+  const int64_t previous = g_cap.exchange(0);
+  hwy::SetSupportedTargetsForTest(0);  // choose among all targets, not the capped ones
   if (want == "auto" || want.empty()) return absl::OkStatus();
   std::vector<std::string> names;
-  for (int64_t t : AvailableTargets()) {
+  const std::vector<int64_t> available = AvailableTargets();
+  for (int64_t t : available) {
     if (Lower(TargetName(t)) == want) {
-      // Disable every better target (lower bits).
-      hwy::DisableTargets(t - 1);
+      // This target and every worse one (higher bits).
+      int64_t cap = 0;
+      for (int64_t u : available) cap |= u >= t ? u : 0;
+      g_cap = cap;
+      hwy::SetSupportedTargetsForTest(cap);
       return absl::OkStatus();
     }
     names.push_back(Lower(TargetName(t)));
   }
+  g_cap = previous;
+  hwy::SetSupportedTargetsForTest(previous);
   return absl::InvalidArgumentError(absl::StrCat("unknown or unsupported SIMD target '", name,
                                                  "' (this CPU: auto, ", absl::StrJoin(names, ", "),
                                                  ")"));
 }
 
 ScopedTarget::ScopedTarget(int64_t target) { hwy::SetSupportedTargetsForTest(target); }
-ScopedTarget::~ScopedTarget() { hwy::SetSupportedTargetsForTest(0); }
+ScopedTarget::~ScopedTarget() { hwy::SetSupportedTargetsForTest(g_cap); }
 
 }  // namespace superpose::engine::simd

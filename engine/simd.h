@@ -22,13 +22,13 @@ std::string TargetName(int64_t target);
 // AVX-512 special cases (AVX512-BF16, AMX) run only then.
 bool ActiveIsAvx512();
 
-// Caps the targets for the whole process at `name` ("auto" = no cap; otherwise one of
-// AvailableTargets()' names, case-insensitive). Error naming the choices when unknown or
-// not supported by this CPU.
+// Caps the targets for the whole process at `name` ("auto" = no cap, lifting an earlier
+// one; otherwise one of the uncapped AvailableTargets()' names, case-insensitive). Error
+// naming the choices when unknown or not supported by this CPU (the cap is then unchanged).
 absl::Status LimitTargets(const std::string& name);
 
-// Restricts dispatch to `target` while it lives (tests). Not thread-safe against
-// kernels running at the same time.
+// Restricts dispatch to `target` while it lives (tests), then back to LimitTargets' cap. Not
+// thread-safe against kernels running at the same time.
 class ScopedTarget {
  public:
   explicit ScopedTarget(int64_t target);

@@ -1,147 +1,197 @@
-#include "engine/cpu/small_gemm.h"
+// SmallBatchGemm, written once with Google Highway: this file is compiled once per SIMD
+// target (foreach_target.h re-includes it) and the best one the CPU supports runs.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "engine/cpu/small_gemm.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+// foreach_target.h first: it re-includes this file per target.
+#include "hwy/highway.h"
 
-// GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own undefined vectors.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
+#ifndef SUPERPOSE_ENGINE_CPU_SMALL_GEMM_SHARED_
+#define SUPERPOSE_ENGINE_CPU_SMALL_GEMM_SHARED_
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <new>
+#include <utility>
+
+#include "engine/cpu/small_gemm.h"
 
 namespace superpose::engine::cpu {
 namespace {
 
-// Register tile of the AVX-512 kernel: kR activation rows x kC weight rows, one zmm
-// accumulator each (24 of the 32 registers; the other 8 hold weight and input vectors).
-constexpr int kR = 4;
-constexpr int kC = 6;
+// Every dot product is 16 lane-wise partial sums ("logical lanes", lane l takes the
+// products k = l mod 16) reduced by one fixed tree, on every target: a target with
+// narrower vectors holds a sum in 16 / lanes registers. So the order of the float
+// operations is the same on every target, and the targets with fused multiply-add
+// (AVX3, AVX2, NEON) give bitwise the same results.
+constexpr int kLogicalLanes = 16;
 
-// Run on threads only when the call has enough work to pay for waking them.
-constexpr int64_t kParallelMinWork = 16384;
+// The widest register tile (weight rows) of any target.
+constexpr int kMaxTileCols = 6;
 
-// ---- Portable kernel ----
+// All `rows` activation rows against `cols` weight rows at w; rows of x and w are `ld`
+// floats apart, outputs `ldy` apart. While it runs it prefetches next_rows weight rows
+// at `next` (the next tile) into L2.
+using ColumnFn = void (*)(const float* x, int32_t rows, int32_t in, int32_t ld, const float* w,
+                          float* y, int32_t ldy, const float* next, int32_t next_rows);
 
-// Dot products of one weight row with R input rows. The summation order is spelled out
-// (16 lane-wise partial sums, then a fixed tree) so that a row's result is the same
-// whatever R it is computed with.
-template <int R>
-inline void DotRows(const float* wr, const float* const* xs, int32_t in, float* out) {
-  constexpr int kLanes = 16;
-  float lanes[R][kLanes] = {};
-  int32_t k = 0;
-  for (; k + kLanes <= in; k += kLanes) {
+// One target's kernel: its register tile (tile_rows activation rows x tile_cols weight
+// rows) and the column function for each count of weight rows (1..tile_cols).
+struct Kernel {
+  const char* target;
+  int32_t tile_rows;
+  int32_t tile_cols;
+  ColumnFn columns[kMaxTileCols + 1];
+};
+
+}  // namespace
+}  // namespace superpose::engine::cpu
+
+#endif  // SUPERPOSE_ENGINE_CPU_SMALL_GEMM_SHARED_
+
+HWY_BEFORE_NAMESPACE();
+namespace superpose::engine::cpu {
+namespace {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+using D = hn::ScalableTag<float>;
+using V = hn::Vec<D>;
+constexpr int kLanes = static_cast<int>(hn::MaxLanes(D()));
+static_assert(kLanes <= kLogicalLanes && kLogicalLanes % kLanes == 0);
+// Registers per 16-lane partial sum.
+constexpr int kParts = kLogicalLanes / kLanes;
+
+// Register tile: kParts * kR * kC accumulators + kC weight vectors + 1 input vector must
+// fit the register file (32 vectors on AVX-512 and NEON, 16 on AVX2 and SSE4), or the
+// accumulators spill. The tile decides which outputs are computed together, never how.
+// Shapes measured on a Xeon (thread CPU time, 768 -> 2048, 512 rows): AVX2 2x3 ~59
+// GFLOP/s vs 3x2 ~45, 2x2 ~52, 1x4 ~50; SSE4 1x3 ~28 vs 3x1 25, 1x2 25, 2x1 24.
+#if (HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3)
+constexpr int kR = 4, kC = 6;  // 24 + 6 + 1 of 32
+#elif HWY_ARCH_ARM_A64 && HWY_TARGET == HWY_NEON
+constexpr int kR = 2, kC = 3;  // 4 parts: 24 + 3 + 1 of 32
+#elif HWY_TARGET == HWY_AVX2
+constexpr int kR = 2, kC = 3;  // 2 parts: 12 + 3 + 1 of 16 (one operand from memory)
+#else
+constexpr int kR = 1, kC = 3;  // 4 parts: 12 + 3 + 1 of 16 (SSE4; the fallback spills)
+#endif
+static_assert(kC <= kMaxTileCols);
+
+// Prefetches `per_step` cache lines per step of 16 into L2, from `p` up to `end`.
+struct Prefetcher {
+  uintptr_t p, end;
+  int per_step;
+
+  HWY_INLINE void Step() {
+    for (int i = 0; i < per_step; ++i) {
+      if (p < end) __builtin_prefetch(reinterpret_cast<const void*>(p), 0, 2);
+      p += 64;
+    }
+  }
+};
+
+// One step of 16 logical lanes: acc[r][c] += x[r] * w[c] lane-wise, fused where the
+// target has FMA. load(p, part) reads part `part` of the 16 floats at p.
+template <int R, int C, class Load>
+HWY_INLINE void Step(const float* x, const float* w, int32_t ld, V (&acc)[R][C][kParts],
+                     const Load& load) {
+#pragma GCC unroll 16
+  for (int q = 0; q < kParts; ++q) {
+    V wv[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) wv[c] = load(w + static_cast<size_t>(c) * ld, q);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const float* xr = xs[r] + k;
-#pragma omp simd
-      for (int l = 0; l < kLanes; ++l) lanes[r][l] += wr[k + l] * xr[l];
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int32_t kk = k; kk < in; ++kk) lanes[r][kk - k] += wr[kk] * xs[r][kk];
-    for (int width = kLanes / 2; width > 0; width /= 2) {
-      for (int l = 0; l < width; ++l) lanes[r][l] += lanes[r][l + width];
-    }
-    out[r] = lanes[r][0];
-  }
-}
-
-// Rows per block of the portable kernel: a block's activations stay in cache while
-// every weight row passes them.
-constexpr int32_t kPortableRowBlock = 64;
-
-__attribute__((target_clones("avx2", "default"))) void PortableGemm(const float* x, int32_t rows,
-                                                                    int32_t in, const float* w,
-                                                                    int32_t out, float* y) {
-  const bool parallel = static_cast<int64_t>(out) * in > kParallelMinWork;
-  for (int32_t t0 = 0; t0 < rows; t0 += kPortableRowBlock) {
-    const int32_t t1 = std::min(rows, t0 + kPortableRowBlock);
-#pragma omp parallel for schedule(static) if (parallel)
-    for (int32_t o = 0; o < out; ++o) {
-      const float* wr = w + static_cast<size_t>(o) * in;
-      float acc[4];
-      int32_t t = t0;
-      for (; t + 4 <= t1; t += 4) {
-        const float* xs[4];
-        for (int j = 0; j < 4; ++j) xs[j] = x + static_cast<size_t>(t + j) * in;
-        DotRows<4>(wr, xs, in, acc);
-        for (int j = 0; j < 4; ++j) y[static_cast<size_t>(t + j) * out + o] = acc[j];
-      }
-      for (; t < t1; ++t) {
-        const float* xs[1] = {x + static_cast<size_t>(t) * in};
-        DotRows<1>(wr, xs, in, acc);
-        y[static_cast<size_t>(t) * out + o] = acc[0];
-      }
+      const V xv = load(x + static_cast<size_t>(r) * ld, q);
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) acc[r][c][q] = hn::MulAdd(xv, wv[c], acc[r][c][q]);
     }
   }
 }
 
-// ---- AVX-512 kernel ----
-
-#define SP_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma")))
-
-// Sum of the 16 lanes by a fixed tree: lane i + lane i+8, then i + i+4, i + i+2, i + i+1.
-SP_AVX512 inline float Reduce16(__m512 v) {
-  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
-  return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
+// The rest of one vector's lanes by the fixed tree: halves while wider than 4 lanes (lane
+// i + lane i+4 of 8), then lane i + lane i+2, then i + i+1.
+template <class DV>
+HWY_INLINE float ReduceVector([[maybe_unused]] DV d, hn::Vec<DV> v) {
+#if HWY_TARGET == HWY_SCALAR
+  return hn::GetLane(v);  // one lane: the parts did the whole tree
+#else
+  if constexpr (hn::MaxLanes(DV()) > 4) {
+    const hn::Half<DV> dh;
+    return ReduceVector(dh, hn::Add(hn::LowerHalf(dh, v), hn::UpperHalf(dh, v)));
+  } else {
+    static_assert(hn::MaxLanes(DV()) == 4);
+    const hn::Vec<DV> a = hn::Add(v, hn::ConcatUpperUpper(d, v, v));
+    return hn::GetLane(hn::Add(a, hn::Shuffle2301(a)));
+  }
+#endif
 }
 
-// y[r * ldy + c] = dot(x[r * in ...], w[c * in ...]) for r < R, c < C. Every output is
-// the same computation whatever R and C are: lane l accumulates the products k = l mod 16
-// in increasing k with fused multiply-adds (the tail of `in` is masked, zero-filled),
-// then Reduce16.
-//
-// Rows of x and w are `ld` floats apart (ld >= in): the stride changes no result.
-//
-// While it runs it prefetches `pf_per_iter` cache lines per step of 16 into L2, from pf
-// up to pf_end (the next tile's weights), so that DRAM keeps streaming while the tile
-// computes from cache.
+// Sum of the 16 logical lanes: lane i + lane i+8, then i + i+4, i + i+2, i + i+1 (the
+// first folds are across the parts where a vector has fewer than 16 lanes).
+HWY_INLINE float Reduce16(const V (&parts)[kParts]) {
+  V v[kParts];
+  for (int q = 0; q < kParts; ++q) v[q] = parts[q];
+#pragma GCC unroll 16
+  for (int n = kParts / 2; n >= 1; n /= 2) {
+#pragma GCC unroll 16
+    for (int q = 0; q < n; ++q) v[q] = hn::Add(v[q], v[q + n]);
+  }
+  return ReduceVector(D(), v[0]);
+}
+
+// The tail of `in` (rem < 16 floats per row), zero-filled past rem.
 template <int R, int C>
-SP_AVX512 inline void Tile(const float* x, const float* w, int32_t in, int32_t ld, float* y,
-                           int32_t ldy, const char*& pf, const char* pf_end, int pf_per_iter) {
-  __m512 acc[R][C];
+HWY_INLINE void TailStep(const float* x, const float* w, int32_t ld, int32_t rem,
+                         V (&acc)[R][C][kParts]) {
+  const D d;
+#if HWY_MEM_OPS_MIGHT_FAULT
+  // A masked load may still touch the bytes past the row: copy the tail first.
+  HWY_ALIGN float xt[R][kLogicalLanes] = {};
+  HWY_ALIGN float wt[C][kLogicalLanes] = {};
+  for (int r = 0; r < R; ++r) {
+    std::memcpy(xt[r], x + static_cast<size_t>(r) * ld, sizeof(float) * rem);
+  }
+  for (int c = 0; c < C; ++c) {
+    std::memcpy(wt[c], w + static_cast<size_t>(c) * ld, sizeof(float) * rem);
+  }
+  Step<R, C>(&xt[0][0], &wt[0][0], kLogicalLanes, acc,
+             [&](const float* p, int q) { return hn::Load(d, p + q * kLanes); });
+#else
+  Step<R, C>(x, w, ld, acc, [&](const float* p, int q) {
+    const int32_t n = std::clamp<int32_t>(rem - q * kLanes, 0, kLanes);
+    return hn::MaskedLoad(hn::FirstN(d, static_cast<size_t>(n)), d, p + q * kLanes);
+  });
+#endif
+}
+
+// y[r * ldy + c] = dot(x[r * ld ...], w[c * ld ...]) for r < R, c < C (see Step, Reduce16).
+// Rows of x and w are `ld` floats apart (ld >= in): the stride changes no result.
+template <int R, int C>
+HWY_INLINE void Tile(const float* x, const float* w, int32_t in, int32_t ld, float* y, int32_t ldy,
+                     Prefetcher& pf) {
+  const D d;
+  V acc[R][C][kParts];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  }
-  int32_t k = 0;
-  for (; k + 16 <= in; k += 16) {
-    for (int i = 0; i < pf_per_iter; ++i) {
-      if (pf < pf_end) _mm_prefetch(pf, _MM_HINT_T1);
-      pf += 64;
-    }
-    __m512 wv[C];
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) wv[c] = _mm512_loadu_ps(w + static_cast<size_t>(c) * ld + k);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 xv = _mm512_loadu_ps(x + static_cast<size_t>(r) * ld + k);
-#pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
-    }
-  }
-  if (k < in) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (in - k)) - 1);
-    __m512 wv[C];
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
-      wv[c] = _mm512_maskz_loadu_ps(m, w + static_cast<size_t>(c) * ld + k);
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 xv = _mm512_maskz_loadu_ps(m, x + static_cast<size_t>(r) * ld + k);
-#pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+#pragma GCC unroll 16
+      for (int q = 0; q < kParts; ++q) acc[r][c][q] = hn::Zero(d);
     }
   }
+  const auto load = [&](const float* p, int q) { return hn::LoadU(d, p + q * kLanes); };
+  int32_t k = 0;
+  for (; k + kLogicalLanes <= in; k += kLogicalLanes) {
+    pf.Step();
+    Step<R, C>(x + k, w + k, ld, acc, load);
+  }
+  if (k < in) TailStep<R, C>(x + k, w + k, ld, in - k, acc);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
@@ -149,46 +199,67 @@ SP_AVX512 inline void Tile(const float* x, const float* w, int32_t in, int32_t l
   }
 }
 
-// All `rows` activation rows against the C weight rows at w, kR rows at a time: the C
-// weight rows are read from memory once and stay in cache for the later row groups.
-// Rows of x and w are `ld` floats apart.
-template <int C>
-SP_AVX512 void Column(const float* x, int32_t rows, int32_t in, int32_t ld, const float* w,
-                      float* y, int32_t ldy, const float* next, int32_t next_rows) {
-  // Prefetch the next tile (next_rows weight rows at `next`) spread over this one's steps.
-  const char* pf = reinterpret_cast<const char*>(next);
-  const char* pf_end = pf + static_cast<size_t>(next_rows) * ld * sizeof(float);
-  const int32_t groups = (rows + kR - 1) / kR;
-  const int64_t lines = (static_cast<int64_t>(next_rows) * ld + 15) / 16;
-  const int64_t steps = std::max<int64_t>(1, static_cast<int64_t>(groups) * (in / 16));
-  const int pf_per_iter = static_cast<int>((lines + steps - 1) / steps);
-  int32_t t = 0;
-  for (; t + kR <= rows; t += kR) {
-    Tile<kR, C>(x + static_cast<size_t>(t) * ld, w, in, ld, y + static_cast<size_t>(t) * ldy, ldy,
-                pf, pf_end, pf_per_iter);
-  }
-  const float* xt = x + static_cast<size_t>(t) * ld;
-  float* yt = y + static_cast<size_t>(t) * ldy;
-  switch (rows - t) {
-    case 0:
-      break;
-    case 1:
-      Tile<1, C>(xt, w, in, ld, yt, ldy, pf, pf_end, pf_per_iter);
-      break;
-    case 2:
-      Tile<2, C>(xt, w, in, ld, yt, ldy, pf, pf_end, pf_per_iter);
-      break;
-    case 3:
-      Tile<3, C>(xt, w, in, ld, yt, ldy, pf, pf_end, pf_per_iter);
-      break;
+// The last rows % kR activation rows (Tile<R, C> with R = rem).
+template <int C, int R = kR - 1>
+HWY_INLINE void RemainderTile(int32_t rem, const float* x, const float* w, int32_t in, int32_t ld,
+                              float* y, int32_t ldy, Prefetcher& pf) {
+  if constexpr (R >= 1) {
+    if (rem == R) {
+      Tile<R, C>(x, w, in, ld, y, ldy, pf);
+    } else {
+      RemainderTile<C, R - 1>(rem, x, w, in, ld, y, ldy, pf);
+    }
   }
 }
 
-using ColumnFn = void (*)(const float*, int32_t, int32_t, int32_t, const float*, float*, int32_t,
-                          const float*, int32_t);
+// A ColumnFn: all `rows` activation rows against the C weight rows at w, kR rows at a
+// time, so the C weight rows are read from memory once and stay in cache for the later
+// row groups; the prefetch of the next tile is spread over this one's steps.
+template <int C>
+void Column(const float* x, int32_t rows, int32_t in, int32_t ld, const float* w, float* y,
+            int32_t ldy, const float* next, int32_t next_rows) {
+  const int32_t groups = (rows + kR - 1) / kR;
+  const int64_t lines = (static_cast<int64_t>(next_rows) * ld + 15) / 16;
+  const int64_t steps = std::max<int64_t>(1, static_cast<int64_t>(groups) * (in / 16));
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(next);
+  Prefetcher pf{begin, begin + static_cast<uintptr_t>(next_rows) * ld * sizeof(float),
+                static_cast<int>((lines + steps - 1) / steps)};
+  int32_t t = 0;
+  for (; t + kR <= rows; t += kR) {
+    Tile<kR, C>(x + static_cast<size_t>(t) * ld, w, in, ld, y + static_cast<size_t>(t) * ldy, ldy,
+                pf);
+  }
+  RemainderTile<C>(rows - t, x + static_cast<size_t>(t) * ld, w, in, ld,
+                   y + static_cast<size_t>(t) * ldy, ldy, pf);
+}
 
-template <int... Cs>
-constexpr ColumnFn kColumns[] = {nullptr, &Column<Cs>...};
+template <size_t... I>
+Kernel MakeKernel(std::index_sequence<I...>) {
+  return Kernel{
+      hwy::TargetName(HWY_TARGET), kR, kC, {nullptr, &Column<static_cast<int>(I) + 1>...}};
+}
+
+const Kernel* GetKernel() {
+  static const Kernel kernel = MakeKernel(std::make_index_sequence<kC>());
+  return &kernel;
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace
+}  // namespace superpose::engine::cpu
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace superpose::engine::cpu {
+namespace {
+
+HWY_EXPORT(GetKernel);
+
+// Run on threads only when the call has enough work to pay for waking them.
+constexpr int64_t kParallelMinWork = 16384;
+
+// Steps of more rows than this run blocked (BlockedGemm).
+constexpr int32_t kStreamingMaxRows = 64;
 
 // A 64-byte aligned float buffer that only grows (kept per thread across calls).
 class AlignedBuffer {
@@ -218,37 +289,37 @@ void PackRows(const float* src, int32_t r0, int32_t r1, int32_t in, int32_t ld, 
   }
 }
 
-// Steps of more rows than this run blocked (below).
-constexpr int32_t kStreamingMaxRows = 64;
-
-void Avx512Gemm(const float* x, int32_t rows, int32_t in, const float* w, int32_t out, float* y) {
-  constexpr const ColumnFn* columns = kColumns<1, 2, 3, 4, 5, 6>;
-  static_assert(kC == 6 && kR == 4);
-  const int32_t tiles = (out + kC - 1) / kC;
+// Every row against each weight tile as it streams in: weights are read once.
+void StreamingGemm(const Kernel& k, const float* x, int32_t rows, int32_t in, const float* w,
+                   int32_t out, float* y) {
+  const int32_t kc = k.tile_cols;
+  const int32_t tiles = (out + kc - 1) / kc;
   const bool parallel = static_cast<int64_t>(out) * in > kParallelMinWork;
-  if (rows <= kStreamingMaxRows) {
-    // Every row against each weight tile as it streams in: weights read once.
 #pragma omp parallel for schedule(static) if (parallel)
-    for (int32_t i = 0; i < tiles; ++i) {
-      const int32_t o = i * kC;
-      const int32_t next = std::min(out, o + kC);
-      columns[std::min(kC, out - o)](x, rows, in, in, w + static_cast<size_t>(o) * in, y + o, out,
-                                     w + static_cast<size_t>(next) * in, std::min(kC, out - next));
-    }
-    return;
+  for (int32_t i = 0; i < tiles; ++i) {
+    const int32_t o = i * kc;
+    const int32_t next = std::min(out, o + kc);
+    k.columns[std::min(kc, out - o)](x, rows, in, in, w + static_cast<size_t>(o) * in, y + o, out,
+                                     w + static_cast<size_t>(next) * in, std::min(kc, out - next));
   }
-  // Prefill-sized steps: the work is cut into (weight chunk, row block) items, a chunk of
-  // weight rows (~512 KiB) staying in L2 while a thread runs its row blocks (~128 KiB of
-  // activations each) past it tile by tile. Activations and the chunk are first copied
-  // to 64-byte aligned rows (unaligned loads split cache lines: a third slower). The same
-  // Tile computes every output, so neither blocking nor copies change a result: a row's
-  // outputs depend on that row only.
+}
+
+// Prefill-sized steps: the work is cut into (weight chunk, row block) items, a chunk of
+// weight rows (~512 KiB) staying in L2 while a thread runs its row blocks (~128 KiB of
+// activations each) past it tile by tile. Activations and the chunk are first copied to
+// 64-byte aligned rows (unaligned loads split cache lines: a third slower). The same
+// tiles compute every output, so neither blocking nor copies change a result.
+void BlockedGemm(const Kernel& k, const float* x, int32_t rows, int32_t in, const float* w,
+                 int32_t out, float* y) {
+  const int32_t kr = k.tile_rows, kc = k.tile_cols;
+  const int32_t tiles = (out + kc - 1) / kc;
+  const bool parallel = static_cast<int64_t>(out) * in > kParallelMinWork;
   const int32_t ld = (in + 15) / 16 * 16;
   const int64_t row_bytes = static_cast<int64_t>(ld) * sizeof(float);
   const int32_t block_rows =
-      static_cast<int32_t>(std::clamp<int64_t>((128 << 10) / row_bytes / kR * kR, kR, 256));
+      static_cast<int32_t>(std::clamp<int64_t>((128 << 10) / row_bytes / kr * kr, kr, 256));
   const int32_t chunk_tiles =
-      static_cast<int32_t>(std::clamp<int64_t>((512 << 10) / row_bytes / kC, 1, tiles));
+      static_cast<int32_t>(std::clamp<int64_t>((512 << 10) / row_bytes / kc, 1, tiles));
   const int32_t chunks = (tiles + chunk_tiles - 1) / chunk_tiles;
   const int32_t blocks = (rows + block_rows - 1) / block_rows;
   thread_local AlignedBuffer x_buf;
@@ -262,12 +333,12 @@ void Avx512Gemm(const float* x, int32_t rows, int32_t in, const float* w, int32_
     }
     // (implicit barrier: every row is packed before any tile reads it)
     thread_local AlignedBuffer w_buf;
-    float* wp = w_buf.Get(static_cast<size_t>(chunk_tiles) * kC * ld);
+    float* wp = w_buf.Get(static_cast<size_t>(chunk_tiles) * kc * ld);
     int32_t packed = -1;  // the chunk in wp
 #pragma omp for collapse(2) schedule(static)
     for (int32_t c = 0; c < chunks; ++c) {
       for (int32_t b = 0; b < blocks; ++b) {
-        const int32_t o0 = c * chunk_tiles * kC, o1 = std::min(out, o0 + chunk_tiles * kC);
+        const int32_t o0 = c * chunk_tiles * kc, o1 = std::min(out, o0 + chunk_tiles * kc);
         if (packed != c) {
           PackRows(w, o0, o1, in, ld, wp);
           packed = c;
@@ -275,9 +346,9 @@ void Avx512Gemm(const float* x, int32_t rows, int32_t in, const float* w, int32_
         const int32_t t0 = b * block_rows, nr = std::min(block_rows, rows - t0);
         const float* xb = xp + static_cast<size_t>(t0) * ld;
         float* yb = y + static_cast<size_t>(t0) * out;
-        for (int32_t o = o0; o < o1; o += kC) {
-          columns[std::min(kC, o1 - o)](xb, nr, in, ld, wp + static_cast<size_t>(o - o0) * ld,
-                                        yb + o, out, nullptr, 0);
+        for (int32_t o = o0; o < o1; o += kc) {
+          k.columns[std::min(kc, o1 - o)](xb, nr, in, ld, wp + static_cast<size_t>(o - o0) * ld,
+                                          yb + o, out, nullptr, 0);
         }
       }
     }
@@ -287,29 +358,30 @@ void Avx512Gemm(const float* x, int32_t rows, int32_t in, const float* w, int32_
 }  // namespace
 
 bool CpuHasAvx512() {
+#if HWY_ARCH_X86
   static const bool has = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
   }();
   return has;
+#else
+  return false;
+#endif
 }
 
 void SmallBatchGemm(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
                     float* y) {
   if (rows <= 0 || out <= 0) return;
-  if (CpuHasAvx512()) {
-    Avx512Gemm(x, rows, in, w, out, y);
+  const Kernel& k = *HWY_DYNAMIC_DISPATCH(GetKernel)();
+  if (rows <= kStreamingMaxRows) {
+    StreamingGemm(k, x, rows, in, w, out, y);
   } else {
-    PortableGemm(x, rows, in, w, out, y);
+    BlockedGemm(k, x, rows, in, w, out, y);
   }
 }
 
-void SmallBatchGemmPortable(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
-                            float* y) {
-  PortableGemm(x, rows, in, w, out, y);
-}
-
-const char* SmallGemmKernelName() { return CpuHasAvx512() ? "avx512" : "portable"; }
+const char* SmallGemmKernelName() { return HWY_DYNAMIC_DISPATCH(GetKernel)()->target; }
 
 }  // namespace superpose::engine::cpu
+#endif  // HWY_ONCE

@@ -11,21 +11,19 @@ namespace superpose::engine::cpu {
 
 // y[rows, out] = x[rows, in] * W[out, in]^T. Each output element is computed the same
 // way whatever `rows` is (and whatever other rows are in the call, and whatever the
-// OpenMP thread count), so a sequence's results do not depend on its batch. On CPUs
-// with AVX-512 the dot products use 16 lane-wise fused multiply-add partial sums over
-// `in` and a fixed reduction tree; elsewhere a portable kernel is used (the same
-// invariance, different rounding).
+// OpenMP thread count), so a sequence's results do not depend on its batch: 16 lane-wise
+// partial sums over `in` (lane l takes k = l mod 16; the tail zero-filled), fused
+// multiply-adds where the SIMD target has them, then a fixed reduction tree. The sum
+// order is the same on every Highway target, so the targets with FMA (AVX-512, AVX2,
+// NEON) agree bitwise; SSE4 and the portable EMU128 round each product separately.
 void SmallBatchGemm(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
                     float* y);
 
-// The portable kernel, whatever the CPU (for tests and comparisons).
-void SmallBatchGemmPortable(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
-                            float* y);
-
-// True when the CPU has AVX-512 F, DQ, VL and BW (the vector kernels of the CPU backend).
+// True when the CPU has AVX-512 F, DQ, VL and BW (the hand-written AVX-512 kernels).
 bool CpuHasAvx512();
 
-// "avx512" or "portable": the kernel SmallBatchGemm uses on this CPU.
+// The Highway target SmallBatchGemm dispatches to now ("AVX3", "AVX2", "SSE4", "NEON",
+// "EMU128"; see engine/simd.h).
 const char* SmallGemmKernelName();
 
 }  // namespace superpose::engine::cpu
