@@ -150,8 +150,9 @@ template <int R, int C>
 HWY_INLINE void TailStep(const float* x, int32_t ldx, const float* w, int32_t ldw, int32_t rem,
                          V (&acc)[R][C][kParts]) {
   const D d;
-#if HWY_MEM_OPS_MIGHT_FAULT
-  // A masked load may still touch the bytes past the row: copy the tail first.
+#if !(HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3)
+  // Only AVX-512's masked loads leave the bytes past the row alone (Highway 1.0.3 emulates
+  // MaskedLoad with a full load elsewhere, even on SCALAR): copy the tail first.
   HWY_ALIGN float xt[R][kLogicalLanes] = {};
   HWY_ALIGN float wt[C][kLogicalLanes] = {};
   for (int r = 0; r < R; ++r) {
