@@ -173,7 +173,7 @@ float* CpuBackend::Shape(Matrix& m, int32_t out, int32_t in) {
 void CpuBackend::Finish(Matrix& m) const {
   if (!bf16_) return;
   m.bf16.Pack(m.f32.data(), m.out, m.in);
-  std::vector<float>().swap(m.f32);
+  AlignedFloats().swap(m.f32);
 }
 
 void CpuBackend::Linear(const float* x, int32_t rows, const Matrix& m, float* y) const {

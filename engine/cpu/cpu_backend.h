@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "engine/backend.h"
+#include "engine/cpu/aligned.h"
 #include "engine/cpu/attention.h"
 #include "engine/cpu/bf16_gemm.h"
 #include "engine/cpu/cpu_options.h"
@@ -38,7 +39,7 @@ class CpuBackend : public Backend {
  private:
   // A weight W[out, in]: float32 row-major, or packed bf16 (then f32 is empty).
   struct Matrix {
-    std::vector<float> f32;
+    AlignedFloats f32;  // cache-line aligned rows (engine/cpu/aligned.h)
     PackedBf16 bf16;
     int32_t out = 0, in = 0;
   };
