@@ -63,7 +63,7 @@ struct Result {
   int errors = 0;
   int64_t tokens = 0;
   double seconds = 0;
-  std::vector<double> ttft_ms, itl_ms;
+  std::vector<double> ttft_ms, itl_ms, e2e_ms;  // e2e: request sent to stream end
 };
 
 std::string ApiKey() {
@@ -101,6 +101,7 @@ void WriteJson(const std::string& path, const std::vector<Result>& results) {
       << ", \"seconds\": " << r.seconds << ", \"tok_s\": " << r.tokens / r.seconds
       << ", \"ttft_ms_p50\": " << Pct(r.ttft_ms, 50) << ", \"ttft_ms_p99\": " << Pct(r.ttft_ms, 99)
       << ", \"itl_ms_p50\": " << Pct(r.itl_ms, 50) << ", \"itl_ms_p99\": " << Pct(r.itl_ms, 99)
+      << ", \"e2e_ms_p50\": " << Pct(r.e2e_ms, 50) << ", \"e2e_ms_max\": " << Pct(r.e2e_ms, 100)
       << "}";
   }
   f << "]}\n";
@@ -171,6 +172,7 @@ Result RunLevel(const std::shared_ptr<grpc::Channel>& channel, int n, uint32_t n
           toks += k;
         }
         grpc::Status st = reader->Finish();
+        const double e2e = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
         std::lock_guard<std::mutex> lock(mu);
         ++res.requests;
         if (!st.ok()) {
@@ -179,6 +181,7 @@ Result RunLevel(const std::shared_ptr<grpc::Channel>& channel, int n, uint32_t n
         }
         res.tokens += toks;
         res.ttft_ms.push_back(ttft);
+        res.e2e_ms.push_back(e2e);
         res.itl_ms.insert(res.itl_ms.end(), itl.begin(), itl.end());
       }
     });
