@@ -7,6 +7,7 @@
 //                            [--dtypes=float32,bfloat16] [--batch=1] [--simd=auto]
 // Each model runs once per weight type (--cpu_dtype of the server) and batch size; the
 // floor counts the bytes of that type. A model name with a '/' is a model directory.
+// Idle OpenMP workers wait as in the server (server/omp_wait.h).
 #include <omp.h>
 
 #include <algorithm>
@@ -25,6 +26,7 @@
 #include "engine/cpu/cpu_backend.h"
 #include "engine/runtime/model_bundle.h"
 #include "engine/simd.h"
+#include "server/omp_wait.h"
 
 ABSL_FLAG(std::string, shared, "../shared", "Path of shared/ (for stories260k)");
 ABSL_FLAG(int32_t, steps, 64, "Decode steps to time per model");
@@ -111,7 +113,9 @@ absl::StatusOr<double> TimeDecode(engine::Backend& backend, int32_t vocab, int32
 }  // namespace
 
 int main(int argc, char** argv) {
-  engine::cpu::EnsureBlasCoreType(argv);
+  const bool reexec = omp_wait::SetDefault();
+  engine::cpu::EnsureBlasCoreType(argv);  // may re-exec, carrying the wait setting
+  if (reexec) omp_wait::ExecSelf(argv);
   absl::ParseCommandLine(argc, argv);
   if (absl::Status st = engine::simd::LimitTargets(absl::GetFlag(FLAGS_simd)); !st.ok()) {
     std::fprintf(stderr, "--simd: %s\n", std::string(st.message()).c_str());
@@ -128,8 +132,9 @@ int main(int argc, char** argv) {
   }
   const int32_t steps = absl::GetFlag(FLAGS_steps);
   const double bw = absl::GetFlag(FLAGS_bandwidth) ? bench::CopyBandwidth() : 0.0;
-  std::printf("OpenBLAS kernels: %s, threads: %d, simd: %s\n", engine::cpu::BlasCoreName(),
-              omp_get_max_threads(), engine::simd::ActiveTargetName().c_str());
+  std::printf("OpenBLAS kernels: %s, threads: %d, simd: %s, OpenMP wait: %s\n",
+              engine::cpu::BlasCoreName(), omp_get_max_threads(),
+              engine::simd::ActiveTargetName().c_str(), omp_wait::Describe().c_str());
   std::printf("copy bandwidth (bytes copied/s, all threads): %.2f GB/s\n\n", bw / 1e9);
   std::vector<Row> rows;
   for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_models), ',')) {

@@ -28,6 +28,7 @@
 #include "cuda/cuda_backend.h"
 #endif
 #include "server/metrics.h"
+#include "server/omp_wait.h"
 #include "server/service.h"
 #include "spdlog/spdlog.h"
 
@@ -200,11 +201,12 @@ int Run() {
   const engine::KvPoolInfo kv = (*backend)->kv();
   spdlog::info(
       "backend={} compute_dtype={} blas_core={} simd={} bf16_kernel={} attention_kernel={} "
-      "tp={} kv_dtype={} kv_blocks={} block_size={} kv_mib={:.1f}",
+      "omp_wait={} tp={} kv_dtype={} kv_blocks={} block_size={} kv_mib={:.1f}",
       (*backend)->name(), (*backend)->compute_dtype(), engine::cpu::BlasCoreName(),
       engine::simd::ActiveTargetName(), engine::cpu::Bf16GemmKernelName(),
-      engine::cpu::AttnKernelName(engine::cpu::BestAttnKernel()), bopts.tensor_parallel, kv.dtype,
-      kv.num_blocks, kv.block_size, kv.num_blocks * kv.bytes_per_block / 1048576.0);
+      engine::cpu::AttnKernelName(engine::cpu::BestAttnKernel()), omp_wait::Describe(),
+      bopts.tensor_parallel, kv.dtype, kv.num_blocks, kv.block_size,
+      kv.num_blocks * kv.bytes_per_block / 1048576.0);
 
   engine::EngineOptions eopts;
   eopts.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
@@ -296,7 +298,11 @@ int Run() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Both may re-execute the program (once, with the environment they set): the OpenMP
+  // wait setting and the OpenBLAS kernels are read when the libraries load.
+  const bool reexec = superpose::omp_wait::SetDefault();
   superpose::engine::cpu::EnsureBlasCoreType(argv);
+  if (reexec) superpose::omp_wait::ExecSelf(argv);
   absl::FlagsUsageConfig usage;
   usage.contains_help_flags = [](absl::string_view file) {
     return absl::StrContains(file, "superpose_server");
