@@ -23,10 +23,12 @@
 #include "engine/cpu/cpu_backend.h"
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
+#include "engine/simd.h"
 #if SUPERPOSE_HAVE_CUDA
 #include "cuda/cuda_backend.h"
 #endif
 #include "server/metrics.h"
+#include "server/omp_wait.h"
 #include "server/service.h"
 #include "spdlog/spdlog.h"
 
@@ -63,6 +65,9 @@ ABSL_FLAG(std::string, kv_cache_dtype, "auto",
           "KV cache element type: auto (CPU: bfloat16 when the weights run in bfloat16, else "
           "float32; CUDA: bfloat16) | float32 (CPU only) | bfloat16");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads for the backend (0: all cores)");
+ABSL_FLAG(std::string, simd, "auto",
+          "CPU kernels: cap the SIMD target (auto: the best this CPU has; or one of the "
+          "targets it supports, e.g. avx2, sse4); logged as simd=");
 ABSL_FLAG(int32_t, max_batch_tokens, 512, "New tokens per engine step (decode + prefill chunks)");
 ABSL_FLAG(int32_t, max_running, 64, "Sequences in the running batch");
 ABSL_FLAG(int32_t, max_waiting, 256,
@@ -143,6 +148,10 @@ absl::StatusOr<engine::BackendRegistry::Config> ConfigureBackend(
 
 int Run() {
   spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
+  if (absl::Status st = engine::simd::LimitTargets(absl::GetFlag(FLAGS_simd)); !st.ok()) {
+    spdlog::critical("--simd: {}", std::string(st.message()));
+    return 2;
+  }
   engine::BackendRegistry registry;
   engine::cpu::RegisterBackend(registry);
 #if SUPERPOSE_HAVE_CUDA
@@ -191,11 +200,12 @@ int Run() {
   }
   const engine::KvPoolInfo kv = (*backend)->kv();
   spdlog::info(
-      "backend={} compute_dtype={} blas_core={} bf16_kernel={} attention_kernel={} tp={} "
-      "kv_dtype={} kv_blocks={} block_size={} kv_mib={:.1f}",
+      "backend={} compute_dtype={} blas_core={} simd={} bf16_kernel={} attention_kernel={} "
+      "omp_wait={} tp={} kv_dtype={} kv_blocks={} block_size={} kv_mib={:.1f}",
       (*backend)->name(), (*backend)->compute_dtype(), engine::cpu::BlasCoreName(),
-      engine::cpu::Bf16GemmKernelName(), engine::cpu::AttnKernelName(), bopts.tensor_parallel,
-      kv.dtype, kv.num_blocks, kv.block_size, kv.num_blocks * kv.bytes_per_block / 1048576.0);
+      engine::simd::ActiveTargetName(), engine::cpu::Bf16GemmKernelName(),
+      engine::cpu::AttnKernelName(), omp_wait::Describe(), bopts.tensor_parallel, kv.dtype,
+      kv.num_blocks, kv.block_size, kv.num_blocks * kv.bytes_per_block / 1048576.0);
 
   engine::EngineOptions eopts;
   eopts.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
@@ -287,7 +297,11 @@ int Run() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Both may re-execute the program (once, with the environment they set): the OpenMP
+  // wait setting and the OpenBLAS kernels are read when the libraries load.
+  const bool reexec = superpose::omp_wait::SetDefault();
   superpose::engine::cpu::EnsureBlasCoreType(argv);
+  if (reexec) superpose::omp_wait::ExecSelf(argv);
   absl::FlagsUsageConfig usage;
   usage.contains_help_flags = [](absl::string_view file) {
     return absl::StrContains(file, "superpose_server");
