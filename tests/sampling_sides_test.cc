@@ -45,8 +45,8 @@ class SamplingSidesTest : public ::testing::Test {
     return out;
   }
   engine::Request Sampled(float temperature, float top_p, float min_p, uint64_t seed) {
-    engine::Request r = testing::GreedyRequest(model_.tokenizer->Encode("Once upon a time", true),
-                                               40);
+    engine::Request r =
+        testing::GreedyRequest(model_.tokenizer->Encode("Once upon a time", true), 40);
     r.sampling.temperature = temperature;
     r.sampling.top_p = top_p;
     r.sampling.min_p = min_p;
