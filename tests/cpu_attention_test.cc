@@ -252,7 +252,7 @@ TEST(CpuAttention, PrefillChunkMatchesTokenByToken) {
       "played together all day long until the sun went down and it was time to go home.",
       true);
   ASSERT_GT(prompt.size(), 120u);
-  testing::ForEachSimdTarget([&](const std::string&) {
+  testing::ForEachVectorSimdTarget([&](const std::string&) {
     ExpectChunkMatchesTokenByToken(&*model, prompt);
     ExpectChunkMatchesTokenByToken(&*model, prompt, "bfloat16");
   });
@@ -272,7 +272,7 @@ TEST(CpuAttention, PrefillChunkMatchesTokenByTokenAtHeadDim64) {
     h = h * 1103515245u + 12345u;
     prompt.push_back(static_cast<int32_t>((h >> 16) % 256));
   }
-  testing::ForEachSimdTarget([&](const std::string&) {
+  testing::ForEachVectorSimdTarget([&](const std::string&) {
     ExpectChunkMatchesTokenByToken(&*model, prompt);
     ExpectChunkMatchesTokenByToken(&*model, prompt, "bfloat16");
   });

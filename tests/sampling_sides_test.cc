@@ -62,7 +62,7 @@ TEST_F(SamplingSidesTest, SeededRequestStreamsTheSameTokensOnEitherSide) {
       Sampled(1.0f, 0.95f, 0.02f, 4)};
   // Both sides on each target: the forward pass may round differently per target.
   std::vector<Completion> host;
-  superpose::testing::ForEachSimdTarget([&](const std::string&) {
+  superpose::testing::ForEachVectorSimdTarget([&](const std::string&) {
     host = Run(false, reqs);
     const std::vector<Completion> backend = Run(true, reqs);
     ASSERT_EQ(host.size(), reqs.size());

@@ -20,4 +20,14 @@ void ForEachSimdTarget(Fn&& fn) {
   }
 }
 
+// The same, but only the vector targets: whole-model tests skip the portable fallback
+// (EMU128 / SCALAR: x86 machines never run it, and it is slow enough under the sanitizers
+// to time out); the kernels' own tests cover it.
+template <typename Fn>
+void ForEachVectorSimdTarget(Fn&& fn) {
+  ForEachSimdTarget([&](const std::string& name) {
+    if (name != "EMU128" && name != "SCALAR") fn(name);
+  });
+}
+
 }  // namespace superpose::testing
