@@ -445,6 +445,7 @@ TEST(ServerFlagsTest, BadBackendOptionsFailStartupBeforeTheModelIsRead) {
       {"--cpu_dtype=float16", "--cpu_dtype: unknown value 'float16' (auto, float32, bfloat16)"},
       {"--cuda_graphs=false", "--cuda_graphs: not an option of the cpu backend"},
       {"--tp=0", "--tp: must be >= 1"},
+      {"--simd=avx9", "--simd: unknown or unsupported SIMD target 'avx9' (this CPU: auto, "},
   };
   for (const auto& [flag, message] : cases) {
     const auto [status, output] = RunServerToExit({"--model=/nonexistent/model", flag});
