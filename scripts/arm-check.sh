@@ -18,7 +18,7 @@ BUILD=${BUILD_ARM:-build-arm}
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSUPERPOSE_KERNELS_ONLY=ON \
   -DCMAKE_TOOLCHAIN_FILE=cmake/aarch64-linux-gnu.cmake ${ARM_CMAKE_ARGS:-} >/dev/null
 cmake --build "$BUILD" -j"$(nproc)"
-file "$BUILD/simd_test" | grep -q aarch64
+readelf -h "$BUILD/simd_test" | grep -q AArch64  # really an Arm binary
 # One OpenMP thread: under Debian 12's qemu-user (7.2) libgomp hangs as soon as a second
 # thread joins a parallel region (seen with a five-line program), so the thread-count
 # tests run on x86 only.
