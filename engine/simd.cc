@@ -6,10 +6,28 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+
+// One tiny function per target (this file is included once per target by
+// hwy/foreach_target.h): asking the dispatch which target it runs costs a table lookup,
+// where hwy::SupportedTargets() re-reads CPUID (a VM exit in a virtual machine) and
+// kernels ask on every call.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "engine/simd.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
 #include "hwy/targets.h"
 
+HWY_BEFORE_NAMESPACE();
 namespace superpose::engine::simd {
+namespace HWY_NAMESPACE {
+int64_t DispatchedTarget() { return HWY_TARGET; }
+}  // namespace HWY_NAMESPACE
+}  // namespace superpose::engine::simd
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace superpose::engine::simd {
+HWY_EXPORT(DispatchedTarget);
 namespace {
 
 int64_t CompiledTargets() { return HWY_TARGETS; }
@@ -44,14 +62,11 @@ std::vector<int64_t> AvailableTargets() {
   return out;
 }
 
-std::string ActiveTargetName() {
-  return TargetName(BestOf(hwy::SupportedTargets() & CompiledTargets()));
-}
+std::string ActiveTargetName() { return TargetName(HWY_DYNAMIC_DISPATCH(DispatchedTarget)()); }
 
 bool ActiveIsAvx512() {
 #if HWY_ARCH_X86
-  const int64_t best = BestOf(hwy::SupportedTargets() & CompiledTargets());
-  return best != 0 && best <= HWY_AVX3;
+  return HWY_DYNAMIC_DISPATCH(DispatchedTarget)() <= HWY_AVX3;
 #else
   return false;
 #endif
@@ -86,3 +101,4 @@ ScopedTarget::ScopedTarget(int64_t target) { hwy::SetSupportedTargetsForTest(tar
 ScopedTarget::~ScopedTarget() { hwy::SetSupportedTargetsForTest(g_cap); }
 
 }  // namespace superpose::engine::simd
+#endif  // HWY_ONCE

@@ -13,6 +13,7 @@
 #define HWY_TARGET_INCLUDE "engine/cpu/attention.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 // Must come after foreach_target.h.
+#include "engine/cpu/vector_registers-inl.h"
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
 
@@ -24,12 +25,8 @@ namespace hn = hwy::HWY_NAMESPACE;
 // Keys: a run of <= 16 slots is 16 / N vectors of N <= 16 lanes, one key per lane.
 using DK = hn::CappedTag<float, 16>;
 
-// Register tiles: x86 AVX-512 and Arm have 32 vector registers, the others 16.
-#if HWY_ARCH_ARM || (HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3)
-constexpr int kRegs = 32;
-#else
-constexpr int kRegs = 16;
-#endif
+// Register tiles sized by the target's vector registers (32 or 16).
+constexpr int kRegs = kVectorRegisters;
 // Key vectors per score tile for 1..4 queries (accumulators + key vectors + 1 broadcast
 // fit the registers).
 constexpr int kScoreVecs1 = 8, kScoreVecs2 = 4;

@@ -6,6 +6,8 @@
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "engine/cpu/bf16_widen.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
+// Must come after foreach_target.h.
+#include "engine/cpu/vector_registers-inl.h"
 #include "hwy/highway.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -20,13 +22,8 @@ constexpr int kN = static_cast<int>(hn::MaxLanes(DF()));
 constexpr int kJ = PackedBf16::kRows / kN;  // vectors per input pair of a block
 
 // Activation rows per pass: accumulators (kJ per row) plus two broadcasts per row and two
-// widened weight vectors must fit the register file (32 on AVX-512 and NEON, 16 else).
-#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL || HWY_TARGET == HWY_NEON
-constexpr int kRegs = 32;
-#else
-constexpr int kRegs = 16;
-#endif
-constexpr int kR = std::clamp((kRegs - 2) / (kJ + 2), 1, 6);
+// widened weight vectors must fit the register file (engine/cpu/vector_registers-inl.h).
+constexpr int kR = std::clamp((kVectorRegisters - 2) / (kJ + 2), 1, 6);
 
 // R activation rows from m0 against row block rb.
 template <int R>
