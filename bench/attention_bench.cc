@@ -17,7 +17,6 @@
 
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <random>
 #include <string>
 #include <vector>
@@ -121,18 +120,6 @@ double ThreadCpuS() {
   timespec ts;
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
   return static_cast<double>(ts.tv_sec) + ts.tv_nsec * 1e-9;
-}
-
-// The CPU's model name (/proc/cpuinfo), or "unknown CPU".
-std::string CpuModel() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("model name", 0) == 0 && line.find(':') != std::string::npos) {
-      return line.substr(line.find(':') + 2);
-    }
-  }
-  return "unknown CPU";
 }
 
 // One layer's KV pool for the kernel rows: one sequence in blocks 0, 1, ...
@@ -256,9 +243,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "--simd: %s\n", st.ToString().c_str());
     return 1;
   }
-  // The target the kernels dispatch to (not simd::ActiveTargetName(): in Highway 1.0.3
-  // asking for the supported targets resets the dispatch to all of them).
-  std::printf("SIMD target %s on %s\n", engine::cpu::AttnKernelName().c_str(), CpuModel().c_str());
+  // The target the attention kernel dispatches to.
+  std::printf("SIMD target %s on %s\n", engine::cpu::AttnKernelName().c_str(),
+              bench::CpuModel().c_str());
   auto model = bench::GeneratedModel(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_workdir));
   if (!model.ok()) {
     std::fprintf(stderr, "%s\n", model.status().ToString().c_str());

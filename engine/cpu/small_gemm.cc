@@ -373,19 +373,6 @@ void BlockedGemm(const Kernel& k, const float* x, int32_t rows, int32_t in, cons
 
 }  // namespace
 
-bool CpuHasAvx512() {
-#if HWY_ARCH_X86
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
-  }();
-  return has;
-#else
-  return false;
-#endif
-}
-
 void SmallBatchGemm(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
                     float* y) {
   if (rows <= 0 || out <= 0) return;

@@ -19,9 +19,6 @@ namespace superpose::engine::cpu {
 void SmallBatchGemm(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
                     float* y);
 
-// True when the CPU has AVX-512 F, DQ, VL and BW (the hand-written AVX-512 kernels).
-bool CpuHasAvx512();
-
 // The Highway target SmallBatchGemm dispatches to now ("AVX3", "AVX2", "SSE4", "NEON",
 // "EMU128"; see engine/simd.h).
 const char* SmallGemmKernelName();
