@@ -215,6 +215,54 @@ TEST(ModelConfigTest, RopeScalingTypes) {
   }
 }
 
+// Found by fuzz/config_fuzz: a factor beyond float range became +inf and was accepted
+// (RoPE frequencies then collapse to 0, and the config no longer survives ToJson).
+TEST(ModelConfigTest, RopeScalingFactorsMustBeFinite) {
+  nlohmann::json j = BaseLlama();
+  j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 1e300}};
+  auto lin = Parse(j);
+  ASSERT_FALSE(lin.ok());
+  EXPECT_EQ(lin.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(lin.status().message(), HasSubstr("rope_scaling.factor"));
+  j["rope_scaling"] = {{"rope_type", "llama3"},
+                       {"factor", 8.0},
+                       {"low_freq_factor", 1.0},
+                       {"high_freq_factor", 1e39},
+                       {"original_max_position_embeddings", 8192}};
+  auto l3 = Parse(j);
+  ASSERT_FALSE(l3.ok());
+  EXPECT_THAT(l3.status().message(), HasSubstr("rope_scaling.high_freq_factor"));
+  j["rope_scaling"]["high_freq_factor"] = 4.0;
+  ASSERT_TRUE(Parse(j).ok());
+}
+
+// Found by fuzz/config_fuzz: each size fits int32 but the parameter count overflowed
+// int64 in NumParameters (signed overflow, UB). Such configs are now rejected, and every
+// accepted one has a parameter count (and weight bytes) that fits.
+TEST(ModelConfigTest, SizesWhoseParameterCountOverflowsAreRejected) {
+  nlohmann::json j = BaseLlama();
+  j["hidden_size"] = 2147483640;
+  j["num_attention_heads"] = 4;
+  j["num_key_value_heads"] = 4;
+  j["intermediate_size"] = 2147483647;
+  auto big = Parse(j);
+  ASSERT_FALSE(big.ok());
+  EXPECT_EQ(big.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(big.status().message(), HasSubstr("/models/x/config.json"));
+  EXPECT_THAT(big.status().message(), HasSubstr("parameters"));
+  // Large but representable: accepted, and the counts are exact.
+  j["hidden_size"] = 65536;
+  j["intermediate_size"] = 1 << 20;
+  j["vocab_size"] = 1 << 20;
+  j["num_hidden_layers"] = 1024;
+  auto large = Parse(j);
+  ASSERT_TRUE(large.ok()) << large.status();
+  const int64_t H = 65536, I = 1 << 20, V = 1 << 20, L = 1024;
+  const int64_t layer = 2 * H * H + 2 * H * H + 3 * H * I + 2 * H;  // nq*D = nkv*D = H
+  EXPECT_EQ(large->NumParameters(), 2 * V * H + L * layer + H);
+  EXPECT_EQ(large->WeightBytes(DType::kF32), (V * H + L * layer + H) * 4);
+}
+
 TEST(ModelConfigTest, ErrorsNameTheFileAndTheField) {
   struct Case {
     const char* what;

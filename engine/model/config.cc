@@ -39,20 +39,32 @@ size_t DTypeSize(DType d) {
   return 0;
 }
 
-int64_t ModelConfig::NumParameters() const {
-  const int64_t H = hidden_size, I = intermediate_size, D = head_dim, nq = num_heads,
-                nkv = num_kv_heads, V = vocab_size;
-  int64_t per_layer = H * nq * D         // q_proj
-                      + 2 * H * nkv * D  // k_proj, v_proj
-                      + nq * D * H       // o_proj
-                      + 3 * H * I        // gate, up, down
-                      + 2 * H;           // input / post-attention norms
-  if (attention_bias) per_layer += nq * D + 2 * nkv * D;
-  if (qk_norm) per_layer += 2 * D;
-  int64_t n = V * H + per_layer * num_layers + H;
-  if (!tie_word_embeddings) n += V * H;
+namespace {
+
+// The parameter count in T: int64_t for NumParameters, double for the parser's check
+// that it fits (ParseModelConfig rejects configs above kMaxParameters).
+template <typename T>
+T ParameterCount(const ModelConfig& c) {
+  const T H = c.hidden_size, I = c.intermediate_size, D = c.head_dim, nq = c.num_heads,
+          nkv = c.num_kv_heads, V = c.vocab_size;
+  T per_layer = H * nq * D         // q_proj
+                + 2 * H * nkv * D  // k_proj, v_proj
+                + nq * D * H       // o_proj
+                + 3 * H * I        // gate, up, down
+                + 2 * H;           // input / post-attention norms
+  if (c.attention_bias) per_layer += nq * D + 2 * nkv * D;
+  if (c.qk_norm) per_layer += 2 * D;
+  T n = V * H + per_layer * static_cast<T>(c.num_layers) + H;
+  if (!c.tie_word_embeddings) n += V * H;
   return n;
 }
+
+// 2^60: WeightBytes (up to 4 bytes each) stays within int64; real models have < 2^42.
+constexpr double kMaxParameters = 1152921504606846976.0;
+
+}  // namespace
+
+int64_t ModelConfig::NumParameters() const { return ParameterCount<int64_t>(*this); }
 
 int64_t ModelConfig::WeightBytes(DType d) const {
   // Every layer, the final norm and the lm_head (the embedding matrix when tied) are read
@@ -258,6 +270,10 @@ absl::Status ParseRopeScaling(const json& rs, const std::string& source, const c
           absl::StrCat(source, ": field '", sub(key), "' must be a number, got ", x->dump()));
     }
     *v = static_cast<float>(x->get<double>());
+    if (!std::isfinite(*v)) {  // e.g. 1e300: +inf as a float
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": field '", sub(key), "' must be a finite float, got ", x->dump()));
+    }
     return absl::OkStatus();
   };
   RopeScaling s;
@@ -491,6 +507,13 @@ absl::Status CheckConsistency(const Reader& r, ModelConfig* out) {
   }
   if (!(c.rope_theta > 0) || !std::isfinite(c.rope_theta)) {
     return r.Invalid("rope_theta", "must be positive");
+  }
+  // Each size fits int32, but their products need not fit int64 (NumParameters).
+  if (const double n = ParameterCount<double>(c); n > kMaxParameters) {
+    return r.Invalid("hidden_size",
+                     absl::StrCat("(with intermediate_size, num_hidden_layers, vocab_size and "
+                                  "the head counts) gives ",
+                                  n, " parameters, more than 2^60"));
   }
   return absl::OkStatus();
 }
