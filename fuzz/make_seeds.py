@@ -71,6 +71,12 @@ def config_seeds(fixtures, out):
                         "eos_token_id": [2, 3], "torch_dtype": "bfloat16"},
         "linear-rope": {"rope_parameters": {"rope_type": "linear", "factor": 2.0,
                                             "rope_theta": 500000.0}, "torch_dtype": "float16"},
+        # Boundaries (the first two were accepted before the fixes in docs/reliability.md).
+        "rope-factor-beyond-float": {"rope_scaling": {"rope_type": "linear", "factor": 1e300}},
+        "sizes-near-int32-max": {"hidden_size": 2147483640, "num_attention_heads": 4,
+                                 "num_key_value_heads": 4, "intermediate_size": 2147483647},
+        "odd-values": {"rms_norm_eps": 1e-300, "rope_theta": 3.4e38, "eos_token_id": [2, 2, -1],
+                       "pad_token_id": None, "num_hidden_layers": 1.0},
     }
     for name, patch in variants.items():
         j = dict(base)
