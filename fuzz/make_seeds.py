@@ -110,6 +110,20 @@ def safetensors_seeds(fixtures, out):
             data += t
         write(out, f"small-{dtype}", safetensors_file(new, data))
     write(out, "empty", safetensors_file({}, b""))
+    # Boundaries of the header checks.
+    def one(name, entry, data=bytes(16)):
+        write(out, name, safetensors_file({"__metadata__": {"k": "v"}, "x": entry}, data))
+    one("shape-overflow", {"dtype": "F32", "shape": [2**62, 4], "data_offsets": [0, 16]})
+    one("shape-u64", {"dtype": "F32", "shape": [2**64 - 1], "data_offsets": [0, 16]})
+    one("shape-float", {"dtype": "F32", "shape": [4.0], "data_offsets": [0, 16]})
+    one("offsets-u64", {"dtype": "F32", "shape": [4], "data_offsets": [0, 2**64 - 1]})
+    one("offsets-reversed", {"dtype": "F32", "shape": [0], "data_offsets": [16, 0]})
+    one("zero-dim", {"dtype": "BF16", "shape": [0, 7], "data_offsets": [16, 16]})
+    one("scalar", {"dtype": "F16", "shape": [], "data_offsets": [2, 4]})
+    one("odd-offset", {"dtype": "F32", "shape": [2, 2], "data_offsets": [1, 17]}, bytes(17))
+    write(out, "header-len-huge", b"\xff" * 8 + b"{}")
+    h = b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
+    write(out, "duplicate-key", struct.pack("<Q", len(h)) + h + bytes(8))
     write(out, "i32", safetensors_file({"x": {"dtype": "I32", "shape": [2],
                                               "data_offsets": [0, 8]}}, bytes(8)))
 
@@ -150,6 +164,21 @@ def request_seeds(fixtures, proto_dir, out):
         msgs.append((1, "GenerateRagRequest",
                      f"preamble: \"Answer from the documents.\" {docs} "
                      f"query: {text_string(texts[i + 1])} postamble: \"Answer:\" {mode} {sampling}"))
+    # Boundaries: limits of every checked field, just inside and just outside.
+    msgs.append((0, "GenerateRequest", "text: \"Once\" sampling { max_new_tokens: 4294967295 "
+                 "temperature: nan top_k: 4294967295 top_p: 0 min_p: -0 repetition_penalty: inf "
+                 "presence_penalty: -2 frequency_penalty: 2.0001 seed: 18446744073709551615 } "
+                 "priority: -2147483648 top_logprobs: 4294967295 request_id: \"a b\""))
+    msgs.append((0, "GenerateRequest", "text: \"Once\" sampling { max_new_tokens: 511 } "
+                 "priority: 100 top_logprobs: 20 logprobs: true request_id: \"" + "r" * 128 + "\" "
+                 + " ".join(f"stop: \"s{k}\"" for k in range(17))))
+    msgs.append((0, "GenerateRequest", "text: \"\\377\\376 Once\" stop: \"\\300\\200\""))
+    docs = " ".join(f"documents {{ text: \"d{k}\" }}" for k in range(65))
+    msgs.append((1, "GenerateRagRequest", f"query: \"q\" {docs}"))
+    msgs.append((1, "GenerateRagRequest", "query: \"Who?\" documents { text: \"Tim.\" } "
+                 "documents { text: \"Sue.\" } rag { top_k: 0 doc_weight: 10 "
+                 "canonical_span: 511.9 } sampling { max_new_tokens: 100 }"))
+    msgs.append((3, "DetokenizeRequest", "token_ids: [0, 511, 512, 4294967295]"))
     proto = os.path.join(proto_dir, "superpose", "v1", "superpose.proto")
     for k, (sel, typ, txt) in enumerate(msgs):
         wire = subprocess.run(["protoc", f"-I{proto_dir}", f"--encode=superpose.v1.{typ}", proto],

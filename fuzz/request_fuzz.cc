@@ -14,6 +14,7 @@
 #include <string>
 
 #include "engine/model/tokenizer.h"
+#include "engine/rag/validate.h"
 #include "fuzz/fuzz_util.h"
 #include "server/convert.h"
 
@@ -127,8 +128,14 @@ void FuzzRag(const v1::GenerateRagRequest& req) {
   FUZZ_CHECK(o.top_k >= 1 && o.top_k <= req.documents_size());
   FUZZ_CHECK(std::isfinite(o.doc_weight) && o.doc_weight >= 0 && o.doc_weight <= 10);
   FUZZ_CHECK(std::isfinite(o.canonical_span) && o.canonical_span >= 0);
-  // The answer starts after the fixed segments, so at least that much is used.
-  CheckCommon(req, *r, fixed);
+  // The request's own layout: the answer position max_new_tokens was checked against.
+  engine::rag::Limits rag_limits;
+  rag_limits.context_length = g_limits.context_length;
+  rag_limits.max_documents = g_limits.max_rag_documents;
+  absl::StatusOr<engine::rag::Checked> checked = engine::rag::Validate(spec, rag_limits);
+  FUZZ_CHECK(checked.ok());
+  FUZZ_CHECK(checked->answer_start >= fixed);
+  CheckCommon(req, *r, checked->answer_start);
 }
 
 // What SuperposeService::Tokenize / Detokenize do between validation and the response.
