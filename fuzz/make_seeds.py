@@ -55,6 +55,28 @@ def tokenizer_seeds(fixtures, out):
             write(out, f"{i}-ids-{k}", bytes([i + len(TOKENIZERS)]) + id_bytes)
 
 
+def tokenizer_json_seeds(fixtures, out):
+    """stories260k's tokenizer.json (15 KB) and small files built from each fixture's
+    settings (normalizer, pre-tokenizer, decoder, post-processor, added tokens) with a
+    cut-down vocabulary: the real files are 2 MB, too big to mutate usefully."""
+    for tok in TOKENIZERS:
+        j = json.load(open(os.path.join(fixtures, tok, "tokenizer.json"), encoding="utf-8"))
+        model = j["model"]
+        vocab = dict(list(model["vocab"].items())[:300])
+        merges = []
+        for m in model.get("merges", []):
+            a, b = m.split(" ", 1) if isinstance(m, str) else m
+            if a in vocab and b in vocab and a + b in vocab:
+                merges.append(m)
+        small = dict(j)
+        small["model"] = dict(model, vocab=vocab, merges=merges[:200])
+        small["added_tokens"] = [a for a in j.get("added_tokens", []) if a["id"] < 300][:8]
+        name = os.path.basename(tok)
+        write(out, name + "-small.json", json.dumps(small, ensure_ascii=False).encode())
+    stories = os.path.join(fixtures, "stories260k", "tokenizer.json")
+    write(out, "stories260k.json", open(stories, "rb").read())
+
+
 def config_seeds(fixtures, out):
     stories = os.path.join(fixtures, "stories260k")
     base = json.load(open(os.path.join(stories, "config.json")))
@@ -190,6 +212,7 @@ def main():
     shared, proto_dir, out = sys.argv[1:4]
     fixtures = os.path.join(shared, "fixtures")
     tokenizer_seeds(fixtures, os.path.join(out, "tokenizer"))
+    tokenizer_json_seeds(fixtures, os.path.join(out, "tokenizer_json"))
     config_seeds(fixtures, os.path.join(out, "config"))
     safetensors_seeds(fixtures, os.path.join(out, "safetensors"))
     request_seeds(fixtures, proto_dir, os.path.join(out, "request"))
