@@ -5,6 +5,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "engine/util/status.h"
+#include "server/pooled_call.h"
+#include "server/request_bounds.h"
+#include "server/wire.h"
 #include "spdlog/spdlog.h"
 
 namespace superpose::server {
@@ -26,11 +30,13 @@ std::string NewRequestId() {
 // into the last queued response, so the per-stream buffer stays bounded in count and
 // the engine never waits for a client.
 //
-// Lifetime: two owners hold a reference, gRPC (until OnDone) and the engine (until its
-// final event has been handled, which every accepted request gets exactly once). The
-// last one deletes the reactor, so the engine thread never touches a reactor that
-// gRPC has already finished with, however the threads interleave.
-class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+// Lifetime: owners hold a reference, gRPC (until OnDone), the pooled tokenizing work
+// (until it has run) and the engine (until its final event has been handled, which
+// every accepted request gets exactly once). The last one deletes the reactor, so the
+// engine thread never touches a reactor that gRPC has already finished with, however
+// the threads interleave. Start() runs once, when the request has been tokenized (or
+// refused); a call cancelled before then is finished without reaching the engine.
+class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   struct Action {
     const v1::GenerateResponse* write = nullptr;
     bool finish = false;
@@ -39,22 +45,35 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
 
  public:
   GenerateReactor(grpc::CallbackServerContext* context, engine::Engine* engine,
-                  const engine::Tokenizer* tokenizer, Metrics* metrics,
-                  absl::StatusOr<engine::Request> request, std::vector<std::string> doc_ids = {})
-      : engine_(engine), tokenizer_(tokenizer), doc_ids_(std::move(doc_ids)) {
+                  const engine::Tokenizer* tokenizer, Metrics* metrics)
+      : engine_(engine), tokenizer_(tokenizer), metrics_(metrics), deadline_(context->deadline()) {}
+
+  void Hold() { refs_.fetch_add(1, std::memory_order_relaxed); }
+  void Release() { Unref(); }
+  void Reject(const grpc::Status& status) {
+    Start(absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message()));
+  }
+
+  // `doc_ids`: GenerateRag's document ids.
+  void Start(absl::StatusOr<engine::Request> request, std::vector<std::string> doc_ids = {}) {
+    if (request.ok()) {
+      absl::MutexLock lock(&mu_);
+      if (cancelled_) request = absl::CancelledError("cancelled");
+    }
     if (!request.ok()) {
-      if (metrics != nullptr)
-        metrics->OnRejected(absl::StatusCodeToString(request.status().code()));
+      if (metrics_ != nullptr)
+        metrics_->OnRejected(absl::StatusCodeToString(request.status().code()));
       spdlog::info("req=- rejected: {}", absl::StatusCodeToString(request.status().code()));
       Finish(ToGrpc(request.status()));
       return;
     }
+    doc_ids_ = std::move(doc_ids);
     if (request->request_id.empty()) request->request_id = NewRequestId();
     // Validated by ToEngineRequest (or made by NewRequestId): what log lines print.
     absl::StatusOr<engine::LogId> id = engine::LogId::Of(request->request_id);
     request_id_ = id.ok() ? *id : engine::LogId();
-    if (context->deadline() != std::chrono::system_clock::time_point::max()) {
-      request->deadline = absl::FromChrono(context->deadline());
+    if (deadline_ != std::chrono::system_clock::time_point::max()) {
+      request->deadline = absl::FromChrono(deadline_);
     }
     spec_ = request->rag;
     if (spec_ == nullptr) {
@@ -72,7 +91,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
       // The status code only: messages are for the client (one rule for every log line).
       spdlog::warn("req={} not queued: {}", request_id_.str(),
                    absl::StatusCodeToString(handle.status().code()));
-      if (metrics != nullptr) metrics->OnRejected(absl::StatusCodeToString(handle.status().code()));
+      if (metrics_ != nullptr)
+        metrics_->OnRejected(absl::StatusCodeToString(handle.status().code()));
       Finish(ToGrpc(handle.status()));
       return;
     }
@@ -182,7 +202,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
 
   void Run(const Action& a) {
     if (a.write != nullptr) {
-      StartWrite(a.write);
+      write_buffer_ = Serialize(*a.write);  // one write in flight: the buffer is free
+      StartWrite(&write_buffer_);
     } else if (a.finish) {
       Finish(a.status);
     }
@@ -190,6 +211,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
 
   engine::Engine* engine_;
   const engine::Tokenizer* tokenizer_;
+  Metrics* metrics_;
+  const std::chrono::system_clock::time_point deadline_;
+  grpc::ByteBuffer write_buffer_;                  // the response in flight
   std::vector<std::string> doc_ids_;               // GenerateRag: the callers' document ids
   std::shared_ptr<const engine::rag::Spec> spec_;  // GenerateRag
   engine::LogId request_id_;
@@ -202,7 +226,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
   bool submitted_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t handle_ = 0;
-  std::atomic<int> refs_{1};  // gRPC's; the engine's is added at submission
+  std::atomic<int> refs_{1};  // gRPC's; the pool's and the engine's are added when they hold it
   grpc::Status final_status_ ABSL_GUARDED_BY(mu_);
 };
 
@@ -212,12 +236,14 @@ SuperposeService::SuperposeService(const engine::ModelBundle* model, engine::Eng
                                    const std::string& backend_name,
                                    const std::string& compute_dtype,
                                    const std::string& kv_cache_dtype, int32_t tensor_parallel,
-                                   Limits limits, Metrics* metrics, const Authenticator* auth)
+                                   Limits limits, Metrics* metrics, const Authenticator* auth,
+                                   WorkPool* pool)
     : model_(model),
       engine_(engine),
       limits_(limits),
       metrics_(metrics),
-      auth_(auth != nullptr ? auth : &open_auth_) {
+      auth_(auth != nullptr ? auth : &open_auth_),
+      pool_(pool) {
   const engine::ModelConfig& c = model->config;
   info_.set_model_name(model->name);
   info_.set_architecture(c.architecture);
@@ -242,71 +268,123 @@ SuperposeService::SuperposeService(const engine::ModelBundle* model, engine::Eng
   info_.set_tensor_parallel(tensor_parallel);
 }
 
-grpc::ServerWriteReactor<v1::GenerateResponse>* SuperposeService::Generate(
-    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
-  absl::StatusOr<std::string> tenant = auth_->Tenant(*context);
-  absl::StatusOr<engine::Request> req =
-      tenant.ok() ? ToEngineRequest(*request, *model_->tokenizer, limits_) : tenant.status();
-  if (req.ok()) req->tenant = *tenant;
-  return new GenerateReactor(context, engine_, model_->tokenizer.get(), metrics_, std::move(req));
+template <typename Req>
+absl::StatusOr<std::string> SuperposeService::Admit(const grpc::CallbackServerContext& context,
+                                                    const grpc::ByteBuffer& bytes,
+                                                    Req* request) const {
+  absl::StatusOr<std::string> tenant = auth_->Tenant(context);
+  if (!tenant.ok()) return tenant;
+  SP_RETURN_IF_ERROR(ParseRequest(bytes, request));
+  SP_RETURN_IF_ERROR(CheckBounds(*request, limits_));
+  return tenant;
 }
 
-grpc::ServerWriteReactor<v1::GenerateResponse>* SuperposeService::GenerateRag(
-    grpc::CallbackServerContext* context, const v1::GenerateRagRequest* request) {
-  absl::StatusOr<std::string> tenant = auth_->Tenant(*context);
-  absl::StatusOr<engine::Request> req =
-      tenant.ok() ? ToEngineRagRequest(*request, *model_->tokenizer, limits_) : tenant.status();
-  std::vector<std::string> ids;
-  if (req.ok()) {
-    req->tenant = *tenant;
-    for (const auto& d : request->documents()) ids.push_back(d.id());
+grpc::ServerWriteReactor<grpc::ByteBuffer>* SuperposeService::Generate(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* bytes) {
+  auto* reactor = new GenerateReactor(context, engine_, model_->tokenizer.get(), metrics_);
+  auto request = std::make_unique<v1::GenerateRequest>();
+  absl::StatusOr<std::string> tenant = Admit(*context, *bytes, request.get());
+  if (!tenant.ok()) {
+    reactor->Start(tenant.status());
+    return reactor;
   }
-  return new GenerateReactor(context, engine_, model_->tokenizer.get(), metrics_, std::move(req),
-                             std::move(ids));
+  const int64_t text_bytes = TextBytes(*request);
+  RunWork(pool_, reactor, text_bytes,
+          [this, reactor, request = std::move(request), tenant = *std::move(tenant)] {
+            absl::StatusOr<engine::Request> req =
+                ToEngineRequest(*request, *model_->tokenizer, limits_);
+            if (req.ok()) req->tenant = tenant;
+            reactor->Start(std::move(req));
+          });
+  return reactor;
+}
+
+grpc::ServerWriteReactor<grpc::ByteBuffer>* SuperposeService::GenerateRag(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* bytes) {
+  auto* reactor = new GenerateReactor(context, engine_, model_->tokenizer.get(), metrics_);
+  auto request = std::make_unique<v1::GenerateRagRequest>();
+  absl::StatusOr<std::string> tenant = Admit(*context, *bytes, request.get());
+  if (!tenant.ok()) {
+    reactor->Start(tenant.status());
+    return reactor;
+  }
+  const int64_t text_bytes = TextBytes(*request);
+  RunWork(pool_, reactor, text_bytes,
+          [this, reactor, request = std::move(request), tenant = *std::move(tenant)] {
+            absl::StatusOr<engine::Request> req =
+                ToEngineRagRequest(*request, *model_->tokenizer, limits_);
+            std::vector<std::string> ids;
+            if (req.ok()) {
+              req->tenant = tenant;
+              for (const auto& d : request->documents()) ids.push_back(d.id());
+            }
+            reactor->Start(std::move(req), std::move(ids));
+          });
+  return reactor;
 }
 
 grpc::ServerUnaryReactor* SuperposeService::Tokenize(grpc::CallbackServerContext* context,
-                                                     const v1::TokenizeRequest* request,
-                                                     v1::TokenizeResponse* response) {
-  auto* reactor = context->DefaultReactor();
-  absl::Status st = auth_->Tenant(*context).status();
-  if (st.ok()) st = ValidateUtf8(request->text(), "text");
-  if (!st.ok()) {
-    reactor->Finish(ToGrpc(st));
-    return reactor;
+                                                     const grpc::ByteBuffer* bytes,
+                                                     grpc::ByteBuffer* response) {
+  auto* call = new PooledUnaryCall();
+  auto request = std::make_unique<v1::TokenizeRequest>();
+  if (absl::Status st = Admit(*context, *bytes, request.get()).status(); !st.ok()) {
+    call->Finish(ToGrpc(st));
+    return call;
   }
-  const bool add_special = !request->has_add_special_tokens() || request->add_special_tokens();
-  for (int32_t id : model_->tokenizer->Encode(request->text(), add_special)) {
-    response->add_token_ids(static_cast<uint32_t>(id));
-    response->add_tokens(model_->tokenizer->IdToToken(id));
-  }
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
+  const int64_t text_bytes = static_cast<int64_t>(request->text().size());
+  RunWork(pool_, call, text_bytes, [this, call, request = std::move(request), response] {
+    if (call->cancelled())
+      return call->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
+    if (absl::Status st = ValidateUtf8(request->text(), "text"); !st.ok()) {
+      return call->Finish(ToGrpc(st));
+    }
+    const bool add_special = !request->has_add_special_tokens() || request->add_special_tokens();
+    v1::TokenizeResponse out;
+    for (int32_t id : model_->tokenizer->Encode(request->text(), add_special)) {
+      out.add_token_ids(static_cast<uint32_t>(id));
+      out.add_tokens(model_->tokenizer->IdToToken(id));
+    }
+    *response = Serialize(out);
+    call->Finish(grpc::Status::OK);
+  });
+  return call;
 }
 
 grpc::ServerUnaryReactor* SuperposeService::Detokenize(grpc::CallbackServerContext* context,
-                                                       const v1::DetokenizeRequest* request,
-                                                       v1::DetokenizeResponse* response) {
-  auto* reactor = context->DefaultReactor();
-  absl::Status st = auth_->Tenant(*context).status();
+                                                       const grpc::ByteBuffer* bytes,
+                                                       grpc::ByteBuffer* response) {
+  auto* call = new PooledUnaryCall();
+  auto request = std::make_unique<v1::DetokenizeRequest>();
+  absl::Status st = Admit(*context, *bytes, request.get()).status();
   if (st.ok()) st = ValidateTokenIds(request->token_ids(), limits_.vocab_size, "token_ids");
   if (!st.ok()) {
-    reactor->Finish(ToGrpc(st));
-    return reactor;
+    call->Finish(ToGrpc(st));
+    return call;
   }
-  std::vector<int32_t> ids(request->token_ids().begin(), request->token_ids().end());
-  const bool skip = !request->has_skip_special_tokens() || request->skip_special_tokens();
-  response->set_text(model_->tokenizer->Decode(ids, skip));
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
+  // Decoding costs about as much per id as tokenizing does per byte of a short piece.
+  const int64_t work_bytes = int64_t{4} * request->token_ids_size();
+  RunWork(pool_, call, work_bytes, [this, call, request = std::move(request), response] {
+    if (call->cancelled())
+      return call->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
+    std::vector<int32_t> ids(request->token_ids().begin(), request->token_ids().end());
+    const bool skip = !request->has_skip_special_tokens() || request->skip_special_tokens();
+    v1::DetokenizeResponse out;
+    out.set_text(model_->tokenizer->Decode(ids, skip));
+    *response = Serialize(out);
+    call->Finish(grpc::Status::OK);
+  });
+  return call;
 }
 
 grpc::ServerUnaryReactor* SuperposeService::GetModelInfo(grpc::CallbackServerContext* context,
-                                                         const v1::GetModelInfoRequest*,
-                                                         v1::ModelInfo* response) {
+                                                         const grpc::ByteBuffer* bytes,
+                                                         grpc::ByteBuffer* response) {
   auto* reactor = context->DefaultReactor();
+  v1::GetModelInfoRequest request;
   absl::Status st = auth_->Tenant(*context).status();
-  if (st.ok()) *response = info_;
+  if (st.ok()) st = ParseRequest(*bytes, &request);
+  if (st.ok()) *response = Serialize(info_);
   reactor->Finish(ToGrpc(st));
   return reactor;
 }

@@ -29,6 +29,7 @@
 #endif
 #include "server/metrics.h"
 #include "server/omp_wait.h"
+#include "server/request_bounds.h"
 #include "server/service.h"
 #include "spdlog/spdlog.h"
 
@@ -88,6 +89,18 @@ ABSL_FLAG(std::string, api_keys_file, "",
           "File of '<key> <tenant>' lines: clients must send 'authorization: Bearer <key>'; "
           "the tenant scopes the prefix cache. Empty: no auth, tenant \"default\"");
 ABSL_FLAG(std::string, log_level, "info", "trace|debug|info|warn|error");
+// Request bounds (docs/operations.md, "Request bounds").
+ABSL_FLAG(int32_t, max_bytes_per_token, 32,
+          "Bytes one token may stand for: --max_text_bytes defaults to this times the context "
+          "window");
+ABSL_FLAG(int64_t, max_text_bytes, 0,
+          "Most bytes of one text field (prompt, document, preamble, query, postamble, Tokenize "
+          "text), checked before tokenizing (0: context window * --max_bytes_per_token)");
+ABSL_FLAG(int64_t, max_request_bytes, 0,
+          "Most bytes of one request message (0: 4 * max_text_bytes + 64 KiB)");
+ABSL_FLAG(int32_t, tokenize_threads, 2, "Threads that tokenize requests, off the gRPC threads");
+ABSL_FLAG(int32_t, tokenize_queue, 64,
+          "Requests that may wait for a tokenize thread; more get RESOURCE_EXHAUSTED");
 
 namespace {
 
@@ -144,6 +157,18 @@ absl::StatusOr<engine::BackendRegistry::Config> ConfigureBackend(
   }
 #endif
   return registry.Configure(name, CommonBackendOptions(), GivenBackendFlags());
+}
+
+// The request bounds for a context window of `context_length` tokens.
+absl::StatusOr<server::RequestBounds> RequestBoundsFromFlags(int32_t context_length) {
+  if (absl::GetFlag(FLAGS_tokenize_threads) < 1 || absl::GetFlag(FLAGS_tokenize_queue) < 0) {
+    return absl::InvalidArgumentError("--tokenize_threads must be >= 1, --tokenize_queue >= 0");
+  }
+  server::BoundsConfig c;
+  c.max_bytes_per_token = absl::GetFlag(FLAGS_max_bytes_per_token);
+  c.max_text_bytes = absl::GetFlag(FLAGS_max_text_bytes);
+  c.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
+  return server::DeriveRequestBounds(context_length, c);
 }
 
 int Run() {
@@ -236,8 +261,22 @@ int Run() {
   limits.vocab_size = cfg.vocab_size;
   limits.default_max_new_tokens = absl::GetFlag(FLAGS_default_max_new_tokens);
   limits.max_rag_documents = absl::GetFlag(FLAGS_rag_max_documents);
+  absl::StatusOr<server::RequestBounds> bounds = RequestBoundsFromFlags(limits.context_length);
+  if (!bounds.ok()) {
+    spdlog::critical("{}", std::string(bounds.status().message()));
+    return 2;
+  }
+  limits.max_text_bytes = bounds->max_text_bytes;
+  // Outlives the gRPC server: its work finishes calls that Shutdown() waits for.
+  server::WorkPool tokenize_pool(absl::GetFlag(FLAGS_tokenize_threads),
+                                 absl::GetFlag(FLAGS_tokenize_queue));
+  spdlog::info("request bounds: max_text_bytes={} max_request_bytes={} tokenize_threads={} "
+               "tokenize_queue={}",
+               bounds->max_text_bytes, bounds->max_request_bytes, tokenize_pool.threads(),
+               tokenize_pool.max_queued());
   server::SuperposeService service(&*model, &eng, (*backend)->name(), (*backend)->compute_dtype(),
-                                   kv.dtype, bopts.tensor_parallel, limits, &metrics, &auth);
+                                   kv.dtype, bopts.tensor_parallel, limits, &metrics, &auth,
+                                   &tokenize_pool);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -245,7 +284,7 @@ int Run() {
   int port = 0;
   builder.AddListeningPort(absl::GetFlag(FLAGS_listen), grpc::InsecureServerCredentials(), &port);
   builder.RegisterService(&service);
-  builder.SetMaxReceiveMessageSize(64 << 20);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(bounds->max_request_bytes));
   // A second server on the same port must fail, not share the port silently.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
