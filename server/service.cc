@@ -50,6 +50,10 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
 
   void Hold() { refs_.fetch_add(1, std::memory_order_relaxed); }
   void Release() { Unref(); }
+  bool cancelled() {
+    absl::MutexLock lock(&mu_);
+    return cancelled_;
+  }
   void Reject(const grpc::Status& status) {
     Start(absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message()));
   }
@@ -291,6 +295,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* SuperposeService::Generate(
   const int64_t text_bytes = TextBytes(*request);
   RunWork(pool_, reactor, text_bytes,
           [this, reactor, request = std::move(request), tenant = *std::move(tenant)] {
+            if (reactor->cancelled()) return reactor->Start(absl::CancelledError("cancelled"));
             absl::StatusOr<engine::Request> req =
                 ToEngineRequest(*request, *model_->tokenizer, limits_);
             if (req.ok()) req->tenant = tenant;
@@ -311,6 +316,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* SuperposeService::GenerateRag(
   const int64_t text_bytes = TextBytes(*request);
   RunWork(pool_, reactor, text_bytes,
           [this, reactor, request = std::move(request), tenant = *std::move(tenant)] {
+            if (reactor->cancelled()) return reactor->Start(absl::CancelledError("cancelled"));
             absl::StatusOr<engine::Request> req =
                 ToEngineRagRequest(*request, *model_->tokenizer, limits_);
             std::vector<std::string> ids;
