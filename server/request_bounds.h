@@ -17,9 +17,10 @@ namespace superpose::server {
 struct BoundsConfig {
   // Most input bytes one token can stand for, on average over a prompt that fills the
   // context window. 32: in the fixture tokenizers (stories260k, llama-spm, phi-3,
-  // gpt-2, gpt-neox, falcon) prose takes 3-5 bytes per token, the longest piece of the
-  // SentencePiece vocabularies is 27 bytes, and only runs of spaces or punctuation in
-  // the byte-level ones (up to 80, 128 and 512 bytes) are longer.
+  // gpt-2, gpt-neox, falcon) text takes 1.8-3.0 bytes per token on average (13 at most
+  // for one test case), the longest piece of the SentencePiece vocabularies is 27
+  // bytes, and only runs of spaces or punctuation in the byte-level ones (up to 80, 128
+  // and 512 bytes) are longer. docs/operations.md ("Request bounds") has the numbers.
   int32_t max_bytes_per_token = 32;
   int64_t max_text_bytes = 0;     // per text field; 0: context_length * max_bytes_per_token
   int64_t max_request_bytes = 0;  // per message; 0: 4 * max_text_bytes + 64 KiB
