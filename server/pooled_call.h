@@ -38,7 +38,8 @@ class PooledUnaryCall final : public grpc::ServerUnaryReactor {
 
 // Runs `work` inline when it is small (`bytes` <= kInlineWorkBytes) or there is no
 // pool; otherwise queues it, holding `call` until it has run. A full pool finishes the
-// call with RESOURCE_EXHAUSTED. `Call` has Hold(), Release() and Reject(grpc::Status).
+// call with RESOURCE_EXHAUSTED (a stopping one with UNAVAILABLE). `Call` has Hold(), Release() and
+// Reject(grpc::Status).
 template <typename Call>
 void RunWork(WorkPool* pool, Call* call, int64_t bytes, absl::AnyInvocable<void() &&> work) {
   if (pool == nullptr || bytes <= kInlineWorkBytes) {
@@ -52,7 +53,7 @@ void RunWork(WorkPool* pool, Call* call, int64_t bytes, absl::AnyInvocable<void(
   });
   if (!st.ok()) {
     call->Release();
-    call->Reject(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, std::string(st.message())));
+    call->Reject(grpc::Status(static_cast<grpc::StatusCode>(st.code()), std::string(st.message())));
   }
 }
 

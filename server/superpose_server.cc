@@ -270,10 +270,11 @@ int Run() {
   // Outlives the gRPC server: its work finishes calls that Shutdown() waits for.
   server::WorkPool tokenize_pool(absl::GetFlag(FLAGS_tokenize_threads),
                                  absl::GetFlag(FLAGS_tokenize_queue));
-  spdlog::info("request bounds: max_text_bytes={} max_request_bytes={} tokenize_threads={} "
-               "tokenize_queue={}",
-               bounds->max_text_bytes, bounds->max_request_bytes, tokenize_pool.threads(),
-               tokenize_pool.max_queued());
+  spdlog::info(
+      "request bounds: max_text_bytes={} max_request_bytes={} tokenize_threads={} "
+      "tokenize_queue={}",
+      bounds->max_text_bytes, bounds->max_request_bytes, tokenize_pool.threads(),
+      tokenize_pool.max_queued());
   server::SuperposeService service(&*model, &eng, (*backend)->name(), (*backend)->compute_dtype(),
                                    kv.dtype, bopts.tensor_parallel, limits, &metrics, &auth,
                                    &tokenize_pool);
@@ -327,6 +328,9 @@ int Run() {
   // Stops accepting calls, lets running ones finish until the deadline, then cancels.
   server->Shutdown(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(static_cast<int64_t>(grace * 1000)));
+  // Work still queued finishes its calls (cancelled ones at once) while the service
+  // and the engine are alive.
+  tokenize_pool.Stop();
   eng.Shutdown(absl::ZeroDuration());
   metrics_server.Stop();
   spdlog::info("stopped");

@@ -13,18 +13,23 @@ WorkPool::WorkPool(int threads, int max_queued) : max_queued_(std::max(0, max_qu
   for (int i = 0; i < threads; ++i) workers_.emplace_back([this] { Loop(); });
 }
 
-WorkPool::~WorkPool() {
+WorkPool::~WorkPool() { Stop(); }
+
+void WorkPool::Stop() {
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
   }
-  for (std::thread& t : workers_) t.join();
+  for (std::thread& t : workers_) {
+    if (t.joinable()) t.join();
+  }
 }
 
 absl::Status WorkPool::TrySubmit(absl::AnyInvocable<void() &&> task) {
   absl::MutexLock lock(&mu_);
   // A task waits only when every worker is busy; the bound counts waiting tasks.
-  if (stopping_ || static_cast<int>(queue_.size()) >= max_queued_ + idle_) {
+  if (stopping_) return absl::UnavailableError("the server is shutting down");
+  if (static_cast<int>(queue_.size()) >= max_queued_ + idle_) {
     return absl::ResourceExhaustedError(
         absl::StrCat("the tokenizer pool is full (", workers_.size(), " threads busy, ",
                      max_queued_, " requests waiting); retry later"));

@@ -18,14 +18,17 @@ class WorkPool {
  public:
   // `threads` >= 1 workers; at most `max_queued` >= 0 tasks wait for a worker.
   WorkPool(int threads, int max_queued);
-  // Runs every queued task, then joins the workers.
+  // Stop().
   ~WorkPool();
   WorkPool(const WorkPool&) = delete;
   WorkPool& operator=(const WorkPool&) = delete;
 
-  // Queues `task`, or returns RESOURCE_EXHAUSTED (and drops it) when `max_queued`
-  // tasks already wait. A task runs exactly once when queued.
+  // Queues `task`, or drops it and returns RESOURCE_EXHAUSTED when `max_queued` tasks
+  // already wait (UNAVAILABLE once stopping). A task runs exactly once when queued.
   absl::Status TrySubmit(absl::AnyInvocable<void() &&> task);
+
+  // Refuses new tasks, runs every queued one, joins the workers. Idempotent.
+  void Stop();
 
   int threads() const { return static_cast<int>(workers_.size()); }
   int max_queued() const { return max_queued_; }

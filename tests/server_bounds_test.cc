@@ -319,11 +319,11 @@ TEST_F(BoundsTest, MaxNewTokensZeroMeansTheServerDefault) {
 class PoolTest : public ::testing::Test {
  protected:
   static constexpr int64_t kBigText = 3 << 20;
-  void Start(int queue) {
-    server_ = std::make_unique<testing::ServerProcess>(
-        std::vector<std::string>{"--model=" + testing::Stories260kDir(), "--tokenize_threads=1",
-                                 "--tokenize_queue=" + std::to_string(queue),
-                                 "--max_text_bytes=" + std::to_string(kBigText)});
+  void Start(int queue, std::vector<std::string> args = {}) {
+    args.insert(args.end(), {"--model=" + testing::Stories260kDir(), "--tokenize_threads=1",
+                             "--tokenize_queue=" + std::to_string(queue),
+                             "--max_text_bytes=" + std::to_string(kBigText)});
+    server_ = std::make_unique<testing::ServerProcess>(args);
     ASSERT_TRUE(server_->ok());
     stub_ = v1::Superpose::NewStub(server_->Channel());
   }
@@ -474,6 +474,34 @@ TEST_F(PoolTest, CancelWhileQueuedOrTokenizing) {
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
   EXPECT_EQ(server_->Stop(), 0);
   for (auto& t : late) t.join();
+}
+
+// The server stops (SIGTERM) with a short grace period while large requests wait in
+// the pool and one is being tokenized: it exits cleanly, every call gets a status.
+TEST_F(PoolTest, StopWhileTokenizing) {
+  Start(8, {"--shutdown_grace_s=0.05"});
+  const v1::GenerateRequest big = BigGenerate();
+  std::vector<grpc::Status> status(4);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&, i] {
+      grpc::ClientContext ctx;
+      status[i] = Drain(stub_->Generate(&ctx, big)).status;
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_EQ(server_->Stop(), 0);
+  for (auto& t : threads) t.join();
+  for (const grpc::Status& st : status) EXPECT_FALSE(st.ok());
+}
+
+// Bad bound flags stop startup.
+TEST(BoundsFlagsTest, BadValuesFailStartup) {
+  for (const char* flag : {"--tokenize_threads=0", "--tokenize_queue=-1", "--max_bytes_per_token=0",
+                           "--max_text_bytes=-5", "--max_request_bytes=4000000000"}) {
+    testing::ServerProcess server({"--model=" + testing::Stories260kDir(), flag});
+    EXPECT_FALSE(server.ok()) << flag;
+  }
 }
 
 }  // namespace
