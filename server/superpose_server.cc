@@ -59,7 +59,7 @@ ABSL_FLAG(std::string, cuda_attention, "auto",
           "CUDA: attention of prefill steps: auto (tensor cores when head_dim is a multiple "
           "of 16 up to 128, else simt), simt (float32 kernel) or tensor_core");
 ABSL_FLAG(std::string, cpu_dtype, "auto",
-          "CPU backend weight type: auto (bfloat16 for bf16 checkpoints on CPUs with AMX, "
+          "CPU backend weight type: auto (bfloat16 for bf16 checkpoints, on every CPU; "
           "else float32) | float32 | bfloat16");
 ABSL_FLAG(std::string, kv_cache_dtype, "auto",
           "KV cache element type: auto (CPU: bfloat16 when the weights run in bfloat16, else "
