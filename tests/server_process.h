@@ -87,6 +87,7 @@ class ServerProcess {
 
   bool ok() const { return pid_ > 0 && port_ > 0; }
   int port() const { return port_; }
+  pid_t pid() const { return pid_; }
   int metrics_port() const { return metrics_port_; }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   std::shared_ptr<grpc::Channel> Channel() const {
