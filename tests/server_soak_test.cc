@@ -262,8 +262,15 @@ TEST(ServerSoakTest, MixedTrafficLeavesCorrectAnswersNoBlocksAndBoundedMemory) {
   EXPECT_EQ(running, 0);
   EXPECT_EQ(testing::MetricValue(mport, "superpose_kv_blocks_free"), total_blocks);
   // The bound: a steady server holds its weights, KV pool and caches from the start;
-  // 64 MiB covers allocator and gRPC growth, not a leak per request.
-  EXPECT_LT(rss_after - rss_before, 64 * 1024) << "RSS grew from " << rss_before << " KiB";
+  // 64 MiB covers allocator and gRPC growth, not a leak per request. Sanitizer builds
+  // keep freed memory in quarantine (ASan) or shadow and history memory (TSan) that
+  // grows with the traffic: there the bound is 512 MiB (their own leak checks remain).
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  constexpr int64_t kRssBoundKiB = 512 * 1024;
+#else
+  constexpr int64_t kRssBoundKiB = 64 * 1024;
+#endif
+  EXPECT_LT(rss_after - rss_before, kRssBoundKiB) << "RSS grew from " << rss_before << " KiB";
   // Still serving, with the reference answer.
   Outcome o = soak.Run(soak.Request(0), tenant_keys[0]);
   ASSERT_TRUE(o.status.ok());
