@@ -2,6 +2,7 @@
 // --kv_cache_mb or what --gpu_memory_fraction leaves after the weights.
 #include <algorithm>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -76,6 +77,69 @@ absl::StatusOr<int64_t> CudaBackend::Impl::SmallestOverRanks(int64_t blocks) {
   SP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
   for (float f : all) blocks = std::min(blocks, static_cast<int64_t>(f));
   return blocks;
+}
+
+namespace {
+
+// `blocks` sorted, as runs [first, first + count) of consecutive ids.
+std::vector<std::pair<BlockId, int32_t>> BlockRuns(absl::Span<const BlockId> blocks) {
+  std::vector<BlockId> sorted(blocks.begin(), blocks.end());
+  std::sort(sorted.begin(), sorted.end());
+  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  std::vector<std::pair<BlockId, int32_t>> runs;
+  for (BlockId b : sorted) {
+    if (!runs.empty() && runs.back().first + runs.back().second == b) {
+      ++runs.back().second;
+    } else {
+      runs.emplace_back(b, 1);
+    }
+  }
+  return runs;
+}
+
+}  // namespace
+
+absl::Status CudaBackend::Impl::ZeroKvBlocks(absl::Span<const BlockId> blocks) {
+  if (!loaded) return absl::FailedPreconditionError("ZeroKvBlocks before Load");
+  for (BlockId b : blocks) {
+    if (b < 0 || b >= kv_info.num_blocks) {
+      return absl::OutOfRangeError(
+          absl::StrCat("KV block ", b, " is not in [0, ", kv_info.num_blocks, ")"));
+    }
+  }
+  SP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  const size_t per_block = static_cast<size_t>(kv_info.block_size) * kv_heads * config.head_dim;
+  for (const auto& [first, count] : BlockRuns(blocks)) {
+    for (int32_t l = 0; l < config.num_layers; ++l) {
+      const size_t at = (static_cast<size_t>(l) * kv_info.num_blocks + first) * per_block;
+      const size_t bytes = per_block * count * sizeof(bf16);
+      SP_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(k_cache.get() + at, 0, bytes, stream));
+      SP_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(v_cache.get() + at, 0, bytes, stream));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<uint8_t>> CudaBackend::Impl::KvBlockBytes(BlockId block) const {
+  if (!loaded) return absl::FailedPreconditionError("KvBlockBytes before Load");
+  if (block < 0 || block >= kv_info.num_blocks) {
+    return absl::OutOfRangeError(
+        absl::StrCat("KV block ", block, " is not in [0, ", kv_info.num_blocks, ")"));
+  }
+  SP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  const size_t per_block = static_cast<size_t>(kv_info.block_size) * kv_heads * config.head_dim;
+  const size_t bytes = per_block * sizeof(bf16);
+  std::vector<uint8_t> out(2 * config.num_layers * bytes);
+  size_t o = 0;
+  for (const bf16* cache : {k_cache.get(), v_cache.get()}) {
+    for (int32_t l = 0; l < config.num_layers; ++l, o += bytes) {
+      const size_t at = (static_cast<size_t>(l) * kv_info.num_blocks + block) * per_block;
+      SP_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(out.data() + o, cache + at, bytes, cudaMemcpyDeviceToHost, stream));
+    }
+  }
+  SP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  return out;
 }
 
 }  // namespace superpose::cuda

@@ -69,6 +69,8 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   void DropExpired(const std::vector<uint64_t>& cancels, bool stopping, absl::Time deadline);
   void Sweep();
   void PublishCounts();
+  void ZeroBlock(BlockId b);
+  void ApplyPrivateMode(Request& request) const;
 
   // One step: snapshot, decision, applied decision, plan, forward, outputs.
   bool Step();
@@ -152,12 +154,33 @@ Engine::Impl::Impl(const EngineOptions& options, const ModelConfig& config,
   rag_limits.context_length = max_context_;
   rag_limits.max_documents = options_.rag_max_documents;
   owners_.push_back(std::make_unique<rag::Planner>(this, config_, rag_limits));
+  if (options_.private_mode) {
+    options_.prefix_caching = false;
+    blocks_->set_release_hook([this](BlockId b) { ZeroBlock(b); });
+  }
+}
+
+// Private mode: a freed block's keys and values go before it can be reused.
+void Engine::Impl::ZeroBlock(BlockId b) {
+  const BlockId one[] = {b};
+  if (absl::Status st = backend_->ZeroKvBlocks(one); !st.ok()) {
+    spdlog::critical("private mode: zeroing a freed KV block failed: {}", st.ToString());
+  }
+}
+
+// Private mode: a RAG request never reads or fills the path cache.
+void Engine::Impl::ApplyPrivateMode(Request& request) const {
+  if (!options_.private_mode || request.rag == nullptr || !request.rag->options.path_cache) return;
+  auto spec = std::make_shared<rag::Spec>(*request.rag);
+  spec->options.path_cache = false;
+  request.rag = std::move(spec);
 }
 
 absl::StatusOr<uint64_t> Engine::Impl::Submit(Request request, StreamCallback callback) {
   // Every log line of the request carries its id: never let text through.
   absl::StatusOr<LogId> log_id = LogId::Of(request.request_id);
   if (!log_id.ok()) return log_id.status();
+  ApplyPrivateMode(request);
   Incoming in;
   for (const auto& o : owners_) {
     if (o->Claims(request)) in.owner = o.get();
@@ -304,7 +327,8 @@ bool Engine::Impl::TakeInbox(bool* stopping, absl::Time* drain_deadline) {
   return true;
 }
 
-// Client cancels, deadlines and the end of a shutdown's grace. Marking first and
+// Client cancels, deadlines, a shutdown's refusal of requests not yet admitted and the
+// end of its grace. Marking first and
 // sweeping after: finishing one sequence of a request may finish its siblings too.
 void Engine::Impl::DropExpired(const std::vector<uint64_t>& cancels, bool stopping,
                                absl::Time drain_deadline) {
@@ -315,6 +339,9 @@ void Engine::Impl::DropExpired(const std::vector<uint64_t>& cancels, bool stoppi
       Finish(s, FinishReason::kCancelled, absl::CancelledError("cancelled by the client"));
     } else if (s->req.deadline < now) {
       Finish(s, FinishReason::kCancelled, absl::DeadlineExceededError("deadline exceeded"));
+    } else if (stopping && !s->owner->RequestAdmitted(*s)) {
+      Finish(s, FinishReason::kNone,
+             absl::UnavailableError("server is shutting down; the request was not started"));
     } else if (stopping && now >= drain_deadline) {
       Finish(s, FinishReason::kCancelled, absl::OkStatus());
     }
