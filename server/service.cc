@@ -146,6 +146,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
       }
     }
     if (broken_ || cancelled_) return Pump();
+    // A failed request's final event with nothing in it ends with the status alone.
+    const bool empty = ev.text.empty() && ev.token_ids.empty() && ev.logprobs.empty();
+    if (empty && ev.finished && !ev.status.ok()) return Pump();
     // The head of pending_ may be in flight: merge only into a later one.
     v1::GenerateResponse* r;
     if (pending_.size() >= 2 || (pending_.size() == 1 && !writing_)) {
