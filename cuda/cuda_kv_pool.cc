@@ -2,7 +2,6 @@
 // --kv_cache_mb or what --gpu_memory_fraction leaves after the weights.
 #include <algorithm>
 #include <limits>
-#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -79,26 +78,6 @@ absl::StatusOr<int64_t> CudaBackend::Impl::SmallestOverRanks(int64_t blocks) {
   return blocks;
 }
 
-namespace {
-
-// `blocks` sorted, as runs [first, first + count) of consecutive ids.
-std::vector<std::pair<BlockId, int32_t>> BlockRuns(absl::Span<const BlockId> blocks) {
-  std::vector<BlockId> sorted(blocks.begin(), blocks.end());
-  std::sort(sorted.begin(), sorted.end());
-  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
-  std::vector<std::pair<BlockId, int32_t>> runs;
-  for (BlockId b : sorted) {
-    if (!runs.empty() && runs.back().first + runs.back().second == b) {
-      ++runs.back().second;
-    } else {
-      runs.emplace_back(b, 1);
-    }
-  }
-  return runs;
-}
-
-}  // namespace
-
 absl::Status CudaBackend::Impl::ZeroKvBlocks(absl::Span<const BlockId> blocks) {
   if (!loaded) return absl::FailedPreconditionError("ZeroKvBlocks before Load");
   for (BlockId b : blocks) {
@@ -109,10 +88,10 @@ absl::Status CudaBackend::Impl::ZeroKvBlocks(absl::Span<const BlockId> blocks) {
   }
   SP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
   const size_t per_block = static_cast<size_t>(kv_info.block_size) * kv_heads * config.head_dim;
-  for (const auto& [first, count] : BlockRuns(blocks)) {
+  const size_t bytes = per_block * sizeof(bf16);
+  for (BlockId b : blocks) {
     for (int32_t l = 0; l < config.num_layers; ++l) {
-      const size_t at = (static_cast<size_t>(l) * kv_info.num_blocks + first) * per_block;
-      const size_t bytes = per_block * count * sizeof(bf16);
+      const size_t at = (static_cast<size_t>(l) * kv_info.num_blocks + b) * per_block;
       SP_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(k_cache.get() + at, 0, bytes, stream));
       SP_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(v_cache.get() + at, 0, bytes, stream));
     }
