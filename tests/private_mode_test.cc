@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "engine/cpu/cpu_backend.h"
+#include "engine/kv/kv_block_manager.h"
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
 #include "tests/test_util.h"
@@ -184,6 +185,42 @@ TEST_F(EngineShutdownTest, RefusesQueuedAndCancelsRunningWithUsage) {
   // After the shutdown new requests are refused.
   Collector late;
   EXPECT_EQ(eng.Submit(long_req, late.Callback()).status().code(), absl::StatusCode::kUnavailable);
+}
+
+// The block manager calls the hook once per block, when its last reference goes, and
+// forgets the block's cached content first.
+TEST(KvReleaseHookTest, CalledAtTheLastReleaseAndUnpublishes) {
+  engine::KvBlockManager m(4);
+  std::vector<engine::BlockId> freed;
+  m.set_release_hook([&](engine::BlockId b) { freed.push_back(b); });
+  const engine::BlockId a = *m.Allocate();
+  m.Publish(a, 42);
+  m.Retain(a);
+  m.Release(a);
+  EXPECT_TRUE(freed.empty());
+  EXPECT_TRUE(m.Contains(42));
+  m.Release(a);
+  EXPECT_EQ(freed, std::vector<engine::BlockId>{a});
+  EXPECT_FALSE(m.Contains(42));
+  EXPECT_EQ(m.cached_blocks(), 0);
+  EXPECT_EQ(m.free_blocks(), 4);
+}
+
+// Private mode's log ids: a keyed hash, the same for one id (lines correlate), different
+// for different ids, never the id itself. Process-wide from the call on (ctest runs
+// each test in its own process).
+TEST(LogIdHashTest, HashedIdsCorrelateAndHideTheId) {
+  ASSERT_EQ(engine::LogId::Of("client-id-7")->str(), "client-id-7");
+  ASSERT_TRUE(engine::HashRequestIdsInLogs());
+  const std::string a = engine::LogId::Of("client-id-7")->str();
+  EXPECT_EQ(engine::LogId::Of("client-id-7")->str(), a);
+  EXPECT_NE(engine::LogId::Of("client-id-8")->str(), a);
+  EXPECT_EQ(a.find("client"), std::string::npos);
+  ASSERT_EQ(a.size(), 17u);
+  EXPECT_EQ(a[0], 'h');
+  EXPECT_EQ(a.find_first_not_of("0123456789abcdef", 1), std::string::npos) << a;
+  // Still only ids: text is refused before any hashing.
+  EXPECT_FALSE(engine::LogId::Of("tell me a story").ok());
 }
 
 }  // namespace

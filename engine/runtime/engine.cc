@@ -328,8 +328,8 @@ bool Engine::Impl::TakeInbox(bool* stopping, absl::Time* drain_deadline) {
 }
 
 // Client cancels, deadlines, a shutdown's refusal of requests not yet admitted and the
-// end of its grace. Marking first and
-// sweeping after: finishing one sequence of a request may finish its siblings too.
+// end of its grace. Marking first and sweeping after: finishing one sequence of a
+// request may finish its siblings too.
 void Engine::Impl::DropExpired(const std::vector<uint64_t>& cancels, bool stopping,
                                absl::Time drain_deadline) {
   const absl::Time now = absl::Now();
