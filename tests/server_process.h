@@ -93,7 +93,6 @@ class ServerProcess {
   std::shared_ptr<grpc::Channel> Channel() const {
     return grpc::CreateChannel(address(), grpc::InsecureChannelCredentials());
   }
-  pid_t pid() const { return pid_; }
   void Signal(int sig) const {
     if (pid_ > 0) kill(pid_, sig);
   }
