@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <fstream>
 #include <memory>
 #include <regex>
@@ -101,9 +102,8 @@ std::string ReadFile(const std::string& path) {
 }
 
 TEST(ServerShutdownTest, DrainsAsDocumented) {
-  const double grace_s = 1.0;
   const std::string log = "/tmp/superpose-shutdown-test-" + std::to_string(getpid()) + ".log";
-  // The built-in model (fast to load, context 2048); two token per step and two running
+  // The built-in model (fast to load, context 2048); two tokens per step and two running
   // sequences: the long streams are still running when the grace ends.
   testing::ServerProcess server(
       {"--shutdown_grace_s=1", "--max_running=2", "--max_batch_tokens=2", "--log_level=info"}, log);
@@ -139,8 +139,7 @@ TEST(ServerShutdownTest, DrainsAsDocumented) {
                         std::chrono::seconds(10)));
   EXPECT_EQ(h, HealthResponse::NOT_SERVING) << st.error_code() << " " << st.error_message();
   EXPECT_TRUE(st.ok()) << st.error_message();
-  EXPECT_LT(Clock::now() - signalled, std::chrono::duration<double>(grace_s))
-      << "NOT_SERVING only after the grace";
+  const auto not_serving_at = Clock::now();
   // A new request is refused at once.
   Stream late(stub.get(), "late");
   late.Join();
@@ -156,6 +155,12 @@ TEST(ServerShutdownTest, DrainsAsDocumented) {
     EXPECT_EQ(s->responses(), 0);
     // Refused at once, not held for the grace: before any running stream ended.
     for (auto& r : running) EXPECT_LT(s->done_at(), r->done_at());
+  }
+  // Orderings, not timings: NOT_SERVING and the refusals came while the running
+  // streams still ran (they end at the end of the grace).
+  for (auto& r : running) {
+    EXPECT_LT(not_serving_at, r->done_at());
+    EXPECT_LT(late.done_at(), r->done_at());
   }
   for (auto& s : running) {
     EXPECT_TRUE(s->status().ok()) << s->status().error_code() << " " << s->status().error_message();
@@ -177,6 +182,26 @@ TEST(ServerShutdownTest, DrainsAsDocumented) {
   EXPECT_EQ(m[1].str(), m[2].str()) << "KV blocks leaked";
   EXPECT_NE(text.find("streams all closed"), std::string::npos) << text;
   std::remove(log.c_str());
+}
+
+// With nothing running, an idle client connection does not hold the exit: gRPC's own
+// graceful shutdown waited about 5 s for such a connection (measured: 5.1 s before the
+// fix, 0.1 s after); the server now closes it. The time is printed; the bound (4 s) is
+// far above the 0.1 s it takes and below the 5 s it used to.
+TEST(ServerShutdownTest, IdleConnectionDoesNotHoldTheExit) {
+  testing::ServerProcess server({"--shutdown_grace_s=10"});
+  ASSERT_TRUE(server.ok());
+  auto idle = server.Channel();
+  ASSERT_TRUE(idle->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(10)));
+  grpc::Status st;
+  auto health = grpc::health::v1::Health::NewStub(idle);
+  ASSERT_EQ(Health(health.get(), &st), HealthResponse::SERVING) << st.error_message();
+  const auto signalled = Clock::now();
+  server.Signal(SIGTERM);
+  EXPECT_EQ(server.WaitExit(std::chrono::seconds(30)), 0);
+  const double s = std::chrono::duration<double>(Clock::now() - signalled).count();
+  std::printf("exit %.2f s after SIGTERM with an idle connection open (grace 10 s)\n", s);
+  EXPECT_LT(s, 4.0) << "an idle connection held the exit";
 }
 
 }  // namespace
