@@ -10,6 +10,7 @@
 #include "engine/kv/kv_block_manager.h"
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
+#include "tests/forwarding_backend.h"
 #include "tests/test_util.h"
 
 namespace superpose {
@@ -149,6 +150,34 @@ TEST_F(PrivateModeTest, PrefixAndPathCachesStayCold) {
 // Shutdown: a request still queued (never admitted) is refused with UNAVAILABLE at
 // once; an admitted one runs until the grace ends and gets a final event with
 // finish_reason CANCELLED, an OK status and its usage. Every block is free after.
+// A backend whose zeroing fails: the engine fails closed (health, then refusals).
+class NoZeroing : public testing::ForwardingBackend {
+ public:
+  using ForwardingBackend::ForwardingBackend;
+  absl::Status ZeroKvBlocks(absl::Span<const engine::BlockId>) override {
+    return absl::InternalError("memset failed");
+  }
+};
+
+TEST_F(PrivateModeTest, FailedZeroingFailsTheEngineClosed) {
+  engine::BackendOptions opts;
+  opts.kv_num_blocks = kBlocks;
+  backend_ = engine::cpu::MakeCpuBackend(opts, {});
+  ASSERT_TRUE(backend_->Load(model_.config, *model_.weights, engine::Shard{}).ok());
+  NoZeroing failing(backend_.get());
+  engine::EngineOptions eo;
+  eo.private_mode = true;
+  engine::Engine eng(eo, model_.config, model_.tokenizer.get(), &failing);
+  eng.Start();
+  EXPECT_TRUE(eng.Health().ok());
+  ASSERT_TRUE(RunRequest(eng, GreedyRequest(Prompt(), 4)).status.ok());
+  EXPECT_EQ(eng.Health().code(), absl::StatusCode::kFailedPrecondition);
+  Collector c;
+  EXPECT_EQ(eng.Submit(GreedyRequest(Prompt(), 4), c.Callback()).status().code(),
+            absl::StatusCode::kUnavailable);
+  eng.Shutdown(absl::ZeroDuration());
+}
+
 using EngineShutdownTest = PrivateModeTest;
 
 TEST_F(EngineShutdownTest, RefusesQueuedAndCancelsRunningWithUsage) {

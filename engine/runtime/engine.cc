@@ -43,7 +43,7 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   void Cancel(uint64_t handle);
   void Shutdown(absl::Duration grace);
   EngineStats stats() const;
-  absl::Status Health() const { return backend_->Health(); }
+  absl::Status Health() const;
   int32_t context_length() const { return max_context_; }
   const KvBlockManager& block_manager() const { return *blocks_; }
 
@@ -125,6 +125,7 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;
   std::vector<float> logits_scratch_;              // the sampler's copy of a whole row
+  std::atomic<bool> zero_failed_{false};           // private mode: see ZeroBlock
   uint64_t next_internal_id_ = uint64_t{1} << 62;  // handles of owners' sequences
   std::thread thread_;
   std::atomic<int32_t> stat_running_{0};
@@ -160,12 +161,22 @@ Engine::Impl::Impl(const EngineOptions& options, const ModelConfig& config,
   }
 }
 
-// Private mode: a freed block's keys and values go before it can be reused.
+// Private mode: a freed block's keys and values go before it can be reused. If that
+// fails the engine fails closed: its health turns FAILED_PRECONDITION (the server
+// reports NOT_SERVING and refuses new requests).
 void Engine::Impl::ZeroBlock(BlockId b) {
   const BlockId one[] = {b};
-  if (absl::Status st = backend_->ZeroKvBlocks(one); !st.ok()) {
+  absl::Status st = backend_->ZeroKvBlocks(one);
+  if (!st.ok() && !zero_failed_.exchange(true)) {
     spdlog::critical("private mode: zeroing a freed KV block failed: {}", st.ToString());
   }
+}
+
+absl::Status Engine::Impl::Health() const {
+  if (zero_failed_.load()) {
+    return absl::FailedPreconditionError("private mode: a freed KV block could not be zeroed");
+  }
+  return backend_->Health();
 }
 
 // Private mode: a RAG request never reads or fills the path cache.
@@ -203,8 +214,7 @@ absl::StatusOr<uint64_t> Engine::Impl::Submit(Request request, StreamCallback ca
   in.request.callback = std::move(callback);
   absl::MutexLock lock(&mu_);
   const int32_t queued = static_cast<int32_t>(inbox_.size()) + waiting_requests_;
-  if (absl::Status st = CheckQueue(accepting_, backend_->Health(), queued, options_.max_waiting);
-      !st.ok()) {
+  if (absl::Status st = CheckQueue(accepting_, Health(), queued, options_.max_waiting); !st.ok()) {
     return st;
   }
   in.request.handle = next_handle_++;

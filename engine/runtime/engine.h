@@ -33,7 +33,8 @@ struct EngineOptions {
   // Private mode (--private): nothing outlives a request. The prefix cache and the RAG
   // path cache are off (whatever prefix_caching and a request's rag.path_cache say) and
   // every KV block is zeroed (Backend::ZeroKvBlocks) when its last reference goes,
-  // before it can be reused. The backend must implement ZeroKvBlocks.
+  // before it can be reused. The backend must implement ZeroKvBlocks; should zeroing
+  // fail, Health() fails from then on (new requests: UNAVAILABLE).
   bool private_mode = false;
 };
 
@@ -86,8 +87,9 @@ class Engine {
   void Shutdown(absl::Duration grace);
 
   EngineStats stats() const;
-  // The backend's health (Backend::Health); while it is not OK, Submit answers
-  // UNAVAILABLE and the server reports NOT_SERVING.
+  // The backend's health (Backend::Health), or FAILED_PRECONDITION once private mode
+  // could not zero a freed block; while it is not OK, Submit answers UNAVAILABLE and the
+  // server reports NOT_SERVING.
   absl::Status Health() const;
   int32_t context_length() const;
   const KvBlockManager& blocks() const;
