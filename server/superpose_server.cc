@@ -29,7 +29,9 @@
 #endif
 #include "server/metrics.h"
 #include "server/omp_wait.h"
+#include "server/private_mode.h"
 #include "server/service.h"
+#include "server/shutdown.h"
 #include "spdlog/spdlog.h"
 
 ABSL_FLAG(std::string, model, "",
@@ -88,6 +90,10 @@ ABSL_FLAG(std::string, api_keys_file, "",
           "File of '<key> <tenant>' lines: clients must send 'authorization: Bearer <key>'; "
           "the tenant scopes the prefix cache. Empty: no auth, tenant \"default\"");
 ABSL_FLAG(std::string, log_level, "info", "trace|debug|info|warn|error");
+// Private mode and shutdown: docs/operations.md "Private mode", "Shutdown".
+ABSL_FLAG(bool, private, false,
+          "Private mode: prefix and RAG path caches off, KV blocks zeroed when freed, "
+          "request ids hashed in logs, no core dumps");
 
 namespace {
 
@@ -148,6 +154,13 @@ absl::StatusOr<engine::BackendRegistry::Config> ConfigureBackend(
 
 int Run() {
   spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
+  const bool private_mode = absl::GetFlag(FLAGS_private);
+  if (private_mode) {
+    if (absl::Status st = server::EnterPrivateMode(); !st.ok()) {
+      spdlog::critical("--private: {}", st.ToString());
+      return 2;
+    }
+  }
   if (absl::Status st = engine::simd::LimitTargets(absl::GetFlag(FLAGS_simd)); !st.ok()) {
     spdlog::critical("--simd: {}", std::string(st.message()));
     return 2;
@@ -198,6 +211,13 @@ int Run() {
     spdlog::critical("cannot load weights: {}", st.ToString());
     return 2;
   }
+  if (private_mode) {
+    if (absl::Status st = (*backend)->ZeroKvBlocks({}); !st.ok()) {
+      spdlog::critical("--private: {}", st.ToString());
+      return 2;
+    }
+    spdlog::info("{}", server::PrivateModeLine());
+  }
   const engine::KvPoolInfo kv = (*backend)->kv();
   spdlog::info(
       "backend={} compute_dtype={} blas_core={} simd={} bf16_kernel={} attention_kernel={} "
@@ -214,6 +234,7 @@ int Run() {
   eopts.max_context = absl::GetFlag(FLAGS_max_context);
   eopts.prefix_caching = absl::GetFlag(FLAGS_prefix_caching);
   eopts.rag_max_documents = absl::GetFlag(FLAGS_rag_max_documents);
+  eopts.private_mode = private_mode;
   engine::Engine eng(eopts, cfg, model->tokenizer.get(), backend->get());
   server::Metrics metrics;
   metrics.SetEngine(&eng);
@@ -253,8 +274,7 @@ int Run() {
     spdlog::critical("--listen: cannot listen on {}", absl::GetFlag(FLAGS_listen));
     return 2;
   }
-  server->GetHealthCheckService()->SetServingStatus("", true);
-  server->GetHealthCheckService()->SetServingStatus("superpose.v1.Superpose", true);
+  server::SetServing(server.get(), true);
   spdlog::info("listening on {} (port {})", absl::GetFlag(FLAGS_listen), port);
   WritePortFile(absl::GetFlag(FLAGS_port_file), port);
   // A backend that can no longer run steps (a tensor-parallel group aborted after a
@@ -266,8 +286,7 @@ int Run() {
       const absl::Status h = eng.Health();
       if (h.ok()) continue;
       spdlog::critical("backend failed, reporting NOT_SERVING: {}", h.ToString());
-      server->GetHealthCheckService()->SetServingStatus("", false);
-      server->GetHealthCheckService()->SetServingStatus("superpose.v1.Superpose", false);
+      server::SetServing(server.get(), false);
       return;
     }
   });
@@ -283,12 +302,7 @@ int Run() {
   spdlog::info("signal {}: draining for up to {:.1f}s", sig, grace);
   stop_watch.Notify();
   watcher.join();
-  server->GetHealthCheckService()->SetServingStatus("", false);
-  server->GetHealthCheckService()->SetServingStatus("superpose.v1.Superpose", false);
-  // Stops accepting calls, lets running ones finish until the deadline, then cancels.
-  server->Shutdown(std::chrono::system_clock::now() +
-                   std::chrono::milliseconds(static_cast<int64_t>(grace * 1000)));
-  eng.Shutdown(absl::ZeroDuration());
+  server::DrainAndStop(server.get(), &service, &eng, absl::Seconds(grace));
   metrics_server.Stop();
   spdlog::info("stopped");
   return 0;
