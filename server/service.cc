@@ -44,9 +44,14 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
   };
 
  public:
+  // `gate`: the call was admitted through it (Exit when done), or null.
   GenerateReactor(grpc::CallbackServerContext* context, engine::Engine* engine,
-                  const engine::Tokenizer* tokenizer, Metrics* metrics)
-      : engine_(engine), tokenizer_(tokenizer), metrics_(metrics), deadline_(context->deadline()) {}
+                  const engine::Tokenizer* tokenizer, Metrics* metrics, CallGate* gate)
+      : engine_(engine),
+        tokenizer_(tokenizer),
+        metrics_(metrics),
+        deadline_(context->deadline()),
+        gate_(gate) {}
 
   void Hold() { refs_.fetch_add(1, std::memory_order_relaxed); }
   void Release() { Unref(); }
@@ -73,7 +78,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
     }
     doc_ids_ = std::move(doc_ids);
     if (request->request_id.empty()) request->request_id = NewRequestId();
-    // Validated by ToEngineRequest (or made by NewRequestId): what log lines print.
+    response_id_ = request->request_id;
+    // Validated by ToEngineRequest (or made by NewRequestId): what log lines print
+    // (a keyed hash of it in private mode).
     absl::StatusOr<engine::LogId> id = engine::LogId::Of(request->request_id);
     request_id_ = id.ok() ? *id : engine::LogId();
     if (deadline_ != std::chrono::system_clock::time_point::max()) {
@@ -135,7 +142,10 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
     Run(action);
   }
 
-  void OnDone() override { Unref(); }
+  void OnDone() override {
+    if (gate_ != nullptr) gate_->Exit();
+    Unref();
+  }
 
  private:
   void Unref() {
@@ -163,6 +173,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
       }
     }
     if (broken_ || cancelled_) return Pump();
+    // A failed request's final event with nothing in it ends with the status alone.
+    const bool empty = ev.text.empty() && ev.token_ids.empty() && ev.logprobs.empty();
+    if (empty && ev.finished && !ev.status.ok()) return Pump();
     // The head of pending_ may be in flight: merge only into a later one.
     v1::GenerateResponse* r;
     if (pending_.size() >= 2 || (pending_.size() == 1 && !writing_)) {
@@ -170,7 +183,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
     } else {
       pending_.emplace_back();
       r = &pending_.back();
-      r->set_request_id(request_id_.str());
+      r->set_request_id(response_id_);
     }
     r->mutable_text()->append(ev.text);
     for (int32_t id : ev.token_ids) r->add_token_ids(static_cast<uint32_t>(id));
@@ -220,7 +233,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
   grpc::ByteBuffer write_buffer_;                  // the response in flight
   std::vector<std::string> doc_ids_;               // GenerateRag: the callers' document ids
   std::shared_ptr<const engine::rag::Spec> spec_;  // GenerateRag
-  engine::LogId request_id_;
+  engine::LogId request_id_;                       // for log lines
+  std::string response_id_;                        // the request id as responses echo it
+  CallGate* gate_;
   absl::Mutex mu_;
   std::deque<v1::GenerateResponse> pending_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
@@ -233,6 +248,26 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
   std::atomic<int> refs_{1};  // gRPC's; the pool's and the engine's are added when they hold it
   grpc::Status final_status_ ABSL_GUARDED_BY(mu_);
 };
+
+// A reactor for a new generation call, admitted through `gate`; when the server is
+// shutting down it has refused the call already (UNAVAILABLE) and `*refused` is set.
+GenerateReactor* NewGenerateReactor(grpc::CallbackServerContext* context, engine::Engine* engine,
+                                    const engine::Tokenizer* tokenizer, Metrics* metrics,
+                                    CallGate* gate, bool* refused) {
+  *refused = !gate->Enter();
+  auto* reactor =
+      new GenerateReactor(context, engine, tokenizer, metrics, *refused ? nullptr : gate);
+  if (*refused) reactor->Start(absl::UnavailableError("server is shutting down"));
+  return reactor;
+}
+
+// Pooled work that waited: the call may have been cancelled, or the server may be
+// shutting down, meanwhile; then it ends without tokenizing.
+absl::Status BeforeWork(GenerateReactor& reactor, const CallGate& gate) {
+  if (reactor.cancelled()) return absl::CancelledError("cancelled");
+  if (gate.closed()) return absl::UnavailableError("server is shutting down");
+  return absl::OkStatus();
+}
 
 }  // namespace
 
@@ -285,7 +320,10 @@ absl::StatusOr<std::string> SuperposeService::Admit(const grpc::CallbackServerCo
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* SuperposeService::Generate(
     grpc::CallbackServerContext* context, const grpc::ByteBuffer* bytes) {
-  auto* reactor = new GenerateReactor(context, engine_, model_->tokenizer.get(), metrics_);
+  bool refused;
+  auto* reactor =
+      NewGenerateReactor(context, engine_, model_->tokenizer.get(), metrics_, &gate_, &refused);
+  if (refused) return reactor;
   auto request = std::make_unique<v1::GenerateRequest>();
   absl::StatusOr<std::string> tenant = Admit(*context, *bytes, request.get());
   if (!tenant.ok()) {
@@ -295,7 +333,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* SuperposeService::Generate(
   const int64_t text_bytes = TextBytes(*request);
   RunWork(pool_, reactor, text_bytes,
           [this, reactor, request = std::move(request), tenant = *std::move(tenant)] {
-            if (reactor->cancelled()) return reactor->Start(absl::CancelledError("cancelled"));
+            if (absl::Status st = BeforeWork(*reactor, gate_); !st.ok()) return reactor->Start(st);
             absl::StatusOr<engine::Request> req =
                 ToEngineRequest(*request, *model_->tokenizer, limits_);
             if (req.ok()) req->tenant = tenant;
@@ -306,7 +344,10 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* SuperposeService::Generate(
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* SuperposeService::GenerateRag(
     grpc::CallbackServerContext* context, const grpc::ByteBuffer* bytes) {
-  auto* reactor = new GenerateReactor(context, engine_, model_->tokenizer.get(), metrics_);
+  bool refused;
+  auto* reactor =
+      NewGenerateReactor(context, engine_, model_->tokenizer.get(), metrics_, &gate_, &refused);
+  if (refused) return reactor;
   auto request = std::make_unique<v1::GenerateRagRequest>();
   absl::StatusOr<std::string> tenant = Admit(*context, *bytes, request.get());
   if (!tenant.ok()) {
@@ -316,7 +357,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* SuperposeService::GenerateRag(
   const int64_t text_bytes = TextBytes(*request);
   RunWork(pool_, reactor, text_bytes,
           [this, reactor, request = std::move(request), tenant = *std::move(tenant)] {
-            if (reactor->cancelled()) return reactor->Start(absl::CancelledError("cancelled"));
+            if (absl::Status st = BeforeWork(*reactor, gate_); !st.ok()) return reactor->Start(st);
             absl::StatusOr<engine::Request> req =
                 ToEngineRagRequest(*request, *model_->tokenizer, limits_);
             std::vector<std::string> ids;

@@ -9,6 +9,7 @@
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
 #include "server/auth.h"
+#include "server/call_gate.h"
 #include "server/convert.h"
 #include "server/metrics.h"
 #include "server/work_pool.h"
@@ -44,6 +45,13 @@ class SuperposeService final : public RawSuperposeService {
                                          const grpc::ByteBuffer* request,
                                          grpc::ByteBuffer* response) override;
 
+  // Shutdown: new Generate / GenerateRag calls get UNAVAILABLE at once (unary calls and
+  // the health service keep answering).
+  void StopAccepting() { gate_.Close(); }
+  // Waits until every generation call is done (its last message written and its status
+  // sent) or `timeout` passes; true when none is left.
+  bool WaitForCalls(absl::Duration timeout) { return gate_.WaitIdle(timeout); }
+
  private:
   // Authenticates, parses and bounds-checks a request; returns the tenant.
   template <typename Req>
@@ -58,6 +66,7 @@ class SuperposeService final : public RawSuperposeService {
   Authenticator open_auth_;  // used when no authenticator is given
   const Authenticator* auth_;
   WorkPool* pool_;
+  CallGate gate_;
 };
 
 grpc::Status ToGrpc(const absl::Status& s);

@@ -29,8 +29,10 @@
 #endif
 #include "server/metrics.h"
 #include "server/omp_wait.h"
+#include "server/private_mode.h"
 #include "server/request_bounds.h"
 #include "server/service.h"
+#include "server/shutdown.h"
 #include "spdlog/spdlog.h"
 
 ABSL_FLAG(std::string, model, "",
@@ -60,7 +62,7 @@ ABSL_FLAG(std::string, cuda_attention, "auto",
           "CUDA: attention of prefill steps: auto (tensor cores when head_dim is a multiple "
           "of 16 up to 128, else simt), simt (float32 kernel) or tensor_core");
 ABSL_FLAG(std::string, cpu_dtype, "auto",
-          "CPU backend weight type: auto (bfloat16 for bf16 checkpoints on CPUs with AMX, "
+          "CPU backend weight type: auto (bfloat16 for bf16 checkpoints, on every CPU; "
           "else float32) | float32 | bfloat16");
 ABSL_FLAG(std::string, kv_cache_dtype, "auto",
           "KV cache element type: auto (CPU: bfloat16 when the weights run in bfloat16, else "
@@ -89,6 +91,10 @@ ABSL_FLAG(std::string, api_keys_file, "",
           "File of '<key> <tenant>' lines: clients must send 'authorization: Bearer <key>'; "
           "the tenant scopes the prefix cache. Empty: no auth, tenant \"default\"");
 ABSL_FLAG(std::string, log_level, "info", "trace|debug|info|warn|error");
+// Private mode and shutdown: docs/operations.md "Private mode", "Shutdown".
+ABSL_FLAG(bool, private, false,
+          "Private mode: prefix and RAG path caches off, KV blocks zeroed when freed, "
+          "request ids hashed in logs, no core dumps");
 // Request bounds (docs/operations.md, "Request bounds").
 ABSL_FLAG(int32_t, max_bytes_per_token, 32,
           "Bytes one token may stand for: --max_text_bytes defaults to this times the context "
@@ -173,6 +179,13 @@ absl::StatusOr<server::RequestBounds> RequestBoundsFromFlags(int32_t context_len
 
 int Run() {
   spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
+  const bool private_mode = absl::GetFlag(FLAGS_private);
+  if (private_mode) {
+    if (absl::Status st = server::EnterPrivateMode(); !st.ok()) {
+      spdlog::critical("--private: {}", st.ToString());
+      return 2;
+    }
+  }
   if (absl::Status st = engine::simd::LimitTargets(absl::GetFlag(FLAGS_simd)); !st.ok()) {
     spdlog::critical("--simd: {}", std::string(st.message()));
     return 2;
@@ -223,6 +236,13 @@ int Run() {
     spdlog::critical("cannot load weights: {}", st.ToString());
     return 2;
   }
+  if (private_mode) {
+    if (absl::Status st = (*backend)->ZeroKvBlocks({}); !st.ok()) {
+      spdlog::critical("--private: {}", st.ToString());
+      return 2;
+    }
+    spdlog::info("{}", server::PrivateModeLine());
+  }
   const engine::KvPoolInfo kv = (*backend)->kv();
   spdlog::info(
       "backend={} compute_dtype={} blas_core={} simd={} bf16_kernel={} attention_kernel={} "
@@ -239,6 +259,7 @@ int Run() {
   eopts.max_context = absl::GetFlag(FLAGS_max_context);
   eopts.prefix_caching = absl::GetFlag(FLAGS_prefix_caching);
   eopts.rag_max_documents = absl::GetFlag(FLAGS_rag_max_documents);
+  eopts.private_mode = private_mode;
   engine::Engine eng(eopts, cfg, model->tokenizer.get(), backend->get());
   server::Metrics metrics;
   metrics.SetEngine(&eng);
@@ -293,8 +314,7 @@ int Run() {
     spdlog::critical("--listen: cannot listen on {}", absl::GetFlag(FLAGS_listen));
     return 2;
   }
-  server->GetHealthCheckService()->SetServingStatus("", true);
-  server->GetHealthCheckService()->SetServingStatus("superpose.v1.Superpose", true);
+  server::SetServing(server.get(), true);
   spdlog::info("listening on {} (port {})", absl::GetFlag(FLAGS_listen), port);
   WritePortFile(absl::GetFlag(FLAGS_port_file), port);
   // A backend that can no longer run steps (a tensor-parallel group aborted after a
@@ -306,8 +326,7 @@ int Run() {
       const absl::Status h = eng.Health();
       if (h.ok()) continue;
       spdlog::critical("backend failed, reporting NOT_SERVING: {}", h.ToString());
-      server->GetHealthCheckService()->SetServingStatus("", false);
-      server->GetHealthCheckService()->SetServingStatus("superpose.v1.Superpose", false);
+      server::SetServing(server.get(), false);
       return;
     }
   });
@@ -323,15 +342,10 @@ int Run() {
   spdlog::info("signal {}: draining for up to {:.1f}s", sig, grace);
   stop_watch.Notify();
   watcher.join();
-  server->GetHealthCheckService()->SetServingStatus("", false);
-  server->GetHealthCheckService()->SetServingStatus("superpose.v1.Superpose", false);
-  // Stops accepting calls, lets running ones finish until the deadline, then cancels.
-  server->Shutdown(std::chrono::system_clock::now() +
-                   std::chrono::milliseconds(static_cast<int64_t>(grace * 1000)));
+  server::DrainAndStop(server.get(), &service, &eng, absl::Seconds(grace));
   // Work still queued finishes its calls (cancelled ones at once) while the service
   // and the engine are alive.
   tokenize_pool.Stop();
-  eng.Shutdown(absl::ZeroDuration());
   metrics_server.Stop();
   spdlog::info("stopped");
   return 0;
