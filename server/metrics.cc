@@ -1,7 +1,5 @@
 #include "server/metrics.h"
 
-#include <httplib.h>
-
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -196,49 +194,6 @@ std::string Metrics::Render() const {
           s.kv_blocks_cached, &out);
   }
   return out;
-}
-
-MetricsServer::MetricsServer(const Metrics* metrics)
-    : metrics_(metrics), http_(std::make_unique<httplib::Server>()) {}
-
-MetricsServer::~MetricsServer() { Stop(); }
-
-int MetricsServer::Start(const std::string& listen) {
-  const size_t colon = listen.rfind(':');
-  int port = 0;
-  if (colon == std::string::npos || !absl::SimpleAtoi(listen.substr(colon + 1), &port)) return -1;
-  const std::string host = listen.substr(0, colon);
-  http_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
-    res.set_content(metrics_->Render(), "text/plain; version=0.0.4; charset=utf-8");
-  });
-  http_->Get("/healthz", [this](const httplib::Request&, httplib::Response& res) {
-    const absl::Status h = health_ ? health_() : absl::OkStatus();
-    if (h.ok()) {
-      res.set_content("ok\n", "text/plain");
-    } else {
-      res.status = 503;
-      res.set_content(std::string(h.message()) + "\n", "text/plain");
-    }
-  });
-  if (port == 0) {
-    port = http_->bind_to_any_port(host);
-  } else if (!http_->bind_to_port(host, port)) {
-    port = -1;
-  }
-  if (port <= 0) return -1;
-  thread_ = std::thread([this] { http_->listen_after_bind(); });
-  // Stop() is only reliable once the server runs: wait for it (bounded).
-  for (int i = 0; i < 5000 && !http_->is_running(); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  return port;
-}
-
-void MetricsServer::Stop() {
-  if (thread_.joinable()) {
-    http_->stop();
-    thread_.join();
-  }
 }
 
 }  // namespace superpose::server

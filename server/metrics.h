@@ -19,6 +19,8 @@ class Server;
 
 namespace superpose::server {
 
+class TlsCertStore;
+
 class Histogram {
  public:
   explicit Histogram(std::vector<double> bounds);
@@ -76,20 +78,30 @@ class Metrics : public engine::EngineObserver {
   double rag_naive_flops_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
-// Serves GET /metrics (and /healthz) on `listen` (host:port; port 0 picks one).
+// Serves GET /metrics (and /healthz) on `listen` (host:port; port 0 picks one); see
+// server/metrics_server.cc for the connection limits that keep it answering.
 class MetricsServer {
  public:
   explicit MetricsServer(const Metrics* metrics);
   ~MetricsServer();
-  // Returns the bound port, or -1.
+  // Returns the bound port, or -1 (the port is taken, or the address is not local).
   int Start(const std::string& listen);
   void Stop();
   // /healthz answers 503 with the reason while `health` is not OK (before Start).
   void set_health(std::function<absl::Status()> health) { health_ = std::move(health); }
+  // HTTPS with this certificate (before Start); with a client CA, /metrics needs a
+  // verified client certificate (/healthz does not). nullptr: plain HTTP.
+  void set_tls(TlsCertStore* tls) { tls_ = tls; }
+  // /metrics needs an "Authorization" header that `authorize` accepts (before Start).
+  void set_authorizer(std::function<bool(const std::string&)> authorize) {
+    authorize_ = std::move(authorize);
+  }
 
  private:
   const Metrics* metrics_;
   std::function<absl::Status()> health_;
+  TlsCertStore* tls_ = nullptr;
+  std::function<bool(const std::string&)> authorize_;
   std::unique_ptr<httplib::Server> http_;
   std::thread thread_;
 };
