@@ -92,6 +92,10 @@ class ServerProcess {
   std::shared_ptr<grpc::Channel> Channel() const {
     return grpc::CreateChannel(address(), grpc::InsecureChannelCredentials());
   }
+  // Sends `sig` (e.g. SIGHUP: reload certificates and keys) to the running server.
+  void Signal(int sig) const {
+    if (pid_ > 0) kill(pid_, sig);
+  }
   // SIGTERM and wait; returns the exit status (or -1).
   int Stop() {
     if (pid_ <= 0) return -1;
