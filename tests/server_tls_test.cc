@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <httplib.h>
 #include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -253,6 +254,30 @@ TEST(ServerTlsTest, CertificateReloadWhenTheFilesChange) {
   certs.SetServer(MakeCert("server-two", &certs.ca, true));
   EXPECT_TRUE(WaitForCommonName(server.port(), certs.ca, "server-two", nullptr));
   EXPECT_TRUE(WaitForCommonName(server.metrics_port(), certs.ca, "server-two", nullptr));
+}
+
+// superpose-cli speaks TLS and mutual TLS (--tls_ca, --tls_cert, --tls_key): the Docker
+// HEALTHCHECK's `superpose-cli health` works against a TLS server.
+TEST(ServerTlsTest, CliOverMutualTls) {
+  Certs certs;
+  ServerProcess server(certs.TlsFlags(true));
+  ASSERT_TRUE(server.ok());
+  const std::string client = certs.log("client");
+  const Pem pem = MakeCert("tenant-a", &certs.ca);
+  WriteFile(client + ".pem", pem.cert);
+  WriteFile(client + ".key", pem.key);
+  const std::string cli = std::string(SP_BINARY_DIR) + "/superpose-cli health --timeout_s=10 " +
+                          "--server=" + server.address() + " ";
+  auto run = [](const std::string& cmd) {
+    const int rc = std::system((cmd + " >/dev/null 2>&1").c_str());
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+  };
+  const std::string tls = "--tls_ca=" + certs.ca_path() + " --tls_server_name=localhost ";
+  EXPECT_EQ(run(cli + tls + "--tls_cert=" + client + ".pem --tls_key=" + client + ".key"), 0);
+  EXPECT_NE(run(cli + tls), 0);  // no client certificate
+  EXPECT_NE(run(cli), 0);        // plaintext
+  std::remove((client + ".pem").c_str());
+  std::remove((client + ".key").c_str());
 }
 
 TEST(ServerTlsTest, StartupErrorsNameTheFlag) {
