@@ -404,5 +404,8 @@ int main(int argc, char** argv) {
   sigaddset(&set, SIGINT);
   sigaddset(&set, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  // A TLS client that disconnects mid-response must not kill the server (OpenSSL writes
+  // with write(), which raises SIGPIPE, not send(MSG_NOSIGNAL)).
+  signal(SIGPIPE, SIG_IGN);
   return Run();
 }

@@ -63,6 +63,10 @@ class Certs {
   std::string dir_;
 };
 
+// An HTTPS client writing to a server that refused its certificate must see an error,
+// not die of SIGPIPE (OpenSSL writes with write()).
+const bool kIgnoreSigpipe = (signal(SIGPIPE, SIG_IGN), true);
+
 std::shared_ptr<grpc::Channel> TlsChannel(const ServerProcess& s, const Pem& ca,
                                           const Pem* client = nullptr) {
   grpc::SslCredentialsOptions o;
