@@ -38,10 +38,12 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   };
 
  public:
+  // `gate`: the call was admitted through it (Exit when done), or null.
   GenerateReactor(grpc::CallbackServerContext* context, engine::Engine* engine,
                   const engine::Tokenizer* tokenizer, Metrics* metrics,
-                  absl::StatusOr<engine::Request> request, std::vector<std::string> doc_ids = {})
-      : engine_(engine), tokenizer_(tokenizer), doc_ids_(std::move(doc_ids)) {
+                  absl::StatusOr<engine::Request> request, std::vector<std::string> doc_ids,
+                  CallGate* gate)
+      : engine_(engine), tokenizer_(tokenizer), doc_ids_(std::move(doc_ids)), gate_(gate) {
     if (!request.ok()) {
       if (metrics != nullptr)
         metrics->OnRejected(absl::StatusCodeToString(request.status().code()));
@@ -50,7 +52,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
       return;
     }
     if (request->request_id.empty()) request->request_id = NewRequestId();
-    // Validated by ToEngineRequest (or made by NewRequestId): what log lines print.
+    response_id_ = request->request_id;
+    // Validated by ToEngineRequest (or made by NewRequestId): what log lines print
+    // (a keyed hash of it in private mode).
     absl::StatusOr<engine::LogId> id = engine::LogId::Of(request->request_id);
     request_id_ = id.ok() ? *id : engine::LogId();
     if (context->deadline() != std::chrono::system_clock::time_point::max()) {
@@ -111,7 +115,10 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     Run(action);
   }
 
-  void OnDone() override { Unref(); }
+  void OnDone() override {
+    if (gate_ != nullptr) gate_->Exit();
+    Unref();
+  }
 
  private:
   void Unref() {
@@ -139,6 +146,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
       }
     }
     if (broken_ || cancelled_) return Pump();
+    // A failed request's final event with nothing in it ends with the status alone.
+    const bool empty = ev.text.empty() && ev.token_ids.empty() && ev.logprobs.empty();
+    if (empty && ev.finished && !ev.status.ok()) return Pump();
     // The head of pending_ may be in flight: merge only into a later one.
     v1::GenerateResponse* r;
     if (pending_.size() >= 2 || (pending_.size() == 1 && !writing_)) {
@@ -146,7 +156,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     } else {
       pending_.emplace_back();
       r = &pending_.back();
-      r->set_request_id(request_id_.str());
+      r->set_request_id(response_id_);
     }
     r->mutable_text()->append(ev.text);
     for (int32_t id : ev.token_ids) r->add_token_ids(static_cast<uint32_t>(id));
@@ -192,7 +202,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   const engine::Tokenizer* tokenizer_;
   std::vector<std::string> doc_ids_;               // GenerateRag: the callers' document ids
   std::shared_ptr<const engine::rag::Spec> spec_;  // GenerateRag
-  engine::LogId request_id_;
+  engine::LogId request_id_;                       // for log lines
+  std::string response_id_;                        // the request id as responses echo it
+  CallGate* gate_;
   absl::Mutex mu_;
   std::deque<v1::GenerateResponse> pending_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
@@ -242,17 +254,31 @@ SuperposeService::SuperposeService(const engine::ModelBundle* model, engine::Eng
   info_.set_tensor_parallel(tensor_parallel);
 }
 
+grpc::ServerWriteReactor<v1::GenerateResponse>* SuperposeService::Start(
+    grpc::CallbackServerContext* context, absl::StatusOr<engine::Request> request,
+    std::vector<std::string> doc_ids) {
+  CallGate* gate = &gate_;
+  if (!gate_.Enter()) {
+    gate = nullptr;
+    request = absl::UnavailableError("server is shutting down");
+  }
+  return new GenerateReactor(context, engine_, model_->tokenizer.get(), metrics_,
+                             std::move(request), std::move(doc_ids), gate);
+}
+
 grpc::ServerWriteReactor<v1::GenerateResponse>* SuperposeService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  if (gate_.closed()) return Start(context, absl::UnavailableError("server is shutting down"), {});
   absl::StatusOr<std::string> tenant = auth_->Tenant(*context);
   absl::StatusOr<engine::Request> req =
       tenant.ok() ? ToEngineRequest(*request, *model_->tokenizer, limits_) : tenant.status();
   if (req.ok()) req->tenant = *tenant;
-  return new GenerateReactor(context, engine_, model_->tokenizer.get(), metrics_, std::move(req));
+  return Start(context, std::move(req), {});
 }
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* SuperposeService::GenerateRag(
     grpc::CallbackServerContext* context, const v1::GenerateRagRequest* request) {
+  if (gate_.closed()) return Start(context, absl::UnavailableError("server is shutting down"), {});
   absl::StatusOr<std::string> tenant = auth_->Tenant(*context);
   absl::StatusOr<engine::Request> req =
       tenant.ok() ? ToEngineRagRequest(*request, *model_->tokenizer, limits_) : tenant.status();
@@ -261,8 +287,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* SuperposeService::GenerateRag(
     req->tenant = *tenant;
     for (const auto& d : request->documents()) ids.push_back(d.id());
   }
-  return new GenerateReactor(context, engine_, model_->tokenizer.get(), metrics_, std::move(req),
-                             std::move(ids));
+  return Start(context, std::move(req), std::move(ids));
 }
 
 grpc::ServerUnaryReactor* SuperposeService::Tokenize(grpc::CallbackServerContext* context,

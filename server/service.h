@@ -7,6 +7,7 @@
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
 #include "server/auth.h"
+#include "server/call_gate.h"
 #include "server/convert.h"
 #include "server/metrics.h"
 #include "superpose/v1/superpose.grpc.pb.h"
@@ -34,7 +35,18 @@ class SuperposeService final : public v1::Superpose::CallbackService {
                                          const v1::GetModelInfoRequest* request,
                                          v1::ModelInfo* response) override;
 
+  // Shutdown: new Generate / GenerateRag calls get UNAVAILABLE at once (unary calls and
+  // the health service keep answering).
+  void StopAccepting() { gate_.Close(); }
+  // Waits until every generation call is done (its last message written and its status
+  // sent) or `timeout` passes; true when none is left.
+  bool WaitForCalls(absl::Duration timeout) { return gate_.WaitIdle(timeout); }
+
  private:
+  grpc::ServerWriteReactor<v1::GenerateResponse>* Start(grpc::CallbackServerContext* context,
+                                                        absl::StatusOr<engine::Request> request,
+                                                        std::vector<std::string> doc_ids);
+
   const engine::ModelBundle* model_;
   engine::Engine* engine_;
   v1::ModelInfo info_;
@@ -42,6 +54,7 @@ class SuperposeService final : public v1::Superpose::CallbackService {
   Metrics* metrics_;
   Authenticator open_auth_;  // used when no authenticator is given
   const Authenticator* auth_;
+  CallGate gate_;
 };
 
 grpc::Status ToGrpc(const absl::Status& s);

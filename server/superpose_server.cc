@@ -29,9 +29,11 @@
 #endif
 #include "server/metrics.h"
 #include "server/omp_wait.h"
+#include "server/private_mode.h"
 #include "server/reflection_auth.h"
 #include "server/reload.h"
 #include "server/service.h"
+#include "server/shutdown.h"
 #include "server/tls.h"
 #include "spdlog/spdlog.h"
 
@@ -62,7 +64,7 @@ ABSL_FLAG(std::string, cuda_attention, "auto",
           "CUDA: attention of prefill steps: auto (tensor cores when head_dim is a multiple "
           "of 16 up to 128, else simt), simt (float32 kernel) or tensor_core");
 ABSL_FLAG(std::string, cpu_dtype, "auto",
-          "CPU backend weight type: auto (bfloat16 for bf16 checkpoints on CPUs with AMX, "
+          "CPU backend weight type: auto (bfloat16 for bf16 checkpoints, on every CPU; "
           "else float32) | float32 | bfloat16");
 ABSL_FLAG(std::string, kv_cache_dtype, "auto",
           "KV cache element type: auto (CPU: bfloat16 when the weights run in bfloat16, else "
@@ -107,6 +109,10 @@ ABSL_FLAG(bool, auth_metrics, false,
 ABSL_FLAG(bool, auth_reflection, false,
           "gRPC server reflection needs an API key too (needs --api_keys_file)");
 ABSL_FLAG(std::string, log_level, "info", "trace|debug|info|warn|error");
+// Private mode and shutdown: docs/operations.md "Private mode", "Shutdown".
+ABSL_FLAG(bool, private, false,
+          "Private mode: prefix and RAG path caches off, KV blocks zeroed when freed, "
+          "request ids hashed in logs, no core dumps");
 
 namespace {
 
@@ -200,6 +206,13 @@ absl::StatusOr<std::unique_ptr<server::TlsCertStore>> SetUpTls(server::ReloadHoo
 
 int Run() {
   spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
+  const bool private_mode = absl::GetFlag(FLAGS_private);
+  if (private_mode) {
+    if (absl::Status st = server::EnterPrivateMode(); !st.ok()) {
+      spdlog::critical("--private: {}", st.ToString());
+      return 2;
+    }
+  }
   if (absl::Status st = engine::simd::LimitTargets(absl::GetFlag(FLAGS_simd)); !st.ok()) {
     spdlog::critical("--simd: {}", std::string(st.message()));
     return 2;
@@ -262,6 +275,13 @@ int Run() {
     spdlog::critical("cannot load weights: {}", st.ToString());
     return 2;
   }
+  if (private_mode) {
+    if (absl::Status st = (*backend)->ZeroKvBlocks({}); !st.ok()) {
+      spdlog::critical("--private: {}", st.ToString());
+      return 2;
+    }
+    spdlog::info("{}", server::PrivateModeLine());
+  }
   const engine::KvPoolInfo kv = (*backend)->kv();
   spdlog::info(
       "backend={} compute_dtype={} blas_core={} simd={} bf16_kernel={} attention_kernel={} "
@@ -278,6 +298,7 @@ int Run() {
   eopts.max_context = absl::GetFlag(FLAGS_max_context);
   eopts.prefix_caching = absl::GetFlag(FLAGS_prefix_caching);
   eopts.rag_max_documents = absl::GetFlag(FLAGS_rag_max_documents);
+  eopts.private_mode = private_mode;
   engine::Engine eng(eopts, cfg, model->tokenizer.get(), backend->get());
   server::Metrics metrics;
   metrics.SetEngine(&eng);
@@ -331,8 +352,7 @@ int Run() {
                      absl::GetFlag(FLAGS_listen));
     return 2;
   }
-  server->GetHealthCheckService()->SetServingStatus("", true);
-  server->GetHealthCheckService()->SetServingStatus("superpose.v1.Superpose", true);
+  server::SetServing(server.get(), true);
   spdlog::info("listening on {} (port {}, {})", absl::GetFlag(FLAGS_listen), port,
                *tls == nullptr    ? "plaintext"
                : (*tls)->mutual() ? "mutual TLS"
@@ -347,8 +367,7 @@ int Run() {
       const absl::Status h = eng.Health();
       if (h.ok()) continue;
       spdlog::critical("backend failed, reporting NOT_SERVING: {}", h.ToString());
-      server->GetHealthCheckService()->SetServingStatus("", false);
-      server->GetHealthCheckService()->SetServingStatus("superpose.v1.Superpose", false);
+      server::SetServing(server.get(), false);
       return;
     }
   });
@@ -368,12 +387,7 @@ int Run() {
   spdlog::info("signal {}: draining for up to {:.1f}s", sig, grace);
   stop_watch.Notify();
   watcher.join();
-  server->GetHealthCheckService()->SetServingStatus("", false);
-  server->GetHealthCheckService()->SetServingStatus("superpose.v1.Superpose", false);
-  // Stops accepting calls, lets running ones finish until the deadline, then cancels.
-  server->Shutdown(std::chrono::system_clock::now() +
-                   std::chrono::milliseconds(static_cast<int64_t>(grace * 1000)));
-  eng.Shutdown(absl::ZeroDuration());
+  server::DrainAndStop(server.get(), &service, &eng, absl::Seconds(grace));
   metrics_server.Stop();
   spdlog::info("stopped");
   return 0;

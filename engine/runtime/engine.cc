@@ -43,7 +43,7 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   void Cancel(uint64_t handle);
   void Shutdown(absl::Duration grace);
   EngineStats stats() const;
-  absl::Status Health() const { return backend_->Health(); }
+  absl::Status Health() const;
   int32_t context_length() const { return max_context_; }
   const KvBlockManager& block_manager() const { return *blocks_; }
 
@@ -69,6 +69,8 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   void DropExpired(const std::vector<uint64_t>& cancels, bool stopping, absl::Time deadline);
   void Sweep();
   void PublishCounts();
+  void ZeroBlock(BlockId b);
+  void ApplyPrivateMode(Request& request) const;
 
   // One step: snapshot, decision, applied decision, plan, forward, outputs.
   bool Step();
@@ -123,6 +125,7 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;
   std::vector<float> logits_scratch_;              // the sampler's copy of a whole row
+  std::atomic<bool> zero_failed_{false};           // private mode: see ZeroBlock
   uint64_t next_internal_id_ = uint64_t{1} << 62;  // handles of owners' sequences
   std::thread thread_;
   std::atomic<int32_t> stat_running_{0};
@@ -152,12 +155,43 @@ Engine::Impl::Impl(const EngineOptions& options, const ModelConfig& config,
   rag_limits.context_length = max_context_;
   rag_limits.max_documents = options_.rag_max_documents;
   owners_.push_back(std::make_unique<rag::Planner>(this, config_, rag_limits));
+  if (options_.private_mode) {
+    options_.prefix_caching = false;
+    blocks_->set_release_hook([this](BlockId b) { ZeroBlock(b); });
+  }
+}
+
+// Private mode: a freed block's keys and values go before it can be reused. If that
+// fails the engine fails closed: its health turns FAILED_PRECONDITION (the server
+// reports NOT_SERVING and refuses new requests).
+void Engine::Impl::ZeroBlock(BlockId b) {
+  const BlockId one[] = {b};
+  absl::Status st = backend_->ZeroKvBlocks(one);
+  if (!st.ok() && !zero_failed_.exchange(true)) {
+    spdlog::critical("private mode: zeroing a freed KV block failed: {}", st.ToString());
+  }
+}
+
+absl::Status Engine::Impl::Health() const {
+  if (zero_failed_.load()) {
+    return absl::FailedPreconditionError("private mode: a freed KV block could not be zeroed");
+  }
+  return backend_->Health();
+}
+
+// Private mode: a RAG request never reads or fills the path cache.
+void Engine::Impl::ApplyPrivateMode(Request& request) const {
+  if (!options_.private_mode || request.rag == nullptr || !request.rag->options.path_cache) return;
+  auto spec = std::make_shared<rag::Spec>(*request.rag);
+  spec->options.path_cache = false;
+  request.rag = std::move(spec);
 }
 
 absl::StatusOr<uint64_t> Engine::Impl::Submit(Request request, StreamCallback callback) {
   // Every log line of the request carries its id: never let text through.
   absl::StatusOr<LogId> log_id = LogId::Of(request.request_id);
   if (!log_id.ok()) return log_id.status();
+  ApplyPrivateMode(request);
   Incoming in;
   for (const auto& o : owners_) {
     if (o->Claims(request)) in.owner = o.get();
@@ -180,8 +214,7 @@ absl::StatusOr<uint64_t> Engine::Impl::Submit(Request request, StreamCallback ca
   in.request.callback = std::move(callback);
   absl::MutexLock lock(&mu_);
   const int32_t queued = static_cast<int32_t>(inbox_.size()) + waiting_requests_;
-  if (absl::Status st = CheckQueue(accepting_, backend_->Health(), queued, options_.max_waiting);
-      !st.ok()) {
+  if (absl::Status st = CheckQueue(accepting_, Health(), queued, options_.max_waiting); !st.ok()) {
     return st;
   }
   in.request.handle = next_handle_++;
@@ -304,8 +337,9 @@ bool Engine::Impl::TakeInbox(bool* stopping, absl::Time* drain_deadline) {
   return true;
 }
 
-// Client cancels, deadlines and the end of a shutdown's grace. Marking first and
-// sweeping after: finishing one sequence of a request may finish its siblings too.
+// Client cancels, deadlines, a shutdown's refusal of requests not yet admitted and the
+// end of its grace. Marking first and sweeping after: finishing one sequence of a
+// request may finish its siblings too.
 void Engine::Impl::DropExpired(const std::vector<uint64_t>& cancels, bool stopping,
                                absl::Time drain_deadline) {
   const absl::Time now = absl::Now();
@@ -315,6 +349,9 @@ void Engine::Impl::DropExpired(const std::vector<uint64_t>& cancels, bool stoppi
       Finish(s, FinishReason::kCancelled, absl::CancelledError("cancelled by the client"));
     } else if (s->req.deadline < now) {
       Finish(s, FinishReason::kCancelled, absl::DeadlineExceededError("deadline exceeded"));
+    } else if (stopping && !s->owner->RequestAdmitted(*s)) {
+      Finish(s, FinishReason::kNone,
+             absl::UnavailableError("server is shutting down; the request was not started"));
     } else if (stopping && now >= drain_deadline) {
       Finish(s, FinishReason::kCancelled, absl::OkStatus());
     }

@@ -30,6 +30,12 @@ struct EngineOptions {
   // BatchPlan::logits_top) where they sample exactly like the whole row: greedy and
   // top-k requests without penalties. Off: every row whole (same tokens, more bytes).
   bool compact_logits = true;
+  // Private mode (--private): nothing outlives a request. The prefix cache and the RAG
+  // path cache are off (whatever prefix_caching and a request's rag.path_cache say) and
+  // every KV block is zeroed (Backend::ZeroKvBlocks) when its last reference goes,
+  // before it can be reused. The backend must implement ZeroKvBlocks; should zeroing
+  // fail, Health() fails from then on (new requests: UNAVAILABLE).
+  bool private_mode = false;
 };
 
 // Observes the engine for metrics; called on the engine thread.
@@ -74,13 +80,16 @@ class Engine {
   absl::StatusOr<uint64_t> Submit(Request request, StreamCallback callback);
   // Cancels a request (client cancel). Its final event carries CANCELLED status.
   void Cancel(uint64_t handle);
-  // Stops accepting, lets running requests finish up to `grace`, then cancels the
-  // rest and joins the loop thread.
+  // Stops accepting (Submit: UNAVAILABLE), fails the requests not yet admitted with
+  // UNAVAILABLE at once (clients retry elsewhere), lets admitted ones run up to `grace`,
+  // then finishes the rest with finish_reason kCancelled and an OK status (their final
+  // event carries the usage), and joins the loop thread. Every block is free after it.
   void Shutdown(absl::Duration grace);
 
   EngineStats stats() const;
-  // The backend's health (Backend::Health); while it is not OK, Submit answers
-  // UNAVAILABLE and the server reports NOT_SERVING.
+  // The backend's health (Backend::Health), or FAILED_PRECONDITION once private mode
+  // could not zero a freed block; while it is not OK, Submit answers UNAVAILABLE and the
+  // server reports NOT_SERVING.
   absl::Status Health() const;
   int32_t context_length() const;
   const KvBlockManager& blocks() const;
