@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <deque>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -14,6 +15,13 @@ grpc::Status ToGrpc(const absl::Status& s) {
 }
 
 namespace {
+
+// A refusal the client may retry carries the hint as `retry-after-ms` trailing metadata.
+void AddRetryHint(grpc::CallbackServerContext* context, const absl::Status& s) {
+  if (std::optional<int64_t> ms = engine::RetryAfterMs(s)) {
+    context->AddTrailingMetadata("retry-after-ms", absl::StrCat(*ms));
+  }
+}
 
 std::string NewRequestId() {
   static std::atomic<uint64_t> counter{0};
@@ -39,12 +47,12 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
 
  public:
   GenerateReactor(grpc::CallbackServerContext* context, engine::Engine* engine,
-                  const engine::Tokenizer* tokenizer, Metrics* metrics,
+                  const engine::Tokenizer* tokenizer, Metrics* metrics, const std::string& tenant,
                   absl::StatusOr<engine::Request> request, std::vector<std::string> doc_ids = {})
-      : engine_(engine), tokenizer_(tokenizer), doc_ids_(std::move(doc_ids)) {
+      : context_(context), engine_(engine), tokenizer_(tokenizer), doc_ids_(std::move(doc_ids)) {
     if (!request.ok()) {
       if (metrics != nullptr)
-        metrics->OnRejected(absl::StatusCodeToString(request.status().code()));
+        metrics->OnRejected(absl::StatusCodeToString(request.status().code()), tenant);
       spdlog::info("req=- rejected: {}", absl::StatusCodeToString(request.status().code()));
       Finish(ToGrpc(request.status()));
       return;
@@ -72,7 +80,10 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
       // The status code only: messages are for the client (one rule for every log line).
       spdlog::warn("req={} not queued: {}", request_id_.str(),
                    absl::StatusCodeToString(handle.status().code()));
-      if (metrics != nullptr) metrics->OnRejected(absl::StatusCodeToString(handle.status().code()));
+      if (metrics != nullptr) {
+        metrics->OnRejected(absl::StatusCodeToString(handle.status().code()), tenant);
+      }
+      AddRetryHint(context_, handle.status());
       Finish(ToGrpc(handle.status()));
       return;
     }
@@ -134,6 +145,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
       final_ = true;
       if (!ev.status.ok()) {
         final_status_ = ToGrpc(ev.status);
+        AddRetryHint(context_, ev.status);  // before Finish, which Pump() decides
       } else if (cancelled_) {
         final_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
       }
@@ -188,6 +200,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     }
   }
 
+  grpc::CallbackServerContext* context_;  // valid until OnDone
   engine::Engine* engine_;
   const engine::Tokenizer* tokenizer_;
   std::vector<std::string> doc_ids_;               // GenerateRag: the callers' document ids
@@ -248,7 +261,8 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* SuperposeService::Generate(
   absl::StatusOr<engine::Request> req =
       tenant.ok() ? ToEngineRequest(*request, *model_->tokenizer, limits_) : tenant.status();
   if (req.ok()) req->tenant = *tenant;
-  return new GenerateReactor(context, engine_, model_->tokenizer.get(), metrics_, std::move(req));
+  return new GenerateReactor(context, engine_, model_->tokenizer.get(), metrics_,
+                             tenant.ok() ? *tenant : "", std::move(req));
 }
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* SuperposeService::GenerateRag(
@@ -261,8 +275,8 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* SuperposeService::GenerateRag(
     req->tenant = *tenant;
     for (const auto& d : request->documents()) ids.push_back(d.id());
   }
-  return new GenerateReactor(context, engine_, model_->tokenizer.get(), metrics_, std::move(req),
-                             std::move(ids));
+  return new GenerateReactor(context, engine_, model_->tokenizer.get(), metrics_,
+                             tenant.ok() ? *tenant : "", std::move(req), std::move(ids));
 }
 
 grpc::ServerUnaryReactor* SuperposeService::Tokenize(grpc::CallbackServerContext* context,

@@ -202,7 +202,7 @@ TEST(SchedulerTest, AFloodOfHighPriorityRequestsDoesNotStarveAnotherTenant) {
   Snapshot snap;
   snap.free_blocks = 1000;
   for (int i = 0; i < 6; ++i) snap.waiting.push_back(Of(0, 100));  // priority 100
-  snap.waiting.push_back(Of(1, 100));                               // priority 0
+  snap.waiting.push_back(Of(1, 100));                              // priority 0
   snap.tenants = {{0, 1, 0}, {0, 1, 0}};
   const Decision d = Schedule(snap, {512, 3, kBs});
   EXPECT_EQ(Scheduled(d), "w0:100 w6:100 w1:100");
@@ -217,8 +217,8 @@ TEST(SchedulerTest, AFloodOfHighPriorityRequestsDoesNotStarveAnotherTenant) {
 
 // Steps of a saturated server: each step admits `per_step` sequences of `tokens`
 // prompt tokens from two tenants that always have work; returns who got admitted.
-std::string Simulate(std::vector<TenantShare> tenants, std::vector<int32_t> tokens,
-                     int per_step, int steps) {
+std::string Simulate(std::vector<TenantShare> tenants, std::vector<int32_t> tokens, int per_step,
+                     int steps) {
   std::string who;
   for (int step = 0; step < steps; ++step) {
     Snapshot snap;
@@ -230,7 +230,8 @@ std::string Simulate(std::vector<TenantShare> tenants, std::vector<int32_t> toke
       }
     }
     const Decision d = Schedule(snap, {100000, per_step, kBs});
-    for (const auto& s : d.scheduled) who += static_cast<char>('a' + snap.waiting[s.seq.index].tenant);
+    for (const auto& s : d.scheduled)
+      who += static_cast<char>('a' + snap.waiting[s.seq.index].tenant);
     for (size_t t = 0; t < tenants.size(); ++t) tenants[t].service = d.service[t];
   }
   return who;

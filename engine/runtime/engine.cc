@@ -28,8 +28,8 @@ struct Incoming {
 // The prompt tokens a request brings (all its segments for a RAG request).
 int64_t PromptTokens(const Request& r) {
   if (r.rag == nullptr) return static_cast<int64_t>(r.prompt_ids.size());
-  int64_t n = static_cast<int64_t>(r.rag->preamble.size() + r.rag->query.size() +
-                                   r.rag->postamble.size());
+  int64_t n =
+      static_cast<int64_t>(r.rag->preamble.size() + r.rag->query.size() + r.rag->postamble.size());
   for (const auto& d : r.rag->documents) n += static_cast<int64_t>(d.size());
   return n;
 }
@@ -402,11 +402,12 @@ void Engine::Impl::DropExpired(const std::vector<uint64_t>& cancels, bool stoppi
       if (observer_ != nullptr) observer_->OnQueueTimeout(s->req.tenant);
       spdlog::info("req={} refused: queued longer than max_queue_ms={}", s->log_id.str(),
                    options_.max_queue_ms);
-      Finish(s, FinishReason::kNone,
-             WithRetryAfter(absl::ResourceExhaustedError(absl::StrCat(
-                                "not admitted within ", options_.max_queue_ms,
-                                " ms (the server's max_queue_ms): the server is busy, retry later")),
-                            RetryHintMs()));
+      Finish(
+          s, FinishReason::kNone,
+          WithRetryAfter(absl::ResourceExhaustedError(absl::StrCat(
+                             "not admitted within ", options_.max_queue_ms,
+                             " ms (the server's max_queue_ms): the server is busy, retry later")),
+                         RetryHintMs()));
     }
   };
   for (auto& s : running_) check(s.get());

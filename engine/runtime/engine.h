@@ -12,9 +12,9 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "engine/backend.h"
+#include "engine/kv/kv_block_manager.h"
 #include "engine/model/config.h"
 #include "engine/model/tokenizer.h"
-#include "engine/kv/kv_block_manager.h"
 #include "engine/rag/rag.h"
 #include "engine/runtime/tenant_policy.h"
 #include "engine/sequence/request.h"
@@ -50,8 +50,8 @@ class EngineObserver {
   virtual void OnRagFinished(const rag::Result& result) {}
   // Per tenant: a client request finished (after OnFinished), or was refused for having
   // waited longer than max_queue_ms (before its final event).
-  virtual void OnTenantFinished(const std::string& tenant, const Usage& usage,
-                                FinishReason reason, const absl::Status& status) {}
+  virtual void OnTenantFinished(const std::string& tenant, const Usage& usage, FinishReason reason,
+                                const absl::Status& status) {}
   virtual void OnQueueTimeout(const std::string& tenant) {}
 };
 
@@ -83,8 +83,9 @@ class Engine {
   // Queues a request (a RAG request when request.rag is set). INVALID_ARGUMENT naming
   // the field for a bad request, RESOURCE_EXHAUSTED (with a retry hint, RetryAfterMs)
   // when the waiting queue is full or the tenant is at a limit (TenantPolicy),
-  // UNAVAILABLE after Shutdown. The priority is capped to the tenant's max_priority. The callback gets every event, the last with finished =
-  // true, on the engine thread; it is never called after that.
+  // UNAVAILABLE after Shutdown. The priority is capped to the tenant's max_priority. The callback
+  // gets every event, the last with finished = true, on the engine thread; it is never called after
+  // that.
   absl::StatusOr<uint64_t> Submit(Request request, StreamCallback callback);
   // Cancels a request (client cancel). Its final event carries CANCELLED status.
   void Cancel(uint64_t handle);

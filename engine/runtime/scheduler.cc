@@ -152,7 +152,8 @@ class Planner {
     ++running_count_;
     ++tenant_running_[t];
     if (charge) {
-      tenants_[t].service += static_cast<double>(std::max(1, s.total - computed)) / tenants_[t].weight;
+      tenants_[t].service +=
+          static_cast<double>(std::max(1, s.total - computed)) / tenants_[t].weight;
     }
     return Outcome::kAdmitted;
   }
@@ -161,8 +162,8 @@ class Planner {
   const SchedulerLimits& limits_;
   int32_t free_;
   int32_t budget_;
-  std::vector<int32_t> running_;  // snapshot indices still running, oldest first
-  std::vector<int32_t> alloc_;    // blocks given to running[i] this step
+  std::vector<int32_t> running_;         // snapshot indices still running, oldest first
+  std::vector<int32_t> alloc_;           // blocks given to running[i] this step
   std::vector<TenantShare> tenants_;     // clocks charged as sequences are admitted
   std::vector<int32_t> tenant_running_;  // each tenant's sequences in the batch
   int32_t running_count_ = 0;

@@ -60,9 +60,9 @@ struct TenantShare {
 };
 
 struct Snapshot {
-  std::vector<SeqSnapshot> running;  // oldest first
-  std::vector<SeqSnapshot> waiting;  // queue order
-  int32_t free_blocks = 0;           // unreferenced blocks (free or evictable)
+  std::vector<SeqSnapshot> running;       // oldest first
+  std::vector<SeqSnapshot> waiting;       // queue order
+  int32_t free_blocks = 0;                // unreferenced blocks (free or evictable)
   std::vector<TenantShare> tenants = {};  // empty: one tenant, no bound
 };
 

@@ -16,8 +16,8 @@ int32_t TenantPolicies::MaxQueued(const std::string& tenant) const {
   return own > 0 ? own : default_max_queued;
 }
 
-absl::Status CheckTenant(const std::string& tenant, const TenantPolicies& policies,
-                         int32_t queued, int64_t tokens_in_flight, int64_t prompt_tokens) {
+absl::Status CheckTenant(const std::string& tenant, const TenantPolicies& policies, int32_t queued,
+                         int64_t tokens_in_flight, int64_t prompt_tokens) {
   const int32_t max_queued = policies.MaxQueued(tenant);
   if (max_queued > 0 && queued >= max_queued) {
     return absl::ResourceExhaustedError(absl::StrCat("tenant '", tenant, "' has ", queued,

@@ -34,8 +34,8 @@ struct TenantPolicies {
 
 // The checks of one tenant's new request on Submit, given what it has queued and in
 // flight: RESOURCE_EXHAUSTED naming the tenant and the limit, or OK.
-absl::Status CheckTenant(const std::string& tenant, const TenantPolicies& policies,
-                         int32_t queued, int64_t tokens_in_flight, int64_t prompt_tokens);
+absl::Status CheckTenant(const std::string& tenant, const TenantPolicies& policies, int32_t queued,
+                         int64_t tokens_in_flight, int64_t prompt_tokens);
 
 // A refusal that the client may retry later carries a hint (milliseconds) as a status
 // payload; the server turns it into the `retry-after-ms` trailing metadata.
