@@ -373,7 +373,7 @@ TEST_F(TenantTest, PriorityIsCappedToTheTenantsMaxPriority) {
         inner(std::move(ev));
       };
     };
-    ASSERT_TRUE(eng->Submit(Req("a", 0, 30), cb(0)).ok());
+    ASSERT_TRUE(eng->Submit(Req("a", 0, 100), cb(0)).ok());
     AwaitRunning(*eng);
     ASSERT_TRUE(eng->Submit(Req("a", 0, 4), cb(1)).ok());
     ASSERT_TRUE(eng->Submit(Req("a", 100, 4), cb(2)).ok());
