@@ -352,6 +352,15 @@ TEST_F(TenantTest, TenantBoundsAndFairShare) {
   EXPECT_EQ(too_many.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(too_many.status().message().find("max_prompt_tokens (100)"), absl::string_view::npos)
       << too_many.status();
+  // Policies are replaced at run time (a reload of the key file).
+  engine::Request small = Req("a", 0, 2);
+  ASSERT_TRUE(RunRequest(*eng, small).status.ok());
+  p.tenants["a"].max_prompt_tokens = static_cast<int64_t>(small.prompt_ids.size()) - 1;
+  eng->SetTenantPolicies(p);
+  EXPECT_EQ(RunRequest(*eng, small).status.code(), absl::StatusCode::kResourceExhausted);
+  p.tenants.clear();
+  eng->SetTenantPolicies(p);
+  EXPECT_TRUE(RunRequest(*eng, small).status.ok());
 }
 
 // A request's priority is capped to its tenant's max_priority: a capped "urgent"

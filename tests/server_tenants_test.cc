@@ -11,6 +11,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "server/auth.h"
+#include "server/tenant_limits.h"
 #include "superpose/v1/superpose.grpc.pb.h"
 #include "tests/server_process.h"
 #include "tests/test_util.h"
@@ -217,6 +218,14 @@ TEST(ServerTenantsTest, KeyFileLimitErrorsNameFileLineAndField) {
   EXPECT_EQ(p.For("t").weight, 2);
   EXPECT_EQ(p.For("u").max_queued, 0);
   std::remove(path.c_str());
+  // The queue bound of tenants without max_queued (--tenant_max_waiting).
+  EXPECT_EQ(server::EnginePolicies(p, -1, 64).default_max_queued, 32);  // automatic: half
+  EXPECT_EQ(server::EnginePolicies(p, 5, 64).default_max_queued, 5);
+  EXPECT_EQ(server::EnginePolicies(p, 0, 64).default_max_queued, 0);
+  engine::TenantPolicies one;
+  one.tenants["t"];
+  EXPECT_EQ(server::EnginePolicies(one, -1, 64).default_max_queued, 0);  // a single tenant
+  EXPECT_EQ(server::EnginePolicies(engine::TenantPolicies(), -1, 64).default_max_queued, 0);
   // A bad limit stops the server.
   const std::string bad = WriteKeys("badserver", "k1 t weight=0\n");
   testing::ServerProcess server({"--api_keys_file=" + bad});
