@@ -352,6 +352,7 @@ TEST_F(TenantTest, TenantBoundsAndFairShare) {
   EXPECT_EQ(too_many.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(too_many.status().message().find("max_prompt_tokens (100)"), absl::string_view::npos)
       << too_many.status();
+  EXPECT_FALSE(engine::RetryAfterMs(too_many.status()).has_value());  // it can never pass
   // Policies are replaced at run time (a reload of the key file).
   engine::Request small = Req("a", 0, 2);
   ASSERT_TRUE(RunRequest(*eng, small).status.ok());

@@ -293,23 +293,30 @@ TEST(SchedulerTest, TenantLimitsOnSubmit) {
   p.tenants["a"].max_queued = 2;
   p.tenants["a"].max_prompt_tokens = 100;
   p.default_max_queued = 5;
-  EXPECT_TRUE(CheckTenant("a", p, 1, 0, 10).ok());
-  const absl::Status q = CheckTenant("a", p, 2, 0, 10);
+  auto check = [&](const std::string& tenant, int32_t queued, int64_t in_flight, int64_t tokens) {
+    return CheckTenant(tenant, p, queued, in_flight, tokens, 250);
+  };
+  EXPECT_TRUE(check("a", 1, 0, 10).ok());
+  const absl::Status q = check("a", 2, 0, 10);
   EXPECT_EQ(q.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(q.message().find("tenant 'a'"), absl::string_view::npos) << q;
   EXPECT_NE(q.message().find("max_queued is 2"), absl::string_view::npos) << q;
-  const absl::Status t = CheckTenant("a", p, 0, 95, 10);
+  EXPECT_EQ(RetryAfterMs(q), 250);
+  const absl::Status t = check("a", 0, 95, 10);
   EXPECT_EQ(t.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(t.message().find("max_prompt_tokens (100)"), absl::string_view::npos) << t;
-  EXPECT_TRUE(CheckTenant("a", p, 0, 90, 10).ok());
+  EXPECT_EQ(RetryAfterMs(t), 250);
+  EXPECT_TRUE(check("a", 0, 90, 10).ok());
+  // A prompt that can never pass: refused without a retry hint.
+  const absl::Status never = check("a", 0, 0, 101);
+  EXPECT_EQ(never.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(never.message().find("101 prompt tokens exceed"), absl::string_view::npos) << never;
+  EXPECT_FALSE(RetryAfterMs(never).has_value());
   // Another tenant gets the default bound.
-  EXPECT_TRUE(CheckTenant("b", p, 4, 1000, 1000).ok());
-  EXPECT_EQ(CheckTenant("b", p, 5, 0, 1).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(check("b", 4, 1000, 1000).ok());
+  EXPECT_EQ(check("b", 5, 0, 1).code(), absl::StatusCode::kResourceExhausted);
   p.default_max_queued = 0;
-  EXPECT_TRUE(CheckTenant("b", p, 500, 0, 1).ok());
-  // The retry hint travels with the status.
-  EXPECT_EQ(RetryAfterMs(WithRetryAfter(q, 250)), 250);
-  EXPECT_FALSE(RetryAfterMs(q).has_value());
+  EXPECT_TRUE(check("b", 500, 0, 1).ok());
 }
 
 TEST(SchedulerTest, PriorityOrder) {

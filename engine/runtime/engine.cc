@@ -237,10 +237,10 @@ absl::Status Engine::Impl::AdmitToQueue(PendingRequest* p) {
   }
   const int64_t tokens = PromptTokens(req);
   int64_t& in_flight = tenant_tokens_[req.tenant];
-  absl::Status st = CheckTenant(req.tenant, *policies_, queued, in_flight, tokens);
+  absl::Status st = CheckTenant(req.tenant, *policies_, queued, in_flight, tokens, RetryHintMs());
   if (!st.ok()) {
     if (in_flight == 0) tenant_tokens_.erase(req.tenant);
-    return WithRetryAfter(std::move(st), RetryHintMs());
+    return st;
   }
   in_flight += tokens;
   p->callback = TrackTenant(req.tenant, tokens, std::move(p->callback));

@@ -33,9 +33,11 @@ struct TenantPolicies {
 };
 
 // The checks of one tenant's new request on Submit, given what it has queued and in
-// flight: RESOURCE_EXHAUSTED naming the tenant and the limit, or OK.
+// flight: RESOURCE_EXHAUSTED naming the tenant and the limit, with the retry hint
+// `retry_after_ms` unless the request can never pass (a prompt larger than the tenant's
+// max_prompt_tokens), or OK.
 absl::Status CheckTenant(const std::string& tenant, const TenantPolicies& policies, int32_t queued,
-                         int64_t tokens_in_flight, int64_t prompt_tokens);
+                         int64_t tokens_in_flight, int64_t prompt_tokens, int64_t retry_after_ms);
 
 // A refusal that the client may retry later carries a hint (milliseconds) as a status
 // payload; the server turns it into the `retry-after-ms` trailing metadata.
