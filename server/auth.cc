@@ -6,6 +6,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/types/span.h"
+#include "server/tenant_limits.h"
 
 namespace superpose::server {
 
@@ -13,6 +15,7 @@ absl::StatusOr<Authenticator> Authenticator::FromFile(const std::string& path) {
   std::ifstream in(path);
   if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
   Authenticator a;
+  TenantLimitsBuilder limits;
   std::string line;
   int n = 0;
   while (std::getline(in, line)) {
@@ -20,14 +23,20 @@ absl::StatusOr<Authenticator> Authenticator::FromFile(const std::string& path) {
     const std::string body(absl::StripAsciiWhitespace(line.substr(0, line.find('#'))));
     if (body.empty()) continue;
     std::vector<std::string> parts = absl::StrSplit(body, ' ', absl::SkipWhitespace());
-    if (parts.size() != 2) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ":", n, ": expected '<key> <tenant>'"));
+    if (parts.size() < 2) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ":", n, ": expected '<key> <tenant> [name=value ...]'"));
     }
     if (!a.tenants_.emplace(parts[0], parts[1]).second) {
       return absl::InvalidArgumentError(absl::StrCat(path, ":", n, ": duplicate key"));
     }
+    if (absl::Status st = limits.Add(path, n, parts[1], absl::MakeConstSpan(parts).subspan(2));
+        !st.ok()) {
+      return st;
+    }
   }
   if (a.tenants_.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": no keys"));
+  a.policies_ = limits.Build();
   return a;
 }
 

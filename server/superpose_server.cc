@@ -32,6 +32,7 @@
 #include "server/private_mode.h"
 #include "server/service.h"
 #include "server/shutdown.h"
+#include "server/tenant_limits.h"
 #include "spdlog/spdlog.h"
 
 ABSL_FLAG(std::string, model, "",
@@ -87,8 +88,17 @@ ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9090",
           "Prometheus /metrics HTTP address host:port (empty: off; port 0 picks one)");
 ABSL_FLAG(std::string, metrics_port_file, "", "If set, write the bound metrics port here");
 ABSL_FLAG(std::string, api_keys_file, "",
-          "File of '<key> <tenant>' lines: clients must send 'authorization: Bearer <key>'; "
-          "the tenant scopes the prefix cache. Empty: no auth, tenant \"default\"");
+          "File of '<key> <tenant> [name=value ...]' lines: clients must send "
+          "'authorization: Bearer <key>'; the tenant scopes the prefix cache and has the "
+          "limits given (docs/operations.md \"Tenants\"). Empty: no auth, tenant \"default\"");
+// Tenants (docs/operations.md "Tenants"; the limits themselves are in --api_keys_file).
+ABSL_FLAG(int32_t, tenant_max_waiting, -1,
+          "Queued requests per tenant for tenants whose key line sets no max_queued: > 0 that "
+          "bound, 0 none (only --max_waiting), -1 half of --max_waiting when --api_keys_file "
+          "names several tenants");
+ABSL_FLAG(int64_t, max_queue_ms, 0,
+          "A request not admitted within this many ms gets RESOURCE_EXHAUSTED with a "
+          "retry-after-ms hint (0: no bound)");
 ABSL_FLAG(std::string, log_level, "info", "trace|debug|info|warn|error");
 // Private mode and shutdown: docs/operations.md "Private mode", "Shutdown".
 ABSL_FLAG(bool, private, false,
@@ -235,7 +245,14 @@ int Run() {
   eopts.prefix_caching = absl::GetFlag(FLAGS_prefix_caching);
   eopts.rag_max_documents = absl::GetFlag(FLAGS_rag_max_documents);
   eopts.private_mode = private_mode;
+  eopts.max_queue_ms = absl::GetFlag(FLAGS_max_queue_ms);
+  if (eopts.max_queue_ms < 0) {
+    spdlog::critical("--max_queue_ms: must be >= 0, got {}", eopts.max_queue_ms);
+    return 2;
+  }
   engine::Engine eng(eopts, cfg, model->tokenizer.get(), backend->get());
+  eng.SetTenantPolicies(server::EnginePolicies(
+      auth.tenant_policies(), absl::GetFlag(FLAGS_tenant_max_waiting), eopts.max_waiting));
   server::Metrics metrics;
   metrics.SetEngine(&eng);
   eng.SetObserver(&metrics);
