@@ -12,6 +12,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
+#include "server/tenant_limits.h"
 
 namespace superpose::server {
 
@@ -41,6 +43,7 @@ absl::StatusOr<Authenticator::Keys> Authenticator::ReadKeys(const std::string& p
   std::ifstream in(path);
   if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
   Keys keys;
+  TenantLimitsBuilder limits;
   absl::flat_hash_map<std::string, std::string> tenants;  // key digest -> tenant
   std::string line;
   int n = 0;
@@ -50,15 +53,21 @@ absl::StatusOr<Authenticator::Keys> Authenticator::ReadKeys(const std::string& p
     if (body.empty()) continue;
     std::vector<std::string> parts = absl::StrSplit(body, ' ', absl::SkipWhitespace());
     if (parts.size() < 2) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ":", n, ": expected '<key> <tenant>'"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ":", n, ": expected '<key> <tenant> [name=value ...]'"));
     }
     const Digest digest = Sha256(parts[0]);
     if (!tenants.emplace(std::string(digest.begin(), digest.end()), parts[1]).second) {
       return absl::InvalidArgumentError(absl::StrCat(path, ":", n, ": duplicate key"));
     }
+    if (absl::Status st = limits.Add(path, n, parts[1], absl::MakeConstSpan(parts).subspan(2));
+        !st.ok()) {
+      return st;
+    }
     keys.entries.push_back({digest, parts[1]});
   }
   if (keys.entries.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": no keys"));
+  keys.policies = limits.Build();
   return keys;
 }
 
@@ -82,6 +91,8 @@ absl::StatusOr<std::string> Authenticator::Reload() {
   state_->keys = std::move(fresh);
   return summary;
 }
+
+engine::TenantPolicies Authenticator::tenant_policies() const { return keys()->policies; }
 
 std::shared_ptr<const Authenticator::Keys> Authenticator::keys() const {
   absl::MutexLock lock(&state_->mu);

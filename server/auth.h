@@ -18,6 +18,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "engine/runtime/tenant_policy.h"
 
 namespace superpose::server {
 
@@ -27,8 +28,8 @@ class Authenticator {
   ~Authenticator();
   Authenticator(Authenticator&&) noexcept;
   Authenticator& operator=(Authenticator&&) noexcept;
-  // Reads "<key> <tenant>" lines ('#' starts a comment; fields after the tenant are
-  // ignored here). Errors name the file and line, never a key.
+  // Reads "<key> <tenant> [name=value ...]" lines ('#' starts a comment; the limits are
+  // server/tenant_limits.h's). Errors name the file and line, never a key.
   static absl::StatusOr<Authenticator> FromFile(const std::string& path);
 
   bool enabled() const { return !path_.empty(); }
@@ -43,6 +44,8 @@ class Authenticator {
   // error the old keys stay. No-op without a key file.
   absl::StatusOr<std::string> Reload();
   void set_tenant_from_client_cert(bool on) { tenant_from_client_cert_ = on; }
+  // Every tenant of the file with its limits (none without keys), as last (re)loaded.
+  engine::TenantPolicies tenant_policies() const;
 
  private:
   using Digest = std::array<uint8_t, 32>;
@@ -52,6 +55,7 @@ class Authenticator {
   };
   struct Keys {
     std::vector<Entry> entries;
+    engine::TenantPolicies policies;
     std::string Summary() const;
   };
   struct State;

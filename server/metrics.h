@@ -47,8 +47,12 @@ class Metrics : public engine::EngineObserver {
   void OnPreempted() override;
   void OnStep(int32_t running, int32_t waiting, int32_t batch_tokens) override;
   void OnRagFinished(const engine::rag::Result& result) override;
-  // Requests refused before reaching the engine (validation, full queue).
-  void OnRejected(const std::string& code);
+  void OnTenantFinished(const std::string& tenant, const engine::Usage& usage,
+                        engine::FinishReason reason, const absl::Status& status) override;
+  void OnQueueTimeout(const std::string& tenant) override;
+  // Requests refused before reaching the engine (validation, full queue); `tenant`
+  // (empty: unknown, e.g. not authenticated) also counts them for the tenant.
+  void OnRejected(const std::string& code, const std::string& tenant = "");
 
   std::string Render() const;
 
@@ -76,6 +80,18 @@ class Metrics : public engine::EngineObserver {
   double rag_flops_ ABSL_GUARDED_BY(mu_) = 0;
   double rag_critical_flops_ ABSL_GUARDED_BY(mu_) = 0;
   double rag_naive_flops_ ABSL_GUARDED_BY(mu_) = 0;
+  // By tenant (tenant names only: never keys).
+  struct TenantCounters {
+    std::map<std::string, uint64_t> finished;  // by finish reason
+    std::map<std::string, uint64_t> rejected;  // by gRPC code
+    uint64_t prompt_tokens = 0;
+    uint64_t generated_tokens = 0;
+    uint64_t cached_tokens = 0;
+    double queue_seconds = 0;  // of finished requests
+    uint64_t queued = 0;
+  };
+  std::map<std::string, TenantCounters> tenants_ ABSL_GUARDED_BY(mu_);
+  void RenderTenants(std::string* out) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 };
 
 // Serves GET /metrics (and /healthz) on `listen` (host:port; port 0 picks one); see

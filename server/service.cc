@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <deque>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -14,6 +15,13 @@ grpc::Status ToGrpc(const absl::Status& s) {
 }
 
 namespace {
+
+// A refusal the client may retry carries the hint as `retry-after-ms` trailing metadata.
+void AddRetryHint(grpc::CallbackServerContext* context, const absl::Status& s) {
+  if (std::optional<int64_t> ms = engine::RetryAfterMs(s)) {
+    context->AddTrailingMetadata("retry-after-ms", absl::StrCat(*ms));
+  }
+}
 
 std::string NewRequestId() {
   static std::atomic<uint64_t> counter{0};
@@ -40,13 +48,17 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
  public:
   // `gate`: the call was admitted through it (Exit when done), or null.
   GenerateReactor(grpc::CallbackServerContext* context, engine::Engine* engine,
-                  const engine::Tokenizer* tokenizer, Metrics* metrics,
+                  const engine::Tokenizer* tokenizer, Metrics* metrics, const std::string& tenant,
                   absl::StatusOr<engine::Request> request, std::vector<std::string> doc_ids,
                   CallGate* gate)
-      : engine_(engine), tokenizer_(tokenizer), doc_ids_(std::move(doc_ids)), gate_(gate) {
+      : context_(context),
+        engine_(engine),
+        tokenizer_(tokenizer),
+        doc_ids_(std::move(doc_ids)),
+        gate_(gate) {
     if (!request.ok()) {
       if (metrics != nullptr)
-        metrics->OnRejected(absl::StatusCodeToString(request.status().code()));
+        metrics->OnRejected(absl::StatusCodeToString(request.status().code()), tenant);
       spdlog::info("req=- rejected: {}", absl::StatusCodeToString(request.status().code()));
       Finish(ToGrpc(request.status()));
       return;
@@ -76,7 +88,10 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
       // The status code only: messages are for the client (one rule for every log line).
       spdlog::warn("req={} not queued: {}", request_id_.str(),
                    absl::StatusCodeToString(handle.status().code()));
-      if (metrics != nullptr) metrics->OnRejected(absl::StatusCodeToString(handle.status().code()));
+      if (metrics != nullptr) {
+        metrics->OnRejected(absl::StatusCodeToString(handle.status().code()), tenant);
+      }
+      AddRetryHint(context_, handle.status());
       Finish(ToGrpc(handle.status()));
       return;
     }
@@ -141,6 +156,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
       final_ = true;
       if (!ev.status.ok()) {
         final_status_ = ToGrpc(ev.status);
+        AddRetryHint(context_, ev.status);  // before Finish, which Pump() decides
       } else if (cancelled_) {
         final_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
       }
@@ -198,6 +214,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     }
   }
 
+  grpc::CallbackServerContext* context_;  // valid until OnDone
   engine::Engine* engine_;
   const engine::Tokenizer* tokenizer_;
   std::vector<std::string> doc_ids_;               // GenerateRag: the callers' document ids
@@ -255,30 +272,30 @@ SuperposeService::SuperposeService(const engine::ModelBundle* model, engine::Eng
 }
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* SuperposeService::Start(
-    grpc::CallbackServerContext* context, absl::StatusOr<engine::Request> request,
-    std::vector<std::string> doc_ids) {
+    grpc::CallbackServerContext* context, const std::string& tenant,
+    absl::StatusOr<engine::Request> request, std::vector<std::string> doc_ids) {
   CallGate* gate = &gate_;
   if (!gate_.Enter()) {
     gate = nullptr;
     request = absl::UnavailableError("server is shutting down");
   }
-  return new GenerateReactor(context, engine_, model_->tokenizer.get(), metrics_,
+  return new GenerateReactor(context, engine_, model_->tokenizer.get(), metrics_, tenant,
                              std::move(request), std::move(doc_ids), gate);
 }
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* SuperposeService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
-  if (gate_.closed()) return Start(context, absl::UnavailableError("server is shutting down"), {});
+  if (gate_.closed()) return Start(context, "", absl::UnavailableError("server is shutting down"), {});
   absl::StatusOr<std::string> tenant = auth_->Tenant(*context);
   absl::StatusOr<engine::Request> req =
       tenant.ok() ? ToEngineRequest(*request, *model_->tokenizer, limits_) : tenant.status();
   if (req.ok()) req->tenant = *tenant;
-  return Start(context, std::move(req), {});
+  return Start(context, tenant.ok() ? *tenant : "", std::move(req), {});
 }
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* SuperposeService::GenerateRag(
     grpc::CallbackServerContext* context, const v1::GenerateRagRequest* request) {
-  if (gate_.closed()) return Start(context, absl::UnavailableError("server is shutting down"), {});
+  if (gate_.closed()) return Start(context, "", absl::UnavailableError("server is shutting down"), {});
   absl::StatusOr<std::string> tenant = auth_->Tenant(*context);
   absl::StatusOr<engine::Request> req =
       tenant.ok() ? ToEngineRagRequest(*request, *model_->tokenizer, limits_) : tenant.status();
@@ -287,7 +304,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* SuperposeService::GenerateRag(
     req->tenant = *tenant;
     for (const auto& d : request->documents()) ids.push_back(d.id());
   }
-  return Start(context, std::move(req), std::move(ids));
+  return Start(context, tenant.ok() ? *tenant : "", std::move(req), std::move(ids));
 }
 
 grpc::ServerUnaryReactor* SuperposeService::Tokenize(grpc::CallbackServerContext* context,

@@ -43,7 +43,10 @@ class SuperposeService final : public v1::Superpose::CallbackService {
   bool WaitForCalls(absl::Duration timeout) { return gate_.WaitIdle(timeout); }
 
  private:
+  // Admits a call through the shutdown gate and starts its reactor (`tenant` labels
+  // its per-tenant metrics; empty when authentication failed).
   grpc::ServerWriteReactor<v1::GenerateResponse>* Start(grpc::CallbackServerContext* context,
+                                                        const std::string& tenant,
                                                         absl::StatusOr<engine::Request> request,
                                                         std::vector<std::string> doc_ids);
 

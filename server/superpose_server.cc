@@ -34,6 +34,7 @@
 #include "server/reload.h"
 #include "server/service.h"
 #include "server/shutdown.h"
+#include "server/tenant_limits.h"
 #include "server/tls.h"
 #include "spdlog/spdlog.h"
 
@@ -90,8 +91,17 @@ ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9090",
           "Prometheus /metrics HTTP address host:port (empty: off; port 0 picks one)");
 ABSL_FLAG(std::string, metrics_port_file, "", "If set, write the bound metrics port here");
 ABSL_FLAG(std::string, api_keys_file, "",
-          "File of '<key> <tenant>' lines: clients must send 'authorization: Bearer <key>'; "
-          "the tenant scopes the prefix cache. Empty: no auth, tenant \"default\"");
+          "File of '<key> <tenant> [name=value ...]' lines: clients must send "
+          "'authorization: Bearer <key>'; the tenant scopes the prefix cache and has the "
+          "limits given (docs/operations.md \"Tenants\"). Empty: no auth, tenant \"default\"");
+// Tenants (docs/operations.md "Tenants"; the limits themselves are in --api_keys_file).
+ABSL_FLAG(int32_t, tenant_max_waiting, -1,
+          "Queued requests per tenant for tenants whose key line sets no max_queued: > 0 that "
+          "bound, 0 none (only --max_waiting), -1 half of --max_waiting when --api_keys_file "
+          "names several tenants");
+ABSL_FLAG(int64_t, max_queue_ms, 0,
+          "A request not admitted within this many ms gets RESOURCE_EXHAUSTED with a "
+          "retry-after-ms hint (0: no bound)");
 // Transport security and authentication (docs/operations.md).
 ABSL_FLAG(std::string, tls_cert, "",
           "PEM certificate chain of the server (with --tls_key): TLS on the gRPC port and, "
@@ -241,7 +251,6 @@ int Run() {
       return 2;
     }
     auth = *std::move(a);
-    reload.Add("api_keys_file", [&auth] { return auth.Reload(); });
   }
   auth.set_tenant_from_client_cert(absl::GetFlag(FLAGS_tenant_from_client_cert));
   absl::StatusOr<std::unique_ptr<server::TlsCertStore>> tls = SetUpTls(&reload);
@@ -299,7 +308,25 @@ int Run() {
   eopts.prefix_caching = absl::GetFlag(FLAGS_prefix_caching);
   eopts.rag_max_documents = absl::GetFlag(FLAGS_rag_max_documents);
   eopts.private_mode = private_mode;
+  eopts.max_queue_ms = absl::GetFlag(FLAGS_max_queue_ms);
+  if (eopts.max_queue_ms < 0) {
+    spdlog::critical("--max_queue_ms: must be >= 0, got {}", eopts.max_queue_ms);
+    return 2;
+  }
   engine::Engine eng(eopts, cfg, model->tokenizer.get(), backend->get());
+  eng.SetTenantPolicies(server::EnginePolicies(
+      auth.tenant_policies(), absl::GetFlag(FLAGS_tenant_max_waiting), eopts.max_waiting));
+  if (auth.enabled()) {
+    // SIGHUP: the new keys, then their tenants' limits.
+    reload.Add("api_keys_file", [&auth, &eng, max_waiting = eopts.max_waiting] {
+      absl::StatusOr<std::string> r = auth.Reload();
+      if (r.ok()) {
+        eng.SetTenantPolicies(server::EnginePolicies(
+            auth.tenant_policies(), absl::GetFlag(FLAGS_tenant_max_waiting), max_waiting));
+      }
+      return r;
+    });
+  }
   server::Metrics metrics;
   metrics.SetEngine(&eng);
   eng.SetObserver(&metrics);

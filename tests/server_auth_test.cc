@@ -117,7 +117,8 @@ TEST(ServerAuthTest, KeyFileReloadOnSighup) {
   EXPECT_EQ(InfoCode(*stub, "old-secret-key"), grpc::StatusCode::OK);
 
   // Fields after the tenant (per-tenant settings) are ignored here.
-  std::ofstream(keys) << "new-secret-key tenant-a max_running=4\nother-secret-key tenant-b\n";
+  std::ofstream(keys) << "new-secret-key tenant-a max_running=4\n"
+                         "other-secret-key tenant-b max_prompt_tokens=8\n";
   server.Signal(SIGHUP);
   for (int i = 0; i < 100 && InfoCode(*stub, "new-secret-key") != grpc::StatusCode::OK; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -125,6 +126,15 @@ TEST(ServerAuthTest, KeyFileReloadOnSighup) {
   EXPECT_EQ(InfoCode(*stub, "new-secret-key"), grpc::StatusCode::OK);
   EXPECT_EQ(InfoCode(*stub, "other-secret-key"), grpc::StatusCode::OK);
   EXPECT_EQ(InfoCode(*stub, "old-secret-key"), grpc::StatusCode::UNAUTHENTICATED);
+  // The tenants' limits of the new file apply too.
+  v1::GenerateRequest req;
+  for (int i = 0; i < 12; ++i) req.mutable_token_ids()->add_ids(300 + i);
+  req.mutable_sampling()->set_max_new_tokens(2);
+  grpc::Status st;
+  Last(*stub, "other-secret-key", req, &st);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << st.error_message();
+  Last(*stub, "new-secret-key", req, &st);
+  EXPECT_TRUE(st.ok()) << st.error_message();
 
   std::ofstream(keys) << "bad-secret-key-alone\n";  // a bad file: the keys stay
   server.Signal(SIGHUP);
