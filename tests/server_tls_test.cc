@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -38,10 +39,7 @@ class Certs {
     WriteFile(ca_path(), ca.cert);
     SetServer(MakeCert("server-one", &ca, true));
   }
-  ~Certs() {
-    for (const std::string& f : {cert_path(), key_path(), ca_path()}) std::remove(f.c_str());
-    rmdir(dir_.c_str());
-  }
+  ~Certs() { std::filesystem::remove_all(dir_); }  // keys and logs of the test
   void SetServer(const Pem& server) {
     WriteFile(cert_path(), server.cert);
     WriteFile(key_path(), server.key);
