@@ -10,5 +10,5 @@ $SUDO apt-get install -y -qq --no-install-recommends \
   libgtest-dev libgmock-dev \
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto \
   libspdlog-dev libfmt-dev libabsl-dev libopenblas-openmp-dev libhwy-dev \
-  nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcpp-httplib-dev >/dev/null
+  nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcpp-httplib-dev libssl-dev >/dev/null
 echo "setup: dependencies installed"

@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <deque>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -18,6 +19,13 @@ grpc::Status ToGrpc(const absl::Status& s) {
 }
 
 namespace {
+
+// A refusal the client may retry carries the hint as `retry-after-ms` trailing metadata.
+void AddRetryHint(grpc::CallbackServerContext* context, const absl::Status& s) {
+  if (std::optional<int64_t> ms = engine::RetryAfterMs(s)) {
+    context->AddTrailingMetadata("retry-after-ms", absl::StrCat(*ms));
+  }
+}
 
 std::string NewRequestId() {
   static std::atomic<uint64_t> counter{0};
@@ -47,7 +55,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
   // `gate`: the call was admitted through it (Exit when done), or null.
   GenerateReactor(grpc::CallbackServerContext* context, engine::Engine* engine,
                   const engine::Tokenizer* tokenizer, Metrics* metrics, CallGate* gate)
-      : engine_(engine),
+      : context_(context),
+        engine_(engine),
         tokenizer_(tokenizer),
         metrics_(metrics),
         deadline_(context->deadline()),
@@ -59,6 +68,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
     absl::MutexLock lock(&mu_);
     return cancelled_;
   }
+  // Labels the call's per-tenant metrics (empty: authentication failed).
+  void SetTenant(const std::string& tenant) { tenant_ = tenant; }
   void Reject(const grpc::Status& status) {
     Start(absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message()));
   }
@@ -71,7 +82,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
     }
     if (!request.ok()) {
       if (metrics_ != nullptr)
-        metrics_->OnRejected(absl::StatusCodeToString(request.status().code()));
+        metrics_->OnRejected(absl::StatusCodeToString(request.status().code()), tenant_);
       spdlog::info("req=- rejected: {}", absl::StatusCodeToString(request.status().code()));
       Finish(ToGrpc(request.status()));
       return;
@@ -102,8 +113,10 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
       // The status code only: messages are for the client (one rule for every log line).
       spdlog::warn("req={} not queued: {}", request_id_.str(),
                    absl::StatusCodeToString(handle.status().code()));
-      if (metrics_ != nullptr)
-        metrics_->OnRejected(absl::StatusCodeToString(handle.status().code()));
+      if (metrics_ != nullptr) {
+        metrics_->OnRejected(absl::StatusCodeToString(handle.status().code()), tenant_);
+      }
+      AddRetryHint(context_, handle.status());
       Finish(ToGrpc(handle.status()));
       return;
     }
@@ -168,6 +181,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
       final_ = true;
       if (!ev.status.ok()) {
         final_status_ = ToGrpc(ev.status);
+        AddRetryHint(context_, ev.status);  // before Finish, which Pump() decides
       } else if (cancelled_) {
         final_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
       }
@@ -226,6 +240,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
     }
   }
 
+  grpc::CallbackServerContext* context_;  // valid until OnDone
   engine::Engine* engine_;
   const engine::Tokenizer* tokenizer_;
   Metrics* metrics_;
@@ -235,6 +250,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
   std::shared_ptr<const engine::rag::Spec> spec_;  // GenerateRag
   engine::LogId request_id_;                       // for log lines
   std::string response_id_;                        // the request id as responses echo it
+  std::string tenant_;                             // per-tenant metrics; set before Start
   CallGate* gate_;
   absl::Mutex mu_;
   std::deque<v1::GenerateResponse> pending_ ABSL_GUARDED_BY(mu_);
@@ -308,14 +324,14 @@ SuperposeService::SuperposeService(const engine::ModelBundle* model, engine::Eng
 }
 
 template <typename Req>
-absl::StatusOr<std::string> SuperposeService::Admit(const grpc::CallbackServerContext& context,
-                                                    const grpc::ByteBuffer& bytes,
-                                                    Req* request) const {
-  absl::StatusOr<std::string> tenant = auth_->Tenant(context);
-  if (!tenant.ok()) return tenant;
+absl::Status SuperposeService::Admit(const grpc::CallbackServerContext& context,
+                                     const grpc::ByteBuffer& bytes, Req* request,
+                                     std::string* tenant) const {
+  absl::StatusOr<std::string> t = auth_->Tenant(context);
+  if (!t.ok()) return t.status();
+  *tenant = *std::move(t);
   SP_RETURN_IF_ERROR(ParseRequest(bytes, request));
-  SP_RETURN_IF_ERROR(CheckBounds(*request, limits_));
-  return tenant;
+  return CheckBounds(*request, limits_);
 }
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* SuperposeService::Generate(
@@ -325,14 +341,16 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* SuperposeService::Generate(
       NewGenerateReactor(context, engine_, model_->tokenizer.get(), metrics_, &gate_, &refused);
   if (refused) return reactor;
   auto request = std::make_unique<v1::GenerateRequest>();
-  absl::StatusOr<std::string> tenant = Admit(*context, *bytes, request.get());
-  if (!tenant.ok()) {
-    reactor->Start(tenant.status());
+  std::string tenant;
+  const absl::Status admitted = Admit(*context, *bytes, request.get(), &tenant);
+  reactor->SetTenant(tenant);
+  if (!admitted.ok()) {
+    reactor->Start(admitted);
     return reactor;
   }
   const int64_t text_bytes = TextBytes(*request);
   RunWork(pool_, reactor, text_bytes,
-          [this, reactor, request = std::move(request), tenant = *std::move(tenant)] {
+          [this, reactor, request = std::move(request), tenant = std::move(tenant)] {
             if (absl::Status st = BeforeWork(*reactor, gate_); !st.ok()) return reactor->Start(st);
             absl::StatusOr<engine::Request> req =
                 ToEngineRequest(*request, *model_->tokenizer, limits_);
@@ -349,14 +367,16 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* SuperposeService::GenerateRag(
       NewGenerateReactor(context, engine_, model_->tokenizer.get(), metrics_, &gate_, &refused);
   if (refused) return reactor;
   auto request = std::make_unique<v1::GenerateRagRequest>();
-  absl::StatusOr<std::string> tenant = Admit(*context, *bytes, request.get());
-  if (!tenant.ok()) {
-    reactor->Start(tenant.status());
+  std::string tenant;
+  const absl::Status admitted = Admit(*context, *bytes, request.get(), &tenant);
+  reactor->SetTenant(tenant);
+  if (!admitted.ok()) {
+    reactor->Start(admitted);
     return reactor;
   }
   const int64_t text_bytes = TextBytes(*request);
   RunWork(pool_, reactor, text_bytes,
-          [this, reactor, request = std::move(request), tenant = *std::move(tenant)] {
+          [this, reactor, request = std::move(request), tenant = std::move(tenant)] {
             if (absl::Status st = BeforeWork(*reactor, gate_); !st.ok()) return reactor->Start(st);
             absl::StatusOr<engine::Request> req =
                 ToEngineRagRequest(*request, *model_->tokenizer, limits_);
@@ -375,7 +395,8 @@ grpc::ServerUnaryReactor* SuperposeService::Tokenize(grpc::CallbackServerContext
                                                      grpc::ByteBuffer* response) {
   auto* call = new PooledUnaryCall();
   auto request = std::make_unique<v1::TokenizeRequest>();
-  if (absl::Status st = Admit(*context, *bytes, request.get()).status(); !st.ok()) {
+  std::string tenant;
+  if (absl::Status st = Admit(*context, *bytes, request.get(), &tenant); !st.ok()) {
     call->Finish(ToGrpc(st));
     return call;
   }
@@ -403,7 +424,8 @@ grpc::ServerUnaryReactor* SuperposeService::Detokenize(grpc::CallbackServerConte
                                                        grpc::ByteBuffer* response) {
   auto* call = new PooledUnaryCall();
   auto request = std::make_unique<v1::DetokenizeRequest>();
-  absl::Status st = Admit(*context, *bytes, request.get()).status();
+  std::string tenant;
+  absl::Status st = Admit(*context, *bytes, request.get(), &tenant);
   if (st.ok()) st = ValidateTokenIds(request->token_ids(), limits_.vocab_size, "token_ids");
   if (!st.ok()) {
     call->Finish(ToGrpc(st));

@@ -53,10 +53,10 @@ class SuperposeService final : public RawSuperposeService {
   bool WaitForCalls(absl::Duration timeout) { return gate_.WaitIdle(timeout); }
 
  private:
-  // Authenticates, parses and bounds-checks a request; returns the tenant.
+  // Authenticates (setting `*tenant`), parses and bounds-checks a request.
   template <typename Req>
-  absl::StatusOr<std::string> Admit(const grpc::CallbackServerContext& context,
-                                    const grpc::ByteBuffer& bytes, Req* request) const;
+  absl::Status Admit(const grpc::CallbackServerContext& context, const grpc::ByteBuffer& bytes,
+                     Req* request, std::string* tenant) const;
 
   const engine::ModelBundle* model_;
   engine::Engine* engine_;

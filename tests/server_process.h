@@ -93,6 +93,7 @@ class ServerProcess {
   std::shared_ptr<grpc::Channel> Channel() const {
     return grpc::CreateChannel(address(), grpc::InsecureChannelCredentials());
   }
+  // Sends `sig` (e.g. SIGHUP: reload certificates and keys) to the running server.
   void Signal(int sig) const {
     if (pid_ > 0) kill(pid_, sig);
   }
