@@ -38,6 +38,13 @@ ABSL_FLAG(double, timeout_s, 300, "Deadline of the call in seconds");
 ABSL_FLAG(std::string, api_key, "",
           "API key sent as 'authorization: Bearer <key>' (default: $SUPERPOSE_API_KEY; the "
           "environment keeps it out of the process list)");
+// TLS (a server started with --tls_cert): the CA to trust, and for mutual TLS the
+// client's certificate and key.
+ABSL_FLAG(std::string, tls_ca, "", "PEM CA certificate(s) to verify the server by; enables TLS");
+ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate (mutual TLS; with --tls_key)");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(std::string, tls_server_name, "",
+          "Name to verify the server's certificate against instead of --server's host");
 ABSL_FLAG(std::string, preamble, "", "rag: system prompt / instruction");
 ABSL_FLAG(std::string, docs_file, "", "rag: file with one document per line");
 ABSL_FLAG(std::string, query, "", "rag: the question");
@@ -227,6 +234,36 @@ int Info(v1::Superpose::Stub& stub) {
   return 0;
 }
 
+bool ReadPem(const std::string& flag, const std::string& path, std::string* out) {
+  if (path.empty()) return true;
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    std::cerr << "--" << flag << ": cannot read " << path << "\n";
+    return false;
+  }
+  out->assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  return true;
+}
+
+// Plaintext, or TLS when --tls_ca is given; nullptr (after a message) on a bad file.
+std::shared_ptr<grpc::Channel> MakeChannel() {
+  const std::string server = absl::GetFlag(FLAGS_server);
+  if (absl::GetFlag(FLAGS_tls_ca).empty()) {
+    return grpc::CreateChannel(server, grpc::InsecureChannelCredentials());
+  }
+  grpc::SslCredentialsOptions o;
+  if (!ReadPem("tls_ca", absl::GetFlag(FLAGS_tls_ca), &o.pem_root_certs) ||
+      !ReadPem("tls_cert", absl::GetFlag(FLAGS_tls_cert), &o.pem_cert_chain) ||
+      !ReadPem("tls_key", absl::GetFlag(FLAGS_tls_key), &o.pem_private_key)) {
+    return nullptr;
+  }
+  grpc::ChannelArguments args;
+  if (const std::string name = absl::GetFlag(FLAGS_tls_server_name); !name.empty()) {
+    args.SetSslTargetNameOverride(name);
+  }
+  return grpc::CreateCustomChannel(server, grpc::SslCredentials(o), args);
+}
+
 int Health(const std::shared_ptr<grpc::Channel>& channel) {
   auto stub = grpc::health::v1::Health::NewStub(channel);
   grpc::health::v1::HealthCheckRequest req;
@@ -257,8 +294,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string cmd = args[1];
-  auto channel =
-      grpc::CreateChannel(absl::GetFlag(FLAGS_server), grpc::InsecureChannelCredentials());
+  std::shared_ptr<grpc::Channel> channel = MakeChannel();
+  if (channel == nullptr) return 2;
   auto stub = v1::Superpose::NewStub(channel);
   if (cmd == "generate") return Generate(*stub);
   if (cmd == "rag") return Rag(*stub);

@@ -160,6 +160,14 @@ absl::Status CudaBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
 
 absl::Status CudaBackend::Health() const { return impl_->Health(); }
 
+absl::Status CudaBackend::ZeroKvBlocks(absl::Span<const BlockId> blocks) {
+  return Guarded(*impl_, [&] { return impl_->ZeroKvBlocks(blocks); });
+}
+
+absl::StatusOr<std::vector<uint8_t>> CudaBackend::KvBlockBytes(BlockId block) const {
+  return impl_->KvBlockBytes(block);
+}
+
 KvPoolInfo CudaBackend::kv() const { return impl_->kv_info; }
 
 bool CudaBackend::SamplesRows() const { return impl_->cuda_options.row_sampling; }

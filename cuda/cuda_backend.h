@@ -45,6 +45,9 @@ class CudaBackend : public engine::Backend {
   // an uncorrectable ECC error: cuda/cuda_errors.h) made the device unusable for this
   // process; Load and Forward then fail at once. Thread-safe.
   absl::Status Health() const override;
+  // Private mode's zeroing of freed blocks, and the tests' reader (cuda_kv_pool.cc).
+  absl::Status ZeroKvBlocks(absl::Span<const engine::BlockId> blocks) override;
+  absl::StatusOr<std::vector<uint8_t>> KvBlockBytes(engine::BlockId block) const override;
 
   // Benchmarks and tests: allocates the weights of `config` for `shard` and fills them
   // on the device (no host copy): matrices, embeddings and biases uniform(-scale,

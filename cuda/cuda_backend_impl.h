@@ -36,6 +36,7 @@
 
 namespace superpose::cuda {
 
+using engine::BlockId;
 using engine::BatchPlan;
 using engine::ForwardOutput;
 using engine::KvPoolInfo;
@@ -190,6 +191,11 @@ struct CudaBackend::Impl {
   // of every rank with tensor parallelism); RESOURCE_EXHAUSTED when none does.
   absl::StatusOr<int64_t> BlocksFromMemoryFraction(int64_t per_block);
   absl::StatusOr<int64_t> SmallestOverRanks(int64_t blocks);
+  // Private mode: zeros the blocks' keys and values on `stream` (cudaMemsetAsync, two
+  // per block and layer), ordered before the next step. Tests: a
+  // block's bytes (keys of every layer, then values).
+  absl::Status ZeroKvBlocks(absl::Span<const BlockId> blocks);
+  absl::StatusOr<std::vector<uint8_t>> KvBlockBytes(BlockId block) const;
 
   // ---- A step (cuda_forward.cc). ----
   absl::Status AllReduce(float* data, int64_t count) {

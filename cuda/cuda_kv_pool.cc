@@ -78,4 +78,47 @@ absl::StatusOr<int64_t> CudaBackend::Impl::SmallestOverRanks(int64_t blocks) {
   return blocks;
 }
 
+absl::Status CudaBackend::Impl::ZeroKvBlocks(absl::Span<const BlockId> blocks) {
+  if (!loaded) return absl::FailedPreconditionError("ZeroKvBlocks before Load");
+  for (BlockId b : blocks) {
+    if (b < 0 || b >= kv_info.num_blocks) {
+      return absl::OutOfRangeError(
+          absl::StrCat("KV block ", b, " is not in [0, ", kv_info.num_blocks, ")"));
+    }
+  }
+  SP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  const size_t per_block = static_cast<size_t>(kv_info.block_size) * kv_heads * config.head_dim;
+  const size_t bytes = per_block * sizeof(bf16);
+  for (BlockId b : blocks) {
+    for (int32_t l = 0; l < config.num_layers; ++l) {
+      const size_t at = (static_cast<size_t>(l) * kv_info.num_blocks + b) * per_block;
+      SP_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(k_cache.get() + at, 0, bytes, stream));
+      SP_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(v_cache.get() + at, 0, bytes, stream));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<uint8_t>> CudaBackend::Impl::KvBlockBytes(BlockId block) const {
+  if (!loaded) return absl::FailedPreconditionError("KvBlockBytes before Load");
+  if (block < 0 || block >= kv_info.num_blocks) {
+    return absl::OutOfRangeError(
+        absl::StrCat("KV block ", block, " is not in [0, ", kv_info.num_blocks, ")"));
+  }
+  SP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  const size_t per_block = static_cast<size_t>(kv_info.block_size) * kv_heads * config.head_dim;
+  const size_t bytes = per_block * sizeof(bf16);
+  std::vector<uint8_t> out(2 * config.num_layers * bytes);
+  size_t o = 0;
+  for (const bf16* cache : {k_cache.get(), v_cache.get()}) {
+    for (int32_t l = 0; l < config.num_layers; ++l, o += bytes) {
+      const size_t at = (static_cast<size_t>(l) * kv_info.num_blocks + block) * per_block;
+      SP_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(out.data() + o, cache + at, bytes, cudaMemcpyDeviceToHost, stream));
+    }
+  }
+  SP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  return out;
+}
+
 }  // namespace superpose::cuda

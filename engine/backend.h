@@ -250,6 +250,17 @@ class Backend {
   // OK while the backend can run steps; else why it cannot any more (a tensor-parallel
   // group aborted after a rank failed). Thread-safe.
   virtual absl::Status Health() const { return absl::OkStatus(); }
+  // Private mode (--private): overwrites the keys and values of `blocks` (every layer)
+  // with zeros, ordered before any later Forward. The engine calls it when a block's
+  // last reference is dropped, on its own thread. UNIMPLEMENTED: the backend cannot.
+  virtual absl::Status ZeroKvBlocks(absl::Span<const BlockId> blocks) {
+    return absl::UnimplementedError(name() + " backend cannot zero KV blocks");
+  }
+  // Tests: the bytes of one block's keys and values (every layer; of every rank), as
+  // stored. Not while a Forward runs.
+  virtual absl::StatusOr<std::vector<uint8_t>> KvBlockBytes(BlockId block) const {
+    return absl::UnimplementedError(name() + " backend cannot read KV blocks");
+  }
 };
 
 // Explicit registration of backends (no static initializers). Each backend registers a

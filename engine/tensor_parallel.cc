@@ -129,4 +129,18 @@ absl::Status TensorParallelBackend::Forward(const BatchPlan& plan, ForwardOutput
 
 KvPoolInfo TensorParallelBackend::kv() const { return ranks_[0]->kv(); }
 
+absl::Status TensorParallelBackend::ZeroKvBlocks(absl::Span<const BlockId> blocks) {
+  return RunAll([&](int32_t r) { return ranks_[r]->ZeroKvBlocks(blocks); });
+}
+
+absl::StatusOr<std::vector<uint8_t>> TensorParallelBackend::KvBlockBytes(BlockId block) const {
+  std::vector<uint8_t> all;
+  for (const auto& rank : ranks_) {
+    absl::StatusOr<std::vector<uint8_t>> b = rank->KvBlockBytes(block);
+    if (!b.ok()) return b.status();
+    all.insert(all.end(), b->begin(), b->end());
+  }
+  return all;
+}
+
 }  // namespace superpose::engine

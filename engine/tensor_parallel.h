@@ -32,6 +32,10 @@ class TensorParallelBackend : public Backend {
   // FAILED_PRECONDITION once the group was aborted (a rank failed), else the first
   // failed Health of a rank.
   absl::Status Health() const override;
+  // Every rank zeroes its part of the blocks (on its own thread).
+  absl::Status ZeroKvBlocks(absl::Span<const BlockId> blocks) override;
+  // The ranks' bytes of the block, rank 0 first.
+  absl::StatusOr<std::vector<uint8_t>> KvBlockBytes(BlockId block) const override;
   int32_t size() const { return static_cast<int32_t>(ranks_.size()); }
 
  private:

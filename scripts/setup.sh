@@ -10,6 +10,6 @@ $SUDO apt-get install -y -qq --no-install-recommends \
   libgtest-dev libgmock-dev \
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto \
   libspdlog-dev libfmt-dev libabsl-dev libopenblas-openmp-dev libhwy-dev \
-  nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcpp-httplib-dev \
+  nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcpp-httplib-dev libssl-dev \
   clang-14 libclang-rt-14-dev python3 >/dev/null  # scripts/fuzz.sh (libFuzzer, seeds)
 echo "setup: dependencies installed"

@@ -86,8 +86,8 @@ absl::Status FillCommon(const Req& req, int32_t prompt_len, const Limits& limits
   // Sampling.
   const v1::SamplingParams& sp = req.sampling();
   engine::SamplingOptions& s = out.sampling;
-  if (sp.has_max_new_tokens()) {
-    if (sp.max_new_tokens() == 0) return Invalid("sampling.max_new_tokens must be >= 1, got 0");
+  // 0 means the server default, like an absent field (the proto's comment).
+  if (sp.max_new_tokens() != 0) {
     if (sp.max_new_tokens() > static_cast<uint32_t>(limits.context_length - prompt_len)) {
       return Invalid(absl::StrCat(
           "sampling.max_new_tokens = ", sp.max_new_tokens(), " does not fit the context window: ",

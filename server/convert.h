@@ -18,6 +18,9 @@ struct Limits {
   int32_t max_stop_string_bytes = 256;
   int32_t max_top_logprobs = 20;
   int32_t max_rag_documents = 64;
+  // Bytes of one text field, checked before tokenizing (server/request_bounds.h);
+  // 0: unbounded.
+  int64_t max_text_bytes = 0;
 };
 
 // Checks every field of `req` and builds the engine request. INVALID_ARGUMENT with a

@@ -1,7 +1,5 @@
 #include "server/metrics.h"
 
-#include <httplib.h>
-
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -27,6 +25,30 @@ void FloatCounter(const std::string& name, const std::string& help, double v, st
 void Gauge(const std::string& name, const std::string& help, int64_t v, std::string* out) {
   absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " gauge\n", name, " ", v,
                   "\n");
+}
+
+// A Prometheus label value: backslash, double quote and newline escaped.
+std::string LabelValue(const std::string& v) {
+  std::string out;
+  for (char c : v) {
+    if (c == '\\' || c == '"') out += '\\';
+    out += c == '\n' ? std::string("\\n") : std::string(1, c);
+  }
+  return out;
+}
+
+// The finish label of a request: its finish reason, or cancelled / error.
+std::string FinishLabel(engine::FinishReason reason, const absl::Status& status) {
+  if (status.ok()) return engine::FinishReasonName(reason);
+  return status.code() == absl::StatusCode::kCancelled ||
+                 status.code() == absl::StatusCode::kDeadlineExceeded
+             ? "cancelled"
+             : "error";
+}
+
+void Header(const std::string& name, const std::string& type, const std::string& help,
+            std::string* out) {
+  absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " ", type, "\n");
 }
 
 }  // namespace
@@ -81,16 +103,7 @@ void Metrics::OnRagFinished(const engine::rag::Result& r) {
 void Metrics::OnFinished(const engine::Usage& usage, engine::FinishReason reason,
                          const absl::Status& status) {
   absl::MutexLock lock(&mu_);
-  std::string label;
-  if (!status.ok()) {
-    label = status.code() == absl::StatusCode::kCancelled ||
-                    status.code() == absl::StatusCode::kDeadlineExceeded
-                ? "cancelled"
-                : "error";
-  } else {
-    label = engine::FinishReasonName(reason);
-  }
-  ++finished_[label];
+  ++finished_[FinishLabel(reason, status)];
   prompt_tokens_ += usage.prompt_tokens;
   generated_tokens_ += usage.generated_tokens;
   cached_tokens_ += usage.cached_prompt_tokens;
@@ -119,9 +132,71 @@ void Metrics::OnStep(int32_t, int32_t, int32_t batch_tokens) {
   batch_tokens_.Observe(batch_tokens);
 }
 
-void Metrics::OnRejected(const std::string& code) {
+void Metrics::OnRejected(const std::string& code, const std::string& tenant) {
   absl::MutexLock lock(&mu_);
   ++rejected_[code];
+  if (!tenant.empty()) ++tenants_[tenant].rejected[code];
+}
+
+void Metrics::OnTenantFinished(const std::string& tenant, const engine::Usage& usage,
+                               engine::FinishReason reason, const absl::Status& status) {
+  absl::MutexLock lock(&mu_);
+  TenantCounters& t = tenants_[tenant];
+  ++t.finished[FinishLabel(reason, status)];
+  t.prompt_tokens += usage.prompt_tokens;
+  t.generated_tokens += usage.generated_tokens;
+  t.cached_tokens += usage.cached_prompt_tokens;
+  t.queue_seconds += usage.queue_time_ms / 1000.0;
+  ++t.queued;
+}
+
+void Metrics::OnQueueTimeout(const std::string& tenant) {
+  absl::MutexLock lock(&mu_);
+  ++tenants_[tenant].rejected[absl::StatusCodeToString(absl::StatusCode::kResourceExhausted)];
+}
+
+void Metrics::RenderTenants(std::string* out) const {
+  auto each = [&](const std::string& name, const std::string& type, const std::string& help,
+                  auto value) {
+    Header(name, type, help, out);
+    for (const auto& [tenant, t] : tenants_)
+      value(absl::StrCat("tenant=\"", LabelValue(tenant), "\""), t);
+  };
+  each("superpose_tenant_requests_finished_total", "counter",
+       "Requests that reached the engine, by tenant and finish reason.",
+       [&](const std::string& l, const TenantCounters& t) {
+         for (const auto& [reason, n] : t.finished) {
+           absl::StrAppend(out, "superpose_tenant_requests_finished_total{", l, ",reason=\"",
+                           reason, "\"} ", n, "\n");
+         }
+       });
+  each("superpose_tenant_requests_rejected_total", "counter",
+       "Requests refused, by tenant and gRPC status code: before the engine, or not admitted "
+       "within --max_queue_ms.",
+       [&](const std::string& l, const TenantCounters& t) {
+         for (const auto& [code, n] : t.rejected) {
+           absl::StrAppend(out, "superpose_tenant_requests_rejected_total{", l, ",code=\"", code,
+                           "\"} ", n, "\n");
+         }
+       });
+  each("superpose_tenant_queue_time_seconds", "summary",
+       "Time from arrival to admission of the tenant's finished requests.",
+       [&](const std::string& l, const TenantCounters& t) {
+         absl::StrAppend(out, "superpose_tenant_queue_time_seconds_sum{", l, "} ",
+                         absl::StrFormat("%.6f", t.queue_seconds), "\n",
+                         "superpose_tenant_queue_time_seconds_count{", l, "} ", t.queued, "\n");
+       });
+  const std::pair<const char*, uint64_t TenantCounters::*> tokens[] = {
+      {"prompt", &TenantCounters::prompt_tokens},
+      {"generated", &TenantCounters::generated_tokens},
+      {"cached_prompt", &TenantCounters::cached_tokens}};
+  for (const auto& [kind, field] : tokens) {
+    const std::string name = absl::StrCat("superpose_tenant_", kind, "_tokens_total");
+    each(name, "counter", absl::StrCat("The tenant's ", kind, " tokens (finished requests)."),
+         [&, f = field](const std::string& l, const TenantCounters& t) {
+           absl::StrAppend(out, name, "{", l, "} ", t.*f, "\n");
+         });
+  }
 }
 
 std::string Metrics::Render() const {
@@ -150,6 +225,7 @@ std::string Metrics::Render() const {
   for (const auto& [code, n] : rejected_) {
     absl::StrAppend(&out, "superpose_requests_rejected_total{code=\"", code, "\"} ", n, "\n");
   }
+  RenderTenants(&out);
   Counter("superpose_prompt_tokens_total", "Prompt tokens of finished requests.", prompt_tokens_,
           &out);
   Counter("superpose_generated_tokens_total", "Generated tokens.", generated_tokens_, &out);
@@ -196,49 +272,6 @@ std::string Metrics::Render() const {
           s.kv_blocks_cached, &out);
   }
   return out;
-}
-
-MetricsServer::MetricsServer(const Metrics* metrics)
-    : metrics_(metrics), http_(std::make_unique<httplib::Server>()) {}
-
-MetricsServer::~MetricsServer() { Stop(); }
-
-int MetricsServer::Start(const std::string& listen) {
-  const size_t colon = listen.rfind(':');
-  int port = 0;
-  if (colon == std::string::npos || !absl::SimpleAtoi(listen.substr(colon + 1), &port)) return -1;
-  const std::string host = listen.substr(0, colon);
-  http_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
-    res.set_content(metrics_->Render(), "text/plain; version=0.0.4; charset=utf-8");
-  });
-  http_->Get("/healthz", [this](const httplib::Request&, httplib::Response& res) {
-    const absl::Status h = health_ ? health_() : absl::OkStatus();
-    if (h.ok()) {
-      res.set_content("ok\n", "text/plain");
-    } else {
-      res.status = 503;
-      res.set_content(std::string(h.message()) + "\n", "text/plain");
-    }
-  });
-  if (port == 0) {
-    port = http_->bind_to_any_port(host);
-  } else if (!http_->bind_to_port(host, port)) {
-    port = -1;
-  }
-  if (port <= 0) return -1;
-  thread_ = std::thread([this] { http_->listen_after_bind(); });
-  // Stop() is only reliable once the server runs: wait for it (bounded).
-  for (int i = 0; i < 5000 && !http_->is_running(); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  return port;
-}
-
-void MetricsServer::Stop() {
-  if (thread_.joinable()) {
-    http_->stop();
-    thread_.join();
-  }
 }
 
 }  // namespace superpose::server

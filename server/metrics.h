@@ -19,6 +19,8 @@ class Server;
 
 namespace superpose::server {
 
+class TlsCertStore;
+
 class Histogram {
  public:
   explicit Histogram(std::vector<double> bounds);
@@ -45,8 +47,12 @@ class Metrics : public engine::EngineObserver {
   void OnPreempted() override;
   void OnStep(int32_t running, int32_t waiting, int32_t batch_tokens) override;
   void OnRagFinished(const engine::rag::Result& result) override;
-  // Requests refused before reaching the engine (validation, full queue).
-  void OnRejected(const std::string& code);
+  void OnTenantFinished(const std::string& tenant, const engine::Usage& usage,
+                        engine::FinishReason reason, const absl::Status& status) override;
+  void OnQueueTimeout(const std::string& tenant) override;
+  // Requests refused before reaching the engine (validation, full queue); `tenant`
+  // (empty: unknown, e.g. not authenticated) also counts them for the tenant.
+  void OnRejected(const std::string& code, const std::string& tenant = "");
 
   std::string Render() const;
 
@@ -74,22 +80,44 @@ class Metrics : public engine::EngineObserver {
   double rag_flops_ ABSL_GUARDED_BY(mu_) = 0;
   double rag_critical_flops_ ABSL_GUARDED_BY(mu_) = 0;
   double rag_naive_flops_ ABSL_GUARDED_BY(mu_) = 0;
+  // By tenant (tenant names only: never keys).
+  struct TenantCounters {
+    std::map<std::string, uint64_t> finished;  // by finish reason
+    std::map<std::string, uint64_t> rejected;  // by gRPC code
+    uint64_t prompt_tokens = 0;
+    uint64_t generated_tokens = 0;
+    uint64_t cached_tokens = 0;
+    double queue_seconds = 0;  // of finished requests
+    uint64_t queued = 0;
+  };
+  std::map<std::string, TenantCounters> tenants_ ABSL_GUARDED_BY(mu_);
+  void RenderTenants(std::string* out) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 };
 
-// Serves GET /metrics (and /healthz) on `listen` (host:port; port 0 picks one).
+// Serves GET /metrics (and /healthz) on `listen` (host:port; port 0 picks one); see
+// server/metrics_server.cc for the connection limits that keep it answering.
 class MetricsServer {
  public:
   explicit MetricsServer(const Metrics* metrics);
   ~MetricsServer();
-  // Returns the bound port, or -1.
+  // Returns the bound port, or -1 (the port is taken, or the address is not local).
   int Start(const std::string& listen);
   void Stop();
   // /healthz answers 503 with the reason while `health` is not OK (before Start).
   void set_health(std::function<absl::Status()> health) { health_ = std::move(health); }
+  // HTTPS with this certificate (before Start); with a client CA, /metrics needs a
+  // verified client certificate (/healthz does not). nullptr: plain HTTP.
+  void set_tls(TlsCertStore* tls) { tls_ = tls; }
+  // /metrics needs an "Authorization" header that `authorize` accepts (before Start).
+  void set_authorizer(std::function<bool(const std::string&)> authorize) {
+    authorize_ = std::move(authorize);
+  }
 
  private:
   const Metrics* metrics_;
   std::function<absl::Status()> health_;
+  TlsCertStore* tls_ = nullptr;
+  std::function<bool(const std::string&)> authorize_;
   std::unique_ptr<httplib::Server> http_;
   std::thread thread_;
 };

@@ -1,5 +1,7 @@
 // The gRPC front end: validates requests, submits them to the engine and streams the
-// answers back through callback reactors that respect flow control.
+// answers back through callback reactors that respect flow control. The methods are
+// raw (ByteBuffer) callback methods: the service parses each request itself (see
+// server/wire.h), checks its bounds, and tokenizes on the bounded WorkPool.
 #pragma once
 
 #include <string>
@@ -7,34 +9,55 @@
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
 #include "server/auth.h"
+#include "server/call_gate.h"
 #include "server/convert.h"
 #include "server/metrics.h"
+#include "server/work_pool.h"
 #include "superpose/v1/superpose.grpc.pb.h"
 
 namespace superpose::server {
 
-class SuperposeService final : public v1::Superpose::CallbackService {
+using RawSuperposeService = v1::Superpose::WithRawCallbackMethod_Generate<
+    v1::Superpose::WithRawCallbackMethod_GenerateRag<v1::Superpose::WithRawCallbackMethod_Tokenize<
+        v1::Superpose::WithRawCallbackMethod_Detokenize<
+            v1::Superpose::WithRawCallbackMethod_GetModelInfo<v1::Superpose::Service>>>>>;
+
+class SuperposeService final : public RawSuperposeService {
  public:
+  // `pool`: where tokenizing runs (null: inline, on the gRPC thread).
   SuperposeService(const engine::ModelBundle* model, engine::Engine* engine,
                    const std::string& backend_name, const std::string& compute_dtype,
                    const std::string& kv_cache_dtype, int32_t tensor_parallel, Limits limits,
-                   Metrics* metrics = nullptr, const Authenticator* auth = nullptr);
+                   Metrics* metrics = nullptr, const Authenticator* auth = nullptr,
+                   WorkPool* pool = nullptr);
 
-  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
-      grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
-  grpc::ServerWriteReactor<v1::GenerateResponse>* GenerateRag(
-      grpc::CallbackServerContext* context, const v1::GenerateRagRequest* request) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* context,
+                                                       const grpc::ByteBuffer* request) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerateRag(grpc::CallbackServerContext* context,
+                                                          const grpc::ByteBuffer* request) override;
   grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
-                                     const v1::TokenizeRequest* request,
-                                     v1::TokenizeResponse* response) override;
+                                     const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* context,
-                                       const v1::DetokenizeRequest* request,
-                                       v1::DetokenizeResponse* response) override;
+                                       const grpc::ByteBuffer* request,
+                                       grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
-                                         const v1::GetModelInfoRequest* request,
-                                         v1::ModelInfo* response) override;
+                                         const grpc::ByteBuffer* request,
+                                         grpc::ByteBuffer* response) override;
+
+  // Shutdown: new Generate / GenerateRag calls get UNAVAILABLE at once (unary calls and
+  // the health service keep answering).
+  void StopAccepting() { gate_.Close(); }
+  // Waits until every generation call is done (its last message written and its status
+  // sent) or `timeout` passes; true when none is left.
+  bool WaitForCalls(absl::Duration timeout) { return gate_.WaitIdle(timeout); }
 
  private:
+  // Authenticates (setting `*tenant`), parses and bounds-checks a request.
+  template <typename Req>
+  absl::Status Admit(const grpc::CallbackServerContext& context, const grpc::ByteBuffer& bytes,
+                     Req* request, std::string* tenant) const;
+
   const engine::ModelBundle* model_;
   engine::Engine* engine_;
   v1::ModelInfo info_;
@@ -42,6 +65,8 @@ class SuperposeService final : public v1::Superpose::CallbackService {
   Metrics* metrics_;
   Authenticator open_auth_;  // used when no authenticator is given
   const Authenticator* auth_;
+  WorkPool* pool_;
+  CallGate gate_;
 };
 
 grpc::Status ToGrpc(const absl::Status& s);

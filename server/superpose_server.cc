@@ -29,7 +29,14 @@
 #endif
 #include "server/metrics.h"
 #include "server/omp_wait.h"
+#include "server/private_mode.h"
+#include "server/reflection_auth.h"
+#include "server/reload.h"
+#include "server/request_bounds.h"
 #include "server/service.h"
+#include "server/shutdown.h"
+#include "server/tenant_limits.h"
+#include "server/tls.h"
 #include "spdlog/spdlog.h"
 
 ABSL_FLAG(std::string, model, "",
@@ -59,7 +66,7 @@ ABSL_FLAG(std::string, cuda_attention, "auto",
           "CUDA: attention of prefill steps: auto (tensor cores when head_dim is a multiple "
           "of 16 up to 128, else simt), simt (float32 kernel) or tensor_core");
 ABSL_FLAG(std::string, cpu_dtype, "auto",
-          "CPU backend weight type: auto (bfloat16 for bf16 checkpoints on CPUs with AMX, "
+          "CPU backend weight type: auto (bfloat16 for bf16 checkpoints, on every CPU; "
           "else float32) | float32 | bfloat16");
 ABSL_FLAG(std::string, kv_cache_dtype, "auto",
           "KV cache element type: auto (CPU: bfloat16 when the weights run in bfloat16, else "
@@ -85,9 +92,50 @@ ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9090",
           "Prometheus /metrics HTTP address host:port (empty: off; port 0 picks one)");
 ABSL_FLAG(std::string, metrics_port_file, "", "If set, write the bound metrics port here");
 ABSL_FLAG(std::string, api_keys_file, "",
-          "File of '<key> <tenant>' lines: clients must send 'authorization: Bearer <key>'; "
-          "the tenant scopes the prefix cache. Empty: no auth, tenant \"default\"");
+          "File of '<key> <tenant> [name=value ...]' lines: clients must send "
+          "'authorization: Bearer <key>'; the tenant scopes the prefix cache and has the "
+          "limits given (docs/operations.md \"Tenants\"). Empty: no auth, tenant \"default\"");
+// Tenants (docs/operations.md "Tenants"; the limits themselves are in --api_keys_file).
+ABSL_FLAG(int32_t, tenant_max_waiting, -1,
+          "Queued requests per tenant for tenants whose key line sets no max_queued: > 0 that "
+          "bound, 0 none (only --max_waiting), -1 half of --max_waiting when --api_keys_file "
+          "names several tenants");
+ABSL_FLAG(int64_t, max_queue_ms, 0,
+          "A request not admitted within this many ms gets RESOURCE_EXHAUSTED with a "
+          "retry-after-ms hint (0: no bound)");
+// Transport security and authentication (docs/operations.md).
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate chain of the server (with --tls_key): TLS on the gRPC port and, "
+          "unless --metrics_tls=false, the metrics port. Re-read on SIGHUP and on change");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert (unencrypted)");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA certificates: clients must present a certificate signed by one (mutual TLS)");
+ABSL_FLAG(bool, metrics_tls, true, "With --tls_cert: serve the metrics port over HTTPS too");
+ABSL_FLAG(int32_t, tls_reload_interval_s, 30,
+          "Check the TLS files for changes this often and reload them (0: only on SIGHUP)");
+ABSL_FLAG(bool, tenant_from_client_cert, false,
+          "With --tls_client_ca: a request's tenant is its client certificate's subject CN");
+ABSL_FLAG(bool, auth_metrics, false,
+          "/metrics needs 'Authorization: Bearer <key>' too (needs --api_keys_file)");
+ABSL_FLAG(bool, auth_reflection, false,
+          "gRPC server reflection needs an API key too (needs --api_keys_file)");
 ABSL_FLAG(std::string, log_level, "info", "trace|debug|info|warn|error");
+// Private mode and shutdown: docs/operations.md "Private mode", "Shutdown".
+ABSL_FLAG(bool, private, false,
+          "Private mode: prefix and RAG path caches off, KV blocks zeroed when freed, "
+          "request ids hashed in logs, no core dumps");
+// Request bounds (docs/operations.md, "Request bounds").
+ABSL_FLAG(int32_t, max_bytes_per_token, 32,
+          "Bytes one token may stand for: --max_text_bytes defaults to this times the context "
+          "window");
+ABSL_FLAG(int64_t, max_text_bytes, 0,
+          "Most bytes of one text field (prompt, document, preamble, query, postamble, Tokenize "
+          "text), checked before tokenizing (0: context window * --max_bytes_per_token)");
+ABSL_FLAG(int64_t, max_request_bytes, 0,
+          "Most bytes of one request message (0: 4 * max_text_bytes + 64 KiB)");
+ABSL_FLAG(int32_t, tokenize_threads, 2, "Threads that tokenize requests, off the gRPC threads");
+ABSL_FLAG(int32_t, tokenize_queue, 64,
+          "Requests that may wait for a tokenize thread; more get RESOURCE_EXHAUSTED");
 
 namespace {
 
@@ -146,8 +194,60 @@ absl::StatusOr<engine::BackendRegistry::Config> ConfigureBackend(
   return registry.Configure(name, CommonBackendOptions(), GivenBackendFlags());
 }
 
+// The request bounds for a context window of `context_length` tokens.
+absl::StatusOr<server::RequestBounds> RequestBoundsFromFlags(int32_t context_length) {
+  if (absl::GetFlag(FLAGS_tokenize_threads) < 1 || absl::GetFlag(FLAGS_tokenize_queue) < 0) {
+    return absl::InvalidArgumentError("--tokenize_threads must be >= 1, --tokenize_queue >= 0");
+  }
+  server::BoundsConfig c;
+  c.max_bytes_per_token = absl::GetFlag(FLAGS_max_bytes_per_token);
+  c.max_text_bytes = absl::GetFlag(FLAGS_max_text_bytes);
+  c.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
+  return server::DeriveRequestBounds(context_length, c);
+}
+
+// The security flags that only make sense together; a message naming them, or "".
+std::string SecurityFlagsError() {
+  const bool keys = !absl::GetFlag(FLAGS_api_keys_file).empty();
+  const bool cert = !absl::GetFlag(FLAGS_tls_cert).empty();
+  if (cert != !absl::GetFlag(FLAGS_tls_key).empty()) {
+    return "--tls_cert and --tls_key go together: give both or neither";
+  }
+  if (!cert && !absl::GetFlag(FLAGS_tls_client_ca).empty()) {
+    return "--tls_client_ca needs --tls_cert and --tls_key";
+  }
+  if (absl::GetFlag(FLAGS_tenant_from_client_cert) && absl::GetFlag(FLAGS_tls_client_ca).empty()) {
+    return "--tenant_from_client_cert needs --tls_client_ca (mutual TLS)";
+  }
+  if (absl::GetFlag(FLAGS_auth_metrics) && !keys) return "--auth_metrics needs --api_keys_file";
+  if (absl::GetFlag(FLAGS_auth_reflection) && !keys) {
+    return "--auth_reflection needs --api_keys_file";
+  }
+  return "";
+}
+
+// The TLS files, checked (nullptr without --tls_cert); reloaded on SIGHUP and on change.
+absl::StatusOr<std::unique_ptr<server::TlsCertStore>> SetUpTls(server::ReloadHooks* reload) {
+  if (absl::GetFlag(FLAGS_tls_cert).empty()) return nullptr;
+  auto tls =
+      server::TlsCertStore::Create({absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
+                                    absl::GetFlag(FLAGS_tls_client_ca)});
+  if (!tls.ok()) return tls.status();
+  server::TlsCertStore* t = tls->get();
+  reload->Add("tls", [t] { return t->Reload(); });
+  t->WatchFiles(absl::Seconds(absl::GetFlag(FLAGS_tls_reload_interval_s)));
+  return tls;
+}
+
 int Run() {
   spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
+  const bool private_mode = absl::GetFlag(FLAGS_private);
+  if (private_mode) {
+    if (absl::Status st = server::EnterPrivateMode(); !st.ok()) {
+      spdlog::critical("--private: {}", st.ToString());
+      return 2;
+    }
+  }
   if (absl::Status st = engine::simd::LimitTargets(absl::GetFlag(FLAGS_simd)); !st.ok()) {
     spdlog::critical("--simd: {}", std::string(st.message()));
     return 2;
@@ -163,6 +263,11 @@ int Run() {
     return 2;
   }
   const engine::BackendOptions& bopts = backend_config->options();
+  if (const std::string e = SecurityFlagsError(); !e.empty()) {
+    spdlog::critical("{}", e);
+    return 2;
+  }
+  server::ReloadHooks reload;
   server::Authenticator auth;
   if (const std::string f = absl::GetFlag(FLAGS_api_keys_file); !f.empty()) {
     absl::StatusOr<server::Authenticator> a = server::Authenticator::FromFile(f);
@@ -171,6 +276,12 @@ int Run() {
       return 2;
     }
     auth = *std::move(a);
+  }
+  auth.set_tenant_from_client_cert(absl::GetFlag(FLAGS_tenant_from_client_cert));
+  absl::StatusOr<std::unique_ptr<server::TlsCertStore>> tls = SetUpTls(&reload);
+  if (!tls.ok()) {
+    spdlog::critical("{}", std::string(tls.status().message()));
+    return 2;
   }
 
   const std::string model_dir = absl::GetFlag(FLAGS_model);
@@ -198,6 +309,13 @@ int Run() {
     spdlog::critical("cannot load weights: {}", st.ToString());
     return 2;
   }
+  if (private_mode) {
+    if (absl::Status st = (*backend)->ZeroKvBlocks({}); !st.ok()) {
+      spdlog::critical("--private: {}", st.ToString());
+      return 2;
+    }
+    spdlog::info("{}", server::PrivateModeLine());
+  }
   const engine::KvPoolInfo kv = (*backend)->kv();
   spdlog::info(
       "backend={} compute_dtype={} blas_core={} simd={} bf16_kernel={} attention_kernel={} "
@@ -214,20 +332,45 @@ int Run() {
   eopts.max_context = absl::GetFlag(FLAGS_max_context);
   eopts.prefix_caching = absl::GetFlag(FLAGS_prefix_caching);
   eopts.rag_max_documents = absl::GetFlag(FLAGS_rag_max_documents);
+  eopts.private_mode = private_mode;
+  eopts.max_queue_ms = absl::GetFlag(FLAGS_max_queue_ms);
+  if (eopts.max_queue_ms < 0) {
+    spdlog::critical("--max_queue_ms: must be >= 0, got {}", eopts.max_queue_ms);
+    return 2;
+  }
   engine::Engine eng(eopts, cfg, model->tokenizer.get(), backend->get());
+  eng.SetTenantPolicies(server::EnginePolicies(
+      auth.tenant_policies(), absl::GetFlag(FLAGS_tenant_max_waiting), eopts.max_waiting));
+  if (auth.enabled()) {
+    // SIGHUP: the new keys, then their tenants' limits.
+    reload.Add("api_keys_file", [&auth, &eng, max_waiting = eopts.max_waiting] {
+      absl::StatusOr<std::string> r = auth.Reload();
+      if (r.ok()) {
+        eng.SetTenantPolicies(server::EnginePolicies(
+            auth.tenant_policies(), absl::GetFlag(FLAGS_tenant_max_waiting), max_waiting));
+      }
+      return r;
+    });
+  }
   server::Metrics metrics;
   metrics.SetEngine(&eng);
   eng.SetObserver(&metrics);
   eng.Start();
   server::MetricsServer metrics_server(&metrics);
   metrics_server.set_health([&eng] { return eng.Health(); });
+  if (*tls != nullptr && absl::GetFlag(FLAGS_metrics_tls)) metrics_server.set_tls(tls->get());
+  if (absl::GetFlag(FLAGS_auth_metrics)) {
+    metrics_server.set_authorizer(
+        [&auth](const std::string& h) { return auth.TenantOfAuthorization(h).ok(); });
+  }
   if (const std::string ml = absl::GetFlag(FLAGS_metrics_listen); !ml.empty()) {
     const int mport = metrics_server.Start(ml);
     if (mport <= 0) {
-      spdlog::critical("--metrics_listen: cannot listen on {}", ml);
+      spdlog::critical("--metrics_listen: cannot listen on {} (is the port in use?)", ml);
       return 2;
     }
-    spdlog::info("metrics on http://{}/metrics (port {})", ml, mport);
+    spdlog::info("metrics on {}://{}/metrics (port {})",
+                 *tls != nullptr && absl::GetFlag(FLAGS_metrics_tls) ? "https" : "http", ml, mport);
     WritePortFile(absl::GetFlag(FLAGS_metrics_port_file), mport);
   }
 
@@ -236,26 +379,51 @@ int Run() {
   limits.vocab_size = cfg.vocab_size;
   limits.default_max_new_tokens = absl::GetFlag(FLAGS_default_max_new_tokens);
   limits.max_rag_documents = absl::GetFlag(FLAGS_rag_max_documents);
+  absl::StatusOr<server::RequestBounds> bounds = RequestBoundsFromFlags(limits.context_length);
+  if (!bounds.ok()) {
+    spdlog::critical("{}", std::string(bounds.status().message()));
+    return 2;
+  }
+  limits.max_text_bytes = bounds->max_text_bytes;
+  // Outlives the gRPC server: its work finishes calls that Shutdown() waits for.
+  server::WorkPool tokenize_pool(absl::GetFlag(FLAGS_tokenize_threads),
+                                 absl::GetFlag(FLAGS_tokenize_queue));
+  spdlog::info(
+      "request bounds: max_text_bytes={} max_request_bytes={} tokenize_threads={} "
+      "tokenize_queue={}",
+      bounds->max_text_bytes, bounds->max_request_bytes, tokenize_pool.threads(),
+      tokenize_pool.max_queued());
   server::SuperposeService service(&*model, &eng, (*backend)->name(), (*backend)->compute_dtype(),
-                                   kv.dtype, bopts.tensor_parallel, limits, &metrics, &auth);
+                                   kv.dtype, bopts.tensor_parallel, limits, &metrics, &auth,
+                                   &tokenize_pool);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(
+      absl::GetFlag(FLAGS_listen),
+      *tls != nullptr ? (*tls)->GrpcCredentials() : grpc::InsecureServerCredentials(), &port);
+  if (absl::GetFlag(FLAGS_auth_reflection)) {
+    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> icpt;
+    icpt.push_back(std::make_unique<server::ReflectionAuthFactory>(&auth));
+    builder.experimental().SetInterceptorCreators(std::move(icpt));
+  }
   builder.RegisterService(&service);
-  builder.SetMaxReceiveMessageSize(64 << 20);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(bounds->max_request_bytes));
   // A second server on the same port must fail, not share the port silently.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
-    spdlog::critical("--listen: cannot listen on {}", absl::GetFlag(FLAGS_listen));
+    spdlog::critical("--listen: cannot listen on {} (is the port in use?)",
+                     absl::GetFlag(FLAGS_listen));
     return 2;
   }
-  server->GetHealthCheckService()->SetServingStatus("", true);
-  server->GetHealthCheckService()->SetServingStatus("superpose.v1.Superpose", true);
-  spdlog::info("listening on {} (port {})", absl::GetFlag(FLAGS_listen), port);
+  server::SetServing(server.get(), true);
+  spdlog::info("listening on {} (port {}, {})", absl::GetFlag(FLAGS_listen), port,
+               *tls == nullptr    ? "plaintext"
+               : (*tls)->mutual() ? "mutual TLS"
+                                  : "TLS");
   WritePortFile(absl::GetFlag(FLAGS_port_file), port);
   // A backend that can no longer run steps (a tensor-parallel group aborted after a
   // rank failed) turns the gRPC health status to NOT_SERVING, so that an orchestrator
@@ -266,29 +434,30 @@ int Run() {
       const absl::Status h = eng.Health();
       if (h.ok()) continue;
       spdlog::critical("backend failed, reporting NOT_SERVING: {}", h.ToString());
-      server->GetHealthCheckService()->SetServingStatus("", false);
-      server->GetHealthCheckService()->SetServingStatus("superpose.v1.Superpose", false);
+      server::SetServing(server.get(), false);
       return;
     }
   });
 
-  // Wait for SIGTERM / SIGINT (blocked in every thread; see main).
+  // Wait for SIGTERM / SIGINT (blocked in every thread; see main); SIGHUP reloads.
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGTERM);
   sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGHUP);
   int sig = 0;
-  sigwait(&set, &sig);
+  while (sigwait(&set, &sig) == 0 && sig == SIGHUP) {
+    spdlog::info("SIGHUP: reloading");
+    reload.RunAll();
+  }
   const double grace = absl::GetFlag(FLAGS_shutdown_grace_s);
   spdlog::info("signal {}: draining for up to {:.1f}s", sig, grace);
   stop_watch.Notify();
   watcher.join();
-  server->GetHealthCheckService()->SetServingStatus("", false);
-  server->GetHealthCheckService()->SetServingStatus("superpose.v1.Superpose", false);
-  // Stops accepting calls, lets running ones finish until the deadline, then cancels.
-  server->Shutdown(std::chrono::system_clock::now() +
-                   std::chrono::milliseconds(static_cast<int64_t>(grace * 1000)));
-  eng.Shutdown(absl::ZeroDuration());
+  server::DrainAndStop(server.get(), &service, &eng, absl::Seconds(grace));
+  // Work still queued finishes its calls (cancelled ones at once) while the service
+  // and the engine are alive.
+  tokenize_pool.Stop();
   metrics_server.Stop();
   spdlog::info("stopped");
   return 0;
@@ -312,11 +481,15 @@ int main(int argc, char** argv) {
       "superpose-server: serves a Llama-family model over gRPC (superpose.v1.Superpose).\n"
       "Usage: superpose-server [--model=DIR] [--listen=HOST:PORT] [flags]");
   absl::ParseCommandLine(argc, argv);
-  // Block the shutdown signals before any thread starts; Run() waits for them.
+  // Block the shutdown and reload signals before any thread starts; Run() waits for them.
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGTERM);
   sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  // A TLS client that disconnects mid-response must not kill the server (OpenSSL writes
+  // with write(), which raises SIGPIPE, not send(MSG_NOSIGNAL)).
+  signal(SIGPIPE, SIG_IGN);
   return Run();
 }

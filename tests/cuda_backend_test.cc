@@ -736,6 +736,37 @@ TEST_F(CudaTest, GoldenGreedyThroughTheEngine) {
   EXPECT_EQ(runs[true], runs[false]) << "CUDA graphs changed the greedy tokens";
 }
 
+// Private mode: the blocks a request used read back as zeros once it finished
+// (cudaMemsetAsync on the backend's stream), and hold its keys and values without it.
+TEST_F(CudaTest, PrivateModeZeroesFreedBlocks) {
+  auto model = engine::LoadModelBundle(testing::Stories260kDir());
+  ASSERT_TRUE(model.ok());
+  const auto prompt = model->tokenizer->Encode("Once upon a time, there was a little girl", true);
+  for (bool private_mode : {false, true}) {
+    SCOPED_TRACE(private_mode ? "private" : "control");
+    auto gpu = LoadedGpu(*model, 16, /*graphs=*/false);
+    ASSERT_NE(gpu, nullptr);
+    engine::EngineOptions eo;
+    eo.private_mode = private_mode;
+    engine::Engine eng(eo, model->config, model->tokenizer.get(), gpu.get());
+    eng.Start();
+    const auto r = testing::RunRequest(eng, testing::GreedyRequest(prompt, 24));
+    ASSERT_TRUE(r.status.ok()) << r.status;
+    eng.Shutdown(absl::ZeroDuration());
+    int32_t nonzero = 0;
+    for (engine::BlockId b = 0; b < gpu->kv().num_blocks; ++b) {
+      absl::StatusOr<std::vector<uint8_t>> bytes = gpu->KvBlockBytes(b);
+      ASSERT_TRUE(bytes.ok()) << bytes.status();
+      nonzero += std::any_of(bytes->begin(), bytes->end(), [](uint8_t c) { return c != 0; });
+    }
+    if (private_mode) {
+      EXPECT_EQ(nonzero, 0);
+    } else {
+      EXPECT_GT(nonzero, 0);
+    }
+  }
+}
+
 // ---- CUDA graphs of decode steps. ----
 
 // The decode layout (graphs): every piece of the step's metadata where

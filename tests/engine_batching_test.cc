@@ -2,9 +2,11 @@
 // outputs (with preemption and prefix-cache hits), no KV block leaks, backpressure.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <map>
 #include <thread>
 
+#include "absl/strings/str_join.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
@@ -225,6 +227,170 @@ TEST_F(BatchingTest, FullQueueIsRejectedAtOnceWhileStreamsContinue) {
   for (auto& c : cs) EXPECT_TRUE(c.Wait().status.ok());
   EXPECT_EQ(cs[0].Wait().tokens.size(), 300u);
   EXPECT_EQ(extra_events, 0);
+}
+
+// The CPU backend, slowed to at least 1 ms a step: a running request holds the batch for
+// a known minimum time however fast the machine is.
+class SlowBackend : public testing::ForwardingBackend {
+ public:
+  using ForwardingBackend::ForwardingBackend;
+  absl::Status Forward(const engine::BatchPlan& plan, engine::ForwardOutput* out) override {
+    absl::SleepFor(absl::Milliseconds(1));
+    return inner()->Forward(plan, out);
+  }
+};
+
+class TenantTest : public BatchingTest {
+ protected:
+  // One sequence runs at a time, each step at least 1 ms.
+  std::unique_ptr<engine::Engine> MakeSlowEngine(engine::EngineOptions eo,
+                                                 engine::TenantPolicies policies = {}) {
+    engine::BackendOptions opts;
+    opts.kv_num_blocks = 64;
+    backends_.push_back(std::make_unique<engine::cpu::CpuBackend>(opts));
+    EXPECT_TRUE(backends_.back()->Load(model_.config, *model_.weights, engine::Shard{}).ok());
+    backends_.push_back(std::make_unique<SlowBackend>(backends_.back().get()));
+    eo.max_running = 1;
+    auto e = std::make_unique<engine::Engine>(eo, model_.config, model_.tokenizer.get(),
+                                              backends_.back().get());
+    e->SetTenantPolicies(std::move(policies));
+    e->Start();
+    return e;
+  }
+  engine::Request Req(const std::string& tenant, int32_t priority, int32_t max_new_tokens) {
+    engine::Request r = GreedyRequest(Prompts(1)[0], max_new_tokens);
+    r.tenant = tenant;
+    r.priority = priority;
+    return r;
+  }
+  // Waits until the engine runs a sequence and holds no waiting one.
+  void AwaitRunning(engine::Engine& eng) {
+    for (int k = 0; k < 2000 && eng.stats().running < 1; ++k) absl::SleepFor(absl::Milliseconds(2));
+    ASSERT_EQ(eng.stats().running, 1);
+  }
+};
+
+// A request not admitted within max_queue_ms is refused with RESOURCE_EXHAUSTED and a
+// retry hint; the running one is unaffected and every block comes back.
+TEST_F(TenantTest, MaxQueueMsRefusesWhatWaitsTooLong) {
+  engine::EngineOptions eo;
+  eo.max_queue_ms = 30;
+  auto eng = MakeSlowEngine(eo);
+  const int32_t free0 = eng->blocks().free_blocks();
+  Collector running, queued;
+  ASSERT_TRUE(eng->Submit(Req("a", 0, 120), running.Callback()).ok());  // >= 120 ms
+  AwaitRunning(*eng);
+  ASSERT_TRUE(eng->Submit(Req("b", 0, 4), queued.Callback()).ok());
+  const auto& q = queued.Wait();
+  EXPECT_EQ(q.status.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(q.status.message().find("30 ms"), absl::string_view::npos) << q.status;
+  EXPECT_EQ(engine::RetryAfterMs(q.status), 30);
+  EXPECT_TRUE(q.tokens.empty());
+  EXPECT_GE(q.usage.queue_time_ms, 30);
+  const auto& r = running.Wait();
+  ASSERT_TRUE(r.status.ok()) << r.status;
+  EXPECT_EQ(r.tokens.size(), 120u);
+  for (int i = 0; i < 500 && (eng->stats().running != 0 || eng->stats().waiting != 0); ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ(eng->stats().waiting, 0);
+  EXPECT_EQ(eng->blocks().free_blocks(), free0);
+  // Off by default: a request may wait as long as it takes.
+  auto patient = MakeSlowEngine(engine::EngineOptions{});
+  Collector first, second;
+  ASSERT_TRUE(patient->Submit(Req("a", 0, 60), first.Callback()).ok());
+  ASSERT_TRUE(patient->Submit(Req("b", 0, 4), second.Callback()).ok());
+  EXPECT_TRUE(second.Wait().status.ok());
+}
+
+// A tenant's queue bound refuses its flood, naming the limit, while another tenant
+// still gets in; the other tenant's request is admitted at its fair share (second),
+// although the flood has a higher priority; the tenant's tokens in flight are bounded.
+TEST_F(TenantTest, TenantBoundsAndFairShare) {
+  engine::TenantPolicies p;
+  p.tenants["a"].max_queued = 4;
+  p.tenants["a"].max_prompt_tokens = 100;
+  auto eng = MakeSlowEngine(engine::EngineOptions{}, p);
+  absl::Mutex mu;
+  std::vector<std::string> order;
+  auto tracked = [&](const std::string& name, Collector& c) {
+    return [&, name, cb = c.Callback()](engine::StreamEvent&& ev) {
+      if (ev.finished) {
+        absl::MutexLock lock(&mu);
+        order.push_back(name);
+      }
+      cb(std::move(ev));
+    };
+  };
+  std::vector<Collector> a(5);
+  ASSERT_TRUE(eng->Submit(Req("a", 0, 40), tracked("a0", a[0])).ok());
+  AwaitRunning(*eng);
+  for (int i = 1; i < 5; ++i) {
+    ASSERT_TRUE(eng->Submit(Req("a", 100, 10), tracked("a" + std::to_string(i), a[i])).ok());
+  }
+  auto refused = eng->Submit(Req("a", 100, 10), nullptr);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.status().message().find("tenant 'a'"), absl::string_view::npos);
+  EXPECT_NE(refused.status().message().find("max_queued is 4"), absl::string_view::npos);
+  EXPECT_TRUE(engine::RetryAfterMs(refused.status()).has_value());
+  Collector b;
+  ASSERT_TRUE(eng->Submit(Req("b", 0, 10), tracked("b", b)).ok());
+  ASSERT_TRUE(b.Wait().status.ok());
+  for (auto& c : a) ASSERT_TRUE(c.Wait().status.ok());
+  {
+    absl::MutexLock lock(&mu);
+    ASSERT_EQ(order.size(), 6u);
+    // a0 ran first; then a's first queued request and b tie on the clock (a's was
+    // earlier), after which b's clock is behind: b is second or third, never last.
+    const int b_at = static_cast<int>(std::find(order.begin(), order.end(), "b") - order.begin());
+    EXPECT_LE(b_at, 2) << absl::StrJoin(order, " ");
+  }
+  // max_prompt_tokens: a prompt larger than the tenant's bound is refused.
+  engine::Request big = Req("a", 0, 4);
+  big.prompt_ids.assign(101, 300);
+  auto too_many = eng->Submit(std::move(big), nullptr);
+  EXPECT_EQ(too_many.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(too_many.status().message().find("max_prompt_tokens (100)"), absl::string_view::npos)
+      << too_many.status();
+  EXPECT_FALSE(engine::RetryAfterMs(too_many.status()).has_value());  // it can never pass
+  // Policies are replaced at run time (a reload of the key file).
+  engine::Request small = Req("a", 0, 2);
+  ASSERT_TRUE(RunRequest(*eng, small).status.ok());
+  p.tenants["a"].max_prompt_tokens = static_cast<int64_t>(small.prompt_ids.size()) - 1;
+  eng->SetTenantPolicies(p);
+  EXPECT_EQ(RunRequest(*eng, small).status.code(), absl::StatusCode::kResourceExhausted);
+  p.tenants.clear();
+  eng->SetTenantPolicies(p);
+  EXPECT_TRUE(RunRequest(*eng, small).status.ok());
+}
+
+// A request's priority is capped to its tenant's max_priority: a capped "urgent"
+// request waits behind the tenant's earlier one.
+TEST_F(TenantTest, PriorityIsCappedToTheTenantsMaxPriority) {
+  for (const bool capped : {false, true}) {
+    engine::TenantPolicies p;
+    if (capped) p.tenants["a"].max_priority = 0;
+    auto eng = MakeSlowEngine(engine::EngineOptions{}, p);
+    absl::Mutex mu;
+    std::vector<int> order;
+    std::vector<Collector> cs(3);
+    auto cb = [&](int i) {
+      return [&, i, inner = cs[i].Callback()](engine::StreamEvent&& ev) {
+        if (ev.finished) {
+          absl::MutexLock lock(&mu);
+          order.push_back(i);
+        }
+        inner(std::move(ev));
+      };
+    };
+    ASSERT_TRUE(eng->Submit(Req("a", 0, 100), cb(0)).ok());
+    AwaitRunning(*eng);
+    ASSERT_TRUE(eng->Submit(Req("a", 0, 4), cb(1)).ok());
+    ASSERT_TRUE(eng->Submit(Req("a", 100, 4), cb(2)).ok());
+    for (auto& c : cs) ASSERT_TRUE(c.Wait().status.ok());
+    absl::MutexLock lock(&mu);
+    EXPECT_EQ(order, (capped ? std::vector<int>{0, 1, 2} : std::vector<int>{0, 2, 1}));
+  }
 }
 
 // Counts the compact rows the engine asks for, around the CPU backend.

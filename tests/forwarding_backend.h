@@ -23,6 +23,12 @@ class ForwardingBackend : public engine::Backend {
   engine::KvPoolInfo kv() const override { return inner_->kv(); }
   bool SamplesRows() const override { return inner_->SamplesRows(); }
   absl::Status Health() const override { return inner_->Health(); }
+  absl::Status ZeroKvBlocks(absl::Span<const engine::BlockId> blocks) override {
+    return inner_->ZeroKvBlocks(blocks);
+  }
+  absl::StatusOr<std::vector<uint8_t>> KvBlockBytes(engine::BlockId block) const override {
+    return inner_->KvBlockBytes(block);
+  }
 
  protected:
   engine::Backend* inner() const { return inner_; }

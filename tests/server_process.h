@@ -87,10 +87,34 @@ class ServerProcess {
 
   bool ok() const { return pid_ > 0 && port_ > 0; }
   int port() const { return port_; }
+  pid_t pid() const { return pid_; }
   int metrics_port() const { return metrics_port_; }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   std::shared_ptr<grpc::Channel> Channel() const {
     return grpc::CreateChannel(address(), grpc::InsecureChannelCredentials());
+  }
+  // Sends `sig` (e.g. SIGHUP: reload certificates and keys) to the running server.
+  void Signal(int sig) const {
+    if (pid_ > 0) kill(pid_, sig);
+  }
+  // Waits up to `timeout` for the process to exit: its exit status, or -1 when it did
+  // not exit in time (it is killed then) or did not exit normally.
+  int WaitExit(std::chrono::milliseconds timeout) {
+    if (pid_ <= 0) return -1;
+    const auto end = std::chrono::steady_clock::now() + timeout;
+    int status = 0;
+    pid_t got = 0;
+    while ((got = waitpid(pid_, &status, WNOHANG)) == 0 && std::chrono::steady_clock::now() < end) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    if (got == 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, &status, 0);
+    }
+    pid_ = -1;
+    std::remove(port_file_.c_str());
+    std::remove(metrics_port_file_.c_str());
+    return got == 0 || !WIFEXITED(status) ? -1 : WEXITSTATUS(status);
   }
   // SIGTERM and wait; returns the exit status (or -1).
   int Stop() {

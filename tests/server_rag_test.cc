@@ -9,6 +9,8 @@
 #include <sstream>
 #include <thread>
 
+#include <google/protobuf/unknown_field_set.h>
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
 #include "superpose/v1/superpose.grpc.pb.h"
@@ -240,17 +242,132 @@ TEST_F(RagServerTest, BadInputIsInvalidArgumentNamingTheField) {
   EXPECT_TRUE(Rag(Request(2)).status.ok());
 }
 
+std::string MetricsText(int port) {
+  httplib::Client cli("127.0.0.1", port);
+  auto res = cli.Get("/metrics");
+  return res ? res->body : std::string();
+}
+
+// Sends `bytes` as the request of `method`; the status.
+grpc::Status RawCall(const std::shared_ptr<grpc::Channel>& channel, const std::string& method,
+                     const std::string& bytes) {
+  grpc::GenericStub generic(channel);
+  grpc::ClientContext ctx;
+  grpc::CompletionQueue cq;
+  auto call = generic.PrepareCall(&ctx, "/superpose.v1.Superpose/" + method, &cq);
+  void* tag;
+  bool ok;
+  call->StartCall(reinterpret_cast<void*>(1));
+  cq.Next(&tag, &ok);
+  grpc::Slice slice(bytes);
+  grpc::ByteBuffer request(&slice, 1);
+  call->Write(request, grpc::WriteOptions().set_last_message(), reinterpret_cast<void*>(2));
+  cq.Next(&tag, &ok);
+  grpc::ByteBuffer response;
+  call->Read(&response, reinterpret_cast<void*>(3));
+  cq.Next(&tag, &ok);
+  grpc::Status st;
+  call->Finish(&st, reinterpret_cast<void*>(4));
+  cq.Next(&tag, &ok);
+  cq.Shutdown();
+  while (cq.Next(&tag, &ok)) {
+  }
+  return st;
+}
+
+// The request-bounds error paths, each carrying the secrets of `rag` (and more) in
+// every text field it has; appends their error messages.
+void BoundsErrorPaths(const testing::ServerProcess& server, const v1::GenerateRagRequest& rag,
+                      std::vector<std::string>* errors) {
+  auto channel = server.Channel();
+  auto stub = v1::Superpose::NewStub(channel);
+  auto finish = [&](auto reader) {
+    v1::GenerateResponse r;
+    while (reader->Read(&r)) {
+    }
+    const grpc::Status st = reader->Finish();
+    EXPECT_FALSE(st.ok());
+    errors->push_back(st.error_message());
+  };
+  auto unknown = [](google::protobuf::Message* m) {
+    return m->GetReflection()->MutableUnknownFields(m);
+  };
+  std::string big;  // over --max_text_bytes (512 * 32)
+  while (big.size() <= 512 * 32) big += "Snorkelwizard met Zebracorn. ";
+  {  // oversized fields: text, stop, preamble, document, Tokenize
+    v1::GenerateRequest gen;
+    gen.set_text(big);
+    gen.add_stop("Snorkelwizard");
+    grpc::ClientContext ctx;
+    finish(stub->Generate(&ctx, gen));
+    v1::GenerateRagRequest r = rag;
+    r.set_preamble(big);
+    grpc::ClientContext ctx2;
+    finish(stub->GenerateRag(&ctx2, r));
+    r = rag;
+    r.mutable_documents(1)->set_text(big);
+    grpc::ClientContext ctx3;
+    finish(stub->GenerateRag(&ctx3, r));
+    grpc::ClientContext ctx4;
+    v1::TokenizeRequest tok;
+    tok.set_text(big);
+    v1::TokenizeResponse resp;
+    errors->push_back(stub->Tokenize(&ctx4, tok, &resp).error_message());
+  }
+  {  // pooled tokenizing (over 4 KiB of text), then refused by the context window
+    v1::GenerateRequest gen;
+    gen.set_text(big.substr(0, 512 * 32 - 1));
+    grpc::ClientContext ctx;
+    finish(stub->Generate(&ctx, gen));
+  }
+  {  // a pooled request cancelled at once
+    v1::GenerateRequest gen;
+    gen.set_text(big.substr(0, 512 * 32 - 1));
+    grpc::ClientContext ctx;
+    auto reader = stub->Generate(&ctx, gen);
+    ctx.TryCancel();
+    finish(std::move(reader));
+  }
+  {  // unknown enum value; an unknown field and a wrong wire type carrying a secret
+    v1::GenerateRagRequest r = rag;
+    unknown(r.mutable_rag())->AddVarint(1, 99);
+    grpc::ClientContext ctx;
+    finish(stub->GenerateRag(&ctx, r));
+    r = rag;
+    unknown(r.mutable_documents(0))->AddLengthDelimited(42, "Quokkaville");
+    grpc::ClientContext ctx2;
+    finish(stub->GenerateRag(&ctx2, r));
+    r = rag;
+    unknown(r.mutable_sampling())->AddLengthDelimited(2, "Marzipantown");
+    grpc::ClientContext ctx3;
+    finish(stub->GenerateRag(&ctx3, r));
+  }
+  {  // malformed: a truncated request, cut inside its query
+    const std::string wire = rag.SerializeAsString();
+    const size_t cut = wire.find("Marzipantown") + 4;
+    errors->push_back(RawCall(channel, "GenerateRag", wire.substr(0, cut)).error_message());
+    v1::TokenizeRequest tok;
+    tok.set_text("Xylophonia");
+    const std::string t = tok.SerializeAsString();
+    errors->push_back(RawCall(channel, "Tokenize", t.substr(0, t.size() - 2)).error_message());
+  }
+}
+
 // Privacy, end to end: with every log level on, the server's log (stdout and stderr)
 // carries the request ids, sizes and timings of a Generate, a GenerateRag, a cancelled
 // Generate and GenerateRag (the RAG group's own finish line) and a rejected request, and
-// never their prompt, document, query or generated text.
+// never their prompt, document, query or generated text. Neither do the error messages
+// and the metrics of the bounds paths: oversized fields, malformed payloads, unknown
+// enum values and fields, pooled tokenizing that is refused or cancelled.
 TEST(ServerLogPrivacyTest, LogsIdsAndSizesNeverText) {
   const std::string log = "/tmp/superpose-test-log-" + std::to_string(getpid());
   const std::vector<std::string> secrets = {"Zebracorn",    "Quokkaville",   "Xylophonia",
                                             "Marzipantown", "Snorkelwizard", "Preamblesque"};
   std::vector<std::string> outputs;
+  std::vector<std::string> errors;  // the error messages of the bounds paths
+  std::string metrics;
   {
-    testing::ServerProcess server({"--model=" + testing::Stories260kDir(), "--log_level=debug"},
+    testing::ServerProcess server({"--model=" + testing::Stories260kDir(), "--log_level=trace"},
                                   log);
     ASSERT_TRUE(server.ok());
     {
@@ -319,6 +436,8 @@ TEST(ServerLogPrivacyTest, LogsIdsAndSizesNeverText) {
         EXPECT_EQ(drain(stub->Generate(&ctx, bad)).error_code(),
                   grpc::StatusCode::INVALID_ARGUMENT);
       }
+      BoundsErrorPaths(server, rag, &errors);
+      metrics = MetricsText(server.metrics_port());
     }
     EXPECT_EQ(server.Stop(), 0);
   }
@@ -336,6 +455,20 @@ TEST(ServerLogPrivacyTest, LogsIdsAndSizesNeverText) {
   EXPECT_NE(text.find("rejected: INVALID_ARGUMENT"), std::string::npos) << text;
   // ...and none of their text.
   for (const std::string& s : secrets) EXPECT_EQ(text.find(s), std::string::npos) << s;
+  std::string all_errors;
+  for (const std::string& e : errors) all_errors += e + "\n";
+  for (const char* want :
+       {"text has", "preamble has", "documents[1].text has", "prompt has", "CANCELLED",
+        "rag.mode: unknown value 99", "unknown field (number 42, in documents[0])",
+        "sampling.temperature has the wrong wire type",
+        "not a valid superpose.v1.GenerateRagRequest",
+        "not a valid superpose.v1.TokenizeRequest"}) {
+    EXPECT_NE(all_errors.find(want), std::string::npos) << want << " in " << all_errors;
+  }
+  for (const std::string& s : secrets) {
+    EXPECT_EQ(metrics.find(s), std::string::npos) << s;
+    for (const std::string& e : errors) EXPECT_EQ(e.find(s), std::string::npos) << s << ": " << e;
+  }
   for (const std::string& o : outputs) {
     if (o.size() >= 12) {
       EXPECT_EQ(text.find(o), std::string::npos) << "generated text: " << o;

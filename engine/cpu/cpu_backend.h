@@ -35,6 +35,9 @@ class CpuBackend : public Backend {
   absl::Status Forward(const BatchPlan& plan, ForwardOutput* out) override;
   KvPoolInfo kv() const override { return kv_info_; }
   bool SamplesRows() const override { return cpu_.row_sampling; }
+  // engine/cpu/kv_pool_access.cc: zeroing (private mode) and the tests' reader.
+  absl::Status ZeroKvBlocks(absl::Span<const BlockId> blocks) override;
+  absl::StatusOr<std::vector<uint8_t>> KvBlockBytes(BlockId block) const override;
 
  private:
   // A weight W[out, in]: float32 row-major, or packed bf16 (then f32 is empty).

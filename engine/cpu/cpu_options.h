@@ -7,8 +7,8 @@
 
 namespace superpose::engine::cpu {
 
-// Weight type (--cpu_dtype). kAuto: bfloat16 for bf16 checkpoints on CPUs with AMX or
-// AVX512-BF16, float32 otherwise.
+// Weight type (--cpu_dtype). kAuto: bfloat16 for bf16 checkpoints (on every CPU: AMX,
+// AVX512-BF16 or the widening kernel), float32 otherwise.
 enum class WeightDType { kAuto, kFloat32, kBFloat16 };
 // KV cache element type (--kv_cache_dtype). kAuto: bfloat16 when the weights run in
 // bfloat16, float32 otherwise.

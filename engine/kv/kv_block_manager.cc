@@ -42,6 +42,10 @@ void KvBlockManager::Retain(BlockId b) {
 void KvBlockManager::Release(BlockId b) {
   assert(refs_[b] > 0);
   if (--refs_[b] == 0) {
+    if (release_hook_) {
+      if (has_hash_[b]) Unpublish(b);
+      release_hook_(b);
+    }
     // Cached content goes to the back (most recently used); plain blocks to the front.
     free_pos_[b] = has_hash_[b] ? free_list_.insert(free_list_.end(), b)
                                 : free_list_.insert(free_list_.begin(), b);

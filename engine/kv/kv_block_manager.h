@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <list>
 #include <optional>
 #include <vector>
@@ -46,6 +47,11 @@ class KvBlockManager {
   int32_t refcount(BlockId block) const { return refs_[block]; }
   int64_t evictions() const { return evictions_; }
 
+  // Private mode: `hook` is called with every block whose last reference is dropped
+  // (Release), before the block can be handed out again. Such a block is unpublished
+  // first: its content is about to go. Set before the first Allocate.
+  void set_release_hook(std::function<void(BlockId)> hook) { release_hook_ = std::move(hook); }
+
  private:
   void Unpublish(BlockId block);
 
@@ -61,6 +67,7 @@ class KvBlockManager {
   std::atomic<int32_t> free_count_{0};
   std::atomic<int32_t> cached_count_{0};
   int64_t evictions_ = 0;
+  std::function<void(BlockId)> release_hook_;
 };
 
 // Hash of a full block's content chained to everything before it.

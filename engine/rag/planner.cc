@@ -223,6 +223,14 @@ void Planner::OnAdmitted(Sequence& seq) {
   if (it->second->scheduled == absl::InfinitePast()) it->second->scheduled = seq.scheduled;
 }
 
+bool Planner::RequestAdmitted(const Sequence& seq) const {
+  auto it = groups_.find(seq.owner_key);
+  if (seq.owner_index == kNaive || it == groups_.end()) {
+    return seq.scheduled != absl::InfinitePast();
+  }
+  return it->second->scheduled != absl::InfinitePast();
+}
+
 // Path scores: log-likelihoods of the document's tokens, then of the query's.
 void Planner::OnScore(Sequence& seq, int32_t target, float logprob) {
   auto it = groups_.find(seq.owner_key);

@@ -33,6 +33,7 @@ class Planner final : public RequestOwner {
   int64_t cache_misses() const override { return misses_.load(); }
 
   void OnAdmitted(Sequence& seq) override;
+  bool RequestAdmitted(const Sequence& seq) const override;
   void OnScore(Sequence& seq, int32_t target, float logprob) override;
   void OnPreempted(Sequence& seq) override;
   void OnComputed(Sequence& seq, const float* row) override;

@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <atomic>
 #include <deque>
+#include <limits>
 #include <thread>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "engine/rag/planner.h"
@@ -23,6 +25,15 @@ struct Incoming {
   RequestOwner* owner = nullptr;  // null: a plain request
 };
 
+// The prompt tokens a request brings (all its segments for a RAG request).
+int64_t PromptTokens(const Request& r) {
+  if (r.rag == nullptr) return static_cast<int64_t>(r.prompt_ids.size());
+  int64_t n =
+      static_cast<int64_t>(r.rag->preamble.size() + r.rag->query.size() + r.rag->postamble.size());
+  for (const auto& d : r.rag->documents) n += static_cast<int64_t>(d.size());
+  return n;
+}
+
 }  // namespace
 
 // The engine loop. It is the owner of plain requests (one emitting sequence each) and
@@ -39,11 +50,16 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   void Start() {
     thread_ = std::thread([this] { Loop(); });
   }
+  void SetTenantPolicies(TenantPolicies policies) {
+    auto p = std::make_shared<const TenantPolicies>(std::move(policies));
+    absl::MutexLock lock(&mu_);
+    policies_ = std::move(p);
+  }
   absl::StatusOr<uint64_t> Submit(Request request, StreamCallback callback);
   void Cancel(uint64_t handle);
   void Shutdown(absl::Duration grace);
   EngineStats stats() const;
-  absl::Status Health() const { return backend_->Health(); }
+  absl::Status Health() const;
   int32_t context_length() const { return max_context_; }
   const KvBlockManager& block_manager() const { return *blocks_; }
 
@@ -69,10 +85,21 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   void DropExpired(const std::vector<uint64_t>& cancels, bool stopping, absl::Time deadline);
   void Sweep();
   void PublishCounts();
+  void ZeroBlock(BlockId b);
+  void ApplyPrivateMode(Request& request) const;
+  // Tenant bounds of a new request (under mu_): RESOURCE_EXHAUSTED with a retry hint.
+  absl::Status AdmitToQueue(PendingRequest* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Wraps a request's callback: its final event releases the tenant's tokens in flight.
+  StreamCallback TrackTenant(const std::string& tenant, int64_t tokens, StreamCallback cb);
+  bool QueuedTooLong(const Sequence& s, absl::Time now) const;
+  int64_t RetryHintMs() const { return options_.max_queue_ms > 0 ? options_.max_queue_ms : 1000; }
 
   // One step: snapshot, decision, applied decision, plan, forward, outputs.
   bool Step();
-  Snapshot TakeSnapshot() const;
+  Snapshot TakeSnapshot();
+  // The snapshot's tenants with their fair-share clocks (see the definition).
+  int32_t TenantIndex(const std::string& tenant);
+  void ShareTenants(Snapshot* snap);
   std::vector<std::pair<Sequence*, int32_t>> Apply(const Decision& d);
   void Admit(Sequence* seq, int32_t prefix_blocks);
   void HandleOutputs(const StepPlan& sp, const RowLayout& rows, const ForwardOutput& out);
@@ -117,12 +144,22 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   absl::Time drain_deadline_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
   int32_t waiting_requests_ ABSL_GUARDED_BY(mu_) = 0;  // client requests waiting
+  // The same by tenant, and each tenant's prompt tokens of requests not yet finished.
+  absl::flat_hash_map<std::string, int32_t> tenant_waiting_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, int64_t> tenant_tokens_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<const TenantPolicies> policies_ ABSL_GUARDED_BY(mu_) =
+      std::make_shared<const TenantPolicies>();
   uint64_t next_handle_ ABSL_GUARDED_BY(mu_) = 1;
 
   // Engine-thread state.
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;
+  std::shared_ptr<const TenantPolicies> step_policies_;  // policies_ as of TakeInbox
+  absl::flat_hash_map<std::string, double> service_;     // fair-share clocks, active tenants
+  std::vector<std::string> snap_tenants_;                // Snapshot::tenants' names
+  absl::flat_hash_map<std::string, int32_t> snap_index_;
   std::vector<float> logits_scratch_;              // the sampler's copy of a whole row
+  std::atomic<bool> zero_failed_{false};           // private mode: see ZeroBlock
   uint64_t next_internal_id_ = uint64_t{1} << 62;  // handles of owners' sequences
   std::thread thread_;
   std::atomic<int32_t> stat_running_{0};
@@ -152,12 +189,43 @@ Engine::Impl::Impl(const EngineOptions& options, const ModelConfig& config,
   rag_limits.context_length = max_context_;
   rag_limits.max_documents = options_.rag_max_documents;
   owners_.push_back(std::make_unique<rag::Planner>(this, config_, rag_limits));
+  if (options_.private_mode) {
+    options_.prefix_caching = false;
+    blocks_->set_release_hook([this](BlockId b) { ZeroBlock(b); });
+  }
+}
+
+// Private mode: a freed block's keys and values go before it can be reused. If that
+// fails the engine fails closed: its health turns FAILED_PRECONDITION (the server
+// reports NOT_SERVING and refuses new requests).
+void Engine::Impl::ZeroBlock(BlockId b) {
+  const BlockId one[] = {b};
+  absl::Status st = backend_->ZeroKvBlocks(one);
+  if (!st.ok() && !zero_failed_.exchange(true)) {
+    spdlog::critical("private mode: zeroing a freed KV block failed: {}", st.ToString());
+  }
+}
+
+absl::Status Engine::Impl::Health() const {
+  if (zero_failed_.load()) {
+    return absl::FailedPreconditionError("private mode: a freed KV block could not be zeroed");
+  }
+  return backend_->Health();
+}
+
+// Private mode: a RAG request never reads or fills the path cache.
+void Engine::Impl::ApplyPrivateMode(Request& request) const {
+  if (!options_.private_mode || request.rag == nullptr || !request.rag->options.path_cache) return;
+  auto spec = std::make_shared<rag::Spec>(*request.rag);
+  spec->options.path_cache = false;
+  request.rag = std::move(spec);
 }
 
 absl::StatusOr<uint64_t> Engine::Impl::Submit(Request request, StreamCallback callback) {
   // Every log line of the request carries its id: never let text through.
   absl::StatusOr<LogId> log_id = LogId::Of(request.request_id);
   if (!log_id.ok()) return log_id.status();
+  ApplyPrivateMode(request);
   Incoming in;
   for (const auto& o : owners_) {
     if (o->Claims(request)) in.owner = o.get();
@@ -180,15 +248,53 @@ absl::StatusOr<uint64_t> Engine::Impl::Submit(Request request, StreamCallback ca
   in.request.callback = std::move(callback);
   absl::MutexLock lock(&mu_);
   const int32_t queued = static_cast<int32_t>(inbox_.size()) + waiting_requests_;
-  if (absl::Status st = CheckQueue(accepting_, backend_->Health(), queued, options_.max_waiting);
-      !st.ok()) {
-    return st;
+  if (absl::Status st = CheckQueue(accepting_, Health(), queued, options_.max_waiting); !st.ok()) {
+    return absl::IsResourceExhausted(st) ? WithRetryAfter(st, RetryHintMs()) : st;
   }
+  if (absl::Status st = AdmitToQueue(&in.request); !st.ok()) return st;
   in.request.handle = next_handle_++;
   const uint64_t handle = in.request.handle;
   inbox_.push_back(std::move(in));
   cv_.Signal();
   return handle;
+}
+
+absl::Status Engine::Impl::AdmitToQueue(PendingRequest* p) {
+  Request& req = p->req;
+  const TenantPolicy& policy = policies_->For(req.tenant);
+  req.priority = std::min(req.priority, policy.max_priority);
+  int32_t queued = 0;
+  for (const Incoming& in : inbox_) queued += in.request.req.tenant == req.tenant;
+  if (auto it = tenant_waiting_.find(req.tenant); it != tenant_waiting_.end()) {
+    queued += it->second;
+  }
+  const int64_t tokens = PromptTokens(req);
+  int64_t& in_flight = tenant_tokens_[req.tenant];
+  absl::Status st = CheckTenant(req.tenant, *policies_, queued, in_flight, tokens, RetryHintMs());
+  if (!st.ok()) {
+    if (in_flight == 0) tenant_tokens_.erase(req.tenant);
+    return st;
+  }
+  in_flight += tokens;
+  p->callback = TrackTenant(req.tenant, tokens, std::move(p->callback));
+  return absl::OkStatus();
+}
+
+StreamCallback Engine::Impl::TrackTenant(const std::string& tenant, int64_t tokens,
+                                         StreamCallback cb) {
+  return [this, tenant, tokens, cb = std::move(cb)](StreamEvent&& ev) {
+    if (ev.finished) {
+      {
+        absl::MutexLock lock(&mu_);
+        auto it = tenant_tokens_.find(tenant);
+        if (it != tenant_tokens_.end() && (it->second -= tokens) <= 0) tenant_tokens_.erase(it);
+      }
+      if (observer_ != nullptr) {
+        observer_->OnTenantFinished(tenant, ev.usage, ev.finish_reason, ev.status);
+      }
+    }
+    if (cb) cb(std::move(ev));
+  };
 }
 
 void Engine::Impl::Cancel(uint64_t handle) {
@@ -226,11 +332,17 @@ EngineStats Engine::Impl::stats() const {
 
 void Engine::Impl::PublishCounts() {
   int32_t requests = 0;
-  for (const auto& s : waiting_) requests += s->counts_as_request;
+  absl::flat_hash_map<std::string, int32_t> by_tenant;
+  for (const auto& s : waiting_) {
+    if (!s->counts_as_request || s->finished) continue;
+    ++requests;
+    ++by_tenant[s->req.tenant];
+  }
   stat_running_ = static_cast<int32_t>(running_.size());
   stat_waiting_ = static_cast<int32_t>(waiting_.size());
   absl::MutexLock lock(&mu_);
   waiting_requests_ = requests;
+  tenant_waiting_ = std::move(by_tenant);
 }
 
 // Drops finished sequences from the lists.
@@ -290,6 +402,8 @@ bool Engine::Impl::TakeInbox(bool* stopping, absl::Time* drain_deadline) {
     incoming.swap(inbox_);
     // They count as waiting until the next PublishCounts() recounts.
     waiting_requests_ += static_cast<int32_t>(incoming.size());
+    for (const Incoming& in : incoming) ++tenant_waiting_[in.request.req.tenant];
+    step_policies_ = policies_;
     cancels.swap(cancels_);
     *stopping = stop_;
     *drain_deadline = drain_deadline_;
@@ -304,8 +418,9 @@ bool Engine::Impl::TakeInbox(bool* stopping, absl::Time* drain_deadline) {
   return true;
 }
 
-// Client cancels, deadlines and the end of a shutdown's grace. Marking first and
-// sweeping after: finishing one sequence of a request may finish its siblings too.
+// Client cancels, deadlines, a shutdown's refusal of requests not yet admitted and the
+// end of its grace. Marking first and sweeping after: finishing one sequence of a
+// request may finish its siblings too.
 void Engine::Impl::DropExpired(const std::vector<uint64_t>& cancels, bool stopping,
                                absl::Time drain_deadline) {
   const absl::Time now = absl::Now();
@@ -315,12 +430,32 @@ void Engine::Impl::DropExpired(const std::vector<uint64_t>& cancels, bool stoppi
       Finish(s, FinishReason::kCancelled, absl::CancelledError("cancelled by the client"));
     } else if (s->req.deadline < now) {
       Finish(s, FinishReason::kCancelled, absl::DeadlineExceededError("deadline exceeded"));
+    } else if (stopping && !s->owner->RequestAdmitted(*s)) {
+      Finish(s, FinishReason::kNone,
+             absl::UnavailableError("server is shutting down; the request was not started"));
     } else if (stopping && now >= drain_deadline) {
       Finish(s, FinishReason::kCancelled, absl::OkStatus());
+    } else if (QueuedTooLong(*s, now)) {
+      if (observer_ != nullptr) observer_->OnQueueTimeout(s->req.tenant);
+      spdlog::info("req={} refused: queued longer than max_queue_ms={}", s->log_id.str(),
+                   options_.max_queue_ms);
+      Finish(
+          s, FinishReason::kNone,
+          WithRetryAfter(absl::ResourceExhaustedError(absl::StrCat(
+                             "not admitted within ", options_.max_queue_ms,
+                             " ms (the server's max_queue_ms): the server is busy, retry later")),
+                         RetryHintMs()));
     }
   };
   for (auto& s : running_) check(s.get());
   for (auto& s : waiting_) check(s.get());
+}
+
+// A client request not admitted within max_queue_ms (its first sequence for a RAG
+// request: the sequences of an admitted request are not refused).
+bool Engine::Impl::QueuedTooLong(const Sequence& s, absl::Time now) const {
+  return options_.max_queue_ms > 0 && s.counts_as_request && s.scheduled == absl::InfinitePast() &&
+         now - s.arrival > absl::Milliseconds(options_.max_queue_ms);
 }
 
 void Engine::Impl::Loop() {
@@ -446,24 +581,30 @@ void Engine::Impl::PublishBlocks(Sequence* seq) {
   }
 }
 
-Snapshot Engine::Impl::TakeSnapshot() const {
+Snapshot Engine::Impl::TakeSnapshot() {
   Snapshot snap;
   snap.free_blocks = blocks_->free_blocks();
+  snap_tenants_.clear();
+  snap_index_.clear();
   for (const auto& s : running_) {
     SeqSnapshot x{s->computed, static_cast<int32_t>(s->tokens.size()), s->gap_at,
                   static_cast<int32_t>(s->blocks.size())};
     for (BlockId b : s->blocks) x.exclusive_blocks += blocks_->refcount(b) == 1;
+    x.tenant = TenantIndex(s->req.tenant);
     snap.running.push_back(x);
   }
-  // Only the queue's head can be admitted this step: prefix matches beyond it are not
-  // looked up.
-  const size_t head = static_cast<size_t>(
-      std::max(0, options_.max_running - static_cast<int32_t>(running_.size())));
+  // Only each tenant's queue head can be admitted this step: prefix matches beyond it
+  // are not looked up.
+  const int32_t head = std::max(0, options_.max_running - static_cast<int32_t>(running_.size()));
+  std::vector<int32_t> seen;  // waiting sequences per tenant so far
   for (size_t i = 0; i < waiting_.size(); ++i) {
     Sequence* s = waiting_[i].get();
     SeqSnapshot x{s->computed, static_cast<int32_t>(s->tokens.size()), s->gap_at,
                   static_cast<int32_t>(s->blocks.size())};
-    if (i < head) {
+    x.tenant = TenantIndex(s->req.tenant);
+    x.started = s->scheduled != absl::InfinitePast();
+    seen.resize(snap_tenants_.size(), 0);
+    if (seen[x.tenant]++ < head) {
       x.prefix_blocks = PrefixMatch(s);
       for (int32_t k = 0; k < x.prefix_blocks; ++k) {
         x.prefix_unreferenced += blocks_->refcount(*blocks_->Peek(s->block_chain[k])) == 0;
@@ -471,7 +612,35 @@ Snapshot Engine::Impl::TakeSnapshot() const {
     }
     snap.waiting.push_back(x);
   }
+  ShareTenants(&snap);
   return snap;
+}
+
+int32_t Engine::Impl::TenantIndex(const std::string& tenant) {
+  auto [it, inserted] = snap_index_.try_emplace(tenant, static_cast<int32_t>(snap_tenants_.size()));
+  if (inserted) snap_tenants_.push_back(tenant);
+  return it->second;
+}
+
+// The fair-share clocks live while a tenant has work: one that had none starts level
+// with the least-served active tenant (idle time earns no credit), and the clocks of
+// tenants without work are dropped.
+void Engine::Impl::ShareTenants(Snapshot* snap) {
+  double level = std::numeric_limits<double>::infinity();
+  for (const std::string& t : snap_tenants_) {
+    if (auto it = service_.find(t); it != service_.end()) level = std::min(level, it->second);
+  }
+  if (level == std::numeric_limits<double>::infinity()) level = 0;
+  absl::flat_hash_map<std::string, double> active;
+  for (const std::string& t : snap_tenants_) {
+    auto it = service_.find(t);
+    const double clock = it != service_.end() ? it->second : level;
+    active[t] = clock;
+    const TenantPolicy& p =
+        step_policies_ != nullptr ? step_policies_->For(t) : TenantPolicies().For(t);
+    snap->tenants.push_back({clock, p.weight, p.max_running});
+  }
+  service_ = std::move(active);
 }
 
 // Applies a decision: preemptions, failures, admissions (prefix matches first, so that
@@ -539,6 +708,9 @@ void Engine::Impl::Admit(Sequence* seq, int32_t prefix_blocks) {
 
 bool Engine::Impl::Step() {
   const Decision d = Schedule(TakeSnapshot(), limits_);
+  for (size_t t = 0; t < d.service.size() && t < snap_tenants_.size(); ++t) {
+    service_[snap_tenants_[t]] = d.service[t];
+  }
   const std::vector<std::pair<Sequence*, int32_t>> sched = Apply(d);
   PublishCounts();
   if (sched.empty()) return false;
@@ -653,6 +825,9 @@ Engine::Engine(const EngineOptions& options, const ModelConfig& config, const To
     : impl_(std::make_unique<Impl>(options, config, tokenizer, backend)) {}
 Engine::~Engine() { impl_->Shutdown(absl::ZeroDuration()); }
 void Engine::SetObserver(EngineObserver* observer) { impl_->SetObserver(observer); }
+void Engine::SetTenantPolicies(TenantPolicies policies) {
+  impl_->SetTenantPolicies(std::move(policies));
+}
 void Engine::Start() { impl_->Start(); }
 absl::StatusOr<uint64_t> Engine::Submit(Request request, StreamCallback callback) {
   return impl_->Submit(std::move(request), std::move(callback));

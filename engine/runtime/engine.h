@@ -7,14 +7,16 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "engine/backend.h"
+#include "engine/kv/kv_block_manager.h"
 #include "engine/model/config.h"
 #include "engine/model/tokenizer.h"
-#include "engine/kv/kv_block_manager.h"
 #include "engine/rag/rag.h"
+#include "engine/runtime/tenant_policy.h"
 #include "engine/sequence/request.h"
 
 namespace superpose::engine {
@@ -30,6 +32,15 @@ struct EngineOptions {
   // BatchPlan::logits_top) where they sample exactly like the whole row: greedy and
   // top-k requests without penalties. Off: every row whole (same tokens, more bytes).
   bool compact_logits = true;
+  // Private mode (--private): nothing outlives a request. The prefix cache and the RAG
+  // path cache are off (whatever prefix_caching and a request's rag.path_cache say) and
+  // every KV block is zeroed (Backend::ZeroKvBlocks) when its last reference goes,
+  // before it can be reused. The backend must implement ZeroKvBlocks; should zeroing
+  // fail, Health() fails from then on (new requests: UNAVAILABLE).
+  bool private_mode = false;
+  // A request still waiting (never admitted) after this long is refused with
+  // RESOURCE_EXHAUSTED and a retry hint (RetryAfterMs); 0: no bound.
+  int64_t max_queue_ms = 0;
 };
 
 // Observes the engine for metrics; called on the engine thread.
@@ -43,6 +54,11 @@ class EngineObserver {
   virtual void OnStep(int32_t running, int32_t waiting, int32_t batch_tokens) {}
   // A RAG request finished successfully (before its final event is sent).
   virtual void OnRagFinished(const rag::Result& result) {}
+  // Per tenant: a client request finished (after OnFinished), or was refused for having
+  // waited longer than max_queue_ms (before its final event).
+  virtual void OnTenantFinished(const std::string& tenant, const Usage& usage, FinishReason reason,
+                                const absl::Status& status) {}
+  virtual void OnQueueTimeout(const std::string& tenant) {}
 };
 
 struct EngineStats {
@@ -66,21 +82,29 @@ class Engine {
   Engine& operator=(const Engine&) = delete;
 
   void SetObserver(EngineObserver* observer);
+  // Replaces the per-tenant limits and weights (thread-safe, any time: a reload applies
+  // to requests submitted after it and to the scheduling steps after it).
+  void SetTenantPolicies(TenantPolicies policies);
   void Start();
   // Queues a request (a RAG request when request.rag is set). INVALID_ARGUMENT naming
-  // the field for a bad request, RESOURCE_EXHAUSTED when the waiting queue is full,
-  // UNAVAILABLE after Shutdown. The callback gets every event, the last with finished =
-  // true, on the engine thread; it is never called after that.
+  // the field for a bad request, RESOURCE_EXHAUSTED (with a retry hint, RetryAfterMs)
+  // when the waiting queue is full or the tenant is at a limit (TenantPolicy),
+  // UNAVAILABLE after Shutdown. The priority is capped to the tenant's max_priority. The callback
+  // gets every event, the last with finished = true, on the engine thread; it is never called after
+  // that.
   absl::StatusOr<uint64_t> Submit(Request request, StreamCallback callback);
   // Cancels a request (client cancel). Its final event carries CANCELLED status.
   void Cancel(uint64_t handle);
-  // Stops accepting, lets running requests finish up to `grace`, then cancels the
-  // rest and joins the loop thread.
+  // Stops accepting (Submit: UNAVAILABLE), fails the requests not yet admitted with
+  // UNAVAILABLE at once (clients retry elsewhere), lets admitted ones run up to `grace`,
+  // then finishes the rest with finish_reason kCancelled and an OK status (their final
+  // event carries the usage), and joins the loop thread. Every block is free after it.
   void Shutdown(absl::Duration grace);
 
   EngineStats stats() const;
-  // The backend's health (Backend::Health); while it is not OK, Submit answers
-  // UNAVAILABLE and the server reports NOT_SERVING.
+  // The backend's health (Backend::Health), or FAILED_PRECONDITION once private mode
+  // could not zero a freed block; while it is not OK, Submit answers UNAVAILABLE and the
+  // server reports NOT_SERVING.
   absl::Status Health() const;
   int32_t context_length() const;
   const KvBlockManager& blocks() const;

@@ -1,6 +1,7 @@
 #include "engine/runtime/scheduler.h"
 
 #include <algorithm>
+#include <deque>
 
 #include "absl/strings/str_cat.h"
 #include "engine/sequence/sequence.h"
@@ -21,6 +22,9 @@ class Planner {
     PlaceRunning();
     Admit();
     d_.budget_left = budget_;
+    if (!snap_.tenants.empty()) {
+      for (const TenantShare& t : tenants_) d_.service.push_back(t.service);
+    }
     return std::move(d_);
   }
 
@@ -62,49 +66,107 @@ class Planner {
     }
   }
 
+  enum class Outcome { kAdmitted, kSkipped, kFailed, kStop };
+
   void Admit() {
+    InitTenants();
     // Preempted sequences wait ahead of the queue (the last one preempted first); they
-    // hold nothing now and their prefix is not looked up again this step.
-    std::vector<SeqRef> queue;
+    // hold nothing now and their prefix is not looked up again this step. Sequences
+    // admitted before come next; the rest wait in their tenant's queue.
+    std::vector<SeqRef> first;
     for (auto it = d_.preempted.rbegin(); it != d_.preempted.rend(); ++it) {
-      queue.push_back({false, *it});
+      first.push_back({false, *it});
     }
+    std::vector<std::deque<int32_t>> queues(tenants_.size());
     for (int32_t w = 0; w < static_cast<int32_t>(snap_.waiting.size()); ++w) {
-      queue.push_back({true, w});
-    }
-    int32_t running = static_cast<int32_t>(running_.size());
-    for (const SeqRef& ref : queue) {
-      if (budget_ <= 0 || running >= limits_.max_running) break;
-      SeqSnapshot s = ref.waiting ? snap_.waiting[ref.index] : snap_.running[ref.index];
-      int32_t prefix = 0, unreferenced = 0;
-      if (ref.waiting) {
-        prefix = s.prefix_blocks;
-        unreferenced = s.prefix_unreferenced;
+      if (snap_.waiting[w].started) {
+        first.push_back({true, w});
       } else {
-        s.computed = 0;  // a victim starts over
+        queues[TenantOf(snap_.waiting[w])].push_back(w);
       }
-      const int32_t computed = std::max(s.computed, prefix * limits_.block_size);
-      const int32_t n = std::min(s.total - computed, budget_);
-      const int32_t cost = Need(s, prefix, computed + n) + unreferenced;
-      if (cost > free_) {
-        if (running > 0) break;  // FCFS: wait for blocks to be freed
-        d_.failed.push_back(
-            {ref, absl::ResourceExhaustedError("the KV cache cannot hold this prompt")});
-        continue;
-      }
-      free_ -= cost;
-      d_.scheduled.push_back({ref, n, prefix});
-      budget_ -= n;
-      ++running;
     }
+    for (const SeqRef& ref : first) {
+      if (Try(ref, /*charge=*/false) == Outcome::kStop) return;
+    }
+    for (int32_t t = NextTenant(queues); t >= 0; t = NextTenant(queues)) {
+      const int32_t w = queues[t].front();
+      queues[t].pop_front();
+      if (Try({true, w}, /*charge=*/true) == Outcome::kStop) return;
+    }
+  }
+
+  void InitTenants() {
+    tenants_ = snap_.tenants;
+    if (tenants_.empty()) tenants_.emplace_back();
+    for (TenantShare& t : tenants_) t.weight = std::max(1, t.weight);
+    tenant_running_.assign(tenants_.size(), 0);
+    for (int32_t r : running_) ++tenant_running_[TenantOf(snap_.running[r])];
+    running_count_ = static_cast<int32_t>(running_.size());
+  }
+
+  int32_t TenantOf(const SeqSnapshot& s) const {
+    return s.tenant >= 0 && s.tenant < static_cast<int32_t>(tenants_.size()) ? s.tenant : 0;
+  }
+  bool TenantFull(int32_t t) const {
+    return tenants_[t].max_running > 0 && tenant_running_[t] >= tenants_[t].max_running;
+  }
+
+  // The waiting tenant with the lowest clock (ties: the earliest head), or -1.
+  int32_t NextTenant(const std::vector<std::deque<int32_t>>& queues) const {
+    int32_t best = -1;
+    for (int32_t t = 0; t < static_cast<int32_t>(queues.size()); ++t) {
+      if (queues[t].empty() || TenantFull(t)) continue;
+      if (best < 0 || tenants_[t].service < tenants_[best].service ||
+          (tenants_[t].service == tenants_[best].service &&
+           queues[t].front() < queues[best].front())) {
+        best = t;
+      }
+    }
+    return best;
+  }
+
+  Outcome Try(const SeqRef& ref, bool charge) {
+    if (budget_ <= 0 || running_count_ >= limits_.max_running) return Outcome::kStop;
+    SeqSnapshot s = ref.waiting ? snap_.waiting[ref.index] : snap_.running[ref.index];
+    const int32_t t = TenantOf(s);
+    if (TenantFull(t)) return Outcome::kSkipped;
+    int32_t prefix = 0, unreferenced = 0;
+    if (ref.waiting) {
+      prefix = s.prefix_blocks;
+      unreferenced = s.prefix_unreferenced;
+    } else {
+      s.computed = 0;  // a victim starts over
+    }
+    const int32_t computed = std::max(s.computed, prefix * limits_.block_size);
+    const int32_t n = std::min(s.total - computed, budget_);
+    const int32_t cost = Need(s, prefix, computed + n) + unreferenced;
+    if (cost > free_) {
+      if (running_count_ > 0) return Outcome::kStop;  // wait for blocks to be freed
+      d_.failed.push_back(
+          {ref, absl::ResourceExhaustedError("the KV cache cannot hold this prompt")});
+      return Outcome::kFailed;
+    }
+    free_ -= cost;
+    d_.scheduled.push_back({ref, n, prefix});
+    budget_ -= n;
+    ++running_count_;
+    ++tenant_running_[t];
+    if (charge) {
+      tenants_[t].service +=
+          static_cast<double>(std::max(1, s.total - computed)) / tenants_[t].weight;
+    }
+    return Outcome::kAdmitted;
   }
 
   const Snapshot& snap_;
   const SchedulerLimits& limits_;
   int32_t free_;
   int32_t budget_;
-  std::vector<int32_t> running_;  // snapshot indices still running, oldest first
-  std::vector<int32_t> alloc_;    // blocks given to running[i] this step
+  std::vector<int32_t> running_;         // snapshot indices still running, oldest first
+  std::vector<int32_t> alloc_;           // blocks given to running[i] this step
+  std::vector<TenantShare> tenants_;     // clocks charged as sequences are admitted
+  std::vector<int32_t> tenant_running_;  // each tenant's sequences in the batch
+  int32_t running_count_ = 0;
   Decision d_;
 };
 

@@ -11,10 +11,15 @@
 //     front of the waiting queue. (Placement goes oldest first, preemption newest
 //     first: a victim was never placed this step, so no budget is lost to it.) A
 //     sequence alone in the batch that does not fit the pool can never run: it fails.
-//  3. Waiting sequences are admitted from the front (the queue is kept in priority
-//     order, FCFS within a priority; see PriorityInsertIndex) while the budget, the
-//     batch size and the blocks last. The first that does not fit stops admission
-//     (FCFS), unless nothing is running: then it can never fit and fails.
+//  3. Waiting sequences are admitted while the budget, the batch size and the blocks
+//     last. Preempted ones (and any admitted before) go first, in queue order. Then the
+//     tenants take turns by weighted fair share: the next sequence is the head of the
+//     waiting tenant whose clock (prompt tokens admitted / weight) is lowest, ties to
+//     the earliest head; the queue is kept in priority order, FCFS within a priority
+//     (PriorityInsertIndex), so priority orders requests only within a tenant. A tenant
+//     at its max_running is passed over this step. The first sequence that does not fit
+//     stops admission (so a large prompt is not starved), unless nothing is running:
+//     then it can never fit and fails.
 #pragma once
 
 #include <cstdint>
@@ -43,12 +48,22 @@ struct SeqSnapshot {
   // many of those are unreferenced (they leave the free pool when matched).
   int32_t prefix_blocks = 0;
   int32_t prefix_unreferenced = 0;
+  int32_t tenant = 0;    // index into Snapshot::tenants
+  bool started = false;  // waiting, but admitted before (preempted): goes first, uncharged
+};
+
+// A tenant with running or waiting sequences.
+struct TenantShare {
+  double service = 0;       // its fair-share clock: prompt tokens admitted / weight
+  int32_t weight = 1;       // >= 1
+  int32_t max_running = 0;  // its sequences in the running batch; 0: no bound
 };
 
 struct Snapshot {
-  std::vector<SeqSnapshot> running;  // oldest first
-  std::vector<SeqSnapshot> waiting;  // queue order
-  int32_t free_blocks = 0;           // unreferenced blocks (free or evictable)
+  std::vector<SeqSnapshot> running;       // oldest first
+  std::vector<SeqSnapshot> waiting;       // queue order
+  int32_t free_blocks = 0;                // unreferenced blocks (free or evictable)
+  std::vector<TenantShare> tenants = {};  // empty: one tenant, no bound
 };
 
 // Which sequence: running[index] or waiting[index] of the snapshot.
@@ -76,6 +91,8 @@ struct Decision {
   };
   std::vector<Failed> failed;
   int32_t budget_left = 0;
+  // The tenants' clocks once this step's admissions are charged (as Snapshot::tenants).
+  std::vector<double> service;
 };
 
 Decision Schedule(const Snapshot& snapshot, const SchedulerLimits& limits);

@@ -45,19 +45,24 @@ inline absl::Status ValidateRequestId(const std::string& id) {
 // ValidateRequestId, made once when the request arrives. Log lines take this, never a
 // Request (which holds the prompt, documents and stop strings), so that what they can
 // print is fixed by the type: ids, sizes and timings.
+//
+// Private mode (HashRequestIdsInLogs) prints a keyed hash of the id instead: the lines
+// of one request still share one value, but no id a client chose is written.
 class LogId {
  public:
   LogId() = default;
-  static absl::StatusOr<LogId> Of(const std::string& request_id) {
-    if (absl::Status st = ValidateRequestId(request_id); !st.ok()) return st;
-    return LogId(request_id);
-  }
+  static absl::StatusOr<LogId> Of(const std::string& request_id);  // log_id.cc
   const std::string& str() const { return id_; }
 
  private:
   explicit LogId(std::string id) : id_(std::move(id)) {}
   std::string id_;
 };
+
+// From now on every LogId made is "h" and 16 hex digits of HMAC-SHA256(key, request
+// id) under a random key made here, once per process and never written anywhere. Call
+// at startup, before any request. Returns false when no random key could be made.
+bool HashRequestIdsInLogs();
 
 struct Request {
   std::string request_id;  // see ValidateRequestId

@@ -95,6 +95,11 @@ class SequenceOwner {
   virtual ~SequenceOwner() = default;
   // First admitted to the running batch.
   virtual void OnAdmitted(Sequence& seq) {}
+  // Whether the request `seq` serves has been admitted (any of its sequences, ever): a
+  // shutdown refuses the requests that have not, at once (UNAVAILABLE).
+  virtual bool RequestAdmitted(const Sequence& seq) const {
+    return seq.scheduled != absl::InfinitePast();
+  }
   // A scored sequence: log p(tokens[target] | tokens[0, target)).
   virtual void OnScore(Sequence& seq, int32_t target, float logprob) {}
   // Lost its KV (preempted): it will be computed again from its first token.
