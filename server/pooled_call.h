@@ -10,6 +10,7 @@
 
 #include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
+#include "server/tsan_annotations.h"
 #include "server/work_pool.h"
 
 namespace superpose::server {
@@ -28,8 +29,14 @@ class PooledUnaryCall final : public grpc::ServerUnaryReactor {
   }
   bool cancelled() const { return cancelled_.load(std::memory_order_acquire); }
   void Reject(const grpc::Status& status) { Finish(status); }
-  void OnCancel() override { cancelled_.store(true, std::memory_order_release); }
-  void OnDone() override { Release(); }
+  void OnCancel() override {
+    cancelled_.store(true, std::memory_order_release);
+    SP_HAPPENS_BEFORE(this);  // gRPC runs OnDone after this reaction returns
+  }
+  void OnDone() override {
+    SP_HAPPENS_AFTER(this);
+    Release();
+  }
 
  private:
   std::atomic<int> refs_{1};  // gRPC's

@@ -9,6 +9,7 @@
 #include "engine/util/status.h"
 #include "server/pooled_call.h"
 #include "server/request_bounds.h"
+#include "server/tsan_annotations.h"
 #include "server/wire.h"
 #include "spdlog/spdlog.h"
 
@@ -138,6 +139,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
       submitted = submitted_ && !final_;
     }
     if (submitted) engine_->Cancel(handle_);
+    SP_HAPPENS_BEFORE(this);  // gRPC runs OnDone after this reaction returns
   }
 
   void OnWriteDone(bool ok) override {
@@ -153,9 +155,11 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
       action = Pump();
     }
     Run(action);
+    SP_HAPPENS_BEFORE(this);
   }
 
   void OnDone() override {
+    SP_HAPPENS_AFTER(this);  // after every other reaction (ordered by gRPC core)
     if (gate_ != nullptr) gate_->Exit();
     Unref();
   }
