@@ -441,11 +441,57 @@ TEST(ServerLogPrivacyTest, LogsIdsAndSizesNeverText) {
     }
     EXPECT_EQ(server.Stop(), 0);
   }
-  std::ifstream in(log);
-  std::stringstream all;
-  all << in.rdbuf();
-  const std::string text = all.str();
-  std::remove(log.c_str());
+  // Authentication, tenant limits and shutdown with a stream running: a server with keys.
+  const std::string keys = log + "-keys";
+  std::ofstream(keys) << "priv-key-a tenant-a\npriv-key-b tenant-b max_prompt_tokens=4\n";
+  const std::string log2 = log + "-tenants";
+  {
+    testing::ServerProcess server({"--model=" + testing::Stories260kDir(), "--log_level=trace",
+                                   "--api_keys_file=" + keys, "--shutdown_grace_s=0"},
+                                  log2);
+    ASSERT_TRUE(server.ok());
+    auto stub = v1::Superpose::NewStub(server.Channel());
+    v1::GenerateRequest gen;
+    gen.set_text("Zebracorn and Quokkaville went to the park one day.");
+    gen.mutable_sampling()->set_max_new_tokens(400);
+    gen.set_ignore_eos(true);
+    auto run = [&](const std::string& key) {
+      grpc::ClientContext ctx;
+      ctx.AddMetadata("authorization", "Bearer " + key);
+      auto reader = stub->Generate(&ctx, gen);
+      v1::GenerateResponse r;
+      while (reader->Read(&r)) {
+      }
+      const grpc::Status st = reader->Finish();
+      errors.push_back(st.error_message());
+      return st.error_code();
+    };
+    EXPECT_EQ(run("Snorkelwizard"), grpc::StatusCode::UNAUTHENTICATED);
+    EXPECT_EQ(run("priv-key-b"), grpc::StatusCode::RESOURCE_EXHAUSTED);  // max_prompt_tokens
+    // Running when SIGTERM comes, cut at the end of the grace.
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", "Bearer priv-key-a");
+    auto reader = stub->Generate(&ctx, gen);
+    v1::GenerateResponse r, last;
+    ASSERT_TRUE(reader->Read(&r));
+    std::thread drain([&] {
+      while (reader->Read(&r)) last = r;
+    });
+    EXPECT_EQ(server.Stop(), 0);
+    drain.join();
+    const grpc::Status st = reader->Finish();
+    errors.push_back(st.error_message());
+    EXPECT_EQ(last.finish_reason(), v1::FINISH_REASON_CANCELLED);
+  }
+  std::remove(keys.c_str());
+  std::string text;
+  for (const std::string& path : {log, log2}) {
+    std::ifstream in(path);
+    std::stringstream all;
+    all << in.rdbuf();
+    text += all.str();
+    std::remove(path.c_str());
+  }
   // The log is there and carries the requests...
   EXPECT_NE(text.find("req=priv-gen-1"), std::string::npos) << text;
   EXPECT_NE(text.find("req=priv-rag-1"), std::string::npos) << text;
@@ -461,8 +507,8 @@ TEST(ServerLogPrivacyTest, LogsIdsAndSizesNeverText) {
        {"text has", "preamble has", "documents[1].text has", "prompt has", "CANCELLED",
         "rag.mode: unknown value 99", "unknown field (number 42, in documents[0])",
         "sampling.temperature has the wrong wire type",
-        "not a valid superpose.v1.GenerateRagRequest",
-        "not a valid superpose.v1.TokenizeRequest"}) {
+        "not a valid superpose.v1.GenerateRagRequest", "not a valid superpose.v1.TokenizeRequest",
+        "unknown API key", "max_prompt_tokens"}) {
     EXPECT_NE(all_errors.find(want), std::string::npos) << want << " in " << all_errors;
   }
   for (const std::string& s : secrets) {
