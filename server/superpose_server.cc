@@ -239,80 +239,51 @@ absl::StatusOr<std::unique_ptr<server::TlsCertStore>> SetUpTls(server::ReloadHoo
   return tls;
 }
 
-int Run() {
-  spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
-  const bool private_mode = absl::GetFlag(FLAGS_private);
-  if (private_mode) {
-    if (absl::Status st = server::EnterPrivateMode(); !st.ok()) {
-      spdlog::critical("--private: {}", st.ToString());
-      return 2;
-    }
-  }
-  if (absl::Status st = engine::simd::LimitTargets(absl::GetFlag(FLAGS_simd)); !st.ok()) {
-    spdlog::critical("--simd: {}", std::string(st.message()));
-    return 2;
-  }
-  engine::BackendRegistry registry;
-  engine::cpu::RegisterBackend(registry);
-#if SUPERPOSE_HAVE_CUDA
-  cuda::RegisterBackend(registry);
-#endif
-  absl::StatusOr<engine::BackendRegistry::Config> backend_config = ConfigureBackend(registry);
-  if (!backend_config.ok()) {
-    spdlog::critical("{}", std::string(backend_config.status().message()));
-    return 2;
-  }
-  const engine::BackendOptions& bopts = backend_config->options();
-  if (const std::string e = SecurityFlagsError(); !e.empty()) {
-    spdlog::critical("{}", e);
-    return 2;
-  }
+// Logs a startup failure (its message names the flag) and gives the exit status.
+int Fail(const absl::Status& st) {
+  spdlog::critical("{}", std::string(st.message()));
+  return 2;
+}
+
+absl::Status Prefixed(absl::string_view prefix, const absl::Status& st) {
+  return absl::Status(st.code(), absl::StrCat(prefix, st.ToString()));
+}
+
+// Identity: API keys and TLS certificates (both reloaded on SIGHUP).
+struct Security {
   server::ReloadHooks reload;
   server::Authenticator auth;
+  std::unique_ptr<server::TlsCertStore> tls;  // null: plaintext
+};
+
+absl::Status SetUpSecurity(Security* sec) {
+  if (const std::string e = SecurityFlagsError(); !e.empty()) {
+    return absl::InvalidArgumentError(e);
+  }
   if (const std::string f = absl::GetFlag(FLAGS_api_keys_file); !f.empty()) {
     absl::StatusOr<server::Authenticator> a = server::Authenticator::FromFile(f);
-    if (!a.ok()) {
-      spdlog::critical("--api_keys_file: {}", a.status().ToString());
-      return 2;
-    }
-    auth = *std::move(a);
+    if (!a.ok()) return Prefixed("--api_keys_file: ", a.status());
+    sec->auth = *std::move(a);
   }
-  auth.set_tenant_from_client_cert(absl::GetFlag(FLAGS_tenant_from_client_cert));
-  absl::StatusOr<std::unique_ptr<server::TlsCertStore>> tls = SetUpTls(&reload);
-  if (!tls.ok()) {
-    spdlog::critical("{}", std::string(tls.status().message()));
-    return 2;
-  }
+  sec->auth.set_tenant_from_client_cert(absl::GetFlag(FLAGS_tenant_from_client_cert));
+  absl::StatusOr<std::unique_ptr<server::TlsCertStore>> tls = SetUpTls(&sec->reload);
+  if (!tls.ok()) return tls.status();
+  sec->tls = *std::move(tls);
+  return absl::OkStatus();
+}
 
-  const std::string model_dir = absl::GetFlag(FLAGS_model);
-  absl::StatusOr<engine::ModelBundle> model = engine::LoadModelBundle(model_dir);
-  if (!model.ok()) {
-    spdlog::critical("cannot load model: {}", model.status().ToString());
-    return 2;
-  }
-  if (model->builtin) {
-    spdlog::warn(
-        "no --model given: serving the built-in demo model (random weights, "
-        "byte-level tokenizer); its text is meaningless");
-  }
-  const engine::ModelConfig& cfg = model->config;
-  spdlog::info("model={} arch={} layers={} hidden={} heads={}/{} vocab={} params={} dtype={}",
-               model->name, cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_heads,
-               cfg.num_kv_heads, cfg.vocab_size, cfg.NumParameters(), engine::DTypeName(cfg.dtype));
-
-  absl::StatusOr<std::unique_ptr<engine::Backend>> backend = registry.Create(*backend_config);
-  if (!backend.ok()) {
-    spdlog::critical("--backend: {}", backend.status().ToString());
-    return 2;
-  }
-  if (absl::Status st = (*backend)->Load(cfg, *model->weights, engine::Shard{}); !st.ok()) {
-    spdlog::critical("cannot load weights: {}", st.ToString());
-    return 2;
+// The model's weights in the configured backend (private mode: its KV pool zeroed).
+absl::StatusOr<std::unique_ptr<engine::Backend>> LoadBackend(
+    const engine::BackendRegistry& registry, const engine::BackendRegistry::Config& config,
+    const engine::ModelBundle& model, bool private_mode) {
+  absl::StatusOr<std::unique_ptr<engine::Backend>> backend = registry.Create(config);
+  if (!backend.ok()) return Prefixed("--backend: ", backend.status());
+  if (absl::Status st = (*backend)->Load(model.config, *model.weights, engine::Shard{}); !st.ok()) {
+    return Prefixed("cannot load weights: ", st);
   }
   if (private_mode) {
     if (absl::Status st = (*backend)->ZeroKvBlocks({}); !st.ok()) {
-      spdlog::critical("--private: {}", st.ToString());
-      return 2;
+      return Prefixed("--private: ", st);
     }
     spdlog::info("{}", server::PrivateModeLine());
   }
@@ -322,9 +293,12 @@ int Run() {
       "omp_wait={} tp={} kv_dtype={} kv_blocks={} block_size={} kv_mib={:.1f}",
       (*backend)->name(), (*backend)->compute_dtype(), engine::cpu::BlasCoreName(),
       engine::simd::ActiveTargetName(), engine::cpu::Bf16GemmKernelName(),
-      engine::cpu::AttnKernelName(), omp_wait::Describe(), bopts.tensor_parallel, kv.dtype,
-      kv.num_blocks, kv.block_size, kv.num_blocks * kv.bytes_per_block / 1048576.0);
+      engine::cpu::AttnKernelName(), omp_wait::Describe(), config.options().tensor_parallel,
+      kv.dtype, kv.num_blocks, kv.block_size, kv.num_blocks * kv.bytes_per_block / 1048576.0);
+  return backend;
+}
 
+absl::StatusOr<engine::EngineOptions> EngineOptionsFromFlags(bool private_mode) {
   engine::EngineOptions eopts;
   eopts.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   eopts.max_running = absl::GetFlag(FLAGS_max_running);
@@ -335,44 +309,160 @@ int Run() {
   eopts.private_mode = private_mode;
   eopts.max_queue_ms = absl::GetFlag(FLAGS_max_queue_ms);
   if (eopts.max_queue_ms < 0) {
-    spdlog::critical("--max_queue_ms: must be >= 0, got {}", eopts.max_queue_ms);
-    return 2;
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max_queue_ms: must be >= 0, got ", eopts.max_queue_ms));
   }
-  engine::Engine eng(eopts, cfg, model->tokenizer.get(), backend->get());
-  eng.SetTenantPolicies(server::EnginePolicies(
-      auth.tenant_policies(), absl::GetFlag(FLAGS_tenant_max_waiting), eopts.max_waiting));
-  if (auth.enabled()) {
-    // SIGHUP: the new keys, then their tenants' limits.
-    reload.Add("api_keys_file", [&auth, &eng, max_waiting = eopts.max_waiting] {
-      absl::StatusOr<std::string> r = auth.Reload();
-      if (r.ok()) {
-        eng.SetTenantPolicies(server::EnginePolicies(
-            auth.tenant_policies(), absl::GetFlag(FLAGS_tenant_max_waiting), max_waiting));
-      }
-      return r;
-    });
+  return eopts;
+}
+
+// The engine's tenant limits from the key file, now and after each SIGHUP reload.
+void ApplyTenantPolicies(Security* sec, engine::Engine* eng, int32_t max_waiting) {
+  eng->SetTenantPolicies(server::EnginePolicies(
+      sec->auth.tenant_policies(), absl::GetFlag(FLAGS_tenant_max_waiting), max_waiting));
+  if (!sec->auth.enabled()) return;
+  server::Authenticator* auth = &sec->auth;
+  sec->reload.Add("api_keys_file", [auth, eng, max_waiting] {
+    absl::StatusOr<std::string> r = auth->Reload();  // the new keys, then their limits
+    if (r.ok()) {
+      eng->SetTenantPolicies(server::EnginePolicies(
+          auth->tenant_policies(), absl::GetFlag(FLAGS_tenant_max_waiting), max_waiting));
+    }
+    return r;
+  });
+}
+
+// Starts /metrics and /healthz when --metrics_listen is set.
+absl::Status StartMetrics(server::MetricsServer* metrics_server, engine::Engine* eng,
+                          Security* sec) {
+  metrics_server->set_health([eng] { return eng->Health(); });
+  const bool https = sec->tls != nullptr && absl::GetFlag(FLAGS_metrics_tls);
+  if (https) metrics_server->set_tls(sec->tls.get());
+  if (absl::GetFlag(FLAGS_auth_metrics)) {
+    const server::Authenticator* auth = &sec->auth;
+    metrics_server->set_authorizer(
+        [auth](const std::string& h) { return auth->TenantOfAuthorization(h).ok(); });
   }
+  const std::string ml = absl::GetFlag(FLAGS_metrics_listen);
+  if (ml.empty()) return absl::OkStatus();
+  const int mport = metrics_server->Start(ml);
+  if (mport <= 0) {
+    return absl::UnavailableError(
+        absl::StrCat("--metrics_listen: cannot listen on ", ml, " (is the port in use?)"));
+  }
+  spdlog::info("metrics on {}://{}/metrics (port {})", https ? "https" : "http", ml, mport);
+  WritePortFile(absl::GetFlag(FLAGS_metrics_port_file), mport);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpc(server::SuperposeService* service,
+                                                        Security* sec, int64_t max_request_bytes) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(
+      absl::GetFlag(FLAGS_listen),
+      sec->tls != nullptr ? sec->tls->GrpcCredentials() : grpc::InsecureServerCredentials(), &port);
+  if (absl::GetFlag(FLAGS_auth_reflection)) {
+    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> icpt;
+    icpt.push_back(std::make_unique<server::ReflectionAuthFactory>(&sec->auth));
+    builder.experimental().SetInterceptorCreators(std::move(icpt));
+  }
+  builder.RegisterService(service);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(max_request_bytes));
+  // A second server on the same port must fail, not share the port silently.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    return absl::UnavailableError(absl::StrCat(
+        "--listen: cannot listen on ", absl::GetFlag(FLAGS_listen), " (is the port in use?)"));
+  }
+  server::SetServing(server.get(), true);
+  spdlog::info("listening on {} (port {}, {})", absl::GetFlag(FLAGS_listen), port,
+               sec->tls == nullptr  ? "plaintext"
+               : sec->tls->mutual() ? "mutual TLS"
+                                    : "TLS");
+  WritePortFile(absl::GetFlag(FLAGS_port_file), port);
+  return server;
+}
+
+// Waits for SIGTERM / SIGINT (blocked in every thread; see main) and returns it; SIGHUP
+// runs the reload hooks. Meanwhile a backend that can no longer run steps (a
+// tensor-parallel group aborted after a rank failed) turns the gRPC health status to
+// NOT_SERVING, so that an orchestrator restarts the server.
+int WaitForStop(grpc::Server* server, const engine::Engine& eng, server::ReloadHooks* reload) {
+  absl::Notification stop_watch;
+  std::thread watcher([&] {
+    while (!stop_watch.WaitForNotificationWithTimeout(absl::Seconds(1))) {
+      const absl::Status h = eng.Health();
+      if (h.ok()) continue;
+      spdlog::critical("backend failed, reporting NOT_SERVING: {}", h.ToString());
+      server::SetServing(server, false);
+      return;
+    }
+  });
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGHUP);
+  int sig = 0;
+  while (sigwait(&set, &sig) == 0 && sig == SIGHUP) {
+    spdlog::info("SIGHUP: reloading");
+    reload->RunAll();
+  }
+  stop_watch.Notify();
+  watcher.join();
+  return sig;
+}
+
+int Run() {
+  spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
+  const bool private_mode = absl::GetFlag(FLAGS_private);
+  if (private_mode) {
+    if (absl::Status st = server::EnterPrivateMode(); !st.ok()) {
+      return Fail(Prefixed("--private: ", st));
+    }
+  }
+  if (absl::Status st = engine::simd::LimitTargets(absl::GetFlag(FLAGS_simd)); !st.ok()) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--simd: ", st.message())));
+  }
+  engine::BackendRegistry registry;
+  engine::cpu::RegisterBackend(registry);
+#if SUPERPOSE_HAVE_CUDA
+  cuda::RegisterBackend(registry);
+#endif
+  // Every flag is checked before the model is read, so that a bad one fails at once.
+  absl::StatusOr<engine::BackendRegistry::Config> backend_config = ConfigureBackend(registry);
+  if (!backend_config.ok()) return Fail(backend_config.status());
+  Security sec;
+  if (absl::Status st = SetUpSecurity(&sec); !st.ok()) return Fail(st);
+  absl::StatusOr<engine::EngineOptions> eopts = EngineOptionsFromFlags(private_mode);
+  if (!eopts.ok()) return Fail(eopts.status());
+
+  absl::StatusOr<engine::ModelBundle> model = engine::LoadModelBundle(absl::GetFlag(FLAGS_model));
+  if (!model.ok()) return Fail(Prefixed("cannot load model: ", model.status()));
+  if (model->builtin) {
+    spdlog::warn(
+        "no --model given: serving the built-in demo model (random weights, "
+        "byte-level tokenizer); its text is meaningless");
+  }
+  const engine::ModelConfig& cfg = model->config;
+  spdlog::info("model={} arch={} layers={} hidden={} heads={}/{} vocab={} params={} dtype={}",
+               model->name, cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_heads,
+               cfg.num_kv_heads, cfg.vocab_size, cfg.NumParameters(), engine::DTypeName(cfg.dtype));
+  absl::StatusOr<std::unique_ptr<engine::Backend>> backend =
+      LoadBackend(registry, *backend_config, *model, private_mode);
+  if (!backend.ok()) return Fail(backend.status());
+
+  engine::Engine eng(*eopts, cfg, model->tokenizer.get(), backend->get());
+  ApplyTenantPolicies(&sec, &eng, eopts->max_waiting);
   server::Metrics metrics;
   metrics.SetEngine(&eng);
   eng.SetObserver(&metrics);
   eng.Start();
   server::MetricsServer metrics_server(&metrics);
-  metrics_server.set_health([&eng] { return eng.Health(); });
-  if (*tls != nullptr && absl::GetFlag(FLAGS_metrics_tls)) metrics_server.set_tls(tls->get());
-  if (absl::GetFlag(FLAGS_auth_metrics)) {
-    metrics_server.set_authorizer(
-        [&auth](const std::string& h) { return auth.TenantOfAuthorization(h).ok(); });
-  }
-  if (const std::string ml = absl::GetFlag(FLAGS_metrics_listen); !ml.empty()) {
-    const int mport = metrics_server.Start(ml);
-    if (mport <= 0) {
-      spdlog::critical("--metrics_listen: cannot listen on {} (is the port in use?)", ml);
-      return 2;
-    }
-    spdlog::info("metrics on {}://{}/metrics (port {})",
-                 *tls != nullptr && absl::GetFlag(FLAGS_metrics_tls) ? "https" : "http", ml, mport);
-    WritePortFile(absl::GetFlag(FLAGS_metrics_port_file), mport);
-  }
+  if (absl::Status st = StartMetrics(&metrics_server, &eng, &sec); !st.ok()) return Fail(st);
 
   server::Limits limits;
   limits.context_length = eng.context_length();
@@ -380,10 +470,7 @@ int Run() {
   limits.default_max_new_tokens = absl::GetFlag(FLAGS_default_max_new_tokens);
   limits.max_rag_documents = absl::GetFlag(FLAGS_rag_max_documents);
   absl::StatusOr<server::RequestBounds> bounds = RequestBoundsFromFlags(limits.context_length);
-  if (!bounds.ok()) {
-    spdlog::critical("{}", std::string(bounds.status().message()));
-    return 2;
-  }
+  if (!bounds.ok()) return Fail(bounds.status());
   limits.max_text_bytes = bounds->max_text_bytes;
   // Outlives the gRPC server: its work finishes calls that Shutdown() waits for.
   server::WorkPool tokenize_pool(absl::GetFlag(FLAGS_tokenize_threads),
@@ -393,68 +480,17 @@ int Run() {
       "tokenize_queue={}",
       bounds->max_text_bytes, bounds->max_request_bytes, tokenize_pool.threads(),
       tokenize_pool.max_queued());
-  server::SuperposeService service(&*model, &eng, (*backend)->name(), (*backend)->compute_dtype(),
-                                   kv.dtype, bopts.tensor_parallel, limits, &metrics, &auth,
-                                   &tokenize_pool);
+  server::SuperposeService service(
+      &*model, &eng, (*backend)->name(), (*backend)->compute_dtype(), (*backend)->kv().dtype,
+      backend_config->options().tensor_parallel, limits, &metrics, &sec.auth, &tokenize_pool);
+  absl::StatusOr<std::unique_ptr<grpc::Server>> server =
+      StartGrpc(&service, &sec, bounds->max_request_bytes);
+  if (!server.ok()) return Fail(server.status());
 
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  int port = 0;
-  builder.AddListeningPort(
-      absl::GetFlag(FLAGS_listen),
-      *tls != nullptr ? (*tls)->GrpcCredentials() : grpc::InsecureServerCredentials(), &port);
-  if (absl::GetFlag(FLAGS_auth_reflection)) {
-    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> icpt;
-    icpt.push_back(std::make_unique<server::ReflectionAuthFactory>(&auth));
-    builder.experimental().SetInterceptorCreators(std::move(icpt));
-  }
-  builder.RegisterService(&service);
-  builder.SetMaxReceiveMessageSize(static_cast<int>(bounds->max_request_bytes));
-  // A second server on the same port must fail, not share the port silently.
-  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || port == 0) {
-    spdlog::critical("--listen: cannot listen on {} (is the port in use?)",
-                     absl::GetFlag(FLAGS_listen));
-    return 2;
-  }
-  server::SetServing(server.get(), true);
-  spdlog::info("listening on {} (port {}, {})", absl::GetFlag(FLAGS_listen), port,
-               *tls == nullptr    ? "plaintext"
-               : (*tls)->mutual() ? "mutual TLS"
-                                  : "TLS");
-  WritePortFile(absl::GetFlag(FLAGS_port_file), port);
-  // A backend that can no longer run steps (a tensor-parallel group aborted after a
-  // rank failed) turns the gRPC health status to NOT_SERVING, so that an orchestrator
-  // restarts the server; new requests get UNAVAILABLE meanwhile.
-  absl::Notification stop_watch;
-  std::thread watcher([&] {
-    while (!stop_watch.WaitForNotificationWithTimeout(absl::Seconds(1))) {
-      const absl::Status h = eng.Health();
-      if (h.ok()) continue;
-      spdlog::critical("backend failed, reporting NOT_SERVING: {}", h.ToString());
-      server::SetServing(server.get(), false);
-      return;
-    }
-  });
-
-  // Wait for SIGTERM / SIGINT (blocked in every thread; see main); SIGHUP reloads.
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGTERM);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGHUP);
-  int sig = 0;
-  while (sigwait(&set, &sig) == 0 && sig == SIGHUP) {
-    spdlog::info("SIGHUP: reloading");
-    reload.RunAll();
-  }
+  const int sig = WaitForStop(server->get(), eng, &sec.reload);
   const double grace = absl::GetFlag(FLAGS_shutdown_grace_s);
   spdlog::info("signal {}: draining for up to {:.1f}s", sig, grace);
-  stop_watch.Notify();
-  watcher.join();
-  server::DrainAndStop(server.get(), &service, &eng, absl::Seconds(grace));
+  server::DrainAndStop(server->get(), &service, &eng, absl::Seconds(grace));
   // Work still queued finishes its calls (cancelled ones at once) while the service
   // and the engine are alive.
   tokenize_pool.Stop();
