@@ -338,15 +338,16 @@ absl::Status SuperposeService::Admit(const grpc::CallbackServerContext& context,
   return CheckBounds(*request, limits_);
 }
 
-grpc::ServerWriteReactor<grpc::ByteBuffer>* SuperposeService::Generate(
-    grpc::CallbackServerContext* context, const grpc::ByteBuffer* bytes) {
+template <typename Req, typename Convert>
+grpc::ServerWriteReactor<grpc::ByteBuffer>* SuperposeService::StartGeneration(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer& bytes, Convert convert) {
   bool refused;
   auto* reactor =
       NewGenerateReactor(context, engine_, model_->tokenizer.get(), metrics_, &gate_, &refused);
   if (refused) return reactor;
-  auto request = std::make_unique<v1::GenerateRequest>();
+  auto request = std::make_unique<Req>();
   std::string tenant;
-  const absl::Status admitted = Admit(*context, *bytes, request.get(), &tenant);
+  const absl::Status admitted = Admit(*context, bytes, request.get(), &tenant);
   reactor->SetTenant(tenant);
   if (!admitted.ok()) {
     reactor->Start(admitted);
@@ -354,44 +355,40 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* SuperposeService::Generate(
   }
   const int64_t text_bytes = TextBytes(*request);
   RunWork(pool_, reactor, text_bytes,
-          [this, reactor, request = std::move(request), tenant = std::move(tenant)] {
+          [this, reactor, request = std::move(request), tenant = std::move(tenant), convert] {
             if (absl::Status st = BeforeWork(*reactor, gate_); !st.ok()) return reactor->Start(st);
-            absl::StatusOr<engine::Request> req =
-                ToEngineRequest(*request, *model_->tokenizer, limits_);
-            if (req.ok()) req->tenant = tenant;
-            reactor->Start(std::move(req));
+            convert(*request, tenant, reactor);
           });
   return reactor;
 }
 
+grpc::ServerWriteReactor<grpc::ByteBuffer>* SuperposeService::Generate(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* bytes) {
+  return StartGeneration<v1::GenerateRequest>(
+      context, *bytes,
+      [this](const v1::GenerateRequest& request, const std::string& tenant,
+             GenerateReactor* reactor) {
+        absl::StatusOr<engine::Request> req = ToEngineRequest(request, *model_->tokenizer, limits_);
+        if (req.ok()) req->tenant = tenant;
+        reactor->Start(std::move(req));
+      });
+}
+
 grpc::ServerWriteReactor<grpc::ByteBuffer>* SuperposeService::GenerateRag(
     grpc::CallbackServerContext* context, const grpc::ByteBuffer* bytes) {
-  bool refused;
-  auto* reactor =
-      NewGenerateReactor(context, engine_, model_->tokenizer.get(), metrics_, &gate_, &refused);
-  if (refused) return reactor;
-  auto request = std::make_unique<v1::GenerateRagRequest>();
-  std::string tenant;
-  const absl::Status admitted = Admit(*context, *bytes, request.get(), &tenant);
-  reactor->SetTenant(tenant);
-  if (!admitted.ok()) {
-    reactor->Start(admitted);
-    return reactor;
-  }
-  const int64_t text_bytes = TextBytes(*request);
-  RunWork(pool_, reactor, text_bytes,
-          [this, reactor, request = std::move(request), tenant = std::move(tenant)] {
-            if (absl::Status st = BeforeWork(*reactor, gate_); !st.ok()) return reactor->Start(st);
-            absl::StatusOr<engine::Request> req =
-                ToEngineRagRequest(*request, *model_->tokenizer, limits_);
-            std::vector<std::string> ids;
-            if (req.ok()) {
-              req->tenant = tenant;
-              for (const auto& d : request->documents()) ids.push_back(d.id());
-            }
-            reactor->Start(std::move(req), std::move(ids));
-          });
-  return reactor;
+  return StartGeneration<v1::GenerateRagRequest>(
+      context, *bytes,
+      [this](const v1::GenerateRagRequest& request, const std::string& tenant,
+             GenerateReactor* reactor) {
+        absl::StatusOr<engine::Request> req =
+            ToEngineRagRequest(request, *model_->tokenizer, limits_);
+        std::vector<std::string> ids;
+        if (req.ok()) {
+          req->tenant = tenant;
+          for (const auto& d : request.documents()) ids.push_back(d.id());
+        }
+        reactor->Start(std::move(req), std::move(ids));
+      });
 }
 
 grpc::ServerUnaryReactor* SuperposeService::Tokenize(grpc::CallbackServerContext* context,

@@ -57,6 +57,12 @@ class SuperposeService final : public RawSuperposeService {
   template <typename Req>
   absl::Status Admit(const grpc::CallbackServerContext& context, const grpc::ByteBuffer& bytes,
                      Req* request, std::string* tenant) const;
+  // A Generate or GenerateRag call: admitted, parsed and bounded here, then `convert`
+  // (request, tenant, reactor) tokenizes it on the pool and starts the reactor.
+  template <typename Req, typename Convert>
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* StartGeneration(grpc::CallbackServerContext* context,
+                                                              const grpc::ByteBuffer& bytes,
+                                                              Convert convert);
 
   const engine::ModelBundle* model_;
   engine::Engine* engine_;

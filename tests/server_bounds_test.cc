@@ -30,34 +30,6 @@ using ::testing::HasSubstr;
 // stories260k: a 512-token window, so --max_text_bytes defaults to 512 * 32.
 constexpr int64_t kMaxText = 512 * 32;
 
-// Sends `bytes` as the one request message of `method` and returns the status.
-grpc::Status RawCall(const std::shared_ptr<grpc::Channel>& channel, const std::string& method,
-                     const std::string& bytes) {
-  grpc::GenericStub generic(channel);
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-  grpc::CompletionQueue cq;
-  auto call = generic.PrepareCall(&ctx, "/superpose.v1.Superpose/" + method, &cq);
-  void* tag;
-  bool ok;
-  call->StartCall(reinterpret_cast<void*>(1));
-  cq.Next(&tag, &ok);
-  grpc::Slice slice(bytes);
-  grpc::ByteBuffer request(&slice, 1);
-  call->Write(request, grpc::WriteOptions().set_last_message(), reinterpret_cast<void*>(2));
-  cq.Next(&tag, &ok);
-  grpc::ByteBuffer response;
-  call->Read(&response, reinterpret_cast<void*>(3));
-  cq.Next(&tag, &ok);
-  grpc::Status st;
-  call->Finish(&st, reinterpret_cast<void*>(4));
-  cq.Next(&tag, &ok);
-  cq.Shutdown();
-  while (cq.Next(&tag, &ok)) {
-  }
-  return st;
-}
-
 // Drains a Generate / GenerateRag stream.
 struct Streamed {
   grpc::Status status;
@@ -252,15 +224,15 @@ TEST_F(BoundsTest, MalformedPayloadsAreInvalidArgumentNamingTheRequestType) {
     for (const std::string& bytes : {garbage, truncated}) {
       v1::GenerateRequest probe;
       ASSERT_FALSE(probe.ParseFromString(bytes));
-      const grpc::Status st = RawCall(channel_, method, bytes);
+      const grpc::Status st = testing::RawCall(channel_, method, bytes);
       EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
           << method << ": " << st.error_message();
       EXPECT_THAT(st.error_message(), HasSubstr("not a valid " + type)) << method;
     }
   }
   // An empty payload is a valid (empty) message: the usual field checks apply.
-  ExpectNamed(RawCall(channel_, "Generate", ""), "prompt", "empty Generate");
-  EXPECT_TRUE(RawCall(channel_, "GetModelInfo", "").ok());
+  ExpectNamed(testing::RawCall(channel_, "Generate", ""), "prompt", "empty Generate");
+  EXPECT_TRUE(testing::RawCall(channel_, "GetModelInfo", "").ok());
   ExpectServing();
 }
 

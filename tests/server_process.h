@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 #include <httplib.h>
 
@@ -35,6 +36,40 @@ inline double MetricValue(int port, const std::string& name) {
     if (line.rfind(name + " ", 0) == 0) return std::stod(line.substr(name.size() + 1));
   }
   return -1;
+}
+
+// Sends `bytes` as the request message of superpose.v1.Superpose/`method` (raw bytes:
+// also malformed ones), with `key` as the bearer key when not empty, and reads until
+// the call ends; the status.
+inline grpc::Status RawCall(const std::shared_ptr<grpc::Channel>& channel,
+                            const std::string& method, const std::string& bytes,
+                            const std::string& key = "") {
+  grpc::GenericStub generic(channel);
+  grpc::ClientContext ctx;
+  if (!key.empty()) ctx.AddMetadata("authorization", "Bearer " + key);
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  grpc::CompletionQueue cq;
+  auto call = generic.PrepareCall(&ctx, "/superpose.v1.Superpose/" + method, &cq);
+  void* tag;
+  bool ok;
+  call->StartCall(reinterpret_cast<void*>(1));
+  cq.Next(&tag, &ok);
+  grpc::Slice slice(bytes);
+  grpc::ByteBuffer request(&slice, 1);
+  call->Write(request, grpc::WriteOptions().set_last_message(), reinterpret_cast<void*>(2));
+  cq.Next(&tag, &ok);
+  grpc::ByteBuffer response;
+  do {
+    call->Read(&response, reinterpret_cast<void*>(3));
+    cq.Next(&tag, &ok);
+  } while (ok);
+  grpc::Status st;
+  call->Finish(&st, reinterpret_cast<void*>(4));
+  cq.Next(&tag, &ok);
+  cq.Shutdown();
+  while (cq.Next(&tag, &ok)) {
+  }
+  return st;
 }
 
 class ServerProcess {

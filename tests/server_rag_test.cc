@@ -248,33 +248,6 @@ std::string MetricsText(int port) {
   return res ? res->body : std::string();
 }
 
-// Sends `bytes` as the request of `method`; the status.
-grpc::Status RawCall(const std::shared_ptr<grpc::Channel>& channel, const std::string& method,
-                     const std::string& bytes) {
-  grpc::GenericStub generic(channel);
-  grpc::ClientContext ctx;
-  grpc::CompletionQueue cq;
-  auto call = generic.PrepareCall(&ctx, "/superpose.v1.Superpose/" + method, &cq);
-  void* tag;
-  bool ok;
-  call->StartCall(reinterpret_cast<void*>(1));
-  cq.Next(&tag, &ok);
-  grpc::Slice slice(bytes);
-  grpc::ByteBuffer request(&slice, 1);
-  call->Write(request, grpc::WriteOptions().set_last_message(), reinterpret_cast<void*>(2));
-  cq.Next(&tag, &ok);
-  grpc::ByteBuffer response;
-  call->Read(&response, reinterpret_cast<void*>(3));
-  cq.Next(&tag, &ok);
-  grpc::Status st;
-  call->Finish(&st, reinterpret_cast<void*>(4));
-  cq.Next(&tag, &ok);
-  cq.Shutdown();
-  while (cq.Next(&tag, &ok)) {
-  }
-  return st;
-}
-
 // The request-bounds error paths, each carrying the secrets of `rag` (and more) in
 // every text field it has; appends their error messages.
 void BoundsErrorPaths(const testing::ServerProcess& server, const v1::GenerateRagRequest& rag,
@@ -345,11 +318,13 @@ void BoundsErrorPaths(const testing::ServerProcess& server, const v1::GenerateRa
   {  // malformed: a truncated request, cut inside its query
     const std::string wire = rag.SerializeAsString();
     const size_t cut = wire.find("Marzipantown") + 4;
-    errors->push_back(RawCall(channel, "GenerateRag", wire.substr(0, cut)).error_message());
+    errors->push_back(
+        testing::RawCall(channel, "GenerateRag", wire.substr(0, cut)).error_message());
     v1::TokenizeRequest tok;
     tok.set_text("Xylophonia");
     const std::string t = tok.SerializeAsString();
-    errors->push_back(RawCall(channel, "Tokenize", t.substr(0, t.size() - 2)).error_message());
+    errors->push_back(
+        testing::RawCall(channel, "Tokenize", t.substr(0, t.size() - 2)).error_message());
   }
 }
 

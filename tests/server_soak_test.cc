@@ -57,8 +57,7 @@ class Soak {
  public:
   explicit Soak(testing::ServerProcess* server)
       : channel_(server->Channel()), stub_(v1::Superpose::NewStub(channel_)) {
-    const nlohmann::json golden =
-        testing::ReadJson(testing::Stories260kDir() + "/golden.json");
+    const nlohmann::json golden = testing::ReadJson(testing::Stories260kDir() + "/golden.json");
     for (const auto& g : golden["generation"]) prompts_.push_back(g["prompt"].get<std::string>());
   }
 
@@ -98,38 +97,10 @@ class Soak {
 
   // Bytes that do not parse as a GenerateRequest, sent as one.
   grpc::Status Malformed(const std::string& key, int salt) {
-    grpc::GenericStub generic(channel_);
-    grpc::ClientContext ctx;
-    if (!key.empty()) ctx.AddMetadata("authorization", "Bearer " + key);
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
     std::string bytes = Request(salt).SerializeAsString();
     bytes.resize(bytes.size() / 2);  // truncated inside a field
     bytes.push_back('\xff');
-    grpc::Slice slice(bytes);
-    grpc::ByteBuffer request(&slice, 1);
-    grpc::CompletionQueue cq;
-    auto call = generic.PrepareCall(&ctx, "/superpose.v1.Superpose/Generate", &cq);
-    void* tag;
-    bool ok;
-    call->StartCall(reinterpret_cast<void*>(1));
-    cq.Next(&tag, &ok);
-    call->Write(request, reinterpret_cast<void*>(2));
-    cq.Next(&tag, &ok);
-    call->WritesDone(reinterpret_cast<void*>(3));
-    cq.Next(&tag, &ok);
-    grpc::ByteBuffer response;
-    for (;;) {
-      call->Read(&response, reinterpret_cast<void*>(4));
-      cq.Next(&tag, &ok);
-      if (!ok) break;
-    }
-    grpc::Status status;
-    call->Finish(&status, reinterpret_cast<void*>(5));
-    cq.Next(&tag, &ok);
-    cq.Shutdown();
-    while (cq.Next(&tag, &ok)) {
-    }
-    return status;
+    return testing::RawCall(channel_, "Generate", bytes, key);
   }
 
   std::vector<std::string> prompts_;
@@ -220,7 +191,8 @@ TEST(ServerSoakTest, MixedTrafficLeavesCorrectAnswersNoBlocksAndBoundedMemory) {
           tally.Count("malformed", st);
         } else if (action == 8) {  // unknown key
           const grpc::Status st = soak.Run(soak.Request(i), "soak-key-unknown").status;
-          if (st.error_code() != grpc::StatusCode::UNAUTHENTICATED) tally.Fail("unknown key served");
+          if (st.error_code() != grpc::StatusCode::UNAUTHENTICATED)
+            tally.Fail("unknown key served");
           tally.Count("badkey", st);
         } else {  // a flood beyond the queue, from one tenant
           std::vector<std::thread> flood;
@@ -228,8 +200,7 @@ TEST(ServerSoakTest, MixedTrafficLeavesCorrectAnswersNoBlocksAndBoundedMemory) {
             flood.emplace_back([&, f] {
               const int j = (i + f) % kDistinct;
               Outcome o = soak.Run(soak.Request(j), key);
-              if (!o.status.ok() &&
-                  o.status.error_code() != grpc::StatusCode::RESOURCE_EXHAUSTED) {
+              if (!o.status.ok() && o.status.error_code() != grpc::StatusCode::RESOURCE_EXHAUSTED) {
                 tally.Fail("flood: " + o.status.error_message());
               }
               check(j, o, "flood");
