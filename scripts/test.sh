@@ -49,13 +49,16 @@ if [ "${1:-}" = "--tsan" ]; then
 fi
 if [ "${1:-}" = "--sanitize" ]; then
   dir=build-asan
-  cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSUPERPOSE_SANITIZE=ON \
-    -DSUPERPOSE_CUDA=OFF -DSUPERPOSE_WERROR=ON >/dev/null
+  # -O1 with line tables: a third faster to build than -O2 -g, stack traces keep lines.
+  cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=None -DCMAKE_CXX_FLAGS="-O1 -g1" \
+    -DSUPERPOSE_SANITIZE=ON -DSUPERPOSE_CUDA=OFF -DSUPERPOSE_WERROR=ON >/dev/null
+  targets=tests  # the benchmarks are built (and warning-free) in the Release build
 else
   dir=build
   cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSUPERPOSE_WERROR=ON >/dev/null
+  targets=all
 fi
-ninja -C "$dir" -j"$jobs"
+ninja -C "$dir" -j"$jobs" "$targets"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
