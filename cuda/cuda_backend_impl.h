@@ -36,8 +36,8 @@
 
 namespace superpose::cuda {
 
-using engine::BlockId;
 using engine::BatchPlan;
+using engine::BlockId;
 using engine::ForwardOutput;
 using engine::KvPoolInfo;
 using engine::ModelConfig;

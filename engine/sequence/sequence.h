@@ -63,7 +63,7 @@ struct Sequence {
   // extended as needed: prefix lookups and publishing both read it. Tokens only grow,
   // so it stays valid when the blocks are freed.
   std::vector<uint64_t> block_chain;
-  int32_t published_blocks = 0;  // of `blocks`, how many are published under the chain
+  int32_t published_blocks = 0;         // of `blocks`, how many are published under the chain
   std::shared_ptr<StreamState> stream;  // emitting sequences, made on their first token
 
   absl::Time arrival;
