@@ -5,7 +5,6 @@
 
 #include <fstream>
 
-#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -44,7 +43,7 @@ absl::StatusOr<Authenticator::Keys> Authenticator::ReadKeys(const std::string& p
   if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
   Keys keys;
   TenantLimitsBuilder limits;
-  absl::flat_hash_map<std::string, std::string> tenants;  // key digest -> tenant
+  absl::flat_hash_set<std::string> digests;
   std::string line;
   int n = 0;
   while (std::getline(in, line)) {
@@ -57,7 +56,7 @@ absl::StatusOr<Authenticator::Keys> Authenticator::ReadKeys(const std::string& p
           absl::StrCat(path, ":", n, ": expected '<key> <tenant> [name=value ...]'"));
     }
     const Digest digest = Sha256(parts[0]);
-    if (!tenants.emplace(std::string(digest.begin(), digest.end()), parts[1]).second) {
+    if (!digests.emplace(digest.begin(), digest.end()).second) {
       return absl::InvalidArgumentError(absl::StrCat(path, ":", n, ": duplicate key"));
     }
     if (absl::Status st = limits.Add(path, n, parts[1], absl::MakeConstSpan(parts).subspan(2));

@@ -154,9 +154,10 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   // Engine-thread state.
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;
-  std::shared_ptr<const TenantPolicies> step_policies_;  // policies_ as of TakeInbox
-  absl::flat_hash_map<std::string, double> service_;     // fair-share clocks, active tenants
-  std::vector<std::string> snap_tenants_;                // Snapshot::tenants' names
+  // policies_ as of the last TakeInbox.
+  std::shared_ptr<const TenantPolicies> step_policies_ = std::make_shared<const TenantPolicies>();
+  absl::flat_hash_map<std::string, double> service_;  // fair-share clocks, active tenants
+  std::vector<std::string> snap_tenants_;             // Snapshot::tenants' names
   absl::flat_hash_map<std::string, int32_t> snap_index_;
   std::vector<float> logits_scratch_;              // the sampler's copy of a whole row
   std::atomic<bool> zero_failed_{false};           // private mode: see ZeroBlock
@@ -636,8 +637,7 @@ void Engine::Impl::ShareTenants(Snapshot* snap) {
     auto it = service_.find(t);
     const double clock = it != service_.end() ? it->second : level;
     active[t] = clock;
-    const TenantPolicy& p =
-        step_policies_ != nullptr ? step_policies_->For(t) : TenantPolicies().For(t);
+    const TenantPolicy& p = step_policies_->For(t);
     snap->tenants.push_back({clock, p.weight, p.max_running});
   }
   service_ = std::move(active);
