@@ -69,18 +69,13 @@ v1::GenerateRagRequest SmallRag() {
   return req;
 }
 
-class BoundsTest : public ::testing::Test {
+class BoundsTest : public testing::SharedServerTest<BoundsTest> {
+ public:
+  static std::vector<std::string> ServerArgs() {
+    return {"--model=" + testing::Stories260kDir(), "--default_max_new_tokens=7"};
+  }
+
  protected:
-  static void SetUpTestSuite() {
-    server_ = new testing::ServerProcess(
-        {"--model=" + testing::Stories260kDir(), "--default_max_new_tokens=7"});
-    ASSERT_TRUE(server_->ok()) << "superpose-server did not start";
-  }
-  static void TearDownTestSuite() {
-    EXPECT_EQ(server_->Stop(), 0);
-    delete server_;
-    server_ = nullptr;
-  }
   void SetUp() override {
     ASSERT_NE(server_, nullptr);
     channel_ = server_->Channel();
@@ -102,11 +97,9 @@ class BoundsTest : public ::testing::Test {
     EXPECT_EQ(s.last.usage().generated_tokens(), 3u);
   }
 
-  static testing::ServerProcess* server_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Superpose::Stub> stub_;
 };
-testing::ServerProcess* BoundsTest::server_ = nullptr;
 
 void ExpectNamed(const grpc::Status& st, const std::string& field, const std::string& what) {
   EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT)

@@ -27,17 +27,11 @@ namespace {
 namespace v1 = superpose::v1;
 using ::testing::HasSubstr;
 
-class ServerTest : public ::testing::Test {
+class ServerTest : public testing::SharedServerTest<ServerTest> {
+ public:
+  static std::vector<std::string> ServerArgs() { return {"--model=" + testing::Stories260kDir()}; }
+
  protected:
-  static void SetUpTestSuite() {
-    server_ = new testing::ServerProcess({"--model=" + testing::Stories260kDir()});
-    ASSERT_TRUE(server_->ok()) << "superpose-server did not start";
-  }
-  static void TearDownTestSuite() {
-    EXPECT_EQ(server_->Stop(), 0);
-    delete server_;
-    server_ = nullptr;
-  }
   void SetUp() override {
     ASSERT_NE(server_, nullptr);
     channel_ = server_->Channel();
@@ -76,12 +70,10 @@ class ServerTest : public ::testing::Test {
     return req;
   }
 
-  static testing::ServerProcess* server_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Superpose::Stub> stub_;
   nlohmann::json golden_;
 };
-testing::ServerProcess* ServerTest::server_ = nullptr;
 
 TEST_F(ServerTest, StreamsTheGoldenGeneration) {
   for (int i = 0; i < 2; ++i) {

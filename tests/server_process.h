@@ -15,6 +15,8 @@
 #include <thread>
 #include <vector>
 
+#include <gtest/gtest.h>
+
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 #include <httplib.h>
@@ -169,6 +171,23 @@ class ServerProcess {
   int metrics_port_ = 0;
   std::string port_file_;
   std::string metrics_port_file_;
+};
+
+// A test suite whose tests share one server, started with Derived::ServerArgs() before
+// the first test and stopped (exit status 0 expected) after the last.
+template <typename Derived>
+class SharedServerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    server_ = new ServerProcess(Derived::ServerArgs());
+    ASSERT_TRUE(server_->ok()) << "superpose-server did not start";
+  }
+  static void TearDownTestSuite() {
+    EXPECT_EQ(server_->Stop(), 0);
+    delete server_;
+    server_ = nullptr;
+  }
+  static inline ServerProcess* server_ = nullptr;
 };
 
 }  // namespace superpose::testing

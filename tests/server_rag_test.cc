@@ -22,18 +22,13 @@ namespace {
 
 namespace v1 = superpose::v1;
 
-class RagServerTest : public ::testing::Test {
+class RagServerTest : public testing::SharedServerTest<RagServerTest> {
+ public:
+  static std::vector<std::string> ServerArgs() {
+    return {"--model=" + testing::Stories260kDir(), "--rag_max_documents=6"};
+  }
+
  protected:
-  static void SetUpTestSuite() {
-    server_ = new testing::ServerProcess(
-        {"--model=" + testing::Stories260kDir(), "--rag_max_documents=6"});
-    ASSERT_TRUE(server_->ok()) << "superpose-server did not start";
-  }
-  static void TearDownTestSuite() {
-    EXPECT_EQ(server_->Stop(), 0);
-    delete server_;
-    server_ = nullptr;
-  }
   void SetUp() override {
     ASSERT_NE(server_, nullptr);
     stub_ = v1::Superpose::NewStub(server_->Channel());
@@ -103,10 +98,8 @@ class RagServerTest : public ::testing::Test {
     return req;
   }
 
-  static testing::ServerProcess* server_;
   std::unique_ptr<v1::Superpose::Stub> stub_;
 };
-testing::ServerProcess* RagServerTest::server_ = nullptr;
 
 TEST_F(RagServerTest, SuperpositionReportsScoresAndKeepsTopK) {
   v1::GenerateRagRequest req = Request(5);
