@@ -196,6 +196,12 @@ struct CudaBackend::Impl {
   // block's bytes (keys of every layer, then values).
   absl::Status ZeroKvBlocks(absl::Span<const BlockId> blocks);
   absl::StatusOr<std::vector<uint8_t>> KvBlockBytes(BlockId block) const;
+  // OUT_OF_RANGE unless `block` is in the pool.
+  absl::Status CheckKvBlock(BlockId block) const;
+  // Elements of one layer's keys (or values) in one block, and where `block` of
+  // `layer` starts in k_cache / v_cache.
+  size_t KvBlockElements() const;
+  size_t KvBlockOffset(int32_t layer, BlockId block) const;
 
   // ---- A step (cuda_forward.cc). ----
   absl::Status AllReduce(float* data, int64_t count) {

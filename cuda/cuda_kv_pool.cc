@@ -78,20 +78,30 @@ absl::StatusOr<int64_t> CudaBackend::Impl::SmallestOverRanks(int64_t blocks) {
   return blocks;
 }
 
+absl::Status CudaBackend::Impl::CheckKvBlock(BlockId block) const {
+  if (block < 0 || block >= kv_info.num_blocks) {
+    return absl::OutOfRangeError(
+        absl::StrCat("KV block ", block, " is not in [0, ", kv_info.num_blocks, ")"));
+  }
+  return absl::OkStatus();
+}
+
+size_t CudaBackend::Impl::KvBlockElements() const {
+  return static_cast<size_t>(kv_info.block_size) * kv_heads * config.head_dim;
+}
+
+size_t CudaBackend::Impl::KvBlockOffset(int32_t layer, BlockId block) const {
+  return (static_cast<size_t>(layer) * kv_info.num_blocks + block) * KvBlockElements();
+}
+
 absl::Status CudaBackend::Impl::ZeroKvBlocks(absl::Span<const BlockId> blocks) {
   if (!loaded) return absl::FailedPreconditionError("ZeroKvBlocks before Load");
-  for (BlockId b : blocks) {
-    if (b < 0 || b >= kv_info.num_blocks) {
-      return absl::OutOfRangeError(
-          absl::StrCat("KV block ", b, " is not in [0, ", kv_info.num_blocks, ")"));
-    }
-  }
+  for (BlockId b : blocks) SP_RETURN_IF_ERROR(CheckKvBlock(b));
   SP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
-  const size_t per_block = static_cast<size_t>(kv_info.block_size) * kv_heads * config.head_dim;
-  const size_t bytes = per_block * sizeof(bf16);
+  const size_t bytes = KvBlockElements() * sizeof(bf16);
   for (BlockId b : blocks) {
     for (int32_t l = 0; l < config.num_layers; ++l) {
-      const size_t at = (static_cast<size_t>(l) * kv_info.num_blocks + b) * per_block;
+      const size_t at = KvBlockOffset(l, b);
       SP_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(k_cache.get() + at, 0, bytes, stream));
       SP_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(v_cache.get() + at, 0, bytes, stream));
     }
@@ -101,20 +111,15 @@ absl::Status CudaBackend::Impl::ZeroKvBlocks(absl::Span<const BlockId> blocks) {
 
 absl::StatusOr<std::vector<uint8_t>> CudaBackend::Impl::KvBlockBytes(BlockId block) const {
   if (!loaded) return absl::FailedPreconditionError("KvBlockBytes before Load");
-  if (block < 0 || block >= kv_info.num_blocks) {
-    return absl::OutOfRangeError(
-        absl::StrCat("KV block ", block, " is not in [0, ", kv_info.num_blocks, ")"));
-  }
+  SP_RETURN_IF_ERROR(CheckKvBlock(block));
   SP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
-  const size_t per_block = static_cast<size_t>(kv_info.block_size) * kv_heads * config.head_dim;
-  const size_t bytes = per_block * sizeof(bf16);
+  const size_t bytes = KvBlockElements() * sizeof(bf16);
   std::vector<uint8_t> out(2 * config.num_layers * bytes);
   size_t o = 0;
   for (const bf16* cache : {k_cache.get(), v_cache.get()}) {
     for (int32_t l = 0; l < config.num_layers; ++l, o += bytes) {
-      const size_t at = (static_cast<size_t>(l) * kv_info.num_blocks + block) * per_block;
-      SP_CUDA_RETURN_IF_ERROR(
-          cudaMemcpyAsync(out.data() + o, cache + at, bytes, cudaMemcpyDeviceToHost, stream));
+      SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out.data() + o, cache + KvBlockOffset(l, block),
+                                              bytes, cudaMemcpyDeviceToHost, stream));
     }
   }
   SP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
