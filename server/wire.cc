@@ -4,6 +4,7 @@
 
 #include <google/protobuf/descriptor.h>
 #include <google/protobuf/unknown_field_set.h>
+#include <grpcpp/support/proto_buffer_reader.h>
 
 #include "absl/strings/str_cat.h"
 
@@ -55,18 +56,10 @@ absl::Status CheckKnownFields(const pb::Message& msg, const std::string& path) {
 }
 
 absl::Status ParseRequest(const grpc::ByteBuffer& bytes, pb::Message* msg) {
-  std::vector<grpc::Slice> slices;
-  bool ok = bytes.Dump(&slices).ok();
-  if (ok && slices.size() == 1) {
-    ok = msg->ParseFromArray(slices[0].begin(), static_cast<int>(slices[0].size()));
-  } else if (ok) {
-    std::string joined;
-    joined.reserve(bytes.Length());
-    for (const grpc::Slice& s : slices) {
-      joined.append(reinterpret_cast<const char*>(s.begin()), s.size());
-    }
-    ok = msg->ParseFromString(joined);
-  }
+  // gRPC's own zero-copy reader over the message's slices (what its typed handlers use).
+  grpc::ByteBuffer copy(bytes);  // the reader takes a mutable buffer; this copies no bytes
+  grpc::ProtoBufferReader reader(&copy);
+  const bool ok = reader.status().ok() && msg->ParseFromZeroCopyStream(&reader);
   if (!ok) {
     return absl::InvalidArgumentError(absl::StrCat("the request is not a valid ",
                                                    msg->GetDescriptor()->full_name(),
