@@ -1,11 +1,12 @@
 // superpose-load against a real server: its counts (requests, prompt and generated
 // tokens, warm-up included) agree exactly with the server's /metrics for the same run,
 // in both loops and for Generate and GenerateRag workloads; bad flags exit 2 naming
-// the flag.
+// the flag; it speaks TLS with an API key.
 #include <gtest/gtest.h>
 
 #include "tests/load_process.h"
 #include "tests/server_process.h"
+#include "tests/test_certs.h"
 
 namespace superpose::testing {
 namespace {
@@ -93,6 +94,37 @@ TEST_F(LoadTest, BadFlagsExitTwoNamingTheFlag) {
     EXPECT_EQ(load.Wait(), 2) << want;
     EXPECT_NE(load.Log().find(want), std::string::npos) << load.Log();
   }
+}
+
+// --tls_ca / --tls_server_name and --api_key against a TLS server with API keys: the
+// run succeeds; a wrong key or plaintext fails before the first level (exit status 2).
+TEST(LoadTlsTest, TlsAndApiKey) {
+  TempDir dir;
+  const std::string d = dir.path();
+  const Pem ca = MakeCert("test-ca", nullptr);
+  const Pem server_pem = MakeCert("server", &ca, true);
+  WriteFile(d + "/ca.pem", ca.cert);
+  WriteFile(d + "/server.pem", server_pem.cert);
+  WriteFile(d + "/server.key", server_pem.key);
+  std::ofstream(d + "/keys.txt") << "key-load tenant-load\n";
+  ServerProcess server({"--tls_cert=" + d + "/server.pem", "--tls_key=" + d + "/server.key",
+                        "--api_keys_file=" + d + "/keys.txt"});
+  ASSERT_TRUE(server.ok());
+  const std::vector<std::string> tls = {"--tls_ca=" + d + "/ca.pem", "--tls_server_name=localhost",
+                                        "--concurrency=2", "--requests=4", "--output_len=4"};
+  auto with = [&](std::vector<std::string> extra) {
+    extra.insert(extra.begin(), tls.begin(), tls.end());
+    return extra;
+  };
+  LoadProcess ok(server.address(), with({"--api_key=key-load"}), d);
+  ASSERT_EQ(ok.Wait(), 0) << ok.Log();
+  EXPECT_EQ(ok.Json()["levels"][0]["ok"].get<int>(), 4);
+  EXPECT_EQ(ok.Json()["settings"].dump().find("key-load"), std::string::npos);  // never the key
+  LoadProcess bad_key(server.address(), with({"--api_key=wrong"}), d);
+  EXPECT_EQ(bad_key.Wait(), 2);
+  EXPECT_NE(bad_key.Log().find("code 16"), std::string::npos) << bad_key.Log();  // UNAUTHENTICATED
+  LoadProcess plain(server.address(), {"--api_key=key-load", "--requests=1", "--timeout_s=5"}, d);
+  EXPECT_EQ(plain.Wait(), 2);
 }
 
 }  // namespace
