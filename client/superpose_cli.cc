@@ -20,6 +20,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "client/load/connection.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "superpose/v1/superpose.grpc.pb.h"
 
@@ -234,34 +235,19 @@ int Info(v1::Superpose::Stub& stub) {
   return 0;
 }
 
-bool ReadPem(const std::string& flag, const std::string& path, std::string* out) {
-  if (path.empty()) return true;
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    std::cerr << "--" << flag << ": cannot read " << path << "\n";
-    return false;
-  }
-  out->assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  return true;
-}
-
-// Plaintext, or TLS when --tls_ca is given; nullptr (after a message) on a bad file.
+// Plaintext, or TLS when --tls_ca is given (client/load/connection.cc, shared with
+// superpose-load); nullptr (after a message) on a bad file.
 std::shared_ptr<grpc::Channel> MakeChannel() {
-  const std::string server = absl::GetFlag(FLAGS_server);
-  if (absl::GetFlag(FLAGS_tls_ca).empty()) {
-    return grpc::CreateChannel(server, grpc::InsecureChannelCredentials());
-  }
-  grpc::SslCredentialsOptions o;
-  if (!ReadPem("tls_ca", absl::GetFlag(FLAGS_tls_ca), &o.pem_root_certs) ||
-      !ReadPem("tls_cert", absl::GetFlag(FLAGS_tls_cert), &o.pem_cert_chain) ||
-      !ReadPem("tls_key", absl::GetFlag(FLAGS_tls_key), &o.pem_private_key)) {
+  const superpose::load::Tls tls = {absl::GetFlag(FLAGS_tls_ca), absl::GetFlag(FLAGS_tls_cert),
+                                    absl::GetFlag(FLAGS_tls_key),
+                                    absl::GetFlag(FLAGS_tls_server_name)};
+  auto channel =
+      superpose::load::MakeChannel(absl::GetFlag(FLAGS_server), tls, grpc::ChannelArguments());
+  if (!channel.ok()) {
+    std::cerr << channel.status().message() << "\n";
     return nullptr;
   }
-  grpc::ChannelArguments args;
-  if (const std::string name = absl::GetFlag(FLAGS_tls_server_name); !name.empty()) {
-    args.SetSslTargetNameOverride(name);
-  }
-  return grpc::CreateCustomChannel(server, grpc::SslCredentials(o), args);
+  return *channel;
 }
 
 int Health(const std::shared_ptr<grpc::Channel>& channel) {

@@ -18,21 +18,27 @@ absl::Status ReadPem(const char* flag, const std::string& path, std::string* out
 
 }  // namespace
 
+absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const std::string& server,
+                                                           const Tls& tls,
+                                                           grpc::ChannelArguments args) {
+  if (tls.ca.empty()) {
+    return grpc::CreateCustomChannel(server, grpc::InsecureChannelCredentials(), args);
+  }
+  grpc::SslCredentialsOptions o;
+  for (const auto& [flag, path, out] : {std::tuple{"tls_ca", &tls.ca, &o.pem_root_certs},
+                                        std::tuple{"tls_cert", &tls.cert, &o.pem_cert_chain},
+                                        std::tuple{"tls_key", &tls.key, &o.pem_private_key}}) {
+    if (absl::Status st = ReadPem(flag, *path, out); !st.ok()) return st;
+  }
+  if (!tls.server_name.empty()) args.SetSslTargetNameOverride(tls.server_name);
+  return grpc::CreateCustomChannel(server, grpc::SslCredentials(o), args);
+}
+
 absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const Settings& s) {
   grpc::ChannelArguments args;
   // Load generators open many streams on one connection: never cap them client-side.
   args.SetInt(GRPC_ARG_MAX_CONCURRENT_STREAMS, 1 << 20);
-  if (s.tls.ca.empty()) {
-    return grpc::CreateCustomChannel(s.server, grpc::InsecureChannelCredentials(), args);
-  }
-  grpc::SslCredentialsOptions o;
-  for (const auto& [flag, path, out] : {std::tuple{"tls_ca", &s.tls.ca, &o.pem_root_certs},
-                                        std::tuple{"tls_cert", &s.tls.cert, &o.pem_cert_chain},
-                                        std::tuple{"tls_key", &s.tls.key, &o.pem_private_key}}) {
-    if (absl::Status st = ReadPem(flag, *path, out); !st.ok()) return st;
-  }
-  if (!s.tls.server_name.empty()) args.SetSslTargetNameOverride(s.tls.server_name);
-  return grpc::CreateCustomChannel(s.server, grpc::SslCredentials(o), args);
+  return MakeChannel(s.server, s.tls, args);
 }
 
 void PrepareContext(const Settings& s, const std::string& affinity, grpc::ClientContext* ctx) {

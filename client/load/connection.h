@@ -16,7 +16,13 @@ namespace superpose::load {
 // The request header balancers route on (deploy/nginx/superpose.conf, docs/api.md).
 inline constexpr char kAffinityHeader[] = "x-superpose-affinity";
 
-// One HTTP/2 connection shared by every call; an error names the unreadable file.
+// Plaintext, or TLS when tls.ca is set (also superpose-cli's channel); an error names
+// the flag of an unreadable file.
+absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const std::string& server,
+                                                           const Tls& tls,
+                                                           grpc::ChannelArguments args);
+
+// superpose-load's: one HTTP/2 connection shared by every call.
 absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const Settings& s);
 
 // Sets the deadline, the bearer key and (when not empty) the affinity header.
