@@ -36,8 +36,8 @@ std::vector<Phase> Levels(const Settings& s) {
     int64_t requests = s.requests;
     if (requests == 0 && s.duration_s == 0)
       requests = static_cast<int64_t>(n) * s.requests_per_stream;
-    phases.push_back(
-        {absl::StrFormat("%d streams", n), false, static_cast<double>(n), requests, s.duration_s});
+    phases.push_back({absl::StrFormat("%d stream%s", n, n == 1 ? "" : "s"), false,
+                      static_cast<double>(n), requests, s.duration_s});
   }
   return phases;
 }

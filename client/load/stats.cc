@@ -59,7 +59,8 @@ Latency Summarize(std::vector<double> v) {
 }
 
 std::string LevelReport::Label() const {
-  return loop == "open" ? absl::StrFormat("%g req/s", level) : absl::StrFormat("%g streams", level);
+  if (loop == "open") return absl::StrFormat("%g req/s", level);
+  return absl::StrFormat("%g stream%s", level, level == 1 ? "" : "s");
 }
 
 LevelReport Summarize(const Settings& s, const std::string& loop, double level, double seconds,
