@@ -10,6 +10,7 @@ is missing.
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import unittest
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 EXAMPLE = os.path.join(ROOT, "examples", "python", "superpose_client.py")
+API_MD = os.path.join(ROOT, "docs", "api.md")
 sys.path.insert(0, os.path.dirname(EXAMPLE))
 
 try:
@@ -56,6 +58,39 @@ class Server:
         rc = self.proc.wait(timeout=60)
         self.log.close()
         return rc
+
+
+def grpcurl_examples():
+    """The grpcurl commands of api.md's "Example with grpcurl" section, as argv lists."""
+    with open(API_MD) as f:
+        text = f.read()
+    section = text[text.index("## Example with grpcurl"):text.index("## Python client")]
+    commands = []
+    for block in re.findall(r"```\n(.*?)```", section, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.startswith("grpcurl "):
+                commands.append(shlex.split(line))
+    return commands
+
+
+def parse_grpcurl(argv):
+    """(options, positional) of a grpcurl argv: -d body, -H headers, -proto files."""
+    opts, pos, i = {"-H": []}, [], 1
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-d", "-import-path", "-proto"):
+            opts[a] = argv[i + 1]
+            i += 2
+        elif a == "-H":
+            opts["-H"].append(tuple(x.strip() for x in argv[i + 1].split(":", 1)))
+            i += 2
+        else:
+            if not a.startswith("-"):
+                pos.append(a)
+            else:
+                opts[a] = True
+            i += 1
+    return opts, pos
 
 
 class ClientExampleTest(unittest.TestCase):
@@ -127,6 +162,51 @@ class ClientExampleTest(unittest.TestCase):
             r = self.run_example("health", "--service", service)
             self.assertEqual(r.returncode, 0, r.stderr)
             self.assertEqual(r.stdout.strip(), "SERVING")
+
+    def message_class(self, type_name):
+        """The generated class of a request or response type, by full name."""
+        package, name = type_name.rsplit(".", 1)
+        module = {"superpose.v1": self.pb, "grpc.health.v1": self.health_pb}[package]
+        return getattr(module, name)
+
+    def grpcurl_call(self, channel, opts, method):
+        """Sends what `grpcurl ... -d BODY -H ... ADDR METHOD` sends, with the stubs."""
+        from google.protobuf import json_format
+        service, name = method.split("/")
+        package, svc = service.rsplit(".", 1)
+        module = {"superpose.v1": self.pb, "grpc.health.v1": self.health_pb}[package]
+        desc = module.DESCRIPTOR.services_by_name[svc].methods_by_name[name]
+        request = json_format.Parse(opts.get("-d", "{}"), self.message_class(
+            desc.input_type.full_name)())
+        response = self.message_class(desc.output_type.full_name)
+        kind = channel.unary_stream if desc.server_streaming else channel.unary_unary
+        call = kind(f"/{method}", request_serializer=type(request).SerializeToString,
+                    response_deserializer=response.FromString)
+        # The test server has no API keys: an authorization header is ignored.
+        result = call(request, metadata=opts["-H"], timeout=60)
+        return list(result) if desc.server_streaming else [result]
+
+    def test_grpcurl_examples_of_api_md(self):
+        stubs = superpose_client.Stubs(self.stubs)
+        self.pb, self.health_pb = stubs.pb, stubs.health_pb
+        commands = grpcurl_examples()
+        self.assertGreaterEqual(len(commands), 10)
+        calls = 0
+        with grpc.insecure_channel(self.server.address) as ch:
+            for argv in commands:
+                opts, pos = parse_grpcurl(argv)
+                self.assertTrue(opts.get("-plaintext"), argv)
+                self.assertEqual(pos[0], "localhost:50051", argv)
+                if pos[1] in ("list", "describe"):
+                    continue  # test_reflection_describes_health covers reflection
+                if "-proto" in opts:  # the .proto the command names must exist
+                    path = os.path.join(ROOT, opts["-import-path"], opts["-proto"])
+                    self.assertTrue(os.path.exists(path), path)
+                with self.subTest(command=" ".join(argv)):
+                    responses = self.grpcurl_call(ch, opts, pos[1])
+                    self.assertGreater(len(responses), 0)
+                    calls += 1
+        self.assertGreaterEqual(calls, 8)
 
     def test_reflection_describes_health(self):
         """grpcurl resolves methods through reflection: FileContainingSymbol must work for
