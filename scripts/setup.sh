@@ -12,6 +12,9 @@ $SUDO apt-get install -y -qq --no-install-recommends \
   libspdlog-dev libfmt-dev libabsl-dev libopenblas-openmp-dev libhwy-dev \
   nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcpp-httplib-dev libssl-dev \
   clang-14 libclang-rt-14-dev python3 >/dev/null  # scripts/fuzz.sh (libFuzzer, seeds)
+# examples/python and its test (/usr/bin/python3); deploy/ checks (docker-compose config).
+$SUDO apt-get install -y -qq --no-install-recommends \
+  python3-grpcio python3-grpc-tools python3-yaml docker-compose >/dev/null
 # nginx: the gRPC balancer of tests/server_topology_test.cc and bench/affinity.sh.
 $SUDO apt-get install -y -qq --no-install-recommends nginx-light >/dev/null
 echo "setup: dependencies installed"

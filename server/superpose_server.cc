@@ -27,6 +27,7 @@
 #if SUPERPOSE_HAVE_CUDA
 #include "cuda/cuda_backend.h"
 #endif
+#include "server/health_reflection.h"
 #include "server/metrics.h"
 #include "server/omp_wait.h"
 #include "server/private_mode.h"
@@ -358,6 +359,7 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpc(server::SuperposeService
                                                         Security* sec, int64_t max_request_bytes) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  server::RegisterHealthForReflection();  // grpcurl can describe and call Health
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(
