@@ -17,4 +17,10 @@ $SUDO apt-get install -y -qq --no-install-recommends \
   python3-grpcio python3-grpc-tools python3-yaml docker-compose >/dev/null
 # nginx: the gRPC balancer of tests/server_topology_test.cc and bench/affinity.sh.
 $SUDO apt-get install -y -qq --no-install-recommends nginx-light >/dev/null
+# Node.js and tests/node's packages: @huggingface/jinja renders the reference that
+# tests/chat_template_test.cc compares our chat templates with.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+npm ci --prefix "$(dirname "$0")/../tests/node" --no-audit --no-fund >/dev/null
 echo "setup: dependencies installed"

@@ -6,10 +6,13 @@
 #ifndef SUPERPOSE_ENGINE_MODEL_CHAT_TEMPLATE_H_
 #define SUPERPOSE_ENGINE_MODEL_CHAT_TEMPLATE_H_
 
+#include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "nlohmann/json.hpp"
 
 namespace superpose::model {
@@ -20,6 +23,13 @@ struct ChatRenderOptions {
   // Further variables the template may read (e.g. `tools`, `documents`,
   // `enable_thinking`); a JSON object, or null.
   nlohmann::json extra_context;
+  // What strftime_now() formats (in UTC); unset: absl::Now(). Tests fix it.
+  std::function<absl::Time()> clock;
+  // Bounds on one render (0: the defaults of jinja::RenderLimits, 20M steps and 64 MiB):
+  // a template that loops forever or builds a huge string fails with
+  // ResourceExhausted instead of holding the server.
+  int64_t max_steps = 0;
+  int64_t max_output_bytes = 0;
 };
 
 class ChatTemplate {
@@ -37,6 +47,12 @@ class ChatTemplate {
   // InvalidArgument for a template error at run time, including the template's own
   // raise_exception("...") message.
   absl::StatusOr<std::string> Render(const nlohmann::json& messages,
+                                     const ChatRenderOptions& options) const;
+  // As above with JSON that keeps its key order (nlohmann::json sorts object keys):
+  // tool schemas and message fields then print in the order the client sent them, as
+  // in transformers. `extra_context` stands for options.extra_context (ignored here).
+  absl::StatusOr<std::string> Render(const nlohmann::ordered_json& messages,
+                                     const nlohmann::ordered_json& extra_context,
                                      const ChatRenderOptions& options) const;
 
   const std::string& source() const;
