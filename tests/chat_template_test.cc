@@ -181,8 +181,12 @@ TEST(Jinja, SyntaxErrorsNameLineAndColumn) {
   EXPECT_NE(r.status().message().find("Unknown statement type: frobnicate"), std::string::npos);
   EXPECT_FALSE(Render("{{ 'unterminated }}").ok());
   EXPECT_FALSE(Render("{# no end").ok());
-  EXPECT_FALSE(
-      Render("{{ " + std::string(5000, '(')).ok());  // nesting is bounded, no stack overflow
+  // Nesting and operator chains are bounded: no stack overflow.
+  EXPECT_FALSE(Render("{{ " + std::string(5000, '(')).ok());
+  std::string chain = "{{ 1";
+  for (int k = 0; k < 100000; ++k) chain += " + 1";
+  EXPECT_FALSE(Render(chain + " }}").ok());
+  EXPECT_EQ(Ok("{{ 1 ~ 1 ~ 1 }}"), "111");
 }
 
 TEST(Jinja, BudgetsStopRunawayTemplates) {

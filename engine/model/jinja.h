@@ -25,8 +25,8 @@ struct RenderLimits {
   int64_t max_steps = 20'000'000;
   // Bytes of any one string built, the output included.
   int64_t max_output_bytes = 64 << 20;
-  // Nested macro calls.
-  int max_call_depth = 64;
+  // Nested macro calls (each may nest expressions ~350 deep: the stack stays small).
+  int max_call_depth = 32;
 };
 
 class Template {

@@ -477,7 +477,6 @@ Value Interp::SimpleFilter(const Value& v, const std::string& name) {
   if (name == "safe") return v;
   if (name == "tojson") return Value::Str(ToJson(v, JsonOptions(), 0, true));
   if (name == "default" || name == "d") {  // beyond: no parentheses
-    Args none;
     return v.IsUndefined() ? Value::Str("") : v;
   }
   if (name == "e" || name == "escape") return Value::Str(HtmlEscape(ToPrint(v)));  // beyond

@@ -434,11 +434,11 @@ class Parser {
   NodePtr FilterBlock();
   NodePtr Sequence(bool primary);
   NodePtr Expression();
-  NodePtr Or();
-  NodePtr And();
+  NodePtr Or() { return Binary(Tok::kIdent, &Parser::And, "or"); }
+  NodePtr And() { return Binary(Tok::kIdent, &Parser::Not, "and"); }
   NodePtr Not();
   NodePtr Comparison();
-  NodePtr Binary(Tok op, NodePtr (Parser::*next)());
+  NodePtr Binary(Tok op, NodePtr (Parser::*next)(), const char* word = nullptr);
   NodePtr Additive() { return Binary(Tok::kAdditive, &Parser::Multiplicative); }
   NodePtr Multiplicative() { return Binary(Tok::kMultiplicative, &Parser::Power); }
   NodePtr Power() { return Binary(Tok::kPower, &Parser::TestExpr); }
@@ -452,16 +452,24 @@ class Parser {
   NodePtr Subscript();
   NodePtr Primary();
   NodePtr Enter() {
-    if (++depth_ > 200) Fail("Expression nested too deeply");
+    if (++depth_ > 100) Fail("Expression nested too deeply");
     return nullptr;
+  }
+  // A node that wraps the one before it (a op b, x|f, x.y, f(x), x is t): the chains
+  // are loops here but recursion when evaluated, so one expression gets at most 256.
+  NodePtr Wrap(NodeKind kind, size_t pos) {
+    if (++wraps_ > 256) Fail("Expression too long");
+    return Make(kind, pos);
   }
 
   std::vector<Token> t_;
   size_t k_ = 0;
   int depth_ = 0;
+  int wraps_ = 0;  // in the current top-level expression
 };
 
 void Parser::Any(std::vector<NodePtr>* out) {
+  wraps_ = 0;
   const Token& tok = Peek();
   switch (tok.type) {
     case Tok::kComment:
@@ -494,31 +502,25 @@ NodePtr Parser::Statement() {
   const std::string name = Peek().value;
   const size_t pos = Pos();
   ++k_;
-  NodePtr n;
   if (name == "set") return Set();
-  if (name == "if") {
-    n = If();
-    ExpectEnd("endif");
-  } else if (name == "for") {
-    n = For();
-    ExpectEnd("endfor");
-  } else if (name == "macro") {
-    n = Macro();
-    ExpectEnd("endmacro");
-  } else if (name == "call") {
-    n = CallBlock();
-    ExpectEnd("endcall");
-  } else if (name == "filter") {
-    n = FilterBlock();
-    ExpectEnd("endfilter");
-  } else if (name == "break" || name == "continue") {
+  if (name == "break" || name == "continue") {
     Expect(Tok::kCloseStatement, "Expected closing statement token");
-    n = Make(name == "break" ? NodeKind::kBreak : NodeKind::kContinue, pos);
-  } else {
-    k_--;
-    Fail("Unknown statement type: " + name);
+    return Make(name == "break" ? NodeKind::kBreak : NodeKind::kContinue, pos);
   }
-  return n;
+  static const std::pair<const char*, NodePtr (Parser::*)()> kBlocks[] = {
+      {"if", &Parser::If},
+      {"for", &Parser::For},
+      {"macro", &Parser::Macro},
+      {"call", &Parser::CallBlock},
+      {"filter", &Parser::FilterBlock}};
+  for (const auto& [block, parse] : kBlocks) {
+    if (name != block) continue;
+    NodePtr n = (this->*parse)();
+    ExpectEnd(("end" + name).c_str());
+    return n;
+  }
+  k_--;
+  Fail("Unknown statement type: " + name);
 }
 
 NodePtr Parser::Set() {
@@ -647,32 +649,6 @@ NodePtr Parser::Expression() {
   return a;
 }
 
-NodePtr Parser::Or() {
-  NodePtr left = And();
-  while (IsIdent("or")) {
-    NodePtr n = Make(NodeKind::kBinary, Pos());
-    ++k_;
-    n->str = "or";
-    n->x = std::move(left);
-    n->y = And();
-    left = std::move(n);
-  }
-  return left;
-}
-
-NodePtr Parser::And() {
-  NodePtr left = Not();
-  while (IsIdent("and")) {
-    NodePtr n = Make(NodeKind::kBinary, Pos());
-    ++k_;
-    n->str = "and";
-    n->x = std::move(left);
-    n->y = Not();
-    left = std::move(n);
-  }
-  return left;
-}
-
 NodePtr Parser::Not() {
   if (!IsIdent("not")) return Comparison();
   NodePtr n = Make(NodeKind::kUnary, Pos());
@@ -687,7 +663,7 @@ NodePtr Parser::Not() {
 NodePtr Parser::Comparison() {
   NodePtr left = Additive();
   while (true) {
-    NodePtr n = Make(NodeKind::kBinary, Pos());
+    NodePtr n = Wrap(NodeKind::kBinary, Pos());
     if (IsIdent("not") && IsIdent("in", 1)) {
       n->str = "not in";
       k_ += 2;
@@ -703,10 +679,11 @@ NodePtr Parser::Comparison() {
   }
 }
 
-NodePtr Parser::Binary(Tok op, NodePtr (Parser::*next)()) {
+// Left-associative operators: tokens of type `op`, or the keyword `word` (and, or).
+NodePtr Parser::Binary(Tok op, NodePtr (Parser::*next)(), const char* word) {
   NodePtr left = (this->*next)();
-  while (Is(op)) {
-    NodePtr n = Make(NodeKind::kBinary, Pos());
+  while (word ? IsIdent(word) : Is(op)) {
+    NodePtr n = Wrap(NodeKind::kBinary, Pos());
     n->str = t_[k_++].value;
     n->x = std::move(left);
     n->y = (this->*next)();
@@ -719,7 +696,7 @@ NodePtr Parser::Binary(Tok op, NodePtr (Parser::*next)()) {
 NodePtr Parser::TestExpr() {
   NodePtr operand = FilterExpr();
   while (IsIdent("is")) {
-    NodePtr n = Make(NodeKind::kTest, Pos());
+    NodePtr n = Wrap(NodeKind::kTest, Pos());
     ++k_;
     n->flag = IsIdent("not");
     if (n->flag) ++k_;
@@ -736,7 +713,7 @@ NodePtr Parser::TestExpr() {
 NodePtr Parser::FilterExpr() {
   NodePtr operand = UnarySign();
   while (Is(Tok::kPipe)) {
-    NodePtr n = Make(NodeKind::kFilter, Pos());
+    NodePtr n = Wrap(NodeKind::kFilter, Pos());
     ++k_;
     NodePtr filter = Primary();
     if (filter->kind != NodeKind::kIdent) Fail("Expected identifier for the filter");
@@ -769,7 +746,7 @@ NodePtr Parser::CallMember() {
 }
 
 NodePtr Parser::Call(NodePtr callee) {
-  NodePtr n = Make(NodeKind::kCall, Pos());
+  NodePtr n = Wrap(NodeKind::kCall, Pos());
   n->x = std::move(callee);
   n->a = ArgList(false);
   n = Member(std::move(n));
@@ -818,7 +795,7 @@ std::vector<NodePtr> Parser::ArgList(bool parameters) {
 
 NodePtr Parser::Member(NodePtr object) {
   while (Is(Tok::kDot) || Is(Tok::kOpenSquare)) {
-    NodePtr n = Make(NodeKind::kMember, Pos());
+    NodePtr n = Wrap(NodeKind::kMember, Pos());
     n->flag = Is(Tok::kOpenSquare);
     ++k_;
     if (n->flag) {

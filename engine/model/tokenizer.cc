@@ -373,8 +373,7 @@ absl::StatusOr<std::unique_ptr<HfTokenizer>> HfTokenizer::Parse(const json& j, c
   t->bos_id_ = cfg_bos ? cfg_bos : template_bos;
   t->eos_id_ = cfg_eos ? cfg_eos : template_eos;
   if (!t->eos_id_) {
-    for (const char* name :
-         {"</s>", "<|endoftext|>", "<|im_end|>", "<|end_of_text|>", "<eos>"}) {
+    for (const char* name : {"</s>", "<|endoftext|>", "<|im_end|>", "<|end_of_text|>", "<eos>"}) {
       if (auto id = t->TokenToId(name)) {
         t->eos_id_ = id;
         break;
