@@ -216,6 +216,35 @@ TEST(Jinja, StrftimeNowUsesTheInjectedClock) {
   EXPECT_EQ(Ok("{{ strftime_now('%d %b %Y %H:%M %B %%') }}"), "03 Feb 2026 04:05 February %");
 }
 
+// Every prefix of the real templates (cut at ~80 points each) parses or fails cleanly,
+// and renders or fails cleanly: no crash, no hang (run under ASan in CI).
+TEST(Jinja, TruncatedTemplatesFailCleanly) {
+  const nlohmann::ordered_json corpus =
+      nlohmann::ordered_json::parse(ReadFile(SourceDir() + "/tests/chat_templates/corpus.json"));
+  const nlohmann::ordered_json& input = corpus["inputs"]["tools"];
+  nlohmann::ordered_json context = input["extra_context"];
+  context["messages"] = input["messages"];
+  int parsed = 0, failed = 0;
+  for (const auto& entry : corpus["templates"]) {
+    if (!entry.contains("file")) continue;
+    const std::string source =
+        ReadFile(SourceDir() + "/tests/chat_templates/" + entry["file"].get<std::string>());
+    for (size_t cut = 0; cut < source.size(); cut += 1 + source.size() / 80) {
+      absl::StatusOr<jinja::Template> t = jinja::Template::Parse(source.substr(0, cut));
+      if (!t.ok()) {
+        EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument);
+        ++failed;
+        continue;
+      }
+      ++parsed;
+      absl::StatusOr<std::string> out = t->Render(context, kNow);
+      EXPECT_TRUE(out.ok() || out.status().code() == absl::StatusCode::kInvalidArgument);
+    }
+  }
+  EXPECT_GT(parsed, 100);
+  EXPECT_GT(failed, 100);
+}
+
 // ---- ChatTemplate ----
 
 std::string WriteTemp(const std::string& name, const std::string& text) {
