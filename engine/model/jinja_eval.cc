@@ -146,7 +146,6 @@ std::vector<Value> Interp::ForItems(const Node& n, const Value& iterable, Scope*
 Flow Interp::RenderFor(const Node& n, Scope* parent, std::string* out) {
   Scope* scope = NewScope(parent);
   const std::vector<Value> items = ForItems(n, Eval(n.y.get(), scope), scope);
-  bool none = true;
   const auto size = static_cast<int64_t>(items.size());
   for (int64_t k = 0; k < size; ++k) {
     auto loop = std::make_shared<Object>();
@@ -161,12 +160,12 @@ Flow Interp::RenderFor(const Node& n, Scope* parent, std::string* out) {
                    {"nextitem", k < size - 1 ? items[k + 1] : Value()}};
     scope->Set("loop", Value::Dict(std::move(loop)));
     Bind(*n.x, items[k], scope);
-    const Flow flow = Render(n.a, scope, out);
-    if (flow == Flow::kContinue) continue;  // (as @huggingface/jinja: not an iteration)
-    if (flow == Flow::kBreak) break;
-    none = false;
+    // As Python Jinja: what the iteration wrote before a break or continue stays, and
+    // `else` renders only when there was no item (@huggingface/jinja drops the first
+    // and counts an iteration that continued as none).
+    if (Render(n.a, scope, out) == Flow::kBreak) break;
   }
-  if (none) Render(n.b, scope, out);
+  if (items.empty()) Render(n.b, scope, out);
   return Flow::kNormal;
 }
 

@@ -34,7 +34,7 @@ function templateSource(entry, corpusDir, sharedDir) {
     if (Array.isArray(source)) source = source.find((t) => t.name === "default").template;
     return { source, bos: token(config.bos_token), eos: token(config.eos_token) };
   }
-  const source = fs.readFileSync(path.join(corpusDir, entry.file), "utf8");
+  const source = entry.source ?? fs.readFileSync(path.join(corpusDir, entry.file), "utf8");
   return { source, bos: entry.bos_token, eos: entry.eos_token };
 }
 
