@@ -51,6 +51,9 @@ class SuperposeService final : public RawSuperposeService {
   // Waits until every generation call is done (its last message written and its status
   // sent) or `timeout` passes; true when none is left.
   bool WaitForCalls(absl::Duration timeout) { return gate_.WaitIdle(timeout); }
+  // The admission of generation calls, shared with the HTTP API (server/openai_server.h):
+  // its calls are refused and waited for by the same shutdown.
+  CallGate* gate() { return &gate_; }
 
  private:
   // Authenticates (setting `*tenant`), parses and bounds-checks a request.
@@ -76,5 +79,20 @@ class SuperposeService final : public RawSuperposeService {
 };
 
 grpc::Status ToGrpc(const absl::Status& s);
+
+// Shared by the gRPC service and the HTTP API (server/openai_server.h). A new request id
+// (for requests that bring none).
+std::string NewRequestId();
+// The engine request of a parsed, bounds-checked (CheckBounds) Generate / GenerateRag
+// request of `tenant`: tokenized and every field checked (ToEngineRequest /
+// ToEngineRagRequest).
+absl::StatusOr<engine::Request> BuildEngineRequest(const v1::GenerateRequest& request,
+                                                   const std::string& tenant,
+                                                   const engine::Tokenizer& tokenizer,
+                                                   const Limits& limits);
+absl::StatusOr<engine::Request> BuildEngineRequest(const v1::GenerateRagRequest& request,
+                                                   const std::string& tenant,
+                                                   const engine::Tokenizer& tokenizer,
+                                                   const Limits& limits);
 
 }  // namespace superpose::server
