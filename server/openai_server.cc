@@ -120,8 +120,10 @@ class OpenAiServer::Call : public std::enable_shared_from_this<Call> {
     for (auto& [index, ev] : events) Merge(index, std::move(ev), &out);
     const bool done = finished_ == static_cast<int>(choices_.size());
     if (done) Finish(&out);
-    if (events.empty()) out = stream_ ? ": keep-alive\n\n" : " ";
+    const absl::Time now = absl::Now();
+    if (out.empty() && now - last_write_ >= kKeepAlive) out = stream_ ? ": keep-alive\n\n" : " ";
     if (out.empty()) return true;
+    last_write_ = now;
     if (!sink.write(out.data(), out.size())) {
       CancelAll();
       return false;
@@ -215,6 +217,7 @@ class OpenAiServer::Call : public std::enable_shared_from_this<Call> {
   absl::flat_hash_set<int> first_sent_;
   int finished_ = 0;
   absl::Status error_;
+  absl::Time last_write_ = absl::Now();
   absl::Mutex mu_;
   std::deque<std::pair<int, engine::StreamEvent>> events_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> handles_ ABSL_GUARDED_BY(mu_);
