@@ -12,4 +12,10 @@ $SUDO apt-get install -y -qq --no-install-recommends \
   libspdlog-dev libfmt-dev libabsl-dev libopenblas-openmp-dev libhwy-dev \
   nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcpp-httplib-dev libssl-dev \
   clang-14 libclang-rt-14-dev python3 >/dev/null  # scripts/fuzz.sh (libFuzzer, seeds)
+# The HTTP API's tests with the official openai npm package (tests/node; Node >= 20).
+if command -v npm >/dev/null; then
+  npm ci --prefix "$(dirname "$0")/../tests/node" --no-audit --no-fund >/dev/null
+else
+  echo "setup: npm not found: the Node.OpenAiSdk tests will fail until Node >= 20 is installed"
+fi
 echo "setup: dependencies installed"
