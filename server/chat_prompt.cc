@@ -5,6 +5,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "engine/model/tokenizer_unicode.h"
 #include "spdlog/spdlog.h"
 
 namespace superpose::server {
@@ -159,6 +160,29 @@ absl::StatusOr<ChatRagParts> ChatPrompter::RenderForRag(const nlohmann::json& me
     parts->preamble.erase(0, bos_text_.size());
   }
   return parts;
+}
+
+absl::Status RenderMessagesInto(const ChatPrompter* chat, v1::GenerateRequest* req) {
+  nlohmann::json messages = nlohmann::json::array();
+  for (int i = 0; i < req->messages().messages_size(); ++i) {
+    const v1::ChatMessage& m = req->messages().messages(i);
+    for (const std::string* s : {&m.role(), &m.content()}) {
+      if (!engine::tok::IsValidUtf8(*s)) {
+        return Invalid(absl::StrCat("messages.messages[", i, "] is not valid UTF-8"));
+      }
+    }
+    if (m.role().empty()) return Invalid(absl::StrCat("messages.messages[", i, "].role is empty"));
+    messages.push_back({{"role", m.role()}, {"content", m.content()}});
+  }
+  if (chat == nullptr || !chat->available()) {
+    return Invalid(absl::StrCat("messages: ", chat == nullptr ? "the server has no chat template"
+                                                              : chat->unavailable_reason()));
+  }
+  absl::StatusOr<std::string> text = chat->Render(messages);
+  if (!text.ok()) return Invalid(std::string(text.status().message()));
+  req->set_text(*std::move(text));  // clears messages (one prompt)
+  req->set_add_special_tokens(false);
+  return absl::OkStatus();
 }
 
 }  // namespace superpose::server

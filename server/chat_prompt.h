@@ -13,6 +13,7 @@
 #include "engine/model/chat_template.h"
 #include "engine/model/tokenizer.h"
 #include "nlohmann/json.hpp"
+#include "superpose/v1/superpose.pb.h"
 
 namespace superpose::server {
 
@@ -60,6 +61,10 @@ class ChatPrompter {
 // string or an array of {"type": "text", "text": ...} parts (joined); returns the array
 // with every content a string. INVALID_ARGUMENT naming the field ("messages[2].content").
 absl::StatusOr<nlohmann::json> NormalizeMessages(const nlohmann::json& messages);
+
+// gRPC Generate's `messages` (checked: valid UTF-8) rendered by `chat` (null: none)
+// into `text`, to be tokenized without adding BOS. INVALID_ARGUMENT naming `messages`.
+absl::Status RenderMessagesInto(const ChatPrompter* chat, v1::GenerateRequest* req);
 
 // Splits `rendered` at the two markers (each must occur exactly once, in order).
 absl::StatusOr<ChatRagParts> CutAtMarkers(const std::string& rendered, const std::string& begin,

@@ -28,7 +28,12 @@ std::string NewRequestId() {
 absl::StatusOr<engine::Request> BuildEngineRequest(const v1::GenerateRequest& request,
                                                    const std::string& tenant,
                                                    const engine::Tokenizer& tokenizer,
-                                                   const Limits& limits) {
+                                                   const Limits& limits, const ChatPrompter* chat) {
+  if (request.has_messages()) {
+    v1::GenerateRequest rendered = request;
+    SP_RETURN_IF_ERROR(RenderMessagesInto(chat, &rendered));
+    return BuildEngineRequest(rendered, tenant, tokenizer, limits);
+  }
   absl::StatusOr<engine::Request> req = ToEngineRequest(request, tokenizer, limits);
   if (req.ok()) req->tenant = tenant;
   return req;
@@ -386,7 +391,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* SuperposeService::Generate(
       context, *bytes,
       [this](const v1::GenerateRequest& request, const std::string& tenant,
              GenerateReactor* reactor) {
-        reactor->Start(BuildEngineRequest(request, tenant, *model_->tokenizer, limits_));
+        reactor->Start(BuildEngineRequest(request, tenant, *model_->tokenizer, limits_, chat_));
       });
 }
 

@@ -373,6 +373,18 @@ struct HttpApi {
   std::unique_ptr<server::OpenAiServer> server;
 };
 
+// The chat template (--chat_template, else the model's) for gRPC's `messages` and the
+// HTTP API's chat.
+absl::Status LoadChat(HttpApi* api, const engine::ModelBundle& model,
+                      server::SuperposeService* service) {
+  absl::StatusOr<server::ChatPrompter> chat = server::ChatPrompter::Load(
+      absl::GetFlag(FLAGS_chat_template), absl::GetFlag(FLAGS_model), *model.tokenizer);
+  if (!chat.ok()) return Prefixed("--chat_template: ", chat.status());
+  api->chat = *std::move(chat);
+  service->set_chat(&api->chat);
+  return absl::OkStatus();
+}
+
 absl::Status StartHttpApi(HttpApi* api, const engine::ModelBundle& model, engine::Engine* eng,
                           const server::Limits& limits, server::Metrics* metrics, Security* sec,
                           server::WorkPool* pool, server::SuperposeService* service,
@@ -384,10 +396,6 @@ absl::Status StartHttpApi(HttpApi* api, const engine::ModelBundle& model, engine
         "--http_listen: the HTTP API takes tenants from bearer keys only, not with "
         "--tenant_from_client_cert");
   }
-  absl::StatusOr<server::ChatPrompter> chat = server::ChatPrompter::Load(
-      absl::GetFlag(FLAGS_chat_template), absl::GetFlag(FLAGS_model), *model.tokenizer);
-  if (!chat.ok()) return Prefixed("--chat_template: ", chat.status());
-  api->chat = *std::move(chat);
   server::OpenAiServerOptions options;
   options.threads = absl::GetFlag(FLAGS_http_threads);
   options.max_request_bytes = max_request_bytes;
@@ -535,10 +543,11 @@ int Run() {
   server::SuperposeService service(
       &*model, &eng, (*backend)->name(), (*backend)->compute_dtype(), (*backend)->kv().dtype,
       backend_config->options().tensor_parallel, limits, &metrics, &sec.auth, &tokenize_pool);
+  HttpApi http_api;
+  if (absl::Status st = LoadChat(&http_api, *model, &service); !st.ok()) return Fail(st);
   absl::StatusOr<std::unique_ptr<grpc::Server>> server =
       StartGrpc(&service, &sec, bounds->max_request_bytes);
   if (!server.ok()) return Fail(server.status());
-  HttpApi http_api;
   if (absl::Status st = StartHttpApi(&http_api, *model, &eng, limits, &metrics, &sec,
                                      &tokenize_pool, &service, bounds->max_request_bytes);
       !st.ok()) {

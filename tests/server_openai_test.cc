@@ -494,3 +494,137 @@ TEST(OpenAiAuth, BearerKeysAndTenants) {
 
 }  // namespace
 }  // namespace superpose
+
+namespace superpose {
+namespace {
+
+TEST(OpenAiGrpcMessages, WithoutATemplateIsInvalidArgumentNamingMessages) {
+  HttpServer s({});
+  ASSERT_TRUE(s.ok());
+  auto stub = v1::Superpose::NewStub(s.process->Channel());
+  v1::GenerateRequest req;
+  v1::ChatMessage* m = req.mutable_messages()->add_messages();
+  m->set_role("user");
+  m->set_content("Hi");
+  grpc::ClientContext ctx;
+  auto reader = stub->Generate(&ctx, req);
+  v1::GenerateResponse resp;
+  while (reader->Read(&resp)) {
+  }
+  const grpc::Status st = reader->Finish();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(st.error_message(), ::testing::StartsWith("messages"));
+  // Bounds before rendering: an empty chat.
+  v1::GenerateRequest empty;
+  empty.mutable_messages();
+  grpc::ClientContext ctx2;
+  auto r2 = stub->Generate(&ctx2, empty);
+  while (r2->Read(&resp)) {
+  }
+  const grpc::Status st2 = r2->Finish();
+  EXPECT_EQ(st2.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(st2.error_message(), ::testing::HasSubstr("messages has 0 messages"));
+  EXPECT_EQ(s.process->Stop(), 0);
+}
+
+// NEEDS the chat template interpreter (engine/model/chat_template.cc of the jinja
+// branch): with the stub, the server refuses --chat_template at startup and these fail.
+class OpenAiChatNeedsJinja : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    template_file_ = "/tmp/superpose-chatml-" + std::to_string(getpid()) + ".jinja";
+    std::ofstream(template_file_)
+        << "{{ bos_token }}{% for message in messages %}{{ '<|im_start|>' + message['role'] + "
+           "'\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+    http_ = new HttpServer({"--chat_template=" + template_file_});
+  }
+  static void TearDownTestSuite() {
+    delete http_;
+    std::remove(template_file_.c_str());
+  }
+  void SetUp() override {
+    ASSERT_TRUE(http_->ok()) << "superpose-server refused --chat_template: is the jinja "
+                                "interpreter (engine/model/chat_template.cc) merged?";
+  }
+  // The ChatML text chatml.jinja renders, without the leading "<s>".
+  static std::string Rendered() {
+    return "<|im_start|>system\nYou tell stories.<|im_end|>\n<|im_start|>user\nTell me about "
+           "Lily.<|im_end|>\n<|im_start|>assistant\n";
+  }
+  static json Messages() {
+    return json::array({{{"role", "system"}, {"content", "You tell stories."}},
+                        {{"role", "user"}, {"content", "Tell me about Lily."}}});
+  }
+  static inline std::string template_file_;
+  static inline HttpServer* http_ = nullptr;
+};
+
+TEST_F(OpenAiChatNeedsJinja, ChatEqualsTheRenderedCompletionWithOneBos) {
+  const json chat = {
+      {"model", "stories260k"}, {"messages", Messages()}, {"max_tokens", 10}, {"temperature", 0}};
+  const Reply c = Post(*http_, "/v1/chat/completions", chat);
+  ASSERT_EQ(c.status, 200) << c.raw;
+  EXPECT_EQ(c.body["object"], "chat.completion");
+  EXPECT_EQ(c.body["choices"][0]["message"]["role"], "assistant");
+  // /v1/completions adds BOS to a text prompt: the same tokens as "<s>" + text.
+  const Reply p = Post(*http_, "/v1/completions", Completion(Rendered(), 10));
+  ASSERT_EQ(p.status, 200);
+  EXPECT_EQ(c.body["usage"]["prompt_tokens"], p.body["usage"]["prompt_tokens"]);
+  EXPECT_EQ(c.body["choices"][0]["message"]["content"], p.body["choices"][0]["text"]);
+  // gRPC's messages: the same prompt.
+  auto stub = v1::Superpose::NewStub(http_->process->Channel());
+  v1::GenerateRequest req;
+  for (const json& m : Messages()) {
+    v1::ChatMessage* out = req.mutable_messages()->add_messages();
+    out->set_role(m["role"]);
+    out->set_content(m["content"]);
+  }
+  req.mutable_sampling()->set_temperature(0);
+  req.mutable_sampling()->set_max_new_tokens(10);
+  grpc::ClientContext ctx;
+  auto reader = stub->Generate(&ctx, req);
+  v1::GenerateResponse resp;
+  std::string text;
+  uint32_t prompt_tokens = 0;
+  while (reader->Read(&resp)) {
+    text += resp.text();
+    if (resp.has_usage()) prompt_tokens = resp.usage().prompt_tokens();
+  }
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(text, c.body["choices"][0]["message"]["content"]);
+  EXPECT_EQ(prompt_tokens, c.body["usage"]["prompt_tokens"]);
+}
+
+TEST_F(OpenAiChatNeedsJinja, ChatStreamChunksAndRagReport) {
+  json chat = {{"model", "stories260k"}, {"messages", Messages()}, {"max_tokens", 6},
+               {"stream", true},         {"logprobs", true},       {"top_logprobs", 1}};
+  const Reply r = Post(*http_, "/v1/chat/completions", chat.dump());
+  ASSERT_EQ(r.status, 200) << r.raw;
+  const std::vector<std::string> events = SseEvents(r.raw);
+  ASSERT_GE(events.size(), 2u);
+  EXPECT_EQ(events.back(), "[DONE]");
+  const json first = json::parse(events.front());
+  EXPECT_EQ(first["object"], "chat.completion.chunk");
+  EXPECT_EQ(first["choices"][0]["delta"]["role"], "assistant");
+  json rag = {{"model", "stories260k"},
+              {"messages", Messages()},
+              {"max_tokens", 6},
+              {"documents",
+               {{{"id", "a"}, {"text", "Lily played in the park."}},
+                {{"id", "b"}, {"text", "Tom had a red ball."}}}},
+              {"rag", {{"top_k", 1}}}};
+  const Reply g = Post(*http_, "/v1/chat/completions", rag);
+  ASSERT_EQ(g.status, 200) << g.raw;
+  const json& report = g.body["choices"][0]["rag"];
+  ASSERT_EQ(report["documents"].size(), 2u);
+  EXPECT_EQ(report["documents"][0]["id"], "a");
+  EXPECT_EQ(int(report["documents"][0]["kept"].get<bool>()) +
+                int(report["documents"][1]["kept"].get<bool>()),
+            1);
+  rag["rag"] = {{"mode", "RAG_MODE_BOGUS"}};
+  EXPECT_EQ(Post(*http_, "/v1/chat/completions", rag).body["error"]["param"], "rag");
+}
+
+}  // namespace
+}  // namespace superpose
