@@ -45,6 +45,25 @@ void Reply(httplib::Response& res, const ApiError& e) {
   res.set_content(Dump(e.body), "application/json");
 }
 
+// cpp-httplib's own refusals, in OpenAI's shape.
+ApiError HttplibError(const httplib::Request& req, int status) {
+  if (status == 413) {
+    // httplib bounds form-encoded bodies (curl -d without a Content-Type) to 8 KiB.
+    const bool form = req.get_header_value("Content-Type") == "application/x-www-form-urlencoded";
+    return openai::MakeApiError(413,
+                                form ? "the request body is form-encoded (at most 8 KiB): send "
+                                       "Content-Type: application/json"
+                                     : "the request body is larger than --max_request_bytes",
+                                "invalid_request_error", "", "request_too_large");
+  }
+  if (status == 404 || status == 405) {
+    return openai::MakeApiError(
+        404, absl::StrCat("no such endpoint: ", req.method, " ", req.path, " (see docs/api.md)"),
+        "invalid_request_error", "", "not_found");
+  }
+  return openai::MakeApiError(status, "malformed HTTP request", "invalid_request_error", "", "");
+}
+
 // Counts an HTTP call in the service's gate until destroyed.
 struct GateTicket {
   explicit GateTicket(CallGate* g) : gate(g) {}
@@ -404,14 +423,7 @@ void OpenAiServer::Route() {
   // httplib's own refusals (unknown path, body over the limit) in OpenAI's shape too.
   http_->set_error_handler([](const httplib::Request& req, httplib::Response& res) {
     if (!res.body.empty()) return;
-    const bool too_large = res.status == 413;
-    const ApiError e = openai::MakeApiError(
-        res.status,
-        too_large
-            ? "the request body is larger than --max_request_bytes"
-            : absl::StrCat("no such endpoint: ", req.method, " ", req.path, " (see docs/api.md)"),
-        "invalid_request_error", "", too_large ? "request_too_large" : "not_found");
-    res.set_content(Dump(e.body), "application/json");
+    Reply(res, HttplibError(req, res.status));
   });
   http_->set_exception_handler(
       [](const httplib::Request&, httplib::Response& res, std::exception_ptr) {
