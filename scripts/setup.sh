@@ -12,6 +12,9 @@ $SUDO apt-get install -y -qq --no-install-recommends \
   libspdlog-dev libfmt-dev libabsl-dev libopenblas-openmp-dev libhwy-dev \
   nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcpp-httplib-dev libssl-dev \
   clang-14 libclang-rt-14-dev python3 >/dev/null  # scripts/fuzz.sh (libFuzzer, seeds)
+# examples/python and its test (/usr/bin/python3); deploy/ checks (docker-compose config).
+$SUDO apt-get install -y -qq --no-install-recommends \
+  python3-grpcio python3-grpc-tools python3-yaml docker-compose >/dev/null
 # The HTTP API's tests with the official openai npm package (tests/node; Node >= 20).
 if command -v npm >/dev/null; then
   npm ci --prefix "$(dirname "$0")/../tests/node" --no-audit --no-fund >/dev/null

@@ -28,6 +28,7 @@
 #include "cuda/cuda_backend.h"
 #endif
 #include "server/chat_prompt.h"
+#include "server/health_reflection.h"
 #include "server/metrics.h"
 #include "server/omp_wait.h"
 #include "server/openai_server.h"
@@ -418,6 +419,7 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpc(server::SuperposeService
                                                         Security* sec, int64_t max_request_bytes) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  server::RegisterHealthForReflection();  // grpcurl can describe and call Health
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(
