@@ -102,7 +102,7 @@ absl::Status FillStop(const json& body, Req* req) {
 absl::Status FillSampling(const json& body, v1::SamplingParams* sp) {
   bool present = false;
   int64_t i = 0;
-  for (const char* name : {"max_completion_tokens", "max_tokens"}) {
+  for (const char* name : {"max_tokens", "max_completion_tokens"}) {  // the latter wins
     SP_RETURN_IF_ERROR(GetInt(body, name, 1, INT32_MAX, &i, &present));
     if (present) sp->set_max_new_tokens(static_cast<uint32_t>(i));
   }

@@ -131,6 +131,12 @@ class OpenAiServer::Call : public std::enable_shared_from_this<Call> {
     for (uint64_t h : handles) engine_->Cancel(h);
   }
 
+  // The response is over (written, or the connection lost): choices still running are
+  // cancelled. On the HTTP worker, as Pump.
+  void CancelUnfinished() {
+    if (finished_ < static_cast<int>(choices_.size())) CancelAll();
+  }
+
   // The content provider: writes what arrived (or a keep-alive); false ends the
   // response (the client is gone: every choice is cancelled).
   bool Pump(httplib::DataSink& sink) {
@@ -387,7 +393,7 @@ void OpenAiServer::Generate(const httplib::Request& req, httplib::Response& res,
   res.set_chunked_content_provider(
       plan->stream ? "text/event-stream" : "application/json",
       [call](size_t, httplib::DataSink& sink) { return call->Pump(sink); },
-      [call](bool) { call->CancelAll(); });
+      [call](bool) { call->CancelUnfinished(); });
 }
 
 absl::StatusOr<std::vector<engine::Request>> OpenAiServer::Tokenize(const CallPlan& plan,
