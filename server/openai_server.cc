@@ -35,7 +35,7 @@ using openai::Endpoint;
 // How long a response waits for engine events before it writes a keep-alive (an SSE
 // comment, or a space before a JSON body): a client that went away is noticed by the
 // failed write, and its requests are cancelled then.
-constexpr absl::Duration kKeepAlive = absl::Milliseconds(500);
+constexpr absl::Duration kKeepAlive = absl::Milliseconds(200);
 
 std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
 
