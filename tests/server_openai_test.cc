@@ -7,6 +7,7 @@
 #include <httplib.h>
 #include <signal.h>
 
+#include <atomic>
 #include <chrono>
 #include <fstream>
 #include <string>
@@ -453,22 +454,53 @@ TEST(OpenAiAdmission, QueueFullIs429AndDrainingIs503) {
   const Reply r = Post(s, "/v1/completions", body);
   EXPECT_EQ(r.status, 429) << r.raw;
   EXPECT_EQ(r.body["error"]["type"], "rate_limit_error");
-  // Draining: a long stream runs, SIGTERM, a new request gets 503.
+  EXPECT_EQ(r.headers.count("Retry-After"), 1u);
+  EXPECT_EQ(r.headers.count("retry-after-ms"), 1u);
+  // The refused request's choices that were queued are cancelled: wait for them to go.
+  const int mport = s.process->metrics_port();
+  for (int i = 0; i < 500 && (Metric(mport, "superpose_running_sequences") != 0 ||
+                              Metric(mport, "superpose_waiting_sequences") != 0);
+       ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  // Draining: while a long stream runs, SIGTERM; new requests then get 503 (refused at
+  // the gate, or failed in the queue by the engine's shutdown) until the port closes.
+  std::atomic<bool> started{false};
   std::thread streaming([&] {
+    httplib::Client cli = s.Client();
+    httplib::Request req;
+    req.method = "POST";
+    req.path = "/v1/completions";
     json b = body;
     b["n"] = 1;
     b["max_tokens"] = 500;
     b["stream"] = true;
-    const Reply long_one = Post(s, "/v1/completions", b.dump());
-    EXPECT_EQ(long_one.status, 200);
-    EXPECT_EQ(SseEvents(long_one.raw).back(), "[DONE]");
+    b["logprobs"] = 20;  // slower steps: a longer window
+    req.body = b.dump();
+    req.set_header("Content-Type", "application/json");
+    std::string raw;
+    req.content_receiver = [&](const char* data, size_t len, uint64_t, uint64_t) {
+      raw.append(data, len);
+      started = true;
+      return true;
+    };
+    httplib::Response res;
+    httplib::Error err;
+    EXPECT_TRUE(cli.send(req, res, err));
+    EXPECT_EQ(res.status, 200);
+    EXPECT_NE(raw.find("data: [DONE]"), std::string::npos);
   });
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  while (!started) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   s.process->Signal(SIGTERM);
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  const Reply refused = Post(s, "/v1/completions", Completion("Hi", 2));
+  Reply refused;
+  for (int i = 0; i < 2000 && refused.status != 503; ++i) {
+    refused = Post(s, "/v1/completions", Completion("Hi", 2).dump());
+    if (refused.status == 0) break;  // the port is closed: the drain is over
+  }
   EXPECT_EQ(refused.status, 503) << refused.raw;
-  EXPECT_EQ(refused.body["error"]["type"], "server_error");
+  if (refused.status == 503) {
+    EXPECT_EQ(refused.body["error"]["type"], "server_error");
+  }
   streaming.join();
   EXPECT_EQ(s.process->WaitExit(std::chrono::seconds(20)), 0);
 }
