@@ -18,7 +18,8 @@ $SUDO apt-get install -y -qq --no-install-recommends \
 # nginx: the gRPC balancer of tests/server_topology_test.cc and bench/affinity.sh.
 $SUDO apt-get install -y -qq --no-install-recommends nginx-light >/dev/null
 # Node.js and tests/node's packages: @huggingface/jinja renders the reference that
-# tests/chat_template_test.cc compares our chat templates with.
+# tests/chat_template_test.cc compares our chat templates with; the official openai SDK
+# drives the HTTP API (tests/node/run.sh).
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
   $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
 fi

@@ -101,6 +101,13 @@ absl::Status CheckBounds(const v1::GenerateRequest& req, const Limits& limits) {
   if (req.has_text()) {
     SP_RETURN_IF_ERROR(CheckText(static_cast<int64_t>(req.text().size()), "text", limits));
   }
+  if (req.has_messages()) {
+    const int n = req.messages().messages_size();
+    if (n == 0 || n > kMaxChatMessages) {
+      return Invalid(absl::StrCat("messages has ", n, " messages; 1 to ", kMaxChatMessages));
+    }
+    SP_RETURN_IF_ERROR(CheckText(TextBytes(req), "messages", limits));
+  }
   if (req.has_token_ids() && req.token_ids().ids_size() >= limits.context_length) {
     return Invalid(absl::StrCat("prompt has ", req.token_ids().ids_size(),
                                 " tokens (token_ids.ids); the context window is ",
@@ -133,7 +140,11 @@ absl::Status CheckBounds(const v1::DetokenizeRequest& req, const Limits& limits)
 }
 
 int64_t TextBytes(const v1::GenerateRequest& req) {
-  return req.has_text() ? static_cast<int64_t>(req.text().size()) : 0;
+  int64_t n = req.has_text() ? static_cast<int64_t>(req.text().size()) : 0;
+  for (const v1::ChatMessage& m : req.messages().messages()) {
+    n += static_cast<int64_t>(m.role().size() + m.content().size());
+  }
+  return n;
 }
 
 int64_t TextBytes(const v1::GenerateRagRequest& req) {

@@ -13,6 +13,9 @@
 
 namespace superpose::server {
 
+// Most messages of one chat (GenerateRequest.messages).
+inline constexpr int kMaxChatMessages = 1024;
+
 // What the flags ask for; 0 means "derive it".
 struct BoundsConfig {
   // Most input bytes one token can stand for, on average over a prompt that fills the

@@ -19,6 +19,35 @@ grpc::Status ToGrpc(const absl::Status& s) {
   return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
 }
 
+std::string NewRequestId() {
+  static std::atomic<uint64_t> counter{0};
+  static const uint64_t boot = static_cast<uint64_t>(absl::ToUnixMicros(absl::Now()));
+  return absl::StrCat(absl::Hex(boot & 0xffffff), "-", counter.fetch_add(1) + 1);
+}
+
+absl::StatusOr<engine::Request> BuildEngineRequest(const v1::GenerateRequest& request,
+                                                   const std::string& tenant,
+                                                   const engine::Tokenizer& tokenizer,
+                                                   const Limits& limits, const ChatPrompter* chat) {
+  if (request.has_messages()) {
+    v1::GenerateRequest rendered = request;
+    SP_RETURN_IF_ERROR(RenderMessagesInto(chat, &rendered));
+    return BuildEngineRequest(rendered, tenant, tokenizer, limits);
+  }
+  absl::StatusOr<engine::Request> req = ToEngineRequest(request, tokenizer, limits);
+  if (req.ok()) req->tenant = tenant;
+  return req;
+}
+
+absl::StatusOr<engine::Request> BuildEngineRequest(const v1::GenerateRagRequest& request,
+                                                   const std::string& tenant,
+                                                   const engine::Tokenizer& tokenizer,
+                                                   const Limits& limits) {
+  absl::StatusOr<engine::Request> req = ToEngineRagRequest(request, tokenizer, limits);
+  if (req.ok()) req->tenant = tenant;
+  return req;
+}
+
 namespace {
 
 // A refusal the client may retry carries the hint as `retry-after-ms` trailing metadata.
@@ -26,12 +55,6 @@ void AddRetryHint(grpc::CallbackServerContext* context, const absl::Status& s) {
   if (std::optional<int64_t> ms = engine::RetryAfterMs(s)) {
     context->AddTrailingMetadata("retry-after-ms", absl::StrCat(*ms));
   }
-}
-
-std::string NewRequestId() {
-  static std::atomic<uint64_t> counter{0};
-  static const uint64_t boot = static_cast<uint64_t>(absl::ToUnixMicros(absl::Now()));
-  return absl::StrCat(absl::Hex(boot & 0xffffff), "-", counter.fetch_add(1) + 1);
 }
 
 // Streams one generation. Engine events arrive on the engine thread and are queued;
@@ -368,9 +391,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* SuperposeService::Generate(
       context, *bytes,
       [this](const v1::GenerateRequest& request, const std::string& tenant,
              GenerateReactor* reactor) {
-        absl::StatusOr<engine::Request> req = ToEngineRequest(request, *model_->tokenizer, limits_);
-        if (req.ok()) req->tenant = tenant;
-        reactor->Start(std::move(req));
+        reactor->Start(BuildEngineRequest(request, tenant, *model_->tokenizer, limits_, chat_));
       });
 }
 
@@ -381,10 +402,9 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* SuperposeService::GenerateRag(
       [this](const v1::GenerateRagRequest& request, const std::string& tenant,
              GenerateReactor* reactor) {
         absl::StatusOr<engine::Request> req =
-            ToEngineRagRequest(request, *model_->tokenizer, limits_);
+            BuildEngineRequest(request, tenant, *model_->tokenizer, limits_);
         std::vector<std::string> ids;
         if (req.ok()) {
-          req->tenant = tenant;
           for (const auto& d : request.documents()) ids.push_back(d.id());
         }
         reactor->Start(std::move(req), std::move(ids));

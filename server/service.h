@@ -10,6 +10,7 @@
 #include "engine/runtime/model_bundle.h"
 #include "server/auth.h"
 #include "server/call_gate.h"
+#include "server/chat_prompt.h"
 #include "server/convert.h"
 #include "server/metrics.h"
 #include "server/work_pool.h"
@@ -51,6 +52,11 @@ class SuperposeService final : public RawSuperposeService {
   // Waits until every generation call is done (its last message written and its status
   // sent) or `timeout` passes; true when none is left.
   bool WaitForCalls(absl::Duration timeout) { return gate_.WaitIdle(timeout); }
+  // The admission of generation calls, shared with the HTTP API (server/openai_server.h):
+  // its calls are refused and waited for by the same shutdown.
+  CallGate* gate() { return &gate_; }
+  // The chat template for Generate's `messages` (before serving; null: none).
+  void set_chat(const ChatPrompter* chat) { chat_ = chat; }
 
  private:
   // Authenticates (setting `*tenant`), parses and bounds-checks a request.
@@ -73,8 +79,26 @@ class SuperposeService final : public RawSuperposeService {
   const Authenticator* auth_;
   WorkPool* pool_;
   CallGate gate_;
+  const ChatPrompter* chat_ = nullptr;
 };
 
 grpc::Status ToGrpc(const absl::Status& s);
+
+// Shared by the gRPC service and the HTTP API (server/openai_server.h). A new request id
+// (for requests that bring none).
+std::string NewRequestId();
+// The engine request of a parsed, bounds-checked (CheckBounds) Generate / GenerateRag
+// request of `tenant`: tokenized and every field checked (ToEngineRequest /
+// ToEngineRagRequest).
+// A request with `messages` is rendered by `chat` first.
+absl::StatusOr<engine::Request> BuildEngineRequest(const v1::GenerateRequest& request,
+                                                   const std::string& tenant,
+                                                   const engine::Tokenizer& tokenizer,
+                                                   const Limits& limits,
+                                                   const ChatPrompter* chat = nullptr);
+absl::StatusOr<engine::Request> BuildEngineRequest(const v1::GenerateRagRequest& request,
+                                                   const std::string& tenant,
+                                                   const engine::Tokenizer& tokenizer,
+                                                   const Limits& limits);
 
 }  // namespace superpose::server

@@ -27,9 +27,11 @@
 #if SUPERPOSE_HAVE_CUDA
 #include "cuda/cuda_backend.h"
 #endif
+#include "server/chat_prompt.h"
 #include "server/health_reflection.h"
 #include "server/metrics.h"
 #include "server/omp_wait.h"
+#include "server/openai_server.h"
 #include "server/private_mode.h"
 #include "server/reflection_auth.h"
 #include "server/reload.h"
@@ -137,6 +139,16 @@ ABSL_FLAG(int64_t, max_request_bytes, 0,
 ABSL_FLAG(int32_t, tokenize_threads, 2, "Threads that tokenize requests, off the gRPC threads");
 ABSL_FLAG(int32_t, tokenize_queue, 64,
           "Requests that may wait for a tokenize thread; more get RESOURCE_EXHAUSTED");
+// The OpenAI-compatible HTTP API (docs/api.md "HTTP API", docs/operations.md).
+ABSL_FLAG(std::string, http_listen, "",
+          "OpenAI-compatible HTTP API address host:port (/v1/models, /v1/completions, "
+          "/v1/chat/completions; port 0 picks one). Empty: off");
+ABSL_FLAG(std::string, http_port_file, "", "If set, write the bound HTTP API port here");
+ABSL_FLAG(int32_t, http_threads, 64,
+          "HTTP API connections served at once (a streaming response holds one)");
+ABSL_FLAG(std::string, chat_template, "",
+          "Jinja chat template file for chat requests, overriding the model's "
+          "tokenizer_config.json chat_template");
 
 namespace {
 
@@ -355,6 +367,54 @@ absl::Status StartMetrics(server::MetricsServer* metrics_server, engine::Engine*
   return absl::OkStatus();
 }
 
+// The OpenAI-compatible HTTP API, when --http_listen is set: its chat template and
+// server (stopped after the drain, which its calls take part in through the gate).
+struct HttpApi {
+  server::ChatPrompter chat = server::ChatPrompter::Without("");
+  std::unique_ptr<server::OpenAiServer> server;
+};
+
+// The chat template (--chat_template, else the model's) for gRPC's `messages` and the
+// HTTP API's chat.
+absl::Status LoadChat(HttpApi* api, const engine::ModelBundle& model,
+                      server::SuperposeService* service) {
+  absl::StatusOr<server::ChatPrompter> chat = server::ChatPrompter::Load(
+      absl::GetFlag(FLAGS_chat_template), absl::GetFlag(FLAGS_model), *model.tokenizer);
+  if (!chat.ok()) return Prefixed("--chat_template: ", chat.status());
+  api->chat = *std::move(chat);
+  service->set_chat(&api->chat);
+  return absl::OkStatus();
+}
+
+absl::Status StartHttpApi(HttpApi* api, const engine::ModelBundle& model, engine::Engine* eng,
+                          const server::Limits& limits, server::Metrics* metrics, Security* sec,
+                          server::WorkPool* pool, server::SuperposeService* service,
+                          int64_t max_request_bytes) {
+  const std::string listen = absl::GetFlag(FLAGS_http_listen);
+  if (listen.empty()) return absl::OkStatus();
+  if (absl::GetFlag(FLAGS_tenant_from_client_cert)) {
+    return absl::InvalidArgumentError(
+        "--http_listen: the HTTP API takes tenants from bearer keys only, not with "
+        "--tenant_from_client_cert");
+  }
+  server::OpenAiServerOptions options;
+  options.threads = absl::GetFlag(FLAGS_http_threads);
+  options.max_request_bytes = max_request_bytes;
+  if (options.threads < 1) return absl::InvalidArgumentError("--http_threads: must be >= 1");
+  api->server = std::make_unique<server::OpenAiServer>(&model, eng, limits, &api->chat, metrics,
+                                                       &sec->auth, pool, service->gate(), options);
+  if (sec->tls != nullptr) api->server->set_tls(sec->tls.get());
+  const int port = api->server->Start(listen);
+  if (port <= 0) {
+    return absl::UnavailableError(
+        absl::StrCat("--http_listen: cannot listen on ", listen, " (is the port in use?)"));
+  }
+  spdlog::info("HTTP API on {}://{}/v1 (port {}, chat {})", sec->tls ? "https" : "http", listen,
+               port, api->chat.available() ? "on" : "off");
+  WritePortFile(absl::GetFlag(FLAGS_http_port_file), port);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpc(server::SuperposeService* service,
                                                         Security* sec, int64_t max_request_bytes) {
   grpc::EnableDefaultHealthCheckService(true);
@@ -485,9 +545,16 @@ int Run() {
   server::SuperposeService service(
       &*model, &eng, (*backend)->name(), (*backend)->compute_dtype(), (*backend)->kv().dtype,
       backend_config->options().tensor_parallel, limits, &metrics, &sec.auth, &tokenize_pool);
+  HttpApi http_api;
+  if (absl::Status st = LoadChat(&http_api, *model, &service); !st.ok()) return Fail(st);
   absl::StatusOr<std::unique_ptr<grpc::Server>> server =
       StartGrpc(&service, &sec, bounds->max_request_bytes);
   if (!server.ok()) return Fail(server.status());
+  if (absl::Status st = StartHttpApi(&http_api, *model, &eng, limits, &metrics, &sec,
+                                     &tokenize_pool, &service, bounds->max_request_bytes);
+      !st.ok()) {
+    return Fail(st);
+  }
 
   const int sig = WaitForStop(server->get(), eng, &sec.reload);
   const double grace = absl::GetFlag(FLAGS_shutdown_grace_s);
@@ -495,6 +562,7 @@ int Run() {
   server::DrainAndStop(server->get(), &service, &eng, absl::Seconds(grace));
   // Work still queued finishes its calls (cancelled ones at once) while the service
   // and the engine are alive.
+  if (http_api.server != nullptr) http_api.server->Stop();
   tokenize_pool.Stop();
   metrics_server.Stop();
   spdlog::info("stopped");
