@@ -27,6 +27,7 @@
 #if SUPERPOSE_HAVE_CUDA
 #include "cuda/cuda_backend.h"
 #endif
+#include "server/lazy_options.h"
 #include "server/metrics.h"
 #include "server/omp_wait.h"
 #include "server/private_mode.h"
@@ -133,6 +134,12 @@ ABSL_FLAG(int64_t, max_text_bytes, 0,
           "text), checked before tokenizing (0: context window * --max_bytes_per_token)");
 ABSL_FLAG(int64_t, max_request_bytes, 0,
           "Most bytes of one request message (0: 4 * max_text_bytes + 64 KiB)");
+// LazyLLM (docs/operations.md "LazyLLM token pruning").
+ABSL_FLAG(std::string, lazy_default, "off",
+          "LazyLLM pruning of plain requests that do not choose: off, paper (the paper's "
+          "schedule), or LAYER:KEEP,... (0-based boundary layers, keep fractions)");
+ABSL_FLAG(int32_t, lazy_min_prompt, 1024,
+          "Prompts shorter than this many tokens never prune (LazyLLM)");
 ABSL_FLAG(int32_t, tokenize_threads, 2, "Threads that tokenize requests, off the gRPC threads");
 ABSL_FLAG(int32_t, tokenize_queue, 64,
           "Requests that may wait for a tokenize thread; more get RESOURCE_EXHAUSTED");
@@ -312,6 +319,11 @@ absl::StatusOr<engine::EngineOptions> EngineOptionsFromFlags(bool private_mode) 
     return absl::InvalidArgumentError(
         absl::StrCat("--max_queue_ms: must be >= 0, got ", eopts.max_queue_ms));
   }
+  absl::StatusOr<engine::LazyOptions> lazy =
+      server::ParseLazyDefault(absl::GetFlag(FLAGS_lazy_default));
+  if (!lazy.ok()) return lazy.status();
+  eopts.lazy.default_schedule = *lazy;
+  eopts.lazy.min_prompt = absl::GetFlag(FLAGS_lazy_min_prompt);
   return eopts;
 }
 
@@ -448,6 +460,10 @@ int Run() {
         "byte-level tokenizer); its text is meaningless");
   }
   const engine::ModelConfig& cfg = model->config;
+  if (absl::Status st = server::CheckLazyDefault(eopts->lazy.default_schedule, cfg.num_layers);
+      !st.ok()) {
+    return Fail(st);
+  }
   spdlog::info("model={} arch={} layers={} hidden={} heads={}/{} vocab={} params={} dtype={}",
                model->name, cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_heads,
                cfg.num_kv_heads, cfg.vocab_size, cfg.NumParameters(), engine::DTypeName(cfg.dtype));
