@@ -10,6 +10,7 @@
 #include "engine/cpu/cpu_backend.h"
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
+#include "engine/runtime/scheduler.h"
 #include "tests/lazy_reference.h"
 #include "tests/test_util.h"
 
@@ -169,6 +170,33 @@ TEST_F(LazyEngineTest, PreemptionReplaysTheDecision) {
   EXPECT_EQ(ra.usage.lazy_stage_tokens, alone[0].usage.lazy_stage_tokens);
   EXPECT_EQ(rb.usage.lazy_stage_tokens, alone[1].usage.lazy_stage_tokens);
   EXPECT_EQ(eng->blocks().free_blocks(), 8);
+}
+
+}  // namespace
+}  // namespace superpose
+
+namespace superpose {
+namespace {
+
+// The scheduler gives a deciding lazy prefill all of its tokens in one step or waits.
+TEST(LazySchedulerTest, WholePrefillWaitsForTheBudget) {
+  engine::Snapshot snap;
+  snap.free_blocks = 100;
+  snap.running.push_back({10, 11, -1, 1, 1});  // decoding: 1 token
+  engine::SeqSnapshot w;
+  w.total = 40;
+  snap.waiting.push_back(w);
+  const engine::SchedulerLimits limits{32, 8, 16};
+  engine::Decision d = engine::Schedule(snap, limits);
+  ASSERT_EQ(d.scheduled.size(), 2u);  // chunked: 31 tokens
+  EXPECT_EQ(d.scheduled[1].num_tokens, 31);
+  snap.waiting[0].whole = true;
+  d = engine::Schedule(snap, limits);
+  ASSERT_EQ(d.scheduled.size(), 1u);  // waits
+  snap.waiting[0].total = 31;
+  d = engine::Schedule(snap, limits);
+  ASSERT_EQ(d.scheduled.size(), 2u);  // fits whole
+  EXPECT_EQ(d.scheduled[1].num_tokens, 31);
 }
 
 }  // namespace
