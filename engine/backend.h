@@ -67,7 +67,7 @@ struct SeqPlan {
   std::vector<KvSegment> context;
   int32_t token_begin = 0;
   int32_t num_tokens = 0;
-  LazyPlan lazy;  // backends without SupportsLazy() refuse a plan that sets it
+  LazyPlan lazy = {};  // backends without SupportsLazy() refuse a plan that sets it
 };
 
 // Asks for the log-probability of `target` at the distribution predicted after

@@ -44,7 +44,7 @@ struct EngineOptions {
   int64_t max_queue_ms = 0;
   // LazyLLM token pruning (--lazy_default, --lazy_min_prompt): the schedule of plain
   // requests that do not choose, and the prompt length below which none prunes.
-  LazyEngineOptions lazy;
+  LazyEngineOptions lazy = {};
 };
 
 // Observes the engine for metrics; called on the engine thread.
