@@ -11,6 +11,7 @@
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
 #include "engine/runtime/scheduler.h"
+#include "tests/forwarding_backend.h"
 #include "tests/lazy_reference.h"
 #include "tests/test_util.h"
 
@@ -177,6 +178,34 @@ TEST_F(LazyEngineTest, PreemptionReplaysTheDecision) {
 
 namespace superpose {
 namespace {
+
+// A backend without LazyLLM: requests that ask get UNIMPLEMENTED, the server default
+// is dropped.
+TEST(LazyBackendSupportTest, UnsupportedBackend) {
+  struct NoLazy : testing::ForwardingBackend {
+    using ForwardingBackend::ForwardingBackend;
+    bool SupportsLazy() const override { return false; }
+  };
+  auto m = engine::LoadModelBundle("");
+  ASSERT_TRUE(m.ok());
+  engine::BackendOptions o;
+  o.kv_num_blocks = 32;
+  auto cpu = engine::cpu::MakeCpuBackend(o);
+  ASSERT_TRUE(cpu->Load(m->config, *m->weights, engine::Shard{}).ok());
+  NoLazy backend(cpu.get());
+  engine::EngineOptions eo;
+  eo.lazy.min_prompt = 4;
+  eo.lazy.default_schedule = engine::PaperLazySchedule(m->config.num_layers);
+  engine::Engine eng(eo, m->config, m->tokenizer.get(), &backend);
+  eng.Start();
+  engine::Request r = testing::GreedyRequest({256, 72, 101, 108, 108, 111, 32, 119}, 2);
+  testing::Completion c = testing::RunRequest(eng, r);
+  ASSERT_TRUE(c.status.ok());
+  EXPECT_TRUE(c.usage.lazy_boundaries.empty() && c.usage.lazy_skipped.empty());
+  r.lazy.mode = LazyOptions::Mode::kOn;
+  c = testing::RunRequest(eng, r);
+  EXPECT_EQ(c.status.code(), absl::StatusCode::kUnimplemented);
+}
 
 // The scheduler gives a deciding lazy prefill all of its tokens in one step or waits.
 TEST(LazySchedulerTest, WholePrefillWaitsForTheBudget) {
