@@ -324,6 +324,10 @@ absl::StatusOr<engine::EngineOptions> EngineOptionsFromFlags(bool private_mode) 
   if (!lazy.ok()) return lazy.status();
   eopts.lazy.default_schedule = *lazy;
   eopts.lazy.min_prompt = absl::GetFlag(FLAGS_lazy_min_prompt);
+  if (eopts.lazy.min_prompt < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--lazy_min_prompt: must be >= 1, got ", eopts.lazy.min_prompt));
+  }
   return eopts;
 }
 

@@ -5,8 +5,8 @@
 #include <cstring>
 #include <limits>
 
-#include "engine/row_math.h"
 #include "engine/row_sampling.h"
+#include "engine/row_math.h"
 
 namespace superpose::engine {
 
