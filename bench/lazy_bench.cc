@@ -10,7 +10,8 @@
 // is the default schedule). Quality (stories260k at its context length): prompts the
 // model writes itself (sampled from BOS, several concatenated: a multi-document prompt),
 // first-token KL(baseline || lazy) and greedy agreement (share of positions where the
-// lazy run's greedy token equals the baseline's, both free-running), per keep fraction.
+// lazy run's greedy token equals the baseline's, both free-running and decoded as the
+// server decodes: the prefill's decision kept), per keep fraction.
 // Never asserted: reported next to each other.
 #include <algorithm>
 #include <cmath>
@@ -26,7 +27,9 @@
 #include "bench/bench_util.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/lazy.h"
+#include "engine/runtime/lazy_steps.h"
 #include "engine/runtime/model_bundle.h"
+#include "engine/runtime/step_plan.h"
 
 ABSL_FLAG(std::string, model, "", "Speed model directory (genmodel --shape=llama-110m)");
 ABSL_FLAG(std::string, lengths, "1024,2048,4096", "Prompt lengths for the speed curve");
@@ -170,18 +173,33 @@ std::vector<int32_t> ModelText(engine::Backend& b, const engine::ModelConfig& c,
   return t;
 }
 
-// Greedy continuation through full prefills (the lazy one pruning each prefix anew:
-// an upper bound of the quality cost, as every step re-decides from scratch).
-std::vector<int32_t> Greedy(engine::Backend& b, std::vector<int32_t> t,
-                            const std::vector<int32_t>& bounds, float keep, int32_t steps) {
+// Greedy continuation as the server runs it (the engine's step planner): one prefill
+// that decides (with `bounds`), then decode steps that attend at each layer to the
+// prompt tokens with K/V there.
+std::vector<int32_t> Greedy(engine::Backend& b, const engine::ModelConfig& c,
+                            const std::vector<int32_t>& prompt, const std::vector<int32_t>& bounds,
+                            float keep, int32_t steps) {
+  engine::Sequence seq;
+  seq.tokens = prompt;
+  seq.prompt_len = static_cast<int32_t>(prompt.size());
+  seq.emits = true;
+  for (int32_t i = 0; i <= (seq.prompt_len + steps) / 16; ++i) seq.blocks.push_back(i);
+  if (!bounds.empty()) {
+    seq.lazy.boundaries = bounds;
+    seq.lazy.keep.assign(bounds.size(), keep);
+  }
+  const engine::StepPlanOptions opts{16, c.vocab_size, /*compact_logits=*/false, false};
   std::vector<int32_t> gen;
-  for (int32_t s = 0; s < steps; ++s) {
+  while (static_cast<int32_t>(gen.size()) < steps) {
+    const engine::StepPlan sp = engine::BuildStepPlan({{&seq, seq.remaining()}}, opts);
     ForwardOutput out;
-    if (!b.Forward(Prefill(t, bounds, keep), &out).ok()) std::exit(1);
+    if (!b.Forward(sp.plan, &out).ok()) std::exit(1);
+    for (const ForwardOutput::Lazy& r : out.lazy) engine::TakeLazyDecision(r, &seq);
+    seq.computed = static_cast<int32_t>(seq.tokens.size());
     const int32_t next = static_cast<int32_t>(
         std::max_element(out.logits.begin(), out.logits.end()) - out.logits.begin());
     gen.push_back(next);
-    t.push_back(next);
+    seq.tokens.push_back(next);
   }
   return gen;
 }
@@ -212,7 +230,8 @@ void Quality(const std::string& dir) {
       for (size_t i = 0; i < pb.size(); ++i) {
         if (pb[i] > 0) kl += pb[i] * std::log(pb[i] / std::max(pl[i], 1e-30f));
       }
-      const auto gb = Greedy(*b, p, {}, 1.0f, steps), gl = Greedy(*b, p, bounds, keep, steps);
+      const auto gb = Greedy(*b, c, p, {}, 1.0f, steps);
+      const auto gl = Greedy(*b, c, p, bounds, keep, steps);
       for (int32_t i = 0; i < steps; ++i) agree += gb[i] == gl[i];
     }
     const double np = static_cast<double>(prompts.size());
