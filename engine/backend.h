@@ -38,6 +38,27 @@ struct KvSlot {
   int32_t slot = 0;
 };
 
+// LazyLLM token pruning of one sequence (docs/architecture.md "LazyLLM"; engine/lazy.h).
+// The layers are cut into stages after each boundary layer: stage 0 is layers
+// [0, boundaries[0]], stage s is (boundaries[s-1], boundaries[s]], the last stage runs to
+// the last layer. A token computed in stage s has K/V (at its usual slot) in the layers
+// of stages 0..s only; at a layer of stage s a query attends to stage_context[s-1] (s >=
+// 1; stage 0: SeqPlan::context) and to the new tokens present in stage s.
+struct LazyPlan {
+  std::vector<int32_t> boundaries;  // empty: not lazy; else increasing, < num_layers
+  // One per boundary: the context segments that have K/V in stage s + 1.
+  std::vector<std::vector<KvSegment>> stage_context;
+  // Prefill that decides (then `context` is empty): at boundary s the last new token's
+  // head-averaged attention scores the other new tokens of the stage and the best
+  // round(keep[s] * n) go on (ties: lower position); the last token always goes on.
+  std::vector<float> keep;
+  // Recomputation of decided tokens: per new token, how many stages it is computed in
+  // (1 .. boundaries.size() + 1). Empty with empty `keep`: every new token runs through
+  // every stage (a decode step).
+  std::vector<int32_t> depth;
+  bool active() const { return !boundaries.empty(); }
+};
+
 // One sequence's part of a step. Its new tokens are tokens[token_begin,
 // token_begin + num_tokens) of the plan; each attends to every token of `context`
 // and to the new tokens of this sequence up to and including itself (causal).
@@ -46,6 +67,7 @@ struct SeqPlan {
   std::vector<KvSegment> context;
   int32_t token_begin = 0;
   int32_t num_tokens = 0;
+  LazyPlan lazy = {};  // backends without SupportsLazy() refuse a plan that sets it
 };
 
 // Asks for the log-probability of `target` at the distribution predicted after
@@ -100,6 +122,13 @@ struct ForwardOutput {
   std::vector<float> sampled_logit;
   // One per plan.logprobs entry (natural log).
   std::vector<float> logprobs;
+  // One per plan sequence whose lazy plan has `keep` or `depth`, in plan order.
+  struct Lazy {
+    int32_t seq = 0;                    // index into plan.seqs
+    std::vector<int32_t> depth;         // per new token: stages it was computed in
+    std::vector<int32_t> layer_tokens;  // per layer: its new tokens computed there
+  };
+  std::vector<Lazy> lazy;
 };
 
 // The one reading of the row contract above: where each plan.logits_for row lies in a
@@ -247,6 +276,9 @@ class Backend {
   // Whether Forward draws the tokens of rows with plan.sampling (else the plan must not
   // ask).
   virtual bool SamplesRows() const { return false; }
+  // Whether Forward runs plans with SeqPlan::lazy (LazyLLM pruning); else it refuses
+  // them with UNIMPLEMENTED.
+  virtual bool SupportsLazy() const { return false; }
   // OK while the backend can run steps; else why it cannot any more (a tensor-parallel
   // group aborted after a rank failed). Thread-safe.
   virtual absl::Status Health() const { return absl::OkStatus(); }

@@ -29,6 +29,7 @@ class TensorParallelBackend : public Backend {
   absl::Status Forward(const BatchPlan& plan, ForwardOutput* out) override;
   KvPoolInfo kv() const override;
   bool SamplesRows() const override { return ranks_[0]->SamplesRows(); }
+  bool SupportsLazy() const override { return ranks_[0]->SupportsLazy(); }
   // FAILED_PRECONDITION once the group was aborted (a rank failed), else the first
   // failed Health of a rank.
   absl::Status Health() const override;

@@ -8,6 +8,7 @@
 #include "engine/model/tokenizer_unicode.h"
 #include "engine/rag/validate.h"
 #include "engine/util/status.h"
+#include "server/lazy_options.h"
 
 namespace superpose::server {
 namespace {
@@ -72,6 +73,7 @@ absl::StatusOr<engine::Request> ToEngineRequest(const v1::GenerateRequest& req,
     return Invalid("top_logprobs needs logprobs = true");
   }
   out.top_logprobs = static_cast<int32_t>(req.top_logprobs());
+  out.lazy = LazyFromProto(req);  // checked by the engine against the model
   return out;
 }
 
@@ -283,6 +285,7 @@ void ToProto(const engine::Usage& u, v1::Usage* out) {
   out->set_queue_time_ms(u.queue_time_ms);
   out->set_time_to_first_token_ms(u.ttft_ms);
   out->set_total_time_ms(u.total_time_ms);
+  LazyUsageToProto(u, out);
 }
 
 void ToProto(const engine::TokenLogprobs& lp, const engine::Tokenizer& tokenizer,

@@ -126,6 +126,12 @@ void Metrics::OnPreempted() {
   ++preemptions_;
 }
 
+void Metrics::OnLazyPrefill(int64_t, int64_t pruned_tokens) {
+  absl::MutexLock lock(&mu_);
+  ++lazy_prefills_;
+  lazy_pruned_tokens_ += static_cast<uint64_t>(pruned_tokens);
+}
+
 void Metrics::OnStep(int32_t, int32_t, int32_t batch_tokens) {
   absl::MutexLock lock(&mu_);
   ++steps_;
@@ -233,6 +239,11 @@ std::string Metrics::Render() const {
           cached_tokens_, &out);
   Counter("superpose_preemptions_total", "Sequences preempted when KV blocks ran out.",
           preemptions_, &out);
+  Counter("superpose_lazy_prefills_total", "Prompts prefilled with LazyLLM pruning.",
+          lazy_prefills_, &out);
+  Counter("superpose_lazy_pruned_tokens_total",
+          "Prompt tokens LazyLLM pruned before the last stage (revival is not implemented).",
+          lazy_pruned_tokens_, &out);
   Counter("superpose_engine_steps_total", "Engine iterations that ran the backend.", steps_, &out);
   absl::StrAppend(&out,
                   "# HELP superpose_rag_requests_total GenerateRag requests finished, by "

@@ -50,6 +50,7 @@ class Metrics : public engine::EngineObserver {
   void OnTenantFinished(const std::string& tenant, const engine::Usage& usage,
                         engine::FinishReason reason, const absl::Status& status) override;
   void OnQueueTimeout(const std::string& tenant) override;
+  void OnLazyPrefill(int64_t prompt_tokens, int64_t pruned_tokens) override;
   // Requests refused before reaching the engine (validation, full queue); `tenant`
   // (empty: unknown, e.g. not authenticated) also counts them for the tenant.
   void OnRejected(const std::string& code, const std::string& tenant = "");
@@ -70,6 +71,8 @@ class Metrics : public engine::EngineObserver {
   uint64_t generated_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t cached_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t preemptions_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t lazy_prefills_ ABSL_GUARDED_BY(mu_) = 0;  // LazyLLM
+  uint64_t lazy_pruned_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t steps_ ABSL_GUARDED_BY(mu_) = 0;
   // RAG requests.
   std::map<std::string, uint64_t> rag_requests_ ABSL_GUARDED_BY(mu_);  // by mode

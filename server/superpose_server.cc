@@ -29,6 +29,7 @@
 #endif
 #include "server/chat_prompt.h"
 #include "server/health_reflection.h"
+#include "server/lazy_options.h"
 #include "server/metrics.h"
 #include "server/omp_wait.h"
 #include "server/openai_server.h"
@@ -136,6 +137,12 @@ ABSL_FLAG(int64_t, max_text_bytes, 0,
           "text), checked before tokenizing (0: context window * --max_bytes_per_token)");
 ABSL_FLAG(int64_t, max_request_bytes, 0,
           "Most bytes of one request message (0: 4 * max_text_bytes + 64 KiB)");
+// LazyLLM (docs/operations.md "LazyLLM token pruning").
+ABSL_FLAG(std::string, lazy_default, "off",
+          "LazyLLM pruning of plain requests that do not choose: off, paper (the paper's "
+          "schedule), or LAYER:KEEP,... (0-based boundary layers, keep fractions)");
+ABSL_FLAG(int32_t, lazy_min_prompt, 1024,
+          "Prompts shorter than this many tokens never prune (LazyLLM)");
 ABSL_FLAG(int32_t, tokenize_threads, 2, "Threads that tokenize requests, off the gRPC threads");
 ABSL_FLAG(int32_t, tokenize_queue, 64,
           "Requests that may wait for a tokenize thread; more get RESOURCE_EXHAUSTED");
@@ -325,6 +332,15 @@ absl::StatusOr<engine::EngineOptions> EngineOptionsFromFlags(bool private_mode) 
     return absl::InvalidArgumentError(
         absl::StrCat("--max_queue_ms: must be >= 0, got ", eopts.max_queue_ms));
   }
+  absl::StatusOr<engine::LazyOptions> lazy =
+      server::ParseLazyDefault(absl::GetFlag(FLAGS_lazy_default));
+  if (!lazy.ok()) return lazy.status();
+  eopts.lazy.default_schedule = *lazy;
+  eopts.lazy.min_prompt = absl::GetFlag(FLAGS_lazy_min_prompt);
+  if (eopts.lazy.min_prompt < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--lazy_min_prompt: must be >= 1, got ", eopts.lazy.min_prompt));
+  }
   return eopts;
 }
 
@@ -510,6 +526,10 @@ int Run() {
         "byte-level tokenizer); its text is meaningless");
   }
   const engine::ModelConfig& cfg = model->config;
+  if (absl::Status st = server::CheckLazyDefault(eopts->lazy.default_schedule, cfg.num_layers);
+      !st.ok()) {
+    return Fail(st);
+  }
   spdlog::info("model={} arch={} layers={} hidden={} heads={}/{} vocab={} params={} dtype={}",
                model->name, cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_heads,
                cfg.num_kv_heads, cfg.vocab_size, cfg.NumParameters(), engine::DTypeName(cfg.dtype));

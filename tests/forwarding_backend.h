@@ -22,6 +22,7 @@ class ForwardingBackend : public engine::Backend {
   }
   engine::KvPoolInfo kv() const override { return inner_->kv(); }
   bool SamplesRows() const override { return inner_->SamplesRows(); }
+  bool SupportsLazy() const override { return inner_->SupportsLazy(); }
   absl::Status Health() const override { return inner_->Health(); }
   absl::Status ZeroKvBlocks(absl::Span<const engine::BlockId> blocks) override {
     return inner_->ZeroKvBlocks(blocks);

@@ -11,6 +11,7 @@
 #include "engine/cpu/elementwise.h"
 #include "engine/cpu/small_gemm.h"
 #include "engine/cpu/thread_communicator.h"
+#include "engine/lazy.h"
 #include "engine/tensor_parallel.h"
 #include "engine/util/status.h"
 
@@ -198,7 +199,20 @@ absl::Status CpuBackend::AllReduce(float* data, int64_t count) {
   return comm_->AllReduceSum(data, count);
 }
 
-CpuBackend::KeyIndex CpuBackend::BuildKeyIndex(const BatchPlan& plan) const {
+CpuBackend::ActiveRows CpuBackend::AllRows(const BatchPlan& plan) {
+  ActiveRows rows;
+  rows.token.resize(plan.tokens.size());
+  for (size_t t = 0; t < rows.token.size(); ++t) rows.token[t] = static_cast<int32_t>(t);
+  for (const SeqPlan& seq : plan.seqs) {
+    rows.begin.push_back(seq.token_begin);
+    rows.count.push_back(seq.num_tokens);
+    rows.stage.push_back(0);
+  }
+  return rows;
+}
+
+CpuBackend::KeyIndex CpuBackend::BuildKeyIndex(const BatchPlan& plan,
+                                               const ActiveRows& rows) const {
   const int32_t bs = kv_info_.block_size;
   const int32_t S = static_cast<int32_t>(plan.seqs.size());
   KeyIndex ix;
@@ -207,26 +221,30 @@ CpuBackend::KeyIndex CpuBackend::BuildKeyIndex(const BatchPlan& plan) const {
   for (int32_t si = 0; si < S; ++si) {
     const SeqPlan& seq = plan.seqs[si];
     AttnKeys& keys = ix.keys[si];
-    for (const KvSegment& g : seq.context) keys.Append(g.block, g.first_slot, g.length, bs);
+    // A lazy sequence past its first boundary sees the context of its stage.
+    const int32_t stage = rows.stage[si];
+    for (const KvSegment& g : stage == 0 ? seq.context : seq.lazy.stage_context[stage - 1]) {
+      keys.Append(g.block, g.first_slot, g.length, bs);
+    }
     ctx_len[si] = static_cast<int32_t>(keys.slots.size());
-    for (int32_t j = 0; j < seq.num_tokens; ++j) {
-      const KvSlot& s = plan.kv_slots[seq.token_begin + j];
+    for (int32_t j = 0; j < rows.count[si]; ++j) {
+      const KvSlot& s = plan.kv_slots[rows.token[rows.begin[si] + j]];
       keys.Append(s.block, s.slot, 1, bs);
     }
   }
   // Work items: the query heads of one kv head for a tile of rows (up to 32 queries),
   // with each query's row in q/out and its visible key count.
   for (int32_t si = 0; si < S; ++si) {
-    const SeqPlan& seq = plan.seqs[si];
+    const int32_t n = rows.count[si];
     for (int32_t kvh = 0; kvh < kv_heads_; ++kvh) {
       const int32_t g = static_cast<int32_t>(heads_of_[kvh].size());
       if (g == 0) continue;
       const int32_t tile = std::max(1, 32 / g);
-      for (int32_t r0 = 0; r0 < seq.num_tokens; r0 += tile) {
+      for (int32_t r0 = 0; r0 < n; r0 += tile) {
         AttnItem item{si, kvh, static_cast<int32_t>(ix.query_row.size()), 0};
-        for (int32_t r = r0; r < std::min(r0 + tile, seq.num_tokens); ++r) {
+        for (int32_t r = r0; r < std::min(r0 + tile, n); ++r) {
           for (int32_t h : heads_of_[kvh]) {
-            ix.query_row.push_back(static_cast<int64_t>(seq.token_begin + r) * q_heads_ + h);
+            ix.query_row.push_back(static_cast<int64_t>(rows.begin[si] + r) * q_heads_ + h);
             ix.query_nk.push_back(ctx_len[si] + r + 1);
           }
         }
@@ -274,22 +292,35 @@ void CpuBackend::Attention(const KeyIndex& ix, int32_t layer, const float* q, fl
 
 absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
   SP_RETURN_IF_ERROR(ValidatePlan(plan, kv_info_, config_.vocab_size));
+  SP_RETURN_IF_ERROR(ValidateLazyPlan(plan, kv_info_, config_.num_layers));
   // OpenMP's thread count is per calling thread: set it on the thread that runs us.
   if (options_.num_threads > 0) omp_set_num_threads(options_.num_threads);
   const int32_t T = plan.num_tokens();
   out->logits.clear();
   out->logprobs.clear();
+  out->lazy.clear();
   if (T == 0) return absl::OkStatus();
   std::vector<float> x;
   SP_RETURN_IF_ERROR(Embed(plan, &x));
-  // Where each sequence's keys live: the same for every layer.
-  const KeyIndex key_index = BuildKeyIndex(plan);
+  // Where each sequence's keys live: the same for every layer of a stage (LazyLLM
+  // sequences change stage, and may drop rows, after their boundary layers).
+  ActiveRows rows = AllRows(plan);
+  KeyIndex key_index = BuildKeyIndex(plan, rows);
+  LazyStep lazy;
+  StartLazy(plan, &lazy, out);
   StepBuffers b(plan, config_, q_heads_, kv_heads_, inter_, inv_freq_);
   for (int32_t l = 0; l < config_.num_layers; ++l) {
-    SP_RETURN_IF_ERROR(AttentionBlock(plan, key_index, l, &b, &x));
+    SP_RETURN_IF_ERROR(AttentionBlock(plan, rows, key_index, l, &b, &x));
+    const bool boundary = AnyBoundary(plan, rows, l);
+    if (boundary) SP_RETURN_IF_ERROR(LazyScores(plan, key_index, rows, l, b.q.data(), &lazy));
     SP_RETURN_IF_ERROR(MlpBlock(l, &b, &x));
+    LazyCount(rows, l, lazy, out);
+    if (boundary) {
+      LazyPrune(plan, l, &lazy, &rows, &x, out);
+      key_index = BuildKeyIndex(plan, rows);
+    }
   }
-  return Logits(plan, x, out);
+  return Logits(plan, rows, x, out);
 }
 
 CpuBackend::StepBuffers::StepBuffers(const BatchPlan& plan, const ModelConfig& config,
@@ -332,9 +363,10 @@ absl::Status CpuBackend::Embed(const BatchPlan& plan, std::vector<float>* x) {
 }
 
 // Norm, QKV projection, RoPE, K/V into the pool, attention, output projection, residual.
-absl::Status CpuBackend::AttentionBlock(const BatchPlan& plan, const KeyIndex& key_index, int32_t l,
-                                        StepBuffers* b, std::vector<float>* xp) {
-  const int32_t T = plan.num_tokens();
+absl::Status CpuBackend::AttentionBlock(const BatchPlan& plan, const ActiveRows& rows,
+                                        const KeyIndex& key_index, int32_t l, StepBuffers* b,
+                                        std::vector<float>* xp) {
+  const int32_t T = static_cast<int32_t>(rows.token.size());
   const int32_t H = config_.hidden_size, D = config_.head_dim, bs = kv_info_.block_size;
   const int32_t qd = q_heads_ * D, kvd = kv_heads_ * D, qkv_w = qd + 2 * kvd, half = b->half;
   const float eps = config_.rms_norm_eps;
@@ -355,15 +387,16 @@ absl::Status CpuBackend::AttentionBlock(const BatchPlan& plan, const KeyIndex& k
     if (!L.bqkv.empty()) {
       for (int32_t i = 0; i < qkv_w; ++i) row[i] += L.bqkv[i];
     }
-    const float* c = &cos_t[static_cast<size_t>(t) * half];
-    const float* s = &sin_t[static_cast<size_t>(t) * half];
+    const int32_t tok = rows.token[t];  // rows are plan tokens (LazyLLM drops some)
+    const float* c = &cos_t[static_cast<size_t>(tok) * half];
+    const float* s = &sin_t[static_cast<size_t>(tok) * half];
     for (int32_t hh = 0; hh < q_heads_; ++hh) {
       float* qh = &q[(static_cast<size_t>(t) * q_heads_ + hh) * D];
       std::memcpy(qh, row + hh * D, sizeof(float) * D);
       if (!L.q_norm.empty()) RmsNorm(qh, L.q_norm.data(), D, eps, qh);
       Rope(qh, c, s, D);
     }
-    const KvSlot& slot = plan.kv_slots[t];
+    const KvSlot& slot = plan.kv_slots[tok];
     const size_t voff = layer_off + (static_cast<size_t>(slot.block) * bs + slot.slot) * kvd;
     const float* vsrc = row + qd + kvd;
     if (kv_bf16_) {
@@ -387,7 +420,7 @@ absl::Status CpuBackend::AttentionBlock(const BatchPlan& plan, const KeyIndex& k
   }
   Attention(key_index, l, q.data(), attn.data());
   Linear(attn.data(), T, L.wo, proj.data());
-  SP_RETURN_IF_ERROR(AllReduce(proj.data(), proj.size()));
+  SP_RETURN_IF_ERROR(AllReduce(proj.data(), x.size()));
   for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
   return absl::OkStatus();
 }
@@ -412,15 +445,21 @@ absl::Status CpuBackend::MlpBlock(int32_t l, StepBuffers* b, std::vector<float>*
     SwiGlu(g, g + inter_, inter_, &act[static_cast<size_t>(t) * inter_]);
   }
   Linear(act.data(), T, L.wdown, proj.data());
-  SP_RETURN_IF_ERROR(AllReduce(proj.data(), proj.size()));
+  SP_RETURN_IF_ERROR(AllReduce(proj.data(), x.size()));
   for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
   return absl::OkStatus();
 }
 
 // Logits of the rows that want them: logits_for first, then those of logprob requests.
-absl::Status CpuBackend::Logits(const BatchPlan& plan, const std::vector<float>& x,
-                                ForwardOutput* out) {
+absl::Status CpuBackend::Logits(const BatchPlan& plan, const ActiveRows& active,
+                                const std::vector<float>& x, ForwardOutput* out) {
   const int32_t T = plan.num_tokens(), H = config_.hidden_size;
+  // Plan token -> its row of x (tokens LazyLLM pruned have none: ValidateLazyPlan keeps
+  // logits and logprob rows off them).
+  std::vector<int32_t> x_row(T, -1);
+  for (size_t r = 0; r < active.token.size(); ++r) {
+    x_row[active.token[r]] = static_cast<int32_t>(r);
+  }
   const float eps = config_.rms_norm_eps;
   std::vector<int32_t> rows = plan.logits_for;
   std::vector<int32_t> lp_row(plan.logprobs.size());
@@ -438,7 +477,8 @@ absl::Status CpuBackend::Logits(const BatchPlan& plan, const std::vector<float>&
   const int32_t R = static_cast<int32_t>(rows.size());
   std::vector<float> hn(static_cast<size_t>(R) * H);
   for (int32_t r = 0; r < R; ++r) {
-    RmsNorm(&x[static_cast<size_t>(rows[r]) * H], final_norm_.data(), H, eps,
+    if (x_row[rows[r]] < 0) return absl::InternalError("a logits row of a pruned token");
+    RmsNorm(&x[static_cast<size_t>(x_row[rows[r]]) * H], final_norm_.data(), H, eps,
             &hn[static_cast<size_t>(r) * H]);
   }
   absl::StatusOr<const float*> logits = LmHead(hn, R);

@@ -35,6 +35,7 @@ class CpuBackend : public Backend {
   absl::Status Forward(const BatchPlan& plan, ForwardOutput* out) override;
   KvPoolInfo kv() const override { return kv_info_; }
   bool SamplesRows() const override { return cpu_.row_sampling; }
+  bool SupportsLazy() const override { return true; }
   // engine/cpu/kv_pool_access.cc: zeroing (private mode) and the tests' reader.
   absl::Status ZeroKvBlocks(absl::Span<const BlockId> blocks) override;
   absl::StatusOr<std::vector<uint8_t>> KvBlockBytes(BlockId block) const override;
@@ -79,7 +80,31 @@ class CpuBackend : public Backend {
     std::vector<int64_t> query_row;  // token * q_heads + head: the query's row in q and out
     std::vector<int32_t> query_nk;   // keys the query sees
   };
-  KeyIndex BuildKeyIndex(const BatchPlan& plan) const;
+  // The rows a step computes at the current layer: every new token, less those LazyLLM
+  // pruned at an earlier boundary of their sequence (engine/cpu/lazy_forward.cc). The
+  // rows of a sequence stay contiguous and in token order.
+  struct ActiveRows {
+    std::vector<int32_t> token;                // row -> plan token
+    std::vector<int32_t> begin, count, stage;  // per plan sequence
+  };
+  // LazyLLM bookkeeping of one Forward.
+  struct LazyStep {
+    std::vector<int32_t> result_of;          // per plan sequence: its out->lazy entry, or -1
+    std::vector<std::vector<float>> scores;  // per plan sequence deciding at this layer
+  };
+  static ActiveRows AllRows(const BatchPlan& plan);
+  KeyIndex BuildKeyIndex(const BatchPlan& plan, const ActiveRows& rows) const;
+  // lazy_forward.cc: results, the boundary scores, the pruning and the counts.
+  static void StartLazy(const BatchPlan& plan, LazyStep* z, ForwardOutput* out);
+  static bool AnyBoundary(const BatchPlan& plan, const ActiveRows& rows, int32_t l);
+  absl::Status LazyScores(const BatchPlan& plan, const KeyIndex& ix, const ActiveRows& rows,
+                          int32_t l, const float* q, LazyStep* z);
+  // Head-summed attention probabilities of query row `row` over `keys` at layer l.
+  std::vector<float> LastTokenAttention(const AttnKeys& keys, int32_t l, const float* q,
+                                        int32_t row) const;
+  void LazyPrune(const BatchPlan& plan, int32_t l, LazyStep* z, ActiveRows* rows,
+                 std::vector<float>* x, ForwardOutput* out) const;
+  static void LazyCount(const ActiveRows& rows, int32_t l, const LazyStep& z, ForwardOutput* out);
   void Attention(const KeyIndex& ix, int32_t layer, const float* q, float* out) const;
   // Scratch of one step's T tokens and its RoPE tables.
   struct StepBuffers {
@@ -92,10 +117,12 @@ class CpuBackend : public Backend {
   // Forward's steps: x[T, hidden] through the embedding, each layer's attention and MLP
   // blocks (residuals added), then the logits rows.
   absl::Status Embed(const BatchPlan& plan, std::vector<float>* x);
-  absl::Status AttentionBlock(const BatchPlan& plan, const KeyIndex& key_index, int32_t l,
-                              StepBuffers* b, std::vector<float>* x);
+  absl::Status AttentionBlock(const BatchPlan& plan, const ActiveRows& rows,
+                              const KeyIndex& key_index, int32_t l, StepBuffers* b,
+                              std::vector<float>* x);
   absl::Status MlpBlock(int32_t l, StepBuffers* b, std::vector<float>* x);
-  absl::Status Logits(const BatchPlan& plan, const std::vector<float>& x, ForwardOutput* out);
+  absl::Status Logits(const BatchPlan& plan, const ActiveRows& active, const std::vector<float>& x,
+                      ForwardOutput* out);
   absl::StatusOr<const float*> LmHead(const std::vector<float>& hn, int32_t R);
   void Logprobs(const BatchPlan& plan, const float* logits, int32_t R,
                 const std::vector<int32_t>& lp_row, ForwardOutput* out) const;

@@ -103,6 +103,11 @@ StreamEvent Emitter::FinalEvent(Sequence& seq, FinishReason reason,
                                                           : Ms(seq.scheduled - seq.arrival);
   u.ttft_ms = seq.first_token == absl::InfinitePast() ? 0 : Ms(seq.first_token - seq.arrival);
   u.total_time_ms = Ms(now - seq.arrival);
+  if (seq.lazy.decided()) {
+    u.lazy_boundaries = seq.lazy.boundaries;
+    u.lazy_stage_tokens = seq.lazy.stage_tokens;
+  }
+  u.lazy_skipped = seq.lazy.skipped;
   return ev;
 }
 

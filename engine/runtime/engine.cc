@@ -238,6 +238,9 @@ absl::StatusOr<uint64_t> Engine::Impl::Submit(Request request, StreamCallback ca
   } else {
     const int64_t n = static_cast<int64_t>(request.prompt_ids.size());
     if (n == 0) return absl::InvalidArgumentError("prompt is empty");
+    absl::Status lazy = ResolveRequestLazy(options_.lazy, config_.num_layers,
+                                           backend_->SupportsLazy(), &request.lazy);
+    if (!lazy.ok()) return lazy;
     if (n >= max_context_) {
       return absl::InvalidArgumentError(
           absl::StrCat("prompt has ", n, " tokens; the context window is ", max_context_));
@@ -387,6 +390,7 @@ void Engine::Impl::StartRequest(Incoming in) {
   seq->owner = this;
   seq->emits = true;
   seq->prefix_cache = true;
+  StartLazySequence(seq->req.lazy, options_.lazy.min_prompt, options_.max_batch_tokens, seq.get());
   std::vector<std::unique_ptr<Sequence>> one;
   one.push_back(std::move(seq));
   Enqueue(std::move(one), /*front=*/false);
@@ -592,6 +596,7 @@ Snapshot Engine::Impl::TakeSnapshot() {
                   static_cast<int32_t>(s->blocks.size())};
     for (BlockId b : s->blocks) x.exclusive_blocks += blocks_->refcount(b) == 1;
     x.tenant = TenantIndex(s->req.tenant);
+    x.whole = s->lazy.active() && !s->lazy.decided();
     snap.running.push_back(x);
   }
   // Only each tenant's queue head can be admitted this step: prefix matches beyond it
@@ -604,6 +609,7 @@ Snapshot Engine::Impl::TakeSnapshot() {
                   static_cast<int32_t>(s->blocks.size())};
     x.tenant = TenantIndex(s->req.tenant);
     x.started = s->scheduled != absl::InfinitePast();
+    x.whole = s->lazy.active() && !s->lazy.decided();
     seen.resize(snap_tenants_.size(), 0);
     if (seen[x.tenant]++ < head) {
       x.prefix_blocks = PrefixMatch(s);
@@ -693,6 +699,7 @@ std::vector<std::pair<Sequence*, int32_t>> Engine::Impl::Apply(const Decision& d
   std::vector<std::pair<Sequence*, int32_t>> out;
   for (auto& [seq, n] : sched) {
     n = std::min(n, seq->remaining());
+    DropChunkedLazy(seq, n);
     if (n > 0 && EnsureBlocks(seq, seq->computed + n)) out.emplace_back(seq, n);
   }
   return out;
@@ -737,6 +744,12 @@ bool Engine::Impl::Step() {
   if (!st.ok()) {
     for (const StepEntry& e : sp.entries) Finish(e.seq, FinishReason::kNone, st);
     return true;
+  }
+  for (const ForwardOutput::Lazy& r : out.lazy) {
+    Sequence* seq = sp.entries[r.seq].seq;
+    const bool first = !seq->lazy.decided();
+    const int64_t pruned = TakeLazyDecision(r, seq);
+    if (first && observer_ != nullptr) observer_->OnLazyPrefill(seq->prompt_len, pruned);
   }
   HandleOutputs(sp, rows, out);
   return true;

@@ -16,6 +16,7 @@
 #include "engine/model/config.h"
 #include "engine/model/tokenizer.h"
 #include "engine/rag/rag.h"
+#include "engine/runtime/lazy_steps.h"
 #include "engine/runtime/tenant_policy.h"
 #include "engine/sequence/request.h"
 
@@ -41,6 +42,9 @@ struct EngineOptions {
   // A request still waiting (never admitted) after this long is refused with
   // RESOURCE_EXHAUSTED and a retry hint (RetryAfterMs); 0: no bound.
   int64_t max_queue_ms = 0;
+  // LazyLLM token pruning (--lazy_default, --lazy_min_prompt): the schedule of plain
+  // requests that do not choose, and the prompt length below which none prunes.
+  LazyEngineOptions lazy = {};
 };
 
 // Observes the engine for metrics; called on the engine thread.
@@ -59,6 +63,9 @@ class EngineObserver {
   virtual void OnTenantFinished(const std::string& tenant, const Usage& usage, FinishReason reason,
                                 const absl::Status& status) {}
   virtual void OnQueueTimeout(const std::string& tenant) {}
+  // A LazyLLM prefill decided: of `prompt_tokens`, `pruned_tokens` did not reach the
+  // last stage.
+  virtual void OnLazyPrefill(int64_t prompt_tokens, int64_t pruned_tokens) {}
 };
 
 struct EngineStats {

@@ -139,6 +139,7 @@ class Planner {
     }
     const int32_t computed = std::max(s.computed, prefix * limits_.block_size);
     const int32_t n = std::min(s.total - computed, budget_);
+    if (s.whole && n < s.total - computed) return Outcome::kStop;
     const int32_t cost = Need(s, prefix, computed + n) + unreferenced;
     if (cost > free_) {
       if (running_count_ > 0) return Outcome::kStop;  // wait for blocks to be freed

@@ -50,6 +50,9 @@ struct SeqSnapshot {
   int32_t prefix_unreferenced = 0;
   int32_t tenant = 0;    // index into Snapshot::tenants
   bool started = false;  // waiting, but admitted before (preempted): goes first, uncharged
+  // Its next step must take every remaining token (a LazyLLM prefill that decides): when
+  // the budget left is smaller, admission stops (as when its blocks do not fit).
+  bool whole = false;
 };
 
 // A tenant with running or waiting sequences.

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "engine/runtime/lazy_steps.h"
 #include "engine/runtime/sampler.h"
 
 namespace superpose::engine {
@@ -72,6 +73,7 @@ StepPlan BuildStepPlan(const std::vector<std::pair<Sequence*, int32_t>>& schedul
     p.token_begin = plan.num_tokens();
     e.token_begin = p.token_begin;
     p.num_tokens = num_tokens;
+    FillLazyPlan(*seq, num_tokens, bs, &p.lazy);
     e.lp_begin = static_cast<int32_t>(plan.logprobs.size());
     AppendTokens(*seq, num_tokens, bs, &plan);
     e.lp_end = static_cast<int32_t>(plan.logprobs.size());

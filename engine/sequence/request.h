@@ -11,6 +11,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/ascii.h"
 #include "absl/time/time.h"
+#include "engine/lazy.h"
 #include "engine/rag/rag.h"
 
 namespace superpose::engine {
@@ -79,6 +80,8 @@ struct Request {
   absl::Time deadline = absl::InfiniteFuture();
   // Set for a RAG request (GenerateRag): prompt_ids is then ignored.
   std::shared_ptr<const rag::Spec> rag;
+  // LazyLLM token pruning of the prompt (engine/lazy.h); plain requests only.
+  LazyOptions lazy;
 };
 
 enum class FinishReason { kNone, kLength, kStop, kEos, kCancelled };
@@ -101,6 +104,12 @@ struct Usage {
   double queue_time_ms = 0;
   double ttft_ms = 0;
   double total_time_ms = 0;
+  // LazyLLM: the boundary layers it ran with and the prompt tokens computed in each
+  // stage (stage 0 = every prompt token), empty when it did not run; or why a request
+  // that asked for it ran without it.
+  std::vector<int32_t> lazy_boundaries;
+  std::vector<int32_t> lazy_stage_tokens;
+  std::string lazy_skipped;
 };
 
 // What the engine streams back. Events of one request arrive in order, on the engine

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -34,6 +35,24 @@ inline int32_t StorageIndex(int32_t gap_at, int32_t block_size, int32_t i) {
 inline int32_t BlocksFor(int32_t gap_at, int32_t block_size, int32_t tokens) {
   return tokens == 0 ? 0 : StorageIndex(gap_at, block_size, tokens - 1) / block_size + 1;
 }
+
+// A sequence's LazyLLM pruning (engine/lazy.h, docs/architecture.md "LazyLLM").
+struct LazyState {
+  std::vector<int32_t> boundaries;  // empty: not lazy
+  std::vector<float> keep;
+  // Decided by its prefill: per prompt token, the stages it is computed in (later
+  // tokens are in every stage). Kept over preemption, so that recomputation replays it.
+  std::vector<int32_t> depth;
+  std::vector<int32_t> stage_tokens;  // prompt tokens per stage, once decided
+  std::string skipped;                // asked for, but not applied: why
+  bool active() const { return !boundaries.empty(); }
+  bool decided() const { return !depth.empty(); }
+  int32_t stages() const { return static_cast<int32_t>(boundaries.size()) + 1; }
+  // Stages own token i is computed in.
+  int32_t DepthOf(int32_t i) const {
+    return i < static_cast<int32_t>(depth.size()) ? depth[i] : stages();
+  }
+};
 
 struct Sequence {
   uint64_t handle = 0;         // engine-wide unique; the SeqId of plans
@@ -79,6 +98,7 @@ struct Sequence {
   float pos_base = 0.0f;   // position of tokens[pos.size()]; +1 per later token
   int32_t gap_at = -1;     // see StorageIndex
   double flops = 0;        // FLOPs spent on this sequence (recomputation included)
+  LazyState lazy;
 
   float PositionOf(int32_t i) const {
     return i < static_cast<int32_t>(pos.size())

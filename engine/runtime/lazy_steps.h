@@ -1,0 +1,47 @@
+// The engine's side of LazyLLM (docs/architecture.md "LazyLLM"): which sequences prune,
+// what their steps ask of the backend (LazyPlan) and what they keep of its decisions.
+#pragma once
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "engine/backend.h"
+#include "engine/lazy.h"
+#include "engine/sequence/sequence.h"
+
+namespace superpose::engine {
+
+struct LazyEngineOptions {
+  // The schedule of requests that do not choose (mode kOff or kOn; kOn with empty
+  // arrays takes the paper's schedule for the model).
+  LazyOptions default_schedule;
+  int32_t min_prompt = 1024;  // shorter prompts run without pruning
+};
+
+// A request's schedule resolved against the server default, the model and the backend:
+// INVALID_ARGUMENT naming the field, UNIMPLEMENTED when the request asks for lazy and the
+// backend cannot (a default the backend cannot run is dropped silently).
+absl::Status ResolveRequestLazy(const LazyEngineOptions& options, int32_t num_layers,
+                                bool backend_supports, LazyOptions* lazy);
+
+// A new plain sequence's lazy state from its resolved schedule: applied, or skipped
+// with the reason (too short, longer than a step's `max_batch_tokens`). Lazy sequences
+// neither read nor publish the prefix cache (their deeper layers lack pruned tokens'
+// K/V), which clears seq->prefix_cache.
+void StartLazySequence(const LazyOptions& lazy, int32_t min_prompt, int32_t max_batch_tokens,
+                       Sequence* seq);
+
+// A sequence whose undecided prefill is not scheduled whole this step runs without
+// pruning from now on (the decision needs the whole prompt in one step).
+void DropChunkedLazy(Sequence* seq, int32_t num_tokens);
+
+// seq's LazyPlan for a step of `num_tokens` new tokens (block size `bs`).
+void FillLazyPlan(const Sequence& seq, int32_t num_tokens, int32_t bs, LazyPlan* plan);
+
+// Takes the backend's decision for a sequence's first prefill; returns the prompt tokens
+// it pruned (0 for a replay).
+int64_t TakeLazyDecision(const ForwardOutput::Lazy& result, Sequence* seq);
+
+}  // namespace superpose::engine
