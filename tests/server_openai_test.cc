@@ -10,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <fstream>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -26,7 +27,7 @@ using nlohmann::json;
 
 // Starts a server with the HTTP API on a free port; `extra`: more flags.
 struct HttpServer {
-  explicit HttpServer(std::vector<std::string> extra) {
+  explicit HttpServer(std::vector<std::string> extra, const std::string& log_file = "") {
     static int counter = 0;
     port_file =
         "/tmp/superpose-openai-port-" + std::to_string(getpid()) + "-" + std::to_string(counter++);
@@ -34,7 +35,7 @@ struct HttpServer {
     std::vector<std::string> args = {"--model=" + testing::Stories260kDir(),
                                      "--http_listen=127.0.0.1:0", "--http_port_file=" + port_file};
     args.insert(args.end(), extra.begin(), extra.end());
-    process = std::make_unique<testing::ServerProcess>(args);
+    process = std::make_unique<testing::ServerProcess>(args, log_file);
     for (int i = 0; i < 100 && process->ok() && port == 0; ++i) {  // after the gRPC port
       std::ifstream(port_file) >> port;
       if (port == 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -564,9 +565,9 @@ TEST(OpenAiGrpcMessages, WithoutATemplateIsInvalidArgumentNamingMessages) {
   EXPECT_EQ(s.process->Stop(), 0);
 }
 
-// NEEDS the chat template interpreter (engine/model/chat_template.cc of the jinja
-// branch): with the stub, the server refuses --chat_template at startup and these fail.
-class OpenAiChatNeedsJinja : public ::testing::Test {
+// Chat completions through the chat template interpreter (a ChatML template given with
+// --chat_template: stories260k has none).
+class OpenAiChatTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     template_file_ = "/tmp/superpose-chatml-" + std::to_string(getpid()) + ".jinja";
@@ -581,8 +582,7 @@ class OpenAiChatNeedsJinja : public ::testing::Test {
     std::remove(template_file_.c_str());
   }
   void SetUp() override {
-    ASSERT_TRUE(http_->ok()) << "superpose-server refused --chat_template: is the jinja "
-                                "interpreter (engine/model/chat_template.cc) merged?";
+    ASSERT_TRUE(http_->ok()) << "superpose-server with --chat_template did not start";
   }
   // The ChatML text chatml-bos.jinja renders, without the leading "<s>".
   static std::string Rendered() {
@@ -597,7 +597,7 @@ class OpenAiChatNeedsJinja : public ::testing::Test {
   static inline HttpServer* http_ = nullptr;
 };
 
-TEST_F(OpenAiChatNeedsJinja, ChatEqualsTheRenderedCompletionWithOneBos) {
+TEST_F(OpenAiChatTest, ChatEqualsTheRenderedCompletionWithOneBos) {
   const json chat = {
       {"model", "stories260k"}, {"messages", Messages()}, {"max_tokens", 10}, {"temperature", 0}};
   const Reply c = Post(*http_, "/v1/chat/completions", chat);
@@ -633,7 +633,7 @@ TEST_F(OpenAiChatNeedsJinja, ChatEqualsTheRenderedCompletionWithOneBos) {
   EXPECT_EQ(prompt_tokens, c.body["usage"]["prompt_tokens"]);
 }
 
-TEST_F(OpenAiChatNeedsJinja, ChatStreamChunksAndRagReport) {
+TEST_F(OpenAiChatTest, ChatStreamChunksAndRagReport) {
   json chat = {{"model", "stories260k"}, {"messages", Messages()}, {"max_tokens", 6},
                {"stream", true},         {"logprobs", true},       {"top_logprobs", 1}};
   const Reply r = Post(*http_, "/v1/chat/completions", chat.dump());
@@ -661,6 +661,80 @@ TEST_F(OpenAiChatNeedsJinja, ChatStreamChunksAndRagReport) {
             1);
   rag["rag"] = {{"mode", "RAG_MODE_BOGUS"}};
   EXPECT_EQ(Post(*http_, "/v1/chat/completions", rag).body["error"]["param"], "rag");
+}
+
+// The privacy rule on the HTTP path: at the most verbose log level, no prompt, message,
+// document, stop string or generated text reaches the log, the metrics or an error body.
+TEST(OpenAiPrivacyTest, LogsAndErrorsNeverCarryText) {
+  const std::string log = "/tmp/superpose-openai-log-" + std::to_string(getpid());
+  const std::vector<std::string> secrets = {"Zebracorn", "Quokkaville", "Xylophonia",
+                                            "Marzipantown", "Snorkelwizard"};
+  std::vector<std::string> outputs, errors;
+  std::string metrics;
+  {
+    HttpServer s({"--log_level=trace", "--chat_template=" + std::string(SP_SOURCE_DIR) +
+                                           "/tests/chat_templates/chatml-bos.jinja"},
+                 log);
+    ASSERT_TRUE(s.ok());
+    Reply r = Post(s, "/v1/completions",
+                   std::string(R"({"model":"stories260k","prompt":"Zebracorn went to the park.",)"
+                               R"("max_tokens":24,"temperature":0,"stop":["Quokkaville"]})"));
+    ASSERT_EQ(r.status, 200) << r.raw;
+    outputs.push_back(r.body["choices"][0]["text"].get<std::string>());
+    r = Post(s, "/v1/chat/completions",
+             std::string(R"({"model":"stories260k","stream":true,"max_tokens":16,"temperature":0,)"
+                         R"("messages":[{"role":"user","content":"Quokkaville had a dog."}]})"));
+    ASSERT_EQ(r.status, 200) << r.raw;
+    r = Post(
+        s, "/v1/chat/completions",
+        std::string(R"({"model":"stories260k","max_tokens":16,"temperature":0,)"
+                    R"("documents":[{"id":"d1","text":"Xylophonia is a town with a red ball."},)"
+                    R"({"id":"d2","text":"Tom had a cat."}],)"
+                    R"("messages":[{"role":"user","content":"Where is Marzipantown?"}]})"));
+    ASSERT_EQ(r.status, 200) << r.raw;
+    outputs.push_back(r.body["choices"][0]["message"]["content"].get<std::string>());
+    // Refusals: malformed JSON, a wrong type, a bad value beside text, an unknown key.
+    for (const std::string& bad :
+         {std::string(R"({"model":"stories260k","prompt":"Snorkelwizard)"),
+          std::string(R"({"model":"stories260k","prompt":"Snorkelwizard","temperature":"hot"})"),
+          std::string(R"({"model":"stories260k","prompt":"Snorkelwizard","top_p":7,)"
+                      R"("stop":["Snorkelwizard"]})"),
+          std::string(R"({"model":"stories260k","messages":"Snorkelwizard"})")}) {
+      r = Post(s, "/v1/completions", bad);
+      EXPECT_EQ(r.status, 400) << r.raw;
+      errors.push_back(r.raw);
+    }
+    r = Post(s, "/v1/chat/completions", std::string(R"({"model":"stories260k","prompt":"x"})"),
+             "Snorkelwizard");
+    errors.push_back(r.raw);
+    httplib::Client cli("127.0.0.1", s.process->metrics_port());
+    auto m = cli.Get("/metrics");
+    ASSERT_TRUE(m);
+    metrics = m->body;
+    EXPECT_EQ(s.process->Stop(), 0);
+  }
+  std::ifstream in(log);
+  std::stringstream all;
+  all << in.rdbuf();
+  const std::string text = all.str();
+  std::remove(log.c_str());
+  EXPECT_NE(text.find(" http "), std::string::npos) << text;  // the requests are logged...
+  std::string all_errors;                                     // the refusals name their fields
+  for (const std::string& e : errors) all_errors += e + "\n";
+  for (const char* field :
+       {"\"param\":\"temperature\"", "\"param\":\"top_p\"", "\"param\":\"messages\""}) {
+    EXPECT_NE(all_errors.find(field), std::string::npos) << field << " in " << all_errors;
+  }
+  for (const std::string& secret : secrets) {  // ...and none of their text
+    EXPECT_EQ(text.find(secret), std::string::npos) << secret;
+    EXPECT_EQ(metrics.find(secret), std::string::npos) << secret;
+    for (const std::string& e : errors) EXPECT_EQ(e.find(secret), std::string::npos) << e;
+  }
+  for (const std::string& o : outputs) {
+    if (o.size() >= 12) {
+      EXPECT_EQ(text.find(o), std::string::npos) << "generated: " << o;
+    }
+  }
 }
 
 }  // namespace

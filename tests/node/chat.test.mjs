@@ -1,6 +1,5 @@
 // Chat completions and RAG chat through the official openai SDK, on a server started
 // with --chat_template=tests/chat_templates/chatml-bos.jinja.
-// NEEDS the chat template interpreter (jinja branch): fails on a build with the stub.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { client, MODEL } from './common.mjs';

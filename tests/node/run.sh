@@ -8,9 +8,8 @@
 # Usage: run.sh BUILD_DIR SHARED_DIR core|chat
 #   core: models, completions (streamed or not), stop, seeds, logprobs, errors, disconnect.
 #   chat: chat completions and RAG chat with documents, on a server started with
-#         --chat_template=tests/chat_templates/chatml-bos.jinja. NEEDS the chat template
-#         interpreter (engine/model/chat_template.cc from the jinja branch): on a build
-#         with the stub it fails at startup, by design.
+#         --chat_template=tests/chat_templates/chatml-bos.jinja (rendered by the chat
+#         template interpreter, engine/model/jinja*).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 build=$1 shared=$2 suite=$3
