@@ -4,7 +4,7 @@ nothing from the fixtures is copied into the repository).
 
   fuzz/make_seeds.py SHARED_DIR PROTO_DIR OUT_DIR
 
-OUT_DIR/{tokenizer,config,safetensors,request}/: one file per seed. Request seeds are
+OUT_DIR/{tokenizer,config,safetensors,request,openai_request}/: one file per seed. Request seeds are
 encoded with protoc --encode from text-format messages built here.
 """
 import json
@@ -208,6 +208,33 @@ def request_seeds(fixtures, proto_dir, out):
         write(out, f"{typ}-{k}", bytes([sel]) + wire)
 
 
+def openai_seeds(fixtures, out):
+    """HTTP API bodies: byte 0 picks the endpoint (0 completions, 1 chat), then JSON."""
+    texts = sample_texts(fixtures)[:6] or ["Once upon a time"]
+    chat = [{"role": "system", "content": "You tell stories."},
+            {"role": "user", "content": texts[0]}]
+    bodies = [
+        (0, {"model": "stories260k", "prompt": texts[0], "max_tokens": 8}),
+        (0, {"model": "stories260k", "prompt": [1, 2, 3, 300], "temperature": 0.7, "top_p": 0.9,
+             "top_k": 40, "min_p": 0.05, "seed": 7, "n": 2, "stop": ["\n", "The"],
+             "logprobs": 3, "presence_penalty": 0.5, "frequency_penalty": 0.1,
+             "repetition_penalty": 1.1, "user": "u1"}),
+        (0, {"model": "stories260k", "prompt": [texts[1 % len(texts)], texts[-1]], "stream": True,
+             "stream_options": {"include_usage": True}, "max_tokens": 4}),
+        (0, {"model": "other", "prompt": "x"}),
+        (1, {"model": "stories260k", "messages": chat, "max_completion_tokens": 16,
+             "logprobs": True, "top_logprobs": 2, "stop": "."}),
+        (1, {"model": "stories260k", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": texts[2 % len(texts)]}]}], "stream": True}),
+        (1, {"model": "stories260k", "messages": chat,
+             "documents": [{"id": "a", "text": t} for t in texts[:3]],
+             "rag": {"top_k": 2, "mode": "superposition"}}),
+        (1, {"model": "stories260k", "messages": [], "temperature": -1, "n": 99}),
+    ]
+    for k, (sel, body) in enumerate(bodies):
+        write(out, f"body-{k}", bytes([sel]) + json.dumps(body).encode())
+
+
 def main():
     shared, proto_dir, out = sys.argv[1:4]
     fixtures = os.path.join(shared, "fixtures")
@@ -216,6 +243,7 @@ def main():
     config_seeds(fixtures, os.path.join(out, "config"))
     safetensors_seeds(fixtures, os.path.join(out, "safetensors"))
     request_seeds(fixtures, proto_dir, os.path.join(out, "request"))
+    openai_seeds(fixtures, os.path.join(out, "openai_request"))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=20
-targets="tokenizer_fuzz tokenizer_json_fuzz config_fuzz safetensors_fuzz request_fuzz"
+targets="tokenizer_fuzz tokenizer_json_fuzz config_fuzz safetensors_fuzz request_fuzz openai_request_fuzz"
 for arg in "$@"; do
   case "$arg" in
     --seconds=*) seconds="${arg#*=}" ;;
