@@ -31,13 +31,20 @@ async function one() {
       if (!event.startsWith('data: {')) continue;
       const chunk = JSON.parse(event.slice(6));
       if (chunk.usage) tokens = chunk.usage.completion_tokens;
-      if (!chunk.choices.length || !chunk.choices[0].text) continue;
+      // Every choice chunk: the first one is sent at the first token even when its text
+      // is held back, the last carries finish_reason.
+      if (!chunk.choices.length) continue;
       const now = performance.now();
       if (!first) first = now - start; else { gaps++; gapSum += now - last; }
       last = now;
     }
   }
-  return { tokens, ttft: first, gaps, gapSum };
+  // TPOT as superpose-load reports it: (last token - first token) / (tokens - 1). Chunk
+  // gaps are not per token: a token whose text is held back (an incomplete UTF-8
+  // character, a possible stop string) sends no chunk of its own; the first and the
+  // last chunk are always sent.
+  const tpot = tokens > 1 ? (last - start - first) / (tokens - 1) : 0;
+  return { tokens, ttft: first, gaps, gapSum, tpot };
 }
 
 const t0 = performance.now();
@@ -49,5 +56,5 @@ const results = (await Promise.all(Array.from({ length: streams }, async () => {
 const seconds = (performance.now() - t0) / 1000;
 const tokens = results.reduce((a, r) => a + r.tokens, 0);
 const ttft = results.reduce((a, r) => a + r.ttft, 0) / results.length;
-const itl = results.reduce((a, r) => a + r.gapSum, 0) / Math.max(1, results.reduce((a, r) => a + r.gaps, 0));
-console.log(`| http | ${streams} | ${tokens} | ${(tokens / seconds).toFixed(1)} | ${ttft.toFixed(1)} | ${itl.toFixed(2)} |`);
+const tpot = results.reduce((a, r) => a + r.tpot, 0) / results.length;
+console.log(`| http | ${streams} | ${tokens} | ${(tokens / seconds).toFixed(1)} | ${ttft.toFixed(1)} | ${tpot.toFixed(2)} |`);

@@ -26,7 +26,7 @@ echo "gRPC (superpose-load):"
 build/superpose-load --server=127.0.0.1:$(cat "$tmp/grpc") --concurrency="$streams" \
   --requests_per_stream=4 --prompt_tokens=16 --max_new_tokens=64
 echo
-echo "| api | streams | generated tokens | tokens/s | mean TTFT ms | mean ITL ms |"
+echo "| api | streams | generated tokens | tokens/s | mean TTFT ms | mean TPOT ms |"
 echo "|---|---|---|---|---|---|"
 node bench/http_load.mjs "$(cat "$tmp/http")" "$model" "$streams" 4 16 64
 echo
