@@ -20,7 +20,7 @@
 
 #include <httplib.h>
 
-#include "absl/strings/numbers.h"
+#include "server/http_listener.h"
 #include "server/metrics.h"
 #include "server/tls.h"
 
@@ -56,17 +56,11 @@ MetricsServer::MetricsServer(const Metrics* metrics) : metrics_(metrics) {}
 MetricsServer::~MetricsServer() { Stop(); }
 
 int MetricsServer::Start(const std::string& listen) {
-  const size_t colon = listen.rfind(':');
+  std::string host;
   int port = 0;
-  if (colon == std::string::npos || !absl::SimpleAtoi(listen.substr(colon + 1), &port)) return -1;
-  const std::string host = listen.substr(0, colon);
-  if (tls_ != nullptr) {
-    http_ = std::make_unique<httplib::SSLServer>(
-        [this](SSL_CTX& ctx) { return tls_->SetupSslCtx(ctx); });
-  } else {
-    http_ = std::make_unique<httplib::Server>();
-  }
-  if (!http_->is_valid()) return -1;
+  if (!SplitListen(listen, &host, &port)) return -1;
+  http_ = NewHttpServer(tls_);
+  if (http_ == nullptr) return -1;
   int listen_fd = -1;
   Harden(*http_, &listen_fd);
   http_->Get("/metrics", [this](const httplib::Request& req, httplib::Response& res) {
@@ -95,26 +89,11 @@ int MetricsServer::Start(const std::string& listen) {
       res.set_content(std::string(h.message()) + "\n", "text/plain");
     }
   });
-  if (port == 0) {
-    port = http_->bind_to_any_port(host);
-  } else if (!http_->bind_to_port(host, port)) {
-    port = -1;
-  }
-  if (port <= 0) return -1;
-  if (listen_fd >= 0) ::listen(listen_fd, SOMAXCONN);
-  thread_ = std::thread([this] { http_->listen_after_bind(); });
-  // Stop() is only reliable once the server runs: wait for it (bounded).
-  for (int i = 0; i < 5000 && !http_->is_running(); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  return port;
+  return BindAndServe(*http_, host, port, &thread_, [&listen_fd] {
+    if (listen_fd >= 0) ::listen(listen_fd, SOMAXCONN);
+  });
 }
 
-void MetricsServer::Stop() {
-  if (thread_.joinable()) {
-    http_->stop();
-    thread_.join();
-  }
-}
+void MetricsServer::Stop() { StopServing(http_.get(), &thread_); }
 
 }  // namespace superpose::server

@@ -11,12 +11,12 @@
 #include <vector>
 
 #include "absl/container/flat_hash_set.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "engine/runtime/tenant_policy.h"
 #include "engine/util/status.h"
+#include "server/http_listener.h"
 #include "server/openai_protocol.h"
 #include "server/pooled_call.h"
 #include "server/request_bounds.h"
@@ -438,17 +438,11 @@ void OpenAiServer::Route() {
 }
 
 int OpenAiServer::Start(const std::string& listen) {
-  const size_t colon = listen.rfind(':');
+  std::string host;
   int port = 0;
-  if (colon == std::string::npos || !absl::SimpleAtoi(listen.substr(colon + 1), &port)) return -1;
-  const std::string host = listen.substr(0, colon);
-  if (tls_ != nullptr) {
-    http_ = std::make_unique<httplib::SSLServer>(
-        [this](SSL_CTX& ctx) { return tls_->SetupSslCtx(ctx); });
-  } else {
-    http_ = std::make_unique<httplib::Server>();
-  }
-  if (!http_->is_valid()) return -1;
+  if (!SplitListen(listen, &host, &port)) return -1;
+  http_ = NewHttpServer(tls_);
+  if (http_ == nullptr) return -1;
   const int threads = options_.threads;
   http_->new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   http_->set_socket_options([](socket_t sock) {
@@ -462,24 +456,9 @@ int OpenAiServer::Start(const std::string& listen) {
   http_->set_write_timeout(options_.io_timeout_s, 0);
   http_->set_payload_max_length(static_cast<size_t>(options_.max_request_bytes));
   Route();
-  if (port == 0) {
-    port = http_->bind_to_any_port(host);
-  } else if (!http_->bind_to_port(host, port)) {
-    port = -1;
-  }
-  if (port <= 0) return -1;
-  thread_ = std::thread([this] { http_->listen_after_bind(); });
-  for (int i = 0; i < 5000 && !http_->is_running(); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  return port;
+  return BindAndServe(*http_, host, port, &thread_, [] {});
 }
 
-void OpenAiServer::Stop() {
-  if (thread_.joinable()) {
-    http_->stop();
-    thread_.join();
-  }
-}
+void OpenAiServer::Stop() { StopServing(http_.get(), &thread_); }
 
 }  // namespace superpose::server
