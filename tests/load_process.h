@@ -24,7 +24,7 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
-extern char** environ;
+#include "tests/server_process.h"  // Spawn
 
 namespace superpose::testing {
 
@@ -52,22 +52,6 @@ inline ServerCounts Scrape(int metrics_port) {
   return {MetricSum(metrics_port, "superpose_requests_finished_total"),
           MetricSum(metrics_port, "superpose_prompt_tokens_total"),
           MetricSum(metrics_port, "superpose_generated_tokens_total")};
-}
-
-inline pid_t Spawn(const std::vector<std::string>& args, const std::string& log_file) {
-  std::vector<std::string> argv = args;
-  std::vector<char*> cargv;
-  for (auto& a : argv) cargv.push_back(a.data());
-  cargv.push_back(nullptr);
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 1, log_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
-                                   0644);
-  posix_spawn_file_actions_adddup2(&actions, 1, 2);
-  pid_t pid = -1;
-  if (posix_spawn(&pid, cargv[0], &actions, nullptr, cargv.data(), environ) != 0) pid = -1;
-  posix_spawn_file_actions_destroy(&actions);
-  return pid;
 }
 
 inline int WaitChild(pid_t pid) {

@@ -74,6 +74,25 @@ inline grpc::Status RawCall(const std::shared_ptr<grpc::Channel>& channel,
   return st;
 }
 
+// Starts `args` (args[0]: the binary) as a child; `log_file`: where its stdout and stderr
+// go (empty: inherited). The pid, or -1.
+inline pid_t Spawn(std::vector<std::string> args, const std::string& log_file = "") {
+  std::vector<char*> cargv;
+  for (auto& a : args) cargv.push_back(a.data());
+  cargv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  if (!log_file.empty()) {
+    posix_spawn_file_actions_addopen(&actions, 1, log_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
+                                     0644);
+    posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  }
+  pid_t pid = -1;
+  if (posix_spawn(&pid, cargv[0], &actions, nullptr, cargv.data(), environ) != 0) pid = -1;
+  posix_spawn_file_actions_destroy(&actions);
+  return pid;
+}
+
 class ServerProcess {
  public:
   // `args`: extra flags for superpose-server. `log_file`: where its stdout and stderr
@@ -94,18 +113,7 @@ class ServerProcess {
         // --backend in `args` wins.
         "--backend=cpu"};
     for (auto& a : args) argv.push_back(a);
-    std::vector<char*> cargv;
-    for (auto& a : argv) cargv.push_back(a.data());
-    cargv.push_back(nullptr);
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    if (!log_file.empty()) {
-      posix_spawn_file_actions_addopen(&actions, 1, log_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
-                                       0644);
-      posix_spawn_file_actions_adddup2(&actions, 1, 2);
-    }
-    if (posix_spawn(&pid_, cargv[0], &actions, nullptr, cargv.data(), environ) != 0) pid_ = -1;
-    posix_spawn_file_actions_destroy(&actions);
+    pid_ = Spawn(std::move(argv), log_file);
     for (int i = 0; i < 600 && pid_ > 0; ++i) {  // up to 60 s
       std::ifstream in(port_file_);
       if (in >> port_) {
