@@ -82,6 +82,7 @@ BatchPlan Prefill(const std::vector<int32_t>& tokens, const std::vector<int32_t>
   if (!bounds.empty()) {
     s.lazy.boundaries = bounds;
     s.lazy.stage_context.resize(bounds.size());
+    s.lazy.stage_slots.assign(bounds.size(), plan.kv_slots);  // each stage compact from slot 0
     s.lazy.keep.assign(bounds.size(), keep);
   }
   plan.seqs.push_back(s);

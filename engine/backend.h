@@ -41,13 +41,21 @@ struct KvSlot {
 // LazyLLM token pruning of one sequence (docs/architecture.md "LazyLLM"; engine/lazy.h).
 // The layers are cut into stages after each boundary layer: stage 0 is layers
 // [0, boundaries[0]], stage s is (boundaries[s-1], boundaries[s]], the last stage runs to
-// the last layer. A token computed in stage s has K/V (at its usual slot) in the layers
-// of stages 0..s only; at a layer of stage s a query attends to stage_context[s-1] (s >=
-// 1; stage 0: SeqPlan::context) and to the new tokens present in stage s.
+// the last layer. A token computed in stage s has K/V in the layers of stages 0..s only.
+// Stage 0 keeps the usual layout (kv_slots, SeqPlan::context); a stage s >= 1 keeps its
+// tokens compact: the k-th token a sequence computes in stage s has its K/V, in that
+// stage's layers, at the slot of the sequence's k-th own token, so that a stage's
+// context is a few long runs however the pruning fell (attention reads keys in runs of
+// consecutive slots). At a layer of stage s a query attends to stage_context[s-1]
+// (stage 0: SeqPlan::context) and to the new tokens present in stage s.
 struct LazyPlan {
   std::vector<int32_t> boundaries;  // empty: not lazy; else increasing, < num_layers
   // One per boundary: the context segments that have K/V in stage s + 1.
   std::vector<std::vector<KvSegment>> stage_context;
+  // One per boundary: where the new tokens computed in stage s + 1 write their K/V in
+  // its layers, in token order. With `keep` (which tokens go on is not known yet) one
+  // per new token, and the stage's tokens take the first ones.
+  std::vector<std::vector<KvSlot>> stage_slots;
   // Prefill that decides (then `context` is empty): at boundary s the last new token's
   // head-averaged attention scores the other new tokens of the stage and the best
   // round(keep[s] * n) go on (ties: lower position); the last token always goes on.

@@ -116,6 +116,22 @@ absl::Status CheckStages(const SeqPlan& seq, const KvPoolInfo& kv, int32_t num_l
       }
     }
   }
+  if (z.stage_slots.size() != z.boundaries.size()) return Bad(seq, "stage_slots");
+  for (size_t s = 0; s < z.stage_slots.size(); ++s) {
+    // With `depth`: the new tokens computed in stage s + 1; else every new token.
+    int32_t want = seq.num_tokens;
+    if (!z.depth.empty()) {
+      want = static_cast<int32_t>(std::count_if(z.depth.begin(), z.depth.end(), [&](int32_t d) {
+        return d > static_cast<int32_t>(s) + 1;
+      }));
+    }
+    if (static_cast<int32_t>(z.stage_slots[s].size()) != want) return Bad(seq, "stage_slots");
+    for (const KvSlot& k : z.stage_slots[s]) {
+      if (k.block < 0 || k.block >= kv.num_blocks || k.slot < 0 || k.slot >= kv.block_size) {
+        return Bad(seq, "stage_slots");
+      }
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -174,14 +190,15 @@ absl::Status CheckRows(const BatchPlan& plan, const SeqPlan& seq) {
 absl::Status ValidateLazyPlan(const BatchPlan& plan, const KvPoolInfo& kv, int32_t num_layers) {
   for (const SeqPlan& seq : plan.seqs) {
     if (!seq.lazy.active()) {
-      if (!seq.lazy.keep.empty() || !seq.lazy.depth.empty() || !seq.lazy.stage_context.empty()) {
+      if (!seq.lazy.keep.empty() || !seq.lazy.depth.empty() || !seq.lazy.stage_context.empty() ||
+          !seq.lazy.stage_slots.empty()) {
         return Bad(seq, "fields without boundaries");
       }
       continue;
     }
     if (seq.num_tokens == 0) return Bad(seq, "sequence without tokens");
-    absl::Status st = CheckStages(seq, kv, num_layers);
-    if (st.ok()) st = CheckDecision(seq);
+    absl::Status st = CheckDecision(seq);
+    if (st.ok()) st = CheckStages(seq, kv, num_layers);
     if (st.ok()) st = CheckRows(plan, seq);
     if (!st.ok()) return st;
   }

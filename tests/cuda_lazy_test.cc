@@ -41,6 +41,7 @@ TEST(CudaLazyTest, RefusesLazyPlansAndKeepsServing) {
   ASSERT_TRUE((*gpu)->Forward(plan, &plain).ok());
   plan.seqs[0].lazy.boundaries = {1};
   plan.seqs[0].lazy.stage_context.resize(1);
+  plan.seqs[0].lazy.stage_slots = {plan.kv_slots};
   plan.seqs[0].lazy.keep = {0.5f};
   engine::ForwardOutput out;
   EXPECT_EQ((*gpu)->Forward(plan, &out).code(), absl::StatusCode::kUnimplemented);

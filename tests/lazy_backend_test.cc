@@ -42,6 +42,7 @@ class LazyBackendTest : public ::testing::Test {
     for (int32_t i = 0; i < n; ++i) p.push_back(static_cast<int32_t>((i * 37 + salt * 11) % 250));
     return p;
   }
+  static engine::KvSlot Slot(int32_t block0, int32_t i) { return {block0 + i / 16, i % 16}; }
   // Appends a prefill of `prompt` at blocks [block0, ...) with a logits row.
   static void AddSeq(const std::vector<int32_t>& prompt, int32_t block0, engine::LazyPlan lazy,
                      BatchPlan* plan) {
@@ -53,8 +54,18 @@ class LazyBackendTest : public ::testing::Test {
     for (size_t i = 0; i < prompt.size(); ++i) {
       plan->tokens.push_back(prompt[i]);
       plan->positions.push_back(static_cast<float>(i));
-      plan->kv_slots.push_back(
-          {block0 + static_cast<int32_t>(i / 16), static_cast<int32_t>(i % 16)});
+      plan->kv_slots.push_back(Slot(block0, static_cast<int32_t>(i)));
+    }
+    // Each stage keeps its tokens compact: its k-th at the k-th own slot (LazyPlan).
+    for (size_t st = 0; st < s.lazy.boundaries.size(); ++st) {
+      std::vector<engine::KvSlot>& slots = s.lazy.stage_slots.emplace_back();
+      for (int32_t j = 0; j < s.num_tokens; ++j) {
+        const size_t jj = static_cast<size_t>(j);
+        if (s.lazy.depth.empty() ||
+            (jj < s.lazy.depth.size() && s.lazy.depth[jj] > static_cast<int32_t>(st) + 1)) {
+          slots.push_back(Slot(block0, static_cast<int32_t>(slots.size())));
+        }
+      }
     }
     plan->logits_for.push_back(plan->num_tokens() - 1);
     plan->seqs.push_back(std::move(s));
@@ -125,8 +136,9 @@ TEST_F(LazyBackendTest, PrunedForwardIsTheDenseForwardOfTheKeptTokens) {
   }
 }
 
-// Each layer writes the K/V of its stage's tokens and of no other: a pruned token's
-// slots stay zero in the layers past its stage (a fresh pool is zero).
+// Each layer writes the K/V of its stage's tokens and of no other, compact: a stage of
+// n tokens fills own slots [0, n) of its layers and the rest stay zero (a fresh pool is
+// zero).
 TEST_F(LazyBackendTest, EachLayerComputesItsStageOnce) {
   const std::vector<int32_t> p = Prompt(32, 3);
   const std::vector<int32_t> bounds = {0, 2};
@@ -157,8 +169,7 @@ TEST_F(LazyBackendTest, EachLayerComputesItsStageOnce) {
           written |=
               f[(c.num_layers + l) * per_block + static_cast<size_t>(s) * Hk * D + d] != 0.0f;
         }
-        EXPECT_EQ(written, z.depth[tok] > engine::LazyStageOf(bounds, l))
-            << "token " << tok << " layer " << l;
+        EXPECT_EQ(written, tok < z.layer_tokens[l]) << "slot " << tok << " layer " << l;
       }
     }
   }
@@ -206,11 +217,13 @@ TEST_F(LazyBackendTest, DecodeSeesEachStagesKv) {
   s.context = {{0, 0, 16}, {1, 0, 16}, {2, 0, 8}};
   s.lazy.boundaries = bounds;
   for (int32_t st = 1; st <= 3; ++st) {
+    // Stage st holds its n prompt tokens at own slots [0, n); the new token goes to n.
+    int32_t n = 0;
+    for (int32_t i = 0; i < 40; ++i) n += depth[i] > st;
     std::vector<engine::KvSegment> ctx;
-    for (int32_t i = 0; i < 40; ++i) {
-      if (depth[i] > st) ctx.push_back({i / 16, i % 16, 1});
-    }
+    for (int32_t i = 0; i < n; i += 16) ctx.push_back({i / 16, 0, std::min(16, n - i)});
     s.lazy.stage_context.push_back(ctx);
+    s.lazy.stage_slots.push_back({Slot(0, n)});
   }
   step.seqs.push_back(s);
   step.tokens = {77};

@@ -203,6 +203,7 @@ CpuBackend::ActiveRows CpuBackend::AllRows(const BatchPlan& plan) {
   ActiveRows rows;
   rows.token.resize(plan.tokens.size());
   for (size_t t = 0; t < rows.token.size(); ++t) rows.token[t] = static_cast<int32_t>(t);
+  rows.slot = plan.kv_slots;
   for (const SeqPlan& seq : plan.seqs) {
     rows.begin.push_back(seq.token_begin);
     rows.count.push_back(seq.num_tokens);
@@ -228,7 +229,7 @@ CpuBackend::KeyIndex CpuBackend::BuildKeyIndex(const BatchPlan& plan,
     }
     ctx_len[si] = static_cast<int32_t>(keys.slots.size());
     for (int32_t j = 0; j < rows.count[si]; ++j) {
-      const KvSlot& s = plan.kv_slots[rows.token[rows.begin[si] + j]];
+      const KvSlot& s = rows.slot[rows.begin[si] + j];
       keys.Append(s.block, s.slot, 1, bs);
     }
   }
@@ -396,7 +397,7 @@ absl::Status CpuBackend::AttentionBlock(const BatchPlan& plan, const ActiveRows&
       if (!L.q_norm.empty()) RmsNorm(qh, L.q_norm.data(), D, eps, qh);
       Rope(qh, c, s, D);
     }
-    const KvSlot& slot = plan.kv_slots[tok];
+    const KvSlot& slot = rows.slot[t];
     const size_t voff = layer_off + (static_cast<size_t>(slot.block) * bs + slot.slot) * kvd;
     const float* vsrc = row + qd + kvd;
     if (kv_bf16_) {

@@ -85,6 +85,7 @@ class CpuBackend : public Backend {
   // rows of a sequence stay contiguous and in token order.
   struct ActiveRows {
     std::vector<int32_t> token;                // row -> plan token
+    std::vector<KvSlot> slot;                  // row -> where its K/V go in this stage
     std::vector<int32_t> begin, count, stage;  // per plan sequence
   };
   // LazyLLM bookkeeping of one Forward.

@@ -115,6 +115,7 @@ void CpuBackend::LazyPrune(const BatchPlan& plan, int32_t l, LazyStep* z, Active
     }
     next.begin.push_back(static_cast<int32_t>(next.token.size()));
     next.stage.push_back(boundary ? stage + 1 : stage);
+    int32_t kept = 0;
     for (int32_t j = 0; j < n; ++j) {
       const int32_t tok = rows->token[b + j];
       if (!keep[j]) {
@@ -123,6 +124,8 @@ void CpuBackend::LazyPrune(const BatchPlan& plan, int32_t l, LazyStep* z, Active
         continue;
       }
       next.token.push_back(tok);
+      // The next stage keeps its tokens compact (LazyPlan::stage_slots).
+      next.slot.push_back(boundary ? seq.lazy.stage_slots[stage][kept++] : rows->slot[b + j]);
       nx.insert(nx.end(), x->begin() + (b + j) * H, x->begin() + (b + j + 1) * H);
     }
     next.count.push_back(static_cast<int32_t>(next.token.size()) - next.begin.back());

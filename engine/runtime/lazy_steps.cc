@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "engine/runtime/step_plan.h"
 
 namespace superpose::engine {
 
@@ -37,42 +38,29 @@ void DropChunkedLazy(Sequence* seq, int32_t num_tokens) {
   seq->lazy.skipped = "prefill was split over steps";
 }
 
-namespace {
-
-// Own tokens [0, n) that are computed in `stage`, as segments of seq's blocks.
-std::vector<KvSegment> StageSegments(const Sequence& seq, int32_t n, int32_t stage, int32_t bs) {
-  std::vector<KvSegment> out;
-  for (int32_t i = 0; i < n; ++i) {
-    if (seq.lazy.DepthOf(i) <= stage) continue;
-    const int32_t st = StorageIndex(seq.gap_at, bs, i);
-    const BlockId b = seq.blocks[st / bs];
-    KvSegment* last = out.empty() ? nullptr : &out.back();
-    if (last != nullptr && last->block == b && last->first_slot + last->length == st % bs) {
-      ++last->length;
-    } else {
-      out.push_back({b, st % bs, 1});
-    }
-  }
-  return out;
-}
-
-}  // namespace
-
 void FillLazyPlan(const Sequence& seq, int32_t num_tokens, int32_t bs, LazyPlan* plan) {
   *plan = LazyPlan{};
   if (!seq.lazy.active()) return;
   plan->boundaries = seq.lazy.boundaries;
-  for (int32_t s = 1; s < seq.lazy.stages(); ++s) {
-    plan->stage_context.push_back(StageSegments(seq, seq.computed, s, bs));
-  }
-  if (!seq.lazy.decided()) {
+  const bool deciding = !seq.lazy.decided();
+  if (deciding) {
     plan->keep = seq.lazy.keep;  // the whole prompt, no context (DropChunkedLazy)
-    return;
-  }
-  if (seq.computed < static_cast<int32_t>(seq.lazy.depth.size())) {
+  } else if (seq.computed < static_cast<int32_t>(seq.lazy.depth.size())) {
     // Recomputation (after preemption): the decided depths.
     for (int32_t j = 0; j < num_tokens; ++j) {
       plan->depth.push_back(seq.lazy.DepthOf(seq.computed + j));
+    }
+  }
+  // Stage s keeps its tokens compact (LazyPlan): its k-th token at own slot k.
+  for (int32_t s = 1; s < seq.lazy.stages(); ++s) {
+    int32_t base = 0;
+    for (int32_t i = 0; i < seq.computed; ++i) base += seq.lazy.DepthOf(i) > s;
+    plan->stage_context.emplace_back();
+    AppendOwnSegments(seq, base, bs, &plan->stage_context.back());
+    std::vector<KvSlot>& slots = plan->stage_slots.emplace_back();
+    for (int32_t j = 0; j < num_tokens; ++j) {
+      if (deciding || seq.lazy.DepthOf(seq.computed + j) > s)
+        slots.push_back(OwnSlot(seq, base++, bs));
     }
   }
 }

@@ -6,9 +6,7 @@
 #include "engine/runtime/sampler.h"
 
 namespace superpose::engine {
-namespace {
 
-// Segments of the first `n` own tokens of `seq` in its blocks.
 void AppendOwnSegments(const Sequence& seq, int32_t n, int32_t bs, std::vector<KvSegment>* out) {
   for (int32_t i = 0; i < n;) {
     const int32_t st = StorageIndex(seq.gap_at, bs, i);
@@ -19,6 +17,13 @@ void AppendOwnSegments(const Sequence& seq, int32_t n, int32_t bs, std::vector<K
     i += len;
   }
 }
+
+KvSlot OwnSlot(const Sequence& seq, int32_t i, int32_t bs) {
+  const int32_t st = StorageIndex(seq.gap_at, bs, i);
+  return {seq.blocks[st / bs], st % bs};
+}
+
+namespace {
 
 // How an emitting sequence's row comes back: whole, compact (its best `top` tokens)
 // or drawn by the backend.
@@ -45,10 +50,9 @@ void AppendTokens(const Sequence& seq, int32_t num_tokens, int32_t bs, BatchPlan
   const int32_t total = static_cast<int32_t>(seq.tokens.size());
   for (int32_t j = 0; j < num_tokens; ++j) {
     const int32_t i = seq.computed + j;
-    const int32_t st = StorageIndex(seq.gap_at, bs, i);
     plan->tokens.push_back(seq.tokens[i]);
     plan->positions.push_back(seq.PositionOf(i));
-    plan->kv_slots.push_back({seq.blocks[st / bs], st % bs});
+    plan->kv_slots.push_back(OwnSlot(seq, i, bs));
     if (seq.scored && i + 1 < total && i + 1 != seq.segment_start) {
       plan->logprobs.push_back({plan->num_tokens() - 1, seq.tokens[i + 1]});
     }

@@ -10,6 +10,11 @@
 
 namespace superpose::engine {
 
+// Segments of the first `n` own tokens of `seq` in its blocks (block size `bs`).
+void AppendOwnSegments(const Sequence& seq, int32_t n, int32_t bs, std::vector<KvSegment>* out);
+// The slot of own token `i` of `seq`.
+KvSlot OwnSlot(const Sequence& seq, int32_t i, int32_t bs);
+
 struct StepEntry {
   Sequence* seq = nullptr;
   int32_t num_tokens = 0;
