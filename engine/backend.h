@@ -56,9 +56,11 @@ struct LazyPlan {
   // its layers, in token order. With `keep` (which tokens go on is not known yet) one
   // per new token, and the stage's tokens take the first ones.
   std::vector<std::vector<KvSlot>> stage_slots;
-  // Prefill that decides (then `context` is empty): at boundary s the last new token's
-  // head-averaged attention scores the other new tokens of the stage and the best
-  // round(keep[s] * n) go on (ties: lower position); the last token always goes on.
+  // Prefill that decides: at boundary s the last new token's head-averaged attention
+  // (over the context too) scores the other new tokens of the stage and the best
+  // round(keep[s] * n) go on (ties: lower position); the last token always goes on. The
+  // context (a cached prefix) is in every stage and never a candidate: stage_context[s]
+  // is the same context, at the same slots.
   std::vector<float> keep;
   // Recomputation of decided tokens: per new token, how many stages it is computed in
   // (1 .. boundaries.size() + 1). Empty with empty `keep`: every new token runs through

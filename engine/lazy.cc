@@ -139,12 +139,7 @@ absl::Status CheckDecision(const SeqPlan& seq) {
   const LazyPlan& z = seq.lazy;
   const int32_t stages = static_cast<int32_t>(z.boundaries.size()) + 1;
   if (!z.keep.empty()) {
-    if (!z.depth.empty() || !seq.context.empty() || z.keep.size() != z.boundaries.size()) {
-      return Bad(seq, "keep");
-    }
-    for (const auto& ctx : z.stage_context) {
-      if (!ctx.empty()) return Bad(seq, "keep with a stage context");
-    }
+    if (!z.depth.empty() || z.keep.size() != z.boundaries.size()) return Bad(seq, "keep");
     for (float k : z.keep) {
       if (!(k > 0.0f && k <= 1.0f)) return Bad(seq, "keep fraction");
     }

@@ -58,10 +58,10 @@ int32_t LazyStageOf(absl::Span<const int32_t> boundaries, int32_t l);
 
 // The lazy parts of a plan, for a backend of `num_layers` layers over pool `kv`
 // (INVALID_ARGUMENT naming the sequence): boundaries increasing and < num_layers, one
-// stage context per boundary (segments inside the pool), `keep` only without context
-// and with one fraction in (0, 1] per boundary, `depth` one per new token in
-// [1, stages], logits rows and logprob requests only on tokens computed by the last
-// layer (with `keep`: the last new token).
+// stage context and one list of stage slots per boundary (inside the pool; the slots
+// one per new token of the stage), `keep` without `depth` and with one fraction in
+// (0, 1] per boundary, `depth` one per new token in [1, stages], logits rows and logprob
+// requests only on tokens computed by the last layer (with `keep`: the last new token).
 absl::Status ValidateLazyPlan(const BatchPlan& plan, const KvPoolInfo& kv, int32_t num_layers);
 
 }  // namespace superpose::engine

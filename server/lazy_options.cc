@@ -31,7 +31,9 @@ void LazyUsageToProto(const engine::Usage& u, v1::Usage* out) {
   for (int32_t b : u.lazy_boundaries) z->add_boundary_layers(b);
   for (int32_t n : u.lazy_stage_tokens) {
     z->add_stage_tokens(n);
-    z->add_stage_share(u.prompt_tokens > 0 ? static_cast<float>(n) / u.prompt_tokens : 0.0f);
+    // Of the prompt tokens this request computed (a cached prefix aside).
+    const int32_t computed = u.prompt_tokens - u.cached_prompt_tokens;
+    z->add_stage_share(computed > 0 ? static_cast<float>(n) / computed : 0.0f);
   }
   if (!u.lazy_skipped.empty()) z->set_skipped(u.lazy_skipped);
 }

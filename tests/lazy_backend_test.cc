@@ -239,6 +239,34 @@ TEST_F(LazyBackendTest, DecodeSeesEachStagesKv) {
   ExpectNearRef(Row(dec, 0), ref.Run(all, bounds, keep, all_depth).logits);
 }
 
+// A deciding prefill after a cached prefix (its context): the prefix is in every stage
+// and never a candidate; the kept new tokens go compact after it.
+TEST_F(LazyBackendTest, ContextIsInEveryStageAndNeverPruned) {
+  const testing::LazyReference ref(model_->config, *model_->weights);
+  const std::vector<int32_t> all = Prompt(60, 12), bounds = {0, 2};
+  const std::vector<float> keep = {0.5f, 0.6f};
+  const std::vector<int32_t> prefix(all.begin(), all.begin() + 32),
+      rest(all.begin() + 32, all.end());
+  BatchPlan first;
+  AddSeq(prefix, 0, {}, &first);
+  ForwardOutput unused;
+  ASSERT_TRUE(backend_->Forward(first, &unused).ok());
+  BatchPlan plan;
+  engine::LazyPlan z = Lazy(bounds, keep);
+  AddSeq(rest, 2, std::move(z), &plan);
+  engine::SeqPlan& s = plan.seqs[0];
+  s.context = {{0, 0, 16}, {1, 0, 16}};
+  for (size_t i = 0; i < rest.size(); ++i) plan.positions[i] = 32.0f + static_cast<float>(i);
+  for (size_t st = 0; st < bounds.size(); ++st) s.lazy.stage_context[st] = s.context;
+  ForwardOutput out;
+  ASSERT_TRUE(backend_->Forward(plan, &out).ok());
+  const auto want = ref.Run(all, bounds, keep, {}, /*fixed=*/32);
+  ASSERT_EQ(out.lazy.size(), 1u);
+  EXPECT_EQ(out.lazy[0].depth, std::vector<int32_t>(want.depth.begin() + 32, want.depth.end()));
+  for (int32_t i = 0; i < 32; ++i) EXPECT_EQ(want.depth[i], 3);
+  ExpectNearRef(Row(out, 0), want.logits);
+}
+
 // Recomputation (after preemption) replays the decision: the same logits and K/V.
 TEST_F(LazyBackendTest, ReplayedDepthsReproduceThePrefill) {
   const std::vector<int32_t> p = Prompt(48, 9);

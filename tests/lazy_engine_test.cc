@@ -1,6 +1,7 @@
 // LazyLLM through the engine (engine/runtime/lazy_steps.h): the request option, its
 // checks, the auto-off rules, greedy decoding that follows the dense reference, usage,
-// the prefix cache left alone, and preemption replaying the pruning decision.
+// a cached prefix reused but never pruned nor published, and preemption replaying the
+// pruning decision.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -133,18 +134,37 @@ TEST_F(LazyEngineTest, PaperScheduleAndAutoOff) {
   EXPECT_NE(c.usage.lazy_skipped.find("max_batch_tokens"), std::string::npos);
 }
 
-// A lazy sequence neither reads nor publishes the prefix cache.
-TEST_F(LazyEngineTest, PrefixCacheIsLeftAlone) {
+// A lazy request reuses a cached prefix as computed (in every stage, never pruned),
+// follows the dense reference with that prefix fixed, and publishes nothing of its own.
+TEST_F(LazyEngineTest, CachedPrefixIsReusedNeverPrunedAndNotPublished) {
   auto eng = Start(64);
-  const std::vector<int32_t> p = Prompt(50, 4);
-  ASSERT_TRUE(testing::RunRequest(*eng, Lazy(p, 2, {0}, {0.3f})).status.ok());
-  testing::Completion plain = testing::RunRequest(*eng, testing::GreedyRequest(p, 2));
-  EXPECT_EQ(plain.usage.cached_prompt_tokens, 0);
-  plain = testing::RunRequest(*eng, testing::GreedyRequest(p, 2));
-  EXPECT_GT(plain.usage.cached_prompt_tokens, 0);
-  const testing::Completion lazy = testing::RunRequest(*eng, Lazy(p, 2, {0}, {0.3f}));
-  EXPECT_EQ(lazy.usage.cached_prompt_tokens, 0);
-  EXPECT_FALSE(lazy.usage.lazy_stage_tokens.empty());
+  const std::vector<int32_t> p = Prompt(50, 4), b = {0, 2};
+  const std::vector<float> keep = {0.5f, 0.5f};
+  // A plain request publishes the prompt's three full blocks.
+  ASSERT_TRUE(testing::RunRequest(*eng, testing::GreedyRequest(p, 2)).status.ok());
+  std::vector<int32_t> longer = p;
+  for (int32_t t : Prompt(30, 5)) longer.push_back(t);
+  const testing::Completion lazy = testing::RunRequest(*eng, Lazy(longer, 1, b, keep));
+  ASSERT_TRUE(lazy.status.ok()) << lazy.status;
+  EXPECT_EQ(lazy.usage.cached_prompt_tokens, 48);
+  const testing::LazyReference ref(model_->config, *model_->weights);
+  const auto want = ref.Run(longer, b, keep, {}, /*fixed=*/48);
+  std::vector<int32_t> stages(3, 0);  // the tokens this request computed, per stage
+  for (size_t i = 48; i < want.depth.size(); ++i) {
+    for (int32_t s = 0; s < want.depth[i]; ++s) ++stages[s];
+  }
+  EXPECT_EQ(lazy.usage.lazy_stage_tokens, stages);
+  EXPECT_LT(stages.back(), 32);
+  std::vector<double> sorted = want.logits;
+  std::sort(sorted.rbegin(), sorted.rend());
+  if (sorted[0] - sorted[1] > 1e-3 * std::abs(sorted[0])) {
+    EXPECT_EQ(lazy.tokens.at(0),
+              std::max_element(want.logits.begin(), want.logits.end()) - want.logits.begin());
+  }
+  // Nothing of the lazy request was published: the same prompt, plain, finds the plain
+  // request's three blocks and not the lazy one's fourth.
+  const testing::Completion plain = testing::RunRequest(*eng, testing::GreedyRequest(longer, 2));
+  EXPECT_EQ(plain.usage.cached_prompt_tokens, 48);
 }
 
 // Two lazy requests that do not fit the pool together: the preempted one recomputes

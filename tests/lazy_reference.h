@@ -28,9 +28,11 @@ class LazyReference {
     std::vector<int32_t> layer_tokens;
   };
 
-  // `depth` empty: decide with `keep`; else replay it (keep unused).
+  // `depth` empty: decide with `keep`; else replay it (keep unused). The first `fixed`
+  // tokens (a cached prefix) are in every stage: never candidates.
   Result Run(const std::vector<int32_t>& tokens, const std::vector<int32_t>& boundaries,
-             const std::vector<float>& keep, std::vector<int32_t> depth = {}) const {
+             const std::vector<float>& keep, std::vector<int32_t> depth = {},
+             int32_t fixed = 0) const {
     const int32_t n = static_cast<int32_t>(tokens.size()), H = c_.hidden_size;
     const int32_t S = static_cast<int32_t>(boundaries.size()) + 1;
     const bool decide = depth.empty();
@@ -52,7 +54,7 @@ class LazyReference {
       const bool boundary = stage < S - 1 && boundaries[stage] == l;
       std::vector<double> score(n, 0.0);
       Layer(l, present, &x, boundary && decide ? &score : nullptr);
-      if (boundary && decide) Prune(present, score, keep[stage], stage, &depth);
+      if (boundary && decide) Prune(present, score, keep[stage], stage, fixed, &depth);
     }
     r.depth = depth;
     r.logits = Logits(x[n - 1]);
@@ -164,8 +166,11 @@ class LazyReference {
   }
 
   static void Prune(const std::vector<int32_t>& present, const std::vector<double>& score,
-                    float keep, int32_t stage, std::vector<int32_t>* depth) {
-    std::vector<int32_t> cand(present.begin(), present.end() - 1);
+                    float keep, int32_t stage, int32_t fixed, std::vector<int32_t>* depth) {
+    std::vector<int32_t> cand;
+    for (size_t a = 0; a + 1 < present.size(); ++a) {
+      if (present[a] >= fixed) cand.push_back(present[a]);
+    }
     const int32_t k = static_cast<int32_t>(std::llround(static_cast<double>(keep) * cand.size()));
     std::stable_sort(cand.begin(), cand.end(),
                      [&](int32_t a, int32_t b) { return score[a] > score[b]; });

@@ -85,7 +85,10 @@ TEST_F(ServerLazyTest, KeepOneAnswersLikeNoPruning) {
   const Result lazy = Generate(*stub, req);
   ASSERT_TRUE(lazy.status.ok()) << lazy.status.error_message();
   EXPECT_EQ(lazy.tokens, plain.tokens);
-  EXPECT_EQ(lazy.usage.lazy().stage_tokens(3), 90u);
+  // The plain request's prompt blocks are reused as computed; the rest runs every stage.
+  EXPECT_EQ(lazy.usage.cached_prompt_tokens(), 80u);
+  EXPECT_EQ(lazy.usage.lazy().stage_tokens(3), 10u);
+  EXPECT_FLOAT_EQ(lazy.usage.lazy().stage_share(3), 1.0f);
 }
 
 TEST_F(ServerLazyTest, BadOptionsNameTheFieldAndTheServerKeepsServing) {

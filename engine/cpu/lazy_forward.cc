@@ -80,12 +80,14 @@ absl::Status CpuBackend::LazyScores(const BatchPlan& plan, const KeyIndex& ix,
     const SeqPlan& seq = plan.seqs[si];
     z->scores[si].clear();
     if (seq.lazy.keep.empty() || !AtBoundary(seq, rows.stage[si], l)) continue;
-    // No context (ValidateLazyPlan): key k is the sequence's row begin + k.
     const int32_t last = rows.begin[si] + rows.count[si] - 1;
     std::vector<float> s = LastTokenAttention(ix.keys[si], l, q, last);
     // Every rank holds some heads: the sum over all of them, the same on every rank.
     SP_RETURN_IF_ERROR(AllReduce(s.data(), static_cast<int64_t>(s.size())));
     for (float& v : s) v /= static_cast<float>(config_.num_heads);
+    // The keys are the stage's context (a cached prefix: never a candidate), then the
+    // rows: key ctx + k is row k.
+    s.erase(s.begin(), s.end() - rows.count[si]);
     z->scores[si] = std::move(s);
   }
   return absl::OkStatus();

@@ -552,8 +552,10 @@ void Engine::Impl::ExtendChain(Sequence* seq, int32_t n) const {
 
 int32_t Engine::Impl::PrefixMatch(Sequence* seq) const {
   if (!UsesPrefixCache(*seq) || seq->computed != 0 || !seq->blocks.empty()) return 0;
-  // Full blocks that may match: at least one token is always left to compute.
-  const int32_t candidates = (static_cast<int32_t>(seq->tokens.size()) - 1) / block_size_;
+  // Full blocks that may match: at least one token is always left to compute; a
+  // recomputed LazyLLM sequence reuses no more than its decision saw cached.
+  int32_t candidates = (static_cast<int32_t>(seq->tokens.size()) - 1) / block_size_;
+  if (seq->lazy.decided()) candidates = std::min(candidates, seq->lazy.decided_at / block_size_);
   ExtendChain(seq, candidates);
   int32_t n = 0;
   while (n < candidates && blocks_->Contains(seq->block_chain[n])) ++n;
@@ -578,7 +580,7 @@ void Engine::Impl::MatchPrefix(Sequence* seq, int32_t max_blocks) {
 }
 
 void Engine::Impl::PublishBlocks(Sequence* seq) {
-  if (!UsesPrefixCache(*seq)) return;
+  if (!UsesPrefixCache(*seq) || !seq->publishes_prefix) return;
   const int32_t full = seq->computed / block_size_;
   ExtendChain(seq, full);
   for (; seq->published_blocks < full; ++seq->published_blocks) {

@@ -28,12 +28,14 @@ void StartLazySequence(const LazyOptions& lazy, int32_t min_prompt, int32_t max_
   }
   seq->lazy.boundaries = lazy.boundaries;
   seq->lazy.keep = lazy.keep;
-  seq->prefix_cache = false;
+  // A cached prefix is reused as computed (in every stage, never pruned); the sequence's
+  // own blocks hold its stages compacted, which no other sequence may read as a prefix.
+  seq->publishes_prefix = false;
 }
 
 void DropChunkedLazy(Sequence* seq, int32_t num_tokens) {
   if (!seq->lazy.active() || seq->lazy.decided()) return;
-  if (seq->computed == 0 && num_tokens == seq->remaining()) return;
+  if (seq->computed == seq->cached_prompt_tokens && num_tokens == seq->remaining()) return;
   seq->lazy = LazyState{};
   seq->lazy.skipped = "prefill was split over steps";
 }
@@ -68,12 +70,16 @@ void FillLazyPlan(const Sequence& seq, int32_t num_tokens, int32_t bs, LazyPlan*
 int64_t TakeLazyDecision(const ForwardOutput::Lazy& result, Sequence* seq) {
   LazyState& z = seq->lazy;
   if (z.decided() || !z.active()) return 0;
-  z.depth = result.depth;
+  // The cached prefix before the decision is in every stage.
+  z.decided_at = seq->computed;
+  z.depth.assign(seq->computed, z.stages());
+  z.depth.insert(z.depth.end(), result.depth.begin(), result.depth.end());
+  // Per stage, the tokens this request computed there (the cached prefix aside).
   z.stage_tokens.assign(z.stages(), 0);
-  for (int32_t d : z.depth) {
+  for (int32_t d : result.depth) {
     for (int32_t s = 0; s < d; ++s) ++z.stage_tokens[s];
   }
-  return static_cast<int64_t>(z.depth.size()) - z.stage_tokens.back();
+  return static_cast<int64_t>(result.depth.size()) - z.stage_tokens.back();
 }
 
 }  // namespace superpose::engine

@@ -28,8 +28,8 @@ absl::Status ResolveRequestLazy(const LazyEngineOptions& options, int32_t num_la
 
 // A new plain sequence's lazy state from its resolved schedule: applied, or skipped
 // with the reason (too short, longer than a step's `max_batch_tokens`). Lazy sequences
-// neither read nor publish the prefix cache (their deeper layers lack pruned tokens'
-// K/V), which clears seq->prefix_cache.
+// reuse a cached prefix as computed (in every stage, never pruned) but publish nothing
+// (their own blocks hold the stages compacted): seq->publishes_prefix is cleared.
 void StartLazySequence(const LazyOptions& lazy, int32_t min_prompt, int32_t max_batch_tokens,
                        Sequence* seq);
 
@@ -40,8 +40,8 @@ void DropChunkedLazy(Sequence* seq, int32_t num_tokens);
 // seq's LazyPlan for a step of `num_tokens` new tokens (block size `bs`).
 void FillLazyPlan(const Sequence& seq, int32_t num_tokens, int32_t bs, LazyPlan* plan);
 
-// Takes the backend's decision for a sequence's first prefill; returns the prompt tokens
-// it pruned (0 for a replay).
+// Takes the backend's decision for a sequence's first prefill (before seq->computed
+// advances past it); returns the prompt tokens it pruned (0 for a replay).
 int64_t TakeLazyDecision(const ForwardOutput::Lazy& result, Sequence* seq);
 
 }  // namespace superpose::engine

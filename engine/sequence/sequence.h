@@ -44,7 +44,10 @@ struct LazyState {
   // tokens are in every stage). Kept over preemption, so that recomputation replays it.
   std::vector<int32_t> depth;
   std::vector<int32_t> stage_tokens;  // prompt tokens per stage, once decided
-  std::string skipped;                // asked for, but not applied: why
+  // Own tokens computed before the deciding step (a cached prefix, in every stage): a
+  // recomputation matches no more of the prefix cache than this.
+  int32_t decided_at = 0;
+  std::string skipped;  // asked for, but not applied: why
   bool active() const { return !boundaries.empty(); }
   bool decided() const { return !depth.empty(); }
   int32_t stages() const { return static_cast<int32_t>(boundaries.size()) + 1; }
@@ -68,6 +71,7 @@ struct Sequence {
   bool emits = false;             // samples and streams tokens (a client's output)
   bool wants_last_row = false;    // not emitting: its last logits row goes to the owner
   bool prefix_cache = false;      // matches and publishes prefix-cache blocks
+  bool publishes_prefix = true;   // with prefix_cache: false matches only (LazyLLM)
   bool scored = false;            // the owner gets the log-probability of each own token
   int32_t segment_start = -1;     // scored: own token here starts a segment (not predicted)
   bool counts_as_request = true;  // counts toward the waiting-queue bound while waiting
