@@ -231,6 +231,7 @@ absl::StatusOr<engine::Request> ToEngineRagRequest(const v1::GenerateRagRequest&
   if (!checked.ok()) return checked.status();
   engine::Request out;
   SP_RETURN_IF_ERROR(FillCommon(req, static_cast<int32_t>(checked->answer_start), limits, &out));
+  out.lazy = LazyFromProto(req);  // checked by the engine (naive mode only)
   out.rag = std::move(spec);
   return out;
 }

@@ -8,10 +8,11 @@
 
 namespace superpose::server {
 
-engine::LazyOptions LazyFromProto(const v1::GenerateRequest& req) {
+namespace {
+
+engine::LazyOptions FromProto(bool has, const v1::LazyOptions& z) {
   engine::LazyOptions o;
-  if (!req.has_lazy()) return o;  // kDefault
-  const v1::LazyOptions& z = req.lazy();
+  if (!has) return o;  // kDefault
   if (z.has_enabled() && !z.enabled()) {
     o.mode = engine::LazyOptions::Mode::kOff;
     return o;
@@ -23,6 +24,16 @@ engine::LazyOptions LazyFromProto(const v1::GenerateRequest& req) {
   }
   o.keep.assign(z.keep_fractions().begin(), z.keep_fractions().end());
   return o;
+}
+
+}  // namespace
+
+engine::LazyOptions LazyFromProto(const v1::GenerateRequest& req) {
+  return FromProto(req.has_lazy(), req.lazy());
+}
+
+engine::LazyOptions LazyFromProto(const v1::GenerateRagRequest& req) {
+  return FromProto(req.has_lazy(), req.lazy());
 }
 
 void LazyUsageToProto(const engine::Usage& u, v1::Usage* out) {

@@ -14,6 +14,7 @@ namespace superpose::server {
 
 // The request's option as the engine takes it (checked there against the model).
 engine::LazyOptions LazyFromProto(const v1::GenerateRequest& req);
+engine::LazyOptions LazyFromProto(const v1::GenerateRagRequest& req);
 
 // usage.lazy, when LazyLLM ran or was skipped.
 void LazyUsageToProto(const engine::Usage& u, v1::Usage* out);

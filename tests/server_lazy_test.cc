@@ -91,6 +91,50 @@ TEST_F(ServerLazyTest, KeepOneAnswersLikeNoPruning) {
   EXPECT_FLOAT_EQ(lazy.usage.lazy().stage_share(3), 1.0f);
 }
 
+// GenerateRag's naive mode is one flat prompt: LazyLLM prunes it and reports it in usage;
+// the superposition mode refuses the option, naming it.
+TEST_F(ServerLazyTest, NaiveRagPrunesAndSuperpositionRefuses) {
+  auto stub = v1::Superpose::NewStub(server_->Channel());
+  v1::GenerateRagRequest req;
+  req.set_preamble("A story.");
+  for (const char* text : {"Tom had a big red ball. He liked to play with it in the park.",
+                           "Lily saw a cat in the garden. The cat was soft and white.",
+                           "The sun was hot, so Sam went to swim in the lake with his dad."}) {
+    v1::RagDocument* d = req.add_documents();
+    d->set_text(text);
+  }
+  req.set_query("Who had a ball?");
+  req.mutable_rag()->set_mode(v1::RAG_MODE_NAIVE);
+  req.mutable_sampling()->set_max_new_tokens(4);
+  req.mutable_sampling()->set_temperature(0);
+  req.set_ignore_eos(true);
+  for (uint32_t b : {0, 2}) req.mutable_lazy()->add_boundary_layers(b);
+  for (int i = 0; i < 2; ++i) req.mutable_lazy()->add_keep_fractions(0.5f);
+  auto run = [&](const v1::GenerateRagRequest& r, v1::Usage* usage) {
+    grpc::ClientContext ctx;
+    auto reader = stub->GenerateRag(&ctx, r);
+    v1::GenerateResponse resp;
+    while (reader->Read(&resp)) {
+      if (resp.has_usage()) *usage = resp.usage();
+    }
+    return reader->Finish();
+  };
+  v1::Usage usage;
+  grpc::Status st = run(req, &usage);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  ASSERT_TRUE(usage.has_lazy());
+  const v1::LazyUsage& z = usage.lazy();
+  ASSERT_EQ(z.stage_tokens_size(), 3);
+  EXPECT_EQ(z.stage_tokens(0), usage.prompt_tokens() - usage.cached_prompt_tokens());
+  EXPECT_LT(z.stage_tokens(2), z.stage_tokens(0));
+  req.mutable_rag()->set_mode(v1::RAG_MODE_SUPERPOSITION);
+  st = run(req, &usage);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("lazy"), std::string::npos) << st.error_message();
+  req.clear_lazy();  // the server default (off here) is not an error
+  EXPECT_TRUE(run(req, &usage).ok());
+}
+
 TEST_F(ServerLazyTest, BadOptionsNameTheFieldAndTheServerKeepsServing) {
   auto stub = v1::Superpose::NewStub(server_->Channel());
   auto expect_bad = [&](std::vector<uint32_t> layers, std::vector<float> keep,

@@ -158,6 +158,7 @@ void Planner::StartNaive(PendingRequest p) {
   seq->owner_index = kNaive;
   seq->emits = true;
   seq->prefix_cache = true;
+  host_->StartLazy(seq.get());
   std::vector<std::unique_ptr<Sequence>> one;
   one.push_back(std::move(seq));
   host_->Enqueue(std::move(one), /*front=*/false);

@@ -27,6 +27,9 @@ class Planner final : public RequestOwner {
   ~Planner() override;
 
   bool Claims(const Request& request) const override { return request.rag != nullptr; }
+  bool FlatPrompt(const Request& request) const override {
+    return request.rag->options.mode == Mode::kNaive;
+  }
   absl::StatusOr<std::unique_ptr<Prepared>> Validate(const Request& request) const override;
   void Start(PendingRequest request) override;
   int64_t cache_hits() const override { return hits_.load(); }

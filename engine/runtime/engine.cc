@@ -12,9 +12,11 @@
 #include "absl/synchronization/mutex.h"
 #include "engine/rag/planner.h"
 #include "engine/runtime/emitter.h"
+#include "engine/runtime/lazy_steps.h"
 #include "engine/runtime/scheduler.h"
 #include "engine/runtime/step_plan.h"
 #include "engine/sequence/sequence.h"
+#include "engine/util/status.h"
 #include "spdlog/spdlog.h"
 
 namespace superpose::engine {
@@ -71,6 +73,9 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   void Drop(Sequence& seq) override;
   void EmitFromRow(Sequence& seq, const float* row) override;
   void Deliver(StreamCallback& callback, StreamEvent ev) override;
+  void StartLazy(Sequence* seq) override {
+    StartLazySequence(seq->req.lazy, options_.lazy.min_prompt, options_.max_batch_tokens, seq);
+  }
 
   // SequenceOwner of plain requests: their final event goes out as the engine built it.
   bool OnFinished(Sequence&, FinishReason, const absl::Status&, StreamEvent*) override {
@@ -235,6 +240,16 @@ absl::StatusOr<uint64_t> Engine::Impl::Submit(Request request, StreamCallback ca
     absl::StatusOr<std::unique_ptr<Prepared>> prepared = in.owner->Validate(request);
     if (!prepared.ok()) return prepared.status();
     in.request.prepared = std::move(*prepared);
+    if (in.owner->FlatPrompt(request)) {
+      SP_RETURN_IF_ERROR(ResolveRequestLazy(options_.lazy, config_.num_layers,
+                                            backend_->SupportsLazy(), &request.lazy));
+    } else if (request.lazy.mode == LazyOptions::Mode::kOn) {
+      return absl::InvalidArgumentError(
+          "lazy: this request does not run as one prompt (GenerateRag prunes in rag.mode "
+          "NAIVE only)");
+    } else {
+      request.lazy.mode = LazyOptions::Mode::kOff;
+    }
   } else {
     const int64_t n = static_cast<int64_t>(request.prompt_ids.size());
     if (n == 0) return absl::InvalidArgumentError("prompt is empty");
@@ -390,7 +405,7 @@ void Engine::Impl::StartRequest(Incoming in) {
   seq->owner = this;
   seq->emits = true;
   seq->prefix_cache = true;
-  StartLazySequence(seq->req.lazy, options_.lazy.min_prompt, options_.max_batch_tokens, seq.get());
+  StartLazy(seq.get());
   std::vector<std::unique_ptr<Sequence>> one;
   one.push_back(std::move(seq));
   Enqueue(std::move(one), /*front=*/false);

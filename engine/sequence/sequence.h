@@ -157,6 +157,9 @@ class SequenceHost {
   // Delivers the final event of a request that has no sequence left to finish it
   // (counted like any finished request).
   virtual void Deliver(StreamCallback& callback, StreamEvent ev) = 0;
+  // Applies seq->req.lazy (resolved at Submit) to a sequence whose prompt is one flat
+  // prompt, under the engine's limits (StartLazySequence).
+  virtual void StartLazy(Sequence* seq) = 0;
 };
 
 // What a request owner's Validate prepared for its Start (e.g. a RAG layout).
@@ -185,6 +188,9 @@ class RequestOwner : public SequenceOwner {
   virtual absl::StatusOr<std::unique_ptr<Prepared>> Validate(const Request& request) const = 0;
   // Starts it on the engine thread: makes and queues its first sequences.
   virtual void Start(PendingRequest request) = 0;
+  // Whether the request runs as one flat prompt (then LazyLLM may prune it, the owner
+  // calling SequenceHost::StartLazy); else a request asking for pruning is refused.
+  virtual bool FlatPrompt(const Request&) const { return false; }
   // Metrics counters that may be read from any thread.
   virtual int64_t cache_hits() const { return 0; }
   virtual int64_t cache_misses() const { return 0; }
