@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "engine/util/status.h"
+#include "server/lazy_options.h"
 
 namespace superpose::server::openai {
 namespace {
@@ -127,6 +128,19 @@ absl::Status FillSampling(const json& body, v1::SamplingParams* sp) {
   return absl::OkStatus();
 }
 
+// An extension object given as the proto message's JSON form (the same fields as over
+// gRPC: `rag` = RagOptions, `lazy` = LazyOptions).
+absl::Status ParseProtoMember(const json& body, const char* name, google::protobuf::Message* out) {
+  const json* m = Member(body, name);
+  if (m == nullptr) return absl::OkStatus();
+  if (!m->is_object()) return Bad(name, absl::StrCat(name, " must be an object"));
+  google::protobuf::util::JsonParseOptions options;
+  options.ignore_unknown_fields = false;
+  const auto st = google::protobuf::util::JsonStringToMessage(m->dump(), out, options);
+  if (!st.ok()) return Bad(name, absl::StrCat(name, ": ", st.message().as_string()));
+  return absl::OkStatus();
+}
+
 // The fields GenerateRequest and GenerateRagRequest share.
 template <typename Req>
 absl::Status FillCommon(const json& body, Req* req) {
@@ -145,7 +159,8 @@ absl::Status FillCommon(const json& body, Req* req) {
   bool present = false;
   SP_RETURN_IF_ERROR(GetInt(body, "priority", -100, 100, &priority, &present));
   if (present) req->set_priority(static_cast<int32_t>(priority));
-  return absl::OkStatus();
+  if (Member(body, "lazy") == nullptr) return absl::OkStatus();  // unset: the server default
+  return ParseProtoMember(body, "lazy", req->mutable_lazy());
 }
 
 absl::Status ParseStreamOptions(const json& body, CallPlan* plan) {
@@ -219,15 +234,8 @@ absl::Status ParsePrompts(const json& body, CallPlan* plan) {
 }
 
 absl::Status ParseRagOptions(const json& body, v1::GenerateRagRequest* req) {
-  const json* rag = Member(body, "rag");
-  if (rag == nullptr) return absl::OkStatus();
-  if (!rag->is_object()) return Bad("rag", "rag must be an object");
-  google::protobuf::util::JsonParseOptions options;
-  options.ignore_unknown_fields = false;
-  const auto st =
-      google::protobuf::util::JsonStringToMessage(rag->dump(), req->mutable_rag(), options);
-  if (!st.ok()) return Bad("rag", absl::StrCat("rag: ", st.message().as_string()));
-  return absl::OkStatus();
+  if (Member(body, "rag") == nullptr) return absl::OkStatus();
+  return ParseProtoMember(body, "rag", req->mutable_rag());
 }
 
 absl::Status ParseDocuments(const json& docs, v1::GenerateRagRequest* req) {
@@ -307,6 +315,7 @@ std::string ParamOf(const absl::Status& status) {
       {"query", "messages"},
       {"postamble", "messages"},
       {"rag", "rag"},
+      {"lazy", "lazy"},
       {"request", ""}};
   for (const auto& [prefix, param] : kPrefixes) {
     if (!absl::StartsWith(m, prefix)) continue;
@@ -489,6 +498,25 @@ json UsageJson(int64_t prompt_tokens, int64_t completion_tokens, int64_t cached_
 
 namespace {
 
+// usage.lazy (an extension): per prompt where LazyLLM ran or was skipped, gRPC's
+// LazyUsage in its JSON form plus `prompt_index`.
+json LazyUsageJson(const std::vector<ChoiceOutput>& choices, int n) {
+  json out = json::array();
+  for (size_t i = 0; i < choices.size(); i += n) {
+    v1::Usage u;
+    LazyUsageToProto(choices[i].usage, &u);
+    if (!u.has_lazy()) continue;
+    google::protobuf::util::JsonPrintOptions options;
+    options.preserve_proto_field_names = true;
+    std::string text;
+    if (!google::protobuf::util::MessageToJsonString(u.lazy(), &text, options).ok()) continue;
+    json z = json::parse(text, nullptr, false);
+    z["prompt_index"] = i / n;
+    out.push_back(std::move(z));
+  }
+  return out;
+}
+
 // Choice i answers prompt i / n: its prompt tokens are counted once per prompt.
 json TotalUsage(const std::vector<ChoiceOutput>& choices, int n) {
   int64_t prompt = 0, completion = 0, cached = 0;
@@ -499,7 +527,9 @@ json TotalUsage(const std::vector<ChoiceOutput>& choices, int n) {
       cached += choices[i].usage.cached_prompt_tokens;
     }
   }
-  return UsageJson(prompt, completion, cached);
+  json usage = UsageJson(prompt, completion, cached);
+  if (json lazy = LazyUsageJson(choices, n); !lazy.empty()) usage["lazy"] = std::move(lazy);
+  return usage;
 }
 
 json Envelope(const ResponseMeta& meta, bool chunk) {

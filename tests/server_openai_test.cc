@@ -277,6 +277,30 @@ struct ErrorCase {
   std::string param;  // "" for null
 };
 
+// The `lazy` extension (gRPC's LazyOptions in JSON) reaches the engine, and usage.lazy
+// reports it per prompt (here skipped: the prompt is below --lazy_min_prompt).
+TEST_F(OpenAiTest, LazyExtensionAndItsUsage) {
+  json body = Completion("Once upon a time", 2);
+  body["lazy"] = {{"boundary_layers", {0, 2}}, {"keep_fractions", {0.5, 0.5}}};
+  Reply r = Post(*http_, "/v1/completions", body);
+  ASSERT_EQ(r.status, 200) << r.raw;
+  ASSERT_TRUE(r.body["usage"].contains("lazy")) << r.raw;
+  const json& z = r.body["usage"]["lazy"];
+  ASSERT_EQ(z.size(), 1u);
+  EXPECT_EQ(z[0]["prompt_index"], 0);
+  EXPECT_NE(z[0]["skipped"].get<std::string>().find("lazy_min_prompt"), std::string::npos);
+  r = Post(*http_, "/v1/completions", Completion("Once upon a time", 2));
+  EXPECT_FALSE(r.body["usage"].contains("lazy")) << r.raw;
+  body["lazy"] = {{"boundary_layers", {2, 1}}, {"keep_fractions", {0.5, 0.5}}};
+  r = Post(*http_, "/v1/completions", body);
+  EXPECT_EQ(r.status, 400) << r.raw;
+  EXPECT_EQ(r.body["error"]["param"], "lazy") << r.raw;
+  body["lazy"] = {{"keep", 1}};
+  r = Post(*http_, "/v1/completions", body);
+  EXPECT_EQ(r.status, 400) << r.raw;
+  EXPECT_EQ(r.body["error"]["param"], "lazy") << r.raw;
+}
+
 TEST_F(OpenAiTest, ErrorsHaveOpenAiShapeAndNameTheParam) {
   const std::string ok = R"("model": "stories260k", "prompt": "Hi")";
   const std::vector<ErrorCase> cases = {
