@@ -34,8 +34,8 @@ ShardedWeightReader::ShardedWeightReader(const ModelConfig& config, const Weight
 
 int64_t ShardedWeightReader::qkv_rows() const { return (q1_ - q0_) + 2 * (k1_ - k0_); }
 
-std::string ShardedWeightReader::LayerName(int32_t l, const char* tensor) {
-  return absl::StrCat("model.layers.", l, ".", tensor);
+std::string ShardedWeightReader::LayerName(int32_t l, const char* tensor) const {
+  return absl::StrCat("model.layers.", config_->WeightLayer(l), ".", tensor);
 }
 
 absl::Status ShardedWeightReader::Block(const std::string& name, int64_t rows, int64_t cols,

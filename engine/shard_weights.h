@@ -55,7 +55,8 @@ class ShardedWeightReader {
                      int64_t c0, int64_t c1, float* out) const;
   // Elements [b, e) of the 1-D tensor `name` of n elements.
   absl::Status Slice(const std::string& name, int64_t n, int64_t b, int64_t e, float* out) const;
-  static std::string LayerName(int32_t l, const char* tensor);
+  // The checkpoint tensor of layer l (of the layer whose weights it shares, if any).
+  std::string LayerName(int32_t l, const char* tensor) const;
 
   const ModelConfig* config_;
   const WeightSource* weights_;

@@ -44,7 +44,7 @@ namespace {
 // The parameter count in T: int64_t for NumParameters, double for the parser's check
 // that it fits (ParseModelConfig rejects configs above kMaxParameters).
 template <typename T>
-T ParameterCount(const ModelConfig& c) {
+T ParameterCount(const ModelConfig& c, int32_t layers) {
   const T H = c.hidden_size, I = c.intermediate_size, D = c.head_dim, nq = c.num_heads,
           nkv = c.num_kv_heads, V = c.vocab_size;
   T per_layer = H * nq * D         // q_proj
@@ -54,7 +54,7 @@ T ParameterCount(const ModelConfig& c) {
                 + 2 * H;           // input / post-attention norms
   if (c.attention_bias) per_layer += nq * D + 2 * nkv * D;
   if (c.qk_norm) per_layer += 2 * D;
-  T n = V * H + per_layer * static_cast<T>(c.num_layers) + H;
+  T n = V * H + per_layer * static_cast<T>(layers) + H;
   if (!c.tie_word_embeddings) n += V * H;
   return n;
 }
@@ -64,12 +64,21 @@ constexpr double kMaxParameters = 1152921504606846976.0;
 
 }  // namespace
 
-int64_t ModelConfig::NumParameters() const { return ParameterCount<int64_t>(*this); }
+int32_t ModelConfig::DistinctLayers() const {
+  int32_t n = 0;
+  for (int32_t l = 0; l < num_layers; ++l) n += WeightLayer(l) == l;
+  return n;
+}
+
+int64_t ModelConfig::NumParameters() const {
+  return ParameterCount<int64_t>(*this, DistinctLayers());
+}
 
 int64_t ModelConfig::WeightBytes(DType d) const {
-  // Every layer, the final norm and the lm_head (the embedding matrix when tied) are read
-  // in full per decode step; the input embedding only contributes one row per token.
-  int64_t n = NumParameters();
+  // Every layer (a shared layer's weights once per use), the final norm and the lm_head
+  // (the embedding matrix when tied) are read in full per decode step; the input
+  // embedding only contributes one row per token.
+  int64_t n = ParameterCount<int64_t>(*this, num_layers);
   if (!tie_word_embeddings) n -= static_cast<int64_t>(vocab_size) * hidden_size;
   return n * static_cast<int64_t>(DTypeSize(d));
 }
@@ -472,6 +481,35 @@ absl::Status CheckSlidingWindow(const Reader& r, Family family, const ModelConfi
   return absl::OkStatus();
 }
 
+// "layer_weight_map": one checkpoint layer per layer, each mapping to itself (so that
+// its tensors are stored under its own index).
+absl::Status ReadLayerWeightMap(const Reader& r, ModelConfig* out) {
+  const json* m = r.Find("layer_weight_map");
+  if (m == nullptr || m->is_null()) return absl::OkStatus();
+  const int32_t L = out->num_layers;
+  if (!m->is_array() || static_cast<int64_t>(m->size()) != L) {
+    return r.Invalid("layer_weight_map",
+                     absl::StrCat("must be a list of num_hidden_layers (", L, ") layer indices"));
+  }
+  std::vector<int32_t> map;
+  for (const json& v : *m) {
+    if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() >= L) {
+      return r.Invalid("layer_weight_map",
+                       absl::StrCat("entry ", map.size(), " is not a layer index in [0, ", L, ")"));
+    }
+    map.push_back(static_cast<int32_t>(v.get<int64_t>()));
+  }
+  for (int32_t l = 0; l < L; ++l) {
+    if (map[map[l]] != map[l]) {
+      return r.Invalid("layer_weight_map", absl::StrCat("layer ", l, " uses layer ", map[l],
+                                                        ", which itself uses layer ", map[map[l]],
+                                                        " (a shared layer must map to itself)"));
+    }
+  }
+  out->layer_weight_map = std::move(map);
+  return absl::OkStatus();
+}
+
 absl::Status CheckConsistency(const Reader& r, ModelConfig* out) {
   ModelConfig& c = *out;
   auto positive = [&](const char* key, int32_t v) -> absl::Status {
@@ -509,7 +547,7 @@ absl::Status CheckConsistency(const Reader& r, ModelConfig* out) {
     return r.Invalid("rope_theta", "must be positive");
   }
   // Each size fits int32, but their products need not fit int64 (NumParameters).
-  if (const double n = ParameterCount<double>(c); n > kMaxParameters) {
+  if (const double n = ParameterCount<double>(c, c.num_layers); n > kMaxParameters) {
     return r.Invalid("hidden_size",
                      absl::StrCat("(with intermediate_size, num_hidden_layers, vocab_size and "
                                   "the head counts) gives ",
@@ -531,6 +569,7 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view text, const std::s
     SP_RETURN_IF_ERROR(ReadFeatures(r, arch->family, &c));
     SP_RETURN_IF_ERROR(CheckSlidingWindow(r, arch->family, c));
     SP_RETURN_IF_ERROR(CheckConsistency(r, &c));
+    SP_RETURN_IF_ERROR(ReadLayerWeightMap(r, &c));
     return c;
   } catch (const std::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": ", e.what()));
@@ -667,6 +706,7 @@ std::string ModelConfigToJson(const ModelConfig& c) {
       }
     }
     j["attention_bias"] = c.attention_bias;
+    if (!c.layer_weight_map.empty()) j["layer_weight_map"] = c.layer_weight_map;
     j["tie_word_embeddings"] = c.tie_word_embeddings;
     j["torch_dtype"] = DTypeName(c.dtype);
     if (c.bos_token_id >= 0) j["bos_token_id"] = c.bos_token_id;

@@ -42,11 +42,22 @@ struct ModelConfig {
   bool attention_bias = false;  // q/k/v projections have biases (Qwen2)
   bool qk_norm = false;         // per-head RMSNorm of q and k before RoPE (Qwen3, AFM)
   bool tie_word_embeddings = false;
-  DType dtype = DType::kF32;    // torch_dtype: the storage dtype of the checkpoint
-  int32_t bos_token_id = -1;    // -1: none
+  DType dtype = DType::kF32;           // torch_dtype: the storage dtype of the checkpoint
+  int32_t bos_token_id = -1;           // -1: none
   std::vector<int32_t> eos_token_ids;  // union of config.json and generation_config.json
   int32_t pad_token_id = -1;
+  // Cross-layer weight sharing (SPIN-style isotropic stacks; config.json
+  // "layer_weight_map"): layer l computes with the weights of checkpoint layer
+  // layer_weight_map[l], which maps to itself. Empty: every layer has its own. Each
+  // layer keeps its own KV cache.
+  std::vector<int32_t> layer_weight_map;
+  int32_t WeightLayer(int32_t l) const {
+    return layer_weight_map.empty() ? l : layer_weight_map[l];
+  }
+  // Layers with weights of their own (stored once, whatever the sharing).
+  int32_t DistinctLayers() const;
 
+  // Stored parameters (a shared layer's weights once).
   int64_t NumParameters() const;
   // Bytes of weights read once per decode step at the given dtype.
   int64_t WeightBytes(DType d) const;
