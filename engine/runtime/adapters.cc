@@ -13,6 +13,11 @@ namespace superpose::engine {
 AdapterManager::AdapterManager(Backend* backend, const ModelConfig& config, int32_t max_resident)
     : backend_(backend), config_(config), max_resident_(std::max(1, max_resident)) {}
 
+AdapterManager::~AdapterManager() {
+  absl::MutexLock lock(&mu_);
+  for (auto& [id, e] : entries_) Unload(e);
+}
+
 absl::Status AdapterManager::Add(const std::string& name, const std::string& path) {
   SP_RETURN_IF_ERROR(ValidateAdapterName(name, "name"));
   if (!backend_->SupportsAdapters()) {

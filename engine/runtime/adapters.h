@@ -47,6 +47,7 @@ class AdapterManager {
  public:
   // Must outlive every request that holds an adapter (the engine's requests).
   AdapterManager(Backend* backend, const ModelConfig& config, int32_t max_resident);
+  ~AdapterManager();  // unloads the resident adapters from the backend
   AdapterManager(const AdapterManager&) = delete;
   AdapterManager& operator=(const AdapterManager&) = delete;
 
