@@ -566,6 +566,7 @@ int Run() {
   ApplyTenantPolicies(&sec, &eng, eopts->max_waiting);
   server::Metrics metrics;
   metrics.SetEngine(&eng);
+  metrics.SetAdapters(&adapters);
   eng.SetObserver(&metrics);
   eng.Start();
   server::MetricsServer metrics_server(&metrics);

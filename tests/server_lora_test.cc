@@ -238,6 +238,11 @@ TEST_F(ServerLoraTest, AdminLoadListUnloadWithLruEviction) {
     EXPECT_EQ(admin_->UnloadAdapter(&ctx, req, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
   }
   EXPECT_EQ(List().adapters_size(), 2);
+  const int port = server_->metrics_port();
+  EXPECT_GE(testing::MetricValue(port, "superpose_adapter_evictions_total"), 2);
+  EXPECT_GE(testing::MetricValue(port, "superpose_adapter_loads_total"), 4);
+  EXPECT_EQ(testing::MetricValue(port, "superpose_adapters_resident"), 1);
+  EXPECT_GT(testing::MetricValue(port, "superpose_adapters_resident_bytes"), 0);
 }
 
 TEST_F(ServerLoraTest, OpenAiModelNamesAnAdapter) {
