@@ -17,6 +17,7 @@
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
 #include "tests/forwarding_backend.h"
+#include "tests/lora_reference.h"
 #include "tests/test_util.h"
 
 namespace superpose {
@@ -249,6 +250,45 @@ TEST_F(LoraEngineTest, BackendWithoutAdaptersRefusesThem) {
   EXPECT_EQ(r.status.code(), absl::StatusCode::kUnimplemented);
   EXPECT_NE(r.status.message().find("adapter_id"), std::string::npos);
   EXPECT_TRUE(testing::RunRequest(eng, Req(Prompt(8, 1), "")).status.ok());
+}
+
+// LazyLLM pruning with an adapter: the hooks follow the rows a prune keeps. Equals the
+// same lazy request on the merged dense model (W + s B A) within float32 rounding.
+TEST_F(LoraEngineTest, LazyPruningWithAnAdapterEqualsTheMergedDenseModel) {
+  engine::EngineOptions eo;
+  eo.lazy.min_prompt = 16;
+  adapters_ = std::make_unique<engine::AdapterManager>(backend_.get(), model_->config, 2);
+  ASSERT_TRUE(adapters_->Add("a1", dirs_[0]).ok());
+  engine::Engine with(eo, model_->config, model_->tokenizer.get(), backend_.get());
+  with.SetAdapters(adapters_.get());
+  with.Start();
+  auto a1 = engine::LoadPeftAdapter(dirs_[0], model_->config);
+  ASSERT_TRUE(a1.ok());
+  auto merged = testing::MergedLoraWeights(*model_, *a1);
+  engine::BackendOptions opts;
+  opts.kv_num_blocks = 256;
+  auto dense_backend = engine::cpu::MakeCpuBackend(opts);
+  ASSERT_TRUE(dense_backend->Load(model_->config, *merged, engine::Shard{}).ok());
+  engine::Engine dense(eo, model_->config, model_->tokenizer.get(), dense_backend.get());
+  dense.Start();
+  auto lazy = [&](const std::string& adapter) {
+    engine::Request r = Req(Prompt(48, 3), adapter, 8);
+    r.lazy.mode = engine::LazyOptions::Mode::kOn;
+    r.lazy.boundaries = {1, 3};
+    r.lazy.keep = {0.6f, 0.5f};
+    return r;
+  };
+  const Completion got = testing::RunRequest(with, lazy("a1"));
+  const Completion want = testing::RunRequest(dense, lazy(""));
+  ASSERT_TRUE(got.status.ok()) << got.status;
+  ASSERT_TRUE(want.status.ok()) << want.status;
+  EXPECT_EQ(got.usage.lazy_stage_tokens, want.usage.lazy_stage_tokens);
+  EXPECT_EQ(got.usage.lazy_stage_tokens.size(), 3u);
+  EXPECT_EQ(got.tokens, want.tokens);
+  ASSERT_EQ(got.logprobs.size(), want.logprobs.size());
+  for (size_t i = 0; i < got.logprobs.size(); ++i) {
+    EXPECT_NEAR(got.logprobs[i].chosen.logprob, want.logprobs[i].chosen.logprob, 1e-4) << i;
+  }
 }
 
 TEST(AdapterFlagTest, ParsesNamesAndDirectories) {

@@ -17,6 +17,7 @@
 #include "engine/model/weights.h"
 #include "engine/runtime/model_bundle.h"
 #include "tests/forwarding_backend.h"
+#include "tests/lora_reference.h"
 #include "tests/test_util.h"
 
 namespace superpose {
@@ -180,38 +181,6 @@ TEST_F(LoraTest, ZeroBGivesTheBaseLogitsExactly) {
   for (size_t s = 0; s < want.size(); ++s) EXPECT_EQ(got[s], want[s]) << "step " << s;
 }
 
-// The model with W + scale B A in place of each adapted W.
-std::unique_ptr<engine::InMemoryWeights> Merged(const engine::ModelBundle& m,
-                                                const LoraAdapter& a) {
-  auto w = std::make_unique<engine::InMemoryWeights>();
-  const char* blocks[] = {"self_attn", "self_attn", "self_attn", "self_attn", "mlp", "mlp", "mlp"};
-  for (const std::string& name : m.weights->Names()) {
-    auto t = m.weights->Get(name);
-    std::vector<float> data(t->numel());
-    EXPECT_TRUE(m.weights->ReadF32(name, t->shape, data.data()).ok());
-    for (size_t l = 0; l < a.layers.size(); ++l) {
-      for (int mod = 0; mod < engine::kNumLoraModules; ++mod) {
-        const std::string want = "model.layers." + std::to_string(l) + "." + blocks[mod] + "." +
-                                 engine::LoraModuleName(mod) + ".weight";
-        const engine::LoraMatrices& p = a.layers[l][mod];
-        if (name != want || p.empty()) continue;
-        const engine::LoraDims d = engine::LoraModuleDims(m.config, mod);
-        for (int64_t o = 0; o < d.out; ++o) {
-          for (int64_t i = 0; i < d.in; ++i) {
-            double s = 0;
-            for (int32_t k = 0; k < a.rank; ++k) {
-              s += double{p.b[o * a.rank + k]} * p.a[k * d.in + i];
-            }
-            data[o * d.in + i] += static_cast<float>(a.scale * s);
-          }
-        }
-      }
-    }
-    w->Add(name, t->shape, std::move(data));
-  }
-  return w;
-}
-
 void ExpectClose(const std::vector<std::vector<float>>& got,
                  const std::vector<std::vector<float>>& want, float tol, const std::string& what) {
   ASSERT_EQ(got.size(), want.size()) << what;
@@ -229,7 +198,7 @@ TEST_F(LoraTest, RandomAdapterEqualsTheMergedDenseModel) {
   auto adapted = Backend();
   ASSERT_TRUE(adapted->LoadAdapter(5, a).ok());
   WithAdapter w(adapted.get(), 5);
-  auto merged_weights = Merged(*model_, a);
+  auto merged_weights = testing::MergedLoraWeights(*model_, a);
   engine::BackendOptions opts;
   opts.kv_num_blocks = 64;
   engine::cpu::CpuOptions cpu;
