@@ -46,6 +46,7 @@ ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate (mutual TLS; with -
 ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
 ABSL_FLAG(std::string, tls_server_name, "",
           "Name to verify the server's certificate against instead of --server's host");
+ABSL_FLAG(std::string, adapter, "", "generate, rag: LoRA adapter name (adapter_id; empty: base)");
 ABSL_FLAG(std::string, preamble, "", "rag: system prompt / instruction");
 ABSL_FLAG(std::string, docs_file, "", "rag: file with one document per line");
 ABSL_FLAG(std::string, query, "", "rag: the question");
@@ -119,6 +120,7 @@ int Generate(v1::Superpose::Stub& stub) {
   s->set_top_p(static_cast<float>(absl::GetFlag(FLAGS_top_p)));
   if (absl::GetFlag(FLAGS_seed) >= 0) s->set_seed(absl::GetFlag(FLAGS_seed));
   for (const auto& stop : absl::GetFlag(FLAGS_stop)) req.add_stop(stop);
+  req.set_adapter_id(absl::GetFlag(FLAGS_adapter));
   grpc::ClientContext ctx;
   Prepare(&ctx);
   auto reader = stub.Generate(&ctx, req);
@@ -170,6 +172,7 @@ int Rag(v1::Superpose::Stub& stub) {
   s->set_max_new_tokens(absl::GetFlag(FLAGS_max_new_tokens));
   s->set_temperature(static_cast<float>(absl::GetFlag(FLAGS_temperature)));
   if (absl::GetFlag(FLAGS_seed) >= 0) s->set_seed(absl::GetFlag(FLAGS_seed));
+  req.set_adapter_id(absl::GetFlag(FLAGS_adapter));
   for (const auto& stop : absl::GetFlag(FLAGS_stop)) req.add_stop(stop);
   grpc::ClientContext ctx;
   Prepare(&ctx);

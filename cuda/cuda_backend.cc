@@ -161,6 +161,9 @@ absl::Status CudaBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
     if (seq.lazy.active()) {
       return absl::UnimplementedError("the cuda backend does not run LazyLLM pruning (lazy) yet");
     }
+    if (seq.adapter != 0) {  // SupportsAdapters() is false: the engine refuses adapter_id
+      return absl::UnimplementedError("adapter_id: the cuda backend does not serve LoRA adapters");
+    }
   }
   return Guarded(*impl_, [&] { return impl_->Forward(plan, out); });
 }

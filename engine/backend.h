@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
+#include "engine/lora_adapter.h"
 #include "engine/model/config.h"
 #include "engine/model/weights.h"
 #include "engine/row_sampling.h"
@@ -78,6 +79,8 @@ struct SeqPlan {
   int32_t token_begin = 0;
   int32_t num_tokens = 0;
   LazyPlan lazy = {};  // backends without SupportsLazy() refuse a plan that sets it
+  // The LoRA adapter its rows go through (an id given to Backend::LoadAdapter), 0: none.
+  int64_t adapter = 0;
 };
 
 // Asks for the log-probability of `target` at the distribution predicted after
@@ -289,6 +292,18 @@ class Backend {
   // Whether Forward runs plans with SeqPlan::lazy (LazyLLM pruning); else it refuses
   // them with UNIMPLEMENTED.
   virtual bool SupportsLazy() const { return false; }
+  // LoRA adapters (engine/lora_adapter.h): whether Forward applies SeqPlan::adapter.
+  // LoadAdapter keeps the part of `adapter` this backend computes under `id` (> 0);
+  // UnloadAdapter frees it. Both are thread-safe and may run while a Forward runs (a
+  // Forward keeps the adapters its plan names until it returns). A backend without
+  // adapters refuses them with UNIMPLEMENTED.
+  virtual bool SupportsAdapters() const { return false; }
+  virtual absl::Status LoadAdapter(int64_t id, const LoraAdapter& adapter) {
+    return absl::UnimplementedError(name() + " backend does not serve LoRA adapters");
+  }
+  virtual absl::Status UnloadAdapter(int64_t id) {
+    return absl::UnimplementedError(name() + " backend does not serve LoRA adapters");
+  }
   // OK while the backend can run steps; else why it cannot any more (a tensor-parallel
   // group aborted after a rank failed). Thread-safe.
   virtual absl::Status Health() const { return absl::OkStatus(); }

@@ -129,6 +129,22 @@ absl::Status TensorParallelBackend::Forward(const BatchPlan& plan, ForwardOutput
 
 KvPoolInfo TensorParallelBackend::kv() const { return ranks_[0]->kv(); }
 
+absl::Status TensorParallelBackend::LoadAdapter(int64_t id, const LoraAdapter& adapter) {
+  for (size_t r = 0; r < ranks_.size(); ++r) {
+    absl::Status st = ranks_[r]->LoadAdapter(id, adapter);
+    if (st.ok()) continue;
+    for (size_t u = 0; u < r; ++u) ranks_[u]->UnloadAdapter(id).IgnoreError();
+    return st;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status TensorParallelBackend::UnloadAdapter(int64_t id) {
+  absl::Status first;
+  for (auto& rank : ranks_) first.Update(rank->UnloadAdapter(id));
+  return first;
+}
+
 absl::Status TensorParallelBackend::ZeroKvBlocks(absl::Span<const BlockId> blocks) {
   return RunAll([&](int32_t r) { return ranks_[r]->ZeroKvBlocks(blocks); });
 }

@@ -30,6 +30,11 @@ class TensorParallelBackend : public Backend {
   KvPoolInfo kv() const override;
   bool SamplesRows() const override { return ranks_[0]->SamplesRows(); }
   bool SupportsLazy() const override { return ranks_[0]->SupportsLazy(); }
+  // Every rank keeps its part of the adapter (on the caller's thread: the ranks' own
+  // LoadAdapter is thread-safe); a rank that fails unloads it from the others.
+  bool SupportsAdapters() const override { return ranks_[0]->SupportsAdapters(); }
+  absl::Status LoadAdapter(int64_t id, const LoraAdapter& adapter) override;
+  absl::Status UnloadAdapter(int64_t id) override;
   // FAILED_PRECONDITION once the group was aborted (a rank failed), else the first
   // failed Health of a rank.
   absl::Status Health() const override;

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/model/tokenizer_unicode.h"
 #include "engine/rag/validate.h"
+#include "engine/runtime/adapters.h"
 #include "engine/util/status.h"
 #include "server/lazy_options.h"
 
@@ -166,6 +167,10 @@ absl::Status FillCommon(const Req& req, int32_t prompt_len, const Limits& limits
     return Invalid(absl::StrCat("priority must be in [-100, 100], got ", req.priority()));
   }
   out.priority = req.priority();
+  if (!req.adapter_id().empty()) {
+    SP_RETURN_IF_ERROR(engine::ValidateAdapterName(req.adapter_id(), "adapter_id"));
+  }
+  out.adapter_id = req.adapter_id();  // resolved (and pinned) by Engine::Submit
   return absl::OkStatus();
 }
 

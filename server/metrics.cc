@@ -3,6 +3,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "engine/runtime/adapters.h"
 #include "spdlog/spdlog.h"
 
 namespace superpose::server {
@@ -281,6 +282,16 @@ std::string Metrics::Render() const {
             static_cast<uint64_t>(s.path_cache_misses), &out);
     Gauge("superpose_kv_blocks_cached", "KV cache blocks holding reusable prefix content.",
           s.kv_blocks_cached, &out);
+  }
+  if (adapters_ != nullptr) {
+    const engine::AdapterCounters a = adapters_->counters();
+    Gauge("superpose_adapters_resident", "LoRA adapters loaded in the backend.", a.resident, &out);
+    Gauge("superpose_adapters_resident_bytes", "Float32 bytes of the resident adapters' A and B.",
+          a.resident_bytes, &out);
+    Counter("superpose_adapter_loads_total", "LoRA adapter loads (additions and reloads).",
+            static_cast<uint64_t>(a.loads), &out);
+    Counter("superpose_adapter_evictions_total", "LoRA adapters evicted to make room.",
+            static_cast<uint64_t>(a.evictions), &out);
   }
   return out;
 }

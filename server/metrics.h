@@ -39,6 +39,8 @@ class Metrics : public engine::EngineObserver {
  public:
   Metrics();
   void SetEngine(const engine::Engine* engine) { engine_ = engine; }
+  // LoRA adapters (superpose_adapters_*); before serving.
+  void SetAdapters(const engine::AdapterManager* adapters) { adapters_ = adapters; }
 
   void OnFinished(const engine::Usage& usage, engine::FinishReason reason,
                   const absl::Status& status) override;
@@ -60,6 +62,7 @@ class Metrics : public engine::EngineObserver {
  private:
   mutable absl::Mutex mu_;
   const engine::Engine* engine_ = nullptr;
+  const engine::AdapterManager* adapters_ = nullptr;
   Histogram queue_time_s_ ABSL_GUARDED_BY(mu_);
   Histogram ttft_s_ ABSL_GUARDED_BY(mu_);
   Histogram itl_s_ ABSL_GUARDED_BY(mu_);

@@ -7,6 +7,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "engine/runtime/adapters.h"
 #include "engine/util/status.h"
 #include "server/lazy_options.h"
 
@@ -376,11 +377,15 @@ absl::StatusOr<CallPlan> ParseCall(const json& body, Endpoint endpoint, const Pa
   const json* model = Member(body, "model");
   if (model == nullptr) return Bad("model", "model is required");
   if (!model->is_string()) return Bad("model", "model must be a string");
-  if (model->get<std::string>() != ctx.model_name) {
-    return absl::NotFoundError(absl::StrCat("The model does not exist; this server serves '",
-                                            ctx.model_name, "' (GET /v1/models)"));
-  }
   CallPlan plan;
+  if (model->get<std::string>() != ctx.model_name) {
+    if (ctx.adapters == nullptr || !ctx.adapters->Has(model->get<std::string>())) {
+      return absl::NotFoundError(absl::StrCat("The model does not exist; this server serves '",
+                                              ctx.model_name,
+                                              "' and its adapters (GET /v1/models)"));
+    }
+    plan.adapter = model->get<std::string>();  // a LoRA adapter of the base model
+  }
   plan.endpoint = endpoint;
   SP_RETURN_IF_ERROR(CheckUnsupported(body));
   SP_RETURN_IF_ERROR(ParseStreamOptions(body, &plan));
@@ -401,7 +406,9 @@ absl::StatusOr<CallPlan> ParseCall(const json& body, Endpoint endpoint, const Pa
   if (plan.num_choices() > kMaxChoices) {
     return Bad("n", absl::StrCat("prompts x n = ", plan.num_choices(), "; at most ", kMaxChoices));
   }
+  if (!plan.adapter.empty()) plan.rag_request.set_adapter_id(plan.adapter);
   for (v1::GenerateRequest& req : plan.prompts) {
+    if (!plan.adapter.empty()) req.set_adapter_id(plan.adapter);
     req.set_logprobs(plan.logprobs);
     req.set_top_logprobs(static_cast<uint32_t>(plan.top_logprobs));
   }

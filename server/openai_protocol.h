@@ -18,6 +18,10 @@
 #include "server/convert.h"
 #include "superpose/v1/superpose.pb.h"
 
+namespace superpose::engine {
+class AdapterManager;  // engine/runtime/adapters.h
+}  // namespace superpose::engine
+
 namespace superpose::server::openai {
 
 enum class Endpoint { kCompletions, kChat };
@@ -37,6 +41,7 @@ struct CallPlan {
   bool rag = false;
   std::vector<v1::GenerateRequest> prompts;
   v1::GenerateRagRequest rag_request;
+  std::string adapter;  // `model` named this LoRA adapter ("": the base model)
   int num_choices() const { return n * (rag ? 1 : static_cast<int>(prompts.size())); }
 };
 
@@ -44,6 +49,8 @@ struct ParseContext {
   std::string model_name;  // the id /v1/models lists
   const ChatPrompter* chat = nullptr;
   const Limits* limits = nullptr;
+  // LoRA adapters `model` may name instead of the base model (as vLLM); null: none.
+  const engine::AdapterManager* adapters = nullptr;
 };
 
 // Checks every field's type and range (INVALID_ARGUMENT with the OpenAI parameter name

@@ -16,6 +16,7 @@
 #include "absl/synchronization/notification.h"
 #include "engine/runtime/tenant_policy.h"
 #include "engine/util/status.h"
+#include "server/adapter_service.h"
 #include "server/http_listener.h"
 #include "server/openai_protocol.h"
 #include "server/pooled_call.h"
@@ -331,11 +332,16 @@ void OpenAiServer::Models(const httplib::Request& req, httplib::Response& res) {
                       {"created", created},
                       {"owned_by", "superpose"},
                       {"max_model_len", limits_.context_length}};
-  if (req.matches.size() > 1 && req.matches[1] != model_->name) {
+  json data = json::array({model});
+  AppendAdapterModels(adapters_, model, &data);  // server/adapter_service.h
+  if (req.matches.size() > 1) {
+    for (const json& m : data) {
+      if (m["id"] == req.matches[1]) return res.set_content(Dump(m), "application/json");
+    }
     return Reply(res, openai::ToApiError(absl::NotFoundError(absl::StrCat(
                           "The model does not exist; this server serves '", model_->name, "'"))));
   }
-  const json body = req.matches.size() > 1 ? model : json{{"object", "list"}, {"data", {model}}};
+  const json body = json{{"object", "list"}, {"data", data}};
   res.set_content(Dump(body), "application/json");
 }
 
@@ -361,7 +367,7 @@ void OpenAiServer::Generate(const httplib::Request& req, httplib::Response& res,
   tenant = *std::move(t);
   const json body = json::parse(req.body, nullptr, /*allow_exceptions=*/false);
   if (body.is_discarded()) return reject(openai::Bad("", "the request body is not valid JSON"));
-  const openai::ParseContext ctx{model_->name, chat_, &limits_};
+  const openai::ParseContext ctx{model_->name, chat_, &limits_, adapters_};
   absl::StatusOr<CallPlan> plan = openai::ParseCall(body, endpoint, ctx);
   if (!plan.ok()) return reject(plan.status());
   int64_t text_bytes = 0;
@@ -375,7 +381,7 @@ void OpenAiServer::Generate(const httplib::Request& req, httplib::Response& res,
   meta.id = absl::StrCat(endpoint == Endpoint::kChat ? "chatcmpl-" : "cmpl-",
                          requests->front().request_id);
   meta.created = absl::ToUnixSeconds(absl::Now());
-  meta.model = model_->name;
+  meta.model = plan->adapter.empty() ? model_->name : plan->adapter;
   meta.logprobs = plan->logprobs;
   meta.tokenizer = model_->tokenizer.get();
   auto call = std::make_shared<Call>(engine_, *plan, meta, std::move(ticket));

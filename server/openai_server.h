@@ -51,6 +51,8 @@ class OpenAiServer {
   ~OpenAiServer();
   // HTTPS with this certificate (before Start).
   void set_tls(TlsCertStore* tls) { tls_ = tls; }
+  // LoRA adapters `model` may name, listed by /v1/models (before Start; null: none).
+  void set_adapters(const engine::AdapterManager* adapters) { adapters_ = adapters; }
   // Listens on host:port (port 0 picks one): the bound port, or -1.
   int Start(const std::string& listen);
   // Closes the port and every connection (streams still running are cancelled).
@@ -72,6 +74,7 @@ class OpenAiServer {
   const ChatPrompter* chat_;
   Metrics* metrics_;
   const Authenticator* auth_;
+  const engine::AdapterManager* adapters_ = nullptr;
   WorkPool* pool_;
   CallGate* gate_;
   OpenAiServerOptions options_;

@@ -27,6 +27,7 @@
 #if SUPERPOSE_HAVE_CUDA
 #include "cuda/cuda_backend.h"
 #endif
+#include "server/adapter_service.h"
 #include "server/chat_prompt.h"
 #include "server/health_reflection.h"
 #include "server/lazy_options.h"
@@ -156,6 +157,16 @@ ABSL_FLAG(int32_t, http_threads, 64,
 ABSL_FLAG(std::string, chat_template, "",
           "Jinja chat template file for chat requests, overriding the model's "
           "tokenizer_config.json chat_template");
+// LoRA adapters (docs/operations.md "LoRA adapters").
+ABSL_FLAG(std::string, adapters, "",
+          "LoRA adapters to serve from start-up: name=DIR[,name2=DIR2...] (PEFT directories: "
+          "adapter_config.json + adapter_model.safetensors); requests pick one by adapter_id");
+ABSL_FLAG(int32_t, max_adapters, 8,
+          "LoRA adapters loaded in the backend at once; beyond, the least recently used one "
+          "that no running request holds is evicted (and reloaded from its directory on use)");
+ABSL_FLAG(std::string, admin_tenants, "admin",
+          "With --api_keys_file: comma-separated tenants whose keys may call the "
+          "SuperposeAdmin rpcs (LoadAdapter, UnloadAdapter, ListAdapters)");
 
 namespace {
 
@@ -387,6 +398,7 @@ absl::Status StartMetrics(server::MetricsServer* metrics_server, engine::Engine*
 // server (stopped after the drain, which its calls take part in through the gate).
 struct HttpApi {
   server::ChatPrompter chat = server::ChatPrompter::Without("");
+  const engine::AdapterManager* adapters = nullptr;  // `model` may name one
   std::unique_ptr<server::OpenAiServer> server;
 };
 
@@ -420,6 +432,7 @@ absl::Status StartHttpApi(HttpApi* api, const engine::ModelBundle& model, engine
   api->server = std::make_unique<server::OpenAiServer>(&model, eng, limits, &api->chat, metrics,
                                                        &sec->auth, pool, service->gate(), options);
   if (sec->tls != nullptr) api->server->set_tls(sec->tls.get());
+  api->server->set_adapters(api->adapters);
   const int port = api->server->Start(listen);
   if (port <= 0) {
     return absl::UnavailableError(
@@ -432,7 +445,8 @@ absl::Status StartHttpApi(HttpApi* api, const engine::ModelBundle& model, engine
 }
 
 absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpc(server::SuperposeService* service,
-                                                        Security* sec, int64_t max_request_bytes) {
+                                                        grpc::Service* admin, Security* sec,
+                                                        int64_t max_request_bytes) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   server::RegisterHealthForReflection();  // grpcurl can describe and call Health
@@ -447,6 +461,7 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpc(server::SuperposeService
     builder.experimental().SetInterceptorCreators(std::move(icpt));
   }
   builder.RegisterService(service);
+  builder.RegisterService(admin);
   builder.SetMaxReceiveMessageSize(static_cast<int>(max_request_bytes));
   // A second server on the same port must fail, not share the port silently.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
@@ -537,10 +552,21 @@ int Run() {
       LoadBackend(registry, *backend_config, *model, private_mode);
   if (!backend.ok()) return Fail(backend.status());
 
+  if (absl::GetFlag(FLAGS_max_adapters) < 1) {
+    return Fail(absl::InvalidArgumentError("--max_adapters: must be >= 1"));
+  }
+  // Outlives the engine (its requests hold adapters).
+  engine::AdapterManager adapters(backend->get(), cfg, absl::GetFlag(FLAGS_max_adapters));
+  if (absl::Status st = server::AddFlagAdapters(&adapters, absl::GetFlag(FLAGS_adapters));
+      !st.ok()) {
+    return Fail(st);
+  }
   engine::Engine eng(*eopts, cfg, model->tokenizer.get(), backend->get());
+  eng.SetAdapters(&adapters);
   ApplyTenantPolicies(&sec, &eng, eopts->max_waiting);
   server::Metrics metrics;
   metrics.SetEngine(&eng);
+  metrics.SetAdapters(&adapters);
   eng.SetObserver(&metrics);
   eng.Start();
   server::MetricsServer metrics_server(&metrics);
@@ -566,9 +592,11 @@ int Run() {
       &*model, &eng, (*backend)->name(), (*backend)->compute_dtype(), (*backend)->kv().dtype,
       backend_config->options().tensor_parallel, limits, &metrics, &sec.auth, &tokenize_pool);
   HttpApi http_api;
+  http_api.adapters = &adapters;
+  server::AdapterAdminService admin(&adapters, &sec.auth, absl::GetFlag(FLAGS_admin_tenants));
   if (absl::Status st = LoadChat(&http_api, *model, &service); !st.ok()) return Fail(st);
   absl::StatusOr<std::unique_ptr<grpc::Server>> server =
-      StartGrpc(&service, &sec, bounds->max_request_bytes);
+      StartGrpc(&service, &admin, &sec, bounds->max_request_bytes);
   if (!server.ok()) return Fail(server.status());
   if (absl::Status st = StartHttpApi(&http_api, *model, &eng, limits, &metrics, &sec,
                                      &tokenize_pool, &service, bounds->max_request_bytes);

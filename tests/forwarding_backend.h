@@ -23,6 +23,11 @@ class ForwardingBackend : public engine::Backend {
   engine::KvPoolInfo kv() const override { return inner_->kv(); }
   bool SamplesRows() const override { return inner_->SamplesRows(); }
   bool SupportsLazy() const override { return inner_->SupportsLazy(); }
+  bool SupportsAdapters() const override { return inner_->SupportsAdapters(); }
+  absl::Status LoadAdapter(int64_t id, const engine::LoraAdapter& a) override {
+    return inner_->LoadAdapter(id, a);
+  }
+  absl::Status UnloadAdapter(int64_t id) override { return inner_->UnloadAdapter(id); }
   absl::Status Health() const override { return inner_->Health(); }
   absl::Status ZeroKvBlocks(absl::Span<const engine::BlockId> blocks) override {
     return inner_->ZeroKvBlocks(blocks);

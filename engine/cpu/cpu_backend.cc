@@ -307,6 +307,10 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
   // sequences change stage, and may drop rows, after their boundary layers).
   ActiveRows rows = AllRows(plan);
   KeyIndex key_index = BuildKeyIndex(plan, rows);
+  absl::StatusOr<std::vector<std::shared_ptr<const CpuLora>>> adapters = lora_table_.Resolve(plan);
+  if (!adapters.ok()) return adapters.status();
+  lora_step_ = LoraStep(*std::move(adapters));
+  lora_step_.SetRows(rows.begin, rows.count);
   LazyStep lazy;
   StartLazy(plan, &lazy, out);
   StepBuffers b(plan, config_, q_heads_, kv_heads_, inter_, inv_freq_);
@@ -319,8 +323,10 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
     if (boundary) {
       LazyPrune(plan, l, &lazy, &rows, &x, out);
       key_index = BuildKeyIndex(plan, rows);
+      lora_step_.SetRows(rows.begin, rows.count);
     }
   }
+  lora_step_ = LoraStep();  // the adapters this step held may be unloaded now
   return Logits(plan, rows, x, out);
 }
 
@@ -381,6 +387,7 @@ absl::Status CpuBackend::AttentionBlock(const BatchPlan& plan, const ActiveRows&
             &h[static_cast<size_t>(t) * H]);
   }
   Linear(h.data(), T, L.wqkv, qkv.data());
+  lora_step_.Apply(LoraSite::kQkv, l, h.data(), qkv.data(), qkv_w);  // LoRA: engine/cpu/lora.h
   const size_t layer_off = static_cast<size_t>(l) * kv_info_.num_blocks * bs * kvd;
 #pragma omp parallel for if (T > 4)
   for (int32_t t = 0; t < T; ++t) {
@@ -421,6 +428,7 @@ absl::Status CpuBackend::AttentionBlock(const BatchPlan& plan, const ActiveRows&
   }
   Attention(key_index, l, q.data(), attn.data());
   Linear(attn.data(), T, L.wo, proj.data());
+  lora_step_.Apply(LoraSite::kO, l, attn.data(), proj.data(), H);  // before the all-reduce
   SP_RETURN_IF_ERROR(AllReduce(proj.data(), x.size()));
   for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
   return absl::OkStatus();
@@ -440,12 +448,14 @@ absl::Status CpuBackend::MlpBlock(int32_t l, StepBuffers* b, std::vector<float>*
             &h[static_cast<size_t>(t) * H]);
   }
   Linear(h.data(), T, L.wgate_up, gu.data());
+  lora_step_.Apply(LoraSite::kGateUp, l, h.data(), gu.data(), 2 * inter_);
 #pragma omp parallel for if (T > 4)
   for (int32_t t = 0; t < T; ++t) {
     const float* g = &gu[static_cast<size_t>(t) * 2 * inter_];
     SwiGlu(g, g + inter_, inter_, &act[static_cast<size_t>(t) * inter_]);
   }
   Linear(act.data(), T, L.wdown, proj.data());
+  lora_step_.Apply(LoraSite::kDown, l, act.data(), proj.data(), H);  // before the all-reduce
   SP_RETURN_IF_ERROR(AllReduce(proj.data(), x.size()));
   for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
   return absl::OkStatus();
@@ -538,6 +548,16 @@ void CpuBackend::Logprobs(const BatchPlan& plan, const float* logits, int32_t R,
     const int32_t r = lp_row[i];
     out->logprobs[i] = logits[static_cast<size_t>(r) * V + plan.logprobs[i].target] - lse[r];
   }
+}
+
+absl::Status CpuBackend::LoadAdapter(int64_t id, const LoraAdapter& adapter) {
+  if (layers_.empty()) return absl::FailedPreconditionError("cpu backend: no model loaded");
+  if (adapter.layers.size() != layers_.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("adapter has ", adapter.layers.size(),
+                                                   " layers; the model has ", layers_.size()));
+  }
+  const LoraShard shard{shard_.rank, q_heads_, kv_heads_, kv_head_begin_, inter_};
+  return lora_table_.Load(id, ShardLora(adapter, config_, shard));
 }
 
 std::unique_ptr<Backend> MakeCpuBackend(const BackendOptions& options, const CpuOptions& cpu) {

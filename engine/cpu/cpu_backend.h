@@ -14,6 +14,7 @@
 #include "engine/cpu/attention.h"
 #include "engine/cpu/bf16_gemm.h"
 #include "engine/cpu/cpu_options.h"
+#include "engine/cpu/lora.h"
 #include "engine/cpu/small_gemm.h"
 #include "engine/shard_weights.h"
 
@@ -36,6 +37,10 @@ class CpuBackend : public Backend {
   KvPoolInfo kv() const override { return kv_info_; }
   bool SamplesRows() const override { return cpu_.row_sampling; }
   bool SupportsLazy() const override { return true; }
+  // LoRA adapters (engine/cpu/lora.h): this rank's part, in float32.
+  bool SupportsAdapters() const override { return true; }
+  absl::Status LoadAdapter(int64_t id, const LoraAdapter& adapter) override;
+  absl::Status UnloadAdapter(int64_t id) override { return lora_table_.Unload(id); }
   // engine/cpu/kv_pool_access.cc: zeroing (private mode) and the tests' reader.
   absl::Status ZeroKvBlocks(absl::Span<const BlockId> blocks) override;
   absl::StatusOr<std::vector<uint8_t>> KvBlockBytes(BlockId block) const override;
@@ -167,6 +172,8 @@ class CpuBackend : public Backend {
   std::vector<uint16_t> v_cache16_;
   std::vector<float> lm_local_;  // LM-head output scratch [rows, vocab_local]
   std::vector<float> lm_full_;   // gathered logits scratch (tensor parallel)
+  LoraTable lora_table_;         // adapters loaded (thread-safe)
+  LoraStep lora_step_;           // the adapters of the running Forward, over its rows
 };
 
 // Registers "cpu" (ParseCpuOptions, MakeCpuBackend).

@@ -14,10 +14,12 @@ uint32_t Bits(float f) {
 }
 }  // namespace
 
-uint64_t PathCache::Key(const std::string& tenant, const std::vector<int32_t>& preamble,
-                        const std::vector<int32_t>& doc, float start, float step) {
-  return absl::HashOf(std::string_view("superpose-path-v1"), tenant, absl::MakeConstSpan(preamble),
-                      absl::MakeConstSpan(doc), Bits(start), Bits(step));
+uint64_t PathCache::Key(const std::string& tenant, int64_t adapter,
+                        const std::vector<int32_t>& preamble, const std::vector<int32_t>& doc,
+                        float start, float step) {
+  return absl::HashOf(std::string_view("superpose-path-v1"), tenant, adapter,
+                      absl::MakeConstSpan(preamble), absl::MakeConstSpan(doc), Bits(start),
+                      Bits(step));
 }
 
 uint64_t PathCache::BlockKey(uint64_t key, int32_t i) {
@@ -36,7 +38,7 @@ std::optional<PathCache::Entry> PathCache::Lookup(uint64_t key, int32_t num_bloc
       // Part of the entry was evicted: the rest is useless.
       for (BlockId r : e.blocks) blocks_->Release(r);
       entries_.erase(it);
-        return std::nullopt;
+      return std::nullopt;
     }
     e.blocks.push_back(*b);
   }

@@ -11,8 +11,8 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
-#include "engine/rag/rag.h"
 #include "engine/kv/kv_block_manager.h"
+#include "engine/rag/rag.h"
 
 namespace superpose::engine::rag {
 
@@ -20,11 +20,13 @@ class PathCache {
  public:
   explicit PathCache(KvBlockManager* blocks) : blocks_(blocks) {}
 
-  // Identifies a document's KV: tenant (never shared across tenants), the preamble it
-  // attended to, its tokens, start position and position step. The model is fixed per
-  // engine (one cache per loaded model).
-  static uint64_t Key(const std::string& tenant, const std::vector<int32_t>& preamble,
-                      const std::vector<int32_t>& doc, float start, float step);
+  // Identifies a document's KV: tenant (never shared across tenants), LoRA adapter (its
+  // k/v projections change the KV; 0: the base model), the preamble it attended to, its
+  // tokens, start position and position step. The model is fixed per engine (one cache
+  // per loaded model).
+  static uint64_t Key(const std::string& tenant, int64_t adapter,
+                      const std::vector<int32_t>& preamble, const std::vector<int32_t>& doc,
+                      float start, float step);
 
   struct Entry {
     std::vector<BlockId> blocks;  // retained for the caller

@@ -59,7 +59,7 @@ struct Planner::Group {
 
   const Spec& spec() const { return *req.rag; }
   uint64_t PreambleKey() const {
-    return PathCache::Key(req.tenant, spec().preamble, {}, -1.0f, 0.0f);
+    return PathCache::Key(req.tenant, req.adapter_key(), spec().preamble, {}, -1.0f, 0.0f);
   }
 };
 
@@ -88,6 +88,7 @@ std::unique_ptr<Sequence> Planner::NewSequence(Group* g, int32_t role) {
   seq->req.tenant = g->req.tenant;
   seq->req.deadline = g->req.deadline;
   seq->req.priority = g->req.priority;
+  seq->req.adapter = g->req.adapter;  // every sequence of the request runs its adapter
   seq->arrival = g->arrival;
   seq->owner = this;
   seq->owner_key = g->handle;
@@ -177,8 +178,8 @@ void Planner::StartPaths(Group* g) {
   for (int32_t i = 0; i < n; ++i) {
     const std::vector<int32_t>& doc = spec.documents[i];
     Path& path = g->paths[i];
-    path.key = PathCache::Key(g->req.tenant, spec.preamble, doc, g->layout.doc_start[i],
-                              g->layout.doc_step[i]);
+    path.key = PathCache::Key(g->req.tenant, g->req.adapter_key(), spec.preamble, doc,
+                              g->layout.doc_start[i], g->layout.doc_step[i]);
     const int32_t doc_len = static_cast<int32_t>(doc.size());
     if (spec.options.path_cache) {
       if (std::optional<PathCache::Entry> hit =

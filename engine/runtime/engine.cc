@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "engine/rag/planner.h"
+#include "engine/runtime/adapters.h"
 #include "engine/runtime/emitter.h"
 #include "engine/runtime/lazy_steps.h"
 #include "engine/runtime/scheduler.h"
@@ -58,6 +59,7 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
     policies_ = std::move(p);
   }
   absl::StatusOr<uint64_t> Submit(Request request, StreamCallback callback);
+  void SetAdapters(AdapterManager* adapters) { adapters_ = adapters; }
   void Cancel(uint64_t handle);
   void Shutdown(absl::Duration grace);
   EngineStats stats() const;
@@ -92,6 +94,8 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   void PublishCounts();
   void ZeroBlock(BlockId b);
   void ApplyPrivateMode(Request& request) const;
+  // Pins request.adapter_id's adapter into request.adapter (docs/api.md "LoRA adapters").
+  absl::Status ResolveAdapter(Request& request) const;
   // Tenant bounds of a new request (under mu_): RESOURCE_EXHAUSTED with a retry hint.
   absl::Status AdmitToQueue(PendingRequest* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Wraps a request's callback: its final event releases the tenant's tokens in flight.
@@ -140,6 +144,7 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   SchedulerLimits limits_;
   StepPlanOptions plan_options_;
   std::vector<std::unique_ptr<RequestOwner>> owners_;
+  AdapterManager* adapters_ = nullptr;
 
   mutable absl::Mutex mu_;
   absl::CondVar cv_;
@@ -227,11 +232,28 @@ void Engine::Impl::ApplyPrivateMode(Request& request) const {
   request.rag = std::move(spec);
 }
 
+absl::Status Engine::Impl::ResolveAdapter(Request& request) const {
+  request.adapter = nullptr;
+  if (request.adapter_id.empty()) return absl::OkStatus();
+  if (!backend_->SupportsAdapters()) {
+    return absl::UnimplementedError(absl::StrCat("adapter_id: the ", backend_->name(),
+                                                 " backend does not serve LoRA adapters"));
+  }
+  if (adapters_ == nullptr) {
+    return absl::InvalidArgumentError("adapter_id: this server has no adapters (--adapters)");
+  }
+  absl::StatusOr<std::shared_ptr<const AdapterRef>> ref = adapters_->Acquire(request.adapter_id);
+  if (!ref.ok()) return ref.status();
+  request.adapter = *std::move(ref);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<uint64_t> Engine::Impl::Submit(Request request, StreamCallback callback) {
   // Every log line of the request carries its id: never let text through.
   absl::StatusOr<LogId> log_id = LogId::Of(request.request_id);
   if (!log_id.ok()) return log_id.status();
   ApplyPrivateMode(request);
+  if (absl::Status st = ResolveAdapter(request); !st.ok()) return st;
   Incoming in;
   for (const auto& o : owners_) {
     if (o->Claims(request)) in.owner = o.get();
@@ -559,7 +581,11 @@ bool Engine::Impl::EnsureBlocks(Sequence* seq, int32_t upto_tokens) {
 void Engine::Impl::ExtendChain(Sequence* seq, int32_t n) const {
   std::vector<uint64_t>& chain = seq->block_chain;
   while (static_cast<int32_t>(chain.size()) < n) {
-    const uint64_t parent = chain.empty() ? HashString(0x5eed, seq->req.tenant) : chain.back();
+    // Keyed by tenant and adapter: a LoRA adapter on k or v changes the KV.
+    const uint64_t parent = chain.empty()
+                                ? HashString(HashString(0x5eed, seq->req.tenant),
+                                             absl::StrCat("adapter:", seq->req.adapter_key()))
+                                : chain.back();
     chain.push_back(
         HashBlock(parent, seq->tokens.data() + chain.size() * block_size_, block_size_));
   }
@@ -858,6 +884,7 @@ void Engine::SetObserver(EngineObserver* observer) { impl_->SetObserver(observer
 void Engine::SetTenantPolicies(TenantPolicies policies) {
   impl_->SetTenantPolicies(std::move(policies));
 }
+void Engine::SetAdapters(AdapterManager* adapters) { impl_->SetAdapters(adapters); }
 void Engine::Start() { impl_->Start(); }
 absl::StatusOr<uint64_t> Engine::Submit(Request request, StreamCallback callback) {
   return impl_->Submit(std::move(request), std::move(callback));

@@ -22,6 +22,8 @@
 
 namespace superpose::engine {
 
+class AdapterManager;  // engine/runtime/adapters.h
+
 struct EngineOptions {
   int32_t max_batch_tokens = 512;  // new tokens per step (decode + prefill chunks)
   int32_t max_running = 64;        // sequences in the running batch
@@ -92,6 +94,9 @@ class Engine {
   // Replaces the per-tenant limits and weights (thread-safe, any time: a reload applies
   // to requests submitted after it and to the scheduling steps after it).
   void SetTenantPolicies(TenantPolicies policies);
+  // LoRA adapters that requests may name (Request::adapter_id); before Start. Without,
+  // a request naming one is refused. `adapters` must outlive the engine.
+  void SetAdapters(AdapterManager* adapters);
   void Start();
   // Queues a request (a RAG request when request.rag is set). INVALID_ARGUMENT naming
   // the field for a bad request, RESOURCE_EXHAUSTED (with a retry hint, RetryAfterMs)

@@ -77,6 +77,7 @@ StepPlan BuildStepPlan(const std::vector<std::pair<Sequence*, int32_t>>& schedul
     p.token_begin = plan.num_tokens();
     e.token_begin = p.token_begin;
     p.num_tokens = num_tokens;
+    p.adapter = seq->req.adapter_key();
     FillLazyPlan(*seq, num_tokens, bs, &p.lazy);
     e.lp_begin = static_cast<int32_t>(plan.logprobs.size());
     AppendTokens(*seq, num_tokens, bs, &plan);

@@ -12,6 +12,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/time/time.h"
 #include "engine/lazy.h"
+#include "engine/lora_adapter.h"
 #include "engine/rag/rag.h"
 
 namespace superpose::engine {
@@ -82,6 +83,11 @@ struct Request {
   std::shared_ptr<const rag::Spec> rag;
   // LazyLLM token pruning of the prompt (engine/lazy.h); plain requests only.
   LazyOptions lazy;
+  // LoRA adapter by name ("" : the base model). Engine::Submit resolves it into
+  // `adapter`, which pins the adapter in the backend while the request lives.
+  std::string adapter_id;
+  std::shared_ptr<const AdapterRef> adapter;
+  int64_t adapter_key() const { return adapter != nullptr ? adapter->id : 0; }
 };
 
 enum class FinishReason { kNone, kLength, kStop, kEos, kCancelled };
