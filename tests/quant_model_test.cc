@@ -62,9 +62,7 @@ class QuantModelTest : public ::testing::Test {
     fs::remove_all(*root_, ec);
     delete root_;
   }
-  static std::string Dir(WeightQuant kind) {
-    return *root_ + "/" + engine::WeightQuantName(kind);
-  }
+  static std::string Dir(WeightQuant kind) { return *root_ + "/" + engine::WeightQuantName(kind); }
 
   static engine::ModelBundle Bundle(const std::string& dir) {
     auto b = engine::LoadModelBundle(dir);

@@ -30,7 +30,7 @@ struct Streamed {
 Streamed Generate(const testing::ServerProcess& server) {
   auto stub = v1::Superpose::NewStub(server.Channel());
   v1::GenerateRequest req;
-  req.set_prompt("Once upon a time");
+  req.set_text("Once upon a time");
   req.mutable_sampling()->set_max_new_tokens(24);
   req.mutable_sampling()->set_temperature(0);
   req.set_ignore_eos(true);
