@@ -232,6 +232,53 @@ TEST_F(QuantModelTest, PerplexityOfAFixedTextNextToFloat32) {
   std::printf("\n");
 }
 
+// Prefill plan of several sequences in one step (each in its own KV blocks, from block
+// 8 * index); logits of every sequence's last token.
+engine::BatchPlan PrefillPlan(const std::vector<std::vector<int32_t>>& prompts,
+                              const std::vector<int32_t>& index) {
+  engine::BatchPlan plan;
+  for (size_t s = 0; s < prompts.size(); ++s) {
+    engine::SeqPlan seq;
+    seq.id = index[s];
+    seq.token_begin = static_cast<int32_t>(plan.tokens.size());
+    seq.num_tokens = static_cast<int32_t>(prompts[s].size());
+    for (size_t i = 0; i < prompts[s].size(); ++i) {
+      plan.tokens.push_back(prompts[s][i]);
+      plan.positions.push_back(static_cast<float>(i));
+      plan.kv_slots.push_back(
+          {8 * index[s] + static_cast<int32_t>(i / 16), static_cast<int32_t>(i % 16)});
+    }
+    plan.logits_for.push_back(seq.token_begin + seq.num_tokens - 1);
+    plan.seqs.push_back(seq);
+  }
+  return plan;
+}
+
+// A sequence's logits do not depend on its batch (QuantGemm inherits SmallBatchGemm's
+// batch invariance): three prompts prefilled together equal each prefilled alone.
+TEST_F(QuantModelTest, BatchedSequencesEqualEachAlone) {
+  const std::vector<std::vector<int32_t>> prompts = {
+      {1, 403, 407, 261, 378},
+      {1, 300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310, 311, 312, 313, 314, 315, 316, 317},
+      {1, 42}};
+  for (WeightQuant kind : {WeightQuant::kInt8, WeightQuant::kQ4}) {
+    SCOPED_TRACE(engine::WeightQuantName(kind));
+    const engine::ModelBundle q = Bundle(Dir(kind));
+    auto b = Backend(q, WeightDType::kAuto);
+    ASSERT_TRUE(b->Load(q.config, *q.weights, engine::Shard{}).ok());
+    engine::ForwardOutput all;
+    ASSERT_TRUE(b->Forward(PrefillPlan(prompts, {0, 1, 2}), &all).ok());
+    const size_t V = q.config.vocab_size;
+    ASSERT_EQ(all.logits.size(), 3 * V);
+    for (int32_t s = 0; s < 3; ++s) {
+      engine::ForwardOutput one;
+      ASSERT_TRUE(b->Forward(PrefillPlan({prompts[s]}, {s}), &one).ok());
+      const std::vector<float> want(all.logits.begin() + s * V, all.logits.begin() + (s + 1) * V);
+      EXPECT_EQ(one.logits, want) << "sequence " << s;
+    }
+  }
+}
+
 TEST_F(QuantModelTest, TensorParallelShards) {
   const engine::ModelBundle q = Bundle(Dir(WeightQuant::kInt8));
   auto one = Backend(q, WeightDType::kAuto), two = Backend(q, WeightDType::kAuto, 2);

@@ -58,9 +58,19 @@ std::string ComputeDtype(const testing::ServerProcess& server) {
   return info.compute_dtype();
 }
 
+// Removes the directory when the test ends, also on a failed assertion.
+struct TempDir {
+  std::string path;
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+
 TEST(ServerQuantTest, ServesAQuantizedDirectory) {
-  const std::string dir =
-      fs::temp_directory_path() / ("superpose-server-quant-" + std::to_string(::getpid()));
+  const TempDir tmp{fs::temp_directory_path() /
+                    ("superpose-server-quant-" + std::to_string(::getpid()))};
+  const std::string& dir = tmp.path;
   auto converted =
       engine::QuantizeCheckpoint(testing::Stories260kDir(), dir, engine::WeightQuant::kQ4);
   ASSERT_TRUE(converted.ok()) << converted.status();
@@ -87,8 +97,6 @@ TEST(ServerQuantTest, ServesAQuantizedDirectory) {
   EXPECT_FALSE(bad.ok());
   testing::ServerProcess other({"--model=" + dir, "--cpu_dtype=int8"});  // already q4
   EXPECT_FALSE(other.ok());
-  std::error_code ec;
-  fs::remove_all(dir, ec);
 }
 
 }  // namespace

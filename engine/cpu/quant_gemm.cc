@@ -44,12 +44,10 @@ namespace {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// At most 8 float lanes: a q4 group's 8 index bytes then fill whole vectors, and the
-// byte loads stay inside the group.
+// int8: at most 8 float lanes per step (the int8 loads are a quarter of that).
 using DF = hn::CappedTag<float, 8>;
 using DI = hn::RebindToSigned<DF>;
 using DI8 = hn::Rebind<int8_t, DF>;
-using DU8 = hn::Rebind<uint8_t, DF>;
 
 // w = float(code) * scale: int8 -> int32 -> float32 is exact, one rounding in the multiply,
 // as DequantizeRows.
@@ -72,19 +70,59 @@ void DequantInt8(const QuantMatrix& w, int32_t r0, int32_t r1, float* out, int32
   }
 }
 
-// One q4 group (16 columns) of a row: byte j holds column j (low nibble) and j + 8 (high).
+// q4: a group's 16-entry table is 16 / kN vectors; a lane's weight is a table-lane
+// permute (TableLookupLanes: vpermps on AVX2 / AVX-512, tbl on NEON) of the vector that
+// holds its index, the vectors merged by index range. A pure selection: exact.
+using D = hn::ScalableTag<float>;
+using DIF = hn::RebindToSigned<D>;
+constexpr int kN = static_cast<int>(hn::MaxLanes(D()));
+constexpr int kTables = (16 + kN - 1) / kN;
+constexpr int kShift = kN >= 16 ? 4 : kN == 8 ? 3 : 2;
+
+#if HWY_TARGET == HWY_SCALAR
+// The one-lane fallback target: scalar.
 HWY_INLINE void DequantGroup(const uint8_t* bytes, const float* table, float* dst) {
-  const DF df;
-  const DI di;
-  const DU8 d8;
-  const int32_t n = static_cast<int32_t>(hn::Lanes(df));
-  const auto low = hn::Set(di, 15);
-  for (int32_t p = 0; p < 16; p += n) {
-    const auto b = hn::PromoteTo(di, hn::LoadU(d8, bytes + p % 8));
-    const auto idx = p >= 8 ? hn::ShiftRight<4>(b) : hn::And(b, low);
-    hn::StoreU(hn::GatherIndex(df, table, idx), df, dst + p);
+  for (int32_t c = 0; c < 16; ++c) {
+    const uint8_t b = bytes[c % 8];
+    dst[c] = table[c >= 8 ? b >> 4 : b & 15];
   }
 }
+#else
+// The indices of columns [p * kN, (p + 1) * kN) of a group (byte j: column j in the low
+// nibble, column j + 8 in the high one).
+HWY_INLINE hn::Vec<DIF> GroupIndices(const uint8_t* bytes, int p) {
+  const DIF di;
+  if constexpr (kN >= 16) {
+    const hn::Half<DIF> dh;
+    const hn::Rebind<uint8_t, decltype(dh)> d8;
+    const auto b = hn::PromoteTo(dh, hn::LoadU(d8, bytes));
+    return hn::Combine(di, hn::ShiftRight<4>(b), hn::And(b, hn::Set(dh, 15)));
+  } else {
+    const hn::Rebind<uint8_t, DIF> d8;
+    const auto b = hn::PromoteTo(di, hn::LoadU(d8, bytes + (p * kN) % 8));
+    return p * kN >= 8 ? hn::ShiftRight<4>(b) : hn::And(b, hn::Set(di, 15));
+  }
+}
+
+// One q4 group (16 columns) of a row into dst.
+HWY_INLINE void DequantGroup(const uint8_t* bytes, const float* table, float* dst) {
+  const D d;
+  const DIF di;
+  hn::Vec<D> t[kTables];
+  for (int j = 0; j < kTables; ++j) t[j] = hn::LoadU(d, table + j * kN);
+  for (int p = 0; p < 16 / kN; ++p) {
+    const auto idx = GroupIndices(bytes, p);
+    const auto lane = hn::IndicesFromVec(d, hn::And(idx, hn::Set(di, kN - 1)));
+    auto v = hn::TableLookupLanes(t[0], lane);
+    const auto which = hn::ShiftRight<kShift>(idx);
+    for (int j = 1; j < kTables; ++j) {
+      const auto m = hn::RebindMask(d, hn::Eq(which, hn::Set(di, j)));
+      v = hn::IfThenElse(m, hn::TableLookupLanes(t[j], lane), v);
+    }
+    hn::StoreU(v, d, dst + p * kN);
+  }
+}
+#endif  // HWY_TARGET == HWY_SCALAR
 
 void DequantQ4(const QuantMatrix& w, int32_t r0, int32_t r1, float* out, int32_t ld) {
   const int32_t in = w.in, groups = static_cast<int32_t>(Q4Groups(in));
