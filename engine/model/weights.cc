@@ -438,9 +438,23 @@ int64_t TensorView::numel() const {
   return n;
 }
 
+namespace {
+
+// Integer tensors are quantized weights' codes (engine/model/quantize.h), never read as
+// float32 weights.
+absl::Status CheckFloat(std::string_view name, const std::string& location, DType d) {
+  if (d != DType::kI8 && d != DType::kU8) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(TensorRef(name, location), ": has dtype ", d == DType::kI8 ? "I8" : "U8",
+                   " (quantized codes), not a float tensor (F32, F16, BF16)"));
+}
+
+}  // namespace
+
 absl::Status WeightSource::ReadF32(std::string_view name, const std::vector<int64_t>& shape,
                                    float* out) const {
   SP_ASSIGN_OR_RETURN(TensorView v, Get(name));
+  SP_RETURN_IF_ERROR(CheckFloat(name, Location(name), v.dtype));
   if (v.shape != shape) {
     return absl::InvalidArgumentError(absl::StrCat(TensorRef(name, Location(name)),
                                                    ": expected shape ", ShapeString(shape),
@@ -459,6 +473,7 @@ absl::Status WeightSource::ReadF32Block(std::string_view name, const std::vector
                                         int64_t r0, int64_t r1, int64_t c0, int64_t c1,
                                         float* out) const {
   SP_ASSIGN_OR_RETURN(TensorView v, Get(name));
+  SP_RETURN_IF_ERROR(CheckFloat(name, Location(name), v.dtype));
   if (v.shape != shape || shape.size() != 2) {
     return absl::InvalidArgumentError(absl::StrCat(TensorRef(name, Location(name)),
                                                    ": expected shape ", ShapeString(shape),
