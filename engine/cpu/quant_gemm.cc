@@ -10,6 +10,8 @@
 #ifndef SUPERPOSE_ENGINE_CPU_QUANT_GEMM_SHARED_
 #define SUPERPOSE_ENGINE_CPU_QUANT_GEMM_SHARED_
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -161,10 +163,13 @@ HWY_EXPORT(GetDequantKernel);
 
 // Run on threads only when the call has enough work to pay for waking them.
 constexpr int64_t kParallelMinWork = 16384;
-// Dequantized rows per chunk: ~32 KiB of float32, so a chunk stays in L1/L2 while every
-// activation row passes it. Activation rows per panel call: 64 (prefill-sized steps run
-// in blocks of rows, each block against the cached chunk).
+// Dequantized rows per chunk: ~32 KiB of float32 for decode-sized steps (the chunk stays
+// in L1/L2 while every activation row passes it), ~512 KiB (L2) for prefill-sized ones,
+// which run the chunk past blocks of 64 activation rows: a larger chunk re-reads the
+// activations fewer times. The chunking decides which outputs a thread computes, never
+// how.
 constexpr int64_t kChunkBytes = 32 << 10;
+constexpr int64_t kPrefillChunkBytes = 512 << 10;
 constexpr int32_t kRowBlock = 64;
 
 // A 64-byte aligned float buffer that only grows (kept per thread across calls).
@@ -233,8 +238,12 @@ void QuantGemm(const float* x, int32_t rows, const QuantMatrix& w, float* y) {
   if (rows <= 0 || w.out <= 0) return;
   const DequantKernel& k = *HWY_DYNAMIC_DISPATCH(GetDequantKernel)();
   const int32_t in = w.in, out = w.out, ld = (in + 15) / 16 * 16;
+  const int64_t bytes = rows > kRowBlock ? kPrefillChunkBytes : kChunkBytes;
+  // At least two chunks per thread where the matrix has the rows.
+  const int64_t per_thread = (out + 2 * omp_get_max_threads() - 1) / (2 * omp_get_max_threads());
   const int32_t chunk = static_cast<int32_t>(
-      std::clamp<int64_t>(kChunkBytes / (static_cast<int64_t>(ld) * sizeof(float)), 1, 64));
+      std::clamp<int64_t>(bytes / (static_cast<int64_t>(ld) * sizeof(float)), 1,
+                          std::min<int64_t>(per_thread, rows > kRowBlock ? 1024 : 64)));
   const int32_t chunks = (out + chunk - 1) / chunk;
   const bool parallel = static_cast<int64_t>(out) * in > kParallelMinWork;
 #pragma omp parallel for schedule(static) if (parallel)
