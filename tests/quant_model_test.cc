@@ -302,6 +302,15 @@ TEST_F(QuantModelTest, TensorParallelShards) {
   EXPECT_NE(s.message().find("multiple of 16"), std::string::npos) << s;
 }
 
+TEST(QuantOptionsTest, CpuDtypeParsesInt8AndQ4) {
+  auto o = engine::cpu::ParseCpuOptions({{"cpu_dtype", "int8"}});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->dtype, WeightDType::kInt8);
+  o = engine::cpu::ParseCpuOptions({{"cpu_dtype", "q4"}});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->dtype, WeightDType::kQ4);
+}
+
 TEST_F(QuantModelTest, BadConfigurationsFailClearly) {
   const engine::ModelBundle q = Bundle(Dir(WeightQuant::kInt8));
   auto other = Backend(q, WeightDType::kQ4);
