@@ -21,6 +21,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "absl/strings/str_cat.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/model/quant_checkpoint.h"
 #include "engine/model/quantize.h"
@@ -300,6 +301,38 @@ TEST_F(QuantModelTest, TensorParallelShards) {
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
   EXPECT_NE(s.message().find("down_proj"), std::string::npos) << s;
   EXPECT_NE(s.message().find("multiple of 16"), std::string::npos) << s;
+}
+
+// Cross-layer weight sharing (config.json layer_weight_map) with quantized weights:
+// layers 1 and 3 absent from the checkpoint and mapped to 0 and 2 compute what the model
+// with those layers' weights copied computes, at int8 and q4 (quantized at load).
+TEST_F(QuantModelTest, SharedLayersReadTheirMappedWeights) {
+  const engine::ModelBundle f32 = Bundle(Stories260kDir());
+  const std::vector<int32_t> map = {0, 0, 2, 2, 4};
+  engine::InMemoryWeights shared, copied;
+  for (const std::string& name : f32.weights->Names()) {
+    auto view = f32.weights->Get(name);
+    ASSERT_TRUE(view.ok());
+    std::vector<float> data(view->numel());
+    ASSERT_TRUE(f32.weights->ReadF32(name, view->shape, data.data()).ok());
+    const int32_t layer = name.rfind("model.layers.", 0) == 0 ? std::stoi(name.substr(13)) : -1;
+    if (layer < 0 || map[layer] == layer) shared.Add(name, view->shape, data);
+    for (int32_t l = 0; l < 5; ++l) {
+      if (layer < 0 && l > 0) break;
+      if (layer >= 0 && map[l] != layer) continue;
+      copied.Add(
+          layer < 0 ? name : absl::StrCat("model.layers.", l, name.substr(name.find('.', 13))),
+          view->shape, data);
+    }
+  }
+  engine::ModelConfig with_map = f32.config;
+  with_map.layer_weight_map = map;
+  for (WeightDType dtype : {WeightDType::kInt8, WeightDType::kQ4}) {
+    auto a = Backend(f32, dtype), b = Backend(f32, dtype);
+    ASSERT_TRUE(a->Load(with_map, shared, engine::Shard{}).ok());
+    ASSERT_TRUE(b->Load(f32.config, copied, engine::Shard{}).ok());
+    EXPECT_EQ(testing::RunSteps(*a, Prompt(f32), 4), testing::RunSteps(*b, Prompt(f32), 4));
+  }
 }
 
 TEST(QuantOptionsTest, CpuDtypeParsesInt8AndQ4) {

@@ -20,8 +20,8 @@ QuantWeightReader::QuantWeightReader(const ModelConfig& config, const WeightSour
   i1_ = i0_ + layout.inter;
 }
 
-std::string QuantWeightReader::LayerName(int32_t l, const char* tensor) {
-  return absl::StrCat("model.layers.", l, ".", tensor);
+std::string QuantWeightReader::LayerName(int32_t l, const char* tensor) const {
+  return absl::StrCat("model.layers.", config_->WeightLayer(l), ".", tensor);
 }
 
 absl::StatusOr<QuantizedTensor> QuantWeightReader::Get(const std::string& base, int64_t rows,

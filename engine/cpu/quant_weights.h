@@ -35,7 +35,8 @@ class QuantWeightReader {
   absl::StatusOr<QuantizedTensor> Get(const std::string& base, int64_t rows, int64_t cols) const;
   absl::Status Block(const std::string& base, int64_t rows, int64_t cols, int64_t r0, int64_t r1,
                      int64_t c0, int64_t c1, QuantMatrix* m) const;
-  static std::string LayerName(int32_t l, const char* tensor);
+  // The checkpoint tensor of layer l (of the layer whose weights it shares, if any).
+  std::string LayerName(int32_t l, const char* tensor) const;
 
   const ModelConfig* config_;
   const WeightSource* weights_;
