@@ -23,11 +23,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/cpu/cpu_backend.h"
+#include "engine/lora_adapter.h"
 #include "engine/model/quant_checkpoint.h"
 #include "engine/model/quantize.h"
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
 #include "engine/shard_weights.h"
+#include "tests/forwarding_backend.h"
 #include "tests/test_util.h"
 
 namespace superpose {
@@ -301,6 +303,48 @@ TEST_F(QuantModelTest, TensorParallelShards) {
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
   EXPECT_NE(s.message().find("down_proj"), std::string::npos) << s;
   EXPECT_NE(s.message().find("multiple of 16"), std::string::npos) << s;
+}
+
+// AFM's serving shape (papers.md 3.3, 3.7): LoRA adapters over a quantized base. A B = 0
+// adapter gives the quantized base's logits exactly; a random one on the q4 base equals
+// the same adapter on the float32 reading of the q4 directory (its dequantized weights,
+// the same products), bitwise.
+class AdapterRows : public testing::ForwardingBackend {
+ public:
+  explicit AdapterRows(engine::Backend* inner) : ForwardingBackend(inner) {}
+  absl::Status Forward(const engine::BatchPlan& plan, engine::ForwardOutput* out) override {
+    engine::BatchPlan p = plan;
+    for (auto& s : p.seqs) s.adapter = 1;
+    return inner()->Forward(p, out);
+  }
+};
+
+TEST_F(QuantModelTest, LoraAdaptersOverAQuantizedBase) {
+  const engine::ModelBundle q = Bundle(Dir(WeightQuant::kQ4));
+  const std::vector<int32_t> modules = {engine::kLoraQ,   engine::kLoraK,    engine::kLoraV,
+                                        engine::kLoraO,   engine::kLoraGate, engine::kLoraUp,
+                                        engine::kLoraDown};
+  auto base = Backend(q, WeightDType::kAuto);
+  ASSERT_TRUE(base->Load(q.config, *q.weights, engine::Shard{}).ok());
+  const auto want = testing::RunSteps(*base, Prompt(q), 4);
+  auto zero = Backend(q, WeightDType::kAuto);
+  ASSERT_TRUE(zero->Load(q.config, *q.weights, engine::Shard{}).ok());
+  ASSERT_TRUE(zero->LoadAdapter(1, engine::RandomLoraAdapter(q.config, 16, 16.0f, modules, 3, 0.5f,
+                                                             /*b_zero=*/true))
+                  .ok());
+  AdapterRows z(zero.get());
+  EXPECT_EQ(testing::RunSteps(z, Prompt(q), 4), want);
+
+  const engine::LoraAdapter a = engine::RandomLoraAdapter(q.config, 8, 16.0f, modules, 5, 0.1f);
+  auto on_q4 = Backend(q, WeightDType::kAuto), on_f32 = Backend(q, WeightDType::kFloat32);
+  ASSERT_TRUE(on_q4->Load(q.config, *q.weights, engine::Shard{}).ok());
+  ASSERT_TRUE(on_f32->Load(q.config, *q.weights, engine::Shard{}).ok());
+  ASSERT_TRUE(on_q4->LoadAdapter(1, a).ok());
+  ASSERT_TRUE(on_f32->LoadAdapter(1, a).ok());
+  AdapterRows aq(on_q4.get()), af(on_f32.get());
+  const auto got = testing::RunSteps(aq, Prompt(q), 4);
+  EXPECT_EQ(got, testing::RunSteps(af, Prompt(q), 4));
+  EXPECT_NE(got, want);  // the adapter does change the logits
 }
 
 // Cross-layer weight sharing (config.json layer_weight_map) with quantized weights:

@@ -114,7 +114,12 @@ absl::Status CpuBackend::ReadLayer(const ShardedWeightReader& reader,
     SP_RETURN_IF_ERROR(quant->Qkv(l, &L.wqkv.quant));
     SP_RETURN_IF_ERROR(quant->O(l, &L.wo.quant));
     SP_RETURN_IF_ERROR(quant->GateUp(l, &L.wgate_up.quant));
-    return quant->Down(l, &L.wdown.quant);
+    SP_RETURN_IF_ERROR(quant->Down(l, &L.wdown.quant));
+    for (Matrix* m : {&L.wqkv, &L.wo, &L.wgate_up, &L.wdown}) {
+      m->out = m->quant.out;
+      m->in = m->quant.in;
+    }
+    return absl::OkStatus();
   }
   SP_RETURN_IF_ERROR(reader.Qkv(l, Shape(L.wqkv, qkv_rows, H)));
   Finish(L.wqkv);
