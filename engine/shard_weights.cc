@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "engine/model/quantize.h"
 #include "engine/util/status.h"
 
 namespace superpose::engine {
@@ -41,6 +42,12 @@ std::string ShardedWeightReader::LayerName(int32_t l, const char* tensor) const 
 absl::Status ShardedWeightReader::Block(const std::string& name, int64_t rows, int64_t cols,
                                         int64_t r0, int64_t r1, int64_t c0, int64_t c1,
                                         float* out) const {
+  // A quantized checkpoint read as float (engine/model/quantize.h): its dequantized values.
+  if (config_->quantization != WeightQuant::kNone && !weights_->Has(name) &&
+      HasQuantized(*weights_, QuantBaseName(name))) {
+    return ReadDequantizedBlock(*weights_, QuantBaseName(name), config_->quantization, rows, cols,
+                                r0, r1, c0, c1, out);
+  }
   return weights_->ReadF32Block(name, {rows, cols}, r0, r1, c0, c1, out);
 }
 

@@ -71,8 +71,9 @@ ABSL_FLAG(std::string, cuda_attention, "auto",
           "CUDA: attention of prefill steps: auto (tensor cores when head_dim is a multiple "
           "of 16 up to 128, else simt), simt (float32 kernel) or tensor_core");
 ABSL_FLAG(std::string, cpu_dtype, "auto",
-          "CPU backend weight type: auto (bfloat16 for bf16 checkpoints, on every CPU; "
-          "else float32) | float32 | bfloat16");
+          "CPU backend weight type: auto (a quantized checkpoint's int8/q4; bfloat16 for bf16 "
+          "checkpoints, on every CPU; else float32) | float32 | bfloat16 | int8 | q4 (int8 "
+          "per channel / 4-bit palettized, quantized at load; see superpose-quantize)");
 ABSL_FLAG(std::string, kv_cache_dtype, "auto",
           "KV cache element type: auto (CPU: bfloat16 when the weights run in bfloat16, else "
           "float32; CUDA: bfloat16) | float32 (CPU only) | bfloat16");

@@ -172,7 +172,8 @@ TEST(CpuOptionsTest, UnknownKvCacheDtypeIsRejected) {
 TEST(CpuOptionsTest, UnknownDtypeIsRejected) {
   const auto o = engine::cpu::ParseCpuOptions({{"cpu_dtype", "float16"}});
   EXPECT_EQ(o.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(o.status().message(), "--cpu_dtype: unknown value 'float16' (auto, float32, bfloat16)");
+  EXPECT_EQ(o.status().message(),
+            "--cpu_dtype: unknown value 'float16' (auto, float32, bfloat16, int8, q4)");
 }
 
 TEST(CpuOptionsTest, ParsesEveryFlagAndRejectsOtherBackends) {

@@ -432,7 +432,8 @@ std::pair<int, std::string> RunServerToExit(const std::vector<std::string>& args
 TEST(ServerFlagsTest, BadBackendOptionsFailStartupBeforeTheModelIsRead) {
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"--kv_cache_dtype=bf17", "--kv_cache_dtype: unknown value 'bf17' (auto, float32, bfloat16)"},
-      {"--cpu_dtype=float16", "--cpu_dtype: unknown value 'float16' (auto, float32, bfloat16)"},
+      {"--cpu_dtype=float16",
+       "--cpu_dtype: unknown value 'float16' (auto, float32, bfloat16, int8, q4)"},
       {"--cuda_graphs=false", "--cuda_graphs: not an option of the cpu backend"},
       {"--tp=0", "--tp: must be >= 1"},
       {"--simd=avx9", "--simd: unknown or unsupported SIMD target 'avx9' (this CPU: auto, "},

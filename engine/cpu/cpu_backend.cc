@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "engine/cpu/elementwise.h"
@@ -37,28 +38,48 @@ absl::Status CpuBackend::CheckShard(const Shard& shard) const {
 
 // Weight type: bf16 when asked, or (auto) when the checkpoint stores bf16, on every CPU
 // (AMX, AVX512-BF16, or widening to float32 in registers: each streams half the bytes
-// of float32, and decode is bound by that); float32 otherwise.
-void CpuBackend::ChooseWeightType(const WeightSource& weights) {
+// of float32, and decode is bound by that); float32 otherwise. Quantized (int8 / q4) for
+// a quantized checkpoint (auto) or when asked of a float one (quantized at load);
+// float32 or bf16 asked of a quantized checkpoint read its dequantized values.
+absl::Status CpuBackend::ChooseWeightType(const WeightSource& weights) {
+  const WeightQuant stored = config_.quantization;
+  quant_ = WeightQuant::kNone;
+  bf16_ = false;
   switch (cpu_.dtype) {
     case WeightDType::kBFloat16:
       bf16_ = true;
-      return;
+      return absl::OkStatus();
     case WeightDType::kFloat32:
-      bf16_ = false;
-      return;
+      return absl::OkStatus();
+    case WeightDType::kInt8:
+    case WeightDType::kQ4:
+      quant_ = cpu_.dtype == WeightDType::kInt8 ? WeightQuant::kInt8 : WeightQuant::kQ4;
+      if (stored != WeightQuant::kNone && stored != quant_) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--cpu_dtype=", WeightQuantName(quant_), ": the checkpoint is already quantized (",
+            WeightQuantName(stored), "); use --cpu_dtype=auto or a float checkpoint"));
+      }
+      return absl::OkStatus();
     case WeightDType::kAuto:
       break;
   }
+  quant_ = stored;
   absl::StatusOr<TensorView> probe = weights.Get("model.layers.0.mlp.down_proj.weight");
-  bf16_ = probe.ok() && probe->dtype == DType::kBF16;
+  bf16_ = quant_ == WeightQuant::kNone && probe.ok() && probe->dtype == DType::kBF16;
+  return absl::OkStatus();
 }
 
-absl::Status CpuBackend::ReadEmbeddingAndHead(const ShardedWeightReader& reader) {
+absl::Status CpuBackend::ReadEmbeddingAndHead(const ShardedWeightReader& reader,
+                                              const QuantWeightReader* quant) {
   const int32_t H = config_.hidden_size, vocab_pad = reader.layout().vocab_pad;
   embed_.assign(static_cast<size_t>(vocab_pad) * H, 0.0f);
   SP_RETURN_IF_ERROR(reader.Embedding(embed_.data()));
   lm_head_ = Matrix{};
-  if (!config_.tie_word_embeddings) {
+  if (!config_.tie_word_embeddings && quant != nullptr) {
+    SP_RETURN_IF_ERROR(quant->LmHead(&lm_head_.quant));
+    lm_head_.out = vocab_pad;
+    lm_head_.in = H;
+  } else if (!config_.tie_word_embeddings) {
     SP_RETURN_IF_ERROR(reader.LmHead(Shape(lm_head_, vocab_pad, H)));
     Finish(lm_head_);
   } else if (bf16_) {
@@ -70,7 +91,8 @@ absl::Status CpuBackend::ReadEmbeddingAndHead(const ShardedWeightReader& reader)
   return reader.FinalNorm(final_norm_.data());
 }
 
-absl::Status CpuBackend::ReadLayer(const ShardedWeightReader& reader, int32_t l) {
+absl::Status CpuBackend::ReadLayer(const ShardedWeightReader& reader,
+                                   const QuantWeightReader* quant, int32_t l) {
   const int32_t H = config_.hidden_size, D = config_.head_dim;
   const int32_t qkv_rows = static_cast<int32_t>(reader.qkv_rows());
   Layer& L = layers_[l];
@@ -78,8 +100,6 @@ absl::Status CpuBackend::ReadLayer(const ShardedWeightReader& reader, int32_t l)
   L.mlp_norm.resize(H);
   SP_RETURN_IF_ERROR(reader.AttnNorm(l, L.attn_norm.data()));
   SP_RETURN_IF_ERROR(reader.MlpNorm(l, L.mlp_norm.data()));
-  SP_RETURN_IF_ERROR(reader.Qkv(l, Shape(L.wqkv, qkv_rows, H)));
-  Finish(L.wqkv);
   if (config_.attention_bias) {
     L.bqkv.resize(qkv_rows);
     SP_RETURN_IF_ERROR(reader.QkvBias(l, L.bqkv.data()));
@@ -90,6 +110,19 @@ absl::Status CpuBackend::ReadLayer(const ShardedWeightReader& reader, int32_t l)
     SP_RETURN_IF_ERROR(reader.QNorm(l, L.q_norm.data()));
     SP_RETURN_IF_ERROR(reader.KNorm(l, L.k_norm.data()));
   }
+  if (quant != nullptr) {
+    SP_RETURN_IF_ERROR(quant->Qkv(l, &L.wqkv.quant));
+    SP_RETURN_IF_ERROR(quant->O(l, &L.wo.quant));
+    SP_RETURN_IF_ERROR(quant->GateUp(l, &L.wgate_up.quant));
+    SP_RETURN_IF_ERROR(quant->Down(l, &L.wdown.quant));
+    for (Matrix* m : {&L.wqkv, &L.wo, &L.wgate_up, &L.wdown}) {
+      m->out = m->quant.out;
+      m->in = m->quant.in;
+    }
+    return absl::OkStatus();
+  }
+  SP_RETURN_IF_ERROR(reader.Qkv(l, Shape(L.wqkv, qkv_rows, H)));
+  Finish(L.wqkv);
   SP_RETURN_IF_ERROR(reader.O(l, Shape(L.wo, H, q_heads_ * D)));
   Finish(L.wo);
   SP_RETURN_IF_ERROR(reader.GateUp(l, Shape(L.wgate_up, 2 * inter_, H)));
@@ -154,11 +187,14 @@ absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& wei
   for (int32_t h = 0; h < q_heads_; ++h) {
     heads_of_[(shard.rank * q_heads_ + h) / group - kv_head_begin_].push_back(h);
   }
-  ChooseWeightType(weights);
-  SP_RETURN_IF_ERROR(ReadEmbeddingAndHead(*reader));
+  SP_RETURN_IF_ERROR(ChooseWeightType(weights));
+  std::optional<QuantWeightReader> quant;
+  if (quant_ != WeightQuant::kNone) quant.emplace(config_, weights, shard, layout, quant_);
+  const QuantWeightReader* q = quant ? &*quant : nullptr;
+  SP_RETURN_IF_ERROR(ReadEmbeddingAndHead(*reader, q));
   layers_.clear();
   layers_.resize(config.num_layers);
-  for (int32_t l = 0; l < config.num_layers; ++l) SP_RETURN_IF_ERROR(ReadLayer(*reader, l));
+  for (int32_t l = 0; l < config.num_layers; ++l) SP_RETURN_IF_ERROR(ReadLayer(*reader, q, l));
   inv_freq_ = RopeInvFreq(config);
   AllocateKvPool();
   return absl::OkStatus();
@@ -178,7 +214,9 @@ void CpuBackend::Finish(Matrix& m) const {
 }
 
 void CpuBackend::Linear(const float* x, int32_t rows, const Matrix& m, float* y) const {
-  if (m.bf16.empty()) {
+  if (!m.quant.empty()) {
+    QuantGemm(x, rows, m.quant, y);
+  } else if (m.bf16.empty()) {
     LinearF32(x, rows, m.in, m.f32.data(), m.out, y);
   } else {
     Bf16Gemm(x, rows, m.bf16, y);

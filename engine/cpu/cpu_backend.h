@@ -15,6 +15,8 @@
 #include "engine/cpu/bf16_gemm.h"
 #include "engine/cpu/cpu_options.h"
 #include "engine/cpu/lora.h"
+#include "engine/cpu/quant_gemm.h"
+#include "engine/cpu/quant_weights.h"
 #include "engine/cpu/small_gemm.h"
 #include "engine/shard_weights.h"
 
@@ -28,9 +30,12 @@ class CpuBackend : public Backend {
   explicit CpuBackend(const BackendOptions& options, const CpuOptions& cpu = {},
                       Communicator* comm = nullptr);
   std::string name() const override { return "cpu"; }
-  // "float32" or "bfloat16": the weights' type (activations are float32; the KV cache's
-  // type is kv().dtype).
-  std::string compute_dtype() const override { return bf16_ ? "bfloat16" : "float32"; }
+  // "float32", "bfloat16", or "int8" / "q4" (quantized, engine/cpu/quant_gemm.h): the
+  // weights' type (activations are float32; the KV cache's type is kv().dtype).
+  std::string compute_dtype() const override {
+    if (quant_ != WeightQuant::kNone) return WeightQuantName(quant_);
+    return bf16_ ? "bfloat16" : "float32";
+  }
   absl::Status Load(const ModelConfig& config, const WeightSource& weights,
                     const Shard& shard) override;
   absl::Status Forward(const BatchPlan& plan, ForwardOutput* out) override;
@@ -46,10 +51,12 @@ class CpuBackend : public Backend {
   absl::StatusOr<std::vector<uint8_t>> KvBlockBytes(BlockId block) const override;
 
  private:
-  // A weight W[out, in]: float32 row-major, or packed bf16 (then f32 is empty).
+  // A weight W[out, in]: float32 row-major, or packed bf16, or quantized (then f32 is
+  // empty).
   struct Matrix {
     AlignedFloats f32;  // cache-line aligned rows (engine/cpu/aligned.h)
     PackedBf16 bf16;
+    QuantMatrix quant;  // int8 / q4 (engine/cpu/quant_gemm.h)
     int32_t out = 0, in = 0;
   };
   struct Layer {
@@ -135,9 +142,12 @@ class CpuBackend : public Backend {
   absl::Status AllReduce(float* data, int64_t count);
   // Load's steps.
   absl::Status CheckShard(const Shard& shard) const;
-  void ChooseWeightType(const WeightSource& weights);
-  absl::Status ReadEmbeddingAndHead(const ShardedWeightReader& reader);
-  absl::Status ReadLayer(const ShardedWeightReader& reader, int32_t l);
+  absl::Status ChooseWeightType(const WeightSource& weights);
+  // `quant`: the quantized projections' reader (null when they are float or bf16).
+  absl::Status ReadEmbeddingAndHead(const ShardedWeightReader& reader,
+                                    const QuantWeightReader* quant);
+  absl::Status ReadLayer(const ShardedWeightReader& reader, const QuantWeightReader* quant,
+                         int32_t l);
   void AllocateKvPool();
 
   BackendOptions options_;
@@ -154,7 +164,8 @@ class CpuBackend : public Backend {
   int32_t vocab_local_ = 0;
   std::vector<std::vector<int32_t>> heads_of_;  // local query heads of each local kv head
 
-  bool bf16_ = false;         // weights in bf16 (Matrix::bf16)
+  bool bf16_ = false;                       // weights in bf16 (Matrix::bf16)
+  WeightQuant quant_ = WeightQuant::kNone;  // projections quantized (Matrix::quant)
   std::vector<float> embed_;  // [vocab_local, hidden] (float32 always: a lookup table)
   Matrix lm_head_;            // [vocab_pad, hidden]; f32 empty when tied to embed_ in f32
   std::vector<float> final_norm_;

@@ -11,7 +11,9 @@ absl::StatusOr<CpuOptions> ParseCpuOptions(const BackendFlags& flags) {
   SP_RETURN_IF_ERROR(ParseFlagChoice(flags, "cpu_dtype",
                                      {{"auto", WeightDType::kAuto},
                                       {"float32", WeightDType::kFloat32},
-                                      {"bfloat16", WeightDType::kBFloat16}},
+                                      {"bfloat16", WeightDType::kBFloat16},
+                                      {"int8", WeightDType::kInt8},
+                                      {"q4", WeightDType::kQ4}},
                                      &o.dtype));
   SP_RETURN_IF_ERROR(ParseFlagChoice(flags, "kv_cache_dtype",
                                      {{"auto", KvCacheDType::kAuto},

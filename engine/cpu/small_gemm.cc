@@ -384,6 +384,16 @@ void SmallBatchGemm(const float* x, int32_t rows, int32_t in, const float* w, in
   }
 }
 
+void SmallGemmPanel(const float* x, int32_t rows, int32_t ldx, const float* w, int32_t cols,
+                    int32_t ldw, int32_t in, float* y, int32_t ldy) {
+  if (rows <= 0 || cols <= 0) return;
+  const Kernel& k = *HWY_DYNAMIC_DISPATCH(GetKernel)();
+  for (int32_t o = 0; o < cols; o += k.tile_cols) {
+    k.columns[std::min(k.tile_cols, cols - o)](x, rows, in, ldx, w + static_cast<size_t>(o) * ldw,
+                                               ldw, y + o, ldy, nullptr, 0);
+  }
+}
+
 const char* SmallGemmKernelName() { return HWY_DYNAMIC_DISPATCH(GetKernel)()->target; }
 
 }  // namespace superpose::engine::cpu

@@ -19,6 +19,12 @@ namespace superpose::engine::cpu {
 void SmallBatchGemm(const float* x, int32_t rows, int32_t in, const float* w, int32_t out,
                     float* y);
 
+// One thread's panel of SmallBatchGemm, for kernels that make float weight rows on the fly
+// (engine/cpu/quant_gemm.cc): y[r * ldy + c] = x[r * ldx ...] . w[c * ldw ...] over `in`
+// for r < rows, c < cols, each element computed exactly as SmallBatchGemm computes it.
+void SmallGemmPanel(const float* x, int32_t rows, int32_t ldx, const float* w, int32_t cols,
+                    int32_t ldw, int32_t in, float* y, int32_t ldy);
+
 // The Highway target SmallBatchGemm dispatches to now ("AVX3", "AVX2", "SSE4", "NEON",
 // "EMU128"; see engine/simd.h).
 const char* SmallGemmKernelName();

@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/model/quantize.h"
 #include "engine/util/status.h"
 
 namespace superpose::engine {
@@ -24,6 +25,10 @@ const char* DTypeName(DType d) {
       return "float16";
     case DType::kBF16:
       return "bfloat16";
+    case DType::kI8:
+      return "int8";
+    case DType::kU8:
+      return "uint8";
   }
   return "unknown";
 }
@@ -35,6 +40,9 @@ size_t DTypeSize(DType d) {
     case DType::kF16:
     case DType::kBF16:
       return 2;
+    case DType::kI8:
+    case DType::kU8:
+      return 1;
   }
   return 0;
 }
@@ -570,6 +578,7 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view text, const std::s
     SP_RETURN_IF_ERROR(CheckSlidingWindow(r, arch->family, c));
     SP_RETURN_IF_ERROR(CheckConsistency(r, &c));
     SP_RETURN_IF_ERROR(ReadLayerWeightMap(r, &c));
+    SP_RETURN_IF_ERROR(ReadQuantizationConfig(j, source, &c.quantization));
     return c;
   } catch (const std::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": ", e.what()));

@@ -11,9 +11,15 @@
 
 namespace superpose::engine {
 
-enum class DType { kF32, kF16, kBF16 };
+// kI8 / kU8: the codes of quantized weights (engine/model/quantize.h), never a torch_dtype.
+enum class DType { kF32, kF16, kBF16, kI8, kU8 };
 const char* DTypeName(DType d);
 size_t DTypeSize(DType d);
+
+// How the checkpoint stores its projection weights (config.json "quantization_config",
+// written by superpose-quantize; engine/model/quantize.h): float (kNone), int8 per output
+// channel, or 4-bit palettized.
+enum class WeightQuant { kNone, kInt8, kQ4 };
 
 struct RopeScaling {
   enum class Type { kNone, kLinear, kLlama3 };
@@ -43,6 +49,8 @@ struct ModelConfig {
   bool qk_norm = false;         // per-head RMSNorm of q and k before RoPE (Qwen3, AFM)
   bool tie_word_embeddings = false;
   DType dtype = DType::kF32;           // torch_dtype: the storage dtype of the checkpoint
+  // quantization_config: how the projections are stored (engine/model/quantize.h).
+  WeightQuant quantization = WeightQuant::kNone;
   int32_t bos_token_id = -1;           // -1: none
   std::vector<int32_t> eos_token_ids;  // union of config.json and generation_config.json
   int32_t pad_token_id = -1;

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -94,6 +95,12 @@ void ConvertToF32(DType dtype, const void* src, int64_t n, float* out) {
         out[i] = HalfToFloat(h);
       }
       return;
+    case DType::kI8:
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int8_t>(p[i]);
+      return;
+    case DType::kU8:
+      for (int64_t i = 0; i < n; ++i) out[i] = p[i];
+      return;
   }
 }
 
@@ -114,6 +121,17 @@ void ConvertFromF32(DType dtype, const float* src, int64_t n, void* dst) {
       for (int64_t i = 0; i < n; ++i) {
         const uint16_t h = FloatToHalf(src[i]);
         std::memcpy(p + 2 * i, &h, 2);
+      }
+      return;
+    case DType::kI8:  // integer codes: rounded to nearest, saturated
+      for (int64_t i = 0; i < n; ++i) {
+        p[i] = static_cast<uint8_t>(
+            static_cast<int8_t>(std::lrint(std::clamp(src[i], -128.f, 127.f))));
+      }
+      return;
+    case DType::kU8:
+      for (int64_t i = 0; i < n; ++i) {
+        p[i] = static_cast<uint8_t>(std::lrint(std::clamp(src[i], 0.f, 255.f)));
       }
       return;
   }
@@ -148,6 +166,10 @@ const char* SafetensorsDTypeName(DType d) {
       return "F16";
     case DType::kBF16:
       return "BF16";
+    case DType::kI8:
+      return "I8";
+    case DType::kU8:
+      return "U8";
   }
   return "?";
 }
@@ -259,6 +281,10 @@ absl::StatusOr<TensorEntry> ParseTensorEntry(const std::string& path, const std:
     e.view.dtype = DType::kF16;
   } else if (e.dtype_name == "BF16") {
     e.view.dtype = DType::kBF16;
+  } else if (e.dtype_name == "I8") {  // quantized weights' codes (engine/model/quantize.h)
+    e.view.dtype = DType::kI8;
+  } else if (e.dtype_name == "U8") {
+    e.view.dtype = DType::kU8;
   } else {
     e.supported = false;  // reported by Get(): unused tensors may be any dtype
   }
@@ -355,7 +381,7 @@ class SafetensorsWeights : public WeightSource {
     if (!e.supported) {
       return absl::InvalidArgumentError(
           absl::StrCat(e.file->path(), ": tensor '", AV(name), "' has dtype ", e.dtype_name,
-                       ", which is not supported (F32, F16, BF16 are)"));
+                       ", which is not supported (F32, F16, BF16, I8, U8 are)"));
     }
     return e.view;
   }
@@ -412,9 +438,23 @@ int64_t TensorView::numel() const {
   return n;
 }
 
+namespace {
+
+// Integer tensors are quantized weights' codes (engine/model/quantize.h), never read as
+// float32 weights.
+absl::Status CheckFloat(std::string_view name, const std::string& location, DType d) {
+  if (d != DType::kI8 && d != DType::kU8) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(TensorRef(name, location), ": has dtype ", d == DType::kI8 ? "I8" : "U8",
+                   " (quantized codes), not a float tensor (F32, F16, BF16)"));
+}
+
+}  // namespace
+
 absl::Status WeightSource::ReadF32(std::string_view name, const std::vector<int64_t>& shape,
                                    float* out) const {
   SP_ASSIGN_OR_RETURN(TensorView v, Get(name));
+  SP_RETURN_IF_ERROR(CheckFloat(name, Location(name), v.dtype));
   if (v.shape != shape) {
     return absl::InvalidArgumentError(absl::StrCat(TensorRef(name, Location(name)),
                                                    ": expected shape ", ShapeString(shape),
@@ -433,6 +473,7 @@ absl::Status WeightSource::ReadF32Block(std::string_view name, const std::vector
                                         int64_t r0, int64_t r1, int64_t c0, int64_t c1,
                                         float* out) const {
   SP_ASSIGN_OR_RETURN(TensorView v, Get(name));
+  SP_RETURN_IF_ERROR(CheckFloat(name, Location(name), v.dtype));
   if (v.shape != shape || shape.size() != 2) {
     return absl::InvalidArgumentError(absl::StrCat(TensorRef(name, Location(name)),
                                                    ": expected shape ", ShapeString(shape),
