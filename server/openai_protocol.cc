@@ -7,7 +7,6 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
-#include "engine/runtime/adapters.h"
 #include "engine/util/status.h"
 #include "server/lazy_options.h"
 
@@ -379,7 +378,7 @@ absl::StatusOr<CallPlan> ParseCall(const json& body, Endpoint endpoint, const Pa
   if (!model->is_string()) return Bad("model", "model must be a string");
   CallPlan plan;
   if (model->get<std::string>() != ctx.model_name) {
-    if (ctx.adapters == nullptr || !ctx.adapters->Has(model->get<std::string>())) {
+    if (!ctx.is_adapter || !ctx.is_adapter(model->get<std::string>())) {
       return absl::NotFoundError(absl::StrCat("The model does not exist; this server serves '",
                                               ctx.model_name,
                                               "' and its adapters (GET /v1/models)"));

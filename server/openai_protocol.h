@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -17,10 +18,6 @@
 #include "server/chat_prompt.h"
 #include "server/convert.h"
 #include "superpose/v1/superpose.pb.h"
-
-namespace superpose::engine {
-class AdapterManager;  // engine/runtime/adapters.h
-}  // namespace superpose::engine
 
 namespace superpose::server::openai {
 
@@ -49,8 +46,9 @@ struct ParseContext {
   std::string model_name;  // the id /v1/models lists
   const ChatPrompter* chat = nullptr;
   const Limits* limits = nullptr;
-  // LoRA adapters `model` may name instead of the base model (as vLLM); null: none.
-  const engine::AdapterManager* adapters = nullptr;
+  // Whether `model` names a LoRA adapter, which it may instead of the base model (as
+  // vLLM); empty: no adapters. (A callback: the parser needs no adapter manager.)
+  std::function<bool(const std::string&)> is_adapter;
 };
 
 // Checks every field's type and range (INVALID_ARGUMENT with the OpenAI parameter name

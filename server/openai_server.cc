@@ -367,7 +367,10 @@ void OpenAiServer::Generate(const httplib::Request& req, httplib::Response& res,
   tenant = *std::move(t);
   const json body = json::parse(req.body, nullptr, /*allow_exceptions=*/false);
   if (body.is_discarded()) return reject(openai::Bad("", "the request body is not valid JSON"));
-  const openai::ParseContext ctx{model_->name, chat_, &limits_, adapters_};
+  openai::ParseContext ctx{model_->name, chat_, &limits_, nullptr};
+  if (adapters_ != nullptr) {
+    ctx.is_adapter = [this](const std::string& name) { return adapters_->Has(name); };
+  }
   absl::StatusOr<CallPlan> plan = openai::ParseCall(body, endpoint, ctx);
   if (!plan.ok()) return reject(plan.status());
   int64_t text_bytes = 0;

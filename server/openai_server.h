@@ -24,6 +24,10 @@
 #include "server/openai_protocol.h"
 #include "server/work_pool.h"
 
+namespace superpose::engine {
+class AdapterManager;  // engine/runtime/adapters.h
+}  // namespace superpose::engine
+
 namespace httplib {
 class Server;
 struct Request;

@@ -18,7 +18,7 @@ class ParseTest : public ::testing::Test {
   ParseTest() : chat_(ChatPrompter::Without("no template here")) {
     limits_.context_length = 512;
     limits_.vocab_size = 512;
-    ctx_ = {"m", &chat_, &limits_};
+    ctx_ = {"m", &chat_, &limits_, nullptr};
   }
   absl::StatusOr<openai::CallPlan> Parse(const std::string& body,
                                          Endpoint e = Endpoint::kCompletions) {

@@ -169,19 +169,6 @@ AdapterCounters AdapterManager::counters() const {
   return c;
 }
 
-absl::Status ValidateAdapterName(const std::string& name, const std::string& field) {
-  if (name.empty() || name.size() > 64) {
-    return absl::InvalidArgumentError(absl::StrCat(field, " must have 1 to 64 characters"));
-  }
-  for (char c : name) {
-    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_' && c != '.') {
-      return absl::InvalidArgumentError(
-          absl::StrCat(field, " may hold only letters, digits and - _ ."));
-    }
-  }
-  return absl::OkStatus();
-}
-
 absl::StatusOr<std::vector<std::pair<std::string, std::string>>> ParseAdapterFlag(
     const std::string& value) {
   std::vector<std::pair<std::string, std::string>> out;

@@ -20,6 +20,7 @@
 #include "absl/synchronization/mutex.h"
 #include "engine/backend.h"
 #include "engine/lora_adapter.h"
+#include "engine/sequence/request.h"  // ValidateAdapterName
 
 namespace superpose::engine {
 
@@ -94,8 +95,6 @@ class AdapterManager {
   AdapterCounters counters_ ABSL_GUARDED_BY(mu_);
 };
 
-// An adapter name: 1 to 64 letters, digits and - _ . (INVALID_ARGUMENT naming `field`).
-absl::Status ValidateAdapterName(const std::string& name, const std::string& field);
 // --adapters: "name=DIR,name2=DIR2" (empty: none).
 absl::StatusOr<std::vector<std::pair<std::string, std::string>>> ParseAdapterFlag(
     const std::string& value);

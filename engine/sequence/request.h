@@ -133,4 +133,8 @@ struct StreamEvent {
 
 using StreamCallback = std::function<void(StreamEvent&&)>;
 
+// An adapter name (Request::adapter_id, --adapters, LoadAdapter): 1 to 64 letters,
+// digits and - _ . (INVALID_ARGUMENT naming `field`).
+absl::Status ValidateAdapterName(const std::string& name, const std::string& field);
+
 }  // namespace superpose::engine
