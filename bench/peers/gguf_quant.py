@@ -1,11 +1,12 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Writes a Hugging Face Llama as a GGUF with Q8_0 or Q4_0 weights, for llama.cpp as the
 peer of superpose's int8 / q4 weights (issue 17's benchmark; bench/quant_bench.cc).
 
 The npm llama.cpp ships no quantize tool, and the shared GGUF writer
 (../shared/tools/peers/gguf_writer.py) writes unquantized types only: this script runs its
 HF -> GGUF converter with every 2-D float32 tensor encoded in ggml's Q8_0 or Q4_0 block
-format instead (1-D norm weights stay float32, as llama-quantize leaves them; the token
+format instead (1-D norm weights, and matrices whose rows are not whole blocks, stay
+float32, as llama-quantize leaves them or falls back; the token
 embedding and the output matrix are quantized too, as with llama-quantize --pure).
 
   Q8_0: blocks of 32 along a row: fp16 d = max|x| / 127, then 32 int8 round(x / d).
@@ -90,7 +91,9 @@ def main():
     plain_u32 = g.GGUFWriter.add_uint32
 
     def add_tensor(self, name, data, ggml_type=None, shape=None):
-        if ggml_type == g.GGML_F32 and shape is not None and len(shape) >= 2:
+        # Rows that are not whole blocks stay float32 (llama-quantize falls back too).
+        if (ggml_type == g.GGML_F32 and shape is not None and len(shape) >= 2
+                and shape[-1] % BLOCK == 0):
             ggml_type = qtype
         return plain_add(self, name, data, ggml_type, shape)
 
