@@ -194,7 +194,10 @@ absl::Status CpuBackend::Load(const ModelConfig& config, const WeightSource& wei
   SP_RETURN_IF_ERROR(ReadEmbeddingAndHead(*reader, q));
   layers_.clear();
   layers_.resize(config.num_layers);
-  for (int32_t l = 0; l < config.num_layers; ++l) SP_RETURN_IF_ERROR(ReadLayer(*reader, q, l));
+  // A layer that shares another's weights (config.layer_weight_map) reads none of its own.
+  for (int32_t l = 0; l < config.num_layers; ++l) {
+    if (config.WeightLayer(l) == l) SP_RETURN_IF_ERROR(ReadLayer(*reader, q, l));
+  }
   inv_freq_ = RopeInvFreq(config);
   AllocateKvPool();
   return absl::OkStatus();
@@ -415,7 +418,7 @@ absl::Status CpuBackend::AttentionBlock(const BatchPlan& plan, const ActiveRows&
   const int32_t H = config_.hidden_size, D = config_.head_dim, bs = kv_info_.block_size;
   const int32_t qd = q_heads_ * D, kvd = kv_heads_ * D, qkv_w = qd + 2 * kvd, half = b->half;
   const float eps = config_.rms_norm_eps;
-  const Layer& L = layers_[l];
+  const Layer& L = layers_[config_.WeightLayer(l)];
   std::vector<float>& x = *xp;
   std::vector<float>&h = b->h, &qkv = b->qkv, &q = b->q, &attn = b->attn, &proj = b->proj;
   const std::vector<float>&cos_t = b->cos_t, &sin_t = b->sin_t;
@@ -478,7 +481,7 @@ absl::Status CpuBackend::MlpBlock(int32_t l, StepBuffers* b, std::vector<float>*
   const int32_t H = config_.hidden_size;
   const int32_t T = static_cast<int32_t>(x.size() / H);
   const float eps = config_.rms_norm_eps;
-  const Layer& L = layers_[l];
+  const Layer& L = layers_[config_.WeightLayer(l)];
   std::vector<float>&h = b->h, &gu = b->gu, &act = b->act, &proj = b->proj;
 #pragma omp parallel for if (T > 4)
   for (int32_t t = 0; t < T; ++t) {
