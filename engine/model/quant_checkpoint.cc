@@ -48,22 +48,6 @@ struct OutTensor {
   std::function<absl::Status(std::string* bytes)> produce;
 };
 
-const char* SafetensorsName(DType d) {
-  switch (d) {
-    case DType::kF32:
-      return "F32";
-    case DType::kF16:
-      return "F16";
-    case DType::kBF16:
-      return "BF16";
-    case DType::kI8:
-      return "I8";
-    case DType::kU8:
-      return "U8";
-  }
-  return "?";
-}
-
 template <typename T>
 std::string Bytes(const std::vector<T>& v) {
   return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
@@ -128,7 +112,7 @@ absl::StatusOr<std::vector<OutTensor>> PlanTensors(const WeightSource& src, Weig
       ++*quantized;
       continue;
     }
-    out.push_back({name, SafetensorsName(v.dtype), v.shape, v.nbytes, [v](std::string* b) {
+    out.push_back({name, SafetensorsDTypeName(v.dtype), v.shape, v.nbytes, [v](std::string* b) {
                      b->assign(static_cast<const char*>(v.data), v.nbytes);
                      return absl::OkStatus();
                    }});

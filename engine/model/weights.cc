@@ -158,6 +158,8 @@ bool Numel(const std::vector<int64_t>& shape, int64_t* out) {
   return true;
 }
 
+}  // namespace
+
 const char* SafetensorsDTypeName(DType d) {
   switch (d) {
     case DType::kF32:
@@ -173,6 +175,8 @@ const char* SafetensorsDTypeName(DType d) {
   }
   return "?";
 }
+
+namespace {
 
 // Element size of every dtype of the safetensors format (0: unknown name).
 size_t SafetensorsDTypeSize(const std::string& s) {

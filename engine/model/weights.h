@@ -66,6 +66,9 @@ class InMemoryWeights : public WeightSource {
   std::map<std::string, Tensor, std::less<>> tensors_;
 };
 
+// The safetensors header name of `d` ("F32", "BF16", "I8", ...).
+const char* SafetensorsDTypeName(DType d);
+
 // Writes tensors to a safetensors file, converting float32 data to `dtype`.
 struct NamedTensor {
   std::string name;
