@@ -22,6 +22,7 @@
 #include "absl/strings/str_split.h"
 #include "bench/bench_models.h"
 #include "bench/bench_util.h"
+#include "bench/lockstep_decode.h"
 #include "engine/cpu/blas_setup.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/runtime/model_bundle.h"
@@ -64,50 +65,11 @@ absl::StatusOr<engine::ModelBundle> GetModel(const std::string& name) {
   return bench::GeneratedModel(name, absl::GetFlag(FLAGS_workdir));
 }
 
-constexpr int32_t kBlock = 16;  // tokens per KV block
-constexpr int32_t kWarmup = 4;  // untimed steps before the `steps` timed ones
-
-// Decodes `steps` tokens (after kWarmup untimed ones) for each of `batch` sequences in
+// Decodes `steps` tokens (after the untimed warm-up) for each of `batch` sequences in
 // lock-step, greedily from a 1-token prompt; returns the seconds of the timed steps.
 absl::StatusOr<double> TimeDecode(engine::Backend& backend, int32_t vocab, int32_t batch,
                                   int32_t steps) {
-  const int32_t blocks_per_seq = (steps + kWarmup + kBlock - 1) / kBlock;
-  engine::ForwardOutput out;
-  engine::BatchPlan plan;
-  plan.seqs.resize(batch);
-  plan.tokens.assign(batch, 1);
-  plan.positions.resize(batch);
-  plan.kv_slots.resize(batch);
-  plan.logits_for.resize(batch);
-  for (int32_t i = 0; i < batch; ++i) {
-    plan.seqs[i].id = i;
-    plan.seqs[i].token_begin = i;
-    plan.seqs[i].num_tokens = 1;
-    plan.logits_for[i] = i;
-    plan.tokens[i] = 1 + i;
-  }
-  double t0 = 0;
-  for (int32_t s = 0; s < steps + kWarmup; ++s) {
-    if (s == kWarmup) t0 = bench::NowS();
-    for (int32_t i = 0; i < batch; ++i) {
-      const int32_t base = i * blocks_per_seq;
-      plan.kv_slots[i] = {base + s / kBlock, s % kBlock};
-      plan.positions[i] = static_cast<float>(s);
-      // Context: everything this sequence computed before this step.
-      plan.seqs[i].context.clear();
-      for (int32_t done = 0, b = 0; done < s; ++b) {
-        const int32_t len = std::min(kBlock, s - done);
-        plan.seqs[i].context.push_back({base + b, 0, len});
-        done += len;
-      }
-    }
-    if (auto st = backend.Forward(plan, &out); !st.ok()) return st;
-    for (int32_t i = 0; i < batch; ++i) {
-      const float* row = out.logits.data() + static_cast<size_t>(i) * vocab;
-      plan.tokens[i] = static_cast<int32_t>(std::max_element(row, row + vocab) - row);
-    }
-  }
-  return bench::NowS() - t0;
+  return bench::TimeLockstepDecode(backend, vocab, std::vector<int64_t>(batch, 0), steps);
 }
 
 }  // namespace
@@ -148,8 +110,8 @@ int main(int argc, char** argv) {
       engine::BackendOptions opts;
       opts.num_threads = absl::GetFlag(FLAGS_threads);
       const int32_t max_batch = *std::max_element(batches.begin(), batches.end());
-      opts.kv_num_blocks = std::max(64, max_batch * ((steps + kWarmup + kBlock - 1) / kBlock));
-      opts.kv_block_size = kBlock;
+      opts.kv_num_blocks = std::max(64, max_batch * bench::DecodeBlocksPerSeq(steps));
+      opts.kv_block_size = bench::kDecodeBlock;
       absl::StatusOr<engine::cpu::CpuOptions> cpu =
           engine::cpu::ParseCpuOptions({{"cpu_dtype", std::string(dtype)}});
       if (!cpu.ok()) {

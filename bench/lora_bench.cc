@@ -25,6 +25,7 @@
 #include "absl/strings/str_split.h"
 #include "bench/bench_models.h"
 #include "bench/bench_util.h"
+#include "bench/lockstep_decode.h"
 #include "engine/cpu/blas_setup.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/lora_adapter.h"
@@ -45,9 +46,6 @@ namespace {
 
 using namespace superpose;  // NOLINT
 
-constexpr int32_t kBlock = 16;
-constexpr int32_t kWarmup = 4;
-
 double RssMb() {
   std::ifstream in("/proc/self/statm");
   long pages = 0, resident = 0;
@@ -58,48 +56,6 @@ double RssMb() {
 absl::StatusOr<engine::ModelBundle> GetModel(const std::string& name) {
   if (name.find('/') != std::string::npos) return engine::LoadModelBundle(name);
   return bench::GeneratedModel(name, absl::GetFlag(FLAGS_workdir));
-}
-
-// Seconds of `steps` lock-step decode steps of `batch` sequences, sequence i with
-// adapter ids[i] (0: none).
-absl::StatusOr<double> TimeDecode(engine::Backend& backend, int32_t vocab,
-                                  const std::vector<int64_t>& ids, int32_t steps) {
-  const int32_t batch = static_cast<int32_t>(ids.size());
-  const int32_t blocks_per_seq = (steps + kWarmup + kBlock - 1) / kBlock;
-  engine::BatchPlan plan;
-  plan.seqs.resize(batch);
-  plan.tokens.assign(batch, 1);
-  plan.positions.resize(batch);
-  plan.kv_slots.resize(batch);
-  plan.logits_for.resize(batch);
-  for (int32_t i = 0; i < batch; ++i) {
-    plan.seqs[i] = {i, {}, i, 1};
-    plan.seqs[i].adapter = ids[i];
-    plan.logits_for[i] = i;
-    plan.tokens[i] = 1 + i;
-  }
-  engine::ForwardOutput out;
-  double t0 = 0;
-  for (int32_t s = 0; s < steps + kWarmup; ++s) {
-    if (s == kWarmup) t0 = bench::NowS();
-    for (int32_t i = 0; i < batch; ++i) {
-      const int32_t base = i * blocks_per_seq;
-      plan.kv_slots[i] = {base + s / kBlock, s % kBlock};
-      plan.positions[i] = static_cast<float>(s);
-      plan.seqs[i].context.clear();
-      for (int32_t done = 0, b = 0; done < s; ++b) {
-        const int32_t len = std::min(kBlock, s - done);
-        plan.seqs[i].context.push_back({base + b, 0, len});
-        done += len;
-      }
-    }
-    if (auto st = backend.Forward(plan, &out); !st.ok()) return st;
-    for (int32_t i = 0; i < batch; ++i) {
-      const float* row = out.logits.data() + static_cast<size_t>(i) * vocab;
-      plan.tokens[i] = static_cast<int32_t>(std::max_element(row, row + vocab) - row);
-    }
-  }
-  return bench::NowS() - t0;
 }
 
 struct Row {
@@ -134,8 +90,8 @@ int main(int argc, char** argv) {
   }
   engine::BackendOptions opts;
   opts.num_threads = absl::GetFlag(FLAGS_threads);
-  opts.kv_block_size = kBlock;
-  opts.kv_num_blocks = batch * ((steps + kWarmup + kBlock - 1) / kBlock);
+  opts.kv_block_size = bench::kDecodeBlock;
+  opts.kv_num_blocks = batch * bench::DecodeBlocksPerSeq(steps);
   auto cpu = engine::cpu::ParseCpuOptions({{"cpu_dtype", absl::GetFlag(FLAGS_cpu_dtype)}});
   if (!cpu.ok()) {
     std::fprintf(stderr, "%s\n", cpu.status().ToString().c_str());
@@ -173,7 +129,8 @@ int main(int argc, char** argv) {
     }
     std::vector<int64_t> ids(batch, 0);
     for (int32_t i = 0; n > 0 && i < batch; ++i) ids[i] = pins[i % n]->id;
-    absl::StatusOr<double> dt = TimeDecode(backend, model->config.vocab_size, ids, steps);
+    absl::StatusOr<double> dt =
+        bench::TimeLockstepDecode(backend, model->config.vocab_size, ids, steps);
     if (!dt.ok()) {
       std::fprintf(stderr, "forward: %s\n", dt.status().ToString().c_str());
       return 1;
