@@ -40,6 +40,23 @@ void DropChunkedLazy(Sequence* seq, int32_t num_tokens) {
   seq->lazy.skipped = "prefill was split over steps";
 }
 
+namespace {
+
+// Own tokens before seq.computed that stage s holds: counted from the decision's totals
+// once every decided token is computed (a decode step), scanned during a replay.
+int32_t StageBase(const Sequence& seq, int32_t s) {
+  const LazyState& z = seq.lazy;
+  const int32_t decided = static_cast<int32_t>(z.depth.size());
+  if (z.decided() && seq.computed >= decided) {
+    return z.decided_at + z.stage_tokens[s] + (seq.computed - decided);
+  }
+  int32_t base = 0;
+  for (int32_t i = 0; i < seq.computed; ++i) base += z.DepthOf(i) > s;
+  return base;
+}
+
+}  // namespace
+
 void FillLazyPlan(const Sequence& seq, int32_t num_tokens, int32_t bs, LazyPlan* plan) {
   *plan = LazyPlan{};
   if (!seq.lazy.active()) return;
@@ -55,8 +72,7 @@ void FillLazyPlan(const Sequence& seq, int32_t num_tokens, int32_t bs, LazyPlan*
   }
   // Stage s keeps its tokens compact (LazyPlan): its k-th token at own slot k.
   for (int32_t s = 1; s < seq.lazy.stages(); ++s) {
-    int32_t base = 0;
-    for (int32_t i = 0; i < seq.computed; ++i) base += seq.lazy.DepthOf(i) > s;
+    int32_t base = StageBase(seq, s);
     plan->stage_context.emplace_back();
     AppendOwnSegments(seq, base, bs, &plan->stage_context.back());
     std::vector<KvSlot>& slots = plan->stage_slots.emplace_back();
