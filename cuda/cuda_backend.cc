@@ -79,6 +79,8 @@ CudaBackend::Impl::~Impl() {
   layers.clear();
   embed.Reset();
   lm_head.Reset();
+  lm_head_q = DeviceQuant{};
+  quant_scratch.Reset();
   final_norm.Reset();
   inv_freq.Reset();
   k_cache.Reset();

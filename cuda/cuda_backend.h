@@ -33,7 +33,7 @@ class CudaBackend : public engine::Backend {
   CudaBackend& operator=(const CudaBackend&) = delete;
 
   std::string name() const override { return "cuda"; }
-  std::string compute_dtype() const override { return "bfloat16"; }
+  std::string compute_dtype() const override;  // "bfloat16", "int8" or "q4"
   absl::Status Load(const engine::ModelConfig& config, const engine::WeightSource& weights,
                     const engine::Shard& shard) override;
   absl::Status Forward(const engine::BatchPlan& plan, engine::ForwardOutput* out) override;

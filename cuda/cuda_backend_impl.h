@@ -27,6 +27,7 @@
 #include "cuda/attention_body.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/cuda_options.h"
+#include "cuda/cuda_quant.h"
 #include "cuda/cuda_util.h"
 #include "cuda/kernels.h"
 #include "cuda/nccl_communicator.h"
@@ -66,6 +67,7 @@ struct CudaBackend::Impl {
   struct Layer {
     DeviceArray<float> attn_norm, mlp_norm, bqkv, q_norm, k_norm;
     DeviceArray<bf16> wqkv, wo, wgate_up, wdown;
+    DeviceQuant wqkv_q, wo_q, wgate_up_q, wdown_q;  // --cuda_dtype=int8|q4 (then no bf16)
   };
   // Activations of a step's T tokens ([T, ...] each).
   struct Activations {
@@ -129,6 +131,11 @@ struct CudaBackend::Impl {
   DeviceArray<bf16> embed, lm_head;  // [vocab_pad, H]; lm_head empty when tied
   DeviceArray<float> final_norm, inv_freq;
   std::vector<Layer> layers;
+  // Quantized projections (cuda/cuda_quant.cc): the format, the untied LM head, and the
+  // bf16 scratch of prefill steps (the largest layer matrix).
+  engine::WeightQuant quant = engine::WeightQuant::kNone;
+  DeviceQuant lm_head_q;
+  DeviceArray<bf16> quant_scratch;
 
   // ---- KV pool. ----
   KvPoolInfo kv_info;
@@ -184,6 +191,20 @@ struct CudaBackend::Impl {
                          std::vector<float>& buf);
   absl::Status FillRandom(uint64_t seed, float scale);
   int64_t WeightBytes() const;
+
+  // ---- Quantized projections (cuda_quant.cc). ----
+  absl::Status ChooseQuant();  // quant from --cuda_dtype and the checkpoint
+  bool QuantHead() const;      // the LM head is quantized (untied, quant on)
+  absl::Status AllocateQuantScratch();
+  absl::Status ReadQuantWeights(const WeightSource& w);
+  absl::Status FillQuantRandom(uint64_t seed, float scale);
+  int64_t QuantWeightBytes() const;
+  // y[T, out] = x[T, in] * W^T: the bf16 GEMM, or the quantized one when wq is set.
+  absl::Status Project(const bf16* x, int32_t T, int32_t in, const DeviceArray<bf16>& w,
+                       const DeviceQuant& wq, int32_t out, float* y);
+  // [rows, vocab_pad] logits of the rank's vocabulary (lm_head, embed when tied, or
+  // lm_head_q).
+  absl::Status LmHead(const bf16* x, int32_t rows, float* y);
 
   // ---- KV pool (cuda_kv_pool.cc): sized, allocated and zeroed; then `loaded`. ----
   absl::Status Finish();

@@ -41,7 +41,7 @@ absl::Status CudaBackend::Impl::EnqueueLayers(const Activations& a, const StepIn
       SP_CUDA_RETURN_IF_ERROR(
           LaunchAddRmsNorm(a.x.get(), nullptr, L.attn_norm.get(), T, H, eps, a.h.get(), stream));
     }
-    SP_RETURN_IF_ERROR(GemmBf16(cublas, a.h.get(), T, H, L.wqkv.get(), qkv_w, a.qkv.get()));
+    SP_RETURN_IF_ERROR(Project(a.h.get(), T, H, L.wqkv, L.wqkv_q, qkv_w, a.qkv.get()));
     bf16* kl = k_cache.get() + static_cast<size_t>(l) * layer_elems;
     bf16* vl = v_cache.get() + static_cast<size_t>(l) * layer_elems;
     SP_CUDA_RETURN_IF_ERROR(LaunchQkvPost(
@@ -49,13 +49,13 @@ absl::Status CudaBackend::Impl::EnqueueLayers(const Activations& a, const StepIn
         L.q_norm.empty() ? nullptr : L.q_norm.get(), L.k_norm.empty() ? nullptr : L.k_norm.get(),
         in.pos, inv_freq.get(), in.slots, T, q_heads, kv_heads, D, eps, a.q.get(), kl, vl, stream));
     SP_RETURN_IF_ERROR(EnqueueAttention(a, in, kl, vl));
-    SP_RETURN_IF_ERROR(GemmBf16(cublas, a.attn.get(), T, qd, L.wo.get(), H, a.proj.get()));
+    SP_RETURN_IF_ERROR(Project(a.attn.get(), T, qd, L.wo, L.wo_q, H, a.proj.get()));
     SP_RETURN_IF_ERROR(AllReduce(a.proj.get(), rows_h));
     SP_CUDA_RETURN_IF_ERROR(
         LaunchAddRmsNorm(a.x.get(), a.proj.get(), L.mlp_norm.get(), T, H, eps, a.h.get(), stream));
-    SP_RETURN_IF_ERROR(GemmBf16(cublas, a.h.get(), T, H, L.wgate_up.get(), 2 * inter, a.gu.get()));
+    SP_RETURN_IF_ERROR(Project(a.h.get(), T, H, L.wgate_up, L.wgate_up_q, 2 * inter, a.gu.get()));
     SP_CUDA_RETURN_IF_ERROR(LaunchSwiGlu(a.gu.get(), T, inter, a.act.get(), stream));
-    SP_RETURN_IF_ERROR(GemmBf16(cublas, a.act.get(), T, inter, L.wdown.get(), H, a.proj.get()));
+    SP_RETURN_IF_ERROR(Project(a.act.get(), T, inter, L.wdown, L.wdown_q, H, a.proj.get()));
     SP_RETURN_IF_ERROR(AllReduce(a.proj.get(), rows_h));
     // Residual add fused with the next norm (the final norm after the last layer).
     const float* next_norm =
@@ -241,12 +241,11 @@ absl::Status CudaBackend::Impl::EnqueueLogitsChunks(const BatchPlan& plan, const
   SP_RETURN_IF_ERROR(BeginLogits(plan, std::move(local_row), out));
   std::vector<int32_t> lp_begin(chunks + 1, 0);
   if (NL > 0) SP_RETURN_IF_ERROR(UploadLogprobMeta(sm, C, chunks, &lp_begin, lp_order));
-  const bf16* head = lm_head.empty() ? embed.get() : lm_head.get();
   const int32_t* d_rows = meta.get() + sm.off_rows;
   for (int32_t k = 0; k < chunks; ++k) {
     const int32_t r0 = k * C, Rc = std::min(C, R - r0);
     SP_CUDA_RETURN_IF_ERROR(LaunchGatherRows(eager.h.get(), d_rows + r0, Rc, H, hn.get(), stream));
-    SP_RETURN_IF_ERROR(GemmBf16(cublas, hn.get(), Rc, H, head, vocab_pad, local.get()));
+    SP_RETURN_IF_ERROR(LmHead(hn.get(), Rc, local.get()));
     absl::StatusOr<const float*> chunk_logits = ChunkLogits(Rc);
     if (!chunk_logits.ok()) return chunk_logits.status();
     const size_t i0 = std::min(nl, static_cast<size_t>(r0)),

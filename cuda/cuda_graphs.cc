@@ -62,8 +62,6 @@ absl::Status CudaBackend::Impl::CaptureGraph(int32_t B) {
   in.keys = gmeta.get() + l.off_keys;
   in.num_tiles = B;
   in.tile_tokens = 1;
-  const bf16* head = lm_head.empty() ? embed.get() : lm_head.get();
-  const int32_t H = config.hidden_size;
 
   size_t free0 = 0, free1 = 0, total = 0;
   SP_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free0, &total));
@@ -72,7 +70,7 @@ absl::Status CudaBackend::Impl::CaptureGraph(int32_t B) {
   // process may allocate meanwhile).
   SP_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
   absl::Status body = EnqueueLayers(gact, in, B);
-  if (body.ok()) body = GemmBf16(cublas, gact.h.get(), B, H, head, vocab_pad, glocal.get());
+  if (body.ok()) body = LmHead(gact.h.get(), B, glocal.get());
   cudaGraph_t graph = nullptr;
   const cudaError_t end = cudaStreamEndCapture(stream, &graph);  // always ends the capture
   if (!body.ok() || end != cudaSuccess) {

@@ -19,6 +19,7 @@ absl::Status CudaBackend::Impl::Setup(const ModelConfig& cfg, const Shard& sh) {
   loaded = false;
   SP_RETURN_IF_ERROR(SetupShard(cfg, sh));
   SP_RETURN_IF_ERROR(SetupDevice());
+  SP_RETURN_IF_ERROR(ChooseQuant());
   return SetupAttention();
 }
 
@@ -145,7 +146,7 @@ absl::Status CudaBackend::Impl::AllocateWeights() {
   SP_RETURN_IF_ERROR(embed.Allocate(static_cast<size_t>(vocab_pad) * H));
   SP_CUDA_RETURN_IF_ERROR(cudaMemset(embed.get(), 0, embed.size() * sizeof(bf16)));
   lm_head.Reset();
-  if (!config.tie_word_embeddings) {
+  if (!config.tie_word_embeddings && !QuantHead()) {
     SP_RETURN_IF_ERROR(lm_head.Allocate(static_cast<size_t>(vocab_pad) * H));
     SP_CUDA_RETURN_IF_ERROR(cudaMemset(lm_head.get(), 0, lm_head.size() * sizeof(bf16)));
   }
@@ -155,16 +156,18 @@ absl::Status CudaBackend::Impl::AllocateWeights() {
   for (Layer& L : layers) {
     SP_RETURN_IF_ERROR(L.attn_norm.Allocate(H));
     SP_RETURN_IF_ERROR(L.mlp_norm.Allocate(H));
-    SP_RETURN_IF_ERROR(L.wqkv.Allocate(qkv_rows * H));
     if (config.attention_bias) SP_RETURN_IF_ERROR(L.bqkv.Allocate(qkv_rows));
     if (config.qk_norm) {
       SP_RETURN_IF_ERROR(L.q_norm.Allocate(D));
       SP_RETURN_IF_ERROR(L.k_norm.Allocate(D));
     }
+    if (quant != engine::WeightQuant::kNone) continue;  // cuda_quant.cc's DeviceQuant
+    SP_RETURN_IF_ERROR(L.wqkv.Allocate(qkv_rows * H));
     SP_RETURN_IF_ERROR(L.wo.Allocate(static_cast<size_t>(H) * q_heads * D));
     SP_RETURN_IF_ERROR(L.wgate_up.Allocate(static_cast<size_t>(2) * inter * H));
     SP_RETURN_IF_ERROR(L.wdown.Allocate(static_cast<size_t>(H) * inter));
   }
+  SP_RETURN_IF_ERROR(AllocateQuantScratch());
   SP_RETURN_IF_ERROR(UploadF32(engine::RopeInvFreq(config), &inv_freq));
   // The memsets and copies above ran on the legacy default stream (asynchronously for
   // device memory); later work runs on `stream`, which does not wait for it.
@@ -182,7 +185,7 @@ absl::Status CudaBackend::Impl::ReadWeights(const WeightSource& weights) {
   std::vector<float> buf(static_cast<size_t>(vocab_local) * H);
   SP_RETURN_IF_ERROR(reader->Embedding(buf.data()));
   SP_RETURN_IF_ERROR(UploadBf16(buf.data(), buf.size(), embed.get()));
-  if (!config.tie_word_embeddings) {
+  if (!lm_head.empty()) {
     SP_RETURN_IF_ERROR(reader->LmHead(buf.data()));
     SP_RETURN_IF_ERROR(UploadBf16(buf.data(), buf.size(), lm_head.get()));
   }
@@ -190,6 +193,7 @@ absl::Status CudaBackend::Impl::ReadWeights(const WeightSource& weights) {
   SP_RETURN_IF_ERROR(reader->FinalNorm(norm.data()));
   SP_RETURN_IF_ERROR(UploadF32(norm, &final_norm));
   for (int32_t l = 0; l < config.num_layers; ++l) SP_RETURN_IF_ERROR(ReadLayer(*reader, l, buf));
+  if (quant != engine::WeightQuant::kNone) SP_RETURN_IF_ERROR(ReadQuantWeights(weights));
   // Pageable cudaMemcpy may return before its DMA is done: finish before `stream` work.
   SP_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
   return absl::OkStatus();
@@ -209,6 +213,7 @@ absl::Status CudaBackend::Impl::ReadLayer(const engine::ShardedWeightReader& rea
   // A matrix of n values, uploaded as bf16 to dst.
   auto mat = [&](absl::Status (engine::ShardedWeightReader::*read)(int32_t, float*) const,
                  const DeviceArray<bf16>& dst) -> absl::Status {
+    if (dst.empty()) return absl::OkStatus();  // quantized (ReadQuantWeights)
     buf.resize(dst.size());
     SP_RETURN_IF_ERROR((reader.*read)(l, buf.data()));
     return UploadBf16(buf.data(), buf.size(), dst.get());
@@ -232,6 +237,7 @@ absl::Status CudaBackend::Impl::ReadLayer(const engine::ShardedWeightReader& rea
 absl::Status CudaBackend::Impl::FillRandom(uint64_t seed, float scale) {
   uint64_t n = 0;
   auto rnd = [&](DeviceArray<bf16>& a) -> absl::Status {
+    if (a.empty()) return absl::OkStatus();  // quantized (FillQuantRandom)
     SP_CUDA_RETURN_IF_ERROR(LaunchFillRandom(a.get(), static_cast<int64_t>(a.size()),
                                              seed * 1000003 + ++n, scale, stream));
     return absl::OkStatus();
@@ -241,7 +247,8 @@ absl::Status CudaBackend::Impl::FillRandom(uint64_t seed, float scale) {
     return absl::OkStatus();
   };
   SP_RETURN_IF_ERROR(rnd(embed));
-  if (!lm_head.empty()) SP_RETURN_IF_ERROR(rnd(lm_head));
+  SP_RETURN_IF_ERROR(rnd(lm_head));
+  SP_RETURN_IF_ERROR(FillQuantRandom(seed, scale));
   SP_RETURN_IF_ERROR(one(final_norm));
   for (Layer& L : layers) {
     SP_RETURN_IF_ERROR(one(L.attn_norm));
@@ -262,7 +269,7 @@ absl::Status CudaBackend::Impl::FillRandom(uint64_t seed, float scale) {
 }
 
 int64_t CudaBackend::Impl::WeightBytes() const {
-  int64_t n = static_cast<int64_t>(embed.size() + lm_head.size()) * 2 +
+  int64_t n = QuantWeightBytes() + static_cast<int64_t>(embed.size() + lm_head.size()) * 2 +
               static_cast<int64_t>(final_norm.size()) * 4;
   for (const Layer& L : layers) {
     n += static_cast<int64_t>(L.wqkv.size() + L.wo.size() + L.wgate_up.size() + L.wdown.size()) * 2;
