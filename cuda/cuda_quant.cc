@@ -165,6 +165,7 @@ absl::StatusOr<WeightQuant> ChooseCudaQuant(CudaDType dtype, WeightQuant stored)
 
 absl::Status CudaBackend::Impl::ChooseQuant() {
   SP_ASSIGN_OR_RETURN(quant, ChooseCudaQuant(cuda_options.dtype, config.quantization));
+  if (quant != WeightQuant::kNone) SP_CUDA_RETURN_IF_ERROR(LoadQuantKernels());
   if (shard.rank == 0) {
     spdlog::info(
         "CUDA weights: projections {}{}",
@@ -179,8 +180,9 @@ bool CudaBackend::Impl::QuantHead() const {
 }
 
 // The largest layer matrix, the prefill path's bf16 scratch (the LM head goes through
-// it in chunks of rows).
+// it in chunks of rows). A previous load's quantized head goes.
 absl::Status CudaBackend::Impl::AllocateQuantScratch() {
+  lm_head_q = DeviceQuant{};
   quant_scratch.Reset();
   if (quant == WeightQuant::kNone) return absl::OkStatus();
   const size_t H = config.hidden_size, D = config.head_dim;

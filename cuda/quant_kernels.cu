@@ -96,4 +96,19 @@ cudaError_t LaunchQuantFillRandom(uint8_t* codes, int64_t n, uint64_t seed, cuda
   return cudaGetLastError();
 }
 
+cudaError_t LoadQuantKernels() {
+  const void* kernels[] = {reinterpret_cast<const void*>(QuantGemvKernel<1>),
+                           reinterpret_cast<const void*>(QuantGemvKernel<4>),
+                           reinterpret_cast<const void*>(QuantGemvKernel<8>),
+                           reinterpret_cast<const void*>(QuantGemvKernel<kQuantStreamMaxT>),
+                           reinterpret_cast<const void*>(QuantDequantKernel),
+                           reinterpret_cast<const void*>(QuantFillKernel)};
+  for (const void* k : kernels) {
+    cudaFuncAttributes attr;
+    const cudaError_t e = cudaFuncGetAttributes(&attr, k);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
 }  // namespace superpose::cuda

@@ -31,4 +31,8 @@ cudaError_t LaunchQuantDequantBf16(const QuantView& w, int32_t r0, int32_t r1, _
 // never the int8 code -128).
 cudaError_t LaunchQuantFillRandom(uint8_t* codes, int64_t n, uint64_t seed, cudaStream_t stream);
 
+// Loads this file's kernels on the current device now (as LoadKernels, cuda/kernels.h:
+// not in the middle of a step under lazy module loading).
+cudaError_t LoadQuantKernels();
+
 }  // namespace superpose::cuda
