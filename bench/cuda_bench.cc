@@ -37,6 +37,9 @@ ABSL_FLAG(bool, split_decode, true,
           "Split-K decode attention for small batches (CudaOptions::split_decode)");
 ABSL_FLAG(std::string, attention, "auto",
           "Prefill attention kernel: auto | simt | tensor_core (CudaOptions::attention)");
+ABSL_FLAG(std::string, dtype, "bf16",
+          "Projection weights: bf16 | int8 | q4 (random codes kept quantized, the "
+          "dequantizing kernels; CudaOptions::dtype)");
 
 namespace {
 
@@ -173,17 +176,21 @@ int main(int argc, char** argv) {
   opts.kv_num_blocks = std::max(max_b * blocks_per_seq, pf_blocks) + 1;
   absl::StatusOr<cuda::CudaOptions> copts = cuda::ParseCudaOptions(
       {{"cuda_attention", absl::GetFlag(FLAGS_attention)},
-       {"cuda_split_decode", absl::GetFlag(FLAGS_split_decode) ? "true" : "false"}});
-  CheckOk(copts.status(), "--attention/--split_decode");
+       {"cuda_split_decode", absl::GetFlag(FLAGS_split_decode) ? "true" : "false"},
+       {"cuda_dtype", absl::GetFlag(FLAGS_dtype)}});
+  CheckOk(copts.status(), "--attention/--split_decode/--dtype");
   cuda::CudaBackend backend(opts, *copts, 0);
   const double t0 = NowS();
   CheckOk(backend.LoadRandom(cfg, engine::Shard{}, 42), "load");
-  const int64_t wbytes = cfg.WeightBytes(engine::DType::kBF16);
+  // Quantized: the bytes the backend holds (codes, scales, tables, bf16 embedding).
+  const std::string dtype = backend.compute_dtype();
+  const int64_t wbytes =
+      dtype == "bfloat16" ? cfg.WeightBytes(engine::DType::kBF16) : backend.weight_bytes();
   std::printf(
-      "model %s: %.2f B params, %.2f GB bf16 weights read per step, init %.1f s, "
+      "model %s: %.2f B params, %.2f GB %s weights read per step, init %.1f s, "
       "KV pool %d blocks, attention tile %d tokens\n",
-      shape.c_str(), cfg.NumParameters() / 1e9, wbytes / 1e9, NowS() - t0, backend.kv().num_blocks,
-      backend.attention_tile_tokens());
+      shape.c_str(), cfg.NumParameters() / 1e9, wbytes / 1e9, dtype.c_str(), NowS() - t0,
+      backend.kv().num_blocks, backend.attention_tile_tokens());
 
   struct Row {
     int32_t batch;
@@ -285,8 +292,8 @@ int main(int argc, char** argv) {
   const double pf_tok_s = pf_seqs * pf_tokens / best;
   const double pf_ceiling = gemm / (2.0 * matrix_params);
 
-  std::printf("\n## cuda_bench summary (%s, %s, attention %s, split decode %s)\n\n", shape.c_str(),
-              prop.name, absl::GetFlag(FLAGS_attention).c_str(),
+  std::printf("\n## cuda_bench summary (%s, %s weights, %s, attention %s, split decode %s)\n\n",
+              shape.c_str(), dtype.c_str(), prop.name, absl::GetFlag(FLAGS_attention).c_str(),
               copts->split_decode ? "on" : "off");
   std::printf("device copy bandwidth %.0f GB/s (read + written); cuBLAS bf16 GEMM %.0f TFLOP/s\n\n",
               bw / 1e9, gemm / 1e12);

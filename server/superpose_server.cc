@@ -70,6 +70,10 @@ ABSL_FLAG(bool, cuda_graphs, true,
 ABSL_FLAG(std::string, cuda_attention, "auto",
           "CUDA: attention of prefill steps: auto (tensor cores when head_dim is a multiple "
           "of 16 up to 128, else simt), simt (float32 kernel) or tensor_core");
+ABSL_FLAG(std::string, cuda_dtype, "auto",
+          "CUDA: projection weights in GPU memory: auto (a quantized checkpoint's int8/q4, "
+          "else bf16) | bf16 | int8 | q4 (kept quantized, dequantizing GEMM kernels; a float "
+          "checkpoint is quantized at load)");
 ABSL_FLAG(std::string, cpu_dtype, "auto",
           "CPU backend weight type: auto (a quantized checkpoint's int8/q4; bfloat16 for bf16 "
           "checkpoints, on every CPU; else float32) | float32 | bfloat16 | int8 | q4 (int8 "
@@ -189,7 +193,8 @@ engine::BackendFlags GivenBackendFlags() {
                                          &absl::GetFlagReflectionHandle(FLAGS_cuda_split_decode),
                                          &absl::GetFlagReflectionHandle(FLAGS_cuda_row_sampling),
                                          &absl::GetFlagReflectionHandle(FLAGS_cuda_graphs),
-                                         &absl::GetFlagReflectionHandle(FLAGS_cuda_attention)}) {
+                                         &absl::GetFlagReflectionHandle(FLAGS_cuda_attention),
+                                         &absl::GetFlagReflectionHandle(FLAGS_cuda_dtype)}) {
     const std::string value = f->CurrentValue();
     if (value != f->DefaultValue()) flags[std::string(f->Name())] = value;
   }
