@@ -22,6 +22,14 @@ constexpr int32_t kQuantInt8 = 1;    // engine::WeightQuant::kInt8
 constexpr int32_t kQuantQ4 = 2;      // engine::WeightQuant::kQ4
 constexpr int32_t kQuantGroup = 16;  // engine::kQ4GroupSize
 constexpr int kQuantWarp = 32;       // lanes of one warp
+// Loops over a register array (kMaxT) unrolled on the device, so that it stays in
+// registers.
+#if defined(__CUDA_ARCH__)
+#define SP_QUANT_UNROLL _Pragma("unroll")
+#else
+#define SP_QUANT_UNROLL
+#endif
+
 // Tokens a streaming call (a decode step) holds in registers: up to this many rows of
 // activations share one pass over the weights.
 constexpr int32_t kQuantStreamMaxT = 16;
@@ -109,9 +117,7 @@ SP_ATTN_FN uint16_t QuantDequantBf16(const QuantView& w, int32_t r, int32_t c) {
 template <int kMaxT>
 SP_ATTN_FN void QuantAccumulate(float (&acc)[kMaxT], float wv, const uint16_t* x, int64_t ldx,
                                 int32_t nt, int32_t c) {
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
+  SP_QUANT_UNROLL
   for (int t = 0; t < kMaxT; ++t) {
     if (t < nt) acc[t] += wv * QuantBf16ToFloat(x[t * ldx + c]);
   }
@@ -142,8 +148,9 @@ SP_ATTN_FN void QuantLanePartial(const QuantView& w, int32_t r, const uint16_t* 
     const int32_t c0 = g * kQuantGroup;
     for (int32_t j = 0; j < kQuantGroup / 2; ++j) {
       const uint8_t byte = b[j];
-      if (c0 + j < w.in)
+      if (c0 + j < w.in) {
         QuantAccumulate(acc, QuantHalfToFloat(lut[byte & 15u]), x, ldx, nt, c0 + j);
+      }
       if (c0 + 8 + j < w.in) {
         QuantAccumulate(acc, QuantHalfToFloat(lut[byte >> 4]), x, ldx, nt, c0 + 8 + j);
       }
@@ -159,11 +166,14 @@ template <int kMaxT, class Warp>
 SP_ATTN_FN void QuantGemvWarp(Warp& wp, const QuantView& w, const uint16_t* x, int32_t t0,
                               int32_t nt, int32_t r, float* y) {
   float acc[kMaxT];
+  SP_QUANT_UNROLL
   for (int t = 0; t < kMaxT; ++t) acc[t] = 0.0f;
   QuantLanePartial<kMaxT>(w, r, x + static_cast<int64_t>(t0) * w.in, nt, wp.lane(), acc);
   wp.sum(acc);
-  if (wp.lane() == 0) {
-    for (int32_t t = 0; t < nt; ++t) y[static_cast<int64_t>(t0 + t) * w.out + r] = acc[t];
+  if (wp.lane() != 0) return;
+  SP_QUANT_UNROLL
+  for (int t = 0; t < kMaxT; ++t) {
+    if (t < nt) y[static_cast<int64_t>(t0 + t) * w.out + r] = acc[t];
   }
 }
 
