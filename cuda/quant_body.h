@@ -38,7 +38,10 @@ constexpr int32_t kQuantStreamMaxT = 16;
 struct QuantView {
   int32_t kind = 0;  // kQuantInt8 or kQuantQ4
   int32_t out = 0, in = 0;
-  int32_t groups = 0;                // q4: ceil(in / 16)
+  int32_t groups = 0;  // q4: ceil(in / 16)
+  // Wide loads (QuantVectorizable): int8 4 codes and 4 activations at once, q4 a group's
+  // 8 code bytes and 2 x 8 activations: the same products summed in the same order.
+  int32_t vec = 0;
   int64_t row_bytes = 0;             // int8: in; q4: groups * 8
   const uint8_t* codes = nullptr;    // [out, row_bytes]
   const float* scales = nullptr;     // int8: [out]
@@ -89,6 +92,60 @@ SP_ATTN_FN float QuantHalfToFloat(uint16_t h) {
   return QuantBitsToFloat(sign | ((exp + 112u) << 23) | (mant << 13));
 }
 
+// Wide loads: n bytes at p, n-aligned on the device; words little-endian.
+struct QuantWords2 {
+  uint32_t w[2];
+};
+struct QuantWords4 {
+  uint32_t w[4];
+};
+
+SP_ATTN_FN uint32_t QuantLoad4(const void* p) {
+#if defined(__CUDA_ARCH__)
+  return *static_cast<const uint32_t*>(p);
+#else
+  uint32_t v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+#endif
+}
+
+SP_ATTN_FN QuantWords2 QuantLoad8(const void* p) {
+#if defined(__CUDA_ARCH__)
+  const uint2 u = *static_cast<const uint2*>(p);
+  return QuantWords2{{u.x, u.y}};
+#else
+  QuantWords2 v;
+  memcpy(v.w, p, sizeof(v.w));
+  return v;
+#endif
+}
+
+SP_ATTN_FN QuantWords4 QuantLoad16(const void* p) {
+#if defined(__CUDA_ARCH__)
+  const uint4 u = *static_cast<const uint4*>(p);
+  return QuantWords4{{u.x, u.y, u.z, u.w}};
+#else
+  QuantWords4 v;
+  memcpy(v.w, p, sizeof(v.w));
+  return v;
+#endif
+}
+
+// Element j (0 or 1) of a word of two bf16 values, as float.
+SP_ATTN_FN float QuantBf16Of(uint32_t word, int j) {
+  return QuantBitsToFloat(j == 0 ? word << 16 : word & 0xFFFF0000u);
+}
+
+// Whether the wide loads are aligned for W and activations at x: int8 rows of a
+// multiple of 4 columns, q4 rows of whole groups (a multiple of 16 columns), x aligned
+// to 4 resp. 8 activations (and so every token's row of x).
+SP_ATTN_HD inline bool QuantVectorizable(const QuantView& w, const void* x) {
+  const uintptr_t xa = reinterpret_cast<uintptr_t>(x), ca = reinterpret_cast<uintptr_t>(w.codes);
+  if (w.kind == kQuantInt8) return w.in % 4 == 0 && xa % 8 == 0 && ca % 4 == 0;
+  return w.in % kQuantGroup == 0 && xa % 16 == 0 && ca % 8 == 0;
+}
+
 // The q4 table entry of row r, column c, index idx.
 SP_ATTN_FN float Q4Entry(const QuantView& w, int32_t r, int32_t c, uint32_t idx) {
   const int64_t set = w.lut_set[r];
@@ -123,6 +180,55 @@ SP_ATTN_FN void QuantAccumulate(float (&acc)[kMaxT], float wv, const uint16_t* x
   }
 }
 
+// QuantLanePartial's int8 columns c0 .. c0 + 3 with wide loads (w.vec).
+template <int kMaxT>
+SP_ATTN_FN void QuantInt8Wide(const uint8_t* row, float scale, const uint16_t* x, int64_t ldx,
+                              int32_t nt, int32_t c0, float (&acc)[kMaxT]) {
+  const uint32_t codes = QuantLoad4(row + c0);
+  float wv[4];
+  SP_QUANT_UNROLL
+  for (int k = 0; k < 4; ++k) {
+    wv[k] = static_cast<float>(static_cast<int8_t>((codes >> (8 * k)) & 0xFFu)) * scale;
+  }
+  SP_QUANT_UNROLL
+  for (int t = 0; t < kMaxT; ++t) {
+    if (t >= nt) continue;
+    const QuantWords2 xv = QuantLoad8(x + t * ldx + c0);
+    float a = acc[t];
+    SP_QUANT_UNROLL
+    for (int k = 0; k < 4; ++k) a += wv[k] * QuantBf16Of(xv.w[k / 2], k % 2);
+    acc[t] = a;
+  }
+}
+
+// QuantLanePartial's q4 group of 16 columns at c0 with wide loads (w.vec): the same
+// order of sums (column c0 + j, then c0 + 8 + j, for j = 0 .. 7).
+template <int kMaxT>
+SP_ATTN_FN void QuantQ4Wide(const uint8_t* b, const uint16_t* lut, const uint16_t* x, int64_t ldx,
+                            int32_t nt, int32_t c0, float (&acc)[kMaxT]) {
+  const QuantWords2 codes = QuantLoad8(b);
+  float lo[8], hi[8];
+  SP_QUANT_UNROLL
+  for (int j = 0; j < 8; ++j) {
+    const uint32_t byte = (codes.w[j / 4] >> (8 * (j % 4))) & 0xFFu;
+    lo[j] = QuantHalfToFloat(lut[byte & 15u]);
+    hi[j] = QuantHalfToFloat(lut[byte >> 4]);
+  }
+  SP_QUANT_UNROLL
+  for (int t = 0; t < kMaxT; ++t) {
+    if (t >= nt) continue;
+    const QuantWords4 xl = QuantLoad16(x + t * ldx + c0);
+    const QuantWords4 xh = QuantLoad16(x + t * ldx + c0 + 8);
+    float a = acc[t];
+    SP_QUANT_UNROLL
+    for (int j = 0; j < 8; ++j) {
+      a += lo[j] * QuantBf16Of(xl.w[j / 2], j % 2);
+      a += hi[j] * QuantBf16Of(xh.w[j / 2], j % 2);
+    }
+    acc[t] = a;
+  }
+}
+
 // A lane's share of row r: int8 columns 4 * lane + 128 k .. + 3 (the warp reads 128
 // consecutive code bytes per pass); q4 groups lane + 32 k (8 bytes each: 256 per pass).
 template <int kMaxT>
@@ -133,6 +239,10 @@ SP_ATTN_FN void QuantLanePartial(const QuantView& w, int32_t r, const uint16_t* 
   if (w.kind == kQuantInt8) {
     const float scale = w.scales[r];
     for (int32_t c0 = 4 * lane; c0 < w.in; c0 += 4 * kQuantWarp) {
+      if (w.vec) {
+        QuantInt8Wide(row, scale, x, ldx, nt, c0, acc);
+        continue;
+      }
       const int32_t n = w.in - c0 < 4 ? w.in - c0 : 4;
       for (int32_t k = 0; k < n; ++k) {
         const float wv = static_cast<float>(static_cast<int8_t>(row[c0 + k])) * scale;
@@ -146,6 +256,10 @@ SP_ATTN_FN void QuantLanePartial(const QuantView& w, int32_t r, const uint16_t* 
     const uint8_t* b = row + g * (kQuantGroup / 2);
     const uint16_t* lut = tab + g * kQuantGroup;
     const int32_t c0 = g * kQuantGroup;
+    if (w.vec) {
+      QuantQ4Wide(b, lut, x, ldx, nt, c0, acc);
+      continue;
+    }
     for (int32_t j = 0; j < kQuantGroup / 2; ++j) {
       const uint8_t byte = b[j];
       if (c0 + j < w.in) {

@@ -75,10 +75,12 @@ cudaError_t LaunchQuantGemv(const QuantView& w, const __nv_bfloat16* x, int32_t 
                             cudaStream_t stream) {
   if (T <= 0 || w.out <= 0) return cudaSuccess;
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(x);
-  if (T == 1) return LaunchGemv<1>(w, xb, T, y, stream);
-  if (T <= 4) return LaunchGemv<4>(w, xb, T, y, stream);
-  if (T <= 8) return LaunchGemv<8>(w, xb, T, y, stream);
-  return LaunchGemv<kQuantStreamMaxT>(w, xb, T, y, stream);
+  QuantView v = w;
+  v.vec = QuantVectorizable(w, x) ? 1 : 0;
+  if (T == 1) return LaunchGemv<1>(v, xb, T, y, stream);
+  if (T <= 4) return LaunchGemv<4>(v, xb, T, y, stream);
+  if (T <= 8) return LaunchGemv<8>(v, xb, T, y, stream);
+  return LaunchGemv<kQuantStreamMaxT>(v, xb, T, y, stream);
 }
 
 cudaError_t LaunchQuantDequantBf16(const QuantView& w, int32_t r0, int32_t r1, __nv_bfloat16* out,

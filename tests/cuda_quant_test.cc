@@ -165,7 +165,10 @@ TEST_F(CudaQuantTest, KernelsMatchTheCpuReference) {
     int32_t out, in, tensors;
   };
   for (WeightQuant kind : {WeightQuant::kInt8, WeightQuant::kQ4}) {
-    for (Shape sh : {Shape{9, 16, 1}, Shape{67, 100, 1}, Shape{256, 530, 1}, Shape{24, 45, 3}}) {
+    // Wide loads (cuda::QuantVectorizable): int8 at 16, 100 and 512 columns, q4 at 16 and
+    // 512; byte-wise at 530 and 45.
+    for (Shape sh : {Shape{9, 16, 1}, Shape{67, 100, 1}, Shape{256, 530, 1}, Shape{24, 45, 3},
+                     Shape{40, 512, 2}}) {
       const Matrix mat = RandomMatrix(kind, sh.out, sh.in, sh.tensors, 40 + sh.in);
       const int32_t out = mat.m.out, in = sh.in;
       for (int32_t T : {1, 3, 16, 17, 40}) {

@@ -8,7 +8,9 @@
 //    bf16 scratch (QuantDequantBf16) equals engine::F32ToBf16 of it;
 //  - a float64 reference y = sum_c W'[r, c] x[t, c] (x bf16): the streaming body's
 //    float32 sums (a lane's sequential sum of about cols / 32 products, then 5
-//    butterfly adds) are within (cols / 32 + 8) * 2^-24 * sum_c |W'[r, c] x[t, c]|;
+//    butterfly adds) are within (cols / 32 + 8) * 2^-24 * sum_c |W'[r, c] x[t, c]|,
+//    with byte-wise loads and, where the shape allows, the wide loads (which must give
+//    bitwise the same sums here);
 //  - the prefill path (bf16 W' then a float32 GEMM) within 2^-8 * sum |W' x| of it
 //    (one rounding of 2^-9 relative per weight, plus accumulation).
 // The GPU test (cuda_quant_test) runs the same bodies as kernels.
@@ -54,8 +56,13 @@ struct HostQuant {
   std::vector<uint16_t> lut;
   std::vector<float> dequant;  // [out, in], engine::DequantizeRows of the blocks
 
-  cuda::QuantView View() const {
+  // Wide loads where the shape allows them (the host's loads are memcpy: any alignment).
+  bool CanVectorize() const {
+    return m.kind == WeightQuant::kInt8 ? m.in % 4 == 0 : m.in % engine::kQ4GroupSize == 0;
+  }
+  cuda::QuantView View(bool vec = false) const {
     cuda::QuantView v;
+    v.vec = vec ? 1 : 0;
     v.kind = m.kind == WeightQuant::kInt8 ? cuda::kQuantInt8 : cuda::kQuantQ4;
     v.out = m.out;
     v.in = m.in;
@@ -177,10 +184,14 @@ void CheckAllPaths(const HostQuant& q, const std::string& what) {
   for (int32_t T : {1, 3, 17}) {
     const std::vector<uint16_t> x = Activations(T, q.m.in, 100 + T);
     const std::string w = what + " T=" + std::to_string(T);
+    const std::vector<float> y16 = EmulateGemv<cuda::kQuantStreamMaxT>(q.View(), x, T);
     CheckAgainstReference(q, x, T, EmulateGemv<1>(q.View(), x, T), tol, w + " tile 1");
     CheckAgainstReference(q, x, T, EmulateGemv<4>(q.View(), x, T), tol, w + " tile 4");
-    CheckAgainstReference(q, x, T, EmulateGemv<cuda::kQuantStreamMaxT>(q.View(), x, T), tol,
-                          w + " tile 16");
+    CheckAgainstReference(q, x, T, y16, tol, w + " tile 16");
+    if (q.CanVectorize()) {  // wide loads: the same sums in the same order, bitwise
+      EXPECT_EQ(EmulateGemv<cuda::kQuantStreamMaxT>(q.View(true), x, T), y16) << w << " wide";
+      CheckAgainstReference(q, x, T, EmulateGemv<1>(q.View(true), x, T), tol, w + " wide tile 1");
+    }
     CheckAgainstReference(q, x, T, PrefillPath(q, x, T), std::ldexp(1.0, -8), w + " prefill");
   }
 }
@@ -191,7 +202,8 @@ TEST_P(QuantEmulationTest, WholeMatricesOfSeveralShapes) {
   const WeightQuant kind = GetParam();
   // cols: one group, not a multiple of 16 (one short group, several groups and a short
   // last one), more columns than a warp's pass (128 int8 bytes, 32 q4 groups = 512).
-  const int32_t shapes[][2] = {{5, 16}, {3, 7}, {7, 100}, {33, 45}, {9, 530}};
+  // Wide loads: int8 at 16, 100, 528 columns; q4 at 16 and 528 (33 groups: lanes wrap).
+  const int32_t shapes[][2] = {{5, 16}, {3, 7}, {7, 100}, {33, 45}, {9, 530}, {6, 528}};
   uint32_t seed = 1;
   for (const auto& s : shapes) {
     HostQuant q;
