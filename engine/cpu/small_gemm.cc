@@ -18,6 +18,8 @@
 #include <new>
 #include <utility>
 
+#include <unistd.h>
+
 #include "engine/cpu/small_gemm.h"
 
 namespace superpose::engine::cpu {
@@ -396,8 +398,20 @@ void StreamingGemm(const Kernel& k, const float* x, int32_t rows, int32_t in, co
   }
 }
 
+// The bytes of weight rows a thread keeps in L2 while its row blocks pass: a quarter of
+// the core's L2 (the row block and the next chunk's prefetch share it), within [128 KiB,
+// 512 KiB]: 512 KiB on Intel server cores (1-2 MiB of L2), 128 KiB on AMD Zen 2/3 and
+// Graviton 2 (512 KiB, or 1 MiB shared). Never changes a result (see BlockedGemm).
+int64_t WeightChunkBytes() {
+  static const int64_t bytes = [] {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return std::clamp<int64_t>(l2 > 0 ? l2 / 4 : (512 << 10), 128 << 10, 512 << 10);
+  }();
+  return bytes;
+}
+
 // Prefill-sized steps: the work is cut into (weight chunk, row block) items, a chunk of
-// weight rows (~512 KiB) staying in L2 while a thread runs its row blocks (~128 KiB of
+// weight rows (WeightChunkBytes) staying in L2 while a thread runs its row blocks (~128 KiB of
 // activations each) past it tile by tile. Activations and the chunk are first copied to
 // 64-byte aligned rows (unaligned loads split cache lines: a third slower). The same
 // tiles compute every output, so neither blocking nor copies change a result.
@@ -411,7 +425,7 @@ void BlockedGemm(const Kernel& k, const float* x, int32_t rows, int32_t in, cons
   const int32_t block_rows =
       static_cast<int32_t>(std::clamp<int64_t>((128 << 10) / row_bytes / kr * kr, kr, 256));
   const int32_t chunk_tiles =
-      static_cast<int32_t>(std::clamp<int64_t>((512 << 10) / row_bytes / kc, 1, tiles));
+      static_cast<int32_t>(std::clamp<int64_t>(WeightChunkBytes() / row_bytes / kc, 1, tiles));
   const int32_t chunks = (tiles + chunk_tiles - 1) / chunk_tiles;
   const int32_t blocks = (rows + block_rows - 1) / block_rows;
   thread_local AlignedBuffer x_buf;
