@@ -122,6 +122,8 @@ absl::Status CudaBackend::Impl::LoadAdapter(int64_t id, const engine::LoraAdapte
   s.kv_heads = kv_heads;
   s.kv_head_begin = kv_head_begin;
   s.inter = inter;
+  SP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  SP_CUDA_RETURN_IF_ERROR(LoadLoraKernels());
   absl::StatusOr<std::shared_ptr<const CudaLora>> dev =
       UploadLora(*engine::ShardLora(adapter, config, s), device);
   if (!dev.ok()) return dev.status();

@@ -2,6 +2,8 @@
 // site covering every segment of the step. Bodies in cuda/lora_body.h.
 #include <cuda_bf16.h>
 
+#include <initializer_list>
+
 #include "cuda/lora_body.h"
 #include "cuda/lora_kernels.h"
 
@@ -50,6 +52,15 @@ cudaError_t LaunchLoraSite(const int32_t* segs, int32_t num_segs, int32_t layer,
                     static_cast<unsigned>((max_out + kLoraThreads - 1) / kLoraThreads));
   LoraExpandKernel<<<expand, kLoraThreads, 0, stream>>>(segs, layer, site, u, y, y_width);
   return cudaGetLastError();
+}
+
+cudaError_t LoadLoraKernels() {
+  for (const void* k : {reinterpret_cast<const void*>(LoraShrinkKernel),
+                        reinterpret_cast<const void*>(LoraExpandKernel)}) {
+    cudaFuncAttributes attr;
+    if (const cudaError_t e = cudaFuncGetAttributes(&attr, k); e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
 }
 
 }  // namespace superpose::cuda

@@ -17,4 +17,8 @@ cudaError_t LaunchLoraSite(const int32_t* segs, int32_t num_segs, int32_t layer,
                            int32_t slots, const __nv_bfloat16* x, int32_t x_width, float* u,
                            float* y, int32_t y_width, int32_t max_out, cudaStream_t stream);
 
+// Loads the LoRA kernels on the current device now (with CUDA's lazy module loading
+// the first launch would otherwise load them, in the middle of a step).
+cudaError_t LoadLoraKernels();
+
 }  // namespace superpose::cuda
