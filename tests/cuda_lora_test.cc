@@ -11,10 +11,15 @@
 //                        included). The adapters move the CPU's logits by more than 3x
 //                        that bound, so a GPU that dropped them would fail.
 //   mixed batches        sequences with different adapters (and none) in one prefill
-//                        step and one decode step get the logits they get alone within
-//                        1e-3 * max|logit| (cuBLAS may pick another kernel for another
-//                        row count; the LoRA kernels' per-row sums do not depend on the
-//                        batch); decode steps with adapters run eagerly (no graph replay)
+//                        step and one decode step get the logits they get alone: every
+//                        logit within 0.02 * max|logit| of its row, the mean within
+//                        0.004 * max|logit|. The LoRA kernels' per-row sums do not
+//                        depend on the batch, but cuBLAS may pick another kernel for
+//                        another row count, and a last-bit change before a bf16
+//                        rounding of the activations moves that value by up to 2^-8.
+//                        A wrong adapter on a row moves its logits by more than 10x
+//                        that (checked); decode steps with adapters run eagerly (no
+//                        graph replay)
 //   refusals             an unloaded adapter is refused with FAILED_PRECONDITION and the
 //                        backend keeps serving; a second load of an id: ALREADY_EXISTS
 #include <gtest/gtest.h>
@@ -247,14 +252,18 @@ TEST_F(CudaLoraTest, MixedAdapterBatchEqualsEachSequenceAlone) {
     const size_t n = alone_prefill[i].size();
     const std::vector<float> got(mixed_prefill.begin() + row * V_,
                                  mixed_prefill.begin() + row * V_ + n);
-    ExpectClose(got, alone_prefill[i], V_, 1e-3f, 1e-3f, "prefill");
+    ExpectClose(got, alone_prefill[i], V_, 0.02f, 0.004f, "prefill");
     row += n / V_;
     const std::vector<float> dgot(mixed_decode.begin() + i * V_,
                                   mixed_decode.begin() + (i + 1) * V_);
-    ExpectClose(dgot, alone_decode[i], V_, 1e-3f, 1e-3f, "decode");
+    ExpectClose(dgot, alone_decode[i], V_, 0.02f, 0.004f, "decode");
   }
-  // The adapters make a difference here (else the test shows nothing).
-  EXPECT_GT(MaxRelDiff(alone_decode[0], alone_decode[1], V_), 0.05f);
+  // Sequence 0 with another adapter, and none: far outside that bound.
+  for (int64_t other : {0, 2}) {
+    Seq s = prefill[0];
+    s.adapter = other;
+    EXPECT_GT(MaxRelDiff(Logits(*gpu_, Plan({s}, bs_)), alone_prefill[0], V_), 0.2f) << other;
+  }
 }
 
 TEST_F(CudaLoraTest, UnloadedAdapterIsRefusedAndTheBackendKeepsServing) {
