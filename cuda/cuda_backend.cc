@@ -103,6 +103,7 @@ CudaBackend::Impl::~Impl() {
   samp_meta_host.Reset();
   samp_host.Reset();
   top_host.Reset();
+  lora.u.Reset();
   if (cublas != nullptr) cublasDestroy(cublas);
   cublas_workspace.Reset();
   if (stream != nullptr) cudaStreamDestroy(stream);
@@ -163,12 +164,15 @@ absl::Status CudaBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
     if (seq.lazy.active()) {
       return absl::UnimplementedError("the cuda backend does not run LazyLLM pruning (lazy) yet");
     }
-    if (seq.adapter != 0) {  // SupportsAdapters() is false: the engine refuses adapter_id
-      return absl::UnimplementedError("adapter_id: the cuda backend does not serve LoRA adapters");
-    }
   }
   return Guarded(*impl_, [&] { return impl_->Forward(plan, out); });
 }
+
+absl::Status CudaBackend::LoadAdapter(int64_t id, const engine::LoraAdapter& adapter) {
+  return Guarded(*impl_, [&] { return impl_->LoadAdapter(id, adapter); });
+}
+
+absl::Status CudaBackend::UnloadAdapter(int64_t id) { return impl_->lora.table.Unload(id); }
 
 absl::Status CudaBackend::Health() const { return impl_->Health(); }
 

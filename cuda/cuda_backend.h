@@ -45,6 +45,12 @@ class CudaBackend : public engine::Backend {
   // an uncorrectable ECC error: cuda/cuda_errors.h) made the device unusable for this
   // process; Load and Forward then fail at once. Thread-safe.
   absl::Status Health() const override;
+  // LoRA adapters: this rank's part in bf16 on the device (cuda/cuda_lora.h), applied
+  // by segmented kernels after each fused projection; steps with adapters run eagerly
+  // (no CUDA graph). Thread-safe against a running Forward.
+  bool SupportsAdapters() const override { return true; }
+  absl::Status LoadAdapter(int64_t id, const engine::LoraAdapter& adapter) override;
+  absl::Status UnloadAdapter(int64_t id) override;
   // Private mode's zeroing of freed blocks, and the tests' reader (cuda_kv_pool.cc).
   absl::Status ZeroKvBlocks(absl::Span<const engine::BlockId> blocks) override;
   absl::StatusOr<std::vector<uint8_t>> KvBlockBytes(engine::BlockId block) const override;

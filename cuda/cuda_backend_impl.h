@@ -9,6 +9,7 @@
 //                      log-probabilities
 //   cuda_graphs.cc     CUDA graphs of decode steps
 //   cuda_errors.cc     sticky-error classification and the backend's health
+//   cuda_lora.cc       LoRA adapters: upload, the step's segment table, the apply
 // Internal to cuda/: no other directory includes it.
 #pragma once
 
@@ -26,6 +27,7 @@
 #include "absl/synchronization/mutex.h"
 #include "cuda/attention_body.h"
 #include "cuda/cuda_backend.h"
+#include "cuda/cuda_lora.h"
 #include "cuda/cuda_options.h"
 #include "cuda/cuda_quant.h"
 #include "cuda/cuda_util.h"
@@ -91,6 +93,8 @@ struct CudaBackend::Impl {
     const AttnTile* tiles = nullptr;
     int32_t num_tiles = 0;
     int32_t tile_tokens = 1;
+    const int32_t* lora_segs = nullptr;  // cuda/lora_body.h; none in graphs
+    int32_t num_lora_segs = 0;
   };
   struct DecodeGraph {
     cudaGraphExec_t exec = nullptr;
@@ -170,6 +174,9 @@ struct CudaBackend::Impl {
   DeviceArray<int32_t> gmeta;  // the decode layout (cuda/step_meta.h)
   PinnedArray<int32_t> gmeta_host;
   int64_t graph_captures = 0, graph_replays = 0, graph_invalidations = 0;
+
+  // ---- LoRA adapters (cuda_lora.cc). ----
+  CudaLoraState lora;
 
   // ---- Health (cuda_errors.cc): the first sticky CUDA error, after which the context
   // is unusable (every later call fails) and the process must restart.
@@ -256,6 +263,17 @@ struct CudaBackend::Impl {
   int32_t DecodeSplits(int32_t num_tiles, int32_t tile_tokens) const;
   // Bounds what DecodeSplits asks for: blocks * splits < 2 * SMs + blocks < 3 * SMs.
   size_t SplitWorkspaceFloats() const;
+
+  // ---- LoRA adapters (cuda_lora.cc). ----
+  absl::Status LoadAdapter(int64_t id, const engine::LoraAdapter& adapter);
+  // Resolves the plan's adapters (held by the result until the step is done), appends
+  // the step's segment table to sm (off_lora, num_lora_segs) and reserves the scratch.
+  absl::StatusOr<std::vector<std::shared_ptr<const CudaLora>>> PrepareLora(const BatchPlan& plan,
+                                                                           StepMeta* sm);
+  // y [T, y_width] += the adapters' terms of `site` at `layer` for x [T, x_width] (the
+  // projection's input on this rank); nothing without segments.
+  absl::Status ApplyLora(const StepInputs& in, engine::LoraSite site, int32_t layer, const bf16* x,
+                         int32_t x_width, float* y, int32_t y_width);
 
   // ---- Logits rows to the host (cuda_logits.cc). ----
   // Compact logits rows: buffers for `compact` rows (before any step work is queued).

@@ -42,6 +42,7 @@ absl::Status CudaBackend::Impl::EnqueueLayers(const Activations& a, const StepIn
           LaunchAddRmsNorm(a.x.get(), nullptr, L.attn_norm.get(), T, H, eps, a.h.get(), stream));
     }
     SP_RETURN_IF_ERROR(Project(a.h.get(), T, H, L.wqkv, L.wqkv_q, qkv_w, a.qkv.get()));
+    SP_RETURN_IF_ERROR(ApplyLora(in, engine::LoraSite::kQkv, l, a.h.get(), H, a.qkv.get(), qkv_w));
     bf16* kl = k_cache.get() + static_cast<size_t>(l) * layer_elems;
     bf16* vl = v_cache.get() + static_cast<size_t>(l) * layer_elems;
     SP_CUDA_RETURN_IF_ERROR(LaunchQkvPost(
@@ -50,12 +51,17 @@ absl::Status CudaBackend::Impl::EnqueueLayers(const Activations& a, const StepIn
         in.pos, inv_freq.get(), in.slots, T, q_heads, kv_heads, D, eps, a.q.get(), kl, vl, stream));
     SP_RETURN_IF_ERROR(EnqueueAttention(a, in, kl, vl));
     SP_RETURN_IF_ERROR(Project(a.attn.get(), T, qd, L.wo, L.wo_q, H, a.proj.get()));
+    SP_RETURN_IF_ERROR(ApplyLora(in, engine::LoraSite::kO, l, a.attn.get(), qd, a.proj.get(), H));
     SP_RETURN_IF_ERROR(AllReduce(a.proj.get(), rows_h));
     SP_CUDA_RETURN_IF_ERROR(
         LaunchAddRmsNorm(a.x.get(), a.proj.get(), L.mlp_norm.get(), T, H, eps, a.h.get(), stream));
     SP_RETURN_IF_ERROR(Project(a.h.get(), T, H, L.wgate_up, L.wgate_up_q, 2 * inter, a.gu.get()));
+    SP_RETURN_IF_ERROR(
+        ApplyLora(in, engine::LoraSite::kGateUp, l, a.h.get(), H, a.gu.get(), 2 * inter));
     SP_CUDA_RETURN_IF_ERROR(LaunchSwiGlu(a.gu.get(), T, inter, a.act.get(), stream));
     SP_RETURN_IF_ERROR(Project(a.act.get(), T, inter, L.wdown, L.wdown_q, H, a.proj.get()));
+    SP_RETURN_IF_ERROR(
+        ApplyLora(in, engine::LoraSite::kDown, l, a.act.get(), inter, a.proj.get(), H));
     SP_RETURN_IF_ERROR(AllReduce(a.proj.get(), rows_h));
     // Residual add fused with the next norm (the final norm after the last layer).
     const float* next_norm =
@@ -123,6 +129,9 @@ absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* ou
   // Step metadata: tokens, positions, slots, keys, tiles, rows.
   absl::StatusOr<StepMeta> sm = BuildStepMeta(plan, kv_info.block_size, attn_tile);
   if (!sm.ok()) return sm.status();
+  // The step's adapters stay alive until it returns (every path ends in a sync).
+  absl::StatusOr<std::vector<std::shared_ptr<const CudaLora>>> adapters = PrepareLora(plan, &*sm);
+  if (!adapters.ok()) return adapters.status();
   if (GraphEligible(plan, *sm)) {
     absl::StatusOr<bool> done = ForwardGraph(plan, *sm, out);
     if (!done.ok()) return done.status();
@@ -207,6 +216,8 @@ absl::StatusOr<CudaBackend::Impl::StepInputs> CudaBackend::Impl::UploadStepMeta(
   in.tiles = reinterpret_cast<const AttnTile*>(meta.get() + sm.off_tiles);
   in.num_tiles = sm.num_tiles;
   in.tile_tokens = sm.tile_tokens;
+  in.lora_segs = meta.get() + sm.off_lora;
+  in.num_lora_segs = sm.num_lora_segs;
   return in;
 }
 

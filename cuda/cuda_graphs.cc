@@ -23,6 +23,7 @@ namespace superpose::cuda {
 
 bool CudaBackend::Impl::GraphEligible(const BatchPlan& plan, const StepMeta& sm) const {
   if (!graphs_allowed || !graphs_on || graphs_failed) return false;
+  if (sm.num_lora_segs > 0) return false;  // adapters run eagerly (docs/architecture.md)
   const int32_t T = plan.num_tokens();
   if (T < 1 || T > kGraphMaxBatch || !plan.logprobs.empty()) return false;
   if (static_cast<int32_t>(plan.seqs.size()) != T) return false;

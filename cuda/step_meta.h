@@ -25,6 +25,10 @@ struct StepMeta {
   // Rows of the logits matrix: plan.logits_for, then the extra rows logprobs need.
   std::vector<int32_t> rows;
   int32_t num_logprobs = 0;
+  // LoRA segments (cuda/lora_segments.h), appended after the words above when the step
+  // has adapters (CudaBackend::Impl::PrepareLora); none: 0.
+  size_t off_lora = 0;
+  int32_t num_lora_segs = 0;
 };
 
 // The layout of a decode step's metadata as a CUDA graph reads it: tokens [T] |

@@ -86,7 +86,7 @@ else
     cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSUPERPOSE_CUDA=ON \
       -DCMAKE_CUDA_ARCHITECTURES=90a &&
       ninja -C build-gpu -j"$jobs" cuda_backend_test cuda_step_meta_test tensor_parallel_test \
-        golden_test cuda_quant_test cuda_bench superpose-server
+        golden_test cuda_lora_test cuda_quant_test cuda_bench superpose-server
   } >>"$out/build.log" 2>&1
   if [ $? -ne 0 ]; then
     note "FAIL: build (see build.log)"
@@ -117,12 +117,14 @@ grep -E 'CUDA graphs:' "$out/cuda_backend_test.log" | sed -E 's/^\[[^]]*\] //' |
 grep -E '^\[  FAILED  \]|Failure|Expected|Which is|error' "$out/cuda_backend_test.log" | head -20 |
   sed 's/^/    /' | tee -a "$summary"
 run_test tensor_parallel_test 120 other_tests.log
-# Quantized projections (--cuda_dtype=int8|q4); a prebuilt set from before it has none.
+if [ -x "$bin/cuda_lora_test" ]; then run_test cuda_lora_test 120 other_tests.log
+else note "cuda_lora_test: not in $bin (a .gpu-prebuilt from before it)"; fi
+# Quantized projections (--cuda_dtype=int8|q4).
 if [ -x "$bin/cuda_quant_test" ]; then
   run_test cuda_quant_test 180 other_tests.log
   grep -E '^\[ cuda quant \]' "$out/other_tests.log" | sed 's/^/    /' | tee -a "$summary"
 else
-  note "cuda_quant_test: not in $bin (skipped)"
+  note "cuda_quant_test: not in $bin (a .gpu-prebuilt from before it)"
 fi
 run_test golden_test 120 other_tests.log
 

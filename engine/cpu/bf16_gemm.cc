@@ -275,7 +275,8 @@ void PackedBf16::Pack(const float* w, int32_t out, int32_t in) {
   const size_t bytes = (size_ * sizeof(uint16_t) + 63) / 64 * 64;
   data_.reset(static_cast<uint16_t*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64))));
   if (!data_) throw std::bad_alloc();
-#pragma omp parallel for schedule(static)
+  // Serial on purpose: Load runs on another thread than Forward, and an OpenMP pool left
+  // on the loading thread halves decode speed (tests/cpu_load_threads_test.cc says why).
   for (int32_t rb = 0; rb < rbs; ++rb) {
     for (int32_t kb = 0; kb < kbs; ++kb) {
       uint16_t* blk = data_.get() + (static_cast<size_t>(rb) * kbs + kb) * kR * kK;

@@ -1,9 +1,6 @@
 // LoRA on the CPU backend: y += scale * B (A x) after a base projection, per sequence
 // (each row with its sequence's adapter; rows without an adapter untouched). One rank's
-// part of an adapter under tensor parallelism (papers.md section 5): the column-parallel
-// projections (q, k, v, gate, up) keep A whole and the rows of B that give this rank's
-// outputs; the row-parallel ones (o, down) keep the columns of A over this rank's inputs
-// and B whole, so their term is a partial sum added before the all-reduce.
+// part of an adapter under tensor parallelism: engine/lora_shard.h (ShardLora).
 //
 // Every row is computed by the same instruction sequence whatever the batch, the row's
 // place in it and the thread count (16 lane-wise partial sums, a fixed reduction tree),
@@ -15,58 +12,22 @@
 #include <memory>
 #include <vector>
 
-#include "absl/base/thread_annotations.h"
-#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "engine/backend.h"
+#include "engine/lora_shard.h"
 
 namespace superpose::engine::cpu {
 
-// Where the CPU layer code applies adapters: after each fused base projection.
-enum class LoraSite : int32_t { kQkv, kO, kGateUp, kDown };
-inline constexpr int32_t kNumLoraSites = 4;
+using engine::kNumLoraSites;
+using engine::LoraProj;
+using engine::LoraShard;
+using engine::LoraSite;
+using engine::ShardLora;
+// One adapter as one rank of the CPU backend computes it.
+using CpuLora = engine::ShardedLora;
 
-// One adapted projection on one rank: y[:, offset + j] += scale * (B (A x))_j.
-struct LoraProj {
-  int32_t rank = 0, in = 0, out = 0, offset = 0;
-  float scale = 0.0f;
-  std::vector<float> a;   // [rank, in]
-  std::vector<float> bt;  // B transposed: [rank, out]
-};
-
-// One adapter as one rank computes it.
-struct CpuLora {
-  std::vector<std::array<std::vector<LoraProj>, kNumLoraSites>> layers;
-  int64_t bytes = 0;
-};
-
-// This rank's slice of the model (CpuBackend's per-rank sizes).
-struct LoraShard {
-  int32_t rank = 0;           // tensor-parallel rank
-  int32_t q_heads = 0;        // local query heads
-  int32_t kv_heads = 0;       // local kv heads
-  int32_t kv_head_begin = 0;  // first global kv head
-  int32_t inter = 0;          // local MLP columns
-};
-// This rank's part of `adapter` (whose shapes LoadPeftAdapter checked against `config`).
-std::shared_ptr<const CpuLora> ShardLora(const LoraAdapter& adapter, const ModelConfig& config,
-                                         const LoraShard& shard);
-
-// The adapters a backend holds, by id. Thread-safe.
-class LoraTable {
- public:
-  absl::Status Load(int64_t id, std::shared_ptr<const CpuLora> lora);
-  absl::Status Unload(int64_t id);
-  // Per plan sequence its adapter (null: none). FAILED_PRECONDITION naming the id when
-  // a sequence names one that is not loaded.
-  absl::StatusOr<std::vector<std::shared_ptr<const CpuLora>>> Resolve(const BatchPlan& plan) const;
-  int64_t bytes() const;
-
- private:
-  mutable absl::Mutex mu_;
-  absl::flat_hash_map<int64_t, std::shared_ptr<const CpuLora>> map_ ABSL_GUARDED_BY(mu_);
-};
+// The adapters the CPU backend holds, by id.
+using LoraTable = engine::LoraTable<CpuLora>;
 
 // The adapters of one Forward over its current rows.
 class LoraStep {
