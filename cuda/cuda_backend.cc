@@ -158,13 +158,6 @@ absl::Status CudaBackend::LoadRandom(const ModelConfig& config, const Shard& sha
 }
 
 absl::Status CudaBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
-  // LazyLLM pruning is CPU-only for now (SupportsLazy() is false): refused before any
-  // work, so the device stays usable.
-  for (const engine::SeqPlan& seq : plan.seqs) {
-    if (seq.lazy.active()) {
-      return absl::UnimplementedError("the cuda backend does not run LazyLLM pruning (lazy) yet");
-    }
-  }
   return Guarded(*impl_, [&] { return impl_->Forward(plan, out); });
 }
 

@@ -49,6 +49,7 @@ class CudaBackend : public engine::Backend {
   // by segmented kernels after each fused projection; steps with adapters run eagerly
   // (no CUDA graph). Thread-safe against a running Forward.
   bool SupportsAdapters() const override { return true; }
+  bool SupportsLazy() const override { return true; }  // LazyLLM: cuda_lazy.cc
   absl::Status LoadAdapter(int64_t id, const engine::LoraAdapter& adapter) override;
   absl::Status UnloadAdapter(int64_t id) override;
   // Private mode's zeroing of freed blocks, and the tests' reader (cuda_kv_pool.cc).

@@ -10,6 +10,7 @@
 //   cuda_graphs.cc     CUDA graphs of decode steps
 //   cuda_errors.cc     sticky-error classification and the backend's health
 //   cuda_lora.cc       LoRA adapters: upload, the step's segment table, the apply
+//   cuda_lazy.cc       LazyLLM steps: stage by stage, scores, pruning (lazy_stage.h)
 // Internal to cuda/: no other directory includes it.
 #pragma once
 
@@ -178,6 +179,13 @@ struct CudaBackend::Impl {
   // ---- LoRA adapters (cuda_lora.cc). ----
   CudaLoraState lora;
 
+  // ---- LazyLLM steps (cuda_lazy.cc): score rows, per-head rows, gather scratch. ----
+  struct LazyBuffers {
+    DeviceArray<float> scores, head_rows, x;
+    DeviceArray<bf16> h;
+    PinnedArray<float> scores_host;
+  } lazy_bufs;
+
   // ---- Health (cuda_errors.cc): the first sticky CUDA error, after which the context
   // is unusable (every later call fails) and the process must restart.
   mutable absl::Mutex health_mu;
@@ -255,6 +263,21 @@ struct CudaBackend::Impl {
   // synchronization, no allocation, launch parameters from T and the model alone, so
   // that it can be captured into a graph.
   absl::Status EnqueueLayers(const Activations& a, const StepInputs& in, int32_t T);
+  // EnqueueLayers' parts: the embedding; layer l's attention block (up to the MLP's
+  // norm); its MLP block (up to the next layer's norm). The K cache of layer l.
+  absl::Status EnqueueEmbedding(const Activations& a, const StepInputs& in, int32_t T);
+  absl::Status EnqueueAttentionHalf(const Activations& a, const StepInputs& in, int32_t T,
+                                    int32_t l);
+  absl::Status EnqueueMlpHalf(const Activations& a, const StepInputs& in, int32_t T, int32_t l);
+  bf16* KeyLayer(int32_t l) const;
+  // After the layers of an eager step: the logits rows of sm (rows of eager.h), the
+  // log-probabilities, the sync.
+  absl::Status FinishEager(const BatchPlan& plan, const StepMeta& sm, int32_t C,
+                           ForwardOutput* out);
+  // A step with LazyLLM sequences (cuda_lazy.cc): eager, stage by stage.
+  absl::Status ForwardLazy(const BatchPlan& plan,
+                           const std::vector<std::shared_ptr<const CudaLora>>& adapters,
+                           ForwardOutput* out);
   absl::Status EnqueueAttention(const Activations& a, const StepInputs& in, const bf16* kl,
                                 const bf16* vl);
   // Splits of a step's decode attention: 1 (no split) unless every tile is one token

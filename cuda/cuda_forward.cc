@@ -7,6 +7,8 @@
 
 #include "cuda/attention_tc_body.h"
 #include "cuda/cuda_backend_impl.h"
+#include "cuda/lazy_stage.h"
+#include "engine/lazy.h"
 #include "engine/util/status.h"
 
 namespace superpose::cuda {
@@ -27,49 +29,74 @@ absl::Status CudaBackend::Impl::ReserveActivations(Activations& a, size_t T) {
 
 absl::Status CudaBackend::Impl::EnqueueLayers(const Activations& a, const StepInputs& in,
                                               int32_t T) {
-  const int32_t H = config.hidden_size, D = config.head_dim, bs = kv_info.block_size;
-  const int32_t qd = q_heads * D, kvd = kv_heads * D, qkv_w = qd + 2 * kvd;
-  const float eps = config.rms_norm_eps;
-  const int64_t rows_h = static_cast<int64_t>(T) * H;
-  SP_CUDA_RETURN_IF_ERROR(
-      LaunchEmbedding(in.tokens, T, embed.get(), vocab_begin, vocab_local, H, a.x.get(), stream));
-  SP_RETURN_IF_ERROR(AllReduce(a.x.get(), rows_h));
-  const size_t layer_elems = static_cast<size_t>(kv_info.num_blocks) * bs * kvd;
+  SP_RETURN_IF_ERROR(EnqueueEmbedding(a, in, T));
   for (int32_t l = 0; l < config.num_layers; ++l) {
-    const Layer& L = layers[l];
-    if (l == 0) {
-      SP_CUDA_RETURN_IF_ERROR(
-          LaunchAddRmsNorm(a.x.get(), nullptr, L.attn_norm.get(), T, H, eps, a.h.get(), stream));
-    }
-    SP_RETURN_IF_ERROR(Project(a.h.get(), T, H, L.wqkv, L.wqkv_q, qkv_w, a.qkv.get()));
-    SP_RETURN_IF_ERROR(ApplyLora(in, engine::LoraSite::kQkv, l, a.h.get(), H, a.qkv.get(), qkv_w));
-    bf16* kl = k_cache.get() + static_cast<size_t>(l) * layer_elems;
-    bf16* vl = v_cache.get() + static_cast<size_t>(l) * layer_elems;
-    SP_CUDA_RETURN_IF_ERROR(LaunchQkvPost(
-        a.qkv.get(), L.bqkv.empty() ? nullptr : L.bqkv.get(),
-        L.q_norm.empty() ? nullptr : L.q_norm.get(), L.k_norm.empty() ? nullptr : L.k_norm.get(),
-        in.pos, inv_freq.get(), in.slots, T, q_heads, kv_heads, D, eps, a.q.get(), kl, vl, stream));
-    SP_RETURN_IF_ERROR(EnqueueAttention(a, in, kl, vl));
-    SP_RETURN_IF_ERROR(Project(a.attn.get(), T, qd, L.wo, L.wo_q, H, a.proj.get()));
-    SP_RETURN_IF_ERROR(ApplyLora(in, engine::LoraSite::kO, l, a.attn.get(), qd, a.proj.get(), H));
-    SP_RETURN_IF_ERROR(AllReduce(a.proj.get(), rows_h));
-    SP_CUDA_RETURN_IF_ERROR(
-        LaunchAddRmsNorm(a.x.get(), a.proj.get(), L.mlp_norm.get(), T, H, eps, a.h.get(), stream));
-    SP_RETURN_IF_ERROR(Project(a.h.get(), T, H, L.wgate_up, L.wgate_up_q, 2 * inter, a.gu.get()));
-    SP_RETURN_IF_ERROR(
-        ApplyLora(in, engine::LoraSite::kGateUp, l, a.h.get(), H, a.gu.get(), 2 * inter));
-    SP_CUDA_RETURN_IF_ERROR(LaunchSwiGlu(a.gu.get(), T, inter, a.act.get(), stream));
-    SP_RETURN_IF_ERROR(Project(a.act.get(), T, inter, L.wdown, L.wdown_q, H, a.proj.get()));
-    SP_RETURN_IF_ERROR(
-        ApplyLora(in, engine::LoraSite::kDown, l, a.act.get(), inter, a.proj.get(), H));
-    SP_RETURN_IF_ERROR(AllReduce(a.proj.get(), rows_h));
-    // Residual add fused with the next norm (the final norm after the last layer).
-    const float* next_norm =
-        l + 1 < config.num_layers ? layers[l + 1].attn_norm.get() : final_norm.get();
-    SP_CUDA_RETURN_IF_ERROR(
-        LaunchAddRmsNorm(a.x.get(), a.proj.get(), next_norm, T, H, eps, a.h.get(), stream));
+    SP_RETURN_IF_ERROR(EnqueueAttentionHalf(a, in, T, l));
+    SP_RETURN_IF_ERROR(EnqueueMlpHalf(a, in, T, l));
   }
   return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Impl::EnqueueEmbedding(const Activations& a, const StepInputs& in,
+                                                 int32_t T) {
+  const int32_t H = config.hidden_size;
+  SP_CUDA_RETURN_IF_ERROR(
+      LaunchEmbedding(in.tokens, T, embed.get(), vocab_begin, vocab_local, H, a.x.get(), stream));
+  return AllReduce(a.x.get(), static_cast<int64_t>(T) * H);
+}
+
+absl::Status CudaBackend::Impl::EnqueueAttentionHalf(const Activations& a, const StepInputs& in,
+                                                     int32_t T, int32_t l) {
+  const int32_t H = config.hidden_size, D = config.head_dim;
+  const int32_t qd = q_heads * D, kvd = kv_heads * D, qkv_w = qd + 2 * kvd;
+  const float eps = config.rms_norm_eps;
+  const Layer& L = layers[l];
+  if (l == 0) {
+    SP_CUDA_RETURN_IF_ERROR(
+        LaunchAddRmsNorm(a.x.get(), nullptr, L.attn_norm.get(), T, H, eps, a.h.get(), stream));
+  }
+  SP_RETURN_IF_ERROR(Project(a.h.get(), T, H, L.wqkv, L.wqkv_q, qkv_w, a.qkv.get()));
+  SP_RETURN_IF_ERROR(ApplyLora(in, engine::LoraSite::kQkv, l, a.h.get(), H, a.qkv.get(), qkv_w));
+  bf16* kl = KeyLayer(l);
+  bf16* vl = v_cache.get() + (kl - k_cache.get());
+  SP_CUDA_RETURN_IF_ERROR(LaunchQkvPost(
+      a.qkv.get(), L.bqkv.empty() ? nullptr : L.bqkv.get(),
+      L.q_norm.empty() ? nullptr : L.q_norm.get(), L.k_norm.empty() ? nullptr : L.k_norm.get(),
+      in.pos, inv_freq.get(), in.slots, T, q_heads, kv_heads, D, eps, a.q.get(), kl, vl, stream));
+  SP_RETURN_IF_ERROR(EnqueueAttention(a, in, kl, vl));
+  SP_RETURN_IF_ERROR(Project(a.attn.get(), T, qd, L.wo, L.wo_q, H, a.proj.get()));
+  SP_RETURN_IF_ERROR(ApplyLora(in, engine::LoraSite::kO, l, a.attn.get(), qd, a.proj.get(), H));
+  SP_RETURN_IF_ERROR(AllReduce(a.proj.get(), static_cast<int64_t>(T) * H));
+  SP_CUDA_RETURN_IF_ERROR(
+      LaunchAddRmsNorm(a.x.get(), a.proj.get(), L.mlp_norm.get(), T, H, eps, a.h.get(), stream));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Impl::EnqueueMlpHalf(const Activations& a, const StepInputs& in,
+                                               int32_t T, int32_t l) {
+  const int32_t H = config.hidden_size;
+  const float eps = config.rms_norm_eps;
+  const Layer& L = layers[l];
+  SP_RETURN_IF_ERROR(Project(a.h.get(), T, H, L.wgate_up, L.wgate_up_q, 2 * inter, a.gu.get()));
+  SP_RETURN_IF_ERROR(
+      ApplyLora(in, engine::LoraSite::kGateUp, l, a.h.get(), H, a.gu.get(), 2 * inter));
+  SP_CUDA_RETURN_IF_ERROR(LaunchSwiGlu(a.gu.get(), T, inter, a.act.get(), stream));
+  SP_RETURN_IF_ERROR(Project(a.act.get(), T, inter, L.wdown, L.wdown_q, H, a.proj.get()));
+  SP_RETURN_IF_ERROR(
+      ApplyLora(in, engine::LoraSite::kDown, l, a.act.get(), inter, a.proj.get(), H));
+  SP_RETURN_IF_ERROR(AllReduce(a.proj.get(), static_cast<int64_t>(T) * H));
+  // Residual add fused with the next norm (the final norm after the last layer).
+  const float* next_norm =
+      l + 1 < config.num_layers ? layers[l + 1].attn_norm.get() : final_norm.get();
+  SP_CUDA_RETURN_IF_ERROR(
+      LaunchAddRmsNorm(a.x.get(), a.proj.get(), next_norm, T, H, eps, a.h.get(), stream));
+  return absl::OkStatus();
+}
+
+bf16* CudaBackend::Impl::KeyLayer(int32_t l) const {
+  const size_t layer_elems =
+      static_cast<size_t>(kv_info.num_blocks) * kv_info.block_size * kv_heads * config.head_dim;
+  return k_cache.get() + static_cast<size_t>(l) * layer_elems;
 }
 
 // Prefill tiles on tensor cores (when chosen), small decode steps split-K, the rest on
@@ -116,6 +143,8 @@ absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* ou
   out->sampled.clear();
   out->sampled_logit.clear();
   out->top_lse.clear();
+  out->lazy.clear();
+  SP_RETURN_IF_ERROR(engine::ValidateLazyPlan(plan, kv_info, config.num_layers));
   if (plan.num_tokens() == 0) return absl::OkStatus();
   SP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
   if (!plan.sampling.empty() && !cuda_options.row_sampling) {
@@ -132,6 +161,8 @@ absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* ou
   // The step's adapters stay alive until it returns (every path ends in a sync).
   absl::StatusOr<std::vector<std::shared_ptr<const CudaLora>>> adapters = PrepareLora(plan, &*sm);
   if (!adapters.ok()) return adapters.status();
+  // LazyLLM steps run eagerly, stage by stage (cuda_lazy.cc).
+  if (AnyLazy(plan)) return ForwardLazy(plan, *adapters, out);
   if (GraphEligible(plan, *sm)) {
     absl::StatusOr<bool> done = ForwardGraph(plan, *sm, out);
     if (!done.ok()) return done.status();
@@ -181,6 +212,13 @@ absl::Status CudaBackend::Impl::ForwardEager(const BatchPlan& plan, const StepMe
   const int32_t C = std::min(R, kLogitsChunkRows);
   if (R > 0) SP_RETURN_IF_ERROR(ReserveLogitsBuffers(C, NL));
   SP_RETURN_IF_ERROR(EnqueueLayers(eager, *in, T));
+  return FinishEager(plan, sm, C, out);
+}
+
+absl::Status CudaBackend::Impl::FinishEager(const BatchPlan& plan, const StepMeta& sm, int32_t C,
+                                            ForwardOutput* out) {
+  const int32_t R = static_cast<int32_t>(sm.rows.size());
+  const int32_t NL = sm.num_logprobs;
   if (R == 0) {
     SP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
     return absl::OkStatus();

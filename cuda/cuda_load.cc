@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "cuda/attention_tc_body.h"
 #include "cuda/cuda_backend_impl.h"
+#include "cuda/lazy_kernels.h"
 #include "engine/model/weights.h"
 #include "engine/util/status.h"
 #include "spdlog/spdlog.h"
@@ -89,6 +90,7 @@ absl::Status CudaBackend::Impl::SetupDevice() {
         cublasSetWorkspace(cublas, cublas_workspace.get(), cublas_workspace.size()));
   }
   SP_CUDA_RETURN_IF_ERROR(LoadKernels());
+  SP_CUDA_RETURN_IF_ERROR(LoadLazyKernels());
   if (nccl != nullptr) nccl->set_stream(stream);
 
   return absl::OkStatus();
