@@ -26,6 +26,8 @@ class LazyReference {
     std::vector<double> logits;  // of the last token
     std::vector<int32_t> depth;  // per token: stages it was computed in
     std::vector<int32_t> layer_tokens;
+    // Per boundary where it decides: each token's score there (0: not in the stage).
+    std::vector<std::vector<double>> scores;
   };
 
   // `depth` empty: decide with `keep`; else replay it (keep unused). The first `fixed`
@@ -54,7 +56,10 @@ class LazyReference {
       const bool boundary = stage < S - 1 && boundaries[stage] == l;
       std::vector<double> score(n, 0.0);
       Layer(l, present, &x, boundary && decide ? &score : nullptr);
-      if (boundary && decide) Prune(present, score, keep[stage], stage, fixed, &depth);
+      if (boundary && decide) {
+        Prune(present, score, keep[stage], stage, fixed, &depth);
+        r.scores.push_back(score);
+      }
     }
     r.depth = depth;
     r.logits = Logits(x[n - 1]);
