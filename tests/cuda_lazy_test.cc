@@ -41,7 +41,9 @@
 #include "engine/cpu/cpu_options.h"
 #include "engine/lora_adapter.h"
 #include "engine/model/weights.h"
+#include "engine/runtime/engine.h"
 #include "tests/lazy_reference.h"
+#include "tests/test_util.h"
 #endif
 
 namespace superpose {
@@ -460,6 +462,31 @@ TEST_F(CudaLazyTest, RefusesBadLazyPlansAndKeepsServing) {
   plan.seqs[0].lazy = {};
   EXPECT_EQ(Run(*gpu_, plan).logits, plain.logits);
   EXPECT_TRUE(gpu_->Health().ok());
+}
+
+// Through the engine on the GPU: a request asking for lazy and one that takes the
+// engine's default schedule (--lazy_default) both prune (usage: the stage sizes of
+// the rule, round(keep x candidates) plus the last token) and decode to the end.
+TEST_F(CudaLazyTest, EngineRunsLazyRequestsAndTheDefault) {
+  engine::EngineOptions eo;
+  eo.lazy.min_prompt = 16;
+  eo.lazy.default_schedule.mode = engine::LazyOptions::Mode::kOn;
+  eo.lazy.default_schedule.boundaries = {0, 1, 2};
+  eo.lazy.default_schedule.keep = {0.7f, 0.7f, 0.7f};
+  engine::Engine eng(eo, model_->config, model_->tokenizer.get(), gpu_.get());
+  eng.Start();
+  std::vector<int32_t> stages = {40};
+  for (int s = 0; s < 3; ++s) stages.push_back(1 + engine::LazyKeepCount(0.7f, stages.back() - 1));
+  for (bool asks : {true, false}) {
+    engine::Request r =
+        testing::GreedyRequest(Prompt(40, asks ? 4 : 5, model_->config.vocab_size), 6);
+    if (asks) r.lazy = eo.lazy.default_schedule;
+    const testing::Completion c = testing::RunRequest(eng, r);
+    ASSERT_TRUE(c.status.ok()) << c.status;
+    EXPECT_EQ(c.tokens.size(), 6u);
+    EXPECT_EQ(c.usage.lazy_stage_tokens, stages) << (asks ? "asks" : "default");
+    EXPECT_TRUE(c.usage.lazy_skipped.empty());
+  }
 }
 
 #else
