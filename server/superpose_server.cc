@@ -145,6 +145,10 @@ ABSL_FLAG(std::string, lazy_default, "off",
           "schedule), or LAYER:KEEP,... (0-based boundary layers, keep fractions)");
 ABSL_FLAG(int32_t, lazy_min_prompt, 1024,
           "Prompts shorter than this many tokens never prune (LazyLLM)");
+ABSL_FLAG(bool, lazy_revive, false,
+          "LazyLLM decode-time revival for pruning requests that do not set lazy.revive: each "
+          "decode step reselects every stage's tokens and revives pruned ones from the Aux "
+          "Cache (false: the prefill's decision is kept, the paper's TTFT mode)");
 ABSL_FLAG(int32_t, tokenize_threads, 2, "Threads that tokenize requests, off the gRPC threads");
 ABSL_FLAG(int32_t, tokenize_queue, 64,
           "Requests that may wait for a tokenize thread; more get RESOURCE_EXHAUSTED");
@@ -348,6 +352,7 @@ absl::StatusOr<engine::EngineOptions> EngineOptionsFromFlags(bool private_mode) 
       server::ParseLazyDefault(absl::GetFlag(FLAGS_lazy_default));
   if (!lazy.ok()) return lazy.status();
   eopts.lazy.default_schedule = *lazy;
+  eopts.lazy.default_schedule.revive = absl::GetFlag(FLAGS_lazy_revive);
   eopts.lazy.min_prompt = absl::GetFlag(FLAGS_lazy_min_prompt);
   if (eopts.lazy.min_prompt < 1) {
     return absl::InvalidArgumentError(

@@ -533,6 +533,7 @@ void Engine::Impl::Finish(Sequence* seq, FinishReason reason, absl::Status statu
   if (seq->finished) return;
   seq->finished = true;
   FreeBlocks(seq);
+  if (seq->lazy.revive) backend_->ReleaseSequence(static_cast<SeqId>(seq->handle));
   StreamEvent ev;
   if (seq->emits) {
     ev = emitter_.FinalEvent(*seq, reason, status);
@@ -561,6 +562,8 @@ void Engine::Impl::Deliver(StreamCallback& callback, StreamEvent ev) {
 
 void Engine::Impl::Preempt(Sequence* seq) {
   FreeBlocks(seq);
+  // The Aux Cache goes too: the recomputation refills it as it replays.
+  if (seq->lazy.revive) backend_->ReleaseSequence(static_cast<SeqId>(seq->handle));
   seq->owner->OnPreempted(*seq);
   stat_preemptions_.fetch_add(1);
   if (observer_ != nullptr) observer_->OnPreempted();
@@ -743,6 +746,7 @@ std::vector<std::pair<Sequence*, int32_t>> Engine::Impl::Apply(const Decision& d
   for (auto& [seq, n] : sched) {
     n = std::min(n, seq->remaining());
     DropChunkedLazy(seq, n);
+    CapLazyReplay(*seq, &n);
     if (n > 0 && EnsureBlocks(seq, seq->computed + n)) out.emplace_back(seq, n);
   }
   return out;
@@ -791,8 +795,13 @@ bool Engine::Impl::Step() {
   for (const ForwardOutput::Lazy& r : out.lazy) {
     Sequence* seq = sp.entries[r.seq].seq;
     const bool first = !seq->lazy.decided();
+    if (!first) {
+      const int64_t revived = TakeLazyRevival(r, seq);
+      if (revived > 0 && observer_ != nullptr) observer_->OnLazyRevived(revived);
+      continue;
+    }
     const int64_t pruned = TakeLazyDecision(r, seq);
-    if (first && observer_ != nullptr) observer_->OnLazyPrefill(seq->prompt_len, pruned);
+    if (observer_ != nullptr) observer_->OnLazyPrefill(seq->prompt_len, pruned);
   }
   HandleOutputs(sp, rows, out);
   return true;

@@ -44,4 +44,13 @@ void FillLazyPlan(const Sequence& seq, int32_t num_tokens, int32_t bs, LazyPlan*
 // advances past it); returns the prompt tokens it pruned (0 for a replay).
 int64_t TakeLazyDecision(const ForwardOutput::Lazy& result, Sequence* seq);
 
+// Revival mode: records a decode step's entries (the revived tokens, then the step's
+// own token, in each stage past the first) before seq->computed advances; returns the
+// tokens revived. A replay's result records nothing.
+int64_t TakeLazyRevival(const ForwardOutput::Lazy& result, Sequence* seq);
+
+// Revival mode: a recomputation replays only the recorded tokens in a step (the next
+// token is a decode step of its own, which selects and revives): caps *num_tokens.
+void CapLazyReplay(const Sequence& seq, int32_t* num_tokens);
+
 }  // namespace superpose::engine
