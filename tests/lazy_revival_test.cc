@@ -37,10 +37,11 @@ class LazyRevivalTest : public ::testing::Test {
     EXPECT_TRUE(b->Load(model_->config, *model_->weights, engine::Shard{}).ok());
     return b;
   }
-  std::unique_ptr<engine::Engine> Start(int32_t kv_blocks) {
+  std::unique_ptr<engine::Engine> Start(int32_t kv_blocks, int64_t aux_budget = 1 << 20) {
     backend_ = MakeBackend(kv_blocks);
     engine::EngineOptions eo;
     eo.lazy.min_prompt = 16;
+    eo.lazy.aux_budget_bytes = aux_budget;
     auto e = std::make_unique<engine::Engine>(eo, model_->config, model_->tokenizer.get(),
                                               backend_.get());
     e->Start();
@@ -209,6 +210,24 @@ TEST_F(LazyRevivalTest, DecodeRevivesAndFreesTheAuxCache) {
   EXPECT_EQ(grown, rev.usage.lazy_revived_tokens);
   EXPECT_EQ(AuxBytes(), 0);
   EXPECT_EQ(eng->blocks().free_blocks(), 64);
+}
+
+// Past the Aux Cache budget a sequence decodes without revival (the prefill still
+// prunes); the budget comes back when it finishes.
+TEST_F(LazyRevivalTest, AuxBudgetTurnsRevivalOff) {
+  const std::vector<int32_t> p = Prompt(40, 7);
+  const int64_t one = 40 * model_->config.hidden_size * int64_t{sizeof(float)};
+  auto eng = Start(64, one);
+  testing::Collector ca, cb;
+  ASSERT_TRUE(eng->Submit(Revive(p, 16, {0.5f, 0.5f}), ca.Callback()).ok());
+  ASSERT_TRUE(eng->Submit(Revive(Prompt(40, 8), 16, {0.5f, 0.5f}), cb.Callback()).ok());
+  const testing::Completion ra = ca.Wait(), rb = cb.Wait();
+  ASSERT_TRUE(ra.status.ok() && rb.status.ok());
+  EXPECT_TRUE(ra.usage.lazy_revive);
+  EXPECT_FALSE(rb.usage.lazy_revive);
+  EXPECT_EQ(rb.usage.lazy_stage_tokens.size(), 3u);  // pruned all the same
+  const testing::Completion again = testing::RunRequest(*eng, Revive(p, 16, {0.5f, 0.5f}));
+  EXPECT_TRUE(again.usage.lazy_revive);
 }
 
 // Revival keeps a sequence's results independent of its batch.

@@ -18,6 +18,10 @@ struct LazyEngineOptions {
   // arrays takes the paper's schedule for the model).
   LazyOptions default_schedule;
   int32_t min_prompt = 1024;  // shorter prompts run without pruning
+  // Bytes the running sequences' Aux Caches may take (a float per hidden unit and prompt
+  // token, on each tensor-parallel rank): a sequence that would pass it decodes without
+  // revival (its prefill still prunes).
+  int64_t aux_budget_bytes = int64_t{256} << 20;
 };
 
 // A request's schedule resolved against the server default, the model and the backend:

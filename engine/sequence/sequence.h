@@ -55,6 +55,7 @@ struct LazyState {
   std::vector<int32_t> prefill_entries;
   int32_t recorded = 0;
   int64_t revived = 0;
+  int64_t aux_reserved = 0;  // bytes of the engine's Aux Cache budget it holds
   std::string skipped;  // asked for, but not applied: why
   bool active() const { return !boundaries.empty(); }
   bool decided() const { return !depth.empty(); }
