@@ -168,7 +168,8 @@ struct ForwardOutput {
   std::vector<float> sampled_logit;
   // One per plan.logprobs entry (natural log).
   std::vector<float> logprobs;
-  // One per plan sequence whose lazy plan has `keep` or `depth`, in plan order.
+  // One per plan sequence whose lazy plan has `keep` or `depth` or is by_entries(), in
+  // plan order.
   struct Lazy {
     int32_t seq = 0;                    // index into plan.seqs
     std::vector<int32_t> depth;         // per new token: stages it was computed in
