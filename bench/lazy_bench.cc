@@ -177,10 +177,18 @@ std::vector<int32_t> ModelText(engine::Backend& b, const engine::ModelConfig& c,
 // Greedy continuation as the server runs it (the engine's step planner): one prefill
 // that decides (with `bounds`), then decode steps that attend at each layer to the
 // prompt tokens with K/V there.
-std::vector<int32_t> Greedy(engine::Backend& b, const engine::ModelConfig& c,
-                            const std::vector<int32_t>& prompt, const std::vector<int32_t>& bounds,
-                            float keep, int32_t steps) {
+// With `revive`, the decode steps revive (LazyOptions::revive); *revived counts the
+// tokens they revived, *decode_ms the decode steps' time.
+struct GreedyRun {
+  std::vector<int32_t> tokens;
+  int64_t revived = 0;
+  double decode_ms = 0;
+};
+GreedyRun Greedy(engine::Backend& b, const engine::ModelConfig& c,
+                 const std::vector<int32_t>& prompt, const std::vector<int32_t>& bounds,
+                 float keep, int32_t steps, bool revive = false) {
   engine::Sequence seq;
+  seq.lazy.revive = revive && !bounds.empty();
   seq.tokens = prompt;
   seq.prompt_len = static_cast<int32_t>(prompt.size());
   seq.emits = true;
@@ -190,19 +198,29 @@ std::vector<int32_t> Greedy(engine::Backend& b, const engine::ModelConfig& c,
     seq.lazy.keep.assign(bounds.size(), keep);
   }
   const engine::StepPlanOptions opts{16, c.vocab_size, /*compact_logits=*/false, false};
-  std::vector<int32_t> gen;
+  GreedyRun run;
+  std::vector<int32_t>& gen = run.tokens;
   while (static_cast<int32_t>(gen.size()) < steps) {
     const engine::StepPlan sp = engine::BuildStepPlan({{&seq, seq.remaining()}}, opts);
     ForwardOutput out;
+    const double t0 = NowS();
     if (!b.Forward(sp.plan, &out).ok()) std::exit(1);
-    for (const ForwardOutput::Lazy& r : out.lazy) engine::TakeLazyDecision(r, &seq);
+    if (!gen.empty()) run.decode_ms += 1e3 * (NowS() - t0);
+    for (const ForwardOutput::Lazy& r : out.lazy) {
+      if (seq.lazy.decided()) {
+        run.revived += engine::TakeLazyRevival(r, &seq);
+      } else {
+        engine::TakeLazyDecision(r, &seq);
+      }
+    }
     seq.computed = static_cast<int32_t>(seq.tokens.size());
     const int32_t next = static_cast<int32_t>(
         std::max_element(out.logits.begin(), out.logits.end()) - out.logits.begin());
     gen.push_back(next);
     seq.tokens.push_back(next);
   }
-  return gen;
+  b.ReleaseSequence(static_cast<engine::SeqId>(seq.handle));
+  return run;
 }
 
 void Quality(const std::string& dir) {
@@ -213,14 +231,18 @@ void Quality(const std::string& dir) {
   const int32_t len = c.max_position_embeddings - steps - 1;
   auto b = Load(*m, c.max_position_embeddings);
   const std::vector<int32_t> bounds = engine::PaperLazySchedule(c.num_layers).boundaries;
-  std::printf("quality: %s, %d-token prompts, %d greedy tokens\n%6s %12s %10s\n", dir.c_str(), len,
-              steps, "keep", "first_KL", "agreement");
+  std::printf(
+      "quality: %s, %d-token prompts, %d greedy tokens; TTFT mode, then with revival "
+      "(revived tokens per decode step, decode ms per token: unpruned / TTFT mode / revival)\n"
+      "%6s %12s %10s %10s %8s %8s %8s %8s\n",
+      dir.c_str(), len, steps, "keep", "first_KL", "agreement", "revive_agr", "rev/step",
+      "tpot_b", "tpot_l", "tpot_r");
   std::vector<std::vector<int32_t>> prompts;
   for (int32_t i = 0; i < absl::GetFlag(FLAGS_quality_prompts); ++i) {
     prompts.push_back(ModelText(*b, c, len, i));
   }
   for (float keep : Floats(absl::GetFlag(FLAGS_keeps))) {
-    double kl = 0, agree = 0;
+    double kl = 0, agree = 0, agree_r = 0, revived = 0, ms_b = 0, ms_l = 0, ms_r = 0;
     for (const auto& p : prompts) {
       ForwardOutput x, y;
       if (!b->Forward(Prefill(p, {}, 1.0f), &x).ok() ||
@@ -231,12 +253,22 @@ void Quality(const std::string& dir) {
       for (size_t i = 0; i < pb.size(); ++i) {
         if (pb[i] > 0) kl += pb[i] * std::log(pb[i] / std::max(pl[i], 1e-30f));
       }
-      const auto gb = Greedy(*b, c, p, {}, 1.0f, steps);
-      const auto gl = Greedy(*b, c, p, bounds, keep, steps);
-      for (int32_t i = 0; i < steps; ++i) agree += gb[i] == gl[i];
+      const GreedyRun gb = Greedy(*b, c, p, {}, 1.0f, steps);
+      const GreedyRun gl = Greedy(*b, c, p, bounds, keep, steps);
+      const GreedyRun gr = Greedy(*b, c, p, bounds, keep, steps, /*revive=*/true);
+      for (int32_t i = 0; i < steps; ++i) {
+        agree += gb.tokens[i] == gl.tokens[i];
+        agree_r += gb.tokens[i] == gr.tokens[i];
+      }
+      revived += static_cast<double>(gr.revived);
+      ms_b += gb.decode_ms;
+      ms_l += gl.decode_ms;
+      ms_r += gr.decode_ms;
     }
-    const double np = static_cast<double>(prompts.size());
-    std::printf("%6.2f %12.5f %9.1f%%\n", keep, kl / np, 100.0 * agree / (np * steps));
+    const double np = static_cast<double>(prompts.size()), nd = np * (steps - 1);
+    std::printf("%6.2f %12.5f %9.1f%% %9.1f%% %8.1f %8.3f %8.3f %8.3f\n", keep, kl / np,
+                100.0 * agree / (np * steps), 100.0 * agree_r / (np * steps), revived / nd,
+                ms_b / nd, ms_l / nd, ms_r / nd);
   }
 }
 

@@ -144,6 +144,7 @@ absl::Status CudaBackend::Impl::Forward(const BatchPlan& plan, ForwardOutput* ou
   out->sampled_logit.clear();
   out->top_lse.clear();
   out->lazy.clear();
+  SP_RETURN_IF_ERROR(CheckNoRevival(plan));
   SP_RETURN_IF_ERROR(engine::ValidateLazyPlan(plan, kv_info, config.num_layers));
   if (plan.num_tokens() == 0) return absl::OkStatus();
   SP_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));

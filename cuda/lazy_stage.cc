@@ -4,6 +4,7 @@
 #include <numeric>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "absl/types/span.h"
 #include "cuda/lora_segments.h"
 #include "engine/lazy.h"
@@ -71,6 +72,18 @@ void AppendScoreItems(const engine::BatchPlan& plan, const LazyRows& rows, Stage
 bool AnyLazy(const engine::BatchPlan& plan) {
   return std::any_of(plan.seqs.begin(), plan.seqs.end(),
                      [](const engine::SeqPlan& s) { return s.lazy.active(); });
+}
+
+absl::Status CheckNoRevival(const engine::BatchPlan& plan) {
+  for (const engine::SeqPlan& seq : plan.seqs) {
+    const engine::LazyPlan& z = seq.lazy;
+    if (z.revives() || !z.entries.empty() || !z.prefill_entries.empty() || !z.blocks.empty() ||
+        z.own_begin != 0 || z.recorded != 0) {
+      return absl::UnimplementedError(absl::StrCat(
+          "lazy.revive: the cuda backend does not revive pruned tokens (sequence ", seq.id, ")"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 LazyRows AllLazyRows(const engine::BatchPlan& plan) {

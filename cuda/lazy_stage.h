@@ -20,6 +20,10 @@ namespace superpose::cuda {
 // Whether any sequence of the plan prunes (SeqPlan::lazy active).
 bool AnyLazy(const engine::BatchPlan& plan);
 
+// UNIMPLEMENTED naming lazy.revive for a plan asking for what this forward does not run:
+// decode-time revival (LazyPlan::revive and the entry-mode fields).
+absl::Status CheckNoRevival(const engine::BatchPlan& plan);
+
 // The rows a step computes at the current layer: every new token, less those pruned at
 // an earlier boundary of their sequence; a sequence's rows stay contiguous and in
 // token order.

@@ -39,6 +39,18 @@ struct KvSlot {
   int32_t slot = 0;
 };
 
+// One entry of a stage's compact list (LazyPlan revival mode): the own index of the token
+// whose K/V is at the stage's k-th own slot, and how many of the stage's first entries it
+// attends to before itself (its key set: entries [0, prefix) and itself). prefix == k for
+// every entry but a revived one, which attends to the entries the deciding prefill put in
+// the stage before it (so its K/V is what a prefill that had kept it would hold, however
+// late it is revived).
+struct LazyEntry {
+  int32_t own = 0;
+  int32_t prefix = 0;
+  bool operator==(const LazyEntry& o) const { return own == o.own && prefix == o.prefix; }
+};
+
 // LazyLLM token pruning of one sequence (docs/architecture.md "LazyLLM"; engine/lazy.h).
 // The layers are cut into stages after each boundary layer: stage 0 is layers
 // [0, boundaries[0]], stage s is (boundaries[s-1], boundaries[s]], the last stage runs to
@@ -67,7 +79,28 @@ struct LazyPlan {
   // (1 .. boundaries.size() + 1). Empty with empty `keep`: every new token runs through
   // every stage (a decode step).
   std::vector<int32_t> depth;
+  // Decode-time revival (papers.md 2.2; docs/architecture.md "LazyLLM"), when non-empty:
+  // per boundary, the fraction of a stage's keys (the query aside) that a decode step's
+  // token selects by its attention; selected tokens without K/V in the next stage are
+  // revived there from the backend's Aux Cache (the hidden state each pruned token left
+  // at its boundary, kept per SeqId until Backend::ReleaseSequence). The deciding prefill
+  // (`keep`) fills the Aux Cache; afterwards the stages are described by their entries
+  // instead of stage_context and stage_slots (left empty):
+  std::vector<float> revive;
+  // Per boundary s: the entries of stage s + 1, own tokens [0, recorded) (a replay's
+  // rows are its new tokens' entries, in this order; a decode step appends to them).
+  std::vector<std::vector<LazyEntry>> entries;
+  // Per boundary: how many of entries[s] the deciding prefill made (in own order).
+  std::vector<int32_t> prefill_entries;
+  std::vector<BlockId> blocks;  // the sequence's blocks: own slot k = (blocks[k / bs], k % bs)
+  int32_t own_begin = 0;        // own index of the step's first new token
+  // Own tokens whose entries are given: a step of tokens before it replays them; a step
+  // starting at it is a decode step (one token, every stage, selecting and reviving).
+  int32_t recorded = 0;
   bool active() const { return !boundaries.empty(); }
+  bool revives() const { return !revive.empty(); }
+  // A revival-mode step after the decision (a replay or a decode step).
+  bool by_entries() const { return revives() && keep.empty(); }
 };
 
 // One sequence's part of a step. Its new tokens are tokens[token_begin,
@@ -135,11 +168,15 @@ struct ForwardOutput {
   std::vector<float> sampled_logit;
   // One per plan.logprobs entry (natural log).
   std::vector<float> logprobs;
-  // One per plan sequence whose lazy plan has `keep` or `depth`, in plan order.
+  // One per plan sequence whose lazy plan has `keep` or `depth` or is by_entries(), in
+  // plan order.
   struct Lazy {
     int32_t seq = 0;                    // index into plan.seqs
     std::vector<int32_t> depth;         // per new token: stages it was computed in
     std::vector<int32_t> layer_tokens;  // per layer: its new tokens computed there
+    // Revival mode, decode step: per boundary s, the entries this step appended to stage
+    // s + 1 before its own token's (the revived tokens, in own order).
+    std::vector<std::vector<LazyEntry>> revived;
   };
   std::vector<Lazy> lazy;
 };
@@ -304,6 +341,10 @@ class Backend {
   virtual absl::Status UnloadAdapter(int64_t id) {
     return absl::UnimplementedError(name() + " backend does not serve LoRA adapters");
   }
+  // Frees what the backend keeps for sequence `id` between steps (LazyLLM's Aux Cache),
+  // zeroed first. The engine calls it when the sequence finishes or is preempted, on the
+  // thread that runs Forward. No-op for a sequence it keeps nothing for.
+  virtual void ReleaseSequence(SeqId id) {}
   // OK while the backend can run steps; else why it cannot any more (a tensor-parallel
   // group aborted after a rank failed). Thread-safe.
   virtual absl::Status Health() const { return absl::OkStatus(); }

@@ -99,7 +99,7 @@ absl::Status Bad(const SeqPlan& seq, absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat("plan: seq ", seq.id, " lazy ", what));
 }
 
-absl::Status CheckStages(const SeqPlan& seq, const KvPoolInfo& kv, int32_t num_layers) {
+absl::Status CheckBoundaries(const SeqPlan& seq, int32_t num_layers) {
   const LazyPlan& z = seq.lazy;
   for (size_t i = 0; i < z.boundaries.size(); ++i) {
     if (z.boundaries[i] < 0 || z.boundaries[i] >= num_layers ||
@@ -107,6 +107,47 @@ absl::Status CheckStages(const SeqPlan& seq, const KvPoolInfo& kv, int32_t num_l
       return Bad(seq, "boundaries");
     }
   }
+  return absl::OkStatus();
+}
+
+// Revival mode after the decision: the entries, the blocks they live in and the step's
+// place (a replay of recorded tokens, or one decode token right after them).
+absl::Status CheckEntries(const SeqPlan& seq, const KvPoolInfo& kv) {
+  const LazyPlan& z = seq.lazy;
+  const size_t B = z.boundaries.size();
+  if (!z.depth.empty() || !z.stage_context.empty() || !z.stage_slots.empty()) {
+    return Bad(seq, "stage fields with entries");
+  }
+  if (z.entries.size() != B || z.prefill_entries.size() != B) return Bad(seq, "entries");
+  const bool decode = z.own_begin == z.recorded;
+  if (z.own_begin < 0 || (decode && seq.num_tokens != 1) ||
+      (!decode && z.own_begin + seq.num_tokens > z.recorded)) {
+    return Bad(seq, "own_begin");
+  }
+  // Own slots up to the last token's (every stage holds at most that many entries).
+  const int64_t slots = static_cast<int64_t>(z.blocks.size()) * kv.block_size;
+  if (slots < static_cast<int64_t>(z.own_begin) + seq.num_tokens) return Bad(seq, "blocks");
+  for (BlockId b : z.blocks) {
+    if (b < 0 || b >= kv.num_blocks) return Bad(seq, "blocks");
+  }
+  for (size_t s = 0; s < B; ++s) {
+    const std::vector<LazyEntry>& e = z.entries[s];
+    if (z.prefill_entries[s] < 0 || z.prefill_entries[s] > static_cast<int32_t>(e.size()) ||
+        static_cast<int32_t>(e.size()) > z.recorded) {
+      return Bad(seq, "entries");
+    }
+    for (size_t k = 0; k < e.size(); ++k) {
+      if (e[k].own < 0 || e[k].own >= z.recorded || e[k].prefix < 0 ||
+          e[k].prefix > static_cast<int32_t>(k)) {
+        return Bad(seq, "entries");
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckStages(const SeqPlan& seq, const KvPoolInfo& kv) {
+  const LazyPlan& z = seq.lazy;
   if (z.stage_context.size() != z.boundaries.size()) return Bad(seq, "stage_context");
   for (const auto& ctx : z.stage_context) {
     for (const KvSegment& g : ctx) {
@@ -138,6 +179,12 @@ absl::Status CheckStages(const SeqPlan& seq, const KvPoolInfo& kv, int32_t num_l
 absl::Status CheckDecision(const SeqPlan& seq) {
   const LazyPlan& z = seq.lazy;
   const int32_t stages = static_cast<int32_t>(z.boundaries.size()) + 1;
+  if (z.revives()) {
+    if (z.revive.size() != z.boundaries.size()) return Bad(seq, "revive");
+    for (float k : z.revive) {
+      if (!(k > 0.0f && k <= 1.0f)) return Bad(seq, "revive fraction");
+    }
+  }
   if (!z.keep.empty()) {
     if (!z.depth.empty() || z.keep.size() != z.boundaries.size()) return Bad(seq, "keep");
     for (float k : z.keep) {
@@ -159,6 +206,13 @@ absl::Status CheckDecision(const SeqPlan& seq) {
 // `keep` only the last token is sure to be, with `depth` those of full depth.
 bool FullDepth(const SeqPlan& seq, int32_t t) {
   const int32_t j = t - seq.token_begin;
+  const LazyPlan& z = seq.lazy;
+  if (z.by_entries()) {  // a decode token runs every stage; a replayed one, its entries
+    if (z.own_begin == z.recorded) return true;
+    const std::vector<LazyEntry>& last = z.entries.back();
+    return std::any_of(last.begin(), last.end(),
+                       [&](const LazyEntry& e) { return e.own == z.own_begin + j; });
+  }
   if (!seq.lazy.depth.empty()) {
     return seq.lazy.depth[j] == static_cast<int32_t>(seq.lazy.boundaries.size()) + 1;
   }
@@ -186,14 +240,15 @@ absl::Status ValidateLazyPlan(const BatchPlan& plan, const KvPoolInfo& kv, int32
   for (const SeqPlan& seq : plan.seqs) {
     if (!seq.lazy.active()) {
       if (!seq.lazy.keep.empty() || !seq.lazy.depth.empty() || !seq.lazy.stage_context.empty() ||
-          !seq.lazy.stage_slots.empty()) {
+          !seq.lazy.stage_slots.empty() || seq.lazy.revives() || !seq.lazy.entries.empty()) {
         return Bad(seq, "fields without boundaries");
       }
       continue;
     }
     if (seq.num_tokens == 0) return Bad(seq, "sequence without tokens");
     absl::Status st = CheckDecision(seq);
-    if (st.ok()) st = CheckStages(seq, kv, num_layers);
+    if (st.ok()) st = CheckBoundaries(seq, num_layers);
+    if (st.ok()) st = seq.lazy.by_entries() ? CheckEntries(seq, kv) : CheckStages(seq, kv);
     if (st.ok()) st = CheckRows(plan, seq);
     if (!st.ok()) return st;
   }

@@ -24,6 +24,11 @@ struct LazyOptions {
   Mode mode = Mode::kDefault;  // kDefault: the server's --lazy_default
   std::vector<int32_t> boundaries;
   std::vector<float> keep;
+  // Decode-time revival (papers.md 2.2): every decode step's token selects the best
+  // keep[s] of stage s's keys and revives the selected tokens that lack K/V in stage
+  // s + 1 from the Aux Cache. Off: the prefill's decision is kept (the paper's TTFT mode).
+  bool revive = false;
+  bool revive_set = false;  // the request chose `revive` (else the server's default)
 };
 
 // The keep fraction of the paper's proposal (70% of the previous stage per boundary).

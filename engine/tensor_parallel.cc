@@ -129,6 +129,13 @@ absl::Status TensorParallelBackend::Forward(const BatchPlan& plan, ForwardOutput
 
 KvPoolInfo TensorParallelBackend::kv() const { return ranks_[0]->kv(); }
 
+void TensorParallelBackend::ReleaseSequence(SeqId id) {
+  RunAll([&](int32_t r) {
+    ranks_[r]->ReleaseSequence(id);
+    return absl::OkStatus();
+  }).IgnoreError();  // an aborted group holds nothing more of use
+}
+
 absl::Status TensorParallelBackend::LoadAdapter(int64_t id, const LoraAdapter& adapter) {
   for (size_t r = 0; r < ranks_.size(); ++r) {
     absl::Status st = ranks_[r]->LoadAdapter(id, adapter);

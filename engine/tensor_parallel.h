@@ -33,6 +33,8 @@ class TensorParallelBackend : public Backend {
   // Every rank keeps its part of the adapter (on the caller's thread: the ranks' own
   // LoadAdapter is thread-safe); a rank that fails unloads it from the others.
   bool SupportsAdapters() const override { return ranks_[0]->SupportsAdapters(); }
+  // On every rank, each on its own thread (where its Forward runs).
+  void ReleaseSequence(SeqId id) override;
   absl::Status LoadAdapter(int64_t id, const LoraAdapter& adapter) override;
   absl::Status UnloadAdapter(int64_t id) override;
   // FAILED_PRECONDITION once the group was aborted (a rank failed), else the first

@@ -23,6 +23,10 @@ engine::LazyOptions FromProto(bool has, const v1::LazyOptions& z) {
     o.boundaries.push_back(b > 0x7fffffffu ? 0x7fffffff : static_cast<int32_t>(b));
   }
   o.keep.assign(z.keep_fractions().begin(), z.keep_fractions().end());
+  if (z.has_revive()) {
+    o.revive = z.revive();
+    o.revive_set = true;
+  }
   return o;
 }
 
@@ -47,6 +51,7 @@ void LazyUsageToProto(const engine::Usage& u, v1::Usage* out) {
     z->add_stage_share(computed > 0 ? static_cast<float>(n) / computed : 0.0f);
   }
   if (!u.lazy_skipped.empty()) z->set_skipped(u.lazy_skipped);
+  if (u.lazy_revive) z->set_revived_tokens(static_cast<uint64_t>(u.lazy_revived_tokens));
 }
 
 absl::StatusOr<engine::LazyOptions> ParseLazyDefault(const std::string& flag) {

@@ -133,6 +133,11 @@ void Metrics::OnLazyPrefill(int64_t, int64_t pruned_tokens) {
   lazy_pruned_tokens_ += static_cast<uint64_t>(pruned_tokens);
 }
 
+void Metrics::OnLazyRevived(int64_t tokens) {
+  absl::MutexLock lock(&mu_);
+  lazy_revived_tokens_ += static_cast<uint64_t>(tokens);
+}
+
 void Metrics::OnStep(int32_t, int32_t, int32_t batch_tokens) {
   absl::MutexLock lock(&mu_);
   ++steps_;
@@ -243,8 +248,11 @@ std::string Metrics::Render() const {
   Counter("superpose_lazy_prefills_total", "Prompts prefilled with LazyLLM pruning.",
           lazy_prefills_, &out);
   Counter("superpose_lazy_pruned_tokens_total",
-          "Prompt tokens LazyLLM pruned before the last stage (revival is not implemented).",
-          lazy_pruned_tokens_, &out);
+          "Prompt tokens LazyLLM's prefills pruned before the last stage.", lazy_pruned_tokens_,
+          &out);
+  Counter("superpose_lazy_revived_tokens_total",
+          "Prompt tokens LazyLLM's decode steps revived into a stage from the Aux Cache.",
+          lazy_revived_tokens_, &out);
   Counter("superpose_engine_steps_total", "Engine iterations that ran the backend.", steps_, &out);
   absl::StrAppend(&out,
                   "# HELP superpose_rag_requests_total GenerateRag requests finished, by "

@@ -53,6 +53,7 @@ class Metrics : public engine::EngineObserver {
                         engine::FinishReason reason, const absl::Status& status) override;
   void OnQueueTimeout(const std::string& tenant) override;
   void OnLazyPrefill(int64_t prompt_tokens, int64_t pruned_tokens) override;
+  void OnLazyRevived(int64_t tokens) override;
   // Requests refused before reaching the engine (validation, full queue); `tenant`
   // (empty: unknown, e.g. not authenticated) also counts them for the tenant.
   void OnRejected(const std::string& code, const std::string& tenant = "");
@@ -76,6 +77,7 @@ class Metrics : public engine::EngineObserver {
   uint64_t preemptions_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t lazy_prefills_ ABSL_GUARDED_BY(mu_) = 0;  // LazyLLM
   uint64_t lazy_pruned_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t lazy_revived_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t steps_ ABSL_GUARDED_BY(mu_) = 0;
   // RAG requests.
   std::map<std::string, uint64_t> rag_requests_ ABSL_GUARDED_BY(mu_);  // by mode

@@ -149,6 +149,13 @@ ABSL_FLAG(std::string, lazy_default, "off",
           "schedule), or LAYER:KEEP,... (0-based boundary layers, keep fractions)");
 ABSL_FLAG(int32_t, lazy_min_prompt, 1024,
           "Prompts shorter than this many tokens never prune (LazyLLM)");
+ABSL_FLAG(int64_t, lazy_aux_mb, 256,
+          "MiB the running sequences' LazyLLM Aux Caches may hold (per tensor-parallel rank); a "
+          "sequence past it decodes without revival");
+ABSL_FLAG(bool, lazy_revive, false,
+          "LazyLLM decode-time revival for pruning requests that do not set lazy.revive: each "
+          "decode step reselects every stage's tokens and revives pruned ones from the Aux "
+          "Cache (false: the prefill's decision is kept, the paper's TTFT mode)");
 ABSL_FLAG(int32_t, tokenize_threads, 2, "Threads that tokenize requests, off the gRPC threads");
 ABSL_FLAG(int32_t, tokenize_queue, 64,
           "Requests that may wait for a tokenize thread; more get RESOURCE_EXHAUSTED");
@@ -353,6 +360,12 @@ absl::StatusOr<engine::EngineOptions> EngineOptionsFromFlags(bool private_mode) 
       server::ParseLazyDefault(absl::GetFlag(FLAGS_lazy_default));
   if (!lazy.ok()) return lazy.status();
   eopts.lazy.default_schedule = *lazy;
+  eopts.lazy.default_schedule.revive = absl::GetFlag(FLAGS_lazy_revive);
+  if (absl::GetFlag(FLAGS_lazy_aux_mb) < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--lazy_aux_mb: must be >= 0, got ", absl::GetFlag(FLAGS_lazy_aux_mb)));
+  }
+  eopts.lazy.aux_budget_bytes = absl::GetFlag(FLAGS_lazy_aux_mb) << 20;
   eopts.lazy.min_prompt = absl::GetFlag(FLAGS_lazy_min_prompt);
   if (eopts.lazy.min_prompt < 1) {
     return absl::InvalidArgumentError(

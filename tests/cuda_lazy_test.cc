@@ -11,7 +11,8 @@
 // the logits are within the CPU comparison's tolerance of cuda_lora_test (every logit
 // within 5% of the row's largest |logit|, the mean within 1%); each layer computes its
 // stage's tokens once (counts, and the KV pool); a decode step after a pruned prefill
-// matches the CPU; a bad plan is refused and the backend keeps serving.
+// matches the CPU; a bad plan, or one asking for revival, is refused and the backend
+// keeps serving.
 //
 // Near-tie rule: bf16 weights and KV move a score by about 1% (cuda_backend_test's
 // golden comparison), so where the GPU and the CPU first keep different tokens (a
@@ -203,6 +204,19 @@ TEST(CudaLazyStageTest, DecodeStepKeepsItsRowAndSwitchesKeys) {
   EXPECT_EQ(keys, (std::vector<int32_t>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}));
   EXPECT_EQ(st1->sm.words[st1->sm.off_slots], 9);
   EXPECT_EQ(st1->sm.words[st1->sm.off_pos], st0->sm.words[st0->sm.off_pos]);  // RoPE position
+}
+
+TEST(CudaLazyStageTest, RevivalIsRefusedNamingTheField) {
+  BatchPlan plan;
+  AddSeq(Prompt(8, 1, 256), 0, Lazy({1}, {0.5f}), &plan);
+  EXPECT_TRUE(cuda::CheckNoRevival(plan).ok());
+  plan.seqs[0].lazy.revive = {0.5f};
+  const absl::Status st = cuda::CheckNoRevival(plan);
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(st.message().find("lazy.revive"), std::string::npos) << st;
+  plan.seqs[0].lazy.revive.clear();
+  plan.seqs[0].lazy.recorded = 8;
+  EXPECT_EQ(cuda::CheckNoRevival(plan).code(), absl::StatusCode::kUnimplemented);
 }
 
 // ---- On the GPU. ----
@@ -459,6 +473,10 @@ TEST_F(CudaLazyTest, RefusesBadLazyPlansAndKeepsServing) {
   plan.seqs[0].lazy.keep = {0.5f};
   plan.seqs[0].lazy.boundaries = {model_->config.num_layers};  // past the last layer
   EXPECT_EQ(gpu_->Forward(plan, &out).code(), absl::StatusCode::kInvalidArgument);
+  plan.seqs[0].lazy.boundaries = {1};
+  plan.seqs[0].lazy.revive = {0.5f};  // decode-time revival: not on this backend
+  EXPECT_EQ(gpu_->Forward(plan, &out).code(), absl::StatusCode::kUnimplemented);
+  EXPECT_FALSE(gpu_->SupportsLazyRevival());
   plan.seqs[0].lazy = {};
   EXPECT_EQ(Run(*gpu_, plan).logits, plain.logits);
   EXPECT_TRUE(gpu_->Health().ok());

@@ -91,6 +91,31 @@ TEST_F(ServerLazyTest, KeepOneAnswersLikeNoPruning) {
   EXPECT_FLOAT_EQ(lazy.usage.lazy().stage_share(3), 1.0f);
 }
 
+// Decode-time revival over gRPC (lazy.revive): usage reports the revived tokens (and the
+// stage counts include them), /metrics counts them; without it usage has no count.
+TEST_F(ServerLazyTest, ReviveReportsRevivedTokens) {
+  auto stub = v1::Superpose::NewStub(server_->Channel());
+  const double before =
+      testing::MetricValue(server_->metrics_port(), "superpose_lazy_revived_tokens_total");
+  v1::GenerateRequest req = Prompt(120, 24);
+  for (uint32_t b : {0, 2}) req.mutable_lazy()->add_boundary_layers(b);
+  for (int i = 0; i < 2; ++i) req.mutable_lazy()->add_keep_fractions(0.5f);
+  const Result ttft = Generate(*stub, req);
+  req.mutable_lazy()->set_revive(true);
+  const Result rev = Generate(*stub, req);
+  ASSERT_TRUE(ttft.status.ok() && rev.status.ok()) << rev.status.error_message();
+  EXPECT_EQ(rev.tokens.size(), 24u);
+  EXPECT_FALSE(ttft.usage.lazy().has_revived_tokens());
+  const v1::LazyUsage& z = rev.usage.lazy();
+  ASSERT_TRUE(z.has_revived_tokens());
+  EXPECT_GT(z.revived_tokens(), 0u);
+  uint64_t grown = 0;
+  for (int s = 0; s < 3; ++s) grown += z.stage_tokens(s) - ttft.usage.lazy().stage_tokens(s);
+  EXPECT_EQ(grown, z.revived_tokens());
+  EXPECT_EQ(testing::MetricValue(server_->metrics_port(), "superpose_lazy_revived_tokens_total"),
+            before + static_cast<double>(z.revived_tokens()));
+}
+
 // GenerateRag's naive mode is one flat prompt: LazyLLM prunes it and reports it in usage;
 // the superposition mode refuses the option, naming it.
 TEST_F(ServerLazyTest, NaiveRagPrunesAndSuperpositionRefuses) {

@@ -245,10 +245,17 @@ CpuBackend::ActiveRows CpuBackend::AllRows(const BatchPlan& plan) {
   rows.token.resize(plan.tokens.size());
   for (size_t t = 0; t < rows.token.size(); ++t) rows.token[t] = static_cast<int32_t>(t);
   rows.slot = plan.kv_slots;
+  rows.compact.assign(plan.tokens.size(), -1);
+  rows.prefix.assign(plan.tokens.size(), -1);
+  rows.own.assign(plan.tokens.size(), -1);
   for (const SeqPlan& seq : plan.seqs) {
     rows.begin.push_back(seq.token_begin);
     rows.count.push_back(seq.num_tokens);
     rows.stage.push_back(0);
+    if (!seq.lazy.revives()) continue;
+    for (int32_t j = 0; j < seq.num_tokens; ++j) {
+      rows.own[seq.token_begin + j] = seq.lazy.own_begin + j;
+    }
   }
   return rows;
 }
@@ -265,6 +272,7 @@ CpuBackend::KeyIndex CpuBackend::BuildKeyIndex(const BatchPlan& plan,
     AttnKeys& keys = ix.keys[si];
     // A lazy sequence past its first boundary sees the context of its stage.
     const int32_t stage = rows.stage[si];
+    if (stage > 0 && seq.lazy.by_entries()) continue;  // RevivalKeys
     for (const KvSegment& g : stage == 0 ? seq.context : seq.lazy.stage_context[stage - 1]) {
       keys.Append(g.block, g.first_slot, g.length, bs);
     }
@@ -277,6 +285,10 @@ CpuBackend::KeyIndex CpuBackend::BuildKeyIndex(const BatchPlan& plan,
   // Work items: the query heads of one kv head for a tile of rows (up to 32 queries),
   // with each query's row in q/out and its visible key count.
   for (int32_t si = 0; si < S; ++si) {
+    if (rows.stage[si] > 0 && plan.seqs[si].lazy.by_entries()) {
+      RevivalKeys(plan.seqs[si], rows, si, &ix);
+      continue;
+    }
     const int32_t n = rows.count[si];
     for (int32_t kvh = 0; kvh < kv_heads_; ++kvh) {
       const int32_t g = static_cast<int32_t>(heads_of_[kvh].size());
@@ -362,7 +374,8 @@ absl::Status CpuBackend::Forward(const BatchPlan& plan, ForwardOutput* out) {
     SP_RETURN_IF_ERROR(MlpBlock(l, &b, &x));
     LazyCount(rows, l, lazy, out);
     if (boundary) {
-      LazyPrune(plan, l, &lazy, &rows, &x, out);
+      LazyPrune(plan, l, &lazy, &rows, &x, out, &b);
+      b.Fit(rows.token.size());  // tokens revived from the Aux Cache add rows
       key_index = BuildKeyIndex(plan, rows);
       lora_step_.SetRows(rows.begin, rows.count);
     }
@@ -376,23 +389,32 @@ CpuBackend::StepBuffers::StepBuffers(const BatchPlan& plan, const ModelConfig& c
                                      const std::vector<float>& inv_freq) {
   const size_t T = plan.tokens.size(), H = config.hidden_size, D = config.head_dim;
   const size_t qd = q_heads * D, qkv_w = qd + 2 * kv_heads * D;
-  h.resize(T * H);
-  qkv.resize(T * qkv_w);
-  q.resize(T * qd);
-  attn.resize(T * qd);
-  proj.resize(T * H);
-  gu.resize(T * 2 * inter);
-  act.resize(T * inter);
+  const size_t sizes[7] = {
+      H, qkv_w, qd, qd, H, 2 * static_cast<size_t>(inter), static_cast<size_t>(inter)};
+  std::copy(sizes, sizes + 7, per_row);
+  Fit(T);
   // RoPE tables from the float positions.
   half = static_cast<int32_t>(D / 2);
-  cos_t.resize(T * half);
-  sin_t.resize(T * half);
-  for (size_t t = 0; t < T; ++t) {
-    for (int32_t i = 0; i < half; ++i) {
-      const float a = plan.positions[t] * inv_freq[i];
-      cos_t[t * half + i] = std::cos(a);
-      sin_t[t * half + i] = std::sin(a);
-    }
+  this->inv_freq = &inv_freq;
+  cos_t.reserve(T * half);
+  sin_t.reserve(T * half);
+  for (size_t t = 0; t < T; ++t) AddRow(plan.positions[t]);
+}
+
+int32_t CpuBackend::StepBuffers::AddRow(float position) {
+  const int32_t id = static_cast<int32_t>(cos_t.size() / half);
+  for (int32_t i = 0; i < half; ++i) {
+    const float a = position * (*inv_freq)[i];
+    cos_t.push_back(std::cos(a));
+    sin_t.push_back(std::sin(a));
+  }
+  return id;
+}
+
+void CpuBackend::StepBuffers::Fit(size_t rows) {
+  std::vector<float>* bufs[7] = {&h, &qkv, &q, &attn, &proj, &gu, &act};
+  for (int i = 0; i < 7; ++i) {
+    if (bufs[i]->size() < rows * per_row[i]) bufs[i]->resize(rows * per_row[i]);
   }
 }
 
@@ -510,7 +532,7 @@ absl::Status CpuBackend::Logits(const BatchPlan& plan, const ActiveRows& active,
   // logits and logprob rows off them).
   std::vector<int32_t> x_row(T, -1);
   for (size_t r = 0; r < active.token.size(); ++r) {
-    x_row[active.token[r]] = static_cast<int32_t>(r);
+    if (active.token[r] < T) x_row[active.token[r]] = static_cast<int32_t>(r);  // else revived
   }
   const float eps = config_.rms_norm_eps;
   std::vector<int32_t> rows = plan.logits_for;

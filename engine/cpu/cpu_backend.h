@@ -9,6 +9,7 @@
 #include <memory>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "engine/backend.h"
 #include "engine/cpu/aligned.h"
 #include "engine/cpu/attention.h"
@@ -49,6 +50,10 @@ class CpuBackend : public Backend {
   // engine/cpu/kv_pool_access.cc: zeroing (private mode) and the tests' reader.
   absl::Status ZeroKvBlocks(absl::Span<const BlockId> blocks) override;
   absl::StatusOr<std::vector<uint8_t>> KvBlockBytes(BlockId block) const override;
+  // LazyLLM's Aux Cache of sequence `id` (engine/cpu/lazy_forward.cc), zeroed and freed.
+  void ReleaseSequence(SeqId id) override;
+  // Tests: bytes the Aux Caches hold now (not while a Forward runs).
+  int64_t LazyAuxBytes() const;
 
  private:
   // A weight W[out, in]: float32 row-major, or packed bf16, or quantized (then f32 is
@@ -92,18 +97,31 @@ class CpuBackend : public Backend {
     std::vector<int64_t> query_row;  // token * q_heads + head: the query's row in q and out
     std::vector<int32_t> query_nk;   // keys the query sees
   };
+  struct StepBuffers;
   // The rows a step computes at the current layer: every new token, less those LazyLLM
   // pruned at an earlier boundary of their sequence (engine/cpu/lazy_forward.cc). The
   // rows of a sequence stay contiguous and in token order.
   struct ActiveRows {
-    std::vector<int32_t> token;                // row -> plan token
+    // row -> plan token; a token revived from the Aux Cache has a step-local id past the
+    // plan's tokens (StepBuffers::AddRow: its own position).
+    std::vector<int32_t> token;
     std::vector<KvSlot> slot;                  // row -> where its K/V go in this stage
     std::vector<int32_t> begin, count, stage;  // per plan sequence
+    // LazyLLM revival mode past stage 0 (LazyPlan::by_entries): row -> its entry in the
+    // stage (compact index k, prefix: it attends to entries [0, prefix) and itself); -1
+    // elsewhere.
+    std::vector<int32_t> compact, prefix;
+    std::vector<int32_t> own;  // row -> own index (revival mode), else -1
   };
   // LazyLLM bookkeeping of one Forward.
   struct LazyStep {
     std::vector<int32_t> result_of;          // per plan sequence: its out->lazy entry, or -1
     std::vector<std::vector<float>> scores;  // per plan sequence deciding at this layer
+  };
+  // A sequence's Aux Cache: the hidden state each pruned token left at its boundary.
+  struct LazyAux {
+    std::vector<float> h;     // [own, hidden]
+    std::vector<int32_t> at;  // [own]: the boundary its state is from, -1: none
   };
   static ActiveRows AllRows(const BatchPlan& plan);
   KeyIndex BuildKeyIndex(const BatchPlan& plan, const ActiveRows& rows) const;
@@ -116,16 +134,39 @@ class CpuBackend : public Backend {
   std::vector<float> LastTokenAttention(const AttnKeys& keys, int32_t l, const float* q,
                                         int32_t row) const;
   void LazyPrune(const BatchPlan& plan, int32_t l, LazyStep* z, ActiveRows* rows,
-                 std::vector<float>* x, ForwardOutput* out) const;
+                 std::vector<float>* x, ForwardOutput* out, StepBuffers* b);
+  // The rows plan sequence si takes into the next stage (appended to *next and *nx).
+  void NextStageRows(const BatchPlan& plan, size_t si, int32_t l, LazyStep* z,
+                     const ActiveRows& rows, const std::vector<float>& x, ActiveRows* next,
+                     std::vector<float>* nx, ForwardOutput* out, StepBuffers* b);
+  // Revival mode (LazyPlan::by_entries): a replay's rows in the stage's entry order, a
+  // decode step's selection and revivals from the Aux Cache.
+  void ReplayStageRows(const SeqPlan& seq, int32_t stage, const ActiveRows& rows, int32_t si,
+                       const std::vector<float>& x, ActiveRows* next, std::vector<float>* nx);
+  void DecodeStageRows(const SeqPlan& seq, int32_t stage, const ActiveRows& rows, int32_t si,
+                       const std::vector<float>& scores, const std::vector<float>& x,
+                       ActiveRows* next, std::vector<float>* nx, std::vector<LazyEntry>* revived,
+                       StepBuffers* b);
+  // Stores the hidden state of row r (own index `own`) as left at boundary `stage`.
+  void StoreAux(SeqId id, int32_t own, int32_t stage, const float* h);
+  // KeyIndex's part for a revival-mode sequence past stage 0: the stage's entries as
+  // one key list, and a list of its own for each revived row.
+  void RevivalKeys(const SeqPlan& seq, const ActiveRows& rows, int32_t si, KeyIndex* ix) const;
   static void LazyCount(const ActiveRows& rows, int32_t l, const LazyStep& z, ForwardOutput* out);
   void Attention(const KeyIndex& ix, int32_t layer, const float* q, float* out) const;
   // Scratch of one step's T tokens and its RoPE tables.
   struct StepBuffers {
     StepBuffers(const BatchPlan& plan, const ModelConfig& config, int32_t q_heads, int32_t kv_heads,
                 int32_t inter, const std::vector<float>& inv_freq);
+    // A token revived from the Aux Cache (not a plan token) at `position`: its id.
+    int32_t AddRow(float position);
+    // Room for `rows` rows (revived tokens may outnumber the plan's).
+    void Fit(size_t rows);
     std::vector<float> h, qkv, q, attn, proj, gu, act;
     int32_t half = 0;                 // head_dim / 2
-    std::vector<float> cos_t, sin_t;  // [T, half]
+    std::vector<float> cos_t, sin_t;  // [tokens, half]
+    const std::vector<float>* inv_freq = nullptr;
+    size_t per_row[7] = {};  // floats per row of h, qkv, q, attn, proj, gu, act
   };
   // Forward's steps: x[T, hidden] through the embedding, each layer's attention and MLP
   // blocks (residuals added), then the logits rows.
@@ -185,6 +226,9 @@ class CpuBackend : public Backend {
   std::vector<float> lm_full_;   // gathered logits scratch (tensor parallel)
   LoraTable lora_table_;         // adapters loaded (thread-safe)
   LoraStep lora_step_;           // the adapters of the running Forward, over its rows
+  // LazyLLM Aux Caches by sequence (revival mode), from a deciding prefill to
+  // ReleaseSequence; only the thread running Forward touches them.
+  absl::flat_hash_map<SeqId, LazyAux> lazy_aux_;
 };
 
 // Registers "cpu" (ParseCpuOptions, MakeCpuBackend).

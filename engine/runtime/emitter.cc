@@ -106,6 +106,8 @@ StreamEvent Emitter::FinalEvent(Sequence& seq, FinishReason reason,
   if (seq.lazy.decided()) {
     u.lazy_boundaries = seq.lazy.boundaries;
     u.lazy_stage_tokens = seq.lazy.stage_tokens;
+    u.lazy_revive = seq.lazy.revive;
+    u.lazy_revived_tokens = seq.lazy.revived;
   }
   u.lazy_skipped = seq.lazy.skipped;
   return ev;

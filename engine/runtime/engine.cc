@@ -77,6 +77,7 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   void Deliver(StreamCallback& callback, StreamEvent ev) override;
   void StartLazy(Sequence* seq) override {
     StartLazySequence(seq->req.lazy, options_.lazy.min_prompt, options_.max_batch_tokens, seq);
+    ReserveAux(seq);
   }
 
   // SequenceOwner of plain requests: their final event goes out as the engine built it.
@@ -121,6 +122,8 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   void Finish(Sequence* seq, FinishReason reason, absl::Status status);
   void FreeBlocks(Sequence* seq);
   void Preempt(Sequence* seq);
+  void ReserveAux(Sequence* seq);
+  void ReleaseAux(Sequence* seq, bool done);
   bool EnsureBlocks(Sequence* seq, int32_t upto_tokens);
   bool UsesPrefixCache(const Sequence& seq) const {
     return options_.prefix_caching && seq.prefix_cache;
@@ -176,6 +179,7 @@ class Engine::Impl final : public SequenceHost, public SequenceOwner {
   std::atomic<int32_t> stat_running_{0};
   std::atomic<int32_t> stat_waiting_{0};
   std::atomic<int64_t> stat_preemptions_{0};
+  int64_t aux_reserved_ = 0;  // LazyLLM Aux Cache budget held by running sequences
   std::atomic<int64_t> stat_steps_{0};
 };
 
@@ -527,12 +531,38 @@ void Engine::Impl::FreeBlocks(Sequence* seq) {
 void Engine::Impl::Drop(Sequence& seq) {
   seq.finished = true;
   FreeBlocks(&seq);
+  ReleaseAux(&seq, true);
+}
+
+// Revival under memory pressure: past the Aux Cache budget a sequence decodes without
+// revival (LazyEngineOptions::aux_budget_bytes).
+void Engine::Impl::ReserveAux(Sequence* seq) {
+  if (!seq->lazy.revive) return;
+  const int64_t need = int64_t{seq->prompt_len} * config_.hidden_size * int64_t{sizeof(float)};
+  if (aux_reserved_ + need > options_.lazy.aux_budget_bytes) {
+    seq->lazy.revive = false;
+    spdlog::debug("req={} lazy revival off: Aux Cache budget", seq->log_id.str());
+    return;
+  }
+  aux_reserved_ += need;
+  seq->lazy.aux_reserved = need;
+}
+
+// The backend's Aux Cache of seq (refilled by a recomputation's replay); with `done`,
+// its share of the budget too.
+void Engine::Impl::ReleaseAux(Sequence* seq, bool done) {
+  if (!seq->lazy.revive) return;
+  backend_->ReleaseSequence(static_cast<SeqId>(seq->handle));
+  if (!done) return;
+  aux_reserved_ -= seq->lazy.aux_reserved;
+  seq->lazy.aux_reserved = 0;
 }
 
 void Engine::Impl::Finish(Sequence* seq, FinishReason reason, absl::Status status) {
   if (seq->finished) return;
   seq->finished = true;
   FreeBlocks(seq);
+  ReleaseAux(seq, true);
   StreamEvent ev;
   if (seq->emits) {
     ev = emitter_.FinalEvent(*seq, reason, status);
@@ -561,6 +591,7 @@ void Engine::Impl::Deliver(StreamCallback& callback, StreamEvent ev) {
 
 void Engine::Impl::Preempt(Sequence* seq) {
   FreeBlocks(seq);
+  ReleaseAux(seq, false);  // the recomputation refills it as it replays
   seq->owner->OnPreempted(*seq);
   stat_preemptions_.fetch_add(1);
   if (observer_ != nullptr) observer_->OnPreempted();
@@ -743,6 +774,7 @@ std::vector<std::pair<Sequence*, int32_t>> Engine::Impl::Apply(const Decision& d
   for (auto& [seq, n] : sched) {
     n = std::min(n, seq->remaining());
     DropChunkedLazy(seq, n);
+    CapLazyReplay(*seq, &n);
     if (n > 0 && EnsureBlocks(seq, seq->computed + n)) out.emplace_back(seq, n);
   }
   return out;
@@ -791,8 +823,13 @@ bool Engine::Impl::Step() {
   for (const ForwardOutput::Lazy& r : out.lazy) {
     Sequence* seq = sp.entries[r.seq].seq;
     const bool first = !seq->lazy.decided();
+    if (!first) {
+      const int64_t revived = TakeLazyRevival(r, seq);
+      if (revived > 0 && observer_ != nullptr) observer_->OnLazyRevived(revived);
+      continue;
+    }
     const int64_t pruned = TakeLazyDecision(r, seq);
-    if (first && observer_ != nullptr) observer_->OnLazyPrefill(seq->prompt_len, pruned);
+    if (observer_ != nullptr) observer_->OnLazyPrefill(seq->prompt_len, pruned);
   }
   HandleOutputs(sp, rows, out);
   return true;

@@ -68,6 +68,8 @@ class EngineObserver {
   // A LazyLLM prefill decided: of `prompt_tokens`, `pruned_tokens` did not reach the
   // last stage.
   virtual void OnLazyPrefill(int64_t prompt_tokens, int64_t pruned_tokens) {}
+  // LazyLLM revival: prompt tokens a decode step revived from the Aux Cache.
+  virtual void OnLazyRevived(int64_t tokens) {}
 };
 
 struct EngineStats {

@@ -14,6 +14,8 @@ absl::Status ResolveRequestLazy(const LazyEngineOptions& options, int32_t num_la
     if (!backend_supports) lazy->mode = LazyOptions::Mode::kOff;
   } else if (lazy->mode == LazyOptions::Mode::kOn && !backend_supports) {
     return absl::UnimplementedError("lazy: this server's backend does not run LazyLLM pruning");
+  } else if (!lazy->revive_set) {
+    lazy->revive = options.default_schedule.revive;
   }
   return ResolveLazy(num_layers, lazy);
 }
@@ -28,6 +30,7 @@ void StartLazySequence(const LazyOptions& lazy, int32_t min_prompt, int32_t max_
   }
   seq->lazy.boundaries = lazy.boundaries;
   seq->lazy.keep = lazy.keep;
+  seq->lazy.revive = lazy.revive;
   // A cached prefix is reused as computed (in every stage, never pruned); the sequence's
   // own blocks hold its stages compacted, which no other sequence may read as a prefix.
   seq->publishes_prefix = false;
@@ -55,6 +58,17 @@ int32_t StageBase(const Sequence& seq, int32_t s) {
   return base;
 }
 
+// Revival mode after the decision: the stages as entries (LazyPlan::by_entries).
+void FillRevivalPlan(const Sequence& seq, LazyPlan* plan) {
+  const LazyState& z = seq.lazy;
+  plan->revive = z.keep;
+  plan->entries = z.entries;
+  plan->prefill_entries = z.prefill_entries;
+  plan->blocks = seq.blocks;
+  plan->own_begin = seq.computed;
+  plan->recorded = z.recorded;
+}
+
 }  // namespace
 
 void FillLazyPlan(const Sequence& seq, int32_t num_tokens, int32_t bs, LazyPlan* plan) {
@@ -62,6 +76,11 @@ void FillLazyPlan(const Sequence& seq, int32_t num_tokens, int32_t bs, LazyPlan*
   if (!seq.lazy.active()) return;
   plan->boundaries = seq.lazy.boundaries;
   const bool deciding = !seq.lazy.decided();
+  if (seq.lazy.revive && !deciding) return FillRevivalPlan(seq, plan);
+  if (seq.lazy.revive) {  // the deciding prefill fills the Aux Cache
+    plan->revive = seq.lazy.keep;
+    plan->own_begin = seq.computed;
+  }
   if (deciding) {
     plan->keep = seq.lazy.keep;  // the whole prompt, no context (DropChunkedLazy)
   } else if (seq.computed < static_cast<int32_t>(seq.lazy.depth.size())) {
@@ -95,7 +114,50 @@ int64_t TakeLazyDecision(const ForwardOutput::Lazy& result, Sequence* seq) {
   for (int32_t d : result.depth) {
     for (int32_t s = 0; s < d; ++s) ++z.stage_tokens[s];
   }
+  if (z.revive) {
+    // Stage s + 1's entries: the cached prefix, then the tokens that went on, in order.
+    const int32_t B = z.stages() - 1;
+    z.entries.assign(B, {});
+    for (int32_t s = 0; s < B; ++s) {
+      std::vector<LazyEntry>& e = z.entries[s];
+      for (int32_t i = 0; i < static_cast<int32_t>(z.depth.size()); ++i) {
+        if (z.depth[i] > s + 1) e.push_back({i, static_cast<int32_t>(e.size())});
+      }
+      z.prefill_entries.push_back(static_cast<int32_t>(e.size()));
+    }
+    z.recorded = static_cast<int32_t>(z.depth.size());
+  }
   return static_cast<int64_t>(result.depth.size()) - z.stage_tokens.back();
+}
+
+int64_t TakeLazyRevival(const ForwardOutput::Lazy& result, Sequence* seq) {
+  LazyState& z = seq->lazy;
+  if (!z.revive || !z.decided() || result.revived.empty() || seq->computed != z.recorded) {
+    return 0;
+  }
+  int64_t revived = 0;
+  for (size_t s = 0; s < z.entries.size(); ++s) {
+    std::vector<LazyEntry>& e = z.entries[s];
+    for (const LazyEntry& r : result.revived[s]) {
+      e.push_back(r);
+      // A prompt token computed in one more stage (usage counts them).
+      if (r.own < static_cast<int32_t>(z.depth.size())) {
+        z.depth[r.own] = std::max(z.depth[r.own], static_cast<int32_t>(s) + 2);
+        ++z.stage_tokens[s + 1];
+      }
+    }
+    revived += static_cast<int64_t>(result.revived[s].size());
+    e.push_back({seq->computed, static_cast<int32_t>(e.size())});  // the step's own token
+  }
+  ++z.recorded;
+  z.revived += revived;
+  return revived;
+}
+
+void CapLazyReplay(const Sequence& seq, int32_t* num_tokens) {
+  const LazyState& z = seq.lazy;
+  if (!z.revive || !z.decided() || seq.computed >= z.recorded) return;
+  *num_tokens = std::min(*num_tokens, z.recorded - seq.computed);
 }
 
 }  // namespace superpose::engine

@@ -18,6 +18,10 @@ struct LazyEngineOptions {
   // arrays takes the paper's schedule for the model).
   LazyOptions default_schedule;
   int32_t min_prompt = 1024;  // shorter prompts run without pruning
+  // Bytes the running sequences' Aux Caches may take (a float per hidden unit and prompt
+  // token, on each tensor-parallel rank): a sequence that would pass it decodes without
+  // revival (its prefill still prunes).
+  int64_t aux_budget_bytes = int64_t{256} << 20;
 };
 
 // A request's schedule resolved against the server default, the model and the backend:
@@ -43,5 +47,14 @@ void FillLazyPlan(const Sequence& seq, int32_t num_tokens, int32_t bs, LazyPlan*
 // Takes the backend's decision for a sequence's first prefill (before seq->computed
 // advances past it); returns the prompt tokens it pruned (0 for a replay).
 int64_t TakeLazyDecision(const ForwardOutput::Lazy& result, Sequence* seq);
+
+// Revival mode: records a decode step's entries (the revived tokens, then the step's
+// own token, in each stage past the first) before seq->computed advances; returns the
+// tokens revived. A replay's result records nothing.
+int64_t TakeLazyRevival(const ForwardOutput::Lazy& result, Sequence* seq);
+
+// Revival mode: a recomputation replays only the recorded tokens in a step (the next
+// token is a decode step of its own, which selects and revives): caps *num_tokens.
+void CapLazyReplay(const Sequence& seq, int32_t* num_tokens);
 
 }  // namespace superpose::engine

@@ -116,6 +116,8 @@ struct Usage {
   std::vector<int32_t> lazy_boundaries;
   std::vector<int32_t> lazy_stage_tokens;
   std::string lazy_skipped;
+  bool lazy_revive = false;  // decode-time revival ran (then lazy_revived_tokens counts)
+  int64_t lazy_revived_tokens = 0;
 };
 
 // What the engine streams back. Events of one request arrive in order, on the engine

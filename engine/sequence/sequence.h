@@ -47,6 +47,15 @@ struct LazyState {
   // Own tokens computed before the deciding step (a cached prefix, in every stage): a
   // recomputation matches no more of the prefix cache than this.
   int32_t decided_at = 0;
+  // Decode-time revival (LazyOptions::revive): per boundary s, the entries of stage s + 1
+  // in their compact order (LazyPlan::entries) and how many the prefill made; the own
+  // tokens they account for; the tokens revived so far.
+  bool revive = false;
+  std::vector<std::vector<LazyEntry>> entries;
+  std::vector<int32_t> prefill_entries;
+  int32_t recorded = 0;
+  int64_t revived = 0;
+  int64_t aux_reserved = 0;  // bytes of the engine's Aux Cache budget it holds
   std::string skipped;  // asked for, but not applied: why
   bool active() const { return !boundaries.empty(); }
   bool decided() const { return !depth.empty(); }
