@@ -329,6 +329,9 @@ class Backend {
   // Whether Forward runs plans with SeqPlan::lazy (LazyLLM pruning); else it refuses
   // them with UNIMPLEMENTED.
   virtual bool SupportsLazy() const { return false; }
+  // Whether it also runs revival-mode plans (LazyPlan::revive: the Aux Cache, decode-time
+  // revival, ReleaseSequence); else the engine never sends them.
+  virtual bool SupportsLazyRevival() const { return false; }
   // LoRA adapters (engine/lora_adapter.h): whether Forward applies SeqPlan::adapter.
   // LoadAdapter keeps the part of `adapter` this backend computes under `id` (> 0);
   // UnloadAdapter frees it. Both are thread-safe and may run while a Forward runs (a

@@ -30,6 +30,7 @@ class TensorParallelBackend : public Backend {
   KvPoolInfo kv() const override;
   bool SamplesRows() const override { return ranks_[0]->SamplesRows(); }
   bool SupportsLazy() const override { return ranks_[0]->SupportsLazy(); }
+  bool SupportsLazyRevival() const override { return ranks_[0]->SupportsLazyRevival(); }
   // Every rank keeps its part of the adapter (on the caller's thread: the ranks' own
   // LoadAdapter is thread-safe); a rank that fails unloads it from the others.
   bool SupportsAdapters() const override { return ranks_[0]->SupportsAdapters(); }

@@ -23,6 +23,8 @@ class ForwardingBackend : public engine::Backend {
   engine::KvPoolInfo kv() const override { return inner_->kv(); }
   bool SamplesRows() const override { return inner_->SamplesRows(); }
   bool SupportsLazy() const override { return inner_->SupportsLazy(); }
+  bool SupportsLazyRevival() const override { return inner_->SupportsLazyRevival(); }
+  void ReleaseSequence(engine::SeqId id) override { inner_->ReleaseSequence(id); }
   bool SupportsAdapters() const override { return inner_->SupportsAdapters(); }
   absl::Status LoadAdapter(int64_t id, const engine::LoraAdapter& a) override {
     return inner_->LoadAdapter(id, a);

@@ -14,6 +14,7 @@
 #include "engine/cpu/cpu_backend.h"
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
+#include "tests/forwarding_backend.h"
 #include "tests/test_util.h"
 
 namespace superpose {
@@ -228,6 +229,32 @@ TEST_F(LazyRevivalTest, AuxBudgetTurnsRevivalOff) {
   EXPECT_EQ(rb.usage.lazy_stage_tokens.size(), 3u);  // pruned all the same
   const testing::Completion again = testing::RunRequest(*eng, Revive(p, 16, {0.5f, 0.5f}));
   EXPECT_TRUE(again.usage.lazy_revive);
+}
+
+// A backend that prunes but does not revive: a request asking for revival gets
+// UNIMPLEMENTED naming lazy.revive; a server default to revive is dropped for it.
+TEST_F(LazyRevivalTest, BackendWithoutRevival) {
+  struct NoRevival : testing::ForwardingBackend {
+    using ForwardingBackend::ForwardingBackend;
+    bool SupportsLazyRevival() const override { return false; }
+  };
+  auto inner = MakeBackend(64);
+  NoRevival backend(inner.get());
+  engine::EngineOptions eo;
+  eo.lazy.min_prompt = 16;
+  eo.lazy.default_schedule.revive = true;
+  engine::Engine eng(eo, model_->config, model_->tokenizer.get(), &backend);
+  eng.Start();
+  const testing::Completion asked =
+      testing::RunRequest(eng, Revive(Prompt(40, 1), 4, {0.5f, 0.5f}));
+  EXPECT_EQ(asked.status.code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(asked.status.message().find("lazy.revive"), std::string::npos) << asked.status;
+  engine::Request r = Revive(Prompt(40, 1), 4, {0.5f, 0.5f});
+  r.lazy.revive_set = false;  // the server default
+  const testing::Completion dflt = testing::RunRequest(eng, std::move(r));
+  ASSERT_TRUE(dflt.status.ok()) << dflt.status;
+  EXPECT_FALSE(dflt.usage.lazy_revive);
+  EXPECT_EQ(dflt.usage.lazy_stage_tokens.size(), 3u);
 }
 
 // Revival keeps a sequence's results independent of its batch.

@@ -43,6 +43,7 @@ class CpuBackend : public Backend {
   KvPoolInfo kv() const override { return kv_info_; }
   bool SamplesRows() const override { return cpu_.row_sampling; }
   bool SupportsLazy() const override { return true; }
+  bool SupportsLazyRevival() const override { return true; }
   // LoRA adapters (engine/cpu/lora.h): this rank's part, in float32.
   bool SupportsAdapters() const override { return true; }
   absl::Status LoadAdapter(int64_t id, const LoraAdapter& adapter) override;

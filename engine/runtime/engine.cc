@@ -268,7 +268,8 @@ absl::StatusOr<uint64_t> Engine::Impl::Submit(Request request, StreamCallback ca
     in.request.prepared = std::move(*prepared);
     if (in.owner->FlatPrompt(request)) {
       SP_RETURN_IF_ERROR(ResolveRequestLazy(options_.lazy, config_.num_layers,
-                                            backend_->SupportsLazy(), &request.lazy));
+                                            backend_->SupportsLazy(),
+                                            backend_->SupportsLazyRevival(), &request.lazy));
     } else if (request.lazy.mode == LazyOptions::Mode::kOn) {
       return absl::InvalidArgumentError(
           "lazy: this request does not run as one prompt (GenerateRag prunes in rag.mode "
@@ -280,7 +281,8 @@ absl::StatusOr<uint64_t> Engine::Impl::Submit(Request request, StreamCallback ca
     const int64_t n = static_cast<int64_t>(request.prompt_ids.size());
     if (n == 0) return absl::InvalidArgumentError("prompt is empty");
     absl::Status lazy = ResolveRequestLazy(options_.lazy, config_.num_layers,
-                                           backend_->SupportsLazy(), &request.lazy);
+                                           backend_->SupportsLazy(),
+                                           backend_->SupportsLazyRevival(), &request.lazy);
     if (!lazy.ok()) return lazy;
     if (n >= max_context_) {
       return absl::InvalidArgumentError(

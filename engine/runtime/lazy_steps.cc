@@ -8,7 +8,7 @@
 namespace superpose::engine {
 
 absl::Status ResolveRequestLazy(const LazyEngineOptions& options, int32_t num_layers,
-                                bool backend_supports, LazyOptions* lazy) {
+                                bool backend_supports, bool backend_revives, LazyOptions* lazy) {
   if (lazy->mode == LazyOptions::Mode::kDefault) {
     *lazy = options.default_schedule;
     if (!backend_supports) lazy->mode = LazyOptions::Mode::kOff;
@@ -16,6 +16,13 @@ absl::Status ResolveRequestLazy(const LazyEngineOptions& options, int32_t num_la
     return absl::UnimplementedError("lazy: this server's backend does not run LazyLLM pruning");
   } else if (!lazy->revive_set) {
     lazy->revive = options.default_schedule.revive;
+  }
+  if (lazy->revive && !backend_revives) {
+    if (lazy->revive_set && lazy->mode == LazyOptions::Mode::kOn) {
+      return absl::UnimplementedError(
+          "lazy.revive: this server's backend does not revive pruned tokens");
+    }
+    lazy->revive = false;  // a server default the backend cannot run
   }
   return ResolveLazy(num_layers, lazy);
 }

@@ -25,10 +25,11 @@ struct LazyEngineOptions {
 };
 
 // A request's schedule resolved against the server default, the model and the backend:
-// INVALID_ARGUMENT naming the field, UNIMPLEMENTED when the request asks for lazy and the
-// backend cannot (a default the backend cannot run is dropped silently).
+// INVALID_ARGUMENT naming the field, UNIMPLEMENTED when the request asks for lazy (or for
+// lazy.revive) and the backend cannot (a default the backend cannot run is dropped
+// silently).
 absl::Status ResolveRequestLazy(const LazyEngineOptions& options, int32_t num_layers,
-                                bool backend_supports, LazyOptions* lazy);
+                                bool backend_supports, bool backend_revives, LazyOptions* lazy);
 
 // A new plain sequence's lazy state from its resolved schedule: applied, or skipped
 // with the reason (too short, longer than a step's `max_batch_tokens`). Lazy sequences
