@@ -36,7 +36,7 @@ absl::Status CudaBackend::Impl::EnqueueLayers(const Activations& a, const StepIn
   SP_RETURN_IF_ERROR(AllReduce(a.x.get(), rows_h));
   const size_t layer_elems = static_cast<size_t>(kv_info.num_blocks) * bs * kvd;
   for (int32_t l = 0; l < config.num_layers; ++l) {
-    const Layer& L = layers[l];
+    const Layer& L = WeightsOf(l);
     if (l == 0) {
       SP_CUDA_RETURN_IF_ERROR(
           LaunchAddRmsNorm(a.x.get(), nullptr, L.attn_norm.get(), T, H, eps, a.h.get(), stream));
@@ -65,7 +65,7 @@ absl::Status CudaBackend::Impl::EnqueueLayers(const Activations& a, const StepIn
     SP_RETURN_IF_ERROR(AllReduce(a.proj.get(), rows_h));
     // Residual add fused with the next norm (the final norm after the last layer).
     const float* next_norm =
-        l + 1 < config.num_layers ? layers[l + 1].attn_norm.get() : final_norm.get();
+        l + 1 < config.num_layers ? WeightsOf(l + 1).attn_norm.get() : final_norm.get();
     SP_CUDA_RETURN_IF_ERROR(
         LaunchAddRmsNorm(a.x.get(), a.proj.get(), next_norm, T, H, eps, a.h.get(), stream));
   }
