@@ -135,7 +135,11 @@ struct CudaBackend::Impl {
   // ---- Weights. ----
   DeviceArray<bf16> embed, lm_head;  // [vocab_pad, H]; lm_head empty when tied
   DeviceArray<float> final_norm, inv_freq;
+  // One per layer; a layer that computes with another's weights (config.json
+  // "layer_weight_map", SPIN-style sharing) holds none: WeightsOf gives the owner's.
   std::vector<Layer> layers;
+  bool OwnsWeights(int32_t l) const { return config.WeightLayer(l) == l; }
+  const Layer& WeightsOf(int32_t l) const { return layers[config.WeightLayer(l)]; }
   // Quantized projections (cuda/cuda_quant.cc): the format, the untied LM head, and the
   // bf16 scratch of prefill steps (the largest layer matrix).
   engine::WeightQuant quant = engine::WeightQuant::kNone;

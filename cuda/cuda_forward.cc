@@ -50,7 +50,7 @@ absl::Status CudaBackend::Impl::EnqueueAttentionHalf(const Activations& a, const
   const int32_t H = config.hidden_size, D = config.head_dim;
   const int32_t qd = q_heads * D, kvd = kv_heads * D, qkv_w = qd + 2 * kvd;
   const float eps = config.rms_norm_eps;
-  const Layer& L = layers[l];
+  const Layer& L = WeightsOf(l);
   if (l == 0) {
     SP_CUDA_RETURN_IF_ERROR(
         LaunchAddRmsNorm(a.x.get(), nullptr, L.attn_norm.get(), T, H, eps, a.h.get(), stream));
@@ -76,7 +76,7 @@ absl::Status CudaBackend::Impl::EnqueueMlpHalf(const Activations& a, const StepI
                                                int32_t T, int32_t l) {
   const int32_t H = config.hidden_size;
   const float eps = config.rms_norm_eps;
-  const Layer& L = layers[l];
+  const Layer& L = WeightsOf(l);
   SP_RETURN_IF_ERROR(Project(a.h.get(), T, H, L.wgate_up, L.wgate_up_q, 2 * inter, a.gu.get()));
   SP_RETURN_IF_ERROR(
       ApplyLora(in, engine::LoraSite::kGateUp, l, a.h.get(), H, a.gu.get(), 2 * inter));
@@ -87,7 +87,7 @@ absl::Status CudaBackend::Impl::EnqueueMlpHalf(const Activations& a, const StepI
   SP_RETURN_IF_ERROR(AllReduce(a.proj.get(), static_cast<int64_t>(T) * H));
   // Residual add fused with the next norm (the final norm after the last layer).
   const float* next_norm =
-      l + 1 < config.num_layers ? layers[l + 1].attn_norm.get() : final_norm.get();
+      l + 1 < config.num_layers ? WeightsOf(l + 1).attn_norm.get() : final_norm.get();
   SP_CUDA_RETURN_IF_ERROR(
       LaunchAddRmsNorm(a.x.get(), a.proj.get(), next_norm, T, H, eps, a.h.get(), stream));
   return absl::OkStatus();

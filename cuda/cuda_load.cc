@@ -155,7 +155,9 @@ absl::Status CudaBackend::Impl::AllocateWeights() {
   SP_RETURN_IF_ERROR(final_norm.Allocate(H));
   layers.clear();
   layers.resize(config.num_layers);
-  for (Layer& L : layers) {
+  for (int32_t l = 0; l < config.num_layers; ++l) {
+    if (!OwnsWeights(l)) continue;  // computes with another layer's (layer_weight_map)
+    Layer& L = layers[l];
     SP_RETURN_IF_ERROR(L.attn_norm.Allocate(H));
     SP_RETURN_IF_ERROR(L.mlp_norm.Allocate(H));
     if (config.attention_bias) SP_RETURN_IF_ERROR(L.bqkv.Allocate(qkv_rows));
@@ -194,7 +196,9 @@ absl::Status CudaBackend::Impl::ReadWeights(const WeightSource& weights) {
   std::vector<float> norm(H);
   SP_RETURN_IF_ERROR(reader->FinalNorm(norm.data()));
   SP_RETURN_IF_ERROR(UploadF32(norm, &final_norm));
-  for (int32_t l = 0; l < config.num_layers; ++l) SP_RETURN_IF_ERROR(ReadLayer(*reader, l, buf));
+  for (int32_t l = 0; l < config.num_layers; ++l) {
+    if (OwnsWeights(l)) SP_RETURN_IF_ERROR(ReadLayer(*reader, l, buf));
+  }
   if (quant != engine::WeightQuant::kNone) SP_RETURN_IF_ERROR(ReadQuantWeights(weights));
   // Pageable cudaMemcpy may return before its DMA is done: finish before `stream` work.
   SP_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
@@ -252,7 +256,9 @@ absl::Status CudaBackend::Impl::FillRandom(uint64_t seed, float scale) {
   SP_RETURN_IF_ERROR(rnd(lm_head));
   SP_RETURN_IF_ERROR(FillQuantRandom(seed, scale));
   SP_RETURN_IF_ERROR(one(final_norm));
-  for (Layer& L : layers) {
+  for (int32_t l = 0; l < config.num_layers; ++l) {
+    if (!OwnsWeights(l)) continue;
+    Layer& L = layers[l];
     SP_RETURN_IF_ERROR(one(L.attn_norm));
     SP_RETURN_IF_ERROR(one(L.mlp_norm));
     SP_RETURN_IF_ERROR(rnd(L.wqkv));

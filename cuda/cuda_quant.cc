@@ -205,6 +205,7 @@ absl::Status CudaBackend::Impl::ReadQuantWeights(const WeightSource& weights) {
   };
   if (QuantHead()) SP_RETURN_IF_ERROR(put(reader.LmHead(&m), &lm_head_q));
   for (int32_t l = 0; l < config.num_layers; ++l) {
+    if (!OwnsWeights(l)) continue;
     Layer& L = layers[l];
     SP_RETURN_IF_ERROR(put(reader.Qkv(l, &m), &L.wqkv_q));
     SP_RETURN_IF_ERROR(put(reader.O(l, &m), &L.wo_q));
@@ -224,7 +225,9 @@ absl::Status CudaBackend::Impl::FillQuantRandom(uint64_t seed, float scale) {
     return FillRandomQuant(w, seed * 7919 + ++n, scale, stream);
   };
   if (QuantHead()) SP_RETURN_IF_ERROR(fill(lm_head_q, vocab_pad, H));
-  for (Layer& L : layers) {
+  for (int32_t l = 0; l < config.num_layers; ++l) {
+    if (!OwnsWeights(l)) continue;
+    Layer& L = layers[l];
     SP_RETURN_IF_ERROR(fill(L.wqkv_q, qkv_rows, H));
     SP_RETURN_IF_ERROR(fill(L.wo_q, H, qd));
     SP_RETURN_IF_ERROR(fill(L.wgate_up_q, 2 * inter, H));

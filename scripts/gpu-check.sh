@@ -86,7 +86,8 @@ else
     cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSUPERPOSE_CUDA=ON \
       -DCMAKE_CUDA_ARCHITECTURES=90a &&
       ninja -C build-gpu -j"$jobs" cuda_backend_test cuda_step_meta_test tensor_parallel_test \
-        golden_test cuda_lora_test cuda_quant_test cuda_lazy_test cuda_bench superpose-server
+        golden_test cuda_lora_test cuda_quant_test cuda_layer_sharing_test cuda_lazy_test \
+        cuda_bench superpose-server
   } >>"$out/build.log" 2>&1
   if [ $? -ne 0 ]; then
     note "FAIL: build (see build.log)"
@@ -126,6 +127,9 @@ if [ -x "$bin/cuda_quant_test" ]; then
 else
   note "cuda_quant_test: not in $bin (a .gpu-prebuilt from before it)"
 fi
+# Cross-layer weight sharing (layer_weight_map) on the device.
+if [ -x "$bin/cuda_layer_sharing_test" ]; then run_test cuda_layer_sharing_test 60 other_tests.log
+else note "cuda_layer_sharing_test: not in $bin (a .gpu-prebuilt from before it)"; fi
 # LazyLLM token pruning on the GPU (decisions and logits against the CPU backend).
 if [ -x "$bin/cuda_lazy_test" ]; then
   run_test cuda_lazy_test 180 other_tests.log

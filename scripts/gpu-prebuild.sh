@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 export PATH=/usr/local/cuda/bin:$PATH
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSUPERPOSE_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES=90a >/dev/null
-bins="cuda_backend_test cuda_step_meta_test tensor_parallel_test golden_test cuda_lora_test cuda_quant_test cuda_lazy_test"
+bins="cuda_backend_test cuda_step_meta_test tensor_parallel_test golden_test cuda_lora_test cuda_quant_test cuda_layer_sharing_test cuda_lazy_test"
 ninja -C build-gpu $bins cuda_bench
 rm -rf .gpu-prebuilt
 mkdir -p .gpu-prebuilt/bin .gpu-prebuilt/lib .gpu-prebuilt/shared/fixtures

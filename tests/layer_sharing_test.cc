@@ -11,6 +11,7 @@
 #include "engine/cpu/cpu_backend.h"
 #include "engine/model/config.h"
 #include "engine/runtime/model_bundle.h"
+#include "tests/shared_layers.h"
 #include "tests/test_util.h"
 
 namespace superpose {
@@ -65,26 +66,7 @@ TEST(LayerSharingTest, SharedLayersEqualCopiedWeightsAndAreNotRead) {
   // Shared: layers 1 and 3 are absent from the checkpoint. Copied: they hold layer 0's
   // and layer 2's tensors.
   engine::InMemoryWeights shared, copied;
-  for (const std::string& name : model->weights->Names()) {
-    auto view = model->weights->Get(name);
-    ASSERT_TRUE(view.ok());
-    int64_t n = 1;
-    for (int64_t d : view->shape) n *= d;
-    std::vector<float> data(n);
-    ASSERT_TRUE(model->weights->ReadF32(name, view->shape, data.data()).ok());
-    int32_t layer = -1;
-    if (name.rfind("model.layers.", 0) == 0) layer = std::stoi(name.substr(13));
-    if (layer < 0 || map[layer] == layer) shared.Add(name, view->shape, data);
-    if (layer < 0) {
-      copied.Add(name, view->shape, data);
-      continue;
-    }
-    for (int32_t l = 0; l < 5; ++l) {
-      if (map[l] != layer) continue;
-      const std::string suffix = name.substr(name.find('.', 13));
-      copied.Add(absl::StrCat("model.layers.", l, suffix), view->shape, data);
-    }
-  }
+  testing::SplitSharedLayers(*model, map, &shared, &copied);
   engine::ModelConfig with_map = model->config;
   with_map.layer_weight_map = map;
   auto a = LoadCpu(with_map, shared);

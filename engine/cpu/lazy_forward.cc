@@ -22,6 +22,23 @@ bool IsDecode(const SeqPlan& seq) {
 
 KvSlot OwnSlot(const LazyPlan& z, int32_t k, int32_t bs) { return {z.blocks[k / bs], k % bs}; }
 
+// The own tokens a decode step revives into stage + 1: the decode token's best keys of
+// the stage (itself, the last key, aside) that have no entry there, in own order.
+std::vector<int32_t> RevivalChoice(const LazyPlan& z, int32_t stage,
+                                   const std::vector<float>& scores,
+                                   const std::vector<int32_t>& key_own) {
+  const int32_t nk = static_cast<int32_t>(scores.size()) - 1;
+  std::vector<char> in_next(z.recorded + 1, 0);
+  for (const LazyEntry& e : z.entries[stage]) in_next[e.own] = 1;
+  const int32_t keep = LazyKeepCount(z.revive[stage], nk);
+  std::vector<int32_t> wake;
+  for (int32_t k : LazyTopK(absl::MakeConstSpan(scores.data(), nk), keep)) {
+    if (!in_next[key_own[k]]) wake.push_back(key_own[k]);
+  }
+  std::sort(wake.begin(), wake.end());
+  return wake;
+}
+
 // Appends row r of `rows` (and its hidden state) to *next as it is (Rows: ActiveRows).
 template <class Rows>
 void PushRow(const Rows& rows, int32_t r, const std::vector<float>& x, size_t H, Rows* next,
@@ -235,18 +252,8 @@ void CpuBackend::DecodeStageRows(const SeqPlan& seq, int32_t stage, const Active
   }
   // Tokens revived into this stage leave it here, as a prefill's pruned tokens do.
   for (int32_t r = b0; r < last; ++r) StoreAux(seq.id, rows.own[r], stage, &x[r * H]);
-  // The decode token's best keys (itself, the last key, aside); those without K/V in
-  // the next stage are revived there.
-  const int32_t nk = static_cast<int32_t>(scores.size()) - 1;
   const std::vector<LazyEntry>& next_entries = z.entries[stage];
-  std::vector<char> in_next(z.recorded + 1, 0);
-  for (const LazyEntry& e : next_entries) in_next[e.own] = 1;
-  std::vector<int32_t> wake;
-  for (int32_t k :
-       LazyTopK(absl::MakeConstSpan(scores.data(), nk), LazyKeepCount(z.revive[stage], nk))) {
-    if (!in_next[key_own[k]]) wake.push_back(key_own[k]);
-  }
-  std::sort(wake.begin(), wake.end());
+  const std::vector<int32_t> wake = RevivalChoice(z, stage, scores, key_own);
   const LazyAux& aux = lazy_aux_[seq.id];
   const auto prefill_end = next_entries.begin() + z.prefill_entries[stage];
   int32_t k = static_cast<int32_t>(next_entries.size());
