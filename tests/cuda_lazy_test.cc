@@ -2,7 +2,9 @@
 // semantics, docs/architecture.md "LazyLLM").
 //
 // CudaLazyStageTest runs without a GPU (builds with the CUDA backend): each stage's
-// rows, slots, keys, score items and gather rows follow the CPU's rules.
+// rows, slots, keys, score items and gather rows follow the CPU's rules, and driven with
+// the dense reference's scores they reproduce the CPU backend's decision and counts;
+// revival plans are refused.
 //
 // CudaLazyTest needs a GPU (skips without one) and compares with the CPU backend given
 // bf16-rounded weights and a bf16 KV cache (the GPU's): keep 1.0 is the unpruned step
@@ -217,6 +219,49 @@ TEST(CudaLazyStageTest, RevivalIsRefusedNamingTheField) {
   plan.seqs[0].lazy.revive.clear();
   plan.seqs[0].lazy.recorded = 8;
   EXPECT_EQ(cuda::CheckNoRevival(plan).code(), absl::StatusCode::kUnimplemented);
+}
+
+// The host side of the CUDA forward driven layer by layer with the dense reference's
+// scores (what the score kernels compute, in float64) reproduces the CPU backend's
+// decision and per-layer counts on the built-in model: the stage bookkeeping, candidate
+// order and keep counts are the CPU's.
+TEST(CudaLazyStageTest, HostStagesWithReferenceScoresReproduceTheCpu) {
+  auto model = engine::LoadModelBundle("");
+  ASSERT_TRUE(model.ok()) << model.status();
+  engine::BackendOptions o;
+  o.kv_num_blocks = 16;
+  auto cpu = engine::cpu::MakeCpuBackend(o);
+  ASSERT_TRUE(cpu->Load(model->config, *model->weights, engine::Shard{}).ok());
+  const testing::LazyReference ref(model->config, *model->weights);
+  for (auto [b, keep] :
+       {std::pair<std::vector<int32_t>, std::vector<float>>{{0, 1, 2}, {0.7f, 0.7f, 0.7f}},
+        {{1}, {0.3f}},
+        {{0, 2}, {0.5f, 0.9f}}}) {
+    const std::vector<int32_t> p = Prompt(60, static_cast<int32_t>(b.size()), 256);
+    BatchPlan plan;
+    AddSeq(p, 0, Lazy(b, keep), &plan);
+    ForwardOutput want;
+    ASSERT_TRUE(cpu->Forward(plan, &want).ok());
+    const auto r = ref.Run(p, b, keep);
+    cuda::LazyRows rows = cuda::AllLazyRows(plan);
+    std::vector<int32_t> result_of, gather;
+    ForwardOutput got;
+    cuda::StartLazyOutput(plan, &result_of, &got);
+    for (int32_t l = 0; l < model->config.num_layers; ++l) {
+      cuda::CountLazyRows(rows, l, result_of, &got);
+      if (!cuda::LazyAtBoundary(plan.seqs[0], rows.stage[0], l)) continue;
+      std::vector<std::vector<float>> scores(1);
+      for (int32_t j = 0; j < rows.count[0]; ++j) {
+        scores[0].push_back(static_cast<float>(r.scores.at(rows.stage[0])[rows.token[j]]));
+      }
+      cuda::LazyPruneRows(plan, l, scores, result_of, &rows, &gather, &got);
+      auto st = cuda::BuildStageMeta(plan, rows, {}, gather, kBs, 8);
+      ASSERT_TRUE(st.ok()) << st.status();
+    }
+    ASSERT_EQ(got.lazy.size(), 1u);
+    EXPECT_EQ(got.lazy[0].depth, want.lazy.at(0).depth);
+    EXPECT_EQ(got.lazy[0].layer_tokens, want.lazy.at(0).layer_tokens);
+  }
 }
 
 // ---- On the GPU. ----
