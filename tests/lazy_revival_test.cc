@@ -13,6 +13,7 @@
 
 #include "engine/cpu/cpu_backend.h"
 #include "engine/runtime/engine.h"
+#include "engine/runtime/lazy_steps.h"
 #include "engine/runtime/model_bundle.h"
 #include "tests/forwarding_backend.h"
 #include "tests/test_util.h"
@@ -229,6 +230,23 @@ TEST_F(LazyRevivalTest, AuxBudgetTurnsRevivalOff) {
   EXPECT_EQ(rb.usage.lazy_stage_tokens.size(), 3u);  // pruned all the same
   const testing::Completion again = testing::RunRequest(*eng, Revive(p, 16, {0.5f, 0.5f}));
   EXPECT_TRUE(again.usage.lazy_revive);
+}
+
+// A reviving prefill split over steps runs unpruned from then on; the share of the Aux
+// Cache budget it holds stays with it (the engine gives it back when it finishes).
+TEST(LazyRevivalStepsTest, ChunkedPrefillKeepsItsBudgetShare) {
+  engine::Sequence seq;
+  seq.prompt_len = 40;
+  seq.tokens.assign(40, 5);
+  seq.lazy.boundaries = {0, 2};
+  seq.lazy.keep = {0.5f, 0.5f};
+  seq.lazy.revive = true;
+  seq.lazy.aux_reserved = 1234;
+  engine::DropChunkedLazy(&seq, 16);
+  EXPECT_FALSE(seq.lazy.active());
+  EXPECT_FALSE(seq.lazy.revive);
+  EXPECT_EQ(seq.lazy.aux_reserved, 1234);
+  EXPECT_FALSE(seq.lazy.skipped.empty());
 }
 
 // A backend that prunes but does not revive: a request asking for revival gets

@@ -280,9 +280,9 @@ absl::StatusOr<uint64_t> Engine::Impl::Submit(Request request, StreamCallback ca
   } else {
     const int64_t n = static_cast<int64_t>(request.prompt_ids.size());
     if (n == 0) return absl::InvalidArgumentError("prompt is empty");
-    absl::Status lazy = ResolveRequestLazy(options_.lazy, config_.num_layers,
-                                           backend_->SupportsLazy(),
-                                           backend_->SupportsLazyRevival(), &request.lazy);
+    absl::Status lazy =
+        ResolveRequestLazy(options_.lazy, config_.num_layers, backend_->SupportsLazy(),
+                           backend_->SupportsLazyRevival(), &request.lazy);
     if (!lazy.ok()) return lazy;
     if (n >= max_context_) {
       return absl::InvalidArgumentError(
@@ -553,7 +553,7 @@ void Engine::Impl::ReserveAux(Sequence* seq) {
 // The backend's Aux Cache of seq (refilled by a recomputation's replay); with `done`,
 // its share of the budget too.
 void Engine::Impl::ReleaseAux(Sequence* seq, bool done) {
-  if (!seq->lazy.revive) return;
+  if (!seq->lazy.revive && seq->lazy.aux_reserved == 0) return;
   backend_->ReleaseSequence(static_cast<SeqId>(seq->handle));
   if (!done) return;
   aux_reserved_ -= seq->lazy.aux_reserved;

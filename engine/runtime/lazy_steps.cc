@@ -46,7 +46,9 @@ void StartLazySequence(const LazyOptions& lazy, int32_t min_prompt, int32_t max_
 void DropChunkedLazy(Sequence* seq, int32_t num_tokens) {
   if (!seq->lazy.active() || seq->lazy.decided()) return;
   if (seq->computed == seq->cached_prompt_tokens && num_tokens == seq->remaining()) return;
+  const int64_t reserved = seq->lazy.aux_reserved;  // the engine still holds it for seq
   seq->lazy = LazyState{};
+  seq->lazy.aux_reserved = reserved;
   seq->lazy.skipped = "prefill was split over steps";
 }
 
