@@ -15,8 +15,12 @@
 #include <string.h>
 
 #include "cuda/attn_tile.h"
+#include "engine/row_sampling.h"  // RsBits, RsFloat
 
 namespace superpose::cuda {
+
+using engine::RsBits;
+using engine::RsFloat;
 
 constexpr int32_t kQuantInt8 = 1;    // engine::WeightQuant::kInt8
 constexpr int32_t kQuantQ4 = 2;      // engine::WeightQuant::kQ4
@@ -49,33 +53,11 @@ struct QuantView {
   const int32_t* lut_set = nullptr;  // q4: [out]
 };
 
-SP_ATTN_FN float QuantBitsToFloat(uint32_t b) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(b);
-#else
-  float f;
-  memcpy(&f, &b, sizeof(f));
-  return f;
-#endif
-}
-
-SP_ATTN_FN uint32_t QuantFloatToBits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t b;
-  memcpy(&b, &f, sizeof(b));
-  return b;
-#endif
-}
-
-SP_ATTN_FN float QuantBf16ToFloat(uint16_t v) {
-  return QuantBitsToFloat(static_cast<uint32_t>(v) << 16);
-}
+SP_ATTN_FN float QuantBf16ToFloat(uint16_t v) { return RsFloat(static_cast<uint32_t>(v) << 16); }
 
 // Round to nearest even, NaN kept quiet with its sign (engine::F32ToBf16's rule).
 SP_ATTN_FN uint16_t QuantFloatToBf16(float v) {
-  const uint32_t x = QuantFloatToBits(v);
+  const uint32_t x = RsBits(v);
   if ((x & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
   return static_cast<uint16_t>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
 }
@@ -88,8 +70,8 @@ SP_ATTN_FN float QuantHalfToFloat(uint16_t h) {
     const float m = static_cast<float>(mant) * 5.9604644775390625e-8f;
     return (sign != 0) ? -m : m;
   }
-  if (exp == 31) return QuantBitsToFloat(sign | 0x7F800000u | (mant << 13));
-  return QuantBitsToFloat(sign | ((exp + 112u) << 23) | (mant << 13));
+  if (exp == 31) return RsFloat(sign | 0x7F800000u | (mant << 13));
+  return RsFloat(sign | ((exp + 112u) << 23) | (mant << 13));
 }
 
 // Wide loads: n bytes at p, n-aligned on the device; words little-endian.
@@ -134,7 +116,7 @@ SP_ATTN_FN QuantWords4 QuantLoad16(const void* p) {
 
 // Element j (0 or 1) of a word of two bf16 values, as float.
 SP_ATTN_FN float QuantBf16Of(uint32_t word, int j) {
-  return QuantBitsToFloat(j == 0 ? word << 16 : word & 0xFFFF0000u);
+  return RsFloat(j == 0 ? word << 16 : word & 0xFFFF0000u);
 }
 
 // Whether the wide loads are aligned for W and activations at x: int8 rows of a

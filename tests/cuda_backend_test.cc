@@ -52,6 +52,7 @@
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
 #include "tests/attention_case.h"
+#include "tests/rounded_weights.h"
 #include "tests/test_util.h"
 
 #if SUPERPOSE_HAVE_CUDA
@@ -422,19 +423,7 @@ TEST_F(CudaTest, SampleRowsMatchTheReference) {
 
 // ---- Whole steps against the CPU backend. ----
 
-// A copy of `src` with every tensor rounded to bf16 (as the GPU stores it).
-std::unique_ptr<engine::InMemoryWeights> RoundedWeights(const engine::WeightSource& src) {
-  auto w = std::make_unique<engine::InMemoryWeights>();
-  for (const std::string& name : src.Names()) {
-    absl::StatusOr<engine::TensorView> tv = src.Get(name);
-    EXPECT_TRUE(tv.ok()) << name;
-    if (!tv.ok()) continue;
-    std::vector<float> f(static_cast<size_t>(tv->numel()));
-    EXPECT_TRUE(src.ReadF32(name, tv->shape, f.data()).ok()) << name;
-    w->Add(name, tv->shape, Rounded(std::move(f)));
-  }
-  return w;
-}
+using testing::RoundedWeights;
 
 void ExpectClose(const std::vector<float>& got, const std::vector<float>& want, int32_t V, float k,
                  const std::string& what) {

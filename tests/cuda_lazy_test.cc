@@ -45,7 +45,9 @@
 #include "engine/lora_adapter.h"
 #include "engine/model/weights.h"
 #include "engine/runtime/engine.h"
+#include "tests/lazy_plan.h"
 #include "tests/lazy_reference.h"
+#include "tests/rounded_weights.h"
 #include "tests/test_util.h"
 #endif
 
@@ -65,43 +67,15 @@ std::vector<int32_t> Prompt(int32_t n, int32_t salt, int32_t vocab) {
   for (int32_t i = 0; i < n; ++i) p.push_back((i * 37 + salt * 11) % std::min(vocab, 250) + 3);
   return p;
 }
-engine::KvSlot Slot(int32_t block0, int32_t i) { return {block0 + i / kBs, i % kBs}; }
-
+using testing::AddLazyPrefill;
+engine::KvSlot Slot(int32_t block0, int32_t i) { return testing::LazySlot(block0, i); }
 engine::LazyPlan Lazy(std::vector<int32_t> b, std::vector<float> keep,
                       std::vector<int32_t> depth = {}) {
-  engine::LazyPlan z;
-  z.stage_context.resize(b.size());
-  z.boundaries = std::move(b);
-  z.keep = std::move(keep);
-  z.depth = std::move(depth);
-  return z;
+  return testing::LazySchedule(std::move(b), std::move(keep), std::move(depth));
 }
-
-// Appends a prefill of `prompt` at blocks [block0, ...) with a logits row for its last
-// token; each stage compact (its k-th token at the k-th own slot).
 void AddSeq(const std::vector<int32_t>& prompt, int32_t block0, engine::LazyPlan lazy,
             BatchPlan* plan, int64_t adapter = 0) {
-  engine::SeqPlan s;
-  s.id = static_cast<engine::SeqId>(plan->seqs.size());
-  s.token_begin = plan->num_tokens();
-  s.num_tokens = static_cast<int32_t>(prompt.size());
-  s.adapter = adapter;
-  s.lazy = std::move(lazy);
-  for (size_t i = 0; i < prompt.size(); ++i) {
-    plan->tokens.push_back(prompt[i]);
-    plan->positions.push_back(static_cast<float>(i));
-    plan->kv_slots.push_back(Slot(block0, static_cast<int32_t>(i)));
-  }
-  for (size_t st = 0; st < s.lazy.boundaries.size(); ++st) {
-    std::vector<engine::KvSlot>& slots = s.lazy.stage_slots.emplace_back();
-    for (size_t j = 0; j < prompt.size(); ++j) {
-      if (s.lazy.depth.empty() || s.lazy.depth[j] > static_cast<int32_t>(st) + 1) {
-        slots.push_back(Slot(block0, static_cast<int32_t>(slots.size())));
-      }
-    }
-  }
-  plan->logits_for.push_back(plan->num_tokens() - 1);
-  plan->seqs.push_back(std::move(s));
+  AddLazyPrefill(prompt, block0, std::move(lazy), plan, adapter);
 }
 
 // ---- Host side (no GPU). ----
@@ -266,21 +240,7 @@ TEST(CudaLazyStageTest, HostStagesWithReferenceScoresReproduceTheCpu) {
 
 // ---- On the GPU. ----
 
-float RoundBf16(float v) { return engine::Bf16ToF32(engine::F32ToBf16(v)); }
-
-std::unique_ptr<engine::InMemoryWeights> RoundedWeights(const engine::WeightSource& src) {
-  auto w = std::make_unique<engine::InMemoryWeights>();
-  for (const std::string& name : src.Names()) {
-    absl::StatusOr<engine::TensorView> tv = src.Get(name);
-    EXPECT_TRUE(tv.ok()) << name;
-    if (!tv.ok()) continue;
-    std::vector<float> f(static_cast<size_t>(tv->numel()));
-    EXPECT_TRUE(src.ReadF32(name, tv->shape, f.data()).ok()) << name;
-    for (float& v : f) v = RoundBf16(v);
-    w->Add(name, tv->shape, std::move(f));
-  }
-  return w;
-}
+using testing::RoundedWeights;
 
 class CudaLazyTest : public ::testing::Test {
  protected:

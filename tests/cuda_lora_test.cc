@@ -35,6 +35,7 @@
 #include "engine/lora_adapter.h"
 #include "engine/model/weights.h"
 #include "engine/runtime/model_bundle.h"
+#include "tests/rounded_weights.h"
 #include "tests/test_util.h"
 
 #if SUPERPOSE_HAVE_CUDA
@@ -50,21 +51,8 @@ const std::vector<int32_t> kAll = {engine::kLoraQ,   engine::kLoraK,    engine::
                                    engine::kLoraO,   engine::kLoraGate, engine::kLoraUp,
                                    engine::kLoraDown};
 
-float RoundBf16(float v) { return engine::Bf16ToF32(engine::F32ToBf16(v)); }
-
-std::unique_ptr<engine::InMemoryWeights> RoundedWeights(const engine::WeightSource& src) {
-  auto w = std::make_unique<engine::InMemoryWeights>();
-  for (const std::string& name : src.Names()) {
-    absl::StatusOr<engine::TensorView> tv = src.Get(name);
-    EXPECT_TRUE(tv.ok()) << name;
-    if (!tv.ok()) continue;
-    std::vector<float> f(static_cast<size_t>(tv->numel()));
-    EXPECT_TRUE(src.ReadF32(name, tv->shape, f.data()).ok()) << name;
-    for (float& v : f) v = RoundBf16(v);
-    w->Add(name, tv->shape, std::move(f));
-  }
-  return w;
-}
+using testing::RoundBf16;
+using testing::RoundedWeights;
 
 engine::LoraAdapter Rounded(engine::LoraAdapter a) {
   for (auto& layer : a.layers) {

@@ -13,6 +13,7 @@
 #include "engine/cpu/cpu_backend.h"
 #include "engine/lazy.h"
 #include "engine/runtime/model_bundle.h"
+#include "tests/lazy_plan.h"
 #include "tests/lazy_reference.h"
 
 namespace superpose {
@@ -42,40 +43,13 @@ class LazyBackendTest : public ::testing::Test {
     for (int32_t i = 0; i < n; ++i) p.push_back(static_cast<int32_t>((i * 37 + salt * 11) % 250));
     return p;
   }
-  static engine::KvSlot Slot(int32_t block0, int32_t i) { return {block0 + i / 16, i % 16}; }
-  // Appends a prefill of `prompt` at blocks [block0, ...) with a logits row.
+  static engine::KvSlot Slot(int32_t block0, int32_t i) { return testing::LazySlot(block0, i); }
   static void AddSeq(const std::vector<int32_t>& prompt, int32_t block0, engine::LazyPlan lazy,
                      BatchPlan* plan) {
-    engine::SeqPlan s;
-    s.id = static_cast<engine::SeqId>(plan->seqs.size());
-    s.token_begin = plan->num_tokens();
-    s.num_tokens = static_cast<int32_t>(prompt.size());
-    s.lazy = std::move(lazy);
-    for (size_t i = 0; i < prompt.size(); ++i) {
-      plan->tokens.push_back(prompt[i]);
-      plan->positions.push_back(static_cast<float>(i));
-      plan->kv_slots.push_back(Slot(block0, static_cast<int32_t>(i)));
-    }
-    // Each stage keeps its tokens compact: its k-th at the k-th own slot (LazyPlan).
-    for (size_t st = 0; st < s.lazy.boundaries.size(); ++st) {
-      std::vector<engine::KvSlot>& slots = s.lazy.stage_slots.emplace_back();
-      for (int32_t j = 0; j < s.num_tokens; ++j) {
-        const size_t jj = static_cast<size_t>(j);
-        if (s.lazy.depth.empty() ||
-            (jj < s.lazy.depth.size() && s.lazy.depth[jj] > static_cast<int32_t>(st) + 1)) {
-          slots.push_back(Slot(block0, static_cast<int32_t>(slots.size())));
-        }
-      }
-    }
-    plan->logits_for.push_back(plan->num_tokens() - 1);
-    plan->seqs.push_back(std::move(s));
+    testing::AddLazyPrefill(prompt, block0, std::move(lazy), plan);
   }
   static engine::LazyPlan Lazy(std::vector<int32_t> b, std::vector<float> keep) {
-    engine::LazyPlan z;
-    z.stage_context.resize(b.size());
-    z.boundaries = std::move(b);
-    z.keep = std::move(keep);
-    return z;
+    return testing::LazySchedule(std::move(b), std::move(keep));
   }
   std::vector<float> Row(const ForwardOutput& out, int r) const {
     const int32_t V = model_->config.vocab_size;
