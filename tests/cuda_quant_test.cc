@@ -15,7 +15,6 @@
 //                               within 0.05 * max|logit| of its row (bf16 activations
 //                               and K/V on the GPU, as cuda_backend_test's bound)
 #include <gtest/gtest.h>
-
 #include <unistd.h>
 
 #include <algorithm>
@@ -27,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/cpu/quant_gemm.h"
 #include "engine/model/quant_checkpoint.h"
@@ -34,6 +34,7 @@
 #include "engine/model/weights.h"
 #include "engine/runtime/engine.h"
 #include "engine/runtime/model_bundle.h"
+#include "tests/quant_reference.h"
 #include "tests/test_util.h"
 
 #if SUPERPOSE_HAVE_CUDA
@@ -178,25 +179,9 @@ TEST_F(CudaQuantTest, KernelsMatchTheCpuReference) {
         const double tol = T <= cuda::kQuantStreamMaxT ? (in / 32.0 + 8.0) * std::ldexp(1.0, -24)
                                                        : std::ldexp(1.0, -8);
         const std::vector<float> y = DeviceProject(mat.m, x, T, 7);  // chunks of 7 rows
-        int bad = 0;
-        for (int32_t t = 0; t < T && bad < 5; ++t) {
-          for (int32_t r = 0; r < out && bad < 5; ++r) {
-            double ref = 0.0, mag = 0.0;
-            for (int32_t c = 0; c < in; ++c) {
-              const double p = static_cast<double>(mat.dequant[static_cast<size_t>(r) * in + c]) *
-                               engine::Bf16ToF32(x[static_cast<size_t>(t) * in + c]);
-              ref += p;
-              mag += std::fabs(p);
-            }
-            const double got = y[static_cast<size_t>(t) * out + r];
-            if (!(std::fabs(got - ref) <= tol * mag + 1e-30)) {
-              ++bad;
-              ADD_FAILURE() << engine::WeightQuantName(kind) << " " << out << "x" << in
-                            << " T=" << T << " t=" << t << " r=" << r << ": " << got << " vs "
-                            << ref;
-            }
-          }
-        }
+        testing::ExpectNearQuantReference(
+            mat.dequant, out, in, x, T, y, tol,
+            absl::StrCat(engine::WeightQuantName(kind), " ", out, "x", in, " T=", T));
       }
     }
   }

@@ -28,6 +28,7 @@
 #include "engine/model/quantize.h"
 #include "engine/model/weights.h"
 #include "tests/block_emulation.h"
+#include "tests/quant_reference.h"
 
 namespace superpose {
 namespace {
@@ -128,25 +129,7 @@ std::vector<float> EmulateGemv(const cuda::QuantView& v, const std::vector<uint1
 void CheckAgainstReference(const HostQuant& q, const std::vector<uint16_t>& x, int32_t T,
                            const std::vector<float>& y, double tol_factor,
                            const std::string& what) {
-  const int32_t out = q.m.out, in = q.m.in;
-  int bad = 0;
-  for (int32_t t = 0; t < T; ++t) {
-    for (int32_t r = 0; r < out && bad < 5; ++r) {
-      double ref = 0.0, mag = 0.0;
-      for (int32_t c = 0; c < in; ++c) {
-        const double p = static_cast<double>(q.dequant[static_cast<size_t>(r) * in + c]) *
-                         engine::Bf16ToF32(x[static_cast<size_t>(t) * in + c]);
-        ref += p;
-        mag += std::fabs(p);
-      }
-      const double got = y[static_cast<size_t>(t) * out + r];
-      if (!(std::fabs(got - ref) <= tol_factor * mag + 1e-30)) {
-        ++bad;
-        ADD_FAILURE() << what << " t=" << t << " r=" << r << ": " << got << " vs " << ref
-                      << " (sum |w x| " << mag << ")";
-      }
-    }
-  }
+  testing::ExpectNearQuantReference(q.dequant, q.m.out, q.m.in, x, T, y, tol_factor, what);
 }
 
 void CheckWeights(const HostQuant& q) {
