@@ -161,7 +161,6 @@ void CpuBackend::NextStageRows(const BatchPlan& plan, size_t si, int32_t l, Lazy
     for (int32_t j = 0; j < n; ++j) PushRow(rows, b0 + j, x, H, next, nx);
     return;
   }
-  std::vector<char> keep(n, 1);
   if (IsDecode(seq)) {
     DecodeStageRows(seq, stage, rows, static_cast<int32_t>(si), z->scores[si], x, next, nx,
                     &result->revived[stage], b);
@@ -182,6 +181,7 @@ void CpuBackend::NextStageRows(const BatchPlan& plan, size_t si, int32_t l, Lazy
     }
     return;
   }
+  std::vector<char> keep(n, 1);
   if (!seq.lazy.keep.empty()) {
     // Candidates: every row but the last (the query itself, always kept).
     std::fill(keep.begin(), keep.end() - 1, 0);
