@@ -137,8 +137,26 @@ absl::Status ParseProtoMember(const json& body, const char* name, google::protob
   google::protobuf::util::JsonParseOptions options;
   options.ignore_unknown_fields = false;
   const auto st = google::protobuf::util::JsonStringToMessage(m->dump(), out, options);
-  if (!st.ok()) return Bad(name, absl::StrCat(name, ": ", st.message().as_string()));
-  return absl::OkStatus();
+  if (st.ok()) return absl::OkStatus();
+  // Protobuf's message quotes what it could not read (a value, an unknown key): caller text,
+  // which an error body must not echo. The message is rebuilt from the descriptor's names.
+  const std::string pb = st.message().as_string();
+  const google::protobuf::Descriptor* d = out->GetDescriptor();
+  if (absl::StrContains(pb, "Cannot find field")) {
+    std::string known;
+    for (int i = 0; i < d->field_count(); ++i)
+      absl::StrAppend(&known, i == 0 ? "" : ", ", d->field(i)->name());
+    return Bad(name, absl::StrCat(name, " has an unknown field (known: ", known, ")"));
+  }
+  for (int i = 0; i < d->field_count(); ++i) {
+    const google::protobuf::FieldDescriptor* f = d->field(i);
+    if (absl::StrContains(pb, absl::StrCat("(", f->json_name(), ")")) ||
+        absl::StrContains(pb, absl::StrCat("(", f->name(), ")"))) {
+      return Bad(name, absl::StrCat(name, ".", f->name(),
+                                    " has a value of the wrong type or out of range"));
+    }
+  }
+  return Bad(name, absl::StrCat(name, " is not a valid ", d->name(), " object"));
 }
 
 // The fields GenerateRequest and GenerateRagRequest share.

@@ -157,5 +157,28 @@ TEST(ChatLayoutTest, NormalizeMessages) {
   EXPECT_FALSE(NormalizeMessages(json::parse(R"([{"role": 1, "content": "x"}])")).ok());
 }
 
+// A refused option object names its field, not the caller's value: protobuf's JSON parser
+// quotes the value it could not read, and that value can be anything (found by fuzzing: an
+// enum value with control bytes came back in the error body).
+TEST_F(ParseTest, OptionObjectErrorsDoNotEchoTheValue) {
+  const char* bodies[] = {
+      R"({"model": "m", "prompt": "Hi", "lazy": {"keep": "secret\u007f words"}})",
+      R"({"model": "m", "prompt": "Hi", "lazy": {"secret\u007f words": 1}})",
+  };
+  for (const char* body : bodies) {
+    absl::StatusOr<openai::CallPlan> p = Parse(body);
+    ASSERT_FALSE(p.ok()) << body;
+    const std::string message(p.status().message());
+    EXPECT_EQ(openai::ParamOf(p.status()), "lazy") << message;
+    EXPECT_THAT(message, ::testing::Not(HasSubstr("secret"))) << message;
+    for (char c : message) EXPECT_TRUE(c >= 0x20 && c <= 0x7E) << message;
+  }
+  absl::StatusOr<openai::CallPlan> p =
+      Parse(R"({"model": "m", "prompt": "Hi", "lazy": {"keep_fractions": "secret"}})");
+  EXPECT_THAT(std::string(p.status().message()), HasSubstr("lazy.keep_fractions"));
+  p = Parse(R"({"model": "m", "prompt": "Hi", "lazy": {"kep": 1}})");
+  EXPECT_THAT(std::string(p.status().message()), HasSubstr("unknown field (known: "));
+}
+
 }  // namespace
 }  // namespace superpose::server
