@@ -13,12 +13,16 @@
 # rounds and the ratios.
 #
 #   bench/peer_compare.sh [--scratch=/work/peer] [--build=build] [--rounds=3] [--simd=auto]
-#                         [--threads=2] [--quick] [--out=DIR]
+#                         [--peer_simd=same] [--threads=2] [--quick] [--out=DIR]
 # --scratch  the peer's setup folder (setup.sh SCRATCH: models/, npm/, bin/membw)
 # --build    superpose's build folder (superpose-server, superpose-load, bench/decode_bench)
 # --simd     cap superpose's SIMD target (auto, avx3, avx2, sse4, ...; as the server's
 #            --simd); at avx2 and below OpenBLAS runs its Haswell kernels (unless
-#            OPENBLAS_CORETYPE is set). llama.cpp is not capped (its own dispatch).
+#            OPENBLAS_CORETYPE is set).
+# --peer_simd  same (default): llama.cpp is capped like superpose, loading the ggml CPU
+#            variant a CPU without the capped features would load (avx2: haswell, what an
+#            AVX2-only EPYC Zen 2/3 runs; sse4: sse42), from a hard-linked copy of the npm
+#            folder without the higher variants; native: its own dispatch (the best variant)
 # --quick    one round, 32 decode steps instead of 128 (a smoke run; numbers not comparable)
 # --out      keep the raw results (JSON, logs) there (default: a temp folder, removed)
 # Env: PEER_DIR (default: shared/tools/peers beside the repo, i.e. ../shared/tools/peers).
@@ -29,16 +33,18 @@ scratch=/work/peer
 build=$repo/build
 rounds=3
 simd=auto
+peer_simd=same
 threads=2
 quick=0
 out=
-usage() { sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 2; }
+usage() { sed -n '2,28p' "${BASH_SOURCE[0]}"; exit 2; }
 for a in "$@"; do
   case $a in
     --scratch=*) scratch=${a#*=} ;;
     --build=*) build=${a#*=} ;;
     --rounds=*) rounds=${a#*=} ;;
     --simd=*) simd=${a#*=} ;;
+    --peer_simd=*) peer_simd=${a#*=} ;;
     --threads=*) threads=${a#*=} ;;
     --quick) quick=1 ;;
     --out=*) out=${a#*=} ;;
@@ -91,6 +97,43 @@ esac
 
 log() { printf '[peer_compare] %s\n' "$*" >&2; }
 
+# llama.cpp capped like superpose: ggml loads the highest-scoring libggml-cpu-<variant>.so
+# beside its addon that the CPU supports, so a copy without the variants above the cap
+# loads what a CPU without those features would (the copy is hard links: no space).
+peer_npm=$scratch/npm
+peer_cap=
+if [ "$peer_simd" = same ]; then
+  case ${simd,,} in
+    avx2) peer_cap="haswell" ;;  # AVX2 + FMA + F16C + BMI2, no AVX-512, no AVX-VNNI
+    sse4 | emu128 | scalar) peer_cap="sse42" ;;
+  esac
+elif [ "$peer_simd" != native ]; then
+  echo "--peer_simd is same or native" >&2
+  exit 2
+fi
+if [ -n "$peer_cap" ]; then
+  peer_npm=$scratch/npm-cap-$peer_cap
+  if [ ! -d "$peer_npm" ]; then
+    cp -al "$scratch/npm" "$peer_npm.tmp"
+    case $peer_cap in
+      haswell) drop="zen4 skylakex cannonlake cascadelake cooperlake icelake alderlake sapphirerapids" ;;
+      sse42) drop="zen4 skylakex cannonlake cascadelake cooperlake icelake alderlake sapphirerapids haswell sandybridge ivybridge piledriver" ;;
+    esac
+    for v in $drop; do
+      rm -f "$peer_npm.tmp"/node_modules/@node-llama-cpp/linux-x64*/bins/linux-x64*/libggml-cpu-"$v".so
+    done
+    mv "$peer_npm.tmp" "$peer_npm"
+  fi
+fi
+# The ggml CPU variant llama.cpp loads (its debug log names the file).
+peer_variant=$(cd "$peer" && node bench_llamacpp.mjs golden --npm-dir "$peer_npm" \
+  --model "$scratch/models/stories260k-f32.gguf" \
+  --golden "$repo/../shared/fixtures/stories260k/golden.json" --logLevel debug 2>&1 |
+  grep -o 'libggml-cpu-[a-z0-9_]*\.so' | head -1 || true)
+peer_variant=${peer_variant#libggml-cpu-}
+peer_variant=${peer_variant%.so}
+log "llama.cpp CPU variant: ${peer_variant:-unknown}"
+
 # Busy jiffies of the whole machine (to report what other processes took during the run).
 busy_jiffies() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9; exit}' /proc/stat; }
 
@@ -139,7 +182,7 @@ superpose_round() {
 peer_round() {
   local name=$1 gguf=$2 r=$3
   log "round $r llama.cpp $name"
-  node "$peer/bench_llamacpp.mjs" bench --npm-dir "$scratch/npm" --threads "$threads" \
+  node "$peer/bench_llamacpp.mjs" bench --npm-dir "$peer_npm" --threads "$threads" \
     --model "$gguf" --ctx 1024 --prefill $prefill --decode $decode --runs 1 --parallel 16 \
     --json "$out/peer-$name-r$r.json" >"$out/peer-$name-r$r.md" 2>>"$out/peer.log"
 }
@@ -174,10 +217,10 @@ python3 - "$out" "$rounds" "$decode" "$prefill" "$threads" "$simd" "$quick" \
   "$(grep -o 'blas_core=[^ ]*' "$out/server-f32.log" | head -1 | cut -d= -f2)" \
   "$(grep -o 'kv_dtype=[^ ]*' "$out/server-f32.log" | head -1 | cut -d= -f2)/$(grep -o 'kv_dtype=[^ ]*' "$out/server-bf16.log" | head -1 | cut -d= -f2)" \
   "$(awk -F: '/^model name/{sub(/^ +/, "", $2); print $2; exit}' /proc/cpuinfo)" \
-  "$(nproc)" "$t_start" "$t_end" "$busy_start" "$busy_end" "$own_cpu" "$(getconf CLK_TCK)" <<'EOF'
+  "$(nproc)" "$t_start" "$t_end" "$busy_start" "$busy_end" "$own_cpu" "$(getconf CLK_TCK)" "${peer_variant:-unknown}" <<'EOF'
 import glob, json, os, re, statistics, sys
 (out, rounds, decode, prefill, threads, simd, quick, active, omp_wait, blas, kv, cpu, ncpu,
- t0, t1, b0, b1, own, hz) = sys.argv[1:]
+ t0, t1, b0, b1, own, hz, peer_variant) = sys.argv[1:]
 rounds, decode, prefill = int(rounds), int(decode), int(prefill)
 hz = int(hz)
 wall = float(t1) - float(t0)
@@ -225,7 +268,7 @@ nlc = json.load(open(f"{out}/peer-f32-r1.json"))
 gb = lambda x: f"{x / 1e9:.1f}"
 print(f"CPU: {cpu} ({ncpu} cores), {threads} threads; superpose SIMD target {active} "
       f"(--simd={simd}), OpenBLAS {blas}, OpenMP wait {omp_wait}, KV cache {kv} (F32/BF16 "
-      f"runs); llama.cpp node-llama-cpp {nlc['node_llama_cpp']} (its own dispatch, KV cache "
+      f"runs); llama.cpp node-llama-cpp {nlc['node_llama_cpp']} (ggml CPU variant {peer_variant}, KV cache "
       f"F16, flash attention auto)")
 print(f"memory bandwidth ({threads} threads, best): before read-only {gb(bw[0]['read_Bps_best'])} GB/s, "
       f"copy {gb(bw[0]['copy_Bps_best'])} GB/s; after read-only {gb(bw[1]['read_Bps_best'])} GB/s, "

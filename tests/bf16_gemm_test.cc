@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -134,14 +135,27 @@ TEST(Bf16GemmTest, MatchesReference) {
       ExpectMatchesReference(kernel, MakeProblem(rows, 83, 45, 20 + rows));
     }
     ExpectMatchesReference(kernel, MakeProblem(5, 768, 200, 7));
+    // More than one weight group (4 blocks of 32 inputs) per row block, with their partial
+    // sums kept between groups (the widening kernel, 2 < rows <= 128), and past it.
+    for (int32_t rows : {9, 16, 40, 130}) {
+      ExpectMatchesReference(kernel, MakeProblem(rows, 300, 70, 30 + rows));
+    }
   });
 }
 
 TEST(Bf16GemmTest, RowResultsDoNotDependOnTheBatch) {
   ForEachKernel([](Bf16Kernel kernel) {
-    const Problem all = MakeProblem(70, 200, 100, 5);
+    // 140 rows: whole-row-block passes; 70: weight groups (the widening kernel), 1: one
+    // register tile. Every row's result is bitwise the same in all three.
+    const Problem all = MakeProblem(140, 200, 100, 5);
     const std::vector<float> y = Multiply(kernel, all);
-    for (int32_t t : {0, 15, 16, 33, 69}) {
+    Problem part{70,      all.in,
+                 all.out, std::vector<float>(all.x.begin(), all.x.begin() + 70 * all.in),
+                 all.w,   PackedBf16{}};
+    part.packed.Pack(part.w.data(), part.out, part.in);
+    const std::vector<float> y70 = Multiply(kernel, part);
+    ASSERT_TRUE(std::equal(y70.begin(), y70.end(), y.begin()));
+    for (int32_t t : {0, 15, 16, 33, 69, 139}) {
       Problem one{1,
                   all.in,
                   all.out,

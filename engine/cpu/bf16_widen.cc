@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "engine/cpu/bf16_widen.cc"
@@ -25,22 +27,46 @@ constexpr int kJ = PackedBf16::kRows / kN;  // vectors per input pair of a block
 // widened weight vectors must fit the register file (engine/cpu/vector_registers-inl.h).
 constexpr int kR = std::clamp((kVectorRegisters - 2) / (kJ + 2), 1, 6);
 
-// R activation rows from m0 against row block rb.
-template <int R>
-HWY_NOINLINE void WidenRows(const PackedBf16& w, int32_t rb, const float* xp, int32_t ld,
-                            int32_t m0, float* y) {
+// Steps of more rows than one register tile and at most kGroupMaxRows run in weight
+// groups: each group of kGroupBlocks 32-input blocks (8 KiB, kept in L1) is run past every
+// row before the next group, the partial sums waiting in acc_rows between groups, and
+// while a group's passes run, the next group is prefetched a few lines per block step.
+// Passes over a whole row block at a time (the other order) read the weights in one burst
+// per row block, and the memory idled while the later passes ran from L2: memory and
+// arithmetic times added up. bench/bf16_gemm_bench, Xeon, 2 threads, GFLOP/s, whole-block
+// passes -> groups: AVX3 8 rows 73-88 -> 164-167, 16 rows 125-143 -> 240-244, 32 rows
+// 167-181 -> 245, 64 rows 211-221 -> 261-264, 128 rows 238 -> 254; AVX2 8 rows 65-82 ->
+// 117-119, 16 rows 86-97 -> 124-126, 32 rows 102-108 -> 125-127, 64 rows 112-116 -> 126.
+// At 512 rows the groups lost (258 -> 236 on AVX3): prefill keeps whole-block passes.
+constexpr int32_t kGroupBlocks = 4;
+constexpr int32_t kGroupMaxRows = 128;
+
+// Prefetches the next weight group into L1 a few lines per block step, spread over the
+// passes of the current group (the memory would idle while the later passes run on it).
+struct Prefetch {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  int32_t per_step = 0;
+  HWY_INLINE void Step() {
+    for (int32_t i = 0; i < per_step && p < end; ++i, p += 64) __builtin_prefetch(p, 0, 3);
+  }
+};
+
+constexpr int32_t kBlockElems = PackedBf16::kRows * PackedBf16::kK;
+
+// acc[r][j] += the products of R activation rows (x0, `ld` floats apart, at the first
+// block's inputs) with `blocks` consecutive packed blocks from b: per output element, for
+// each block, for each input pair, fma(x_even, w_even) then fma(x_odd, w_odd).
+template <int R, bool kPrefetch>
+HWY_INLINE void AccumulateBlocks(const uint16_t* b, const float* x0, int32_t ld, int32_t blocks,
+                                 hn::Vec<DF> (&acc)[R][kJ], Prefetch* pf) {
   const DF df;
   const DU du;
   constexpr int32_t kTile = 16 * PackedBf16::kK;  // elements of one 16-row half
   const auto hi = hn::Set(du, 0xFFFF0000u);
-  hn::Vec<DF> acc[R][kJ];
-  for (int r = 0; r < R; ++r) {
-    for (int j = 0; j < kJ; ++j) acc[r][j] = hn::Zero(df);
-  }
-  const float* x0 = xp + static_cast<size_t>(m0) * ld;
-  for (int32_t kb = 0; kb < w.k_blocks(); ++kb) {
-    const uint16_t* b = w.block(rb, kb);
+  for (int32_t kb = 0; kb < blocks; ++kb, b += kBlockElems) {
     const float* xk = x0 + kb * PackedBf16::kK;
+    if constexpr (kPrefetch) pf->Step();
     for (int32_t p = 0; p < PackedBf16::kK / 2; ++p) {
       hn::Vec<DF> xe[R], xo[R];
 #pragma GCC unroll 8
@@ -64,7 +90,14 @@ HWY_NOINLINE void WidenRows(const PackedBf16& w, int32_t rb, const float* xp, in
       }
     }
   }
-  const int32_t out = w.out(), n0 = rb * PackedBf16::kRows;
+}
+
+// The sums of R rows (from m0) into y's columns of row block rb.
+template <int R>
+HWY_INLINE void StoreRows(const hn::Vec<DF> (&acc)[R][kJ], int32_t out, int32_t rb, int32_t m0,
+                          float* y) {
+  const DF df;
+  const int32_t n0 = rb * PackedBf16::kRows;
   const int32_t valid = std::min(PackedBf16::kRows, out - n0);
   for (int r = 0; r < R; ++r) {
     float* yr = y + static_cast<size_t>(m0 + r) * out + n0;
@@ -78,16 +111,69 @@ HWY_NOINLINE void WidenRows(const PackedBf16& w, int32_t rb, const float* xp, in
   }
 }
 
-void RowBlock(const PackedBf16& w, int32_t rb, const float* xp, int32_t ld, int32_t rows,
-              float* y) {
+// R activation rows from m0 against all of row block rb, in one pass.
+template <int R>
+HWY_NOINLINE void WidenRows(const PackedBf16& w, int32_t rb, const float* xp, int32_t ld,
+                            int32_t m0, float* y) {
+  hn::Vec<DF> acc[R][kJ];
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < kJ; ++j) acc[r][j] = hn::Zero(DF());
+  }
+  AccumulateBlocks<R, false>(w.block(rb, 0), xp + static_cast<size_t>(m0) * ld, ld, w.k_blocks(),
+                             acc, nullptr);
+  StoreRows<R>(acc, w.out(), rb, m0, y);
+}
+
+// R activation rows from m0 against blocks [kb0, kb1) of row block rb. The sums start
+// from zero at kb0 == 0 and from acc_rows (rows of 32 floats) otherwise, and go to y after
+// the last block, back to acc_rows before it: exact float32 stores and loads, so they are
+// bitwise those of WidenRows.
+template <int R>
+HWY_NOINLINE void WidenGroupRows(const PackedBf16& w, int32_t rb, const float* xp, int32_t ld,
+                                 int32_t m0, int32_t kb0, int32_t kb1, float* acc_rows,
+                                 Prefetch& pf, float* y) {
+  const DF df;
+  constexpr int32_t kW = PackedBf16::kRows;  // floats per row of acc_rows
+  hn::Vec<DF> acc[R][kJ];
+  for (int r = 0; r < R; ++r) {
+    float* a = acc_rows + static_cast<size_t>(m0 + r) * kW;
+    for (int j = 0; j < kJ; ++j) acc[r][j] = kb0 == 0 ? hn::Zero(df) : hn::LoadU(df, a + j * kN);
+  }
+  Prefetch lpf = pf;  // a local copy: the loop keeps it in registers
+  AccumulateBlocks<R, true>(w.block(rb, kb0),
+                            xp + static_cast<size_t>(m0) * ld + kb0 * PackedBf16::kK, ld, kb1 - kb0,
+                            acc, &lpf);
+  pf = lpf;
+  if (kb1 == w.k_blocks()) {
+    StoreRows<R>(acc, w.out(), rb, m0, y);
+    return;
+  }
+  for (int r = 0; r < R; ++r) {
+    float* a = acc_rows + static_cast<size_t>(m0 + r) * kW;
+    for (int j = 0; j < kJ; ++j) hn::StoreU(acc[r][j], df, a + j * kN);
+  }
+}
+
+// Every row against row block rb in whole-block passes (kb1 < 0), or against blocks
+// [kb0, kb1) in group passes; kR rows at a time.
+void RowsPass(const PackedBf16& w, int32_t rb, const float* xp, int32_t ld, int32_t rows,
+              int32_t kb0, int32_t kb1, float* acc_rows, Prefetch& pf, float* y) {
   int32_t m = 0;
-  for (; m + kR <= rows; m += kR) WidenRows<kR>(w, rb, xp, ld, m, y);
+  const auto run = [&](auto r) {
+    constexpr int R = decltype(r)::value;
+    if (kb1 < 0) {
+      WidenRows<R>(w, rb, xp, ld, m, y);
+    } else {
+      WidenGroupRows<R>(w, rb, xp, ld, m, kb0, kb1, acc_rows, pf, y);
+    }
+  };
+  for (; m + kR <= rows; m += kR) run(std::integral_constant<int, kR>());
   switch (rows - m) {
     case 0:
       break;
-#define SP_WIDEN_TAIL(n)                                                    \
-  case n:                                                                   \
-    if constexpr (kR > n) WidenRows<(kR > n ? n : 1)>(w, rb, xp, ld, m, y); \
+#define SP_WIDEN_TAIL(n)                                                        \
+  case n:                                                                       \
+    if constexpr (kR > n) run(std::integral_constant<int, (kR > n ? n : 1)>()); \
     break;
       SP_WIDEN_TAIL(1)
       SP_WIDEN_TAIL(2)
@@ -95,6 +181,37 @@ void RowBlock(const PackedBf16& w, int32_t rb, const float* xp, int32_t ld, int3
       SP_WIDEN_TAIL(4)
       SP_WIDEN_TAIL(5)
 #undef SP_WIDEN_TAIL
+  }
+}
+
+void RowBlock(const PackedBf16& w, int32_t rb, const float* xp, int32_t ld, int32_t rows,
+              float* y) {
+  const int32_t kbs = w.k_blocks();
+  Prefetch pf;
+  if (rows <= kR || rows > kGroupMaxRows) {  // whole-row-block passes, no prefetch
+    RowsPass(w, rb, xp, ld, rows, 0, -1, nullptr, pf, y);
+    return;
+  }
+  thread_local std::vector<float> acc_rows;
+  acc_rows.resize(static_cast<size_t>(rows) * PackedBf16::kRows);
+  const int32_t passes = (rows + kR - 1) / kR;
+  constexpr int32_t kBlockBytes = PackedBf16::kRows * PackedBf16::kK * sizeof(uint16_t);
+  for (int32_t kb0 = 0; kb0 < kbs; kb0 += kGroupBlocks) {
+    const int32_t kb1 = std::min(kbs, kb0 + kGroupBlocks);
+    // The next group: the rest of this row block, else the start of the next one (the
+    // thread's next row block, usually).
+    const char* next = nullptr;
+    int32_t n = 0;
+    if (kb1 < kbs) {
+      next = reinterpret_cast<const char*>(w.block(rb, kb1));
+      n = std::min(kbs, kb1 + kGroupBlocks) - kb1;
+    } else if (rb + 1 < w.row_blocks()) {
+      next = reinterpret_cast<const char*>(w.block(rb + 1, 0));
+      n = std::min(kbs, kGroupBlocks);
+    }
+    const int32_t lines = n * kBlockBytes / 64, steps = passes * (kb1 - kb0);
+    pf = Prefetch{next, next + static_cast<size_t>(n) * kBlockBytes, (lines + steps - 1) / steps};
+    RowsPass(w, rb, xp, ld, rows, kb0, kb1, acc_rows.data(), pf, y);
   }
 }
 
