@@ -68,7 +68,6 @@ std::vector<int32_t> Prompt(int32_t n, int32_t salt, int32_t vocab) {
   return p;
 }
 using testing::AddLazyPrefill;
-engine::KvSlot Slot(int32_t block0, int32_t i) { return testing::LazySlot(block0, i); }
 engine::LazyPlan Lazy(std::vector<int32_t> b, std::vector<float> keep,
                       std::vector<int32_t> depth = {}) {
   return testing::LazySchedule(std::move(b), std::move(keep), std::move(depth));
@@ -442,24 +441,7 @@ TEST_F(CudaLazyTest, DecodeAfterPrunedPrefillMatchesTheCpu) {
   BatchPlan replay;
   AddSeq(p, 0, Lazy(bounds, {}, depth), &replay);
   ExpectClose(Row(Run(*gpu_, replay), 0), Row(c, 0), "prefill");
-  BatchPlan step;
-  engine::SeqPlan s;
-  s.num_tokens = 1;
-  s.context = {{0, 0, 16}, {1, 0, 16}, {2, 0, 8}};
-  s.lazy.boundaries = bounds;
-  for (int32_t st = 1; st <= 3; ++st) {
-    int32_t n = 0;
-    for (int32_t d : depth) n += d > st;
-    std::vector<engine::KvSegment> ctx;
-    for (int32_t i = 0; i < n; i += kBs) ctx.push_back({i / kBs, 0, std::min(kBs, n - i)});
-    s.lazy.stage_context.push_back(ctx);
-    s.lazy.stage_slots.push_back({Slot(0, n)});
-  }
-  step.seqs.push_back(s);
-  step.tokens = {77};
-  step.positions = {40.0f};
-  step.kv_slots = {{2, 8}};
-  step.logits_for = {0};
+  const BatchPlan step = testing::LazyDecodeStep(bounds, depth, 77);
   const ForwardOutput gd = Run(*gpu_, step), cd = Run(*cpu_, step);
   EXPECT_TRUE(gd.lazy.empty());
   ExpectClose(Row(gd, 0), Row(cd, 0), "decode");

@@ -43,7 +43,6 @@ class LazyBackendTest : public ::testing::Test {
     for (int32_t i = 0; i < n; ++i) p.push_back(static_cast<int32_t>((i * 37 + salt * 11) % 250));
     return p;
   }
-  static engine::KvSlot Slot(int32_t block0, int32_t i) { return testing::LazySlot(block0, i); }
   static void AddSeq(const std::vector<int32_t>& prompt, int32_t block0, engine::LazyPlan lazy,
                      BatchPlan* plan) {
     testing::AddLazyPrefill(prompt, block0, std::move(lazy), plan);
@@ -185,25 +184,8 @@ TEST_F(LazyBackendTest, DecodeSeesEachStagesKv) {
   ForwardOutput out;
   ASSERT_TRUE(backend_->Forward(plan, &out).ok());
   const std::vector<int32_t> depth = out.lazy.at(0).depth;
-  BatchPlan step;
-  engine::SeqPlan s;
-  s.num_tokens = 1;
-  s.context = {{0, 0, 16}, {1, 0, 16}, {2, 0, 8}};
-  s.lazy.boundaries = bounds;
-  for (int32_t st = 1; st <= 3; ++st) {
-    // Stage st holds its n prompt tokens at own slots [0, n); the new token goes to n.
-    int32_t n = 0;
-    for (int32_t i = 0; i < 40; ++i) n += depth[i] > st;
-    std::vector<engine::KvSegment> ctx;
-    for (int32_t i = 0; i < n; i += 16) ctx.push_back({i / 16, 0, std::min(16, n - i)});
-    s.lazy.stage_context.push_back(ctx);
-    s.lazy.stage_slots.push_back({Slot(0, n)});
-  }
-  step.seqs.push_back(s);
-  step.tokens = {77};
-  step.positions = {40.0f};
-  step.kv_slots = {{2, 8}};
-  step.logits_for = {0};
+  // Stage st holds its prompt tokens at own slots [0, n); the new token goes to n.
+  const BatchPlan step = testing::LazyDecodeStep(bounds, depth, 77);
   ForwardOutput dec;
   ASSERT_TRUE(backend_->Forward(step, &dec).ok());
   EXPECT_TRUE(dec.lazy.empty());

@@ -3,6 +3,7 @@
 // LazyPlan::stage_slots), with a logits row for the last token.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -48,6 +49,38 @@ inline void AddLazyPrefill(const std::vector<int32_t>& prompt, int32_t block0,
   }
   plan->logits_for.push_back(plan->num_tokens() - 1);
   plan->seqs.push_back(std::move(s));
+}
+
+// The decode step after a pruned prefill of depth.size() tokens at blocks [block0, ...)
+// (its depths): `token` at the next position and slot; every stage st holds, compactly,
+// the prompt tokens that reached it (LazyPlan::stage_context) and takes the new token at
+// the next own slot.
+inline engine::BatchPlan LazyDecodeStep(const std::vector<int32_t>& boundaries,
+                                        const std::vector<int32_t>& depth, int32_t token,
+                                        int32_t block0 = 0) {
+  const int32_t n_prompt = static_cast<int32_t>(depth.size());
+  const auto segments = [&](int32_t n) {
+    std::vector<engine::KvSegment> ctx;
+    for (int32_t i = 0; i < n; i += 16) ctx.push_back({block0 + i / 16, 0, std::min(16, n - i)});
+    return ctx;
+  };
+  engine::SeqPlan s;
+  s.num_tokens = 1;
+  s.context = segments(n_prompt);
+  s.lazy.boundaries = boundaries;
+  for (int32_t st = 1; st <= static_cast<int32_t>(boundaries.size()); ++st) {
+    int32_t n = 0;
+    for (int32_t d : depth) n += d > st;
+    s.lazy.stage_context.push_back(segments(n));
+    s.lazy.stage_slots.push_back({LazySlot(block0, n)});
+  }
+  engine::BatchPlan step;
+  step.seqs.push_back(std::move(s));
+  step.tokens = {token};
+  step.positions = {static_cast<float>(n_prompt)};
+  step.kv_slots = {LazySlot(block0, n_prompt)};
+  step.logits_for = {0};
+  return step;
 }
 
 }  // namespace superpose::testing
