@@ -180,10 +180,9 @@ TEST_F(LazyEngineTest, PreemptionReplaysTheDecision) {
     alone.push_back(testing::RunRequest(*eng, Lazy(b, 40, bounds, keep)));
   }
   auto eng = Start(8);  // 128 slots: the two need 160
-  testing::Collector ca, cb;
-  ASSERT_TRUE(eng->Submit(Lazy(a, 40, bounds, keep), ca.Callback()).ok());
-  ASSERT_TRUE(eng->Submit(Lazy(b, 40, bounds, keep), cb.Callback()).ok());
-  const testing::Completion ra = ca.Wait(), rb = cb.Wait();
+  const std::vector<testing::Completion> both =
+      testing::RunTogether(*eng, {Lazy(a, 40, bounds, keep), Lazy(b, 40, bounds, keep)});
+  const testing::Completion &ra = both[0], &rb = both[1];
   EXPECT_GT(eng->stats().preemptions, 0);
   ASSERT_TRUE(ra.status.ok() && rb.status.ok());
   EXPECT_EQ(ra.tokens, alone[0].tokens);

@@ -220,10 +220,9 @@ TEST_F(LazyRevivalTest, AuxBudgetTurnsRevivalOff) {
   const std::vector<int32_t> p = Prompt(40, 7);
   const int64_t one = 40 * model_->config.hidden_size * int64_t{sizeof(float)};
   auto eng = Start(64, one);
-  testing::Collector ca, cb;
-  ASSERT_TRUE(eng->Submit(Revive(p, 16, {0.5f, 0.5f}), ca.Callback()).ok());
-  ASSERT_TRUE(eng->Submit(Revive(Prompt(40, 8), 16, {0.5f, 0.5f}), cb.Callback()).ok());
-  const testing::Completion ra = ca.Wait(), rb = cb.Wait();
+  const std::vector<testing::Completion> both = testing::RunTogether(
+      *eng, {Revive(p, 16, {0.5f, 0.5f}), Revive(Prompt(40, 8), 16, {0.5f, 0.5f})});
+  const testing::Completion &ra = both[0], &rb = both[1];
   ASSERT_TRUE(ra.status.ok() && rb.status.ok());
   EXPECT_TRUE(ra.usage.lazy_revive);
   EXPECT_FALSE(rb.usage.lazy_revive);
@@ -285,10 +284,9 @@ TEST_F(LazyRevivalTest, BatchedEqualsAlone) {
     alone.push_back(testing::RunRequest(*eng, Revive(b, 16, {0.5f, 0.6f})));
   }
   auto eng = Start(64);
-  testing::Collector ca, cb;
-  ASSERT_TRUE(eng->Submit(Revive(a, 16, {0.5f, 0.6f}), ca.Callback()).ok());
-  ASSERT_TRUE(eng->Submit(Revive(b, 16, {0.5f, 0.6f}), cb.Callback()).ok());
-  const testing::Completion ra = ca.Wait(), rb = cb.Wait();
+  const std::vector<testing::Completion> both =
+      testing::RunTogether(*eng, {Revive(a, 16, {0.5f, 0.6f}), Revive(b, 16, {0.5f, 0.6f})});
+  const testing::Completion &ra = both[0], &rb = both[1];
   ASSERT_TRUE(ra.status.ok() && rb.status.ok());
   ASSERT_GT(alone[0].usage.lazy_revived_tokens, 0);
   EXPECT_EQ(ra.tokens, alone[0].tokens);
@@ -311,10 +309,9 @@ TEST_F(LazyRevivalTest, PreemptionReplaysTheRevivals) {
   ASSERT_GT(alone[0].usage.lazy_revived_tokens, 0);
   ASSERT_GT(alone[1].usage.lazy_revived_tokens, 0);
   auto eng = Start(8);  // 128 slots: the two need 160
-  testing::Collector ca, cb;
-  ASSERT_TRUE(eng->Submit(Revive(a, 40, {0.5f, 0.5f}), ca.Callback()).ok());
-  ASSERT_TRUE(eng->Submit(Revive(b, 40, {0.5f, 0.5f}), cb.Callback()).ok());
-  const testing::Completion ra = ca.Wait(), rb = cb.Wait();
+  const std::vector<testing::Completion> both =
+      testing::RunTogether(*eng, {Revive(a, 40, {0.5f, 0.5f}), Revive(b, 40, {0.5f, 0.5f})});
+  const testing::Completion &ra = both[0], &rb = both[1];
   EXPECT_GT(eng->stats().preemptions, 0);
   ASSERT_TRUE(ra.status.ok() && rb.status.ok());
   EXPECT_EQ(ra.tokens, alone[0].tokens);

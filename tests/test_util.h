@@ -146,6 +146,24 @@ inline Completion RunRequest(engine::Engine& engine, engine::Request req) {
   return c.Wait();
 }
 
+// Submits every request before waiting for any (they share the engine's steps), then
+// returns their completions in order.
+inline std::vector<Completion> RunTogether(engine::Engine& engine,
+                                           std::vector<engine::Request> reqs) {
+  std::vector<Collector> collectors(reqs.size());
+  std::vector<Completion> out(reqs.size());
+  std::vector<bool> submitted(reqs.size());
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    absl::StatusOr<uint64_t> h = engine.Submit(std::move(reqs[i]), collectors[i].Callback());
+    submitted[i] = h.ok();
+    if (!h.ok()) out[i].status = h.status();
+  }
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    if (submitted[i]) out[i] = collectors[i].Wait();
+  }
+  return out;
+}
+
 inline engine::Request GreedyRequest(std::vector<int32_t> prompt, int32_t max_new_tokens) {
   engine::Request r;
   r.request_id = "test";
