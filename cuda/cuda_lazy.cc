@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cuda/cuda_backend_impl.h"
+#include "cuda/kernels.h"
 #include "cuda/lazy_kernels.h"
 #include "cuda/lazy_stage.h"
 #include "engine/util/status.h"
@@ -115,7 +116,7 @@ absl::Status GatherRows(Impl& m, const StageMeta& st, int32_t R) {
   const size_t n = static_cast<size_t>(R) * H;
   const int32_t* rows = m.meta.get() + st.off_gather;
   Impl::LazyBuffers& b = m.lazy_bufs;
-  SP_CUDA_RETURN_IF_ERROR(LaunchGatherRowsF32(m.eager.x.get(), rows, R, H, b.x.get(), m.stream));
+  SP_CUDA_RETURN_IF_ERROR(LaunchGatherRows(m.eager.x.get(), rows, R, H, b.x.get(), m.stream));
   SP_CUDA_RETURN_IF_ERROR(LaunchGatherRows(m.eager.h.get(), rows, R, H, b.h.get(), m.stream));
   SP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(m.eager.x.get(), b.x.get(), n * sizeof(float),
                                           cudaMemcpyDeviceToDevice, m.stream));

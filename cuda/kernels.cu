@@ -84,11 +84,12 @@ __global__ void AddRmsNormKernel(float* __restrict__ x, const float* __restrict_
     hr[i] = __float2bfloat16(xr[i] * inv * w[i]);
 }
 
-__global__ void GatherRowsKernel(const bf16* __restrict__ in, const int32_t* __restrict__ rows,
-                                 int32_t cols, bf16* __restrict__ out) {
+template <typename T>
+__global__ void GatherRowsKernel(const T* __restrict__ in, const int32_t* __restrict__ rows,
+                                 int32_t cols, T* __restrict__ out) {
   const int64_t r = blockIdx.x;
-  const bf16* src = in + static_cast<int64_t>(rows[r]) * cols;
-  bf16* dst = out + r * cols;
+  const T* src = in + static_cast<int64_t>(rows[r]) * cols;
+  T* dst = out + r * cols;
   for (int32_t i = threadIdx.x; i < cols; i += blockDim.x) dst[i] = src[i];
 }
 
@@ -336,7 +337,14 @@ cudaError_t LaunchAddRmsNorm(float* x, const float* add, const float* w, int32_t
 cudaError_t LaunchGatherRows(const bf16* in, const int32_t* rows, int32_t R, int32_t cols,
                              bf16* out, cudaStream_t stream) {
   if (R <= 0) return cudaSuccess;
-  GatherRowsKernel<<<R, 256, 0, stream>>>(in, rows, cols, out);
+  GatherRowsKernel<bf16><<<R, 256, 0, stream>>>(in, rows, cols, out);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchGatherRows(const float* in, const int32_t* rows, int32_t R, int32_t cols,
+                             float* out, cudaStream_t stream) {
+  if (R <= 0) return cudaSuccess;
+  GatherRowsKernel<float><<<R, 256, 0, stream>>>(in, rows, cols, out);
   return cudaGetLastError();
 }
 
@@ -532,7 +540,8 @@ cudaError_t LaunchFillRandom(bf16* p, int64_t n, uint64_t seed, float scale, cud
 cudaError_t LoadKernels() {
   const void* kernels[] = {reinterpret_cast<const void*>(EmbeddingKernel),
                            reinterpret_cast<const void*>(AddRmsNormKernel),
-                           reinterpret_cast<const void*>(GatherRowsKernel),
+                           reinterpret_cast<const void*>(GatherRowsKernel<bf16>),
+                           reinterpret_cast<const void*>(GatherRowsKernel<float>),
                            reinterpret_cast<const void*>(QkvPostKernel),
                            reinterpret_cast<const void*>(AttentionKernel),
                            reinterpret_cast<const void*>(TcAttentionKernel),

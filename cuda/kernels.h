@@ -27,9 +27,12 @@ cudaError_t LaunchEmbedding(const int32_t* tokens, int32_t T, const bf16* embed,
 cudaError_t LaunchAddRmsNorm(float* x, const float* add, const float* w, int32_t T, int32_t H,
                              float eps, bf16* h, cudaStream_t stream);
 
-// out[r, :] = in[rows[r], :] for r < R (bf16 rows of `cols` elements).
+// out[r, :] = in[rows[r], :] for r < R (rows of `cols` elements; `out` must not overlap
+// `in`).
 cudaError_t LaunchGatherRows(const bf16* in, const int32_t* rows, int32_t R, int32_t cols,
                              bf16* out, cudaStream_t stream);
+cudaError_t LaunchGatherRows(const float* in, const int32_t* rows, int32_t R, int32_t cols,
+                             float* out, cudaStream_t stream);
 
 // After the QKV projection. qkv: [T, (qh + 2 * kvh) * D] float (q heads, k heads, v
 // heads). Per token: adds `bias` (may be null; same layout as a qkv row), applies the

@@ -38,14 +38,6 @@ __global__ void __launch_bounds__(kLazyThreads)
   LazyHeadSumBlock(c, items[blockIdx.x], qh, head_rows, out);
 }
 
-__global__ void GatherRowsF32Kernel(const float* __restrict__ in, const int32_t* __restrict__ rows,
-                                    int32_t cols, float* __restrict__ out) {
-  const int64_t r = blockIdx.x;
-  const float* src = in + static_cast<int64_t>(rows[r]) * cols;
-  float* dst = out + r * cols;
-  for (int32_t i = threadIdx.x; i < cols; i += blockDim.x) dst[i] = src[i];
-}
-
 }  // namespace
 
 cudaError_t LaunchLazyScores(const LazyScoreItem* items, int32_t n, const float* q,
@@ -63,17 +55,9 @@ cudaError_t LaunchLazyScores(const LazyScoreItem* items, int32_t n, const float*
   return cudaGetLastError();
 }
 
-cudaError_t LaunchGatherRowsF32(const float* in, const int32_t* rows, int32_t R, int32_t cols,
-                                float* out, cudaStream_t stream) {
-  if (R <= 0) return cudaSuccess;
-  GatherRowsF32Kernel<<<static_cast<unsigned>(R), 256, 0, stream>>>(in, rows, cols, out);
-  return cudaGetLastError();
-}
-
 cudaError_t LoadLazyKernels() {
   for (const void* k : {reinterpret_cast<const void*>(LazyHeadRowKernel),
-                        reinterpret_cast<const void*>(LazyHeadSumKernel),
-                        reinterpret_cast<const void*>(GatherRowsF32Kernel)}) {
+                        reinterpret_cast<const void*>(LazyHeadSumKernel)}) {
     cudaFuncAttributes attr;
     if (const cudaError_t e = cudaFuncGetAttributes(&attr, k); e != cudaSuccess) return e;
   }

@@ -20,11 +20,6 @@ cudaError_t LaunchLazyScores(const LazyScoreItem* items, int32_t n, const float*
                              int32_t kvh, int32_t D, float scale, float* head_rows, float* out,
                              cudaStream_t stream);
 
-// out[r, :] = in[rows[r], :] for r < R (float rows of `cols` elements; `out` must not
-// overlap `in`).
-cudaError_t LaunchGatherRowsF32(const float* in, const int32_t* rows, int32_t R, int32_t cols,
-                                float* out, cudaStream_t stream);
-
 // Loads these kernels on the current device now (not in the middle of a step under
 // CUDA's lazy module loading).
 cudaError_t LoadLazyKernels();
