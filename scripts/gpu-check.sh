@@ -118,25 +118,22 @@ grep -E 'CUDA graphs:' "$out/cuda_backend_test.log" | sed -E 's/^\[[^]]*\] //' |
 grep -E '^\[  FAILED  \]|Failure|Expected|Which is|error' "$out/cuda_backend_test.log" | head -20 |
   sed 's/^/    /' | tee -a "$summary"
 run_test tensor_parallel_test 120 other_tests.log
-if [ -x "$bin/cuda_lora_test" ]; then run_test cuda_lora_test 120 other_tests.log
-else note "cuda_lora_test: not in $bin (a .gpu-prebuilt from before it)"; fi
-# Quantized projections (--cuda_dtype=int8|q4).
-if [ -x "$bin/cuda_quant_test" ]; then
-  run_test cuda_quant_test 180 other_tests.log
-  grep -E '^\[ cuda quant \]' "$out/other_tests.log" | sed 's/^/    /' | tee -a "$summary"
-else
-  note "cuda_quant_test: not in $bin (a .gpu-prebuilt from before it)"
-fi
-# Cross-layer weight sharing (layer_weight_map) on the device.
-if [ -x "$bin/cuda_layer_sharing_test" ]; then run_test cuda_layer_sharing_test 60 other_tests.log
-else note "cuda_layer_sharing_test: not in $bin (a .gpu-prebuilt from before it)"; fi
-# LazyLLM token pruning on the GPU (decisions and logits against the CPU backend).
-if [ -x "$bin/cuda_lazy_test" ]; then
-  run_test cuda_lazy_test 180 other_tests.log
-  grep -E '^decisions: ' "$out/other_tests.log" | sed 's/^/    /' | tee -a "$summary"
-else
-  note "cuda_lazy_test: not in $bin (a .gpu-prebuilt from before it)"
-fi
+# Tests newer than a .gpu-prebuilt may be missing from it: run those that exist, and show
+# their summary lines (pattern, optional) under the result.
+optional_test() {  # name, timeout, summary-line pattern
+  if [ ! -x "$bin/$1" ]; then
+    note "$1: not in $bin (a .gpu-prebuilt from before it)"
+    return
+  fi
+  run_test "$1" "$2" other_tests.log
+  if [ -n "${3:-}" ]; then
+    grep -E "$3" "$out/other_tests.log" | sed 's/^/    /' | tee -a "$summary"
+  fi
+}
+optional_test cuda_lora_test 120
+optional_test cuda_quant_test 180 '^\[ cuda quant \]' # --cuda_dtype=int8|q4
+optional_test cuda_layer_sharing_test 60 # layer_weight_map on the device
+optional_test cuda_lazy_test 180 '^decisions: ' # LazyLLM against the CPU backend
 run_test golden_test 120 other_tests.log
 
 timeout 200 "$bench" >"$out/cuda_bench.log" 2>&1
