@@ -53,11 +53,12 @@ struct Prefetch {
 };
 
 constexpr int32_t kBlockElems = PackedBf16::kRows * PackedBf16::kK;
+constexpr int32_t kBlockBytes = kBlockElems * sizeof(uint16_t);
 
 // acc[r][j] += the products of R activation rows (x0, `ld` floats apart, at the first
 // block's inputs) with `blocks` consecutive packed blocks from b: per output element, for
 // each block, for each input pair, fma(x_even, w_even) then fma(x_odd, w_odd).
-template <int R, bool kPrefetch>
+template <int R>
 HWY_INLINE void AccumulateBlocks(const uint16_t* b, const float* x0, int32_t ld, int32_t blocks,
                                  hn::Vec<DF> (&acc)[R][kJ], Prefetch* pf) {
   const DF df;
@@ -66,7 +67,7 @@ HWY_INLINE void AccumulateBlocks(const uint16_t* b, const float* x0, int32_t ld,
   const auto hi = hn::Set(du, 0xFFFF0000u);
   for (int32_t kb = 0; kb < blocks; ++kb, b += kBlockElems) {
     const float* xk = x0 + kb * PackedBf16::kK;
-    if constexpr (kPrefetch) pf->Step();
+    pf->Step();
     for (int32_t p = 0; p < PackedBf16::kK / 2; ++p) {
       hn::Vec<DF> xe[R], xo[R];
 #pragma GCC unroll 8
@@ -111,16 +112,27 @@ HWY_INLINE void StoreRows(const hn::Vec<DF> (&acc)[R][kJ], int32_t out, int32_t 
   }
 }
 
-// R activation rows from m0 against all of row block rb, in one pass.
+// Whole-block passes of batch-1-sized steps (at most kR rows: one pass) prefetch the
+// weights this far ahead of the block they read, one block's lines per block step. The
+// hardware prefetchers alone left AMD Zen 4 at half the memory bandwidth:
+// bench/bf16_gemm_bench, 2 threads, 1 row, ms per pass (151 MB), none -> 2 / 4 / 8
+// blocks ahead: AVX2 7.4-8.4 -> 3.7-4.4 / 3.3-3.7 / 3.6-4.3, AVX3 4.6-5.0 -> 3.4-4.4 /
+// 3.9-5.0 / 3.3-4.2. Prefill's passes (more than kGroupMaxRows rows) re-read each row
+// block from L2 and do not prefetch: there it cost 15% at 512 rows on AVX2.
+constexpr int32_t kAheadBlocks = 4;
+
+// R activation rows from m0 against all of row block rb, in one pass, prefetching as pf
+// says (a copy: the loop keeps it in registers).
 template <int R>
 HWY_NOINLINE void WidenRows(const PackedBf16& w, int32_t rb, const float* xp, int32_t ld,
-                            int32_t m0, float* y) {
+                            int32_t m0, const Prefetch& pf, float* y) {
   hn::Vec<DF> acc[R][kJ];
   for (int r = 0; r < R; ++r) {
     for (int j = 0; j < kJ; ++j) acc[r][j] = hn::Zero(DF());
   }
-  AccumulateBlocks<R, false>(w.block(rb, 0), xp + static_cast<size_t>(m0) * ld, ld, w.k_blocks(),
-                             acc, nullptr);
+  Prefetch lpf = pf;
+  AccumulateBlocks<R>(w.block(rb, 0), xp + static_cast<size_t>(m0) * ld, ld, w.k_blocks(), acc,
+                      &lpf);
   StoreRows<R>(acc, w.out(), rb, m0, y);
 }
 
@@ -140,9 +152,8 @@ HWY_NOINLINE void WidenGroupRows(const PackedBf16& w, int32_t rb, const float* x
     for (int j = 0; j < kJ; ++j) acc[r][j] = kb0 == 0 ? hn::Zero(df) : hn::LoadU(df, a + j * kN);
   }
   Prefetch lpf = pf;  // a local copy: the loop keeps it in registers
-  AccumulateBlocks<R, true>(w.block(rb, kb0),
-                            xp + static_cast<size_t>(m0) * ld + kb0 * PackedBf16::kK, ld, kb1 - kb0,
-                            acc, &lpf);
+  AccumulateBlocks<R>(w.block(rb, kb0), xp + static_cast<size_t>(m0) * ld + kb0 * PackedBf16::kK,
+                      ld, kb1 - kb0, acc, &lpf);
   pf = lpf;
   if (kb1 == w.k_blocks()) {
     StoreRows<R>(acc, w.out(), rb, m0, y);
@@ -162,7 +173,7 @@ void RowsPass(const PackedBf16& w, int32_t rb, const float* xp, int32_t ld, int3
   const auto run = [&](auto r) {
     constexpr int R = decltype(r)::value;
     if (kb1 < 0) {
-      WidenRows<R>(w, rb, xp, ld, m, y);
+      WidenRows<R>(w, rb, xp, ld, m, pf, y);
     } else {
       WidenGroupRows<R>(w, rb, xp, ld, m, kb0, kb1, acc_rows, pf, y);
     }
@@ -188,14 +199,22 @@ void RowBlock(const PackedBf16& w, int32_t rb, const float* xp, int32_t ld, int3
               float* y) {
   const int32_t kbs = w.k_blocks();
   Prefetch pf;
-  if (rows <= kR || rows > kGroupMaxRows) {  // whole-row-block passes, no prefetch
+  if (rows <= kR) {  // one whole-row-block pass, prefetching kAheadBlocks ahead
+    const char* first = reinterpret_cast<const char*>(w.block(rb, 0));
+    const char* end = reinterpret_cast<const char*>(w.block(w.row_blocks(), 0));
+    pf = Prefetch{first + kAheadBlocks * kBlockBytes,
+                  std::min(end, first + static_cast<size_t>(kbs + kAheadBlocks) * kBlockBytes),
+                  kBlockBytes / 64};
+    RowsPass(w, rb, xp, ld, rows, 0, -1, nullptr, pf, y);
+    return;
+  }
+  if (rows > kGroupMaxRows) {  // whole-row-block passes
     RowsPass(w, rb, xp, ld, rows, 0, -1, nullptr, pf, y);
     return;
   }
   thread_local std::vector<float> acc_rows;
   acc_rows.resize(static_cast<size_t>(rows) * PackedBf16::kRows);
   const int32_t passes = (rows + kR - 1) / kR;
-  constexpr int32_t kBlockBytes = PackedBf16::kRows * PackedBf16::kK * sizeof(uint16_t);
   for (int32_t kb0 = 0; kb0 < kbs; kb0 += kGroupBlocks) {
     const int32_t kb1 = std::min(kbs, kb0 + kGroupBlocks);
     // The next group: the rest of this row block, else the start of the next one (the
