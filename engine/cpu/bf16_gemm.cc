@@ -146,32 +146,61 @@ __attribute__((target("amx-tile,amx-bf16"))) void AmxBlock(const PackedBf16& w, 
 
 // AVX512-BF16 (no AMX: e.g. AMD Zen 4/5, Intel Cooper Lake): the same packed blocks,
 // one zmm of weights = one input pair for 16 output rows; per activation row a
-// broadcast pair and one vdpbf16ps. Up to kVecRows activation rows per pass over the
-// row block (re-read from L1/L2 for further passes).
+// broadcast pair and one vdpbf16ps. Up to kVecRows activation rows per pass.
 constexpr int32_t kVecRows = 8;
+constexpr int32_t kBlockBytes = kR * kK * sizeof(uint16_t);  // 2 KiB
 
-// R activation rows (at row m0) times row block rb; accumulators stay in registers. A
-// pass that is the only one over its row block (kPrefetch: fewer than kVecRows rows)
-// prefetches the weights kPrefetchBlocks ahead into L1, as AmxBlock does: on AMD Zen 4
-// the hardware prefetchers alone streamed at half the bandwidth (bench/bf16_gemm_bench,
-// 1 row, 2 threads: 6.8 -> 3.5 ms per 151 MB pass).
+// Steps of more than kVecRows rows and at most kGroupMaxRows run in weight groups, as the
+// widening kernel does (bf16_widen.cc): each group of kGroupBlocks blocks (8 KiB, in L1)
+// runs past every row before the next group, the sums waiting in a per-thread buffer
+// between groups, while the next group is prefetched a few lines per block step. Passes
+// over whole row blocks read the weights in one burst and then ran from L2 with the
+// memory idle. bench/bf16_gemm_bench, AMD Zen 4 (EPYC), 2 threads, ms per 151 MB pass,
+// whole-block passes -> groups: 8 rows 10.6-11.3 -> 6.9-7.1 (8 rows was a second pass
+// without prefetch before), 16 rows 13.2-13.6 -> 10.1-10.3, 32 rows 19.3-19.7 -> 15.2,
+// 64 rows 30.6-30.7 -> 28.4, 128 rows 53-55 -> 56; prefill (512) keeps whole passes.
+constexpr int32_t kGroupBlocks = 4;
+constexpr int32_t kGroupMaxRows = 128;
+
+// What one pass covers: blocks [kb0, kb1) of the row block, its sums starting from zero
+// at kb0 == 0 and from `partial` (rows of kR floats) otherwise, and going to y after the
+// last block, to `partial` before it (exact float32 stores and loads: bitwise the sums of
+// one pass over all blocks). While it runs, `per_step` lines from pf (up to pf_end) are
+// prefetched into L1 per block step.
+struct Span {
+  int32_t kb0, kb1;
+  float* partial;
+  const char* pf;
+  const char* pf_end;
+  int32_t per_step;
+};
+
+// R activation rows (at row m0) times span s of row block rb; accumulators stay in
+// registers. kPrefetch: passes that stream the weights from memory (at most kVecRows
+// rows, or weight groups); prefill's passes re-read each row block from L2.
 template <int R, bool kPrefetch>
 __attribute__((target("avx512f,avx512bf16"))) void Avx512Bf16Rows(const PackedBf16& w, int32_t rb,
                                                                   const uint16_t* xb, int32_t ld,
                                                                   int32_t m0, __mmask16 lo,
-                                                                  __mmask16 hi, float* y) {
-  const int32_t kbs = w.k_blocks(), n0 = rb * kR, out = w.out();
+                                                                  __mmask16 hi, Span& s, float* y) {
+  const int32_t n0 = rb * kR, out = w.out();
   __m512 acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    if (s.kb0 == 0) {
+      acc0[r] = acc1[r] = _mm512_setzero_ps();
+    } else {
+      const float* a = s.partial + static_cast<size_t>(m0 + r) * kR;
+      acc0[r] = _mm512_loadu_ps(a);
+      acc1[r] = _mm512_loadu_ps(a + 16);
+    }
+  }
   const uint16_t* xr = xb + static_cast<size_t>(m0) * ld;
-  for (int32_t kb = 0; kb < kbs; ++kb) {
+  const char* pf = s.pf;  // a local copy: the loop keeps it in a register
+  for (int32_t kb = s.kb0; kb < s.kb1; ++kb) {
     const uint16_t* b = w.block(rb, kb);
-    // Blocks follow each other across row blocks too: the next row block's first blocks
-    // (usually this thread's next) are prefetched at the end of this one.
     if constexpr (kPrefetch) {
-      if (rb * kbs + kb + kPrefetchBlocks < w.row_blocks() * kbs) {
-        const char* ahead = reinterpret_cast<const char*>(b + kPrefetchBlocks * 2 * kTile);
-        for (int32_t l = 0; l < 2 * kTile * 2; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+      for (int32_t i = 0; i < s.per_step && pf < s.pf_end; ++i, pf += 64) {
+        _mm_prefetch(pf, _MM_HINT_T0);
       }
     }
     const uint16_t* xk = xr + kb * kK;
@@ -186,35 +215,87 @@ __attribute__((target("avx512f,avx512bf16"))) void Avx512Bf16Rows(const PackedBf
       }
     }
   }
+  s.pf = pf;
   for (int r = 0; r < R; ++r) {
-    float* yr = y + static_cast<size_t>(m0 + r) * out + n0;
-    _mm512_mask_storeu_ps(yr, lo, acc0[r]);
-    if (hi != 0) _mm512_mask_storeu_ps(yr + 16, hi, acc1[r]);
+    if (s.kb1 == w.k_blocks()) {
+      float* yr = y + static_cast<size_t>(m0 + r) * out + n0;
+      _mm512_mask_storeu_ps(yr, lo, acc0[r]);
+      if (hi != 0) _mm512_mask_storeu_ps(yr + 16, hi, acc1[r]);
+    } else {
+      float* a = s.partial + static_cast<size_t>(m0 + r) * kR;
+      _mm512_storeu_ps(a, acc0[r]);
+      _mm512_storeu_ps(a + 16, acc1[r]);
+    }
   }
 }
 
 using RowsFn = void (*)(const PackedBf16&, int32_t, const uint16_t*, int32_t, int32_t, __mmask16,
-                        __mmask16, float*);
+                        __mmask16, Span&, float*);
 template <bool kPrefetch, int... Rs>
-constexpr RowsFn kTailRows[] = {nullptr, &Avx512Bf16Rows<Rs, kPrefetch>...};
-static_assert(kVecRows == 8);
+constexpr RowsFn kRowsFns[] = {nullptr, &Avx512Bf16Rows<Rs, kPrefetch>...};
 
-__attribute__((target("avx512f,avx512bf16"))) void Avx512Bf16Block(const PackedBf16& w, int32_t rb,
-                                                                   const uint16_t* xb, int32_t ld,
-                                                                   int32_t rows, float* y) {
-  const int32_t n0 = rb * kR, out = w.out();
+// Every row against span s of row block rb, kVecRows rows per pass.
+template <bool kPrefetch>
+void Avx512Bf16Passes(const PackedBf16& w, int32_t rb, const uint16_t* xb, int32_t ld, int32_t rows,
+                      __mmask16 lo, __mmask16 hi, Span& s, float* y) {
+  static_assert(kVecRows == 8);
+  for (int32_t m0 = 0; m0 < rows; m0 += kVecRows) {
+    kRowsFns<kPrefetch, 1, 2, 3, 4, 5, 6, 7, 8>[std::min(kVecRows, rows - m0)](w, rb, xb, ld, m0,
+                                                                               lo, hi, s, y);
+  }
+}
+
+void Avx512Bf16Block(const PackedBf16& w, int32_t rb, const uint16_t* xb, int32_t ld, int32_t rows,
+                     float* y) {
+  const int32_t n0 = rb * kR, out = w.out(), kbs = w.k_blocks();
   const int32_t n_lo = std::min(16, out - n0), n_hi = std::min(16, out - n0 - 16);
   const __mmask16 lo = static_cast<__mmask16>((1u << n_lo) - 1);
   const __mmask16 hi = n_hi <= 0 ? 0 : static_cast<__mmask16>((1u << n_hi) - 1);
-  if (rows < kVecRows) {  // one pass
-    kTailRows<true, 1, 2, 3, 4, 5, 6, 7>[rows](w, rb, xb, ld, 0, lo, hi, y);
+  if (rows <= kVecRows) {
+    // One pass, prefetching kPrefetchBlocks ahead (into the next row block at the end: it
+    // is usually this thread's next). On AMD Zen 4 the hardware prefetchers alone streamed
+    // at half the bandwidth (bench/bf16_gemm_bench, 1 row, 2 threads: 6.8 -> 3.5 ms per
+    // 151 MB pass).
+    const char* first = reinterpret_cast<const char*>(w.block(rb, 0));
+    const char* end = reinterpret_cast<const char*>(w.block(w.row_blocks(), 0));
+    Span s{0,
+           kbs,
+           nullptr,
+           first + kPrefetchBlocks * kBlockBytes,
+           std::min(end, first + static_cast<size_t>(kbs + kPrefetchBlocks) * kBlockBytes),
+           kBlockBytes / 64};
+    Avx512Bf16Passes<true>(w, rb, xb, ld, rows, lo, hi, s, y);
     return;
   }
-  int32_t m0 = 0;
-  for (; m0 + kVecRows <= rows; m0 += kVecRows) {
-    Avx512Bf16Rows<kVecRows, false>(w, rb, xb, ld, m0, lo, hi, y);
+  if (rows > kGroupMaxRows) {  // prefill: whole-row-block passes from L2
+    Span s{0, kbs, nullptr, nullptr, nullptr, 0};
+    Avx512Bf16Passes<false>(w, rb, xb, ld, rows, lo, hi, s, y);
+    return;
   }
-  if (rows > m0) kTailRows<false, 1, 2, 3, 4, 5, 6, 7>[rows - m0](w, rb, xb, ld, m0, lo, hi, y);
+  thread_local std::vector<float> partial;
+  partial.resize(static_cast<size_t>(rows) * kR);
+  const int32_t passes = (rows + kVecRows - 1) / kVecRows;
+  for (int32_t kb0 = 0; kb0 < kbs; kb0 += kGroupBlocks) {
+    const int32_t kb1 = std::min(kbs, kb0 + kGroupBlocks);
+    // The next group: the rest of this row block, else the start of the next one.
+    const char* next = nullptr;
+    int32_t n = 0;
+    if (kb1 < kbs) {
+      next = reinterpret_cast<const char*>(w.block(rb, kb1));
+      n = std::min(kbs, kb1 + kGroupBlocks) - kb1;
+    } else if (rb + 1 < w.row_blocks()) {
+      next = reinterpret_cast<const char*>(w.block(rb + 1, 0));
+      n = std::min(kbs, kGroupBlocks);
+    }
+    const int32_t lines = n * kBlockBytes / 64, steps = passes * (kb1 - kb0);
+    Span s{kb0,
+           kb1,
+           partial.data(),
+           next,
+           next + static_cast<size_t>(n) * kBlockBytes,
+           (lines + steps - 1) / steps};
+    Avx512Bf16Passes<true>(w, rb, xb, ld, rows, lo, hi, s, y);
+  }
 }
 
 // The AMX and AVX512-BF16 kernels: activations packed as bf16.
