@@ -50,6 +50,10 @@ struct Kernel {
   ColumnFn columns[kMaxTileCols + 1];
 };
 
+// Whether the streaming GEMM prefetches the next weight tile into L1 (prefetcht0) or
+// into L2 (prefetcht1); see Prefetcher. Never changes a result.
+bool PrefetchIntoL1();
+
 }  // namespace
 }  // namespace superpose::engine::cpu
 
@@ -90,17 +94,28 @@ constexpr int kR = 1, kC = 3;  // 4 parts: 12 + 3 + 1 of 16 (SSE4; the fallback 
 #endif
 static_assert(kC <= kMaxTileCols);
 
-// Prefetches `per_step` cache lines per step of 16 into L1 (prefetcht0), from `p` up to
-// `end`. Into L2 (prefetcht1) was slower: gemm_bench, all shapes, 2 threads, GFLOP/s,
-// AVX3 8 rows 71-80 -> 79-89, 16 rows 107-118 -> 123-136; AVX2 8 rows 50-56 -> 60-61.
+// Prefetches `per_step` cache lines per step of 16, from `p` up to `end`, into L1
+// (prefetcht0) where the L1 data cache holds 48 KiB or more, else into L2 (prefetcht1;
+// PrefetchIntoL1). While a tile runs, the activation rows of all its row groups pass
+// through L1 (16 rows of 768 floats: 48 KiB); a 32 KiB L1 evicted the prefetched next
+// tile before its use. GFLOP/s, 2 threads, 768 -> 128000 (393 MB, from memory), t0 -> t1:
+// AMD Zen 4 (32 KiB) AVX3 8 rows 73-82 -> 128-146, 16 rows 112-130 -> 175-184; AVX2 8 rows
+// 58-60 -> 104-107, 16 rows 102-104 -> 117-119. On a Xeon (48 KiB) L1 was the faster
+// (gemm_bench, all shapes: AVX3 8 rows 71-80 -> 79-89, 16 rows 107-118 -> 123-136 with t0).
 struct Prefetcher {
   uintptr_t p, end;
   int per_step;
+  bool into_l1;
 
   HWY_INLINE void Step() {
-    for (int i = 0; i < per_step; ++i) {
-      if (p < end) __builtin_prefetch(reinterpret_cast<const void*>(p), 0, 3);
-      p += 64;
+    if (into_l1) {
+      for (int i = 0; i < per_step; ++i, p += 64) {
+        if (p < end) __builtin_prefetch(reinterpret_cast<const void*>(p), 0, 3);
+      }
+    } else {
+      for (int i = 0; i < per_step; ++i, p += 64) {
+        if (p < end) __builtin_prefetch(reinterpret_cast<const void*>(p), 0, 2);
+      }
     }
   }
 };
@@ -303,7 +318,7 @@ void Column(const float* x, int32_t rows, int32_t in, int32_t ldx, const float* 
   const int64_t steps = std::max<int64_t>(1, static_cast<int64_t>(groups) * (in / 16));
   const uintptr_t begin = reinterpret_cast<uintptr_t>(next);
   Prefetcher pf{begin, begin + static_cast<uintptr_t>(next_rows) * ldw * sizeof(float),
-                static_cast<int>((lines + steps - 1) / steps)};
+                static_cast<int>((lines + steps - 1) / steps), PrefetchIntoL1()};
   int32_t t = 0;
   for (; t + kR <= rows; t += kR) {
     Tile<kR, C>(x + static_cast<size_t>(t) * ldx, ldx, w, ldw, in, y + static_cast<size_t>(t) * ldy,
@@ -335,6 +350,14 @@ namespace superpose::engine::cpu {
 namespace {
 
 HWY_EXPORT(GetKernel);
+
+bool PrefetchIntoL1() {
+  static const bool l1 = [] {
+    const long l1d = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+    return l1d <= 0 || l1d >= (48 << 10);  // unknown: L1, as measured on Intel first
+  }();
+  return l1;
+}
 
 // Run on threads only when the call has enough work to pay for waking them.
 constexpr int64_t kParallelMinWork = 16384;
