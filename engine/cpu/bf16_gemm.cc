@@ -34,6 +34,38 @@ constexpr int64_t kParallelMinWork = 1 << 16;
 // Weight bytes prefetched ahead of the tiles being multiplied.
 constexpr int32_t kPrefetchBlocks = 4;
 
+constexpr int32_t kBlockBytes = kR * kK * sizeof(uint16_t);  // 2 KiB
+
+}  // namespace
+
+PrefetchLines PrefetchAhead(const PackedBf16& w, int32_t rb, int32_t ahead) {
+  const char* first = reinterpret_cast<const char*>(w.block(rb, 0));
+  const char* end = reinterpret_cast<const char*>(w.block(w.row_blocks(), 0));
+  return PrefetchLines{
+      first + static_cast<size_t>(ahead) * kBlockBytes,
+      std::min(end, first + static_cast<size_t>(w.k_blocks() + ahead) * kBlockBytes),
+      kBlockBytes / 64};
+}
+
+PrefetchLines PrefetchNextGroup(const PackedBf16& w, int32_t rb, int32_t kb1, int32_t group,
+                                int32_t steps) {
+  const int32_t kbs = w.k_blocks();
+  const char* next = nullptr;
+  int32_t n = 0;
+  if (kb1 < kbs) {
+    next = reinterpret_cast<const char*>(w.block(rb, kb1));
+    n = std::min(kbs, kb1 + group) - kb1;
+  } else if (rb + 1 < w.row_blocks()) {
+    next = reinterpret_cast<const char*>(w.block(rb + 1, 0));
+    n = std::min(kbs, group);
+  }
+  const int32_t lines = n * kBlockBytes / 64;
+  return PrefetchLines{next, next + static_cast<size_t>(n) * kBlockBytes,
+                       (lines + steps - 1) / std::max(1, steps)};
+}
+
+namespace {
+
 #if SP_X86
 // Activations as bf16, rows padded to a multiple of 16 and inputs to k_blocks * 32
 // (zeros), row-major: the A tiles load straight from it.
@@ -148,7 +180,6 @@ __attribute__((target("amx-tile,amx-bf16"))) void AmxBlock(const PackedBf16& w, 
 // one zmm of weights = one input pair for 16 output rows; per activation row a
 // broadcast pair and one vdpbf16ps. Up to kVecRows activation rows per pass.
 constexpr int32_t kVecRows = 8;
-constexpr int32_t kBlockBytes = kR * kK * sizeof(uint16_t);  // 2 KiB
 
 // Steps of more than kVecRows rows and at most kGroupMaxRows run in weight groups, as the
 // widening kernel does (bf16_widen.cc): each group of kGroupBlocks blocks (8 KiB, in L1)
@@ -165,14 +196,11 @@ constexpr int32_t kGroupMaxRows = 128;
 // What one pass covers: blocks [kb0, kb1) of the row block, its sums starting from zero
 // at kb0 == 0 and from `partial` (rows of kR floats) otherwise, and going to y after the
 // last block, to `partial` before it (exact float32 stores and loads: bitwise the sums of
-// one pass over all blocks). While it runs, `per_step` lines from pf (up to pf_end) are
-// prefetched into L1 per block step.
+// one pass over all blocks). While it runs, it prefetches pf into L1.
 struct Span {
   int32_t kb0, kb1;
   float* partial;
-  const char* pf;
-  const char* pf_end;
-  int32_t per_step;
+  PrefetchLines pf;
 };
 
 // R activation rows (at row m0) times span s of row block rb; accumulators stay in
@@ -195,11 +223,11 @@ __attribute__((target("avx512f,avx512bf16"))) void Avx512Bf16Rows(const PackedBf
     }
   }
   const uint16_t* xr = xb + static_cast<size_t>(m0) * ld;
-  const char* pf = s.pf;  // a local copy: the loop keeps it in a register
+  const char* pf = s.pf.p;  // a local copy: the loop keeps it in a register
   for (int32_t kb = s.kb0; kb < s.kb1; ++kb) {
     const uint16_t* b = w.block(rb, kb);
     if constexpr (kPrefetch) {
-      for (int32_t i = 0; i < s.per_step && pf < s.pf_end; ++i, pf += 64) {
+      for (int32_t i = 0; i < s.pf.per_step && pf < s.pf.end; ++i, pf += 64) {
         _mm_prefetch(pf, _MM_HINT_T0);
       }
     }
@@ -215,7 +243,7 @@ __attribute__((target("avx512f,avx512bf16"))) void Avx512Bf16Rows(const PackedBf
       }
     }
   }
-  s.pf = pf;
+  s.pf.p = pf;
   for (int r = 0; r < R; ++r) {
     if (s.kb1 == w.k_blocks()) {
       float* yr = y + static_cast<size_t>(m0 + r) * out + n0;
@@ -252,23 +280,15 @@ void Avx512Bf16Block(const PackedBf16& w, int32_t rb, const uint16_t* xb, int32_
   const __mmask16 lo = static_cast<__mmask16>((1u << n_lo) - 1);
   const __mmask16 hi = n_hi <= 0 ? 0 : static_cast<__mmask16>((1u << n_hi) - 1);
   if (rows <= kVecRows) {
-    // One pass, prefetching kPrefetchBlocks ahead (into the next row block at the end: it
-    // is usually this thread's next). On AMD Zen 4 the hardware prefetchers alone streamed
-    // at half the bandwidth (bench/bf16_gemm_bench, 1 row, 2 threads: 6.8 -> 3.5 ms per
-    // 151 MB pass).
-    const char* first = reinterpret_cast<const char*>(w.block(rb, 0));
-    const char* end = reinterpret_cast<const char*>(w.block(w.row_blocks(), 0));
-    Span s{0,
-           kbs,
-           nullptr,
-           first + kPrefetchBlocks * kBlockBytes,
-           std::min(end, first + static_cast<size_t>(kbs + kPrefetchBlocks) * kBlockBytes),
-           kBlockBytes / 64};
+    // One pass, prefetching kPrefetchBlocks ahead. On AMD Zen 4 the hardware prefetchers
+    // alone streamed at half the bandwidth (bench/bf16_gemm_bench, 1 row, 2 threads: 6.8
+    // -> 3.5 ms per 151 MB pass).
+    Span s{0, kbs, nullptr, PrefetchAhead(w, rb, kPrefetchBlocks)};
     Avx512Bf16Passes<true>(w, rb, xb, ld, rows, lo, hi, s, y);
     return;
   }
   if (rows > kGroupMaxRows) {  // prefill: whole-row-block passes from L2
-    Span s{0, kbs, nullptr, nullptr, nullptr, 0};
+    Span s{0, kbs, nullptr, PrefetchLines{}};
     Avx512Bf16Passes<false>(w, rb, xb, ld, rows, lo, hi, s, y);
     return;
   }
@@ -277,23 +297,8 @@ void Avx512Bf16Block(const PackedBf16& w, int32_t rb, const uint16_t* xb, int32_
   const int32_t passes = (rows + kVecRows - 1) / kVecRows;
   for (int32_t kb0 = 0; kb0 < kbs; kb0 += kGroupBlocks) {
     const int32_t kb1 = std::min(kbs, kb0 + kGroupBlocks);
-    // The next group: the rest of this row block, else the start of the next one.
-    const char* next = nullptr;
-    int32_t n = 0;
-    if (kb1 < kbs) {
-      next = reinterpret_cast<const char*>(w.block(rb, kb1));
-      n = std::min(kbs, kb1 + kGroupBlocks) - kb1;
-    } else if (rb + 1 < w.row_blocks()) {
-      next = reinterpret_cast<const char*>(w.block(rb + 1, 0));
-      n = std::min(kbs, kGroupBlocks);
-    }
-    const int32_t lines = n * kBlockBytes / 64, steps = passes * (kb1 - kb0);
-    Span s{kb0,
-           kb1,
-           partial.data(),
-           next,
-           next + static_cast<size_t>(n) * kBlockBytes,
-           (lines + steps - 1) / steps};
+    Span s{kb0, kb1, partial.data(),
+           PrefetchNextGroup(w, rb, kb1, kGroupBlocks, passes * (kb1 - kb0))};
     Avx512Bf16Passes<true>(w, rb, xb, ld, rows, lo, hi, s, y);
   }
 }

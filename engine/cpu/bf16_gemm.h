@@ -60,6 +60,23 @@ class PackedBf16 {
   int32_t out_ = 0, in_ = 0;
 };
 
+// Cache lines that a kernel streaming W prefetches as it runs: per_step lines per block
+// step, from p up to end (bf16_gemm.cc, bf16_widen.cc).
+struct PrefetchLines {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  int32_t per_step = 0;
+};
+// For one pass over row block rb: `ahead` blocks ahead of the block being read, one
+// block's lines per block step, running on into the next row block (usually the same
+// thread's next) and never past W.
+PrefetchLines PrefetchAhead(const PackedBf16& w, int32_t rb, int32_t ahead);
+// For the passes over a group of blocks of row block rb that ends before block kb1: the
+// next group of `group` blocks (the rest of this row block, else the start of the next),
+// spread over `steps` block steps.
+PrefetchLines PrefetchNextGroup(const PackedBf16& w, int32_t rb, int32_t kb1, int32_t group,
+                                int32_t steps);
+
 enum class Bf16Kernel {
   kAmx,         // AMX tiles (Intel Sapphire Rapids and later)
   kAvx512Bf16,  // vdpbf16ps (AMD Zen 4/5, Intel Cooper Lake): half the bytes, vector units

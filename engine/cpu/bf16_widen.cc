@@ -43,17 +43,13 @@ constexpr int32_t kGroupMaxRows = 128;
 
 // Prefetches the next weight group into L1 a few lines per block step, spread over the
 // passes of the current group (the memory would idle while the later passes run on it).
-struct Prefetch {
-  const char* p = nullptr;
-  const char* end = nullptr;
-  int32_t per_step = 0;
+struct Prefetch : PrefetchLines {
   HWY_INLINE void Step() {
     for (int32_t i = 0; i < per_step && p < end; ++i, p += 64) __builtin_prefetch(p, 0, 3);
   }
 };
 
 constexpr int32_t kBlockElems = PackedBf16::kRows * PackedBf16::kK;
-constexpr int32_t kBlockBytes = kBlockElems * sizeof(uint16_t);
 
 // acc[r][j] += the products of R activation rows (x0, `ld` floats apart, at the first
 // block's inputs) with `blocks` consecutive packed blocks from b: per output element, for
@@ -200,11 +196,7 @@ void RowBlock(const PackedBf16& w, int32_t rb, const float* xp, int32_t ld, int3
   const int32_t kbs = w.k_blocks();
   Prefetch pf;
   if (rows <= kR) {  // one whole-row-block pass, prefetching kAheadBlocks ahead
-    const char* first = reinterpret_cast<const char*>(w.block(rb, 0));
-    const char* end = reinterpret_cast<const char*>(w.block(w.row_blocks(), 0));
-    pf = Prefetch{first + kAheadBlocks * kBlockBytes,
-                  std::min(end, first + static_cast<size_t>(kbs + kAheadBlocks) * kBlockBytes),
-                  kBlockBytes / 64};
+    pf = Prefetch{PrefetchAhead(w, rb, kAheadBlocks)};
     RowsPass(w, rb, xp, ld, rows, 0, -1, nullptr, pf, y);
     return;
   }
@@ -217,19 +209,7 @@ void RowBlock(const PackedBf16& w, int32_t rb, const float* xp, int32_t ld, int3
   const int32_t passes = (rows + kR - 1) / kR;
   for (int32_t kb0 = 0; kb0 < kbs; kb0 += kGroupBlocks) {
     const int32_t kb1 = std::min(kbs, kb0 + kGroupBlocks);
-    // The next group: the rest of this row block, else the start of the next one (the
-    // thread's next row block, usually).
-    const char* next = nullptr;
-    int32_t n = 0;
-    if (kb1 < kbs) {
-      next = reinterpret_cast<const char*>(w.block(rb, kb1));
-      n = std::min(kbs, kb1 + kGroupBlocks) - kb1;
-    } else if (rb + 1 < w.row_blocks()) {
-      next = reinterpret_cast<const char*>(w.block(rb + 1, 0));
-      n = std::min(kbs, kGroupBlocks);
-    }
-    const int32_t lines = n * kBlockBytes / 64, steps = passes * (kb1 - kb0);
-    pf = Prefetch{next, next + static_cast<size_t>(n) * kBlockBytes, (lines + steps - 1) / steps};
+    pf = Prefetch{PrefetchNextGroup(w, rb, kb1, kGroupBlocks, passes * (kb1 - kb0))};
     RowsPass(w, rb, xp, ld, rows, kb0, kb1, acc_rows.data(), pf, y);
   }
 }
