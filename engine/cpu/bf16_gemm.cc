@@ -38,7 +38,8 @@ constexpr int32_t kBlockBytes = kR * kK * sizeof(uint16_t);  // 2 KiB
 
 }  // namespace
 
-PrefetchLines PrefetchAhead(const PackedBf16& w, int32_t rb, int32_t ahead) {
+PrefetchLines PrefetchAhead(const PackedBf16& w, int32_t rb) {
+  constexpr int32_t ahead = kPrefetchBlocks;
   const char* first = reinterpret_cast<const char*>(w.block(rb, 0));
   const char* end = reinterpret_cast<const char*>(w.block(w.row_blocks(), 0));
   return PrefetchLines{
@@ -223,14 +224,10 @@ __attribute__((target("avx512f,avx512bf16"))) void Avx512Bf16Rows(const PackedBf
     }
   }
   const uint16_t* xr = xb + static_cast<size_t>(m0) * ld;
-  const char* pf = s.pf.p;  // a local copy: the loop keeps it in a register
+  PrefetchLines pf = s.pf;
   for (int32_t kb = s.kb0; kb < s.kb1; ++kb) {
     const uint16_t* b = w.block(rb, kb);
-    if constexpr (kPrefetch) {
-      for (int32_t i = 0; i < s.pf.per_step && pf < s.pf.end; ++i, pf += 64) {
-        _mm_prefetch(pf, _MM_HINT_T0);
-      }
-    }
+    if constexpr (kPrefetch) pf.Step();
     const uint16_t* xk = xr + kb * kK;
     for (int32_t p = 0; p < kK / 2; ++p) {
       const __m512bh w0 = (__m512bh)_mm512_load_si512(b + p * 32);
@@ -243,7 +240,7 @@ __attribute__((target("avx512f,avx512bf16"))) void Avx512Bf16Rows(const PackedBf
       }
     }
   }
-  s.pf.p = pf;
+  s.pf = pf;
   for (int r = 0; r < R; ++r) {
     if (s.kb1 == w.k_blocks()) {
       float* yr = y + static_cast<size_t>(m0 + r) * out + n0;
@@ -280,10 +277,7 @@ void Avx512Bf16Block(const PackedBf16& w, int32_t rb, const uint16_t* xb, int32_
   const __mmask16 lo = static_cast<__mmask16>((1u << n_lo) - 1);
   const __mmask16 hi = n_hi <= 0 ? 0 : static_cast<__mmask16>((1u << n_hi) - 1);
   if (rows <= kVecRows) {
-    // One pass, prefetching kPrefetchBlocks ahead. On AMD Zen 4 the hardware prefetchers
-    // alone streamed at half the bandwidth (bench/bf16_gemm_bench, 1 row, 2 threads: 6.8
-    // -> 3.5 ms per 151 MB pass).
-    Span s{0, kbs, nullptr, PrefetchAhead(w, rb, kPrefetchBlocks)};
+    Span s{0, kbs, nullptr, PrefetchAhead(w, rb)};  // one pass
     Avx512Bf16Passes<true>(w, rb, xb, ld, rows, lo, hi, s, y);
     return;
   }

@@ -60,17 +60,26 @@ class PackedBf16 {
   int32_t out_ = 0, in_ = 0;
 };
 
-// Cache lines that a kernel streaming W prefetches as it runs: per_step lines per block
-// step, from p up to end (bf16_gemm.cc, bf16_widen.cc).
+// Cache lines that a kernel streaming W prefetches into L1 as it runs: per_step lines per
+// block step (Step), from p up to end (bf16_gemm.cc, bf16_widen.cc). Kernels step a local
+// copy, which their loops keep in registers.
 struct PrefetchLines {
   const char* p = nullptr;
   const char* end = nullptr;
   int32_t per_step = 0;
+  void Step() {
+    for (int32_t i = 0; i < per_step && p < end; ++i, p += 64) __builtin_prefetch(p, 0, 3);
+  }
 };
-// For one pass over row block rb: `ahead` blocks ahead of the block being read, one
-// block's lines per block step, running on into the next row block (usually the same
-// thread's next) and never past W.
-PrefetchLines PrefetchAhead(const PackedBf16& w, int32_t rb, int32_t ahead);
+// For the one pass of a batch-1-sized step over row block rb: 4 blocks (8 KiB) ahead of
+// the block being read, one block's lines per block step, running on into the next row
+// block (usually the same thread's next) and never past W. The hardware prefetchers alone
+// left AMD Zen 4 at half the memory bandwidth: bench/bf16_gemm_bench, 2 threads, 1 row, ms
+// per 151 MB pass, none -> 2 / 4 / 8 blocks ahead: widen/AVX2 7.4-8.4 -> 3.7-4.4 / 3.3-3.7
+// / 3.6-4.3, widen/AVX3 4.6-5.0 -> 3.4-4.4 / 3.9-5.0 / 3.3-4.2; avx512_bf16 6.1-7.1 ->
+// 4.2-4.3 at 4. Prefill's passes re-read each row block from L2 and do not prefetch (it
+// cost 15% at 512 rows on AVX2).
+PrefetchLines PrefetchAhead(const PackedBf16& w, int32_t rb);
 // For the passes over a group of blocks of row block rb that ends before block kb1: the
 // next group of `group` blocks (the rest of this row block, else the start of the next),
 // spread over `steps` block steps.

@@ -41,14 +41,6 @@ constexpr int kR = std::clamp((kVectorRegisters - 2) / (kJ + 2), 1, 6);
 constexpr int32_t kGroupBlocks = 4;
 constexpr int32_t kGroupMaxRows = 128;
 
-// Prefetches the next weight group into L1 a few lines per block step, spread over the
-// passes of the current group (the memory would idle while the later passes run on it).
-struct Prefetch : PrefetchLines {
-  HWY_INLINE void Step() {
-    for (int32_t i = 0; i < per_step && p < end; ++i, p += 64) __builtin_prefetch(p, 0, 3);
-  }
-};
-
 constexpr int32_t kBlockElems = PackedBf16::kRows * PackedBf16::kK;
 
 // acc[r][j] += the products of R activation rows (x0, `ld` floats apart, at the first
@@ -56,7 +48,7 @@ constexpr int32_t kBlockElems = PackedBf16::kRows * PackedBf16::kK;
 // each block, for each input pair, fma(x_even, w_even) then fma(x_odd, w_odd).
 template <int R>
 HWY_INLINE void AccumulateBlocks(const uint16_t* b, const float* x0, int32_t ld, int32_t blocks,
-                                 hn::Vec<DF> (&acc)[R][kJ], Prefetch* pf) {
+                                 hn::Vec<DF> (&acc)[R][kJ], PrefetchLines* pf) {
   const DF df;
   const DU du;
   constexpr int32_t kTile = 16 * PackedBf16::kK;  // elements of one 16-row half
@@ -108,25 +100,16 @@ HWY_INLINE void StoreRows(const hn::Vec<DF> (&acc)[R][kJ], int32_t out, int32_t 
   }
 }
 
-// Whole-block passes of batch-1-sized steps (at most kR rows: one pass) prefetch the
-// weights this far ahead of the block they read, one block's lines per block step. The
-// hardware prefetchers alone left AMD Zen 4 at half the memory bandwidth:
-// bench/bf16_gemm_bench, 2 threads, 1 row, ms per pass (151 MB), none -> 2 / 4 / 8
-// blocks ahead: AVX2 7.4-8.4 -> 3.7-4.4 / 3.3-3.7 / 3.6-4.3, AVX3 4.6-5.0 -> 3.4-4.4 /
-// 3.9-5.0 / 3.3-4.2. Prefill's passes (more than kGroupMaxRows rows) re-read each row
-// block from L2 and do not prefetch: there it cost 15% at 512 rows on AVX2.
-constexpr int32_t kAheadBlocks = 4;
-
 // R activation rows from m0 against all of row block rb, in one pass, prefetching as pf
 // says (a copy: the loop keeps it in registers).
 template <int R>
 HWY_NOINLINE void WidenRows(const PackedBf16& w, int32_t rb, const float* xp, int32_t ld,
-                            int32_t m0, const Prefetch& pf, float* y) {
+                            int32_t m0, const PrefetchLines& pf, float* y) {
   hn::Vec<DF> acc[R][kJ];
   for (int r = 0; r < R; ++r) {
     for (int j = 0; j < kJ; ++j) acc[r][j] = hn::Zero(DF());
   }
-  Prefetch lpf = pf;
+  PrefetchLines lpf = pf;
   AccumulateBlocks<R>(w.block(rb, 0), xp + static_cast<size_t>(m0) * ld, ld, w.k_blocks(), acc,
                       &lpf);
   StoreRows<R>(acc, w.out(), rb, m0, y);
@@ -139,7 +122,7 @@ HWY_NOINLINE void WidenRows(const PackedBf16& w, int32_t rb, const float* xp, in
 template <int R>
 HWY_NOINLINE void WidenGroupRows(const PackedBf16& w, int32_t rb, const float* xp, int32_t ld,
                                  int32_t m0, int32_t kb0, int32_t kb1, float* acc_rows,
-                                 Prefetch& pf, float* y) {
+                                 PrefetchLines& pf, float* y) {
   const DF df;
   constexpr int32_t kW = PackedBf16::kRows;  // floats per row of acc_rows
   hn::Vec<DF> acc[R][kJ];
@@ -147,7 +130,7 @@ HWY_NOINLINE void WidenGroupRows(const PackedBf16& w, int32_t rb, const float* x
     float* a = acc_rows + static_cast<size_t>(m0 + r) * kW;
     for (int j = 0; j < kJ; ++j) acc[r][j] = kb0 == 0 ? hn::Zero(df) : hn::LoadU(df, a + j * kN);
   }
-  Prefetch lpf = pf;  // a local copy: the loop keeps it in registers
+  PrefetchLines lpf = pf;  // a local copy: the loop keeps it in registers
   AccumulateBlocks<R>(w.block(rb, kb0), xp + static_cast<size_t>(m0) * ld + kb0 * PackedBf16::kK,
                       ld, kb1 - kb0, acc, &lpf);
   pf = lpf;
@@ -164,7 +147,7 @@ HWY_NOINLINE void WidenGroupRows(const PackedBf16& w, int32_t rb, const float* x
 // Every row against row block rb in whole-block passes (kb1 < 0), or against blocks
 // [kb0, kb1) in group passes; kR rows at a time.
 void RowsPass(const PackedBf16& w, int32_t rb, const float* xp, int32_t ld, int32_t rows,
-              int32_t kb0, int32_t kb1, float* acc_rows, Prefetch& pf, float* y) {
+              int32_t kb0, int32_t kb1, float* acc_rows, PrefetchLines& pf, float* y) {
   int32_t m = 0;
   const auto run = [&](auto r) {
     constexpr int R = decltype(r)::value;
@@ -194,9 +177,9 @@ void RowsPass(const PackedBf16& w, int32_t rb, const float* xp, int32_t ld, int3
 void RowBlock(const PackedBf16& w, int32_t rb, const float* xp, int32_t ld, int32_t rows,
               float* y) {
   const int32_t kbs = w.k_blocks();
-  Prefetch pf;
-  if (rows <= kR) {  // one whole-row-block pass, prefetching kAheadBlocks ahead
-    pf = Prefetch{PrefetchAhead(w, rb, kAheadBlocks)};
+  PrefetchLines pf;
+  if (rows <= kR) {  // one whole-row-block pass, prefetching ahead
+    pf = PrefetchAhead(w, rb);
     RowsPass(w, rb, xp, ld, rows, 0, -1, nullptr, pf, y);
     return;
   }
@@ -209,7 +192,7 @@ void RowBlock(const PackedBf16& w, int32_t rb, const float* xp, int32_t ld, int3
   const int32_t passes = (rows + kR - 1) / kR;
   for (int32_t kb0 = 0; kb0 < kbs; kb0 += kGroupBlocks) {
     const int32_t kb1 = std::min(kbs, kb0 + kGroupBlocks);
-    pf = Prefetch{PrefetchNextGroup(w, rb, kb1, kGroupBlocks, passes * (kb1 - kb0))};
+    pf = PrefetchNextGroup(w, rb, kb1, kGroupBlocks, passes * (kb1 - kb0));
     RowsPass(w, rb, xp, ld, rows, kb0, kb1, acc_rows.data(), pf, y);
   }
 }
